@@ -1,0 +1,115 @@
+"""The ``recsys`` command: one verb per stage, plus ``pipeline`` that chains them.
+
+    recsys data      [CONFIG] [key=value ...]
+    recsys train     [CONFIG] [key=value ...] [--data DATA_RUN] [--resume TRAIN_RUN]
+    recsys evaluate  TRAIN_RUN [--split test|valid]
+    recsys pipeline  [CONFIG] [key=value ...]
+
+CONFIG is a YAML file; without one the embedded defaults run (the synthetic dataset, offline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from recsys.config import deep_merge, parse_overrides
+from recsys.experiment import experiment_from_dict, load_experiment
+from recsys.reporting import results_table
+from recsys.runs import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, new_run_dir, read_json, write_json, write_text
+
+
+def split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
+    """The first argument is the config file unless it is already an override."""
+    if args and "=" not in args[0]:
+        return args[0], args[1:]
+    return None, args
+
+
+def cmd_data(ns: argparse.Namespace) -> None:
+    from pipelines.stages import run_data
+
+    exp = load_experiment(*split_config_args(ns.config))
+    run_dir = run_data(exp)
+    print(Path(run_dir / SUMMARY_FILE).read_text())
+    print(f"data run: {run_dir}")
+
+
+def cmd_train(ns: argparse.Namespace) -> None:
+    from pipelines.stages import run_train
+
+    if ns.resume:
+        saved = read_json(Path(ns.resume) / CONFIG_FILE)
+        exp = experiment_from_dict(deep_merge({k: v for k, v in saved.items() if k != "data_dir"},
+                                              parse_overrides(split_config_args(ns.config)[1])))
+        run_dir = run_train(exp, resume_dir=Path(ns.resume))
+    else:
+        exp = load_experiment(*split_config_args(ns.config))
+        run_dir = run_train(exp, data_dir=ns.data)
+    print(Path(run_dir / SUMMARY_FILE).read_text())
+    print(f"train run: {run_dir}")
+
+
+def cmd_evaluate(ns: argparse.Namespace) -> None:
+    from pipelines.stages import run_evaluate
+
+    run_dir, figures = run_evaluate(Path(ns.train_run), ns.split)
+    print(results_table({ns.split: figures}))
+    print(f"evaluate run: {run_dir}")
+
+
+def cmd_pipeline(ns: argparse.Namespace) -> None:
+    from pipelines.stages import run_data, run_evaluate, run_train
+
+    exp = load_experiment(*split_config_args(ns.config))
+    data_dir = run_data(exp)
+    train_dir = run_train(exp, data_dir=data_dir)
+    eval_dir, test = run_evaluate(train_dir, "test")
+    train_metrics = read_json(train_dir / METRICS_FILE)
+    run_dir = new_run_dir(exp.run.root, "pipeline", exp.run.name or exp.model_name)
+    table = results_table({"valid (selected)": train_metrics["valid"], "test": test})
+    write_json(run_dir / CONFIG_FILE, exp.to_dict())
+    write_json(run_dir / METRICS_FILE, {"valid": train_metrics["valid"], "test": test,
+                                         "train_wall_s": train_metrics["wall_s"],
+                                         "stages": {"data": str(data_dir), "train": str(train_dir),
+                                                    "evaluate": str(eval_dir)}})
+    write_text(run_dir / SUMMARY_FILE, f"# pipeline: {exp.model_name} on {exp.data.format}\n\n{table}\n\n"
+               f"- data: {data_dir}\n- train: {train_dir} (training_curve.png)\n- evaluate: {eval_dir}\n")
+    print(f"\n{exp.model_name} on {exp.data.format}: best epoch {train_metrics['best_epoch']}, "
+          f"train wall time {train_metrics['wall_s']} s\n")
+    print(table)
+    print(f"\npipeline run: {run_dir}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="recsys", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    verbs = parser.add_subparsers(dest="verb", required=True)
+    for name, func, help_text in [("data", cmd_data, "read a dataset into a data run"),
+                                  ("train", cmd_train, "train a model (Ray Train)"),
+                                  ("pipeline", cmd_pipeline, "data -> train -> evaluate")]:
+        sub = verbs.add_parser(name, help=help_text)
+        sub.add_argument("config", nargs="*", help="[CONFIG.yaml] [key.subkey=value ...]")
+        sub.set_defaults(func=func)
+        if name == "train":
+            sub.add_argument("--data", type=Path, help="a `recsys data` run directory (default: prepare it)")
+            sub.add_argument("--resume", type=Path, help="a train run directory to continue")
+    ev = verbs.add_parser("evaluate", help="evaluate a train run's selected checkpoint")
+    ev.add_argument("train_run", type=Path)
+    ev.add_argument("--split", choices=("test", "valid"), default="test")
+    ev.set_defaults(func=cmd_evaluate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        ns.func(ns)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"recsys {ns.verb}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""The stages as functions: each reads its inputs, writes ``runs/<stage>/<run-id>/`` and
+returns that directory. The CLI, the pipeline and Ray Jobs all call these."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+from recsys.data import InteractionData, load_dataset
+from recsys.data.split import leave_one_out
+from recsys.experiment import ExperimentConfig, experiment_from_dict
+from recsys.reporting import plot_training_curve, results_table
+from recsys.runs import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, new_run_dir, read_json, write_json, write_text
+from recsys.training.checkpoint import load_model
+from recsys.training.evaluate import evaluate
+from recsys.training.session import EPOCH_LOG, train_in_process
+
+
+def run_data(exp: ExperimentConfig) -> Path:
+    """Read the configured dataset into the canonical parquet form."""
+    start = time.perf_counter()
+    data = load_dataset(exp.data)
+    run_dir = new_run_dir(exp.run.root, "data", exp.data.format)
+    data.save(run_dir)
+    split = leave_one_out(data, exp.data.max_history)
+    stats = {**data.stats_with_counts(), "users_too_short_for_split": split.dropped_users,
+             "wall_s": round(time.perf_counter() - start, 2)}
+    write_json(run_dir / CONFIG_FILE, {"data": exp.to_dict()["data"]})
+    write_json(run_dir / METRICS_FILE, stats)
+    dropped = stats.get("dropped") or {}
+    write_text(run_dir / SUMMARY_FILE, "\n".join([
+        f"# data: {exp.data.format}", "",
+        f"- users: {stats['n_users']}, items: {stats['n_items']}, interactions: {stats['n_interactions']}",
+        f"- mean sequence length: {stats['mean_length']}",
+        "- rows dropped: " + (", ".join(f"{k} = {v}" for k, v in dropped.items()) or "none"),
+        f"- users with < 3 items (not split): {split.dropped_users}", ""]))
+    return run_dir
+
+
+def run_train(exp: ExperimentConfig, data_dir: Path | None = None, resume_dir: Path | None = None) -> Path:
+    """Train with Ray Train (or in-process when ``trainer.use_ray`` is false); select on validation."""
+    if resume_dir is not None:
+        run_dir = Path(resume_dir).resolve()
+        data_dir = Path(read_json(run_dir / CONFIG_FILE)["data_dir"])
+        write_json(run_dir / CONFIG_FILE, {**exp.to_dict(), "data_dir": str(data_dir)})
+    else:
+        data_dir = Path(data_dir).resolve() if data_dir else run_data(exp)
+        run_dir = new_run_dir(exp.run.root, "train", exp.run.name or exp.model_name)
+        write_json(run_dir / CONFIG_FILE, {**exp.to_dict(), "data_dir": str(data_dir)})
+    split = leave_one_out(InteractionData.load(data_dir), exp.data.max_history)
+    start = time.perf_counter()
+    if exp.trainer.use_ray:
+        from pipelines.ray_env import init_ray
+        from pipelines.train_job import fit_with_ray
+
+        init_ray()
+        history = fit_with_ray(exp, split, run_dir)
+        write_text(run_dir / EPOCH_LOG, "".join(json.dumps(h) + "\n" for h in history))
+    else:
+        train_in_process(exp, split, run_dir, resume=resume_dir is not None)
+        history = [json.loads(line) for line in (run_dir / EPOCH_LOG).read_text().splitlines()]
+    wall = time.perf_counter() - start
+    return finish_train(exp, run_dir, history, wall)
+
+
+def finish_train(exp: ExperimentConfig, run_dir: Path, history: list[dict], wall_s: float) -> Path:
+    metric = exp.trainer.select_metric
+    validated = [h for h in history if f"valid_{metric}" in h]
+    best = max(validated, key=lambda h: h[f"valid_{metric}"])
+    valid = {k.removeprefix("valid_"): v for k, v in best.items() if k.startswith("valid_")}
+    metrics = {
+        "valid": valid, "best_epoch": best["epoch"], "epochs_run": history[-1]["epoch"],
+        "wall_s": round(wall_s, 2),
+        "samples_per_s": round(sum(h["samples_per_s"] for h in history) / len(history), 1),
+        "machine": machine_description(), "workers": exp.trainer.num_workers if exp.trainer.use_ray else 0,
+    }
+    write_json(run_dir / METRICS_FILE, metrics)
+    plot_training_curve(history, run_dir / "training_curve.png", metric)
+    write_text(run_dir / SUMMARY_FILE, "\n".join([
+        f"# train: {exp.model_name}", "",
+        f"- selected epoch {best['epoch']} of {history[-1]['epoch']} on validation {metric}",
+        f"- wall time {wall_s:.1f} s, {metrics['samples_per_s']} samples/s",
+        "- best checkpoint: checkpoints/best; curve: training_curve.png", "",
+        results_table({"valid": valid}), ""]))
+    return run_dir
+
+
+def run_evaluate(train_dir: Path, split_name: str = "test") -> tuple[Path, dict]:
+    """Score the selected checkpoint of a train run on ``split_name`` over the whole catalogue."""
+    train_dir = Path(train_dir).resolve()
+    saved = read_json(train_dir / CONFIG_FILE)
+    exp = experiment_from_dict({k: v for k, v in saved.items() if k != "data_dir"})
+    split = leave_one_out(InteractionData.load(saved["data_dir"]), exp.data.max_history)
+    model = load_model(train_dir / "checkpoints" / "best")
+    start = time.perf_counter()
+    figures = evaluate(model, split.eval_set(split_name), batch_size=exp.eval.batch_size,
+                       exclude_history=exp.eval.exclude_history)
+    run_dir = new_run_dir(exp.run.root, "evaluate", exp.run.name or exp.model_name)
+    write_json(run_dir / CONFIG_FILE, {"train_dir": str(train_dir), "split": split_name,
+                                       "eval": exp.to_dict()["eval"]})
+    write_json(run_dir / METRICS_FILE, {split_name: figures, "users": len(split.eval_set(split_name)),
+                                         "wall_s": round(time.perf_counter() - start, 2)})
+    write_text(run_dir / SUMMARY_FILE, f"# evaluate {train_dir.name} on {split_name}\n\n"
+               + results_table({split_name: figures}) + "\n")
+    return run_dir, figures
+
+
+def machine_description() -> str:
+    import os
+
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{platform.machine()}, {os.cpu_count()} CPUs, {gpu}, torch {torch.__version__}"

@@ -1,0 +1,82 @@
+"""Ray Train job: fit a sequence model with TorchTrainer (DDP across workers).
+
+Each worker runs ``recsys.training`` unchanged; this file adds only the distribution:
+the data split travels through the object store, ``prepare_model`` wraps DDP, and every
+validated epoch is reported with a checkpoint that rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import ray
+import ray.train
+import ray.train.torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from recsys.experiment import ExperimentConfig, experiment_from_dict
+from recsys.training.checkpoint import load_train_state
+from recsys.training.loop import Trainer
+from recsys.training.session import build_trainer, restore, save_trainer_checkpoint
+
+RAY_RUN_NAME = "ray-train"
+
+
+def train_loop_per_worker(config: dict) -> None:
+    exp = experiment_from_dict(config["experiment"])
+    split = ray.get(config["split"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    trainer = build_trainer(exp, split, device=ray.train.torch.get_device(),
+                            wrap=ray.train.torch.prepare_model, rank=rank, world_size=world)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            restore(trainer, directory)
+
+    def on_epoch_end(metrics: dict, improved: bool, trainer: Trainer) -> None:
+        if f"valid_{exp.trainer.select_metric}" not in metrics:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                save_trainer_checkpoint(tmp, trainer, exp.model_name)
+                ckpt = Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ckpt)
+
+    trainer.fit(on_epoch_end)
+
+
+def fit_with_ray(exp: ExperimentConfig, split, run_dir: Path) -> list[dict]:
+    """Run TorchTrainer; copy the best checkpoint (on validation) to ``run_dir/checkpoints/best``.
+
+    Re-running with the same ``run_dir`` resumes from the latest checkpoint (Ray Train V2
+    restores a run whose name and storage path match). Returns the per-epoch history.
+    """
+    cfg = exp.trainer
+    score = f"valid_{cfg.select_metric}"
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"experiment": exp.to_dict(), "split": ray.put(split)},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=RunConfig(
+            name=RAY_RUN_NAME,
+            storage_path=str(run_dir.resolve()),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
+                                               checkpoint_score_attribute=score, checkpoint_score_order="max"),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+        ),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise RuntimeError(f"training failed: {result.error}") from result.error
+    best = result.get_best_checkpoint(metric=score, mode="max")
+    with best.as_directory() as directory:
+        shutil.copytree(directory, run_dir / "checkpoints" / "best", dirs_exist_ok=True)
+    with result.checkpoint.as_directory() as directory:
+        return load_train_state(directory)["loop"]["history"]

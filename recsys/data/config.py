@@ -1,0 +1,81 @@
+"""Configuration of the data stage: which source to read and how to filter it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from recsys.config import require, require_choice, require_range
+
+FORMATS = ("synthetic", "beauty", "amazon2014", "movielens", "table")
+
+
+@dataclass
+class SyntheticConfig:
+    """The generated demo dataset (see ``recsys.data.synthetic``)."""
+
+    n_users: int = 2000
+    n_items: int = 500
+    n_topics: int = 10
+    min_length: int = 5
+    max_length: int = 30
+    stay_probability: float = 0.8  # probability that the next item stays in the current topic
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        require_range("synthetic.n_users", self.n_users, 10)
+        require_range("synthetic.n_items", self.n_items, 20)
+        require_range("synthetic.n_topics", self.n_topics, 2, self.n_items // 2)
+        require_range("synthetic.min_length", self.min_length, 3)
+        # A user never repeats an item, so no sequence can be longer than the catalogue.
+        require_range("synthetic.max_length", self.max_length, self.min_length, self.n_items)
+        require_range("synthetic.stay_probability", self.stay_probability, 0.0, 1.0)
+
+
+@dataclass
+class TableConfig:
+    """Column names of a generic interaction table (CSV or parquet)."""
+
+    user_col: str = "user_id"
+    item_col: str = "item_id"
+    time_col: str = "timestamp"
+    items_path: str | None = None  # optional item table whose other columns become item fields
+    items_id_col: str = "item_id"
+
+    def __post_init__(self) -> None:
+        for name in ("user_col", "item_col", "time_col", "items_id_col"):
+            value = getattr(self, name)
+            ok = isinstance(value, str) and value != ""
+            require(ok, f"table.{name} must be a non-empty column name, got {value!r}")
+        require(
+            self.items_path is None or (isinstance(self.items_path, str) and self.items_path != ""),
+            f"table.items_path must be a file path or null, got {self.items_path!r}",
+        )
+
+
+@dataclass
+class DataConfig:
+    """Which dataset to load. ``path`` is needed by every format except ``synthetic``.
+
+    path: a directory for beauty, amazon2014 and movielens; a CSV or parquet file for table.
+    category: amazon2014 reads ``reviews_<category>_5.json.gz`` and ``meta_<category>.json.gz``.
+    min_interactions: k-core threshold for users and items (amazon2014, movielens, table);
+        1 disables it. The beauty files are already 5-core and are read as they are.
+    max_history: history cap used by the split; kept here because it is part of the protocol.
+    """
+
+    format: str = "synthetic"
+    path: str | None = None
+    category: str = "Beauty"
+    min_interactions: int = 5
+    max_history: int = 20
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    table: TableConfig = field(default_factory=TableConfig)
+
+    def __post_init__(self) -> None:
+        require_choice("data.format", self.format, FORMATS)
+        require(
+            isinstance(self.category, str) and self.category.strip() != "",
+            f"data.category must be a non-empty Amazon category such as 'Beauty', got {self.category!r}",
+        )
+        require_range("data.min_interactions", self.min_interactions, 1)
+        require_range("data.max_history", self.max_history, 1)

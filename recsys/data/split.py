@@ -1,0 +1,101 @@
+"""Leave-one-out split and the padded arrays that models read.
+
+Per user with items ``s[0..n-1]``: test target ``s[n-1]`` with history ``s[:n-1]``; validation
+target ``s[n-2]`` with history ``s[:n-2]``; training sees only ``s[:n-2]``. Histories keep
+their last ``max_history`` items and are left-padded with 0, so the newest item is always at
+the last position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from recsys.data.schema import InteractionData
+
+MIN_USER_LENGTH = 3  # one training item, one validation target, one test target
+SAMPLE_MODES = ("last", "sliding")
+
+
+@dataclass
+class EvalSet:
+    """Rows of (history, target). histories: (U, max_history) int64, left-padded; targets: (U,)."""
+
+    user_index: np.ndarray
+    histories: np.ndarray
+    targets: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def subset(self, rows: np.ndarray) -> "EvalSet":
+        return EvalSet(self.user_index[rows], self.histories[rows], self.targets[rows])
+
+
+@dataclass
+class LeaveOneOutSplit:
+    n_items: int
+    max_history: int
+    train: list[np.ndarray]  # each kept user's training prefix s[:n-2], time order
+    valid: EvalSet
+    test: EvalSet
+    dropped_users: int  # users with fewer than MIN_USER_LENGTH items
+
+    def eval_set(self, name: str) -> EvalSet:
+        if name not in ("valid", "test"):
+            raise ValueError(f"split must be 'valid' or 'test', got {name!r}")
+        return self.valid if name == "valid" else self.test
+
+
+def pad_left(sequences: list[np.ndarray], length: int) -> np.ndarray:
+    """Keep each sequence's last ``length`` items, left-pad with 0. Returns (len(sequences), length)."""
+    out = np.zeros((len(sequences), length), dtype=np.int64)
+    for row, seq in enumerate(sequences):
+        tail = seq[-length:]
+        if len(tail):
+            out[row, length - len(tail):] = tail
+    return out
+
+
+def leave_one_out(data: InteractionData, max_history: int) -> LeaveOneOutSplit:
+    """Split every user with at least 3 items; shorter users are counted in ``dropped_users``."""
+    if max_history < 1:
+        raise ValueError(f"max_history={max_history} is out of range; allowed: >= 1")
+    sequences = data.item_sequences()
+    keep = [i for i, s in enumerate(sequences) if len(s) >= MIN_USER_LENGTH]
+    kept = [sequences[i] for i in keep]
+    users = np.asarray(keep, dtype=np.int64)
+    valid = EvalSet(users, pad_left([s[:-2] for s in kept], max_history), np.array([s[-2] for s in kept], dtype=np.int64))
+    test = EvalSet(users, pad_left([s[:-1] for s in kept], max_history), np.array([s[-1] for s in kept], dtype=np.int64))
+    return LeaveOneOutSplit(
+        n_items=data.n_items,
+        max_history=max_history,
+        train=[s[:-2] for s in kept],
+        valid=valid,
+        test=test,
+        dropped_users=len(sequences) - len(kept),
+    )
+
+
+def training_windows(train: list[np.ndarray], max_len: int, mode: str = "last") -> tuple[np.ndarray, np.ndarray]:
+    """Next-item training pairs: inputs (S, max_len) and targets (S, max_len), both left-padded.
+
+    ``targets[:, t]`` is the item after ``inputs[:, t]`` (0 = no target). Mode ``last`` takes
+    each user's newest ``max_len + 1`` items, one window per user, as SASRec does. Mode
+    ``sliding`` also cuts the older part of long histories into further windows, so that every
+    training transition is predicted exactly once.
+    """
+    if mode not in SAMPLE_MODES:
+        raise ValueError(f"samples={mode!r} is not allowed; choose one of {list(SAMPLE_MODES)}")
+    inputs, targets = [], []
+    for seq in train:
+        end = len(seq)
+        while end >= 2:
+            window = seq[max(0, end - max_len - 1):end]
+            inputs.append(window[:-1])
+            targets.append(window[1:])
+            if mode == "last":
+                break
+            end -= max_len
+    return pad_left(inputs, max_len), pad_left(targets, max_len)

@@ -1,0 +1,48 @@
+"""Name -> (config class, model class), after peft's ``register_peft_method``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from recsys.config import from_dict
+from recsys.models.base import SequenceModel
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    config_cls: type
+    model_cls: type[SequenceModel]
+
+
+_MODELS: dict[str, ModelSpec] = {}
+
+
+def register_model(name: str, config_cls: type, model_cls: type[SequenceModel]) -> None:
+    if name in _MODELS:
+        raise ValueError(f"model {name!r} is already registered")
+    _MODELS[name] = ModelSpec(name, config_cls, model_cls)
+
+
+def model_names() -> list[str]:
+    return sorted(_MODELS)
+
+
+def get_spec(name: str) -> ModelSpec:
+    if name not in _MODELS:
+        raise ValueError(f"model.name={name!r} is not allowed; choose one of {model_names()}")
+    return _MODELS[name]
+
+
+def model_config_from_dict(section: dict[str, Any]) -> tuple[str, Any]:
+    """``{"name": "sasrec", "d_model": 64}`` -> ("sasrec", SASRecConfig(d_model=64))."""
+    section = dict(section or {})
+    if "name" not in section:
+        raise ValueError(f"model.name is required; choose one of {model_names()}")
+    name = section.pop("name")
+    return name, from_dict(get_spec(name).config_cls, section, "model")
+
+
+def build_model(name: str, config: Any, n_items: int, max_len: int) -> SequenceModel:
+    return get_spec(name).model_cls(config, n_items=n_items, max_len=max_len)

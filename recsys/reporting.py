@@ -1,0 +1,43 @@
+"""Human-readable outputs of a run: the results table and the training-curve plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from recsys.metrics import DEFAULT_KS
+
+
+def results_table(rows: dict[str, dict[str, float]], ks: tuple[int, ...] = DEFAULT_KS) -> str:
+    """Markdown table, one row per entry (e.g. {"valid": {...}, "test": {...}})."""
+    names = [f"recall@{k}" for k in ks] + [f"ndcg@{k}" for k in ks]
+    lines = ["| split | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for label, metrics in rows.items():
+        lines.append(f"| {label} | " + " | ".join(f"{metrics[n]:.4f}" for n in names) + " |")
+    return "\n".join(lines)
+
+
+def plot_training_curve(history: list[dict], path: str | Path, select_metric: str) -> Path:
+    """Train loss and validation metrics per epoch, with the selected epoch marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax_loss.plot(epochs, [h["train_loss"] for h in history], color="tab:blue")
+    ax_loss.set(xlabel="epoch", ylabel="train loss", title="training loss")
+    validated = [h for h in history if f"valid_{select_metric}" in h]
+    for name in ("recall@10", "ndcg@10", select_metric):
+        key = f"valid_{name}"
+        if any(key in h for h in validated):
+            ax_metric.plot([h["epoch"] for h in validated], [h[key] for h in validated], label=name, marker=".")
+    if validated:
+        best = max(validated, key=lambda h: h[f"valid_{select_metric}"])
+        ax_metric.axvline(best["epoch"], color="grey", linestyle="--", label=f"selected (epoch {best['epoch']})")
+    ax_metric.set(xlabel="epoch", ylabel="validation", title="validation (full ranking)")
+    ax_metric.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,57 @@
+"""Checkpoints that carry their config and load without unpickling arbitrary objects.
+
+A checkpoint directory holds ``model.safetensors`` (weights), ``model.json`` (model name,
+model config, catalogue size, history length) and, for resuming, ``train_state.pt`` (optimizer,
+scheduler and loop counters, loaded with ``weights_only=True``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from recsys.models import SequenceModel, build_model, model_config_from_dict
+
+WEIGHTS = "model.safetensors"
+MODEL_META = "model.json"
+TRAIN_STATE = "train_state.pt"
+
+
+def save_checkpoint(directory: str | Path, model: SequenceModel, model_name: str, train_state: dict | None = None) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(directory / WEIGHTS))
+    meta = {
+        "name": model_name,
+        "config": dataclasses.asdict(model.config),
+        "n_items": model.n_items,
+        "max_len": model.max_len,
+    }
+    (directory / MODEL_META).write_text(json.dumps(meta, indent=2))
+    if train_state is not None:
+        torch.save(train_state, directory / TRAIN_STATE)
+    return directory
+
+
+def load_model(directory: str | Path, device: str | torch.device = "cpu") -> SequenceModel:
+    """Rebuild a model from its checkpoint directory alone."""
+    directory = Path(directory)
+    for name in (WEIGHTS, MODEL_META):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{directory / name} is missing; not a model checkpoint directory")
+    meta = json.loads((directory / MODEL_META).read_text())
+    name, config = model_config_from_dict({"name": meta["name"], **meta["config"]})
+    model = build_model(name, config, n_items=meta["n_items"], max_len=meta["max_len"])
+    model.load_state_dict(load_file(str(directory / WEIGHTS), device=str(device)))
+    return model.to(device).eval()
+
+
+def load_train_state(directory: str | Path) -> dict[str, Any] | None:
+    path = Path(directory) / TRAIN_STATE
+    return torch.load(path, weights_only=True) if path.is_file() else None

@@ -1,0 +1,154 @@
+"""The training loop, independent of Ray: build_* helpers, train_step, evaluate, fit.
+
+Ray Train (``pipelines/train_job.py``) runs ``Trainer.fit`` inside each worker and reports
+through the ``on_epoch_end`` hook; tests and GPU benchmarks run the same code in-process.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from recsys.data.split import LeaveOneOutSplit, training_windows
+from recsys.models import Batch, SequenceModel
+from recsys.training.config import EvalConfig, TrainerConfig
+from recsys.training.evaluate import evaluate
+
+
+@dataclass
+class LoopState:
+    epoch: int = 0  # epochs completed
+    step: int = 0
+    best_score: float = -1.0
+    best_epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+
+    @property
+    def epochs_since_best(self) -> int:
+        return self.epoch - self.best_epoch
+
+
+# on_epoch_end(metrics, improved, trainer): persist or report; called on every rank
+EpochHook = Callable[[dict, bool, "Trainer"], None]
+
+
+def epoch_batches(inputs: np.ndarray, targets: np.ndarray, batch_size: int, seed: int, epoch: int,
+                  rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
+    """Shuffle with (seed, epoch), give this rank an equal share, cut into batches.
+
+    Every rank gets the same number of rows (the remainder is dropped for this epoch), so DDP
+    ranks always run the same number of steps.
+    """
+    order = np.random.default_rng([seed, epoch]).permutation(len(inputs))
+    per_rank = len(order) // world_size
+    mine = order[rank * per_rank:(rank + 1) * per_rank]
+    for start in range(0, len(mine), batch_size):
+        idx = mine[start:start + batch_size]
+        yield Batch(history=torch.from_numpy(inputs[idx]), targets=torch.from_numpy(targets[idx]))
+
+
+def build_optimizer(model: nn.Module, cfg: TrainerConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainerConfig, total_steps: int):
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+        return 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class Trainer:
+    """Owns model, optimizer and loop state. ``train_model`` may be a DDP wrapper of ``model``."""
+
+    def __init__(self, model: SequenceModel, split: LeaveOneOutSplit, cfg: TrainerConfig, eval_cfg: EvalConfig, *,
+                 device: torch.device | str = "cpu", train_model: nn.Module | None = None,
+                 rank: int = 0, world_size: int = 1):
+        self.model, self.split, self.cfg, self.eval_cfg = model, split, cfg, eval_cfg
+        self.train_model = train_model or model
+        self.device, self.rank, self.world_size = torch.device(device), rank, world_size
+        self.inputs, self.targets = training_windows(split.train, model.max_len, cfg.samples)
+        if len(self.inputs) < world_size:
+            raise ValueError(f"only {len(self.inputs)} training windows for {world_size} workers")
+        self.steps_per_epoch = math.ceil(len(self.inputs) // world_size / cfg.batch_size)
+        self.optimizer = build_optimizer(self.train_model, cfg)
+        self.scheduler = build_scheduler(self.optimizer, cfg, self.steps_per_epoch * cfg.epochs)
+        self.state = LoopState()
+
+    def train_step(self, batch: Batch) -> float:
+        batch = batch.to(self.device)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
+            loss = self.train_model(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.train_model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.state.step += 1
+        return loss.item()
+
+    def train_epoch(self, epoch: int) -> dict:
+        self.train_model.train()
+        start, losses, rows = time.perf_counter(), [], 0
+        batches = epoch_batches(self.inputs, self.targets, self.cfg.batch_size, self.cfg.seed, epoch,
+                                self.rank, self.world_size)
+        bar = tqdm(batches, total=self.steps_per_epoch, desc=f"epoch {epoch + 1}", leave=False,
+                   disable=None if self.rank == 0 else True)
+        for batch in bar:
+            losses.append(self.train_step(batch))
+            rows += len(batch.history)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+        seconds = time.perf_counter() - start
+        return {"train_loss": float(np.mean(losses)), "epoch_s": seconds,
+                "samples_per_s": rows * self.world_size / seconds}
+
+    def validate(self) -> dict[str, float]:
+        return evaluate(self.model, self.split.valid, batch_size=self.eval_cfg.batch_size,
+                        exclude_history=self.eval_cfg.exclude_history, device=self.device,
+                        rank=self.rank, world_size=self.world_size)
+
+    def fit(self, on_epoch_end: EpochHook) -> LoopState:
+        """Train from ``state.epoch`` until ``cfg.epochs`` or early stopping on validation."""
+        cfg = self.cfg
+        while self.state.epoch < cfg.epochs:
+            metrics = {"epoch": self.state.epoch + 1, **self.train_epoch(self.state.epoch)}
+            self.state.epoch += 1
+            improved = False
+            if self.state.epoch % cfg.eval_every == 0 or self.state.epoch == cfg.epochs:
+                valid = self.validate()
+                metrics.update({f"valid_{k}": v for k, v in valid.items()})
+                score = valid[cfg.select_metric]
+                improved = score > self.state.best_score
+                if improved:
+                    self.state.best_score, self.state.best_epoch = score, self.state.epoch
+            metrics.update(best_epoch=self.state.best_epoch, best_score=self.state.best_score,
+                           finished_at=time.time())
+            self.state.history.append(metrics)
+            on_epoch_end(metrics, improved, self)
+            # Stop only after a validated epoch, so the last checkpoint always holds the full history.
+            if "best_score" in metrics and f"valid_{cfg.select_metric}" in metrics \
+                    and cfg.patience and self.state.epochs_since_best >= cfg.patience:
+                break
+        return self.state
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "loop": asdict(self.state)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.state = LoopState(**state["loop"])

@@ -1,0 +1,77 @@
+"""Set up a Trainer for an experiment, restore it from a checkpoint, and train in-process.
+
+``pipelines/train_job.py`` runs the same ``build_trainer`` / ``restore`` inside Ray Train
+workers; ``train_in_process`` is the path without Ray (tests, one machine, a GPU box).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from recsys.data.split import LeaveOneOutSplit
+from recsys.experiment import ExperimentConfig
+from recsys.models import build_model
+from recsys.runs import atomic_directory
+from recsys.training.checkpoint import load_train_state, save_checkpoint
+from recsys.training.loop import LoopState, Trainer
+
+EPOCH_LOG = "epochs.jsonl"
+
+
+def build_trainer(exp: ExperimentConfig, split: LeaveOneOutSplit, *, device: torch.device | str = "cpu",
+                  wrap: Callable[[nn.Module], nn.Module] | None = None, rank: int = 0, world_size: int = 1) -> Trainer:
+    """Seeded model + Trainer. ``wrap`` turns the model into its training form (e.g. DDP)."""
+    torch.manual_seed(exp.trainer.seed)
+    if exp.trainer.threads:
+        torch.set_num_threads(exp.trainer.threads)
+    model = build_model(exp.model_name, exp.model_config, n_items=split.n_items, max_len=split.max_history).to(device)
+    train_model = wrap(model) if wrap else model
+    return Trainer(model, split, exp.trainer, exp.eval, device=device, train_model=train_model,
+                   rank=rank, world_size=world_size)
+
+
+def restore(trainer: Trainer, checkpoint_dir: str | Path) -> None:
+    """Load weights and optimizer/loop state written by ``save_trainer_checkpoint``."""
+    from safetensors.torch import load_file
+
+    checkpoint_dir = Path(checkpoint_dir)
+    trainer.model.load_state_dict(load_file(str(checkpoint_dir / "model.safetensors"), device=str(trainer.device)))
+    state = load_train_state(checkpoint_dir)
+    if state is None:
+        raise FileNotFoundError(f"{checkpoint_dir} holds no train_state.pt; it cannot be resumed from")
+    trainer.load_state_dict(state)
+
+
+def save_trainer_checkpoint(directory: str | Path, trainer: Trainer, model_name: str) -> Path:
+    return save_checkpoint(directory, trainer.model, model_name, trainer.state_dict())
+
+
+def train_in_process(exp: ExperimentConfig, split: LeaveOneOutSplit, run_dir: str | Path,
+                     resume: bool = False, device: str = "cpu") -> LoopState:
+    """Train without Ray into ``run_dir/checkpoints/{last,best}``; ``resume`` continues from last."""
+    run_dir = Path(run_dir)
+    ckpt = run_dir / "checkpoints"
+    trainer = build_trainer(exp, split, device=device)
+    if resume:
+        if not (ckpt / "last").is_dir():
+            raise FileNotFoundError(f"cannot resume: {ckpt / 'last'} does not exist")
+        restore(trainer, ckpt / "last")
+
+    def on_epoch_end(metrics: dict, improved: bool, trainer: Trainer) -> None:
+        with (run_dir / EPOCH_LOG).open("a") as fh:
+            fh.write(json.dumps(metrics) + "\n")
+        if f"valid_{exp.trainer.select_metric}" not in metrics:
+            return
+        with atomic_directory(ckpt / "last") as tmp:
+            save_trainer_checkpoint(tmp, trainer, exp.model_name)
+        if improved:
+            with atomic_directory(ckpt / "best") as tmp:
+                shutil.copytree(ckpt / "last", tmp, dirs_exist_ok=True)
+
+    return trainer.fit(on_epoch_end)

@@ -1,0 +1,30 @@
+"""Shared fixtures. One local Ray instance serves the whole test session (starting Ray costs
+~3 s and each Ray Train fit ~12 s here, so tests share it and keep fits few)."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=1 << 30, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def tiny_overrides(tmp_path):
+    """Overrides for a seconds-long run on a small synthetic dataset, into tmp_path/runs."""
+    return [
+        f"run.root={tmp_path / 'runs'}",
+        "data.synthetic.n_users=300", "data.synthetic.n_items=80", "data.synthetic.n_topics=4",
+        "model.d_model=32", "model.n_layers=1", "model.d_ff=64",
+        "trainer.epochs=3", "trainer.batch_size=64", "trainer.patience=0",
+    ]

@@ -1,0 +1,64 @@
+"""YAML + dotted overrides -> validated dataclasses; bad values name what is allowed."""
+
+import pytest
+
+from recsys.config import parse_overrides
+from recsys.experiment import load_experiment
+from recsys.models import SASRecConfig
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_yaml_and_overrides_compose(tmp_path):
+    path = write(tmp_path, "model:\n  name: sasrec\n  d_model: 32\ntrainer:\n  epochs: 3\n")
+    exp = load_experiment(path, ["trainer.epochs=5", "model.n_layers=3", "trainer.precision=bf16", "trainer.lr=3e-4"])
+    assert exp.trainer.lr == 3e-4
+    assert exp.trainer.epochs == 5 and exp.trainer.precision == "bf16"
+    assert isinstance(exp.model_config, SASRecConfig)
+    assert (exp.model_config.d_model, exp.model_config.n_layers) == (32, 3)
+    assert exp.to_dict()["model"]["d_model"] == 32
+
+
+def test_defaults_need_no_file():
+    exp = load_experiment(None)
+    assert exp.data.format == "synthetic" and exp.model_name == "sasrec"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trainer.epochs=0", r"trainer.epochs=0 is out of range; allowed: 1 <= trainer.epochs"),
+    ("trainer.precision=fp8", r"trainer.precision='fp8' is not allowed; choose one of \['fp32', 'bf16'\]"),
+    ("model.dropout=1.5", r"model.dropout=1.5 is out of range"),
+    ("model.name=gpt", r"model.name='gpt' is not allowed; choose one of \['sasrec'"),
+    ("trainer.epoch=3", r"unknown config key\(s\) \['trainer.epoch'\]"),
+    ("trainer.batch_size=abc", r"trainer.batch_size must be a number"),
+    ("trainer.batch_size=2.5", r"trainer.batch_size must be an integer"),
+    ("trainer.select_metric=mrr", r"trainer.select_metric='mrr' is not allowed"),
+    ("model.n_heads=3", r"model.d_model=64 must be divisible by model.n_heads=3"),
+])
+def test_out_of_range_values_raise_with_what_is_allowed(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_experiment(None, [override])
+
+
+def test_bad_override_syntax_and_bad_yaml(tmp_path):
+    with pytest.raises(ValueError, match="must look like key.subkey=value"):
+        parse_overrides(["trainer.epochs"])
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_experiment(write(tmp_path, "trainer: [unclosed\n"))
+    with pytest.raises(ValueError, match="top level must be a mapping"):
+        load_experiment(write(tmp_path, "- a\n- b\n"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_experiment(tmp_path / "missing.yaml")
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+    assert configs, "configs/ should ship at least one YAML"
+    for path in configs:
+        load_experiment(path)

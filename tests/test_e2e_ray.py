@@ -1,0 +1,65 @@
+"""End to end under one real local Ray instance: the `recsys` CLI, Ray Train with DDP, resume."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipelines.cli import main
+from recsys.runs import read_json
+
+pytestmark = pytest.mark.ray
+
+
+def only_dir(path: Path) -> Path:
+    (found,) = [p for p in path.iterdir() if p.is_dir()]
+    return found
+
+
+def test_pipeline_with_two_ddp_workers(ray_session, tiny_overrides, tmp_path, capsys):
+    assert main(["pipeline", *tiny_overrides, "trainer.num_workers=2"]) == 0
+    out = capsys.readouterr().out
+    assert "| test |" in out and "recall@10" in out
+    runs = tmp_path / "runs"
+    result = read_json(only_dir(runs / "pipeline") / "metrics.json")
+    assert set(result["test"]) == {f"{m}@{k}" for m in ("recall", "ndcg") for k in (5, 10, 20)}
+    train_dir = Path(result["stages"]["train"])
+    train = read_json(train_dir / "metrics.json")
+    assert train["workers"] == 2 and train["epochs_run"] == 3
+    assert (train_dir / "checkpoints" / "best" / "model.safetensors").is_file()
+    assert (train_dir / "training_curve.png").stat().st_size > 10_000
+    epochs = [json.loads(x) for x in (train_dir / "epochs.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in epochs] == [1, 2, 3]
+    assert all("valid_recall@10" in e for e in epochs)  # reported every epoch
+    best = max(epochs, key=lambda e: e["valid_ndcg@10"])
+    assert train["best_epoch"] == best["epoch"]
+    # `recsys evaluate` on the train run reproduces the pipeline's test figures
+    assert main(["evaluate", str(train_dir), "--split", "test"]) == 0
+    first, second = sorted((runs / "evaluate").iterdir())
+    assert read_json(second / "metrics.json")["test"] == pytest.approx(result["test"])
+
+
+def test_train_resumes_from_the_last_ray_checkpoint(ray_session, tiny_overrides, tmp_path):
+    assert main(["train", *tiny_overrides, "trainer.epochs=2"]) == 0
+    train_dir = only_dir(tmp_path / "runs" / "train")
+    first = [json.loads(x) for x in (train_dir / "epochs.jsonl").read_text().splitlines()]
+    resumed_at = time.time()
+    assert main(["train", "--resume", str(train_dir), "trainer.epochs=4"]) == 0
+    epochs = [json.loads(x) for x in (train_dir / "epochs.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in epochs] == [1, 2, 3, 4]
+    # epochs 1-2 come from the first run's checkpoint, not from training again
+    assert epochs[:2] == first
+    assert all(e["finished_at"] > resumed_at for e in epochs[2:])
+    assert read_json(train_dir / "config.json")["trainer"]["epochs"] == 4
+
+
+def test_console_script_reports_bad_config_clearly(tmp_path):
+    recsys = Path(sys.executable).parent / "recsys"
+    proc = subprocess.run([str(recsys), "train", "trainer.epochs=-1", f"run.root={tmp_path}"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "trainer.epochs=-1 is out of range" in proc.stderr
+    assert not (tmp_path / "train").exists()  # nothing half-made

@@ -1,0 +1,128 @@
+"""One battery over every sequence model (peft's TEST_CASES pattern).
+
+A later model joins by adding a row to CASES: its name, a small config, and how to read its
+per-position outputs for the causality check.
+"""
+
+from dataclasses import dataclass
+from typing import Callable
+
+import pytest
+import torch
+
+from recsys.models import Batch, build_model, model_config_from_dict, model_names
+from recsys.training.checkpoint import load_model, save_checkpoint
+
+N_ITEMS, MAX_LEN = 40, 8
+
+
+@dataclass
+class ModelCase:
+    id: str
+    config: dict
+    positions: Callable  # (model, history (B, T)) -> (B, T, D) outputs, position t from items <= t
+
+
+CASES = [
+    ModelCase("sasrec-ce", {"name": "sasrec", "d_model": 32, "n_heads": 2, "dropout": 0.1, "loss": "ce"},
+              lambda m, h: m.encode(h)),
+    ModelCase("sasrec-bce", {"name": "sasrec", "d_model": 32, "n_layers": 1, "loss": "bce", "n_negatives": 4},
+              lambda m, h: m.encode(h)),
+]
+
+
+def make(case: ModelCase, seed: int = 0):
+    torch.manual_seed(seed)
+    name, cfg = model_config_from_dict(case.config)
+    return name, build_model(name, cfg, n_items=N_ITEMS, max_len=MAX_LEN)
+
+
+def tiny_batch(seed: int = 0, rows: int = 8) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    seq = torch.randint(1, N_ITEMS + 1, (rows, MAX_LEN + 1), generator=g)
+    seq[:2, :3] = 0  # some left padding
+    targets = seq[:, 1:].clone()
+    targets[seq[:, :-1] == 0] = 0
+    return Batch(history=seq[:, :-1], targets=targets, target=seq[:, -1])
+
+
+def test_every_registered_model_has_a_case():
+    assert {c.config["name"] for c in CASES} == set(model_names())
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_no_position_attends_to_the_future(case):
+    _, model = make(case)
+    model.eval()
+    history = tiny_batch().history
+    changed = history.clone()
+    changed[:, 5:] = torch.randint(1, N_ITEMS + 1, changed[:, 5:].shape)
+    with torch.no_grad():
+        a, b = case.positions(model, history), case.positions(model, changed)
+    torch.testing.assert_close(a[:, :5], b[:, :5])
+    assert not torch.allclose(a[:, 5:], b[:, 5:])  # the probe is sensitive at all
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_save_load_round_trip_gives_the_same_outputs(case, tmp_path):
+    name, model = make(case)
+    model.eval()
+    save_checkpoint(tmp_path / "ckpt", model, name)
+    loaded = load_model(tmp_path / "ckpt")
+    batch = tiny_batch()
+    torch.testing.assert_close(model.recommend(batch, 10).scores, loaded.recommend(batch, 10).scores)
+    assert torch.equal(model.recommend(batch, 10).items, loaded.recommend(batch, 10).items)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_same_seed_same_result(case):
+    def run(seed):
+        _, model = make(case, seed)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        torch.manual_seed(seed)
+        for _ in range(3):
+            loss = model.loss(tiny_batch())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return loss.item(), model.recommend(tiny_batch(), 5).items
+
+    (l1, r1), (l2, r2), (l3, _) = run(0), run(0), run(1)
+    assert l1 == l2 and torch.equal(r1, r2)
+    assert l1 != l3
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_a_tiny_batch_can_be_overfit(case):
+    _, model = make(case)
+    batch = tiny_batch()
+    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
+    first = model.loss(batch).item()
+    for _ in range(300):
+        loss = model.loss(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.2 * first
+    model.eval()
+    # memorised: the next item of every training row is ranked in its top 3
+    top = model.recommend(Batch(history=batch.history), 3).items
+    assert (top == batch.targets[:, -1:]).any(dim=1).float().mean() >= 0.9
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_recommend_returns_only_real_item_ids(case):
+    _, model = make(case)
+    model.eval()
+    batch = tiny_batch()
+    rec = model.recommend(batch, N_ITEMS)
+    assert rec.items.shape == (8, N_ITEMS)
+    assert ((rec.items >= 1) & (rec.items <= N_ITEMS)).all()
+    assert all(len(set(row.tolist())) == N_ITEMS for row in rec.items)  # a permutation of the catalogue
+    assert (rec.scores[:, :-1] >= rec.scores[:, 1:]).all()
+    excl = model.recommend(batch, 5, exclude_history=True).items
+    for row, hist in zip(excl.tolist(), batch.history.tolist()):
+        assert not set(row) & set(hist)
+    for bad_k in (0, N_ITEMS + 1):
+        with pytest.raises(ValueError, match=f"k={bad_k} is out of range"):
+            model.recommend(batch, bad_k)

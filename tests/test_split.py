@@ -1,0 +1,52 @@
+"""Leave-one-out split and training windows."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from recsys.data.schema import InteractionData
+from recsys.data.split import leave_one_out, pad_left, training_windows
+
+
+def make_data(seqs):
+    n = max(max(s) for s in seqs)
+    items = pd.DataFrame({"item_id": np.arange(1, n + 1), "raw_id": [str(i) for i in range(1, n + 1)]})
+    users = pd.DataFrame({"user_id": [f"u{i}" for i in range(len(seqs))], "item_ids": [np.array(s) for s in seqs]})
+    return InteractionData(items, users)
+
+
+def test_leave_one_out_targets_histories_and_cap():
+    data = make_data([[1, 2, 3, 4, 5, 6], [7, 8], [2, 4, 6]])
+    split = leave_one_out(data, max_history=3)
+    assert split.dropped_users == 1  # [7, 8] has no room for train + valid + test
+    assert split.test.targets.tolist() == [6, 6]
+    assert split.valid.targets.tolist() == [5, 4]
+    assert split.test.histories.tolist() == [[3, 4, 5], [0, 2, 4]]  # capped to 3, left-padded
+    assert split.valid.histories.tolist() == [[2, 3, 4], [0, 0, 2]]
+    assert [t.tolist() for t in split.train] == [[1, 2, 3, 4], [2]]
+
+
+def test_no_target_leaks_into_training():
+    data = make_data([list(range(1, 30)), [30, 31, 32, 33]])
+    split = leave_one_out(data, max_history=20)
+    inputs, targets = training_windows(split.train, 5, "sliding")
+    seen = set(inputs.ravel()) | set(targets.ravel())
+    assert not seen & {28, 29, 32, 33}
+
+
+def test_sliding_windows_cover_every_transition_once_and_last_only_the_newest():
+    seq = np.arange(1, 13)  # 11 transitions
+    inputs, targets = training_windows([seq], max_len=4, mode="sliding")
+    pairs = {(int(a), int(b)) for row_i, row_t in zip(inputs, targets) for a, b in zip(row_i, row_t) if b}
+    assert pairs == {(i, i + 1) for i in range(1, 12)}
+    assert (targets > 0).sum() == 11
+    inputs, targets = training_windows([seq], max_len=4, mode="last")
+    assert inputs.tolist() == [[8, 9, 10, 11]] and targets.tolist() == [[9, 10, 11, 12]]
+
+
+def test_pad_left_and_bad_arguments():
+    assert pad_left([np.array([1, 2]), np.array([], dtype=np.int64)], 3).tolist() == [[0, 1, 2], [0, 0, 0]]
+    with pytest.raises(ValueError, match="max_history=0 is out of range"):
+        leave_one_out(make_data([[1, 2, 3]]), 0)
+    with pytest.raises(ValueError, match="samples='all' is not allowed"):
+        training_windows([np.arange(1, 5)], 3, "all")
