@@ -6,6 +6,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
+# ARGS passes config overrides to the demo, e.g. make demo ARGS="trainer.num_workers=2"
+ARGS  ?=
+
 .PHONY: demo test install clean
 
 $(STAMP): pyproject.toml
@@ -18,7 +21,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/recsys pipeline
+	$(BIN)/recsys pipeline configs/demo.yaml $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

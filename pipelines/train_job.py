@@ -7,6 +7,7 @@ validated epoch is reported with a checkpoint that rank 0 writes.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -16,6 +17,7 @@ import ray.train
 import ray.train.torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from ray.train.v2.api.config import LoggingConfig
 
 from recsys.experiment import ExperimentConfig, experiment_from_dict
 from recsys.training.checkpoint import load_train_state
@@ -26,6 +28,8 @@ RAY_RUN_NAME = "ray-train"
 
 
 def train_loop_per_worker(config: dict) -> None:
+    # Some Ray Train internals log each report at INFO through loggers outside ``ray.train``.
+    logging.getLogger().setLevel(logging.WARNING)
     exp = experiment_from_dict(config["experiment"])
     split = ray.get(config["split"])
     ctx = ray.train.get_context()
@@ -70,6 +74,8 @@ def fit_with_ray(exp: ExperimentConfig, split, run_dir: Path) -> list[dict]:
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
                                                checkpoint_score_attribute=score, checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
+            # Ray Train logs every report and checkpoint at INFO; our loop prints one line per epoch.
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
     result = trainer.fit()

@@ -28,7 +28,7 @@ def plot_training_curve(history: list[dict], path: str | Path, select_metric: st
     ax_loss.plot(epochs, [h["train_loss"] for h in history], color="tab:blue")
     ax_loss.set(xlabel="epoch", ylabel="train loss", title="training loss")
     validated = [h for h in history if f"valid_{select_metric}" in h]
-    for name in ("recall@10", "ndcg@10", select_metric):
+    for name in dict.fromkeys(("recall@10", "ndcg@10", select_metric)):  # ordered, no repeats
         key = f"valid_{name}"
         if any(key in h for h in validated):
             ax_metric.plot([h["epoch"] for h in validated], [h[key] for h in validated], label=name, marker=".")

@@ -2,6 +2,7 @@
 ~3 s and each Ray Train fit ~12 s here, so tests share it and keep fits few)."""
 
 import os
+import socket
 
 import pytest
 
@@ -10,11 +11,20 @@ os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=1 << 30, log_to_driver=False)
+    # Dashboard on, as in pipelines.ray_env: Ray Train's placement-group cleaner needs its State API.
+    # A free port, so a benchmark running beside the tests does not collide with them.
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_port(),
+             object_store_memory=1 << 30, log_to_driver=False)
     yield ray
     ray.shutdown()
 

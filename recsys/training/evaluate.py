@@ -31,8 +31,8 @@ def evaluate(
     model.eval()
     metrics = RankingMetrics(ks)
     rows = torch.arange(rank, len(eval_set), world_size)
-    histories = torch.from_numpy(eval_set.histories)
-    targets = torch.from_numpy(eval_set.targets)
+    histories = torch.tensor(eval_set.histories)  # a copy: arrays from the object store are read-only
+    targets = torch.tensor(eval_set.targets)
     for start in range(0, len(rows), batch_size):
         idx = rows[start:start + batch_size]
         batch = Batch(history=histories[idx], target=targets[idx]).to(device)

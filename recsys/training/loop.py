@@ -70,6 +70,16 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainerConfig, total_
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def format_epoch(metrics: dict, cfg: TrainerConfig) -> str:
+    """One progress line per epoch, e.g. ``epoch 3/200  loss 8.91  valid ndcg@10 0.0312 (best 0.0312 @ 3)``."""
+    line = f"epoch {metrics['epoch']}/{cfg.epochs}  loss {metrics['train_loss']:.4f}  {metrics['epoch_s']:.1f}s"
+    key = f"valid_{cfg.select_metric}"
+    if key in metrics:
+        line += (f"  valid {cfg.select_metric} {metrics[key]:.4f}"
+                 f" (best {metrics['best_score']:.4f} @ {metrics['best_epoch']})")
+    return line
+
+
 class Trainer:
     """Owns model, optimizer and loop state. ``train_model`` may be a DDP wrapper of ``model``."""
 
@@ -138,6 +148,8 @@ class Trainer:
                            finished_at=time.time())
             self.state.history.append(metrics)
             on_epoch_end(metrics, improved, self)
+            if self.rank == 0:
+                print(format_epoch(metrics, cfg), flush=True)
             # Stop only after a validated epoch, so the last checkpoint always holds the full history.
             if "best_score" in metrics and f"valid_{cfg.select_metric}" in metrics \
                     and cfg.patience and self.state.epochs_since_best >= cfg.patience:

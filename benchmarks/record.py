@@ -1,0 +1,56 @@
+"""Benchmark records: ``benchmarks/results/<name>.json`` with command, date, commit, machine,
+config, wall time and metrics under the project's fixed keys."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+QUALITY_KEYS = [f"{m}@{k}" for m in ("recall", "ndcg") for k in (5, 10, 20)]
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                             cwd=Path(__file__).parent)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=Path(__file__).parent).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def machine() -> str:
+    import os
+
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {gpu}, torch {torch.__version__}"
+
+
+def write_record(name: str, *, config: dict, wall_s: float, metrics: dict, extra: dict | None = None) -> Path:
+    """metrics: {"test": {...}, "valid": {...}} and/or speed keys (items_per_s, p50_ms, ...)."""
+    for split in ("test", "valid"):
+        if split in metrics and set(metrics[split]) != set(QUALITY_KEYS):
+            raise ValueError(f"{split} metrics must have exactly the keys {QUALITY_KEYS}")
+    record = {
+        "name": name,
+        "command": " ".join(["python", *sys.argv]),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
+        "machine": machine(),
+        "config": config,
+        "wall_s": round(wall_s, 1),
+        "metrics": metrics,
+        **(extra or {}),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path
