@@ -1,6 +1,8 @@
 """The ``recsys`` command: one verb per stage, plus ``pipeline`` that chains them.
 
     recsys data      [CONFIG] [key=value ...]
+    recsys embed     [CONFIG] [key=value ...] [--data DATA_RUN]
+    recsys ids       [CONFIG] [key=value ...] [--method rqvae|hkmeans] [--embed EMBED_RUN] [--data DATA_RUN]
     recsys train     [CONFIG] [key=value ...] [--data DATA_RUN] [--resume TRAIN_RUN]
     recsys evaluate  TRAIN_RUN [--split test|valid]
     recsys pipeline  [CONFIG] [key=value ...]
@@ -34,6 +36,27 @@ def cmd_data(ns: argparse.Namespace) -> None:
     run_dir = run_data(exp)
     print(Path(run_dir / SUMMARY_FILE).read_text())
     print(f"data run: {run_dir}")
+
+
+def cmd_embed(ns: argparse.Namespace) -> None:
+    from pipelines.stages import run_embed_stage
+
+    exp = load_experiment(*split_config_args(ns.config))
+    run_dir = run_embed_stage(exp, data_dir=ns.data)
+    print(Path(run_dir / SUMMARY_FILE).read_text())
+    print(f"embed run: {run_dir}")
+
+
+def cmd_ids(ns: argparse.Namespace) -> None:
+    from pipelines.stages import run_ids_stage
+
+    path, overrides = split_config_args(ns.config)
+    if ns.method:
+        overrides = [*overrides, f"ids.method={ns.method}"]
+    exp = load_experiment(path, overrides)
+    run_dir = run_ids_stage(exp, embed_dir=ns.embed, data_dir=ns.data)
+    print(Path(run_dir / SUMMARY_FILE).read_text())
+    print(f"ids run: {run_dir}")
 
 
 def cmd_train(ns: argparse.Namespace) -> None:
@@ -86,13 +109,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recsys", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     verbs = parser.add_subparsers(dest="verb", required=True)
     for name, func, help_text in [("data", cmd_data, "read a dataset into a data run"),
+                                  ("embed", cmd_embed, "embed item texts with a sentence encoder (Ray Data)"),
+                                  ("ids", cmd_ids, "semantic IDs: RQ-VAE (Ray Train) or hierarchical k-means (Ray tasks)"),
                                   ("train", cmd_train, "train a model (Ray Train)"),
                                   ("pipeline", cmd_pipeline, "data -> train -> evaluate")]:
         sub = verbs.add_parser(name, help=help_text)
         sub.add_argument("config", nargs="*", help="[CONFIG.yaml] [key.subkey=value ...]")
         sub.set_defaults(func=func)
-        if name == "train":
+        if name in ("embed", "ids", "train"):
             sub.add_argument("--data", type=Path, help="a `recsys data` run directory (default: prepare it)")
+        if name == "ids":
+            sub.add_argument("--method", choices=("rqvae", "hkmeans"), help="shorthand for ids.method=")
+            sub.add_argument("--embed", type=Path, help="a `recsys embed` run directory (default: embed first)")
+        if name == "train":
             sub.add_argument("--resume", type=Path, help="a train run directory to continue")
     ev = verbs.add_parser("evaluate", help="evaluate a train run's selected checkpoint")
     ev.add_argument("train_run", type=Path)

@@ -39,6 +39,24 @@ def run_data(exp: ExperimentConfig) -> Path:
     return run_dir
 
 
+def run_embed_stage(exp: ExperimentConfig, data_dir: Path | None = None) -> Path:
+    """Embed item texts with the sentence encoder on Ray Data; prepares the data run if none is given."""
+    from pipelines.embed_job import run_embed
+    from pipelines.ray_env import init_ray
+
+    data_dir = Path(data_dir).resolve() if data_dir else run_data(exp)
+    init_ray()
+    return run_embed(data_dir, exp.embed.text, exp.embed.encoder, exp.run.root, name=exp.run.name)
+
+
+def run_ids_stage(exp: ExperimentConfig, embed_dir: Path | None = None, data_dir: Path | None = None) -> Path:
+    """Semantic IDs from an embed run; embeds (and prepares the data) first if none is given."""
+    from pipelines.ids_stage import run_ids
+
+    embed_dir = Path(embed_dir).resolve() if embed_dir else run_embed_stage(exp, data_dir)
+    return run_ids(exp, embed_dir)
+
+
 def run_train(exp: ExperimentConfig, data_dir: Path | None = None, resume_dir: Path | None = None) -> Path:
     """Train with Ray Train (or in-process when ``trainer.use_ray`` is false); select on validation."""
     if resume_dir is not None:

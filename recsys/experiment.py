@@ -14,6 +14,8 @@ from typing import Any, Sequence
 from recsys.config import deep_merge, from_dict, load_yaml, parse_overrides, to_dict
 from recsys.data.config import DataConfig
 from recsys.models import model_config_from_dict
+from recsys.semantic_ids.build import IdsConfig
+from recsys.text import EmbedConfig
 from recsys.training.config import EvalConfig, TrainerConfig
 
 
@@ -32,6 +34,8 @@ class ExperimentConfig:
     model: dict = field(default_factory=lambda: dict(DEFAULT_MODEL))
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    ids: IdsConfig = field(default_factory=IdsConfig)
     run: RunSection = field(default_factory=RunSection)
 
     def __post_init__(self):

@@ -1,0 +1,163 @@
+"""The embed stage: item texts -> sentence-encoder vectors with Ray Data -> ``runs/embed/<run-id>/``.
+
+Texts are built on the driver (cheap). Vectors of earlier embed runs under the same run root are
+reused when the encoder identity and the text hash match, so only new or changed texts are
+encoded; when nothing is new, Ray is not started at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from recsys.data import InteractionData
+from recsys.runs import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, new_run_dir, write_json, write_text
+from recsys.text import EMBEDDINGS_FILE, EncoderConfig, ItemTextConfig, build_texts, text_hash, write_embeddings
+from recsys.text.encoder import encode, load_encoder, locate_model
+from recsys.text.store import vectors_from_column
+
+log = logging.getLogger(__name__)
+
+
+class ItemEncoder:
+    """Ray Data callable class: loads the encoder once per actor, encodes one batch per call."""
+
+    def __init__(self, model_path: str, encoder: dict):
+        self.cfg = EncoderConfig(**encoder)
+        self.model = load_encoder(self.cfg, Path(model_path))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        vectors = encode(self.model, batch["text"].tolist(), self.cfg)  # (B, D) float32
+        return {"text_hash": batch["text_hash"], "vector": vectors}
+
+
+def run_embed(data_dir: Path, text_cfg: ItemTextConfig, enc_cfg: EncoderConfig, run_root: str | Path,
+              name: str = "", progress: bool | None = None) -> Path:
+    """Embed the items of a ``recsys data`` run; returns the new ``<run_root>/embed/<run-id>/``.
+    ``progress`` None = Ray Data progress bars only when stdout is a terminal."""
+    start = time.perf_counter()
+    data_dir = Path(data_dir).resolve()
+    items = InteractionData.load(data_dir).items
+    texts = build_texts(items, text_cfg)
+    hashes = [text_hash(t) for t in texts]
+    identity = enc_cfg.identity()
+    known = previous_vectors(Path(run_root) / "embed", identity)
+    todo = pd.DataFrame({"text_hash": hashes, "text": texts})
+    todo = todo[~todo["text_hash"].isin(known)].drop_duplicates("text_hash", ignore_index=True)
+    route, encode_s, device = "none (all reused)", 0.0, "none"
+    if len(todo):
+        location = locate_model(enc_cfg)  # once, on the driver: actors get the local path
+        route = location.route
+        enc_start = time.perf_counter()
+        new, device = encode_with_ray(todo, location.path, enc_cfg, progress)
+        encode_s = time.perf_counter() - enc_start
+        known.update(new)
+    rows = [known[h] for h in hashes]
+    dims = {len(v) for v in rows}
+    if len(dims) > 1:  # same identity, other dim: a local model directory's files were replaced
+        raise ValueError(f"vectors reused from earlier runs under {run_root}/embed and new ones differ in dim "
+                         f"({sorted(dims)}) for encoder {identity!r}; remove the old embed runs")
+    vectors = np.stack(rows)  # (N, D)
+    encoded_now = set(todo["text_hash"])
+    n_reused = sum(h not in encoded_now for h in hashes)
+    run_dir = new_run_dir(run_root, "embed", name or Path(enc_cfg.model).name)
+    write_embeddings(run_dir / EMBEDDINGS_FILE, items["item_id"].to_numpy(), vectors, identity, hashes)
+    metrics = {
+        "n_items": len(items), "dim": int(vectors.shape[1]), "encoded": len(items) - n_reused,
+        "reused": n_reused, "encoded_unique_texts": len(todo),
+        "items_per_s": round(len(todo) / encode_s, 1) if encode_s > 0 else None,
+        "encode_s": round(encode_s, 2), "wall_s": round(time.perf_counter() - start, 2),
+        "route": route, "device": device, "num_actors": enc_cfg.num_actors, "encoder": identity,
+    }
+    write_json(run_dir / CONFIG_FILE, {"data_dir": str(data_dir), "text": asdict(text_cfg), "encoder": asdict(enc_cfg)})
+    write_json(run_dir / METRICS_FILE, metrics)
+    write_text(run_dir / SUMMARY_FILE, _summary(metrics, data_dir, texts))
+    return run_dir
+
+
+def encode_with_ray(todo: pd.DataFrame, model_path: Path, cfg: EncoderConfig,
+                    progress: bool | None = None) -> tuple[dict[str, np.ndarray], str]:
+    """Encode ``todo`` (columns text_hash, text; unique hashes) on a Ray Data actor pool.
+    Returns {text_hash: vector (D,)} and the device used."""
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    from pipelines.ray_env import init_ray
+
+    init_ray()
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if cfg.device == "cuda" and gpus == 0:  # Ray Data would wait forever for a GPU actor slot
+        raise ValueError("embed.encoder.device=cuda but the Ray cluster has no GPU; use auto or cpu")
+    use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0)
+    device = "cuda" if use_gpu else "cpu"  # decided here: a CPU-only actor must not pick up a GPU by itself
+    ctx = DataContext.get_current()
+    old_progress = ctx.enable_progress_bars
+    ctx.enable_progress_bars = sys.stdout.isatty() if progress is None else progress
+    # Similar lengths in a batch mean less padding; the encoder only sorts within one call.
+    todo = todo.iloc[np.argsort(todo["text"].str.len().to_numpy(), kind="stable")]
+    n_blocks = max(1, min(math.ceil(len(todo) / cfg.batch_size), 4 * max(cfg.num_actors, 2)))
+    try:
+        # Blocks split here: Ray 2.60's from_pandas(override_num_blocks=) np.array_splits the frame,
+        # which yields bare ndarrays under pandas 3 and fails.
+        step = math.ceil(len(todo) / n_blocks)
+        blocks = [todo.iloc[i:i + step] for i in range(0, len(todo), step)]
+        ds = ray.data.from_pandas(blocks).map_batches(
+            ItemEncoder,
+            fn_constructor_kwargs={"model_path": str(model_path), "encoder": asdict(replace(cfg, device=device))},
+            # min_size=1 (not size=N): a fixed pool of N one-CPU actors on an N-CPU node holds every
+            # CPU, so a task that feeds it (a read_parquet read) is never scheduled and the job hangs
+            # (RAY-NOTES). Starting at one actor leaves room for such tasks; the pool grows as CPUs
+            # free up. (from_pandas blocks need no task, but a reader may replace it at scale.)
+            compute=ActorPoolStrategy(min_size=1, max_size=cfg.num_actors),
+            batch_size=cfg.batch_size, batch_format="numpy",
+            num_cpus=cfg.cpus_per_actor, num_gpus=1 if use_gpu else 0)
+        # Collected on the driver rather than via write_parquet: at catalogue scale (12k x 384
+        # floats = 18 MB) one pass gives a single file sorted by item id, merged with reused vectors.
+        out: dict[str, np.ndarray] = {}
+        for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+            out.update(zip(batch["text_hash"].tolist(), np.asarray(batch["vector"], dtype=np.float32)))
+    finally:
+        ctx.enable_progress_bars = old_progress
+    missing = set(todo["text_hash"]) - set(out)
+    if missing:
+        raise RuntimeError(f"Ray Data returned no vector for {len(missing)} text(s)")
+    return out, device
+
+
+def previous_vectors(embed_root: Path, identity: str) -> dict[str, np.ndarray]:
+    """{text_hash: vector} from earlier embed runs made with the same encoder identity (newest wins)."""
+    found: dict[str, np.ndarray] = {}
+    for path in sorted(Path(embed_root).glob(f"*/{EMBEDDINGS_FILE}")):
+        try:
+            table = pq.read_table(path, columns=["vector", "text_hash"], filters=[("encoder", "=", identity)])
+            vectors = vectors_from_column(table.column("vector"))
+        except (OSError, ValueError, KeyError) as err:  # an unreadable old run only costs re-encoding
+            log.warning("not reusing %s: %s", path, err)
+            continue
+        finite = np.isfinite(vectors).all(axis=1)
+        if found and len(vectors) and vectors.shape[1] != len(next(iter(found.values()))):
+            log.warning("not reusing %s: its vectors have dim %d, earlier runs %d", path, vectors.shape[1],
+                        len(next(iter(found.values()))))
+            continue
+        found.update((h, v) for h, v, ok in zip(table.column("text_hash").to_pylist(), vectors, finite) if ok)
+    return found
+
+
+def _summary(m: dict, data_dir: Path, texts: list[str]) -> str:
+    speed = f"{m['items_per_s']} texts/s" if m["items_per_s"] else "nothing encoded"
+    return "\n".join([
+        f"# embed: {m['encoder']}", "",
+        f"- items: {m['n_items']} from {data_dir}, vector dim {m['dim']}",
+        f"- encoded {m['encoded']} item(s) ({m['encoded_unique_texts']} distinct texts), reused {m['reused']} "
+        "from earlier embed runs",
+        f"- model route: {m['route']}; device {m['device']}; {m['num_actors']} actor(s) max; {speed}",
+        f"- wall time {m['wall_s']} s", "",
+        "Example text:", "", f"> {texts[0]}", ""])

@@ -1,0 +1,122 @@
+"""Ray jobs for semantic IDs.
+
+- RQ-VAE: Ray Train ``TorchTrainer`` (DDP) fed by a Ray Data dataset read from the embedding
+  run's parquet; every rank runs ``recsys.semantic_ids.rqvae_epoch`` on its shard and the
+  dead-code re-seeding is synchronised across ranks.
+- Hierarchical k-means: the top split runs in the driver (faiss); the independent subtrees
+  below it fan out as Ray tasks, each running faiss. Subtree seeds depend only on the path,
+  so the tree equals the single-process recursion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from ray.train.v2.api.config import LoggingConfig
+from tqdm.auto import tqdm
+
+from recsys.config import from_dict
+from recsys.semantic_ids import (
+    RQVAEConfig, RQVAETokenizer, init_codebooks, load_tokenizer, reseed_dead_codes_synced, rqvae_epoch,
+)
+from recsys.semantic_ids.rqvae import build_optimizer as build_rqvae_optimizer
+from recsys.semantic_ids.build import IdsConfig
+
+EPOCH_FILE = "epoch.json"
+
+
+def ray_map(num_cpus: float) -> Callable:
+    """A ``map(fn, tasks)`` that runs each task as a Ray task and keeps the input order."""
+
+    def _map(fn: Callable, tasks: Iterable) -> list:
+        remote = ray.remote(num_cpus=num_cpus)(fn)
+        refs = [remote.remote(task) for task in tasks]
+        pending = list(refs)
+        with tqdm(total=len(refs), desc="subtrees", disable=None) as bar:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                bar.update(len(done))
+        return ray.get(refs)
+
+    return _map
+
+
+def _stack_vectors(batch: dict) -> dict:
+    return {"x": np.stack(batch["vector"]).astype(np.float32)}  # list<float> column -> (B, D)
+
+
+def rqvae_loop_per_worker(config: dict) -> None:
+    logging.getLogger().setLevel(logging.WARNING)
+    cfg = from_dict(RQVAEConfig, config["rqvae"])
+    rank = ray.train.get_context().get_world_rank()
+    tokenizer, start = RQVAETokenizer(config=cfg), 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            tokenizer = load_tokenizer(directory)
+            start = json.loads((Path(directory) / EPOCH_FILE).read_text())["epoch"]
+        model = tokenizer.model
+    else:
+        model = tokenizer.build_model(config["input_dim"])
+        init_codebooks(model, ray.get(config["init_sample"]), tokenizer.config)
+    ddp = ray.train.torch.prepare_model(model)  # DDP broadcasts rank 0's weights
+    optimizer = build_rqvae_optimizer(ddp, cfg)
+    generator = torch.Generator().manual_seed(cfg.seed + start)  # same on every rank
+    shard = ray.train.get_dataset_shard("train")
+    for epoch in range(start, cfg.epochs):
+        batches = (b["x"] for b in shard.iter_torch_batches(batch_size=cfg.batch_size, dtypes=torch.float32,
+                                                           local_shuffle_buffer_size=4 * cfg.batch_size))
+        stats = rqvae_epoch(ddp, optimizer, batches, dead_code_threshold=0)
+        reseeded = reseed_dead_codes_synced(ddp, optimizer, stats, cfg.dead_code_threshold, generator)
+        metrics = {"epoch": epoch + 1, "loss": stats.loss, "reconstruction_loss": stats.reconstruction_loss,
+                   "quantize_loss": stats.quantize_loss, "reseeded": int(reseeded.sum())}
+        if (epoch + 1) % config["checkpoint_every"] and epoch + 1 != cfg.epochs:
+            ray.train.report(metrics)
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                tokenizer.save(tmp)
+                (Path(tmp) / EPOCH_FILE).write_text(json.dumps({"epoch": epoch + 1}))
+                ckpt = Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ckpt)
+
+
+def fit_rqvae_with_ray(cfg: IdsConfig, embeddings_path: Path, embeddings: np.ndarray, run_dir: Path) -> RQVAETokenizer:
+    """Train the RQ-VAE with Ray Train over the Ray Data embeddings; return the final tokenizer."""
+    rq = cfg.rqvae
+    rng = np.random.default_rng(rq.seed)
+    n = min(len(embeddings), rq.kmeans_init_samples)
+    sample = embeddings[np.sort(rng.choice(len(embeddings), n, replace=False))]
+    # Materialised before fit(): once the Train workers hold every CPU (2 workers x 1 CPU on a
+    # 2-CPU node) Ray Data's read/map tasks could never be scheduled and the run would hang.
+    dataset = ray.data.read_parquet(str(embeddings_path)).map_batches(_stack_vectors, batch_format="numpy")
+    dataset = dataset.materialize()
+    trainer = TorchTrainer(
+        rqvae_loop_per_worker,
+        train_loop_config={"rqvae": dataclasses.asdict(rq), "input_dim": embeddings.shape[1],
+                           "init_sample": ray.put(sample), "checkpoint_every": cfg.checkpoint_every},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, resources_per_worker={"CPU": cfg.cpus_per_task}),
+        run_config=RunConfig(name="ray-train", storage_path=str(run_dir.resolve()),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             failure_config=FailureConfig(max_failures=1),
+                             logging_config=LoggingConfig(log_level="WARNING")),
+        datasets={"train": dataset},
+    )
+    result = trainer.fit()
+    if result.error:
+        raise RuntimeError(f"RQ-VAE training failed: {result.error}") from result.error
+    with result.checkpoint.as_directory() as directory:
+        return load_tokenizer(directory)

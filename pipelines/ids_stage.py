@@ -1,0 +1,64 @@
+"""The ``ids`` stage: embeddings -> tokenizer -> semantic-ID index + quality report."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from recsys.experiment import ExperimentConfig
+from recsys.runs import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, new_run_dir, write_json, write_text
+from recsys.semantic_ids.build import build_index, fit_in_process, fitted_codes
+from recsys.semantic_ids.report import write_report
+from recsys.text import EMBEDDINGS_FILE, load_embeddings
+
+TOKENIZER_DIR = "tokenizer"
+INDEX_DIR = "index"
+
+
+def fit_tokenizer(exp: ExperimentConfig, embed_dir: Path, embeddings: np.ndarray, run_dir: Path):
+    cfg = exp.ids
+    if not cfg.use_ray:
+        return fit_in_process(cfg, embeddings)
+    from pipelines.ray_env import init_ray
+
+    init_ray()
+    if cfg.method == "rqvae":
+        from pipelines.ids_job import fit_rqvae_with_ray
+
+        return fit_rqvae_with_ray(cfg, embed_dir / EMBEDDINGS_FILE, embeddings, run_dir)
+    from pipelines.ids_job import ray_map
+
+    return fit_in_process(cfg, embeddings, map_fn=ray_map(cfg.cpus_per_task))
+
+
+def run_ids(exp: ExperimentConfig, embed_dir: Path) -> Path:
+    """Fit the configured tokenizer on an embed run's vectors; write tokenizer, index, report."""
+    embed_dir = Path(embed_dir).resolve()
+    item_ids, embeddings = load_embeddings(embed_dir)
+    run_dir = new_run_dir(exp.run.root, "ids", exp.ids.method)
+    write_json(run_dir / CONFIG_FILE, {"ids": exp.to_dict()["ids"], "embed_dir": str(embed_dir)})
+    start = time.perf_counter()
+    tokenizer = fit_tokenizer(exp, embed_dir, embeddings, run_dir)
+    fit_s = time.perf_counter() - start
+    codes = fitted_codes(tokenizer, embeddings)  # (N, L) content codes, before the collision level
+    reconstruction = float(((tokenizer.decode(codes).numpy() - embeddings) ** 2).sum(axis=1).mean())
+    index = build_index(item_ids, tokenizer, embeddings)
+    tokenizer.save(run_dir / TOKENIZER_DIR)
+    index.save(run_dir / INDEX_DIR)
+    table = write_report(run_dir, codes, tokenizer.codebook_sizes, reconstruction)
+    metrics = {"method": exp.ids.method, "n_items": len(item_ids), "dim": int(embeddings.shape[1]),
+               "levels": tokenizer.n_levels, "codebook_sizes": tokenizer.codebook_sizes,
+               "collision_rate": index.collision_rate, "max_collision_depth": index.max_collision_depth,
+               "reconstruction_sq_error": reconstruction, "fit_s": round(fit_s, 2),
+               "wall_s": round(time.perf_counter() - start, 2)}
+    write_json(run_dir / METRICS_FILE, metrics)
+    write_text(run_dir / SUMMARY_FILE, "\n".join([
+        f"# semantic IDs: {exp.ids.method}", "",
+        f"- {len(item_ids)} items, {tokenizer.n_levels} levels of {tokenizer.codebook_sizes} codes + a collision level",
+        f"- collision rate before the collision level: {index.collision_rate:.4f}; "
+        f"deepest collision index {index.max_collision_depth}",
+        f"- reconstruction error (mean squared distance): {reconstruction:.4f}; fit {fit_s:.1f} s",
+        "- id_quality.json, code_usage.png, tokenizer/, index/", "", table, ""]))
+    return run_dir

@@ -1,0 +1,66 @@
+"""From item embeddings to a semantic-ID index, in-process: the path without Ray, and the
+shared tail of the Ray path (``pipelines/ids_job.py`` fits the tokenizer distributed)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from recsys.config import require_choice, require_range
+from recsys.semantic_ids.base import SemanticIdTokenizer
+from recsys.semantic_ids.hkmeans import HierarchicalKMeans, HKMeansConfig
+from recsys.semantic_ids.index import SemanticIdIndex
+from recsys.semantic_ids.rqvae import RQVAEConfig, RQVAETokenizer
+
+METHODS = ("rqvae", "hkmeans")
+
+
+@dataclass
+class IdsConfig:
+    method: str = "rqvae"  # rqvae (TIGER) | hkmeans (EAGER)
+    rqvae: RQVAEConfig = field(default_factory=RQVAEConfig)
+    hkmeans: HKMeansConfig = field(default_factory=HKMeansConfig)
+    use_ray: bool = True  # False fits in this process (tests, a GPU box without Ray)
+    num_workers: int = 1  # Ray Train workers for the RQ-VAE (DDP)
+    cpus_per_task: float = 1.0  # per Ray Train worker / per hierarchical k-means subtree task
+    checkpoint_every: int = 20  # RQ-VAE epochs between Ray Train checkpoints
+
+    def __post_init__(self):
+        require_choice("ids.method", self.method, METHODS)
+        require_range("ids.num_workers", self.num_workers, 1, 4096)
+        require_range("ids.cpus_per_task", self.cpus_per_task, 0.01, 1024)
+        require_range("ids.checkpoint_every", self.checkpoint_every, 1)
+
+
+def make_tokenizer(cfg: IdsConfig) -> SemanticIdTokenizer:
+    if cfg.method == "rqvae":
+        return RQVAETokenizer(config=cfg.rqvae)
+    return HierarchicalKMeans(config=cfg.hkmeans)
+
+
+def fitted_codes(tokenizer: SemanticIdTokenizer, embeddings: np.ndarray) -> torch.Tensor:
+    """Codes (N, L) of the items the tokenizer was fitted on.
+
+    Hierarchical k-means keeps the clustering's own assignment (with the balanced option an
+    item may sit in a cluster other than its nearest); RQ-VAE encodes.
+    """
+    if isinstance(tokenizer, HierarchicalKMeans):
+        return tokenizer.fit_codes
+    return tokenizer.encode(embeddings)
+
+
+def build_index(item_ids: np.ndarray, tokenizer: SemanticIdTokenizer, embeddings: np.ndarray) -> SemanticIdIndex:
+    """item_ids (N,) aligned with embeddings (N, D) -> index with the collision level added."""
+    codes = fitted_codes(tokenizer, embeddings)
+    return SemanticIdIndex(item_ids=item_ids, codes=codes, codebook_sizes=tokenizer.codebook_sizes)
+
+
+def fit_in_process(cfg: IdsConfig, embeddings: np.ndarray,
+                   map_fn: Callable = map) -> SemanticIdTokenizer:
+    tokenizer = make_tokenizer(cfg)
+    if isinstance(tokenizer, HierarchicalKMeans):
+        return tokenizer.fit(embeddings, map_fn=map_fn)
+    return tokenizer.fit(embeddings)

@@ -1,0 +1,108 @@
+"""The embed stage end to end under the shared local Ray instance, with the real default model."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.embed_job import previous_vectors, run_embed
+from recsys.data import InteractionData, SyntheticConfig, generate_synthetic
+from recsys.runs import read_json
+from recsys.text import (EMBEDDINGS_FILE, EncoderConfig, ItemTextConfig, build_texts, load_embeddings, text_hash,
+                         write_embeddings)
+from recsys.text.encoder import CACHE_ENV
+
+pytestmark = pytest.mark.ray
+N_ITEMS = 40
+
+
+@pytest.fixture(scope="module")
+def encoder_cfg() -> EncoderConfig:
+    # The shared model cache, so the default model is fetched at most once per machine.
+    return EncoderConfig(cache_dir=os.environ.get(CACHE_ENV) or str(Path.home() / ".cache/recsys/models"),
+                         batch_size=16)
+
+
+@pytest.fixture
+def data_dir(tmp_path) -> Path:
+    data = generate_synthetic(SyntheticConfig(n_users=30, n_items=N_ITEMS, n_topics=4))
+    data.save(tmp_path / "data")
+    return tmp_path / "data"
+
+
+def test_embed_writes_vectors_and_reuses_them(ray_session, data_dir, encoder_cfg, tmp_path):
+    runs, text_cfg = tmp_path / "runs", ItemTextConfig()
+    first = run_embed(data_dir, text_cfg, encoder_cfg, runs)
+    assert first.parent == runs.resolve() / "embed"
+    table = pq.read_table(first / EMBEDDINGS_FILE)
+    assert table.schema.field("item_id").type == pa.int64()
+    assert table.schema.field("vector").type == pa.list_(pa.float32())
+    assert table.column("encoder").to_pylist() == [encoder_cfg.identity()] * N_ITEMS
+    texts = build_texts(InteractionData.load(data_dir).items, text_cfg)
+    assert table.column("text_hash").to_pylist() == [text_hash(t) for t in texts]
+    ids, vectors = load_embeddings(first)
+    assert ids.tolist() == list(range(1, N_ITEMS + 1)) and vectors.shape == (N_ITEMS, 384)
+    assert np.isfinite(vectors).all()
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    metrics = read_json(first / "metrics.json")
+    assert metrics["encoded"] == N_ITEMS and metrics["reused"] == 0 and metrics["dim"] == 384
+    assert metrics["route"] in {"pypi-cache", "pypi-download", "hf-cache", "hf-hub"}
+    assert (first / "config.json").is_file() and "embed:" in (first / "summary.md").read_text()
+
+    # The same items again: everything reused, Ray Data not run at all.
+    second = run_embed(data_dir, text_cfg, encoder_cfg, runs)
+    metrics = read_json(second / "metrics.json")
+    assert (metrics["encoded"], metrics["reused"], metrics["route"]) == (0, N_ITEMS, "none (all reused)")
+    np.testing.assert_array_equal(load_embeddings(second)[1], vectors)
+
+    # One changed title: exactly that item is encoded again, and only its vector changes.
+    data = InteractionData.load(data_dir)
+    data.items.loc[data.items["item_id"] == 7, "title"] = "Heavy duty motor oil for diesel engines"
+    data.save(data_dir)
+    third = run_embed(data_dir, text_cfg, encoder_cfg, runs)
+    metrics = read_json(third / "metrics.json")
+    assert (metrics["encoded"], metrics["reused"]) == (1, N_ITEMS - 1)
+    changed = load_embeddings(third)[1]
+    same = np.ones(N_ITEMS, bool)
+    same[6] = False
+    np.testing.assert_allclose(changed[same], vectors[same], atol=1e-6)
+    assert changed[6] @ vectors[6] < 0.9
+
+
+def test_reuse_matches_encoder_identity_and_skips_bad_rows(tmp_path):
+    """No Ray: earlier vectors count only under the same encoder identity, and NaN rows are not reused."""
+    a, b = EncoderConfig(), EncoderConfig(normalize=False)
+    assert a.identity() != b.identity() != EncoderConfig(precision="bf16").identity()
+    (tmp_path / "embed" / "r1").mkdir(parents=True)
+    vectors = np.array([[1, 0], [np.nan, 0]], dtype=np.float32)
+    write_embeddings(tmp_path / "embed" / "r1" / EMBEDDINGS_FILE, np.array([1, 2]), vectors, a.identity(), ["h1", "h2"])
+    assert list(previous_vectors(tmp_path / "embed", a.identity())) == ["h1"]
+    assert previous_vectors(tmp_path / "embed", b.identity()) == {}
+
+
+@pytest.mark.timeout(180)
+def test_two_one_cpu_actors_on_two_cpus_finish(ray_session, data_dir, encoder_cfg, tmp_path, monkeypatch):
+    """Regression for the RAY-NOTES hang: a fixed pool of two 1-CPU actors on a 2-CPU Ray holds both
+    CPUs, so an upstream task (e.g. a read_parquet read) is never scheduled and the job never ends.
+    run_embed starts the pool at one actor (min_size=1) and grows to num_actors, leaving a CPU for
+    such tasks. Today's input (from_pandas blocks) has no upstream task, so the pool's shape is also
+    asserted: it must stay elastic if the stage ever reads its input with a Ray Data reader."""
+    import ray.data
+
+    pools = []
+    real = ray.data.ActorPoolStrategy
+
+    def spy(**kwargs):
+        pools.append(kwargs)
+        return real(**kwargs)
+    monkeypatch.setattr(ray.data, "ActorPoolStrategy", spy)
+    assert ray_session.cluster_resources()["CPU"] == 2
+    cfg = EncoderConfig(**{**encoder_cfg.__dict__, "num_actors": 2, "cpus_per_actor": 1.0})
+    run_dir = run_embed(data_dir, ItemTextConfig(), cfg, tmp_path / "runs")
+    assert pools == [{"min_size": 1, "max_size": 2}]
+    metrics = read_json(run_dir / "metrics.json")
+    assert metrics["encoded"] == N_ITEMS and metrics["num_actors"] == 2
+    assert load_embeddings(run_dir)[1].shape == (N_ITEMS, 384)
