@@ -160,6 +160,9 @@ class SemanticIdIndex:
         """(N, L + 1) int64 full IDs in row order (aligned with ``item_ids``)."""
         return torch.tensor(self._full, dtype=torch.int64).reshape(len(self._full), self.n_levels + 1)
 
+    def has_item(self, item_id: int) -> bool:
+        return int(item_id) in self._row_of
+
     def id_of(self, item_id: int) -> tuple[int, ...]:
         row = self._row_of.get(int(item_id))
         if row is None:
