@@ -63,9 +63,13 @@ def cmd_train(ns: argparse.Namespace) -> None:
     from pipelines.stages import run_train
 
     if ns.resume:
+        path, overrides = split_config_args(ns.config)
+        if path is not None or ns.data:
+            raise ValueError("--resume continues a run with its saved config and data; give only overrides "
+                             f"(key=value), not {path or '--data'}")
         saved = read_json(Path(ns.resume) / CONFIG_FILE)
         exp = experiment_from_dict(deep_merge({k: v for k, v in saved.items() if k != "data_dir"},
-                                              parse_overrides(split_config_args(ns.config)[1])))
+                                              parse_overrides(overrides)))
         run_dir = run_train(exp, resume_dir=Path(ns.resume))
     else:
         exp = load_experiment(*split_config_args(ns.config))

@@ -85,6 +85,9 @@ def rqvae_loop_per_worker(config: dict) -> None:
         if (epoch + 1) % config["checkpoint_every"] and epoch + 1 != cfg.epochs:
             ray.train.report(metrics)
             continue
+        if rank == 0:
+            print(f"rqvae epoch {epoch + 1}/{cfg.epochs}  loss {stats.loss:.4f}  "
+                  f"reconstruction {stats.reconstruction_loss:.4f}  reseeded {int(reseeded.sum())}", flush=True)
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
@@ -104,6 +107,8 @@ def fit_rqvae_with_ray(cfg: IdsConfig, embeddings_path: Path, embeddings: np.nda
     # 2-CPU node) Ray Data's read/map tasks could never be scheduled and the run would hang.
     dataset = ray.data.read_parquet(str(embeddings_path)).map_batches(_stack_vectors, batch_format="numpy")
     dataset = dataset.materialize()
+    # Each epoch re-reads the shard; a Ray Data progress bar per epoch would drown the log.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     trainer = TorchTrainer(
         rqvae_loop_per_worker,
         train_loop_config={"rqvae": dataclasses.asdict(rq), "input_dim": embeddings.shape[1],

@@ -50,7 +50,7 @@ def run_ids(exp: ExperimentConfig, embed_dir: Path) -> Path:
     table = write_report(run_dir, codes, tokenizer.codebook_sizes, reconstruction)
     metrics = {"method": exp.ids.method, "n_items": len(item_ids), "dim": int(embeddings.shape[1]),
                "levels": tokenizer.n_levels, "codebook_sizes": tokenizer.codebook_sizes,
-               "collision_rate": index.collision_rate, "max_collision_depth": index.max_collision_depth,
+               "collision_rate": index.collision_rate, "max_items_per_tuple": index.max_collision_depth,
                "reconstruction_sq_error": reconstruction, "fit_s": round(fit_s, 2),
                "wall_s": round(time.perf_counter() - start, 2)}
     write_json(run_dir / METRICS_FILE, metrics)
@@ -58,7 +58,7 @@ def run_ids(exp: ExperimentConfig, embed_dir: Path) -> Path:
         f"# semantic IDs: {exp.ids.method}", "",
         f"- {len(item_ids)} items, {tokenizer.n_levels} levels of {tokenizer.codebook_sizes} codes + a collision level",
         f"- collision rate before the collision level: {index.collision_rate:.4f}; "
-        f"deepest collision index {index.max_collision_depth}",
+        f"at most {index.max_collision_depth} item(s) share one content tuple",
         f"- reconstruction error (mean squared distance): {reconstruction:.4f}; fit {fit_s:.1f} s",
         "- id_quality.json, code_usage.png, tokenizer/, index/", "", table, ""]))
     return run_dir

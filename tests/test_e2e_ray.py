@@ -63,3 +63,8 @@ def test_console_script_reports_bad_config_clearly(tmp_path):
     assert proc.returncode == 2
     assert "trainer.epochs=-1 is out of range" in proc.stderr
     assert not (tmp_path / "train").exists()  # nothing half-made
+
+
+def test_resume_refuses_a_config_file(tmp_path, capsys):
+    assert main(["train", "--resume", str(tmp_path), "configs/demo.yaml"]) == 2
+    assert "give only overrides" in capsys.readouterr().err
