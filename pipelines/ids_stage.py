@@ -28,6 +28,11 @@ def fit_tokenizer(exp: ExperimentConfig, embed_dir: Path, embeddings: np.ndarray
         from pipelines.ids_job import fit_rqvae_with_ray
 
         return fit_rqvae_with_ray(cfg, embed_dir / EMBEDDINGS_FILE, embeddings, run_dir)
+    if cfg.hkmeans_top == "blocks":
+        from pipelines.hkmeans_blocks import fit_over_blocks
+
+        return fit_over_blocks(str(embed_dir / EMBEDDINGS_FILE), cfg.hkmeans, len(embeddings), cfg.top_sample,
+                               cfg.top_refine_iters)
     from pipelines.ids_job import ray_map
 
     return fit_in_process(cfg, embeddings, map_fn=ray_map(cfg.cpus_per_task))

@@ -10,7 +10,7 @@ import torch
 from pipelines.ids_stage import INDEX_DIR, TOKENIZER_DIR, run_ids
 from recsys.experiment import load_experiment
 from recsys.semantic_ids import SemanticIdIndex, load_tokenizer
-from recsys.text import write_embeddings
+from recsys.text import load_embeddings, write_embeddings
 
 
 @pytest.fixture(scope="module")
@@ -69,3 +69,19 @@ def test_rqvae_trains_on_ray_train_with_two_workers(ray_session, embed_dir, tmp_
     quality = json.loads((run_dir / "id_quality.json").read_text())
     assert quality["levels"][0]["used"] >= 10
     assert (run_dir / "ray-train").is_dir()
+
+
+@pytest.mark.ray
+def test_hkmeans_over_blocks_gives_unique_ids_and_a_top_level_as_good(ray_session, embed_dir, tmp_path):
+    driver = run_ids(small(tmp_path / "a", "ids.method=hkmeans", "ids.use_ray=false"), embed_dir)
+    blocks = run_ids(small(tmp_path / "b", "ids.method=hkmeans", "ids.hkmeans_top=blocks", "ids.top_sample=200",
+                           "ids.top_refine_iters=3"), embed_dir)
+    check_run(blocks)  # unique IDs, ID -> item -> ID, the report
+    _, x = load_embeddings(embed_dir)
+
+    def top_inertia(run_dir):  # k-means objective of the top split: squared distance to the group mean
+        top = load_tokenizer(run_dir / TOKENIZER_DIR).fit_codes[:, 0].numpy()
+        return sum(float(((x[top == c] - x[top == c].mean(0)) ** 2).sum()) for c in np.unique(top))
+
+    # a sample + Lloyd over blocks reaches a top level about as good as faiss on all rows at once
+    assert top_inertia(blocks) < 1.15 * top_inertia(driver)

@@ -101,6 +101,11 @@ class HierarchicalKMeans(SemanticIdTokenizer):
         require(got == want, f"map_fn returned results for subtrees {got[:5]}..., expected {want[:5]}...")
         return self._set_tree(assemble_tree(root, results, x, self.config.max_levels))
 
+    @classmethod
+    def from_tree(cls, config: HKMeansConfig, tree: FlatTree) -> "HierarchicalKMeans":
+        """A fitted tokenizer from a tree assembled elsewhere (e.g. over Ray Data blocks)."""
+        return cls(config=config)._set_tree(tree)
+
     def _set_tree(self, tree: FlatTree) -> "HierarchicalKMeans":
         self._tree = tree
         keys = tree.parent * self.config.branching + tree.tokens  # (R,) unique per child row
