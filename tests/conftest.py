@@ -38,3 +38,18 @@ def tiny_overrides(tmp_path):
         "model.d_model=32", "model.n_layers=1", "model.d_ff=64",
         "trainer.epochs=3", "trainer.batch_size=64", "trainer.patience=0",
     ]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch and one faiss thread for a module's small problems: on a busy 2-core machine
+    OpenMP threads only contend (about 20x slower), and one thread keeps timings stable."""
+    import faiss
+    import torch
+
+    saved = torch.get_num_threads(), faiss.omp_get_max_threads()
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    yield
+    torch.set_num_threads(saved[0])
+    faiss.omp_set_num_threads(saved[1])

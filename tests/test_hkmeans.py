@@ -4,7 +4,6 @@ import math
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
-import faiss
 import numpy as np
 import pytest
 import torch
@@ -15,15 +14,7 @@ from recsys.semantic_ids import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Small problems on a shared 2-core box: OpenMP threads only contend (~20x slower).
-    saved = torch.get_num_threads(), faiss.omp_get_max_threads()
-    torch.set_num_threads(1)
-    faiss.omp_set_num_threads(1)
-    yield
-    torch.set_num_threads(saved[0])
-    faiss.omp_set_num_threads(saved[1])
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mixture(n: int, dim: int, k: int, seed: int = 0, weights=None) -> np.ndarray:

@@ -2,7 +2,6 @@
 
 import json
 
-import faiss
 import numpy as np
 import pytest
 import torch
@@ -13,16 +12,7 @@ from recsys.semantic_ids import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # On the 2-core CI box, OpenMP/intra-op threads competing with other jobs made these
-    # small problems ~20x slower; one thread is also what makes timings stable.
-    saved = torch.get_num_threads(), faiss.omp_get_max_threads()
-    torch.set_num_threads(1)
-    faiss.omp_set_num_threads(1)
-    yield
-    torch.set_num_threads(saved[0])
-    faiss.omp_set_num_threads(saved[1])
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mixture(n: int, dim: int, k: int, noise: float = 0.1, seed: int = 0) -> np.ndarray:
