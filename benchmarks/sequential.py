@@ -2,6 +2,7 @@
 record the figures: benchmarks/results/<model>-<dataset>.json.
 
     python benchmarks/sequential.py configs/beauty-sasrec.yaml data.path=/path/to/amazon-beauty
+    python benchmarks/sequential.py --train-run runs/train/<run-id>   # record a finished train run
 
 Selection is on validation; test is computed once, for the selected checkpoint.
 """
@@ -17,23 +18,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.record import write_record  # noqa: E402
 from pipelines.cli import split_config_args  # noqa: E402
 from pipelines.stages import run_data, run_evaluate, run_train  # noqa: E402
-from recsys.experiment import load_experiment  # noqa: E402
+from recsys.experiment import experiment_from_dict, load_experiment  # noqa: E402
 from recsys.runs import read_json  # noqa: E402
 
 
 def main(argv: list[str]) -> None:
-    exp = load_experiment(*split_config_args(argv))
     start = time.perf_counter()
-    data_dir = run_data(exp)
-    train_dir = run_train(exp, data_dir=data_dir)
+    if argv[:1] == ["--train-run"]:
+        train_dir = Path(argv[1]).resolve()
+        saved = read_json(train_dir / "config.json")
+        exp = experiment_from_dict({k: v for k, v in saved.items() if k != "data_dir"})
+    else:
+        exp = load_experiment(*split_config_args(argv))
+        train_dir = run_train(exp, data_dir=run_data(exp))
     _, test = run_evaluate(train_dir, "test")
-    wall = time.perf_counter() - start
     train = read_json(train_dir / "metrics.json")
+    wall = time.perf_counter() - start if argv[:1] != ["--train-run"] else train["elapsed_s"]
     dataset = Path(exp.data.path).name.removeprefix("amazon-") if exp.data.path else exp.data.format
     path = write_record(
         f"{exp.model_name}-{dataset}", config=exp.to_dict(), wall_s=wall,
         metrics={"test": test, "valid": train["valid"], "samples_per_s": train["samples_per_s"]},
-        extra={"train_wall_s": train["wall_s"], "best_epoch": train["best_epoch"],
+        extra={"train_elapsed_s": train["elapsed_s"], "train_epochs_s": train["train_epochs_s"],
+               "best_epoch": train["best_epoch"],
                "epochs_run": train["epochs_run"], "train_run": str(train_dir)},
     )
     print(f"record: {path}")

@@ -88,9 +88,13 @@ def finish_train(exp: ExperimentConfig, run_dir: Path, history: list[dict], wall
     validated = [h for h in history if f"valid_{metric}" in h]
     best = max(validated, key=lambda h: h[f"valid_{metric}"])
     valid = {k.removeprefix("valid_"): v for k, v in best.items() if k.startswith("valid_")}
+    # Across resumes, elapsed time runs from the first epoch's start to the last epoch's end;
+    # wall_s is this invocation only.
+    elapsed = history[-1]["finished_at"] - (history[0]["finished_at"] - history[0]["epoch_s"])
     metrics = {
         "valid": valid, "best_epoch": best["epoch"], "epochs_run": history[-1]["epoch"],
-        "wall_s": round(wall_s, 2),
+        "wall_s": round(wall_s, 2), "elapsed_s": round(elapsed, 1),
+        "train_epochs_s": round(sum(h["epoch_s"] for h in history), 1),
         "samples_per_s": round(sum(h["samples_per_s"] for h in history) / len(history), 1),
         "machine": machine_description(), "workers": exp.trainer.num_workers if exp.trainer.use_ray else 0,
     }
@@ -99,7 +103,9 @@ def finish_train(exp: ExperimentConfig, run_dir: Path, history: list[dict], wall
     write_text(run_dir / SUMMARY_FILE, "\n".join([
         f"# train: {exp.model_name}", "",
         f"- selected epoch {best['epoch']} of {history[-1]['epoch']} on validation {metric}",
-        f"- wall time {wall_s:.1f} s, {metrics['samples_per_s']} samples/s",
+        f"- training took {elapsed:.0f} s from first to last epoch ({metrics['train_epochs_s']:.0f} s in "
+        f"training steps, the rest validation and checkpoints); this invocation {wall_s:.1f} s",
+        f"- {metrics['samples_per_s']} samples/s (mean over epochs)",
         "- best checkpoint: checkpoints/best; curve: training_curve.png", "",
         results_table({"valid": valid}), ""]))
     return run_dir

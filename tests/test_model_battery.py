@@ -1,16 +1,17 @@
 """One battery over every sequence model (peft's TEST_CASES pattern).
 
-A later model joins by adding a row to CASES: its name, a small config, and how to read its
-per-position outputs for the causality check.
+A later model joins by adding a row to CASES: its name, a small config, a causality probe and,
+if it needs one, the context ``build_model`` passes it (e.g. TIGER's semantic-ID table).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import pytest
 import torch
 
-from recsys.models import Batch, build_model, model_config_from_dict, model_names
+from recsys.models import Batch, build_model, model_config_from_dict, model_names, semantic_id_table
+from recsys.semantic_ids import SemanticIdIndex
 from recsys.training.checkpoint import load_model, save_checkpoint
 
 N_ITEMS, MAX_LEN = 40, 8
@@ -20,21 +21,54 @@ N_ITEMS, MAX_LEN = 40, 8
 class ModelCase:
     id: str
     config: dict
-    positions: Callable  # (model, history (B, T)) -> (B, T, D) outputs, position t from items <= t
+    # model -> (outputs, outputs after changing the input from position `cut` on, cut):
+    # outputs before `cut` must not change, those from `cut` on must
+    causal_probe: Callable
+    context: Callable[[], dict] = field(default=dict)  # () -> extra build_model keyword arguments
+
+
+def history_probe(positions: Callable) -> Callable:
+    """positions: (model, history (B, T)) -> (B, T, D) outputs, position t from items <= t."""
+    def probe(model):
+        history = tiny_batch().history
+        changed = history.clone()
+        changed[:, 5:] = torch.randint(1, N_ITEMS + 1, changed[:, 5:].shape)
+        return positions(model, history), positions(model, changed), 5
+    return probe
+
+
+def decoder_probe(model):
+    """Encoder-decoder: the decoder over the target ID (BOS, c0, c1, c2) must be causal; the
+    encoder reads the whole history by design. Changing c2 leaves positions 0..2 alone."""
+    batch = tiny_batch()
+    codes = model.item_codes[batch.target]  # (B, L + 1)
+    changed = codes.clone()
+    changed[:, 2:] = (changed[:, 2:] + 1) % torch.tensor(model.level_sizes[2:])
+    return model.decoder_states(batch.history, codes), model.decoder_states(batch.history, changed), 3
+
+
+def semantic_id_context() -> dict:
+    """A fixed table: 40 items, 3 levels of 4 codes plus the collision level."""
+    codes = torch.randint(0, 4, (N_ITEMS, 3), generator=torch.Generator().manual_seed(0))
+    index = SemanticIdIndex(item_ids=torch.arange(1, N_ITEMS + 1), codes=codes, codebook_sizes=[4, 4, 4])
+    return {"semantic_ids": semantic_id_table(index, N_ITEMS), "level_sizes": index.level_sizes}
 
 
 CASES = [
     ModelCase("sasrec-ce", {"name": "sasrec", "d_model": 32, "n_heads": 2, "dropout": 0.1, "loss": "ce"},
-              lambda m, h: m.encode(h)),
+              history_probe(lambda m, h: m.encode(h))),
     ModelCase("sasrec-bce", {"name": "sasrec", "d_model": 32, "n_layers": 1, "loss": "bce", "n_negatives": 4},
-              lambda m, h: m.encode(h)),
+              history_probe(lambda m, h: m.encode(h))),
+    ModelCase("tiger", {"name": "tiger", "d_model": 32, "n_encoder_layers": 1, "n_decoder_layers": 1,
+                        "n_heads": 2, "head_dim": 24, "d_ff": 64, "dropout": 0.1, "beam_size": 10},
+              decoder_probe, semantic_id_context),
 ]
 
 
 def make(case: ModelCase, seed: int = 0):
     torch.manual_seed(seed)
     name, cfg = model_config_from_dict(case.config)
-    return name, build_model(name, cfg, n_items=N_ITEMS, max_len=MAX_LEN)
+    return name, build_model(name, cfg, n_items=N_ITEMS, max_len=MAX_LEN, **case.context())
 
 
 def tiny_batch(seed: int = 0, rows: int = 8) -> Batch:
@@ -54,13 +88,10 @@ def test_every_registered_model_has_a_case():
 def test_no_position_attends_to_the_future(case):
     _, model = make(case)
     model.eval()
-    history = tiny_batch().history
-    changed = history.clone()
-    changed[:, 5:] = torch.randint(1, N_ITEMS + 1, changed[:, 5:].shape)
     with torch.no_grad():
-        a, b = case.positions(model, history), case.positions(model, changed)
-    torch.testing.assert_close(a[:, :5], b[:, :5])
-    assert not torch.allclose(a[:, 5:], b[:, 5:])  # the probe is sensitive at all
+        a, b, cut = case.causal_probe(model)
+    torch.testing.assert_close(a[:, :cut], b[:, :cut])
+    assert not torch.allclose(a[:, cut:], b[:, cut:])  # the probe is sensitive at all
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)

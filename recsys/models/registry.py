@@ -44,5 +44,7 @@ def model_config_from_dict(section: dict[str, Any]) -> tuple[str, Any]:
     return name, from_dict(get_spec(name).config_cls, section, "model")
 
 
-def build_model(name: str, config: Any, n_items: int, max_len: int) -> SequenceModel:
-    return get_spec(name).model_cls(config, n_items=n_items, max_len=max_len)
+def build_model(name: str, config: Any, n_items: int, max_len: int, **context: Any) -> SequenceModel:
+    """``context``: data a model needs besides its config, passed as keyword arguments, e.g.
+    TIGER's ``semantic_ids`` table. Atomic-ID models take none."""
+    return get_spec(name).model_cls(config, n_items=n_items, max_len=max_len, **context)

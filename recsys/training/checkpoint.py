@@ -3,6 +3,12 @@
 A checkpoint directory holds ``model.safetensors`` (weights), ``model.json`` (model name,
 model config, catalogue size, history length) and, for resuming, ``train_state.pt`` (optimizer,
 scheduler and loop counters, loaded with ``weights_only=True``).
+
+Models built with context (``build_model(..., **context)``, e.g. TIGER's semantic-ID table)
+keep that data in their weights and describe it through two optional hooks:
+``model.checkpoint_context() -> dict`` is written to model.json under ``context``, and
+``ModelClass.context_from_checkpoint(context, weights) -> dict`` turns it back into the
+keyword arguments of ``build_model``. Models without them (SASRec) save and load as before.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from recsys.models import SequenceModel, build_model, model_config_from_dict
+from recsys.models import SequenceModel, build_model, get_spec, model_config_from_dict
 
 WEIGHTS = "model.safetensors"
 MODEL_META = "model.json"
@@ -33,6 +39,8 @@ def save_checkpoint(directory: str | Path, model: SequenceModel, model_name: str
         "n_items": model.n_items,
         "max_len": model.max_len,
     }
+    if hasattr(model, "checkpoint_context"):
+        meta["context"] = model.checkpoint_context()
     (directory / MODEL_META).write_text(json.dumps(meta, indent=2))
     if train_state is not None:
         torch.save(train_state, directory / TRAIN_STATE)
@@ -47,8 +55,11 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> Seq
             raise FileNotFoundError(f"{directory / name} is missing; not a model checkpoint directory")
     meta = json.loads((directory / MODEL_META).read_text())
     name, config = model_config_from_dict({"name": meta["name"], **meta["config"]})
-    model = build_model(name, config, n_items=meta["n_items"], max_len=meta["max_len"])
-    model.load_state_dict(load_file(str(directory / WEIGHTS), device=str(device)))
+    weights = load_file(str(directory / WEIGHTS), device=str(device))
+    model_cls = get_spec(name).model_cls
+    context = model_cls.context_from_checkpoint(meta["context"], weights) if "context" in meta else {}
+    model = build_model(name, config, n_items=meta["n_items"], max_len=meta["max_len"], **context)
+    model.load_state_dict(weights)
     return model.to(device).eval()
 
 

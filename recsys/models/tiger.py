@@ -1,0 +1,316 @@
+"""TIGER: Recommender Systems with Generative Retrieval (Rajput et al., 2023), arXiv:2305.05065.
+
+Each history item becomes its semantic ID (L content codes + the collision code); an encoder
+reads the flattened tokens and a decoder generates the next item's ID level by level, decoded
+by beam search constrained to IDs that exist (``recsys.generation``).
+
+Departures from the paper:
+- Learned absolute positions over the flattened history (right-aligned, like SASRec) and
+  pre-norm LayerNorm blocks, instead of T5's relative position buckets and RMSNorm: simpler,
+  and the encoder input is short (at most max_len * (L + 1) tokens).
+- No user token: ``Batch`` carries no user id (the paper hashes users into 2000 tokens).
+- One target per row, the item after the whole history (``targets[:, -1]``; rows with 0 are
+  ignored). The paper trains on every prefix of each sequence; here the training windows
+  must supply those prefixes.
+- Decoding is constrained by the trie, so no invalid ID can come out (the paper decodes
+  freely and reports the invalid-ID rate). Scores are the model's sequence log-probabilities,
+  not renormalised over the allowed tokens.
+- ``exclude_history`` masks history items at the leaf and widens the beam by the history
+  length (see ``beam_search``); the paper does not exclude.
+- Cold start: ``register_items`` extends the ID table and trie after training, so new items
+  are decodable without retraining, as long as their codes fit the level vocabularies.
+The decoder reads the encoder's per-level token embeddings (one vocabulary, as in T5); output
+heads are separate per level. The paper's sizes are the defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recsys.config import require_range
+from recsys.generation.beam import TrieEdges, beam_search, trie_edges
+from recsys.models.base import Batch, Recommendation, SequenceModel
+from recsys.semantic_ids.index import SemanticIdIndex, TrieTable
+
+
+@dataclass
+class TigerConfig:
+    d_model: int = 128
+    n_encoder_layers: int = 4
+    n_decoder_layers: int = 4
+    n_heads: int = 6
+    head_dim: int = 64  # attention width is n_heads * head_dim (384 by default), not d_model
+    d_ff: int = 1024
+    dropout: float = 0.1
+    beam_size: int = 20  # recommend() searches with max(k, beam_size) beams
+
+    def __post_init__(self):
+        require_range("model.d_model", self.d_model, 1, 4096)
+        require_range("model.n_encoder_layers", self.n_encoder_layers, 1, 48)
+        require_range("model.n_decoder_layers", self.n_decoder_layers, 1, 48)
+        require_range("model.n_heads", self.n_heads, 1, 256)
+        require_range("model.head_dim", self.head_dim, 1, 1024)
+        require_range("model.d_ff", self.d_ff, 1, 65536)
+        require_range("model.dropout", self.dropout, 0.0, 0.95)
+        require_range("model.beam_size", self.beam_size, 1, 100000)
+
+
+def semantic_id_table(index: SemanticIdIndex, n_items: int) -> torch.Tensor:
+    """The ``semantic_ids`` TIGER is built with: (n_items + 1, L + 1) full IDs by item id,
+    row 0 zeros (padding). Every item 1..n_items must be in the index (KeyError otherwise)."""
+    full = index.ids_for(torch.arange(1, n_items + 1))  # (N, L + 1)
+    return torch.cat([full.new_zeros(1, full.shape[1]), full])
+
+
+def _mlp(cfg: TigerConfig) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(cfg.d_model, cfg.d_ff), nn.ReLU(), nn.Dropout(cfg.dropout),
+                         nn.Linear(cfg.d_ff, cfg.d_model))
+
+
+class Attention(nn.Module):
+    """Multi-head attention of width n_heads * head_dim, independent of d_model (as in T5)."""
+
+    def __init__(self, cfg: TigerConfig):
+        super().__init__()
+        self.n_heads, self.head_dim, self.dropout = cfg.n_heads, cfg.head_dim, cfg.dropout
+        inner = cfg.n_heads * cfg.head_dim
+        self.q = nn.Linear(cfg.d_model, inner)
+        self.kv = nn.Linear(cfg.d_model, 2 * inner)
+        self.out = nn.Linear(inner, cfg.d_model)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        return x.reshape(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+
+    def keys_values(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """source (B, S, D) -> keys, values, each (B, H, S, hd)."""
+        k, v = self.kv(source).chunk(2, dim=-1)
+        return self._heads(k), self._heads(v)
+
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None = None,
+                causal: bool = False) -> torch.Tensor:
+        B, T, _ = x.shape
+        y = F.scaled_dot_product_attention(self._heads(self.q(x)), *kv, attn_mask=mask, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0)  # (B, H, T, hd)
+        return self.out(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm bidirectional block over the history tokens."""
+
+    def __init__(self, cfg: TigerConfig):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
+        self.attn, self.mlp, self.drop = Attention(cfg), _mlp(cfg), nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.ln1(x)
+        x = x + self.drop(self.attn(h, self.attn.keys_values(h), mask))
+        return x + self.drop(self.mlp(self.ln2(x)))
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm block: causal self-attention, cross-attention to the encoder, MLP."""
+
+    def __init__(self, cfg: TigerConfig):
+        super().__init__()
+        self.ln1, self.ln2, self.ln3 = (nn.LayerNorm(cfg.d_model) for _ in range(3))
+        self.self_attn, self.cross = Attention(cfg), Attention(cfg)
+        self.mlp, self.drop = _mlp(cfg), nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, memory_kv: tuple[torch.Tensor, torch.Tensor],
+                memory_mask: torch.Tensor) -> torch.Tensor:
+        """x (R, t, D) with R = B * G rows, batch-major; memory_kv 2 x (B, H, S, hd)."""
+        h = self.ln1(x)
+        x = x + self.drop(self.self_attn(h, self.self_attn.keys_values(h), causal=True))
+        R, t, D = x.shape
+        B = memory_kv[0].shape[0]
+        # the G beams of one user share its memory: fold them into the query axis, no copies
+        h = self.ln2(x).reshape(B, R // B * t, D)
+        x = x + self.drop(self.cross(h, memory_kv, memory_mask).reshape(R, t, D))
+        return x + self.drop(self.mlp(self.ln3(x)))
+
+
+class Tiger(SequenceModel):
+    """``semantic_ids``: (n_items + 1, L + 1) full IDs by item id, row 0 zeros (see
+    ``semantic_id_table``). ``level_sizes``: vocabulary per level (default: the table's max + 1;
+    pass the codebook sizes, and room in the collision level, to admit cold-start items)."""
+
+    def __init__(self, config: TigerConfig, n_items: int, max_len: int, *, semantic_ids: Any = None,
+                 level_sizes: list[int] | None = None):
+        super().__init__(n_items, max_len)
+        table = _check_table(semantic_ids, n_items)
+        sizes = [int(s) for s in level_sizes] if level_sizes is not None else (table[1:].max(0).values + 1).tolist()
+        _check_codes(table, sizes)
+        self.config, self.level_sizes, self.n_tokens = config, sizes, table.shape[1]
+        D = config.d_model
+        self.register_buffer("item_codes", table)  # persistent: saved in model.safetensors
+        offsets = torch.tensor([0] + sizes[:-1]).cumsum(0)
+        self.register_buffer("level_offsets", offsets, persistent=False)  # (L + 1,)
+        self.token_emb = nn.Embedding(sum(sizes), D)  # token c of level l is row level_offsets[l] + c
+        self.enc_pos = nn.Embedding(max_len * self.n_tokens, D)
+        self.dec_pos = nn.Embedding(self.n_tokens, D)
+        self.bos = nn.Parameter(torch.zeros(D))
+        self.drop = nn.Dropout(config.dropout)
+        self.encoder = nn.ModuleList(EncoderBlock(config) for _ in range(config.n_encoder_layers))
+        self.decoder = nn.ModuleList(DecoderBlock(config) for _ in range(config.n_decoder_layers))
+        self.enc_ln, self.dec_ln = nn.LayerNorm(D), nn.LayerNorm(D)
+        self.heads = nn.ModuleList(nn.Linear(D, v) for v in sizes)
+        for emb in (self.token_emb, self.enc_pos, self.dec_pos):
+            nn.init.normal_(emb.weight, std=0.02)
+        nn.init.normal_(self.bos, std=0.02)
+        self._set_trie(table)
+        self.register_load_state_dict_post_hook(_rebuild_trie)  # the trie follows a loaded table
+
+    # --- the ID table and its trie -------------------------------------------------------
+    def _set_trie(self, table: torch.Tensor) -> None:
+        """Build the trie of the IDs in ``table`` (non-persistent buffers: derived, not saved)."""
+        index = SemanticIdIndex.from_full_ids(torch.arange(1, len(table)), table[1:].cpu())  # raises on duplicates
+        edges = trie_edges(index.transition_table())
+        device = self.item_codes.device
+        for name, tensor in zip(TrieTable._fields, edges.table):
+            self.register_buffer(f"trie_{name}", tensor.to(device), persistent=False)
+        self.register_buffer("trie_keys", edges.keys.to(device), persistent=False)
+        self._trie_base, self._trie_levels = edges.base, edges.n_levels
+
+    @property
+    def trie(self) -> TrieEdges:
+        table = TrieTable(*(getattr(self, f"trie_{name}") for name in TrieTable._fields))
+        return TrieEdges(table, self.trie_keys, self._trie_base, self._trie_levels)
+
+    @torch.no_grad()
+    def register_items(self, item_ids: Any, full_ids: Any) -> None:
+        """Cold start: add items ``n_items + 1 .. n_items + n`` (any order) with full IDs (n, L + 1),
+        e.g. from ``SemanticIdIndex.add_many``. They become decodable and usable in histories
+        without retraining; no weight changes. Codes must fit ``level_sizes``."""
+        ids = torch.as_tensor(item_ids, dtype=torch.long).reshape(-1).cpu()
+        full = torch.as_tensor(full_ids, dtype=torch.long).cpu()
+        n = len(ids)
+        if tuple(full.shape) != (n, self.n_tokens):
+            raise ValueError(f"full_ids must be ({n}, {self.n_tokens}), got {tuple(full.shape)}")
+        expected = torch.arange(self.n_items + 1, self.n_items + n + 1)
+        if not torch.equal(ids.sort().values, expected):
+            raise ValueError(f"new item ids must be exactly {self.n_items + 1}..{self.n_items + n} "
+                             f"(ids index the semantic-ID table), got {ids.tolist()[:10]}")
+        rows = torch.empty_like(full)
+        rows[ids - self.n_items - 1] = full
+        table = torch.cat([self.item_codes.cpu(), rows])
+        _check_codes(table, self.level_sizes)
+        self._set_trie(table)  # raises on a repeated ID before anything changes
+        self.item_codes = table.to(self.item_codes.device)
+        self.n_items += n
+
+    def checkpoint_context(self) -> dict:
+        """Recorded in model.json; the table itself is the ``item_codes`` weight."""
+        return {"semantic_ids_shape": list(self.item_codes.shape), "level_sizes": self.level_sizes}
+
+    @classmethod
+    def context_from_checkpoint(cls, meta: dict, state: dict[str, torch.Tensor]) -> dict:
+        table = state["item_codes"]
+        if list(table.shape) != list(meta["semantic_ids_shape"]):
+            raise ValueError(f"item_codes has shape {list(table.shape)}, model.json says {meta['semantic_ids_shape']}")
+        return {"semantic_ids": table, "level_sizes": meta["level_sizes"]}
+
+    # --- encoder and decoder -------------------------------------------------------------
+    def encode(self, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """history (B, T) -> memory (B, S, D), S = T * (L + 1), and its key mask (B, 1, 1, S)."""
+        B, T = history.shape
+        if T > self.max_len:
+            raise ValueError(f"history length {T} exceeds max_len={self.max_len}")
+        n, S = self.n_tokens, T * self.n_tokens
+        codes = self.item_codes[history].reshape(B, S)  # (B, S)
+        levels = torch.arange(n, device=history.device).repeat(T)  # (S,)
+        positions = torch.arange(self.max_len * n - S, self.max_len * n, device=history.device)  # right-aligned
+        x = self.token_emb(codes + self.level_offsets[levels]) + self.enc_pos(positions)  # (B, S, D)
+        valid = (history > 0).repeat_interleave(n, dim=1)  # (B, S)
+        valid[:, -1] |= ~valid.any(1)  # an empty history still has one key (no NaN); left padding keeps it last
+        mask = valid[:, None, None, :]  # (B, 1, 1, S)
+        x = self.drop(x)
+        for block in self.encoder:
+            x = block(x, mask)
+        return self.enc_ln(x), mask
+
+    def memory_kv(self, memory: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Cross-attention keys/values per decoder layer, computed once per batch."""
+        return [block.cross.keys_values(memory) for block in self.decoder]
+
+    def decode(self, prefix: torch.Tensor, memory_kv: list, memory_mask: torch.Tensor) -> torch.Tensor:
+        """prefix (R, t) tokens of levels < t, R = B * G batch-major -> hidden states (R, t + 1, D).
+        Position j has read BOS and prefix[:, :j] and predicts level j."""
+        R, t = prefix.shape
+        tokens = self.token_emb(prefix + self.level_offsets[:t])  # (R, t, D)
+        x = torch.cat([self.bos.expand(R, 1, -1), tokens], 1) + self.dec_pos.weight[: t + 1]  # (R, t + 1, D)
+        x = self.drop(x)
+        for block, kv in zip(self.decoder, memory_kv):
+            x = block(x, kv, memory_mask)
+        return self.dec_ln(x)
+
+    def decoder_states(self, history: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing: history (B, T), target IDs (B, L + 1) -> hidden states (B, L + 1, D)."""
+        memory, mask = self.encode(history)
+        return self.decode(codes[:, :-1], self.memory_kv(memory), mask)
+
+    def token_log_probs(self, history: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """history (B, T), items (B,) -> log p(token l of the item's ID | history, tokens < l), (B, L + 1)."""
+        codes = self.item_codes[items]  # (B, L + 1)
+        h = self.decoder_states(history, codes)  # (B, L + 1, D)
+        out = [F.log_softmax(head(h[:, l]).float(), -1).gather(1, codes[:, l:l + 1]) for l, head in enumerate(self.heads)]
+        return torch.cat(out, 1)
+
+    # --- the contract --------------------------------------------------------------------
+    def loss(self, batch: Batch) -> torch.Tensor:
+        """Mean token cross-entropy of the next item's ID; target = ``targets[:, -1]`` (else
+        ``target``), rows whose target is 0 are ignored."""
+        target = batch.targets[:, -1] if batch.targets is not None else batch.target
+        if target is None:
+            raise ValueError("TIGER's loss needs batch.targets (training windows) or batch.target")
+        nll = -self.token_log_probs(batch.history, target).mean(1)  # (B,)
+        keep = (target > 0).float()  # masked, not indexed: same graph on every DDP rank
+        return (nll * keep).sum() / keep.sum().clamp(min=1.0)
+
+    @torch.no_grad()
+    def recommend(self, batch: Batch, k: int, exclude_history: bool = False) -> Recommendation:
+        """Constrained beam search with max(k, beam_size) beams; scores are log-probabilities."""
+        if not 1 <= k <= self.n_items:
+            raise ValueError(f"k={k} is out of range; allowed: 1 <= k <= {self.n_items} (the catalogue size)")
+        memory, mask = self.encode(batch.history)
+        kv = self.memory_kv(memory)
+
+        def step(prefix: torch.Tensor) -> torch.Tensor:  # (R, t) -> (R, V_t)
+            h = self.decode(prefix, kv, mask)[:, -1]
+            return F.log_softmax(self.heads[prefix.shape[1]](h).float(), dim=-1)
+
+        out = beam_search(step, self.trie, len(batch.history), k, max(k, self.config.beam_size),
+                          exclude=batch.history if exclude_history else None)
+        return Recommendation(items=out.items, scores=out.scores)
+
+
+def _rebuild_trie(module: Tiger, incompatible_keys: Any) -> None:
+    module._set_trie(module.item_codes)
+
+
+def _check_table(semantic_ids: Any, n_items: int) -> torch.Tensor:
+    if semantic_ids is None:
+        raise ValueError("TIGER needs semantic_ids: a LongTensor (n_items + 1, L + 1) of full IDs by item id; "
+                         "pass build_model(..., semantic_ids=semantic_id_table(index, n_items))")
+    table = torch.as_tensor(semantic_ids).detach().cpu()
+    if table.dtype.is_floating_point or table.dim() != 2 or table.shape[0] != n_items + 1 or table.shape[1] < 2:
+        raise ValueError(f"semantic_ids must be integer ({n_items + 1}, L + 1 >= 2), got {table.dtype} "
+                         f"{tuple(table.shape)}")
+    if (table[0] != 0).any() or (table < 0).any():
+        raise ValueError("semantic_ids must be >= 0 with row 0 (padding) all zeros")
+    return table.long().clone()
+
+
+def _check_codes(table: torch.Tensor, sizes: list[int]) -> None:
+    if len(sizes) != table.shape[1]:
+        raise ValueError(f"level_sizes {sizes} must have one entry per ID token ({table.shape[1]})")
+    too_big = table.max(0).values >= torch.tensor(sizes)
+    if too_big.any():
+        raise ValueError(f"semantic IDs use codes up to {table.max(0).values.tolist()} per level, beyond "
+                         f"level_sizes {sizes}: the model has no token for them")

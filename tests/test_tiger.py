@@ -1,0 +1,188 @@
+"""TIGER: shapes, the teacher-forced path against the beam-search path, causality, checkpoints,
+and cold-start items registered after training."""
+
+import json
+
+import pytest
+import torch
+
+from recsys.models import Batch, Tiger, TigerConfig, build_model, semantic_id_table
+from recsys.semantic_ids import SemanticIdIndex
+from recsys.training.checkpoint import load_model, save_checkpoint
+
+N_ITEMS, MAX_LEN, B = 40, 6, 8
+TINY = dict(d_model=32, n_encoder_layers=1, n_decoder_layers=2, n_heads=2, head_dim=24, d_ff=64, dropout=0.1,
+            beam_size=10)
+
+
+def make_index(seed: int = 0) -> SemanticIdIndex:
+    codes = torch.randint(0, 4, (N_ITEMS, 3), generator=torch.Generator().manual_seed(seed))
+    return SemanticIdIndex(item_ids=torch.arange(1, N_ITEMS + 1), codes=codes, codebook_sizes=[4, 4, 4])
+
+
+def make_model(seed: int = 0, index: SemanticIdIndex | None = None, **overrides) -> Tiger:
+    index = index or make_index()
+    sizes = index.level_sizes
+    torch.manual_seed(seed)
+    return Tiger(TigerConfig(**{**TINY, **overrides}), N_ITEMS, MAX_LEN, semantic_ids=semantic_id_table(index, N_ITEMS),
+                 level_sizes=sizes[:-1] + [sizes[-1] + 2]).eval()  # room for two more collisions
+
+
+def make_batch(seed: int = 0) -> Batch:
+    seq = torch.randint(1, N_ITEMS + 1, (B, MAX_LEN + 1), generator=torch.Generator().manual_seed(seed))
+    seq[:3, :2] = 0
+    targets = seq[:, 1:].clone()
+    targets[seq[:, :-1] == 0] = 0
+    return Batch(history=seq[:, :-1], targets=targets, target=seq[:, -1])
+
+
+def test_config_is_validated():
+    with pytest.raises(ValueError, match="model.head_dim=0 is out of range"):
+        TigerConfig(head_dim=0)
+    with pytest.raises(ValueError, match="model.dropout=1.5 is out of range"):
+        TigerConfig(dropout=1.5)
+    model = Tiger(TigerConfig(), N_ITEMS, MAX_LEN, semantic_ids=semantic_id_table(make_index(), N_ITEMS))
+    attn = model.encoder[0].attn  # the paper's sizes: 6 heads of 64 = 384 wide, d_model 128
+    assert attn.q.weight.shape == (384, 128) and attn.out.weight.shape == (128, 384)
+    assert len(model.encoder) == len(model.decoder) == 4 and model.encoder[0].mlp[0].out_features == 1024
+
+
+def test_the_semantic_id_table_is_checked():
+    table = semantic_id_table(make_index(), N_ITEMS)
+    cfg = TigerConfig(**TINY)
+    with pytest.raises(ValueError, match="TIGER needs semantic_ids"):
+        build_model("tiger", cfg, n_items=N_ITEMS, max_len=MAX_LEN)
+    with pytest.raises(ValueError, match=r"must be integer \(41, L \+ 1 >= 2\)"):
+        Tiger(cfg, N_ITEMS, MAX_LEN, semantic_ids=table[:-1])
+    bad = table.clone()
+    bad[0, 1] = 2
+    with pytest.raises(ValueError, match="row 0"):
+        Tiger(cfg, N_ITEMS, MAX_LEN, semantic_ids=bad)
+    bad = table.clone()
+    bad[7] = bad[3]
+    with pytest.raises(ValueError, match="already belongs to item"):
+        Tiger(cfg, N_ITEMS, MAX_LEN, semantic_ids=bad)
+    with pytest.raises(ValueError, match="beyond level_sizes"):
+        Tiger(cfg, N_ITEMS, MAX_LEN, semantic_ids=table, level_sizes=[4, 4, 3, 9])
+
+
+def test_shapes():
+    model, batch = make_model(), make_batch()
+    memory, mask = model.encode(batch.history)
+    assert memory.shape == (B, MAX_LEN * 4, 32) and mask.shape == (B, 1, 1, MAX_LEN * 4)
+    assert not mask[0, 0, 0, :8].any() and mask[0, 0, 0, 8:].all()  # two padded items = 8 tokens
+    assert model.decoder_states(batch.history, model.item_codes[batch.target]).shape == (B, 4, 32)
+    logp = model.token_log_probs(batch.history, batch.target)
+    assert logp.shape == (B, 4) and (logp <= 0).all()
+    assert model.loss(batch).shape == ()
+    rec = model.recommend(batch, 7)
+    assert rec.items.shape == rec.scores.shape == (B, 7)
+
+
+def test_loss_targets_the_item_after_the_history_and_skips_empty_rows():
+    model, batch = make_model(), make_batch()
+    expected = -model.token_log_probs(batch.history, batch.targets[:, -1]).mean()
+    torch.testing.assert_close(model.loss(batch), expected)
+    torch.testing.assert_close(model.loss(Batch(history=batch.history, target=batch.target)), expected)
+    targets = batch.targets.clone()
+    targets[:2, -1] = 0
+    torch.testing.assert_close(model.loss(Batch(batch.history, targets)), model.loss(Batch(batch.history[2:],
+                                                                                            batch.targets[2:])))
+
+
+def test_overfitting_a_tiny_batch_lowers_the_loss():
+    model, batch = make_model().train(), make_batch()
+    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
+    first = model.loss(batch).item()
+    for _ in range(80):
+        loss = model.loss(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.4 * first
+
+
+def test_beam_scores_are_the_teacher_forced_log_probabilities():
+    """The cached, beam-folded decoding path and the training path agree."""
+    model, batch = make_model(), make_batch()
+    rec = model.recommend(batch, 10)
+    assert ((rec.items >= 1) & (rec.items <= N_ITEMS)).all()
+    assert (rec.scores[:, :-1] >= rec.scores[:, 1:]).all()
+    for j in range(10):
+        torch.testing.assert_close(rec.scores[:, j], model.token_log_probs(batch.history, rec.items[:, j]).sum(1))
+
+
+def test_a_beam_as_wide_as_the_catalogue_ranks_exactly():
+    model, batch = make_model(beam_size=N_ITEMS), make_batch()
+    items = torch.arange(1, N_ITEMS + 1)
+    exact = torch.stack([model.token_log_probs(batch.history, items[i].expand(B)).sum(1) for i in range(N_ITEMS)], 1)
+    top = exact.topk(15, dim=1)
+    rec = model.recommend(batch, 15)
+    assert torch.equal(rec.items, items[top.indices])
+    torch.testing.assert_close(rec.scores, top.values)
+
+
+def test_the_decoder_never_reads_later_target_tokens():
+    model, batch = make_model(), make_batch()
+    codes = model.item_codes[batch.target]  # (B, 4)
+    states = model.decoder_states(batch.history, codes)
+    for j in range(3):  # position p reads BOS and codes[:, :p]
+        changed = codes.clone()
+        changed[:, j:] = (changed[:, j:] + 1) % torch.tensor(model.level_sizes[j:])
+        other = model.decoder_states(batch.history, changed)
+        torch.testing.assert_close(states[:, :j + 1], other[:, :j + 1])
+        assert not torch.allclose(states[:, j + 1:], other[:, j + 1:])
+
+
+def test_save_load_round_trip_rebuilds_table_and_trie(tmp_path):
+    model, batch = make_model(), make_batch()
+    save_checkpoint(tmp_path / "ckpt", model, "tiger")
+    meta = json.loads((tmp_path / "ckpt" / "model.json").read_text())
+    assert meta["context"] == {"semantic_ids_shape": [N_ITEMS + 1, 4], "level_sizes": model.level_sizes}
+    loaded = load_model(tmp_path / "ckpt")
+    assert torch.equal(loaded.item_codes, model.item_codes)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.trie.table, model.trie.table))
+    a, b = model.recommend(batch, 10, exclude_history=True), loaded.recommend(batch, 10, exclude_history=True)
+    assert torch.equal(a.items, b.items)
+    torch.testing.assert_close(a.scores, b.scores)
+
+
+def test_loading_weights_rebuilds_the_trie_from_the_loaded_table():
+    source, target = make_model(index=make_index(1)), make_model(index=make_index(2))
+    target.load_state_dict(source.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(target.trie.table, source.trie.table))
+
+
+def test_cold_start_items_are_decodable_without_retraining(tmp_path):
+    index = make_index()
+    model, batch = make_model(index=index), make_batch()
+    before = {k: v.clone() for k, v in model.state_dict().items() if k != "item_codes"}
+    # item 41 reuses the content codes of the model's favourite for row 0; 42 is new content
+    favourite = model.recommend(batch, 1).items[0, 0].item()
+    new_ids = index.add_many([41, 42], torch.tensor([list(index.id_of(favourite)[:-1]), [3, 3, 3]]))
+    assert 41 not in model.recommend(batch, N_ITEMS).items
+    model.register_items([42, 41], new_ids.flip(0))
+    assert model.n_items == 42 and torch.equal(model.item_codes[41:], new_ids)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # no weight changed
+    everything = model.recommend(batch, 42)  # beam >= catalogue: exhaustive
+    assert all(sorted(row) == list(range(1, 43)) for row in everything.items.tolist())
+    torch.testing.assert_close(everything.scores[everything.items == 41],
+                               model.token_log_probs(batch.history, torch.full((B,), 41)).sum(1))
+    with_new = batch.history.clone()
+    with_new[:, -1] = 42  # new items can sit in histories too
+    assert ((model.recommend(Batch(with_new), 5).items >= 1)).all()
+    save_checkpoint(tmp_path / "ckpt", model, "tiger")
+    assert torch.equal(load_model(tmp_path / "ckpt").recommend(batch, 42).items, everything.items)
+
+
+def test_bad_registrations_change_nothing():
+    model = make_model()
+    table = model.item_codes.clone()
+    with pytest.raises(ValueError, match="must be exactly 41..41"):
+        model.register_items([50], table[1:2] + 1)
+    with pytest.raises(ValueError, match="already belongs to item 5"):
+        model.register_items([41], table[5:6])
+    with pytest.raises(ValueError, match="beyond level_sizes"):
+        model.register_items([41], torch.tensor([[4, 0, 0, 0]]))
+    assert model.n_items == N_ITEMS and torch.equal(model.item_codes, table)
+    assert len(model.trie.table.leaf_item[model.trie.table.leaf_item > 0]) == N_ITEMS
