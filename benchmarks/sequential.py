@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.record import write_record  # noqa: E402
 from pipelines.cli import split_config_args  # noqa: E402
 from pipelines.stages import run_data, run_evaluate, run_train  # noqa: E402
-from recsys.experiment import experiment_from_dict, load_experiment  # noqa: E402
+from recsys.experiment import experiment_dict_from_run, experiment_from_dict, load_experiment  # noqa: E402
 from recsys.runs import read_json  # noqa: E402
 
 
@@ -27,7 +27,7 @@ def main(argv: list[str]) -> None:
     if argv[:1] == ["--train-run"]:
         train_dir = Path(argv[1]).resolve()
         saved = read_json(train_dir / "config.json")
-        exp = experiment_from_dict({k: v for k, v in saved.items() if k != "data_dir"})
+        exp = experiment_from_dict(experiment_dict_from_run(saved))
     else:
         exp = load_experiment(*split_config_args(argv))
         train_dir = run_train(exp, data_dir=run_data(exp))

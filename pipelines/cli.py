@@ -3,7 +3,7 @@
     recsys data      [CONFIG] [key=value ...]
     recsys embed     [CONFIG] [key=value ...] [--data DATA_RUN]
     recsys ids       [CONFIG] [key=value ...] [--method rqvae|hkmeans] [--embed EMBED_RUN] [--data DATA_RUN]
-    recsys train     [CONFIG] [key=value ...] [--data DATA_RUN] [--resume TRAIN_RUN]
+    recsys train     [CONFIG] [key=value ...] [--data DATA_RUN] [--ids IDS_RUN] [--resume TRAIN_RUN]
     recsys evaluate  TRAIN_RUN [--split test|valid]
     recsys pipeline  [CONFIG] [key=value ...]
 
@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 
 from recsys.config import deep_merge, parse_overrides
-from recsys.experiment import experiment_from_dict, load_experiment
+from recsys.experiment import experiment_dict_from_run, experiment_from_dict, load_experiment
+from recsys.models import get_spec
 from recsys.reporting import results_table
 from recsys.runs import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, new_run_dir, read_json, write_json, write_text
 
@@ -68,12 +69,12 @@ def cmd_train(ns: argparse.Namespace) -> None:
             raise ValueError("--resume continues a run with its saved config and data; give only overrides "
                              f"(key=value), not {path or '--data'}")
         saved = read_json(Path(ns.resume) / CONFIG_FILE)
-        exp = experiment_from_dict(deep_merge({k: v for k, v in saved.items() if k != "data_dir"},
+        exp = experiment_from_dict(deep_merge(experiment_dict_from_run(saved),
                                               parse_overrides(overrides)))
         run_dir = run_train(exp, resume_dir=Path(ns.resume))
     else:
         exp = load_experiment(*split_config_args(ns.config))
-        run_dir = run_train(exp, data_dir=ns.data)
+        run_dir = run_train(exp, data_dir=ns.data, ids_dir=ns.ids)
     print(Path(run_dir / SUMMARY_FILE).read_text())
     print(f"train run: {run_dir}")
 
@@ -91,7 +92,12 @@ def cmd_pipeline(ns: argparse.Namespace) -> None:
 
     exp = load_experiment(*split_config_args(ns.config))
     data_dir = run_data(exp)
-    train_dir = run_train(exp, data_dir=data_dir)
+    ids_dir = None
+    if get_spec(exp.model_name).model_cls.needs_semantic_ids:  # data -> embed -> ids -> train
+        from pipelines.stages import run_ids_stage
+
+        ids_dir = run_ids_stage(exp, data_dir=data_dir)
+    train_dir = run_train(exp, data_dir=data_dir, ids_dir=ids_dir)
     eval_dir, test = run_evaluate(train_dir, "test")
     train_metrics = read_json(train_dir / METRICS_FILE)
     run_dir = new_run_dir(exp.run.root, "pipeline", exp.run.name or exp.model_name)
@@ -99,7 +105,8 @@ def cmd_pipeline(ns: argparse.Namespace) -> None:
     write_json(run_dir / CONFIG_FILE, exp.to_dict())
     write_json(run_dir / METRICS_FILE, {"valid": train_metrics["valid"], "test": test,
                                          "train_wall_s": train_metrics["wall_s"],
-                                         "stages": {"data": str(data_dir), "train": str(train_dir),
+                                         "stages": {"data": str(data_dir), "ids": ids_dir and str(ids_dir),
+                                                    "train": str(train_dir),
                                                     "evaluate": str(eval_dir)}})
     write_text(run_dir / SUMMARY_FILE, f"# pipeline: {exp.model_name} on {exp.data.format}\n\n{table}\n\n"
                f"- data: {data_dir}\n- train: {train_dir} (training_curve.png)\n- evaluate: {eval_dir}\n")
@@ -127,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--embed", type=Path, help="a `recsys embed` run directory (default: embed first)")
         if name == "train":
             sub.add_argument("--resume", type=Path, help="a train run directory to continue")
+            sub.add_argument("--ids", type=Path, help="a `recsys ids` run, for models that decode semantic IDs")
     ev = verbs.add_parser("evaluate", help="evaluate a train run's selected checkpoint")
     ev.add_argument("train_run", type=Path)
     ev.add_argument("--split", choices=("test", "valid"), default="test")

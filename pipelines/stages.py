@@ -10,12 +10,12 @@ from pathlib import Path
 
 from recsys.data import InteractionData, load_dataset
 from recsys.data.split import leave_one_out
-from recsys.experiment import ExperimentConfig, experiment_from_dict
+from recsys.experiment import ExperimentConfig, experiment_dict_from_run, experiment_from_dict
 from recsys.reporting import plot_training_curve, results_table
 from recsys.runs import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, new_run_dir, read_json, write_json, write_text
 from recsys.training.checkpoint import load_model
 from recsys.training.evaluate import evaluate
-from recsys.training.session import EPOCH_LOG, train_in_process
+from recsys.training.session import EPOCH_LOG, model_context, train_in_process
 
 
 def run_data(exp: ExperimentConfig) -> Path:
@@ -57,27 +57,31 @@ def run_ids_stage(exp: ExperimentConfig, embed_dir: Path | None = None, data_dir
     return run_ids(exp, embed_dir)
 
 
-def run_train(exp: ExperimentConfig, data_dir: Path | None = None, resume_dir: Path | None = None) -> Path:
-    """Train with Ray Train (or in-process when ``trainer.use_ray`` is false); select on validation."""
+def run_train(exp: ExperimentConfig, data_dir: Path | None = None, resume_dir: Path | None = None,
+              ids_dir: Path | None = None) -> Path:
+    """Train with Ray Train (or in-process when ``trainer.use_ray`` is false); select on validation.
+    A generative retriever also needs ``ids_dir``, an ids run over the same data."""
     if resume_dir is not None:
         run_dir = Path(resume_dir).resolve()
-        data_dir = Path(read_json(run_dir / CONFIG_FILE)["data_dir"])
-        write_json(run_dir / CONFIG_FILE, {**exp.to_dict(), "data_dir": str(data_dir)})
+        saved = read_json(run_dir / CONFIG_FILE)
+        data_dir, ids_dir = Path(saved["data_dir"]), saved.get("ids_dir")
     else:
         data_dir = Path(data_dir).resolve() if data_dir else run_data(exp)
+        ids_dir = str(Path(ids_dir).resolve()) if ids_dir else None
         run_dir = new_run_dir(exp.run.root, "train", exp.run.name or exp.model_name)
-        write_json(run_dir / CONFIG_FILE, {**exp.to_dict(), "data_dir": str(data_dir)})
+    write_json(run_dir / CONFIG_FILE, {**exp.to_dict(), "data_dir": str(data_dir), "ids_dir": ids_dir})
     split = leave_one_out(InteractionData.load(data_dir), exp.data.max_history)
+    context = model_context(exp, split.n_items, ids_dir)
     start = time.perf_counter()
     if exp.trainer.use_ray:
         from pipelines.ray_env import init_ray
         from pipelines.train_job import fit_with_ray
 
         init_ray()
-        history = fit_with_ray(exp, split, run_dir)
+        history = fit_with_ray(exp, split, run_dir, context)
         write_text(run_dir / EPOCH_LOG, "".join(json.dumps(h) + "\n" for h in history))
     else:
-        train_in_process(exp, split, run_dir, resume=resume_dir is not None)
+        train_in_process(exp, split, run_dir, resume=resume_dir is not None, context=context)
         history = [json.loads(line) for line in (run_dir / EPOCH_LOG).read_text().splitlines()]
     wall = time.perf_counter() - start
     return finish_train(exp, run_dir, history, wall)
@@ -115,7 +119,7 @@ def run_evaluate(train_dir: Path, split_name: str = "test") -> tuple[Path, dict]
     """Score the selected checkpoint of a train run on ``split_name`` over the whole catalogue."""
     train_dir = Path(train_dir).resolve()
     saved = read_json(train_dir / CONFIG_FILE)
-    exp = experiment_from_dict({k: v for k, v in saved.items() if k != "data_dir"})
+    exp = experiment_from_dict(experiment_dict_from_run(saved))
     split = leave_one_out(InteractionData.load(saved["data_dir"]), exp.data.max_history)
     model = load_model(train_dir / "checkpoints" / "best")
     start = time.perf_counter()

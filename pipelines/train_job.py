@@ -34,7 +34,7 @@ def train_loop_per_worker(config: dict) -> None:
     split = ray.get(config["split"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    trainer = build_trainer(exp, split, device=ray.train.torch.get_device(),
+    trainer = build_trainer(exp, split, device=ray.train.torch.get_device(), context=ray.get(config["context"]),
                             wrap=ray.train.torch.prepare_model, rank=rank, world_size=world)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -55,7 +55,7 @@ def train_loop_per_worker(config: dict) -> None:
     trainer.fit(on_epoch_end)
 
 
-def fit_with_ray(exp: ExperimentConfig, split, run_dir: Path) -> list[dict]:
+def fit_with_ray(exp: ExperimentConfig, split, run_dir: Path, context: dict | None = None) -> list[dict]:
     """Run TorchTrainer; copy the best checkpoint (on validation) to ``run_dir/checkpoints/best``.
 
     Re-running with the same ``run_dir`` resumes from the latest checkpoint (Ray Train V2
@@ -65,7 +65,7 @@ def fit_with_ray(exp: ExperimentConfig, split, run_dir: Path) -> list[dict]:
     score = f"valid_{cfg.select_metric}"
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"experiment": exp.to_dict(), "split": ray.put(split)},
+        train_loop_config={"experiment": exp.to_dict(), "split": ray.put(split), "context": ray.put(context or {})},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=RunConfig(

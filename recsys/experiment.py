@@ -58,3 +58,11 @@ def load_experiment(path: str | Path | None = None, overrides: Sequence[str] = (
 def experiment_from_dict(raw: dict) -> ExperimentConfig:
     # Model keys given without a name (e.g. an override model.d_model=32) refine the default model.
     return from_dict(ExperimentConfig, deep_merge({"model": DEFAULT_MODEL}, raw))
+
+
+RUN_WIRING = ("data_dir", "ids_dir")  # stored beside the config in a train run's config.json
+
+
+def experiment_dict_from_run(saved: dict) -> dict:
+    """A train run's config.json without its run wiring: the experiment as it was configured."""
+    return {k: v for k, v in saved.items() if k not in RUN_WIRING}

@@ -68,3 +68,27 @@ def test_console_script_reports_bad_config_clearly(tmp_path):
 def test_resume_refuses_a_config_file(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path), "configs/demo.yaml"]) == 2
     assert "give only overrides" in capsys.readouterr().err
+
+
+def test_tiger_pipeline_runs_data_embed_ids_train_evaluate(ray_session, tmp_path, capsys):
+    overrides = [f"run.root={tmp_path / 'runs'}", "data.synthetic.n_users=200", "data.synthetic.n_items=60",
+                 "data.synthetic.n_topics=4", "ids.method=hkmeans", "ids.hkmeans.branching=6", "ids.use_ray=false",
+                 "model.name=tiger", "model.d_model=32", "model.n_encoder_layers=1", "model.n_decoder_layers=1",
+                 "model.n_heads=2", "model.head_dim=16", "model.d_ff=64", "trainer.samples=prefixes",
+                 "trainer.epochs=2", "trainer.batch_size=128", "trainer.patience=0"]
+    assert main(["pipeline", *overrides]) == 0
+    assert "| test |" in capsys.readouterr().out
+    result = read_json(only_dir(tmp_path / "runs" / "pipeline") / "metrics.json")
+    ids_dir, train_dir = Path(result["stages"]["ids"]), Path(result["stages"]["train"])
+    assert (ids_dir / "index").is_dir()
+    assert read_json(train_dir / "config.json")["ids_dir"] == str(ids_dir)
+    assert 0.0 <= result["test"]["recall@20"] <= 1.0
+    # the checkpoint carries the semantic-ID table: it rebuilds and decodes only real items
+    from recsys.models import Batch
+    from recsys.training.checkpoint import load_model
+
+    model = load_model(train_dir / "checkpoints" / "best")
+    import torch
+
+    top = model.recommend(Batch(history=torch.tensor([[0, 0, 3, 7, 9]])), 10).items
+    assert ((top >= 1) & (top <= 60)).all()

@@ -44,6 +44,12 @@ def test_sliding_windows_cover_every_transition_once_and_last_only_the_newest():
     assert inputs.tolist() == [[8, 9, 10, 11]] and targets.tolist() == [[9, 10, 11, 12]]
 
 
+def test_prefix_windows_end_at_every_target():
+    inputs, targets = training_windows([np.arange(1, 6)], max_len=3, mode="prefixes")
+    assert targets[:, -1].tolist() == [5, 4, 3, 2]  # one window per next item
+    assert inputs.tolist() == [[2, 3, 4], [1, 2, 3], [0, 1, 2], [0, 0, 1]]
+
+
 def test_pad_left_and_bad_arguments():
     assert pad_left([np.array([1, 2]), np.array([], dtype=np.int64)], 3).tolist() == [[0, 1, 2], [0, 0, 0]]
     with pytest.raises(ValueError, match="max_history=0 is out of range"):

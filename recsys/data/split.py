@@ -15,7 +15,7 @@ import numpy as np
 from recsys.data.schema import InteractionData
 
 MIN_USER_LENGTH = 3  # one training item, one validation target, one test target
-SAMPLE_MODES = ("last", "sliding")
+SAMPLE_MODES = ("last", "sliding", "prefixes")
 
 
 @dataclass
@@ -84,7 +84,9 @@ def training_windows(train: list[np.ndarray], max_len: int, mode: str = "last") 
     ``targets[:, t]`` is the item after ``inputs[:, t]`` (0 = no target). Mode ``last`` takes
     each user's newest ``max_len + 1`` items, one window per user, as SASRec does. Mode
     ``sliding`` also cuts the older part of long histories into further windows, so that every
-    training transition is predicted exactly once.
+    training transition is predicted exactly once. Mode ``prefixes`` makes one window per
+    target position (the window ending at it): models that predict only the next item after the
+    whole history (TIGER) then learn from every transition, as in the TIGER paper.
     """
     if mode not in SAMPLE_MODES:
         raise ValueError(f"samples={mode!r} is not allowed; choose one of {list(SAMPLE_MODES)}")
@@ -97,5 +99,5 @@ def training_windows(train: list[np.ndarray], max_len: int, mode: str = "last") 
             targets.append(window[1:])
             if mode == "last":
                 break
-            end -= max_len
+            end -= 1 if mode == "prefixes" else max_len
     return pad_left(inputs, max_len), pad_left(targets, max_len)

@@ -38,6 +38,9 @@ class Recommendation(NamedTuple):
 class SequenceModel(nn.Module):
     """Base class. Subclasses implement ``loss`` and ``recommend``."""
 
+    # True for generative retrievers: build_model then needs the ids stage's semantic-ID table.
+    needs_semantic_ids: bool = False
+
     def __init__(self, n_items: int, max_len: int):
         super().__init__()
         if n_items < 1:

@@ -141,6 +141,8 @@ class Tiger(SequenceModel):
     ``semantic_id_table``). ``level_sizes``: vocabulary per level (default: the table's max + 1;
     pass the codebook sizes, and room in the collision level, to admit cold-start items)."""
 
+    needs_semantic_ids = True
+
     def __init__(self, config: TigerConfig, n_items: int, max_len: int, *, semantic_ids: Any = None,
                  level_sizes: list[int] | None = None):
         super().__init__(n_items, max_len)

@@ -16,7 +16,7 @@ from torch import nn
 
 from recsys.data.split import LeaveOneOutSplit
 from recsys.experiment import ExperimentConfig
-from recsys.models import build_model
+from recsys.models import build_model, get_spec
 from recsys.runs import atomic_directory
 from recsys.training.checkpoint import load_train_state, save_checkpoint
 from recsys.training.loop import LoopState, Trainer
@@ -24,13 +24,30 @@ from recsys.training.loop import LoopState, Trainer
 EPOCH_LOG = "epochs.jsonl"
 
 
+def model_context(exp: ExperimentConfig, n_items: int, ids_dir: str | Path | None) -> dict:
+    """What ``build_model`` needs beyond the config: for a generative retriever, the semantic-ID
+    table of the ids run (``ids_dir/index``) and its per-level vocabulary sizes."""
+    if not get_spec(exp.model_name).model_cls.needs_semantic_ids:
+        return {}
+    if not ids_dir:
+        raise ValueError(f"model.name={exp.model_name!r} decodes semantic IDs: give an ids run (--ids RUN)")
+    from recsys.models.tiger import semantic_id_table
+    from recsys.semantic_ids import SemanticIdIndex
+
+    index = SemanticIdIndex.load(Path(ids_dir) / "index")
+    return {"semantic_ids": semantic_id_table(index, n_items), "level_sizes": index.level_sizes}
+
+
 def build_trainer(exp: ExperimentConfig, split: LeaveOneOutSplit, *, device: torch.device | str = "cpu",
-                  wrap: Callable[[nn.Module], nn.Module] | None = None, rank: int = 0, world_size: int = 1) -> Trainer:
-    """Seeded model + Trainer. ``wrap`` turns the model into its training form (e.g. DDP)."""
+                  wrap: Callable[[nn.Module], nn.Module] | None = None, rank: int = 0, world_size: int = 1,
+                  context: dict | None = None) -> Trainer:
+    """Seeded model + Trainer. ``wrap`` turns the model into its training form (e.g. DDP);
+    ``context`` is ``model_context(...)``."""
     torch.manual_seed(exp.trainer.seed)
     if exp.trainer.threads:
         torch.set_num_threads(exp.trainer.threads)
-    model = build_model(exp.model_name, exp.model_config, n_items=split.n_items, max_len=split.max_history).to(device)
+    model = build_model(exp.model_name, exp.model_config, n_items=split.n_items, max_len=split.max_history,
+                        **(context or {})).to(device)
     train_model = wrap(model) if wrap else model
     return Trainer(model, split, exp.trainer, exp.eval, device=device, train_model=train_model,
                    rank=rank, world_size=world_size)
@@ -53,11 +70,11 @@ def save_trainer_checkpoint(directory: str | Path, trainer: Trainer, model_name:
 
 
 def train_in_process(exp: ExperimentConfig, split: LeaveOneOutSplit, run_dir: str | Path,
-                     resume: bool = False, device: str = "cpu") -> LoopState:
+                     resume: bool = False, device: str = "cpu", context: dict | None = None) -> LoopState:
     """Train without Ray into ``run_dir/checkpoints/{last,best}``; ``resume`` continues from last."""
     run_dir = Path(run_dir)
     ckpt = run_dir / "checkpoints"
-    trainer = build_trainer(exp, split, device=device)
+    trainer = build_trainer(exp, split, device=device, context=context)
     if resume:
         if not (ckpt / "last").is_dir():
             raise FileNotFoundError(f"cannot resume: {ckpt / 'last'} does not exist")
