@@ -171,3 +171,13 @@ def _read(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
 def load_tokenizer(directory: str | Path) -> SemanticIdTokenizer:
     """Rebuild whichever tokenizer a directory holds (RQ-VAE or hierarchical k-means)."""
     return SemanticIdTokenizer.load(directory)
+
+
+C = TypeVar("C")
+
+
+def make_config(cls: type[C], config: C | None, overrides: dict[str, Any]) -> C:
+    """A tokenizer's config from either ``config=`` or keyword fields, never both."""
+    if config is not None and overrides:
+        raise ValueError(f"pass either config= or keyword fields, not both (got {sorted(overrides)})")
+    return config if config is not None else cls(**overrides)

@@ -24,7 +24,9 @@ import numpy as np
 import torch
 
 from recsys.config import require, require_range
-from recsys.semantic_ids.base import SemanticIdTokenizer, register_tokenizer, validate_codes, validate_embeddings
+from recsys.semantic_ids.base import (
+    SemanticIdTokenizer, make_config, register_tokenizer, validate_codes, validate_embeddings,
+)
 from recsys.semantic_ids.hkmeans_tree import (
     FlatTree, NodeSplit, SubtreeResult, SubtreeTask, assemble_tree, fit_subtree, make_subtree_tasks, split_node,
 )
@@ -62,11 +64,6 @@ class HKMeansConfig:
         return self.min_cluster_to_split or self.branching
 
 
-def _make_config(config: HKMeansConfig | None, overrides: dict[str, Any]) -> HKMeansConfig:
-    if config is not None and overrides:
-        raise ValueError(f"pass either config= or keyword fields, not both (got {sorted(overrides)})")
-    return config if config is not None else HKMeansConfig(**overrides)
-
 
 @register_tokenizer("hkmeans")
 class HierarchicalKMeans(SemanticIdTokenizer):
@@ -79,7 +76,7 @@ class HierarchicalKMeans(SemanticIdTokenizer):
     """
 
     def __init__(self, *, config: HKMeansConfig | None = None, **overrides: Any):
-        self.config = _make_config(config, overrides)
+        self.config = make_config(HKMeansConfig, config, overrides)
         self._tree: FlatTree | None = None
         self._lookup: tuple[np.ndarray, np.ndarray] | None = None
 

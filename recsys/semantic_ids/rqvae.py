@@ -27,7 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from recsys.config import require, require_range
-from recsys.semantic_ids.base import SemanticIdTokenizer, register_tokenizer, validate_codes, validate_embeddings
+from recsys.semantic_ids.base import (
+    SemanticIdTokenizer, make_config, register_tokenizer, validate_codes, validate_embeddings,
+)
 from recsys.semantic_ids.kmeans import faiss_kmeans
 
 
@@ -292,18 +294,13 @@ def init_codebooks(model: nn.Module, embeddings: np.ndarray, cfg: RQVAEConfig) -
         residual = residual - centroids[labels]
 
 
-def _make_config(config: RQVAEConfig | None, overrides: dict[str, Any]) -> RQVAEConfig:
-    if config is not None and overrides:
-        raise ValueError(f"pass either config= or keyword fields, not both (got {sorted(overrides)})")
-    return config if config is not None else RQVAEConfig(**overrides)
-
 
 @register_tokenizer("rqvae")
 class RQVAETokenizer(SemanticIdTokenizer):
     """``RQVAETokenizer(latent_dim=32, n_levels=3, codebook_size=256)`` or ``(config=RQVAEConfig(...))``."""
 
     def __init__(self, *, config: RQVAEConfig | None = None, **overrides: Any):
-        self.config = _make_config(config, overrides)
+        self.config = make_config(RQVAEConfig, config, overrides)
         self.model: RQVAE | None = None
         self.history: list[EpochStats] = []
 
