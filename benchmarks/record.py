@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import platform
 import subprocess
 import sys
 from pathlib import Path
+
+from recsys.runs import machine_description
 
 RESULTS = Path(__file__).parent / "results"
 QUALITY_KEYS = [f"{m}@{k}" for m in ("recall", "ndcg") for k in (5, 10, 20)]
@@ -25,13 +26,6 @@ def git_commit() -> str:
         return "unknown"
 
 
-def machine() -> str:
-    import os
-
-    import torch
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {gpu}, torch {torch.__version__}"
 
 
 def write_record(name: str, *, config: dict, wall_s: float, metrics: dict, extra: dict | None = None) -> Path:
@@ -44,7 +38,7 @@ def write_record(name: str, *, config: dict, wall_s: float, metrics: dict, extra
         "command": " ".join(["python", *sys.argv]),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": git_commit(),
-        "machine": machine(),
+        "machine": machine_description(),
         "config": config,
         "wall_s": round(wall_s, 1),
         "metrics": metrics,

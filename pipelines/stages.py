@@ -4,7 +4,6 @@ returns that directory. The CLI, the pipeline and Ray Jobs all call these."""
 from __future__ import annotations
 
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -12,7 +11,9 @@ from recsys.data import InteractionData, load_dataset
 from recsys.data.split import leave_one_out
 from recsys.experiment import ExperimentConfig, experiment_dict_from_run, experiment_from_dict
 from recsys.reporting import plot_training_curve, results_table
-from recsys.runs import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, new_run_dir, read_json, write_json, write_text
+from recsys.runs import (
+    CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, machine_description, new_run_dir, read_json, write_json, write_text,
+)
 from recsys.training.checkpoint import load_model
 from recsys.training.evaluate import evaluate
 from recsys.training.session import EPOCH_LOG, model_context, train_in_process
@@ -133,12 +134,3 @@ def run_evaluate(train_dir: Path, split_name: str = "test") -> tuple[Path, dict]
     write_text(run_dir / SUMMARY_FILE, f"# evaluate {train_dir.name} on {split_name}\n\n"
                + results_table({split_name: figures}) + "\n")
     return run_dir, figures
-
-
-def machine_description() -> str:
-    import os
-
-    import torch
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{platform.machine()}, {os.cpu_count()} CPUs, {gpu}, torch {torch.__version__}"
