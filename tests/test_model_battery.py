@@ -157,3 +157,25 @@ def test_recommend_returns_only_real_item_ids(case):
     for bad_k in (0, N_ITEMS + 1):
         with pytest.raises(ValueError, match=f"k={bad_k} is out of range"):
             model.recommend(batch, bad_k)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_trimming_left_padding_changes_nothing(case):
+    """The loop and evaluation drop all-padding left columns (``trim_padding``); positions are
+    right-aligned, so losses and rankings must be the same as on the padded batch."""
+    from recsys.training.batching import trim_padding
+
+    _, model = make(case)
+    model.eval()
+    short = tiny_batch(rows=4)
+    short.history[:, :3], short.targets[:, :3] = 0, 0  # every row starts with 3 padding columns
+    history, targets = trim_padding(short.history, short.targets)
+    assert history.shape[1] == MAX_LEN - 3
+    trimmed = Batch(history=history, targets=targets, target=short.target)
+    losses = []
+    for batch in (short, trimmed):
+        torch.manual_seed(0)  # the same sampled negatives (BCE) for both
+        losses.append(model.loss(batch))
+    assert torch.allclose(*losses, atol=1e-5)
+    full, cut = model.recommend(short, 5), model.recommend(trimmed, 5)
+    assert torch.equal(full.items, cut.items) and torch.allclose(full.scores, cut.scores, atol=1e-5)

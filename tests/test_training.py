@@ -6,13 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from recsys.data import DataConfig, SyntheticConfig, generate_synthetic
+from recsys.data import SyntheticConfig, generate_synthetic
 from recsys.data.split import leave_one_out
 from recsys.experiment import load_experiment
-from recsys.models import Batch
 from recsys.training.checkpoint import load_model
 from recsys.training.evaluate import evaluate
-from recsys.training.loop import epoch_batches
+from recsys.training.batching import epoch_batches
 from recsys.training.session import build_trainer, train_in_process
 
 
@@ -49,6 +48,40 @@ def test_epoch_batches_are_equal_per_rank_and_cover_disjoint_rows():
     other = list(epoch_batches(inputs, inputs, 10, seed=0, epoch=1))
     assert torch.equal(again[0].history, list(epoch_batches(inputs, inputs, 10, 0, 0))[0].history)
     assert not torch.equal(again[0].history, other[0].history)
+
+
+def test_bucketed_batches_cover_every_row_once_with_little_padding():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 21, 1000)
+    inputs = np.zeros((1000, 20), dtype=np.int64)
+    for row, n in enumerate(lengths):
+        inputs[row, 20 - n:] = row + 1  # left-padded; the value names the row
+    plain = list(epoch_batches(inputs, inputs, 32, seed=0, epoch=0))
+    bucketed = list(epoch_batches(inputs, inputs, 32, seed=0, epoch=0, bucket=8))
+    rows = [int(b.history[i].max()) - 1 for b in bucketed for i in range(len(b.history))]
+    assert sorted(rows) == list(range(1000))  # every row exactly once
+    for batch in bucketed:  # trimmed to the longest history in the batch
+        assert batch.history.shape[1] == int((batch.history > 0).sum(1).max())
+    width = lambda batches: sum(b.history.numel() for b in batches)  # noqa: E731
+    assert width(bucketed) < 0.7 * width(plain)
+    first = [int(lengths[int(b.history[0].max()) - 1]) for b in bucketed]
+    assert first != sorted(first) and first != sorted(first, reverse=True)  # batch order stays random
+
+
+def test_validation_on_a_fixed_sample_of_users(split):
+    exp = exp_for("trainer.valid_users=50")
+    a, b = build_trainer(exp, split), build_trainer(exp, split)
+    assert len(a.valid_set) == 50 < len(split.valid)
+    np.testing.assert_array_equal(a.valid_set.user_index, b.valid_set.user_index)  # the same users every time
+    assert len(build_trainer(exp_for(), split).valid_set) == len(split.valid)
+
+
+def test_inverse_sqrt_schedule_warms_up_then_decays(split):
+    exp = exp_for("trainer.schedule=inverse_sqrt", "trainer.warmup_steps=100", "trainer.lr=0.01")
+    scheduler = build_trainer(exp, split).scheduler
+    factor = scheduler.lr_lambdas[0]
+    assert factor(49) == pytest.approx(0.5) and factor(99) == pytest.approx(1.0)
+    assert factor(399) == pytest.approx(0.5) and factor(9999) == pytest.approx(0.1)
 
 
 def test_early_stopping_selects_best_and_checkpoints_hold_config(split, tmp_path):

@@ -15,14 +15,16 @@ class TrainerConfig:
     batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 0.0
-    schedule: str = "constant"  # constant | cosine (both after linear warmup)
+    schedule: str = "constant"  # constant | cosine | inverse_sqrt (all after linear warmup)
     warmup_steps: int = 0
     grad_clip: float = 1.0  # 0 disables
     precision: str = "fp32"  # fp32 | bf16 (autocast)
-    samples: str = "last"  # how training windows are cut from histories: last | sliding
+    samples: str = "last"  # how training windows are cut from histories: last | sliding | prefixes
+    bucket: int = 0  # > 0: batch histories of similar length (sorted within runs of this many batches)
     patience: int = 20  # epochs without a better validation score before stopping; 0 = never stop early
     select_metric: str = "ndcg@10"  # validation metric that picks the best checkpoint
     eval_every: int = 1
+    valid_users: int = 0  # > 0: validate during training on this fixed random sample of users; 0 = all
     seed: int = 0
     use_ray: bool = True  # False runs the same loop in this process (tests, GPU benchmarks)
     num_workers: int = 1  # Ray Train workers; DDP over gloo on CPU, NCCL on GPU
@@ -37,7 +39,7 @@ class TrainerConfig:
         require_range("trainer.batch_size", self.batch_size, 1, 1 << 20)
         require(self.lr > 0 and self.lr < 10, f"trainer.lr={self.lr} is out of range; allowed: 0 < lr < 10")
         require_range("trainer.weight_decay", self.weight_decay, 0.0, 10.0)
-        require_choice("trainer.schedule", self.schedule, ("constant", "cosine"))
+        require_choice("trainer.schedule", self.schedule, ("constant", "cosine", "inverse_sqrt"))
         require_range("trainer.warmup_steps", self.warmup_steps, 0)
         require_range("trainer.grad_clip", self.grad_clip, 0.0)
         require_choice("trainer.precision", self.precision, ("fp32", "bf16"))
@@ -45,6 +47,8 @@ class TrainerConfig:
         require_range("trainer.patience", self.patience, 0)
         require_choice("trainer.select_metric", self.select_metric, metric_names(DEFAULT_KS))
         require_range("trainer.eval_every", self.eval_every, 1)
+        require_range("trainer.valid_users", self.valid_users, 0)
+        require_range("trainer.bucket", self.bucket, 0, 1 << 20)
         require_range("trainer.num_workers", self.num_workers, 1, 4096)
         require(self.cpus_per_worker > 0, f"trainer.cpus_per_worker={self.cpus_per_worker} is out of range; allowed: > 0")
         require_range("trainer.threads", self.threads, 0, 1024)

@@ -8,6 +8,7 @@ import torch.distributed as dist
 from recsys.data.split import EvalSet
 from recsys.metrics import DEFAULT_KS, RankingMetrics, metric_names
 from recsys.models import Batch, SequenceModel
+from recsys.training.batching import trim_padding
 
 
 @torch.no_grad()
@@ -30,12 +31,13 @@ def evaluate(
     was_training = model.training
     model.eval()
     metrics = RankingMetrics(ks)
-    rows = torch.arange(rank, len(eval_set), world_size)
     histories = torch.tensor(eval_set.histories)  # a copy: arrays from the object store are read-only
     targets = torch.tensor(eval_set.targets)
+    rows = torch.arange(rank, len(eval_set), world_size)
+    rows = rows[torch.argsort((histories[rows] > 0).sum(1), stable=True)]  # similar lengths batch together
     for start in range(0, len(rows), batch_size):
         idx = rows[start:start + batch_size]
-        batch = Batch(history=histories[idx], target=targets[idx]).to(device)
+        batch = Batch(history=trim_padding(histories[idx])[0], target=targets[idx]).to(device)
         top = model.recommend(batch, k=max(ks), exclude_history=exclude_history)
         metrics.update(top.items, batch.target)
     model.train(was_training)

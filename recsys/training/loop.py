@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from recsys.data.split import LeaveOneOutSplit, training_windows
 from recsys.models import Batch, SequenceModel
 from recsys.training.config import EvalConfig, TrainerConfig
+from recsys.training.batching import epoch_batches
 from recsys.training.evaluate import evaluate
 
 
@@ -39,21 +40,6 @@ class LoopState:
 EpochHook = Callable[[dict, bool, "Trainer"], None]
 
 
-def epoch_batches(inputs: np.ndarray, targets: np.ndarray, batch_size: int, seed: int, epoch: int,
-                  rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
-    """Shuffle with (seed, epoch), give this rank an equal share, cut into batches.
-
-    Every rank gets the same number of rows (the remainder is dropped for this epoch), so DDP
-    ranks always run the same number of steps.
-    """
-    order = np.random.default_rng([seed, epoch]).permutation(len(inputs))
-    per_rank = len(order) // world_size
-    mine = order[rank * per_rank:(rank + 1) * per_rank]
-    for start in range(0, len(mine), batch_size):
-        idx = mine[start:start + batch_size]
-        yield Batch(history=torch.from_numpy(inputs[idx]), targets=torch.from_numpy(targets[idx]))
-
-
 def build_optimizer(model: nn.Module, cfg: TrainerConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
 
@@ -64,6 +50,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainerConfig, total_
             return (step + 1) / cfg.warmup_steps
         if cfg.schedule == "constant":
             return 1.0
+        if cfg.schedule == "inverse_sqrt":  # T5 / the TIGER paper: lr * sqrt(warmup / step) after warmup
+            return math.sqrt(max(1, cfg.warmup_steps) / (step + 1))
         progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
         return 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -96,6 +84,10 @@ class Trainer:
         self.optimizer = build_optimizer(self.train_model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg, self.steps_per_epoch * cfg.epochs)
         self.state = LoopState()
+        self.valid_set = split.valid
+        if 0 < cfg.valid_users < len(split.valid):  # the same users every epoch, so scores compare
+            rows = np.random.default_rng([cfg.seed, 1]).choice(len(split.valid), cfg.valid_users, replace=False)
+            self.valid_set = split.valid.subset(np.sort(rows))
 
     def train_step(self, batch: Batch) -> float:
         batch = batch.to(self.device)
@@ -114,7 +106,7 @@ class Trainer:
         self.train_model.train()
         start, losses, rows = time.perf_counter(), [], 0
         batches = epoch_batches(self.inputs, self.targets, self.cfg.batch_size, self.cfg.seed, epoch,
-                                self.rank, self.world_size)
+                                self.rank, self.world_size, bucket=self.cfg.bucket)
         bar = tqdm(batches, total=self.steps_per_epoch, desc=f"epoch {epoch + 1}", leave=False,
                    disable=None if self.rank == 0 else True)
         for batch in bar:
@@ -126,7 +118,7 @@ class Trainer:
                 "samples_per_s": rows * self.world_size / seconds}
 
     def validate(self) -> dict[str, float]:
-        return evaluate(self.model, self.split.valid, batch_size=self.eval_cfg.batch_size,
+        return evaluate(self.model, self.valid_set, batch_size=self.eval_cfg.batch_size,
                         exclude_history=self.eval_cfg.exclude_history, device=self.device,
                         rank=self.rank, world_size=self.world_size)
 
