@@ -4,6 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from recsys.data import SyntheticConfig, generate_synthetic
 from recsys.data.schema import InteractionData
 from recsys.data.split import leave_one_out, pad_left, training_windows
 
@@ -56,3 +57,29 @@ def test_pad_left_and_bad_arguments():
         leave_one_out(make_data([[1, 2, 3]]), 0)
     with pytest.raises(ValueError, match="samples='all' is not allowed"):
         training_windows([np.arange(1, 5)], 3, "all")
+
+
+def test_cold_start_split_holds_items_out_of_everything_the_model_learns_from():
+    from recsys.data.split import cold_start_split
+
+    data = generate_synthetic(SyntheticConfig(n_users=300, n_items=80, n_topics=4, seed=3))
+    held = np.array([5, 17, 40, 41, 79])
+    cs = cold_start_split(data, 10, held)
+    n_warm = data.n_items - len(held)
+    assert cs.n_warm == n_warm and cs.n_items == data.n_items
+    # warm items keep their order as 1..n_warm, held-out ones follow
+    assert cs.new_id[held].tolist() == list(range(n_warm + 1, data.n_items + 1))
+    assert sorted(cs.new_id[1:].tolist()) == list(range(1, data.n_items + 1))
+    warm = cs.warm
+    assert max(int(s.max(initial=0)) for s in warm.train) <= n_warm
+    for eval_set in (warm.valid, warm.test):
+        assert eval_set.histories.max() <= n_warm and eval_set.targets.max() <= n_warm
+    assert (cs.cold_test.targets > n_warm).all() and (cs.warm_test.targets <= n_warm).all()
+    assert len(cs.cold_test) + len(cs.warm_test) == len(leave_one_out(data, 10).test) > len(cs.cold_test) > 0
+    # the test histories are the plain leave-one-out ones, renumbered (cold items kept)
+    full = leave_one_out(data, 10).test
+    row = {u: i for i, u in enumerate(full.user_index)}
+    for s in (cs.cold_test, cs.warm_test):
+        np.testing.assert_array_equal(s.histories, cs.new_id[full.histories[[row[u] for u in s.user_index]]])
+    with pytest.raises(ValueError, match="held_out"):
+        cold_start_split(data, 10, np.array([0, 3]))

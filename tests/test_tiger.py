@@ -178,3 +178,19 @@ def test_bad_registrations_change_nothing():
         model.register_items([41], torch.tensor([[4, 0, 0, 0]]))
     assert model.n_items == N_ITEMS and torch.equal(model.item_codes, table)
     assert len(model.trie.table.leaf_item[model.trie.table.leaf_item > 0]) == N_ITEMS
+
+
+def test_collision_level_has_room_for_cold_items_on_taken_tuples():
+    index = make_index()
+    observed = index.level_sizes[-1]
+    table = semantic_id_table(index, N_ITEMS)
+    model = Tiger(TigerConfig(**TINY), N_ITEMS, MAX_LEN, semantic_ids=table).eval()
+    assert model.level_sizes[-1] == 16 > observed  # collision_vocab, default 16
+    # a new item on the most crowded content tuple gets a collision code no training ID used
+    crowded = next(i for i in range(1, N_ITEMS + 1) if index.id_of(i)[-1] == observed - 1)
+    full = index.add_many([N_ITEMS + 1], [list(index.id_of(crowded)[:-1])])
+    assert int(full[0, -1]) == observed
+    model.register_items([N_ITEMS + 1], full)
+    assert model.n_items == N_ITEMS + 1
+    small = Tiger(TigerConfig(**TINY, collision_vocab=1), N_ITEMS, MAX_LEN, semantic_ids=table)
+    assert small.level_sizes[-1] == observed  # never below what the IDs use

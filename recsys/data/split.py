@@ -101,3 +101,61 @@ def training_windows(train: list[np.ndarray], max_len: int, mode: str = "last") 
                 break
             end -= 1 if mode == "prefixes" else max_len
     return pad_left(inputs, max_len), pad_left(targets, max_len)
+
+
+@dataclass
+class ColdStartSplit:
+    """Leave-one-out with some items held out of training entirely, for a cold-start slice.
+
+    Items are renumbered: warm items keep their order as ``1..n_warm`` and held-out items follow
+    as ``n_warm + 1..n_items``, so a model built for the warm catalogue can register the held-out
+    items afterwards (``Tiger.register_items``) under exactly those ids.
+    """
+
+    warm: LeaveOneOutSplit  # n_items = n_warm; no held-out item anywhere, in train, valid or test
+    cold_test: EvalSet  # test users whose target is held out; histories keep held-out items
+    warm_test: EvalSet  # the other test users, histories likewise (score after registering)
+    new_id: np.ndarray  # original item id -> new id (index 0 = padding)
+
+    @property
+    def n_warm(self) -> int:
+        return self.warm.n_items
+
+    @property
+    def n_items(self) -> int:
+        return len(self.new_id) - 1
+
+
+def cold_start_split(data: InteractionData, max_history: int, held_out: np.ndarray) -> ColdStartSplit:
+    """Split as ``leave_one_out`` with ``held_out`` (original item ids) removed from everything the
+    model trains and is selected on."""
+    n = data.n_items
+    held = np.unique(np.asarray(held_out, dtype=np.int64))
+    if len(held) == 0 or len(held) >= n or held[0] < 1 or held[-1] > n:
+        raise ValueError(f"held_out must be 1..{n - 1} distinct item ids in 1..{n}; got {len(held)} ids "
+                         f"in [{held.min() if len(held) else '-'}, {held.max() if len(held) else '-'}]")
+    cold = np.zeros(n + 1, dtype=bool)
+    cold[held] = True
+    n_warm = n - len(held)
+    new_id = np.zeros(n + 1, dtype=np.int64)
+    new_id[np.flatnonzero(~cold[1:]) + 1] = np.arange(1, n_warm + 1)
+    new_id[held] = np.arange(n_warm + 1, n + 1)
+    sequences = [new_id[s] for s in data.item_sequences()]
+    keep = [i for i, s in enumerate(sequences) if len(s) >= MIN_USER_LENGTH]
+    warm_only = lambda s: s[s <= n_warm]  # noqa: E731
+    users = np.asarray(keep, dtype=np.int64)
+    kept = [sequences[i] for i in keep]
+
+    def eval_set(rows: list[int], back: int, filtered: bool) -> EvalSet:
+        histories = [kept[r][:-back] for r in rows]
+        return EvalSet(users[rows], pad_left([warm_only(h) for h in histories] if filtered else histories, max_history),
+                       np.array([kept[r][-back] for r in rows], dtype=np.int64))
+
+    valid_rows = [r for r, s in enumerate(kept) if s[-2] <= n_warm]
+    test_warm = [r for r, s in enumerate(kept) if s[-1] <= n_warm]
+    test_cold = [r for r, s in enumerate(kept) if s[-1] > n_warm]
+    warm = LeaveOneOutSplit(n_items=n_warm, max_history=max_history, train=[warm_only(s[:-2]) for s in kept],
+                            valid=eval_set(valid_rows, 2, True), test=eval_set(test_warm, 1, True),
+                            dropped_users=len(sequences) - len(kept))
+    return ColdStartSplit(warm=warm, cold_test=eval_set(test_cold, 1, False),
+                          warm_test=eval_set(test_warm, 1, False), new_id=new_id)

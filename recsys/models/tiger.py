@@ -18,7 +18,8 @@ Departures from the paper:
 - ``exclude_history`` masks history items at the leaf and widens the beam by the history
   length (see ``beam_search``); the paper does not exclude.
 - Cold start: ``register_items`` extends the ID table and trie after training, so new items
-  are decodable without retraining, as long as their codes fit the level vocabularies.
+  are decodable without retraining, as long as their codes fit the level vocabularies (the
+  collision level has ``collision_vocab`` tokens, room beyond what the training IDs use).
 The decoder reads the encoder's per-level token embeddings (one vocabulary, as in T5); output
 heads are separate per level. The paper's sizes are the defaults.
 """
@@ -48,6 +49,9 @@ class TigerConfig:
     d_ff: int = 1024
     dropout: float = 0.1
     beam_size: int = 20  # recommend() searches with max(k, beam_size) beams
+    # Vocabulary of the collision level (the last ID token), at least what the IDs use: room for
+    # cold-start items that land on a content tuple already taken (see ``register_items``).
+    collision_vocab: int = 16
 
     def __post_init__(self):
         require_range("model.d_model", self.d_model, 1, 4096)
@@ -58,6 +62,7 @@ class TigerConfig:
         require_range("model.d_ff", self.d_ff, 1, 65536)
         require_range("model.dropout", self.dropout, 0.0, 0.95)
         require_range("model.beam_size", self.beam_size, 1, 100000)
+        require_range("model.collision_vocab", self.collision_vocab, 1, 1 << 20)
 
 
 def semantic_id_table(index: SemanticIdIndex, n_items: int) -> torch.Tensor:
@@ -148,6 +153,7 @@ class Tiger(SequenceModel):
         super().__init__(n_items, max_len)
         table = _check_table(semantic_ids, n_items)
         sizes = [int(s) for s in level_sizes] if level_sizes is not None else (table[1:].max(0).values + 1).tolist()
+        sizes[-1] = max(sizes[-1], config.collision_vocab)
         _check_codes(table, sizes)
         self.config, self.level_sizes, self.n_tokens = config, sizes, table.shape[1]
         D = config.d_model
