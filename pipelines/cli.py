@@ -88,28 +88,30 @@ def cmd_evaluate(ns: argparse.Namespace) -> None:
 
 
 def cmd_pipeline(ns: argparse.Namespace) -> None:
+    """data -> [embed -> ids ->] train -> evaluate, each stage a subdirectory of one pipeline run."""
     from pipelines.stages import run_data, run_evaluate, run_train
 
     exp = load_experiment(*split_config_args(ns.config))
-    data_dir = run_data(exp)
+    run_dir = new_run_dir(exp.run.root, "pipeline", exp.run.name or exp.model_name)
+    write_json(run_dir / CONFIG_FILE, exp.to_dict())
+    data_dir = run_data(exp, run_dir)
     ids_dir = None
     if get_spec(exp.model_name).model_cls.needs_semantic_ids:  # data -> embed -> ids -> train
         from pipelines.stages import run_ids_stage
 
-        ids_dir = run_ids_stage(exp, data_dir=data_dir)
-    train_dir = run_train(exp, data_dir=data_dir, ids_dir=ids_dir)
-    eval_dir, test = run_evaluate(train_dir, "test")
+        ids_dir = run_ids_stage(exp, data_dir=data_dir, parent=run_dir)
+    train_dir = run_train(exp, data_dir=data_dir, ids_dir=ids_dir, parent=run_dir)
+    eval_dir, test = run_evaluate(train_dir, "test", parent=run_dir)
     train_metrics = read_json(train_dir / METRICS_FILE)
-    run_dir = new_run_dir(exp.run.root, "pipeline", exp.run.name or exp.model_name)
-    table = results_table({"valid (selected)": train_metrics["valid"], "test": test})
-    write_json(run_dir / CONFIG_FILE, exp.to_dict())
+    valid_label = "valid (selected" + (f", {exp.trainer.valid_users} users)" if exp.trainer.valid_users else ")")
+    table = results_table({valid_label: train_metrics["valid"], "test": test})
+    stages = {p.name: str(p) for p in sorted(run_dir.iterdir()) if p.is_dir()}
     write_json(run_dir / METRICS_FILE, {"valid": train_metrics["valid"], "test": test,
-                                         "train_wall_s": train_metrics["wall_s"],
-                                         "stages": {"data": str(data_dir), "ids": ids_dir and str(ids_dir),
-                                                    "train": str(train_dir),
-                                                    "evaluate": str(eval_dir)}})
+                                         "best_epoch": train_metrics["best_epoch"],
+                                         "train_wall_s": train_metrics["wall_s"], "stages": stages})
     write_text(run_dir / SUMMARY_FILE, f"# pipeline: {exp.model_name} on {exp.data.format}\n\n{table}\n\n"
-               f"- data: {data_dir}\n- train: {train_dir} (training_curve.png)\n- evaluate: {eval_dir}\n")
+               + "".join(f"- {name}: {name}/summary.md\n" for name in stages)
+               + "- training curve: train/training_curve.png\n")
     print(f"\n{exp.model_name} on {exp.data.format}: best epoch {train_metrics['best_epoch']}, "
           f"train wall time {train_metrics['wall_s']} s\n")
     print(table)

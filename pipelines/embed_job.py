@@ -19,7 +19,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from recsys.data import InteractionData
-from recsys.runs import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, new_run_dir, write_json, write_text
+from recsys.runs import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, stage_run_dir, write_json, write_text
 from recsys.text import EMBEDDINGS_FILE, EncoderConfig, ItemTextConfig, build_texts, text_hash, write_embeddings
 from recsys.text.encoder import encode, load_encoder, locate_model
 from recsys.text.store import vectors_from_column
@@ -40,16 +40,18 @@ class ItemEncoder:
 
 
 def run_embed(data_dir: Path, text_cfg: ItemTextConfig, enc_cfg: EncoderConfig, run_root: str | Path,
-              name: str = "", progress: bool | None = None) -> Path:
-    """Embed the items of a ``recsys data`` run; returns the new ``<run_root>/embed/<run-id>/``.
-    ``progress`` None = Ray Data progress bars only when stdout is a terminal."""
+              name: str = "", progress: bool | None = None, parent: Path | None = None) -> Path:
+    """Embed the items of a ``recsys data`` run; returns the new ``<run_root>/embed/<run-id>/``
+    (``parent/embed`` inside a pipeline run). Vectors of earlier runs under ``run_root`` with the
+    same encoder and text are reused. ``progress`` None = Ray Data progress bars only when stdout
+    is a terminal."""
     start = time.perf_counter()
     data_dir = Path(data_dir).resolve()
     items = InteractionData.load(data_dir).items
     texts = build_texts(items, text_cfg)
     hashes = [text_hash(t) for t in texts]
     identity = enc_cfg.identity()
-    known = previous_vectors(Path(run_root) / "embed", identity)
+    known = previous_vectors(Path(run_root), identity)
     todo = pd.DataFrame({"text_hash": hashes, "text": texts})
     todo = todo[~todo["text_hash"].isin(known)].drop_duplicates("text_hash", ignore_index=True)
     route, encode_s, device = "none (all reused)", 0.0, "none"
@@ -68,7 +70,7 @@ def run_embed(data_dir: Path, text_cfg: ItemTextConfig, enc_cfg: EncoderConfig, 
     vectors = np.stack(rows)  # (N, D)
     encoded_now = set(todo["text_hash"])
     n_reused = sum(h not in encoded_now for h in hashes)
-    run_dir = new_run_dir(run_root, "embed", name or Path(enc_cfg.model).name)
+    run_dir = stage_run_dir(run_root, "embed", name or Path(enc_cfg.model).name, parent)
     write_embeddings(run_dir / EMBEDDINGS_FILE, items["item_id"].to_numpy(), vectors, identity, hashes)
     metrics = {
         "n_items": len(items), "dim": int(vectors.shape[1]), "encoded": len(items) - n_reused,
@@ -132,10 +134,13 @@ def encode_with_ray(todo: pd.DataFrame, model_path: Path, cfg: EncoderConfig,
     return out, device
 
 
-def previous_vectors(embed_root: Path, identity: str) -> dict[str, np.ndarray]:
-    """{text_hash: vector} from earlier embed runs made with the same encoder identity (newest wins)."""
+def previous_vectors(run_root: Path, identity: str) -> dict[str, np.ndarray]:
+    """{text_hash: vector} from earlier embed runs under ``run_root`` (``embed/<run-id>/`` and
+    ``pipeline/<run-id>/embed/``) made with the same encoder identity; the newest run wins."""
     found: dict[str, np.ndarray] = {}
-    for path in sorted(Path(embed_root).glob(f"*/{EMBEDDINGS_FILE}")):
+    paths = [*run_root.glob(f"embed/*/{EMBEDDINGS_FILE}"), *run_root.glob(f"pipeline/*/embed/{EMBEDDINGS_FILE}")]
+    run_id = {p: p.parent.name if p.parent.parent.name == "embed" else p.parent.parent.name for p in paths}
+    for path in sorted(paths, key=run_id.get):  # run ids start with their time
         try:
             table = pq.read_table(path, columns=["vector", "text_hash"], filters=[("encoder", "=", identity)])
             vectors = vectors_from_column(table.column("vector"))

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from recsys.experiment import ExperimentConfig
-from recsys.runs import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, new_run_dir, write_json, write_text
+from recsys.runs import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, stage_run_dir, write_json, write_text
 from recsys.semantic_ids.build import build_index, fit_in_process, fitted_codes
 from recsys.semantic_ids.report import write_report
 from recsys.text import EMBEDDINGS_FILE, load_embeddings
@@ -38,11 +38,11 @@ def fit_tokenizer(exp: ExperimentConfig, embed_dir: Path, embeddings: np.ndarray
     return fit_in_process(cfg, embeddings, map_fn=ray_map(cfg.cpus_per_task))
 
 
-def run_ids(exp: ExperimentConfig, embed_dir: Path) -> Path:
+def run_ids(exp: ExperimentConfig, embed_dir: Path, parent: Path | None = None) -> Path:
     """Fit the configured tokenizer on an embed run's vectors; write tokenizer, index, report."""
     embed_dir = Path(embed_dir).resolve()
     item_ids, embeddings = load_embeddings(embed_dir)
-    run_dir = new_run_dir(exp.run.root, "ids", exp.ids.method)
+    run_dir = stage_run_dir(exp.run.root, "ids", exp.ids.method, parent)
     write_json(run_dir / CONFIG_FILE, {"ids": exp.to_dict()["ids"], "embed_dir": str(embed_dir)})
     start = time.perf_counter()
     tokenizer = fit_tokenizer(exp, embed_dir, embeddings, run_dir)

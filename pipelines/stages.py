@@ -12,18 +12,18 @@ from recsys.data.split import leave_one_out
 from recsys.experiment import ExperimentConfig, experiment_dict_from_run, experiment_from_dict
 from recsys.reporting import plot_training_curve, results_table
 from recsys.runs import (
-    CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, machine_description, new_run_dir, read_json, write_json, write_text,
+    CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, machine_description, read_json, stage_run_dir, write_json, write_text,
 )
 from recsys.training.checkpoint import load_model
 from recsys.training.evaluate import evaluate
 from recsys.training.session import EPOCH_LOG, model_context, train_in_process
 
 
-def run_data(exp: ExperimentConfig) -> Path:
-    """Read the configured dataset into the canonical parquet form."""
+def run_data(exp: ExperimentConfig, parent: Path | None = None) -> Path:
+    """Read the configured dataset into the canonical parquet form (into ``parent/data`` when given)."""
     start = time.perf_counter()
     data = load_dataset(exp.data)
-    run_dir = new_run_dir(exp.run.root, "data", exp.data.format)
+    run_dir = stage_run_dir(exp.run.root, "data", exp.data.format, parent)
     data.save(run_dir)
     split = leave_one_out(data, exp.data.max_history)
     stats = {**data.stats_with_counts(), "users_too_short_for_split": split.dropped_users,
@@ -40,26 +40,27 @@ def run_data(exp: ExperimentConfig) -> Path:
     return run_dir
 
 
-def run_embed_stage(exp: ExperimentConfig, data_dir: Path | None = None) -> Path:
+def run_embed_stage(exp: ExperimentConfig, data_dir: Path | None = None, parent: Path | None = None) -> Path:
     """Embed item texts with the sentence encoder on Ray Data; prepares the data run if none is given."""
     from pipelines.embed_job import run_embed
     from pipelines.ray_env import init_ray
 
-    data_dir = Path(data_dir).resolve() if data_dir else run_data(exp)
+    data_dir = Path(data_dir).resolve() if data_dir else run_data(exp, parent)
     init_ray()
-    return run_embed(data_dir, exp.embed.text, exp.embed.encoder, exp.run.root, name=exp.run.name)
+    return run_embed(data_dir, exp.embed.text, exp.embed.encoder, exp.run.root, name=exp.run.name, parent=parent)
 
 
-def run_ids_stage(exp: ExperimentConfig, embed_dir: Path | None = None, data_dir: Path | None = None) -> Path:
+def run_ids_stage(exp: ExperimentConfig, embed_dir: Path | None = None, data_dir: Path | None = None,
+                  parent: Path | None = None) -> Path:
     """Semantic IDs from an embed run; embeds (and prepares the data) first if none is given."""
     from pipelines.ids_stage import run_ids
 
-    embed_dir = Path(embed_dir).resolve() if embed_dir else run_embed_stage(exp, data_dir)
-    return run_ids(exp, embed_dir)
+    embed_dir = Path(embed_dir).resolve() if embed_dir else run_embed_stage(exp, data_dir, parent)
+    return run_ids(exp, embed_dir, parent)
 
 
 def run_train(exp: ExperimentConfig, data_dir: Path | None = None, resume_dir: Path | None = None,
-              ids_dir: Path | None = None) -> Path:
+              ids_dir: Path | None = None, parent: Path | None = None) -> Path:
     """Train with Ray Train (or in-process when ``trainer.use_ray`` is false); select on validation.
     A generative retriever also needs ``ids_dir``, an ids run over the same data."""
     if resume_dir is not None:
@@ -67,9 +68,9 @@ def run_train(exp: ExperimentConfig, data_dir: Path | None = None, resume_dir: P
         saved = read_json(run_dir / CONFIG_FILE)
         data_dir, ids_dir = Path(saved["data_dir"]), saved.get("ids_dir")
     else:
-        data_dir = Path(data_dir).resolve() if data_dir else run_data(exp)
+        data_dir = Path(data_dir).resolve() if data_dir else run_data(exp, parent)
         ids_dir = str(Path(ids_dir).resolve()) if ids_dir else None
-        run_dir = new_run_dir(exp.run.root, "train", exp.run.name or exp.model_name)
+        run_dir = stage_run_dir(exp.run.root, "train", exp.run.name or exp.model_name, parent)
     write_json(run_dir / CONFIG_FILE, {**exp.to_dict(), "data_dir": str(data_dir), "ids_dir": ids_dir})
     split = leave_one_out(InteractionData.load(data_dir), exp.data.max_history)
     context = model_context(exp, split.n_items, ids_dir)
@@ -116,7 +117,7 @@ def finish_train(exp: ExperimentConfig, run_dir: Path, history: list[dict], wall
     return run_dir
 
 
-def run_evaluate(train_dir: Path, split_name: str = "test") -> tuple[Path, dict]:
+def run_evaluate(train_dir: Path, split_name: str = "test", parent: Path | None = None) -> tuple[Path, dict]:
     """Score the selected checkpoint of a train run on ``split_name`` over the whole catalogue."""
     train_dir = Path(train_dir).resolve()
     saved = read_json(train_dir / CONFIG_FILE)
@@ -126,7 +127,7 @@ def run_evaluate(train_dir: Path, split_name: str = "test") -> tuple[Path, dict]
     start = time.perf_counter()
     figures = evaluate(model, split.eval_set(split_name), batch_size=exp.eval.batch_size,
                        exclude_history=exp.eval.exclude_history)
-    run_dir = new_run_dir(exp.run.root, "evaluate", exp.run.name or exp.model_name)
+    run_dir = stage_run_dir(exp.run.root, "evaluate", exp.run.name or exp.model_name, parent)
     write_json(run_dir / CONFIG_FILE, {"train_dir": str(train_dir), "split": split_name,
                                        "eval": exp.to_dict()["eval"]})
     write_json(run_dir / METRICS_FILE, {split_name: figures, "users": len(split.eval_set(split_name)),

@@ -36,6 +36,16 @@ def new_run_dir(root: str | Path, stage: str, name: str = "") -> Path:
     raise RuntimeError(f"could not create a new run directory under {base}")
 
 
+def stage_run_dir(root: str | Path, stage: str, name: str = "", parent: str | Path | None = None) -> Path:
+    """A stage's run directory: ``parent/stage`` inside a pipeline run (created, must not exist),
+    else a new ``root/stage/<run-id>``."""
+    if parent is None:
+        return new_run_dir(root, stage, name)
+    path = Path(parent).resolve() / stage
+    path.mkdir(parents=True)
+    return path
+
+
 def write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")

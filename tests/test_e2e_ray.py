@@ -78,7 +78,10 @@ def test_tiger_pipeline_runs_data_embed_ids_train_evaluate(ray_session, tmp_path
                  "trainer.epochs=2", "trainer.batch_size=128", "trainer.patience=0"]
     assert main(["pipeline", *overrides]) == 0
     assert "| test |" in capsys.readouterr().out
-    result = read_json(only_dir(tmp_path / "runs" / "pipeline") / "metrics.json")
+    pipeline_dir = only_dir(tmp_path / "runs" / "pipeline")
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["pipeline"]  # one run directory holds it all
+    result = read_json(pipeline_dir / "metrics.json")
+    assert result["stages"] == {s: str(pipeline_dir / s) for s in ("data", "embed", "ids", "train", "evaluate")}
     ids_dir, train_dir = Path(result["stages"]["ids"]), Path(result["stages"]["train"])
     assert (ids_dir / "index").is_dir()
     assert read_json(train_dir / "config.json")["ids_dir"] == str(ids_dir)

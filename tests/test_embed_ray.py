@@ -79,8 +79,13 @@ def test_reuse_matches_encoder_identity_and_skips_bad_rows(tmp_path):
     (tmp_path / "embed" / "r1").mkdir(parents=True)
     vectors = np.array([[1, 0], [np.nan, 0]], dtype=np.float32)
     write_embeddings(tmp_path / "embed" / "r1" / EMBEDDINGS_FILE, np.array([1, 2]), vectors, a.identity(), ["h1", "h2"])
-    assert list(previous_vectors(tmp_path / "embed", a.identity())) == ["h1"]
-    assert previous_vectors(tmp_path / "embed", b.identity()) == {}
+    assert list(previous_vectors(tmp_path, a.identity())) == ["h1"]
+    assert previous_vectors(tmp_path, b.identity()) == {}
+    # the embed stage of a pipeline run is found too, and the newer run wins
+    (tmp_path / "pipeline" / "r2" / "embed").mkdir(parents=True)
+    write_embeddings(tmp_path / "pipeline" / "r2" / "embed" / EMBEDDINGS_FILE, np.array([1]),
+                     np.array([[0, 1]], dtype=np.float32), a.identity(), ["h1"])
+    np.testing.assert_array_equal(previous_vectors(tmp_path, a.identity())["h1"], [0, 1])
 
 
 @pytest.mark.timeout(180)
