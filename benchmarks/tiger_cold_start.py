@@ -15,6 +15,8 @@ Reported on test, full ranking over all items (warm and cold):
 - ``cold``: users whose test target is a held-out item. Before registration no model can return
   those items, so any hit here comes from registration;
 - ``warm``: the other users, for reference;
+- for TIGER, both ``model.collision_scoring`` modes: ``learned`` (the collision token's own
+  log-probability; a held-out item's token was never a target) and ``content``;
 - ``content_knn`` on both slices: a model-free baseline ranking items by cosine similarity of
   their content vector to the last history item's.
 Writes benchmarks/results/tiger-cold-start-<dataset>.json.
@@ -102,14 +104,18 @@ def main(argv: list[str]) -> None:
     full_ids = index.add_many(cold_ids, tokenizer.encode(cold_vectors))  # content codes + collision code
     model.register_items(cold_ids, full_ids)
     ev = dict(batch_size=exp.eval.batch_size, exclude_history=exp.eval.exclude_history)
-    tiger = {"cold": evaluate(model, cs.cold_test, **ev), "warm": evaluate(model, cs.warm_test, **ev)}
-    knn = {"cold": content_knn(by_new_id, cs.cold_test), "warm": content_knn(by_new_id, cs.warm_test)}
-    print(results_table({f"tiger {s}": m for s, m in tiger.items()} | {f"content_knn {s}": m for s, m in knn.items()}))
+    results = {}
+    for scoring in ("learned", "content"):  # see TigerConfig.collision_scoring
+        model.config.collision_scoring = scoring
+        results[f"tiger_{scoring}"] = {"cold": evaluate(model, cs.cold_test, **ev),
+                                       "warm": evaluate(model, cs.warm_test, **ev)}
+    results["content_knn"] = {"cold": content_knn(by_new_id, cs.cold_test), "warm": content_knn(by_new_id, cs.warm_test)}
+    print(results_table({f"{name} {s}": m for name, slices in results.items() for s, m in slices.items()}))
 
     new_tuple = float((full_ids[:, -1] == 0).float().mean())
     dataset = Path(exp.data.path).name.removeprefix("amazon-") if exp.data.path else exp.data.format
     write_record(f"tiger-cold-start-{dataset}", config=exp.to_dict(), wall_s=time.perf_counter() - start,
-                 metrics={"tiger": tiger, "content_knn": knn},
+                 metrics=results,
                  extra={"held_out_items": len(held), "n_items": data.n_items, "fraction": ns.fraction,
                         "seed": ns.seed, "cold_test_users": len(cs.cold_test), "warm_test_users": len(cs.warm_test),
                         "cold_items_on_a_new_content_tuple": round(new_tuple, 4),

@@ -42,8 +42,8 @@ def test_cold_start_slice_holds_items_out_and_scores_them_after_registration(dat
     held = json.loads((tmp_path / "runs" / "train").glob("*-cold-start").__next__().joinpath("config.json")
                       .read_text())["held_out"]
     assert len(held) == 8
-    for name in ("tiger", "content_knn"):
+    for name in ("tiger_learned", "tiger_content", "content_knn"):
         for slice_ in ("cold", "warm"):
             assert 0.0 <= record["metrics"][name][slice_]["recall@20"] <= 1.0
     # registered from content alone, held-out targets are found (the untrained model could not return them)
-    assert record["metrics"]["tiger"]["cold"]["recall@20"] > 0
+    assert record["metrics"]["tiger_content"]["cold"]["recall@20"] > 0

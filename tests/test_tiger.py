@@ -194,3 +194,21 @@ def test_collision_level_has_room_for_cold_items_on_taken_tuples():
     assert model.n_items == N_ITEMS + 1
     small = Tiger(TigerConfig(**TINY, collision_vocab=1), N_ITEMS, MAX_LEN, semantic_ids=table)
     assert small.level_sizes[-1] == observed  # never below what the IDs use
+
+
+def test_content_collision_scoring_ranks_a_registered_item_with_its_siblings():
+    index = make_index()
+    model = make_model(index=index, collision_scoring="content")
+    sibling = 7
+    full = index.add_many([N_ITEMS + 1], [list(index.id_of(sibling)[:-1])])  # same content codes, new collision code
+    model.register_items([N_ITEMS + 1], full)
+    batch = make_batch()
+    out = model.recommend(batch, N_ITEMS + 1)  # beam >= catalogue: every item scored exactly
+    score = {int(i): float(s) for i, s in zip(out.items[0], out.scores[0])}
+    assert score[N_ITEMS + 1] == pytest.approx(score[sibling])
+    model.config.collision_scoring = "learned"
+    learned = model.recommend(batch, N_ITEMS + 1)
+    score = {int(i): float(s) for i, s in zip(learned.items[0], learned.scores[0])}
+    assert score[N_ITEMS + 1] != pytest.approx(score[sibling])  # the untrained collision token's own log-prob
+    with pytest.raises(ValueError, match="collision_scoring"):
+        TigerConfig(collision_scoring="uniform")

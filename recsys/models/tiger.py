@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recsys.config import require_range
+from recsys.config import require_choice, require_range
 from recsys.generation.beam import TrieEdges, beam_search, trie_edges
 from recsys.models.base import Batch, Recommendation, SequenceModel
 from recsys.semantic_ids.index import SemanticIdIndex, TrieTable
@@ -52,6 +52,11 @@ class TigerConfig:
     # Vocabulary of the collision level (the last ID token), at least what the IDs use: room for
     # cold-start items that land on a content tuple already taken (see ``register_items``).
     collision_vocab: int = 16
+    # How decoding scores the collision token: "learned" by its head (a popularity prior among
+    # items sharing content codes), or "content": it adds nothing, so an item scores as its
+    # content codes and ties with the items that share them. "content" lets items registered
+    # after training, whose collision token was never a target, rank beside their siblings.
+    collision_scoring: str = "learned"
 
     def __post_init__(self):
         require_range("model.d_model", self.d_model, 1, 4096)
@@ -63,6 +68,7 @@ class TigerConfig:
         require_range("model.dropout", self.dropout, 0.0, 0.95)
         require_range("model.beam_size", self.beam_size, 1, 100000)
         require_range("model.collision_vocab", self.collision_vocab, 1, 1 << 20)
+        require_choice("model.collision_scoring", self.collision_scoring, ("learned", "content"))
 
 
 def semantic_id_table(index: SemanticIdIndex, n_items: int) -> torch.Tensor:
@@ -289,9 +295,14 @@ class Tiger(SequenceModel):
         memory, mask = self.encode(batch.history)
         kv = self.memory_kv(memory)
 
+        last = self.n_tokens - 1
+
         def step(prefix: torch.Tensor) -> torch.Tensor:  # (R, t) -> (R, V_t)
+            level = prefix.shape[1]
+            if level == last and self.config.collision_scoring == "content":
+                return torch.zeros(len(prefix), self.level_sizes[last], device=prefix.device)
             h = self.decode(prefix, kv, mask)[:, -1]
-            return F.log_softmax(self.heads[prefix.shape[1]](h).float(), dim=-1)
+            return F.log_softmax(self.heads[level](h).float(), dim=-1)
 
         out = beam_search(step, self.trie, len(batch.history), k, max(k, self.config.beam_size),
                           exclude=batch.history if exclude_history else None)
