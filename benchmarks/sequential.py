@@ -4,11 +4,14 @@ record the figures: benchmarks/results/<model>-<dataset>.json.
     python benchmarks/sequential.py configs/beauty-sasrec.yaml data.path=/path/to/amazon-beauty
     python benchmarks/sequential.py --train-run runs/train/<run-id>   # record a finished train run
 
+A model that decodes semantic IDs is recorded as <model>-<dataset>-<ids method>.
+
 Selection is on validation; test is computed once, for the selected checkpoint.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -35,12 +38,20 @@ def main(argv: list[str]) -> None:
     train = read_json(train_dir / "metrics.json")
     wall = time.perf_counter() - start if argv[:1] != ["--train-run"] else train["elapsed_s"]
     dataset = Path(exp.data.path).name.removeprefix("amazon-") if exp.data.path else exp.data.format
+    saved = read_json(train_dir / "config.json")
+    ids = {}
+    if saved.get("ids_dir"):  # a generative retriever: which IDs it decoded, named in the record
+        ids = {"ids_run": saved["ids_dir"], "ids_method": read_json(Path(saved["ids_dir"]) / "config.json")["ids"]["method"]}
+    name = "-".join([exp.model_name, dataset, *([ids["ids_method"]] if ids else [])])
+    epochs = [json.loads(line) for line in (train_dir / "epochs.jsonl").read_text().splitlines()]
+    to_best = next(e for e in epochs if e["epoch"] == train["best_epoch"])
+    elapsed_to_best = to_best["finished_at"] - (epochs[0]["finished_at"] - epochs[0]["epoch_s"])
     path = write_record(
-        f"{exp.model_name}-{dataset}", config=exp.to_dict(), wall_s=wall,
+        name, config=exp.to_dict(), wall_s=wall,
         metrics={"test": test, "valid": train["valid"], "samples_per_s": train["samples_per_s"]},
         extra={"train_elapsed_s": train["elapsed_s"], "train_epochs_s": train["train_epochs_s"],
-               "best_epoch": train["best_epoch"],
-               "epochs_run": train["epochs_run"], "train_run": str(train_dir)},
+               "best_epoch": train["best_epoch"], "elapsed_to_best_epoch_s": round(elapsed_to_best, 1),
+               "epochs_run": train["epochs_run"], "train_run": str(train_dir), **ids},
     )
     print(f"record: {path}")
 

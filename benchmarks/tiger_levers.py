@@ -8,6 +8,8 @@ Rows (training samples/s over ``--steps`` steps after 2 warm-up steps, in-proces
 - precision: fp32 against bf16 autocast;
 - padding: every history padded to max_history, batches trimmed to their longest history,
   and trimmed batches bucketed by length (``trainer.bucket``).
+Each row starts from the same initial weights and sees the same batches as the rows with the
+same padding, so the mean loss over the timed steps shows whether bf16 tracks fp32.
 Also: training windows per epoch for ``samples=last`` against ``prefixes``, and the cost of
 one validation by beam search over a fixed sample of users against all validation users.
 Writes benchmarks/results/tiger-levers-<dataset>.json.
@@ -38,7 +40,8 @@ PAPER_SHAPE = ["model.d_model=128", "model.n_encoder_layers=4", "model.n_decoder
                "model.head_dim=64", "model.d_ff=1024"]
 
 
-def samples_per_s(trainer, steps: int, padding: str, max_len: int) -> float:
+def samples_per_s(trainer, steps: int, padding: str, max_len: int) -> tuple[float, float]:
+    """-> (training samples/s, mean loss over the timed steps); the same batches for every call."""
     bucket = 50 if padding == "bucketed" else 0
     batches = epoch_batches(trainer.inputs, trainer.targets, trainer.cfg.batch_size, 0, 0, bucket=bucket)
     if padding == "padded":  # undo the trimming: every row as long as max_history
@@ -46,12 +49,12 @@ def samples_per_s(trainer, steps: int, padding: str, max_len: int) -> float:
                          targets=F.pad(b.targets, (max_len - b.targets.shape[1], 0))) for b in batches)
     for _ in range(2):
         trainer.train_step(next(batches))
-    rows, t0 = 0, time.perf_counter()
+    rows, losses, t0 = 0, [], time.perf_counter()
     for _ in range(steps):
         batch = next(batches)
-        trainer.train_step(batch)
+        losses.append(trainer.train_step(batch))
         rows += len(batch.history)
-    return rows / (time.perf_counter() - t0)
+    return rows / (time.perf_counter() - t0), sum(losses) / len(losses)
 
 
 def main(argv: list[str]) -> None:
@@ -72,11 +75,12 @@ def main(argv: list[str]) -> None:
                 exp = load_experiment(path, [*overrides, "trainer.use_ray=false", *shape_overrides,
                                              f"trainer.precision={precision}", "trainer.samples=prefixes"])
                 trainer = build_trainer(exp, split, context=context)
-                speed = samples_per_s(trainer, ns.steps, padding, exp.data.max_history)
+                speed, loss = samples_per_s(trainer, ns.steps, padding, exp.data.max_history)
                 epoch_min = len(trainer.inputs) / speed / 60
                 rows.append({"shape": shape, "precision": precision, "padding": padding,
                              "params": sum(p.numel() for p in trainer.model.parameters()),
-                             "samples_per_s": round(speed, 1), "prefixes_epoch_min": round(epoch_min, 1)})
+                             "samples_per_s": round(speed, 1), "prefixes_epoch_min": round(epoch_min, 1),
+                             "mean_loss": round(loss, 4)})
                 print(rows[-1], flush=True)
     windows = {mode: len(training_windows(split.train, base.data.max_history, mode)[0]) for mode in ("last", "prefixes")}
     validation = {}
