@@ -58,23 +58,24 @@ def main(argv: list[str]) -> None:
     rows = np.random.default_rng(ns.seed).choice(len(split.test), min(ns.users, len(split.test)), replace=False)
     histories = torch.from_numpy(split.test.histories[rows])
     targets = torch.from_numpy(split.test.targets[rows])
+    users = torch.from_numpy(split.test.user_index[rows])
     k = max(DEFAULT_KS)
     results, start = {}, time.perf_counter()
     for beam in beams:
         model.config.beam_size = beam
-        model.recommend(Batch(history=histories[:1]), k)  # warm-up
+        model.recommend(Batch(history=histories[:1], users=users[:1]), k)  # warm-up
         single, metrics, invalid = [], RankingMetrics(DEFAULT_KS), 0
         for i in range(len(rows)):
             history = trim_padding(histories[i:i + 1])[0]
             t0 = time.perf_counter()
             with torch.no_grad():
-                top = model.recommend(Batch(history=history), k).items
+                top = model.recommend(Batch(history=history, users=users[i:i + 1]), k).items
             single.append((time.perf_counter() - t0) * 1000)
             metrics.update(top, targets[i:i + 1])
             invalid += int(((top < 1) | (top > model.n_items)).sum())
         t0 = time.perf_counter()
         for s in range(0, len(rows), ns.batch):
-            model.recommend(Batch(history=trim_padding(histories[s:s + ns.batch])[0]), k)
+            model.recommend(Batch(history=trim_padding(histories[s:s + ns.batch])[0], users=users[s:s + ns.batch]), k)
         batched_ms = (time.perf_counter() - t0) * 1000 / len(rows)
         results[f"beam_{beam}"] = {"batch_1": percentiles(single), f"batch_{ns.batch}_ms_per_user": round(batched_ms, 3),
                                    "quality": metrics.summary(), "invalid_id_rate": invalid / (len(rows) * k)}

@@ -43,10 +43,11 @@ PAPER_SHAPE = ["model.d_model=128", "model.n_encoder_layers=4", "model.n_decoder
 def samples_per_s(trainer, steps: int, padding: str, max_len: int) -> tuple[float, float]:
     """-> (training samples/s, mean loss over the timed steps); the same batches for every call."""
     bucket = 50 if padding == "bucketed" else 0
-    batches = epoch_batches(trainer.inputs, trainer.targets, trainer.cfg.batch_size, 0, 0, bucket=bucket)
+    batches = epoch_batches(trainer.inputs, trainer.targets, trainer.cfg.batch_size, 0, 0, bucket=bucket,
+                            users=trainer.users)
     if padding == "padded":  # undo the trimming: every row as long as max_history
         batches = (Batch(history=F.pad(b.history, (max_len - b.history.shape[1], 0)),
-                         targets=F.pad(b.targets, (max_len - b.targets.shape[1], 0))) for b in batches)
+                         targets=F.pad(b.targets, (max_len - b.targets.shape[1], 0)), users=b.users) for b in batches)
     for _ in range(2):
         trainer.train_step(next(batches))
     rows, losses, t0 = 0, [], time.perf_counter()

@@ -44,7 +44,8 @@ def decoder_probe(model):
     codes = model.item_codes[batch.target]  # (B, L + 1)
     changed = codes.clone()
     changed[:, 2:] = (changed[:, 2:] + 1) % torch.tensor(model.level_sizes[2:])
-    return model.decoder_states(batch.history, codes), model.decoder_states(batch.history, changed), 3
+    return (model.decoder_states(batch.history, codes, batch.users),
+            model.decoder_states(batch.history, changed, batch.users), 3)
 
 
 def semantic_id_context() -> dict:
@@ -62,6 +63,9 @@ CASES = [
     ModelCase("tiger", {"name": "tiger", "d_model": 32, "n_encoder_layers": 1, "n_decoder_layers": 1,
                         "n_heads": 2, "head_dim": 24, "d_ff": 64, "dropout": 0.1, "beam_size": 10},
               decoder_probe, semantic_id_context),
+    ModelCase("tiger-user", {"name": "tiger", "d_model": 32, "n_encoder_layers": 1, "n_decoder_layers": 1,
+                             "n_heads": 2, "head_dim": 16, "d_ff": 64, "beam_size": 10, "user_tokens": 7},
+              decoder_probe, semantic_id_context),
 ]
 
 
@@ -77,7 +81,8 @@ def tiny_batch(seed: int = 0, rows: int = 8) -> Batch:
     seq[:2, :3] = 0  # some left padding
     targets = seq[:, 1:].clone()
     targets[seq[:, :-1] == 0] = 0
-    return Batch(history=seq[:, :-1], targets=targets, target=seq[:, -1])
+    users = torch.arange(rows) * 3  # models with a user token read them; the others ignore them
+    return Batch(history=seq[:, :-1], targets=targets, target=seq[:, -1], users=users)
 
 
 def test_every_registered_model_has_a_case():
@@ -137,7 +142,7 @@ def test_a_tiny_batch_can_be_overfit(case):
     assert loss.item() < 0.2 * first
     model.eval()
     # memorised: the next item of every training row is ranked in its top 3
-    top = model.recommend(Batch(history=batch.history), 3).items
+    top = model.recommend(Batch(history=batch.history, users=batch.users), 3).items
     assert (top == batch.targets[:, -1:]).any(dim=1).float().mean() >= 0.9
 
 
@@ -171,7 +176,7 @@ def test_trimming_left_padding_changes_nothing(case):
     short.history[:, :3], short.targets[:, :3] = 0, 0  # every row starts with 3 padding columns
     history, targets = trim_padding(short.history, short.targets)
     assert history.shape[1] == MAX_LEN - 3
-    trimmed = Batch(history=history, targets=targets, target=short.target)
+    trimmed = Batch(history=history, targets=targets, target=short.target, users=short.users)
     losses = []
     for batch in (short, trimmed):
         torch.manual_seed(0)  # the same sampled negatives (BCE) for both

@@ -212,3 +212,30 @@ def test_content_collision_scoring_ranks_a_registered_item_with_its_siblings():
     assert score[N_ITEMS + 1] != pytest.approx(score[sibling])  # the untrained collision token's own log-prob
     with pytest.raises(ValueError, match="collision_scoring"):
         TigerConfig(collision_scoring="uniform")
+
+
+def test_the_user_token_conditions_on_the_hashed_user_and_is_required():
+    from recsys.models.tiger import user_buckets
+
+    with pytest.raises(ValueError, match="model.user_tokens=-1 is out of range"):
+        TigerConfig(user_tokens=-1)
+    model, batch = make_model(user_tokens=5), make_batch()
+    assert model.user_emb.num_embeddings == 5
+    with pytest.raises(ValueError, match=r"model.user_tokens=5\): batch.users must give the user index of each of the 8"):
+        model.recommend(batch, 5)
+    buckets = user_buckets(torch.arange(1000), 5)
+    assert buckets.min() == 0 and buckets.max() == 4 and torch.bincount(buckets).min() > 150  # spread evenly
+    same = Batch(history=batch.history[:1].expand(2, -1), target=batch.target[:1].expand(2))
+    users = torch.tensor([0, int(torch.nonzero(buckets != buckets[0])[0])])  # two users in different buckets
+    logp = model.token_log_probs(same.history, same.target, users)
+    assert not torch.allclose(logp[0], logp[1])  # same history, different user: different scores
+    twin = torch.tensor([0, int(torch.nonzero(buckets == buckets[0])[1])])  # a hash collision shares the token
+    logp = model.token_log_probs(same.history, same.target, twin)
+    torch.testing.assert_close(logp[0], logp[1])
+    # decoding reads the user too: beam scores are the teacher-forced log-probabilities
+    batch.users = torch.arange(B) * 7
+    rec = model.recommend(batch, 6)
+    for j in range(6):
+        torch.testing.assert_close(rec.scores[:, j], model.token_log_probs(batch.history, rec.items[:, j], batch.users).sum(1))
+    with pytest.raises(ValueError, match="user indices must be >= 0"):
+        model.recommend(Batch(history=batch.history, users=-batch.users - 1), 5)

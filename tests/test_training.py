@@ -50,6 +50,15 @@ def test_epoch_batches_are_equal_per_rank_and_cover_disjoint_rows():
     assert not torch.equal(again[0].history, other[0].history)
 
 
+def test_batches_carry_the_user_of_every_row(split):
+    inputs = np.arange(1, 104).reshape(103, 1)
+    users = inputs[:, 0] * 10
+    for batch in epoch_batches(inputs, inputs, 10, seed=0, epoch=0, bucket=3, users=users):
+        assert torch.equal(batch.users, batch.history[:, -1] * 10)
+    trainer = build_trainer(exp_for("trainer.samples=prefixes"), split)
+    assert len(trainer.users) == len(trainer.inputs) and set(trainer.users) <= set(split.train_users)
+
+
 def test_bucketed_batches_cover_every_row_once_with_little_padding():
     rng = np.random.default_rng(0)
     lengths = rng.integers(1, 21, 1000)

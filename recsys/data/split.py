@@ -9,6 +9,7 @@ the last position.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -38,6 +39,7 @@ class LeaveOneOutSplit:
     n_items: int
     max_history: int
     train: list[np.ndarray]  # each kept user's training prefix s[:n-2], time order
+    train_users: np.ndarray  # (len(train),) each training row's user (its row of ``item_sequences``)
     valid: EvalSet
     test: EvalSet
     dropped_users: int  # users with fewer than MIN_USER_LENGTH items
@@ -72,14 +74,22 @@ def leave_one_out(data: InteractionData, max_history: int) -> LeaveOneOutSplit:
         n_items=data.n_items,
         max_history=max_history,
         train=[s[:-2] for s in kept],
+        train_users=users,
         valid=valid,
         test=test,
         dropped_users=len(sequences) - len(kept),
     )
 
 
-def training_windows(train: list[np.ndarray], max_len: int, mode: str = "last") -> tuple[np.ndarray, np.ndarray]:
-    """Next-item training pairs: inputs (S, max_len) and targets (S, max_len), both left-padded.
+class Windows(NamedTuple):
+    inputs: np.ndarray  # (S, max_len) left-padded histories
+    targets: np.ndarray  # (S, max_len) the next item at every position, 0 = none
+    rows: np.ndarray  # (S,) which sequence of ``train`` each window was cut from
+
+
+def training_windows(train: list[np.ndarray], max_len: int, mode: str = "last") -> Windows:
+    """Next-item training pairs: inputs (S, max_len) and targets (S, max_len), both left-padded,
+    and the row of ``train`` each window comes from (``split.train_users[rows]`` is its user).
 
     ``targets[:, t]`` is the item after ``inputs[:, t]`` (0 = no target). Mode ``last`` takes
     each user's newest ``max_len + 1`` items, one window per user, as SASRec does. Mode
@@ -90,17 +100,18 @@ def training_windows(train: list[np.ndarray], max_len: int, mode: str = "last") 
     """
     if mode not in SAMPLE_MODES:
         raise ValueError(f"samples={mode!r} is not allowed; choose one of {list(SAMPLE_MODES)}")
-    inputs, targets = [], []
-    for seq in train:
+    inputs, targets, rows = [], [], []
+    for row, seq in enumerate(train):
         end = len(seq)
         while end >= 2:
             window = seq[max(0, end - max_len - 1):end]
             inputs.append(window[:-1])
             targets.append(window[1:])
+            rows.append(row)
             if mode == "last":
                 break
             end -= 1 if mode == "prefixes" else max_len
-    return pad_left(inputs, max_len), pad_left(targets, max_len)
+    return Windows(pad_left(inputs, max_len), pad_left(targets, max_len), np.asarray(rows, dtype=np.int64))
 
 
 @dataclass
@@ -155,7 +166,7 @@ def cold_start_split(data: InteractionData, max_history: int, held_out: np.ndarr
     test_warm = [r for r, s in enumerate(kept) if s[-1] <= n_warm]
     test_cold = [r for r, s in enumerate(kept) if s[-1] > n_warm]
     warm = LeaveOneOutSplit(n_items=n_warm, max_history=max_history, train=[warm_only(s[:-2]) for s in kept],
-                            valid=eval_set(valid_rows, 2, True), test=eval_set(test_warm, 1, True),
+                            train_users=users, valid=eval_set(valid_rows, 2, True), test=eval_set(test_warm, 1, True),
                             dropped_users=len(sequences) - len(kept))
     return ColdStartSplit(warm=warm, cold_test=eval_set(test_cold, 1, False),
                           warm_test=eval_set(test_warm, 1, False), new_id=new_id)

@@ -19,15 +19,18 @@ class Batch:
     """history: (B, T) item ids, left-padded with 0, newest last.
     targets: (B, T) next item at every position (0 = no target); training only.
     target: (B,) the item to rank; evaluation only.
+    users: (B,) user index of each row (``EvalSet.user_index``, ``split.train_users``), for
+    models that condition on the user (TIGER's user token); others ignore it.
     """
 
     history: torch.Tensor
     targets: torch.Tensor | None = None
     target: torch.Tensor | None = None
+    users: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> "Batch":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return Batch(move(self.history), move(self.targets), move(self.target))
+        return Batch(move(self.history), move(self.targets), move(self.target), move(self.users))
 
 
 class Recommendation(NamedTuple):

@@ -8,7 +8,9 @@ Departures from the paper:
 - Learned absolute positions over the flattened history (right-aligned, like SASRec) and
   pre-norm LayerNorm blocks, instead of T5's relative position buckets and RMSNorm: simpler,
   and the encoder input is short (at most max_len * (L + 1) tokens).
-- No user token: ``Batch`` carries no user id (the paper hashes users into 2000 tokens).
+- The user token is optional and off by default (``user_tokens=0``); the paper hashes users
+  into 2000 tokens. With it on, the hashed user's embedding leads the encoder input, and every
+  batch must carry ``users``.
 - One target per row, the item after the whole history (``targets[:, -1]``; rows with 0 are
   ignored). The paper trains on every prefix of each sequence; here the training windows
   must supply those prefixes.
@@ -57,6 +59,9 @@ class TigerConfig:
     # content codes and ties with the items that share them. "content" lets items registered
     # after training, whose collision token was never a target, rank beside their siblings.
     collision_scoring: str = "learned"
+    # Hashed user token: users fall into this many buckets, each with a learned embedding that
+    # leads the encoder input (the paper: 2000). 0 = no user token.
+    user_tokens: int = 0
 
     def __post_init__(self):
         require_range("model.d_model", self.d_model, 1, 4096)
@@ -69,6 +74,7 @@ class TigerConfig:
         require_range("model.beam_size", self.beam_size, 1, 100000)
         require_range("model.collision_vocab", self.collision_vocab, 1, 1 << 20)
         require_choice("model.collision_scoring", self.collision_scoring, ("learned", "content"))
+        require_range("model.user_tokens", self.user_tokens, 0, 1 << 24)
 
 
 def semantic_id_table(index: SemanticIdIndex, n_items: int) -> torch.Tensor:
@@ -76,6 +82,14 @@ def semantic_id_table(index: SemanticIdIndex, n_items: int) -> torch.Tensor:
     row 0 zeros (padding). Every item 1..n_items must be in the index (KeyError otherwise)."""
     full = index.ids_for(torch.arange(1, n_items + 1))  # (N, L + 1)
     return torch.cat([full.new_zeros(1, full.shape[1]), full])
+
+
+def user_buckets(users: torch.Tensor, n_buckets: int) -> torch.Tensor:
+    """Hash user indices (>= 0) into ``n_buckets`` (Knuth's multiplicative hash), so neighbouring
+    indices scatter and collisions are random, as with the paper's hashed user ids."""
+    if (users < 0).any():
+        raise ValueError(f"user indices must be >= 0, got {int(users.min())}")
+    return users.long() * 2654435761 % (1 << 32) % n_buckets
 
 
 def _mlp(cfg: TigerConfig) -> nn.Sequential:
@@ -169,14 +183,16 @@ class Tiger(SequenceModel):
         self.token_emb = nn.Embedding(sum(sizes), D)  # token c of level l is row level_offsets[l] + c
         self.enc_pos = nn.Embedding(max_len * self.n_tokens, D)
         self.dec_pos = nn.Embedding(self.n_tokens, D)
+        self.user_emb = nn.Embedding(config.user_tokens, D) if config.user_tokens else None
         self.bos = nn.Parameter(torch.zeros(D))
         self.drop = nn.Dropout(config.dropout)
         self.encoder = nn.ModuleList(EncoderBlock(config) for _ in range(config.n_encoder_layers))
         self.decoder = nn.ModuleList(DecoderBlock(config) for _ in range(config.n_decoder_layers))
         self.enc_ln, self.dec_ln = nn.LayerNorm(D), nn.LayerNorm(D)
         self.heads = nn.ModuleList(nn.Linear(D, v) for v in sizes)
-        for emb in (self.token_emb, self.enc_pos, self.dec_pos):
-            nn.init.normal_(emb.weight, std=0.02)
+        for emb in (self.token_emb, self.enc_pos, self.dec_pos, self.user_emb):
+            if emb is not None:
+                nn.init.normal_(emb.weight, std=0.02)
         nn.init.normal_(self.bos, std=0.02)
         self._set_trie(table)
         self.register_load_state_dict_post_hook(_rebuild_trie)  # the trie follows a loaded table
@@ -231,8 +247,9 @@ class Tiger(SequenceModel):
         return {"semantic_ids": table, "level_sizes": meta["level_sizes"]}
 
     # --- encoder and decoder -------------------------------------------------------------
-    def encode(self, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """history (B, T) -> memory (B, S, D), S = T * (L + 1), and its key mask (B, 1, 1, S)."""
+    def encode(self, history: torch.Tensor, users: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """history (B, T) -> memory (B, S, D), S = T * (L + 1) (+ 1 with the user token, first),
+        and its key mask (B, 1, 1, S). ``users`` (B,) is required when ``user_tokens > 0``."""
         B, T = history.shape
         if T > self.max_len:
             raise ValueError(f"history length {T} exceeds max_len={self.max_len}")
@@ -243,6 +260,13 @@ class Tiger(SequenceModel):
         x = self.token_emb(codes + self.level_offsets[levels]) + self.enc_pos(positions)  # (B, S, D)
         valid = (history > 0).repeat_interleave(n, dim=1)  # (B, S)
         valid[:, -1] |= ~valid.any(1)  # an empty history still has one key (no NaN); left padding keeps it last
+        if self.user_emb is not None:
+            if users is None or users.shape != (B,):
+                raise ValueError(f"this TIGER has a user token (model.user_tokens={self.config.user_tokens}): "
+                                 f"batch.users must give the user index of each of the {B} rows, got "
+                                 f"{None if users is None else tuple(users.shape)}")
+            x = torch.cat([self.user_emb(user_buckets(users, self.config.user_tokens))[:, None], x], 1)
+            valid = torch.cat([valid.new_ones(B, 1), valid], 1)
         mask = valid[:, None, None, :]  # (B, 1, 1, S)
         x = self.drop(x)
         for block in self.encoder:
@@ -264,15 +288,17 @@ class Tiger(SequenceModel):
             x = block(x, kv, memory_mask)
         return self.dec_ln(x)
 
-    def decoder_states(self, history: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    def decoder_states(self, history: torch.Tensor, codes: torch.Tensor, users: torch.Tensor | None = None
+                       ) -> torch.Tensor:
         """Teacher forcing: history (B, T), target IDs (B, L + 1) -> hidden states (B, L + 1, D)."""
-        memory, mask = self.encode(history)
+        memory, mask = self.encode(history, users)
         return self.decode(codes[:, :-1], self.memory_kv(memory), mask)
 
-    def token_log_probs(self, history: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    def token_log_probs(self, history: torch.Tensor, items: torch.Tensor, users: torch.Tensor | None = None
+                        ) -> torch.Tensor:
         """history (B, T), items (B,) -> log p(token l of the item's ID | history, tokens < l), (B, L + 1)."""
         codes = self.item_codes[items]  # (B, L + 1)
-        h = self.decoder_states(history, codes)  # (B, L + 1, D)
+        h = self.decoder_states(history, codes, users)  # (B, L + 1, D)
         out = [F.log_softmax(head(h[:, l]).float(), -1).gather(1, codes[:, l:l + 1]) for l, head in enumerate(self.heads)]
         return torch.cat(out, 1)
 
@@ -283,7 +309,7 @@ class Tiger(SequenceModel):
         target = batch.targets[:, -1] if batch.targets is not None else batch.target
         if target is None:
             raise ValueError("TIGER's loss needs batch.targets (training windows) or batch.target")
-        nll = -self.token_log_probs(batch.history, target).mean(1)  # (B,)
+        nll = -self.token_log_probs(batch.history, target, batch.users).mean(1)  # (B,)
         keep = (target > 0).float()  # masked, not indexed: same graph on every DDP rank
         return (nll * keep).sum() / keep.sum().clamp(min=1.0)
 
@@ -292,7 +318,7 @@ class Tiger(SequenceModel):
         """Constrained beam search with max(k, beam_size) beams; scores are log-probabilities."""
         if not 1 <= k <= self.n_items:
             raise ValueError(f"k={k} is out of range; allowed: 1 <= k <= {self.n_items} (the catalogue size)")
-        memory, mask = self.encode(batch.history)
+        memory, mask = self.encode(batch.history, batch.users)
         kv = self.memory_kv(memory)
 
         last = self.n_tokens - 1

@@ -21,8 +21,10 @@ def trim_padding(history: torch.Tensor, *aligned: torch.Tensor) -> tuple[torch.T
 
 
 def epoch_batches(inputs: np.ndarray, targets: np.ndarray, batch_size: int, seed: int, epoch: int,
-                  rank: int = 0, world_size: int = 1, bucket: int = 0) -> Iterator[Batch]:
+                  rank: int = 0, world_size: int = 1, bucket: int = 0,
+                  users: np.ndarray | None = None) -> Iterator[Batch]:
     """Shuffle with (seed, epoch), give this rank an equal share, cut into batches, trim padding.
+    ``users`` (one per row of ``inputs``) fills ``Batch.users``.
 
     Every rank gets the same number of rows (the remainder is dropped for this epoch), so DDP
     ranks always run the same number of steps. ``bucket > 0`` sorts each run of ``bucket``
@@ -44,4 +46,4 @@ def epoch_batches(inputs: np.ndarray, targets: np.ndarray, batch_size: int, seed
     for start in cuts:
         idx = mine[start:start + batch_size]
         history, target = trim_padding(torch.from_numpy(inputs[idx]), torch.from_numpy(targets[idx]))
-        yield Batch(history=history, targets=target)
+        yield Batch(history=history, targets=target, users=None if users is None else torch.from_numpy(users[idx]))

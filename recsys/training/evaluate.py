@@ -33,11 +33,12 @@ def evaluate(
     metrics = RankingMetrics(ks)
     histories = torch.tensor(eval_set.histories)  # a copy: arrays from the object store are read-only
     targets = torch.tensor(eval_set.targets)
+    users = torch.tensor(eval_set.user_index)
     rows = torch.arange(rank, len(eval_set), world_size)
     rows = rows[torch.argsort((histories[rows] > 0).sum(1), stable=True)]  # similar lengths batch together
     for start in range(0, len(rows), batch_size):
         idx = rows[start:start + batch_size]
-        batch = Batch(history=trim_padding(histories[idx])[0], target=targets[idx]).to(device)
+        batch = Batch(history=trim_padding(histories[idx])[0], target=targets[idx], users=users[idx]).to(device)
         top = model.recommend(batch, k=max(ks), exclude_history=exclude_history)
         metrics.update(top.items, batch.target)
     model.train(was_training)

@@ -77,7 +77,8 @@ class Trainer:
         self.model, self.split, self.cfg, self.eval_cfg = model, split, cfg, eval_cfg
         self.train_model = train_model or model
         self.device, self.rank, self.world_size = torch.device(device), rank, world_size
-        self.inputs, self.targets = training_windows(split.train, model.max_len, cfg.samples)
+        windows = training_windows(split.train, model.max_len, cfg.samples)
+        self.inputs, self.targets, self.users = windows.inputs, windows.targets, split.train_users[windows.rows]
         if len(self.inputs) < world_size:
             raise ValueError(f"only {len(self.inputs)} training windows for {world_size} workers")
         self.steps_per_epoch = math.ceil(len(self.inputs) // world_size / cfg.batch_size)
@@ -106,7 +107,7 @@ class Trainer:
         self.train_model.train()
         start, losses, rows = time.perf_counter(), [], 0
         batches = epoch_batches(self.inputs, self.targets, self.cfg.batch_size, self.cfg.seed, epoch,
-                                self.rank, self.world_size, bucket=self.cfg.bucket)
+                                self.rank, self.world_size, bucket=self.cfg.bucket, users=self.users)
         bar = tqdm(batches, total=self.steps_per_epoch, desc=f"epoch {epoch + 1}", leave=False,
                    disable=None if self.rank == 0 else True)
         for batch in bar:
