@@ -103,9 +103,11 @@ def finish_train(exp: ExperimentConfig, run_dir: Path, history: list[dict], wall
         "train_epochs_s": round(sum(h["epoch_s"] for h in history), 1),
         "samples_per_s": round(sum(h["samples_per_s"] for h in history) / len(history), 1),
         "machine": machine_description(), "workers": exp.trainer.num_workers if exp.trainer.use_ray else 0,
+        "validated_users": best.get("validated_users"),  # how many validation users the selection saw
     }
     write_json(run_dir / METRICS_FILE, metrics)
-    plot_training_curve(history, run_dir / "training_curve.png", metric)
+    sampled = exp.trainer.valid_users > 0 and best.get("validated_users") == exp.trainer.valid_users
+    plot_training_curve(history, run_dir / "training_curve.png", metric, exp.trainer.valid_users if sampled else 0)
     write_text(run_dir / SUMMARY_FILE, "\n".join([
         f"# train: {exp.model_name}", "",
         f"- selected epoch {best['epoch']} of {history[-1]['epoch']} on validation {metric}",

@@ -16,8 +16,9 @@ def results_table(rows: dict[str, dict[str, float]], ks: tuple[int, ...] = DEFAU
     return "\n".join(lines)
 
 
-def plot_training_curve(history: list[dict], path: str | Path, select_metric: str) -> Path:
-    """Train loss and validation metrics per epoch, with the selected epoch marked."""
+def plot_training_curve(history: list[dict], path: str | Path, select_metric: str, valid_users: int = 0) -> Path:
+    """Train loss and validation metrics per epoch, with the selected epoch marked.
+    ``valid_users > 0``: validation ran on a fixed sample of that many users (said in the title)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -35,7 +36,8 @@ def plot_training_curve(history: list[dict], path: str | Path, select_metric: st
     if validated:
         best = max(validated, key=lambda h: h[f"valid_{select_metric}"])
         ax_metric.axvline(best["epoch"], color="grey", linestyle="--", label=f"selected (epoch {best['epoch']})")
-    ax_metric.set(xlabel="epoch", ylabel="validation", title="validation (full ranking)")
+    sample = f", {valid_users:,}-user sample" if valid_users else ""
+    ax_metric.set(xlabel="epoch", ylabel="validation", title=f"validation (full ranking{sample})")
     ax_metric.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

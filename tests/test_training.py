@@ -83,6 +83,9 @@ def test_validation_on_a_fixed_sample_of_users(split):
     assert len(a.valid_set) == 50 < len(split.valid)
     np.testing.assert_array_equal(a.valid_set.user_index, b.valid_set.user_index)  # the same users every time
     assert len(build_trainer(exp_for(), split).valid_set) == len(split.valid)
+    exp = exp_for("trainer.valid_users=50", "trainer.epochs=1")
+    state = build_trainer(exp, split).fit(lambda metrics, improved, t: None)
+    assert state.history[0]["validated_users"] == 50  # every epoch says what selection saw
 
 
 def test_inverse_sqrt_schedule_warms_up_then_decays(split):

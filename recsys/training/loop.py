@@ -132,7 +132,7 @@ class Trainer:
             improved = False
             if self.state.epoch % cfg.eval_every == 0 or self.state.epoch == cfg.epochs:
                 valid = self.validate()
-                metrics.update({f"valid_{k}": v for k, v in valid.items()})
+                metrics.update({f"valid_{k}": v for k, v in valid.items()}, validated_users=len(self.valid_set))
                 score = valid[cfg.select_metric]
                 improved = score > self.state.best_score
                 if improved:
