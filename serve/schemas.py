@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
 
@@ -23,7 +23,7 @@ class RecommendedItem(BaseModel):
     id: str
     internal_id: int
     score: float
-    semantic_id: list[int]
+    semantic_id: list[int] | None = Field(description="the item's semantic ID; null for atomic-id models")
 
 
 class RecommendResponse(BaseModel):
@@ -43,7 +43,7 @@ class NewItem(BaseModel):
 class ItemInfo(BaseModel):
     id: str
     internal_id: int
-    semantic_id: list[int]
+    semantic_id: list[int] | None
     fields: dict[str, Any]
     registered: bool = Field(description="true for items added through POST /items")
     index_version: int
@@ -66,9 +66,19 @@ class ServeArgs(BaseModel):
     max_body_bytes: int = Field(64 * 1024, ge=256, description="larger request bodies get 413")
     api_key_env: str | None = Field(None, description="name of an environment variable holding the API key; "
                                     "when set, requests need it in X-API-Key")
+    retrieval: Literal["model", "ann"] = Field("model", description="model: the model's own recommend (beam "
+                                               "search for TIGER); ann: the ANN baseline (recsys.ann), for "
+                                               "models with user/item embeddings such as sasrec")
+    ann_index: str = Field("HNSW32", description="retrieval=ann: faiss index, 'Flat' (exact) or 'HNSW<M>'")
+    ann_ef_search: int = Field(128, ge=1, description="retrieval=ann: HNSW search breadth")
+    replica_failure_retries: int = Field(2, ge=0, le=10, description="times a /recommend is retried on another "
+                                         "replica when its replica dies mid-request")
 
     @model_validator(mode="after")
     def _check(self) -> "ServeArgs":
         if self.autoscaling_config is not None:
+            from ray.serve.config import AutoscalingConfig
+
+            AutoscalingConfig(**self.autoscaling_config)  # Serve's own schema: a typo fails here, not later
             self.num_replicas = None
         return self
