@@ -19,6 +19,7 @@ searched in a faiss index over its item embeddings) behind the same API; it cann
 
 # No `from __future__ import annotations`: Serve re-creates the ingress methods' signatures, and
 # FastAPI then cannot resolve string annotations (a JSON body would be read as a query field).
+import asyncio
 import logging
 import os
 import threading
@@ -42,6 +43,7 @@ from serve.state import (ItemIds, Query, Registration, RequestError, apply_regis
                          run_queries)
 
 log = logging.getLogger("ray.serve")
+HEALTH_TIMEOUT_S = 2.0
 
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
@@ -65,6 +67,9 @@ class Registry:
             self.index = SemanticIdIndex.load(run.ids_dir / "index")
             self.level_sizes = read_json(run.run_dir / CHECKPOINT / "model.json")["context"]["level_sizes"]
             self.encoder = load_encoder(self.enc_cfg)
+
+    def ready(self) -> int:
+        return len(self.log)
 
     def since(self, version: int, epoch: str | None) -> tuple[str, list[Registration]]:
         """Log entries after ``version``; the whole log when ``epoch`` is not this log's."""
@@ -177,6 +182,9 @@ class Retriever:
         self.epoch = epoch
         self.version = apply_registrations(self.model, self.ids, self.version, entries)
 
+    async def ready(self) -> int:
+        return self.model.n_items
+
     async def recommend(self, request: dict) -> dict:
         await self._sync()
         try:
@@ -213,8 +221,18 @@ def ingress_deployment(api: FastAPI, retries: int) -> serve.Deployment:
             self.retriever, self.registry = retriever, registry
 
         @api.get("/healthz")
-        async def healthz(self) -> dict:
+        async def healthz(self) -> Any:
+            """Ready: the Registry and a model replica answer, not only this HTTP front."""
+            try:
+                await asyncio.wait_for(self._ping(), HEALTH_TIMEOUT_S)
+            except (asyncio.TimeoutError, RayActorError) as err:
+                return JSONResponse(error_body(503, f"not ready: the model or the registry did not answer in "
+                                               f"{HEALTH_TIMEOUT_S} s ({type(err).__name__})"), status_code=503)
             return {"status": "ok"}
+
+        async def _ping(self) -> None:
+            await self.registry.ready.remote()
+            await self.retriever.ready.remote()
 
         @api.post("/recommend", response_model=RecommendResponse)
         async def recommend(self, body: RecommendRequest) -> Any:

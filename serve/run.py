@@ -45,7 +45,7 @@ class ServingRun:
 def open_run(run_dir: str | Path) -> ServingRun:
     """Read a train run directory (``recsys train`` or ``<pipeline run>/train``)."""
     run_dir = Path(run_dir).resolve()
-    if not (run_dir / CONFIG_FILE).is_file() and (run_dir / "train" / CONFIG_FILE).is_file():
+    if (run_dir / "train" / CONFIG_FILE).is_file():
         run_dir = run_dir / "train"  # a pipeline run: serve its train stage
     saved = read_json(run_dir / CONFIG_FILE)
     if "data_dir" not in saved:

@@ -79,6 +79,11 @@ class ServeArgs(BaseModel):
         if self.autoscaling_config is not None:
             from ray.serve.config import AutoscalingConfig
 
-            AutoscalingConfig(**self.autoscaling_config)  # Serve's own schema: a typo fails here, not later
+            # Serve's schema checks values but ignores unknown keys: a typo would silently do nothing
+            unknown = sorted(set(self.autoscaling_config) - set(AutoscalingConfig.model_fields))
+            if unknown:
+                raise ValueError(f"autoscaling_config has unknown key(s) {unknown}; allowed: "
+                                 f"{sorted(AutoscalingConfig.model_fields)}")
+            AutoscalingConfig(**self.autoscaling_config)
             self.num_replicas = None
         return self

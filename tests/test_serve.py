@@ -6,9 +6,13 @@ The tests run in file order on one app: those that register items come after tho
 on the trained catalogue of 60 items."""
 
 import copy
+import importlib
 import json
 import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +21,8 @@ from pathlib import Path
 import pytest
 import requests
 import torch
+import yaml
+from ray import serve
 
 from pipelines.cli import main
 from recsys.models import Batch
@@ -54,6 +60,61 @@ def runs(ray_session, tmp_path_factory) -> dict[str, Path]:
                  "--data", read_json(tiger / "config.json")["data_dir"]]) == 0
     (sasrec,) = (root / "train").iterdir()
     return {"tiger": tiger, "sasrec": sasrec}
+
+
+def lan_address() -> str | None:
+    """This machine's address on its network (no packet is sent), or None without a route."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect(("10.255.255.255", 1))
+            return sock.getsockname()[0]
+        except OSError:
+            return None
+
+
+# Runs before any test that starts the module's app (fixtures start on first use), so the
+# subprocess's own Ray instance does not compete with it.
+def test_recsys_serve_answers_on_localhost_only_and_stops_on_ctrl_c(runs):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", str(runs["tiger"].parent),
+                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group, as a terminal's Ctrl-C reaches
+    try:
+        line = proc.stdout.readline()  # printed once the app is ready
+        assert line.startswith(f"serving {runs['tiger'].parent} at http://127.0.0.1:{port} "), \
+            line + proc.stderr.read() if proc.poll() is not None else line
+        r = requests.post(f"http://127.0.0.1:{port}/recommend", json={"history": ["SYN000001"], "k": 2}, timeout=30)
+        assert r.status_code == 200 and len(r.json()["items"]) == 2
+        lan = lan_address()
+        if lan is not None and not lan.startswith("127."):
+            with pytest.raises(requests.ConnectionError):
+                requests.get(f"http://{lan}:{port}/healthz", timeout=5)
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-2000:]
+    assert "interrupted: shutting Serve down" in err
+
+
+def test_serve_config_yaml_is_valid_for_ray_serve_and_builds_the_app(runs, monkeypatch):
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve.app import build_app
+
+    path = Path(__file__).resolve().parent.parent / "serve" / "serve_config.yaml"
+    config = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+    assert config.http_options.host == "127.0.0.1"
+    (app,) = config.applications
+    assert app.import_path == "serve.app:build_app"
+    module, name = app.import_path.split(":")
+    assert getattr(importlib.import_module(module), name) is build_app
+    monkeypatch.delenv(app.args["api_key_env"], raising=False)
+    with pytest.raises(ValueError, match=f"api_key_env='{app.args['api_key_env']}' but that environment variable"):
+        build_app({**app.args, "run_dir": str(runs["tiger"])})
+    monkeypatch.setenv(app.args["api_key_env"], "k")
+    with pytest.raises(FileNotFoundError, match="RUN-ID"):  # the placeholder must be replaced
+        build_app(app.args)
+    assert isinstance(build_app({**app.args, "run_dir": str(runs["tiger"])}), serve.Application)
 
 
 def wait_ready(url: str, timeout_s: float = 120) -> None:
