@@ -117,6 +117,43 @@ def test_serve_config_yaml_is_valid_for_ray_serve_and_builds_the_app(runs, monke
     assert isinstance(build_app({**app.args, "run_dir": str(runs["tiger"])}), serve.Application)
 
 
+class FakeRegistry:
+    """Stands in for the Registry's handle in a replica built without Serve: ``since.remote``."""
+
+    def __init__(self, epoch: str):
+        self.epoch, self.log = epoch, []
+        self.since = self
+
+    def remote(self, version: int, epoch: str | None):
+        async def answer():
+            return self.epoch, list(self.log if epoch != self.epoch else self.log[version:])
+        return answer()
+
+
+def test_a_replica_drops_registrations_a_restarted_registry_no_longer_has(runs, model):
+    """The Registry's log is in memory: after its restart (a new epoch, an empty log) a replica that
+    had applied registrations reloads the trained model, so every replica agrees with the Registry."""
+    import asyncio
+
+    from serve.app import Retriever
+    from serve.state import Registration
+
+    registry = FakeRegistry("epoch-1")
+    replica = Retriever.func_or_class(str(runs["tiger"]), registry, 100, None, 8, 0.01, 1)
+    codes = model.item_codes[1].tolist()[:-1] + [model.level_sizes[-1] - 1]  # item 1's content, a free collision code
+    assert codes not in model.item_codes.tolist()
+    registry.log = [Registration(1, N_ITEMS + 1, "R-NEW", tuple(codes), {})]
+    asyncio.run(replica._sync())
+    assert (replica.model.n_items, replica.version, "R-NEW" in replica.ids) == (N_ITEMS + 1, 1, True)
+    registry.epoch, registry.log = "epoch-2", []  # restarted: the registration is gone
+    asyncio.run(replica._sync())
+    assert (replica.model.n_items, replica.version, "R-NEW" in replica.ids) == (N_ITEMS, 0, False)
+    assert replica.model.item_codes.tolist() == model.item_codes.tolist()
+    registry.log = [Registration(1, N_ITEMS + 1, "R-OTHER", tuple(codes), {})]  # the new log replays
+    asyncio.run(replica._sync())
+    assert (replica.model.n_items, replica.ids.raw(N_ITEMS + 1)) == (N_ITEMS + 1, "R-OTHER")
+
+
 def wait_ready(url: str, timeout_s: float = 120) -> None:
     deadline = time.time() + timeout_s
     while True:  # the proxy answers 404 until the replicas are up
