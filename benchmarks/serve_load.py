@@ -107,6 +107,26 @@ async def drive(url: str, histories: list[list[str]], k: int, concurrency: int, 
     return records
 
 
+def ann_recall(run, histories: list[list[str]], k: int, index: str) -> float:
+    """Mean fraction of the exact top-k (the model's full ranking) that the ANN index returns."""
+    import torch
+
+    from recsys.ann import AnnRetriever
+    from recsys.models import Batch
+    from serve.state import ItemIds
+
+    model = run.load_model()
+    ann, ids = AnnRetriever(model, index), ItemIds(run.items["raw_id"].astype(str).tolist())
+    width = max(len(h) for h in histories)
+    rows = torch.tensor([[0] * (width - len(h)) + ids.internal(h) for h in histories])  # (N, T) left-padded
+    hits = 0
+    for b in range(0, len(rows), 256):
+        batch = Batch(history=rows[b:b + 256])
+        exact, approx = model.recommend(batch, k).items, ann.recommend(batch, k).items
+        hits += sum(len(set(e.tolist()) & set(a.tolist())) for e, a in zip(exact, approx))
+    return round(hits / (len(rows) * k), 4)
+
+
 def deploy(name: str, args: dict) -> None:
     from ray import serve
 
@@ -222,6 +242,8 @@ def markdown(results: dict) -> str:
         for level, s in results.get(system, {}).items():
             lines.append(f"| {system} | {level[1:]} | {s['p50_ms']} | {s['p95_ms']} | {s['p99_ms']} | "
                          f"{s['throughput_rps']} | {s['errors']} |")
+    if "ann_recall_at_k" in results:
+        lines += ["", f"ANN baseline: the faiss index returns {results['ann_recall_at_k']:.1%} of the exact top-k."]
     for f in results.get("fault", []):
         lines += ["", f"Fault run, ingress retries on replica death = {f['retries_on_replica_death']}, concurrency "
                   f"{f['concurrency']}: a Retriever replica SIGKILLed at {f['killed_at_s']} s; replica count "
@@ -280,10 +302,13 @@ def main(argv: list[str]) -> dict:
     systems = {"tiger": {"run_dir": str(tiger.run_dir), **common}}
     if sasrec is not None:
         systems["ann"] = {"run_dir": str(sasrec.run_dir), "retrieval": "ann", "ann_index": ns.ann_index, **common}
+    results: dict = {"fault": []}
+    if sasrec is not None:
+        results["ann_recall_at_k"] = ann_recall(sasrec, histories, ns.k, ns.ann_index)
+        print(f"ANN index {ns.ann_index}: recall@{ns.k} of the exact ranking {results['ann_recall_at_k']}")
     init_ray()
     serve.start(http_options={"host": "127.0.0.1", "port": ns.port})
     url = f"http://127.0.0.1:{ns.port}"
-    results: dict = {"fault": []}
     start = time.perf_counter()
     for name, args in systems.items():
         t = time.perf_counter()

@@ -5,6 +5,12 @@ like a sequence model, so evaluation and serving use it unchanged.
 Any model with ``user_embedding(history) -> (B, D)`` and ``item_embeddings() -> (N, D)``, whose
 scores are their inner products (SASRec), can be wrapped. With ``index="Flat"`` the search is
 exact and returns what ``model.recommend`` returns; ``HNSW<M>`` is approximate.
+
+HNSW searches inner products poorly: it is not a metric, and SASRec's item vectors differ in
+norm (on Beauty, HNSW32 with inner product found 43 % of the exact top-10). So the HNSW index
+holds the items in the usual MIPS-to-L2 reduction (Bachrach et al., 2014): each item x gains a
+coordinate sqrt(M^2 - |x|^2), M the largest norm, and a query a 0, so that the L2 order is the
+inner-product order. The candidates' scores are then their exact inner products.
 """
 
 from __future__ import annotations
@@ -39,8 +45,14 @@ class AnnRetriever:
             items = model.item_embeddings().detach().float().cpu().numpy()  # (N, D)
         if len(items) != model.n_items:
             raise ValueError(f"item_embeddings() gave {len(items)} rows for {model.n_items} items")
-        self.index = faiss.index_factory(items.shape[1], index, faiss.METRIC_INNER_PRODUCT)
-        self.index.add(np.ascontiguousarray(items))  # faiss row i is item i + 1
+        self.items = torch.from_numpy(items)  # (N, D)
+        if index == "Flat":
+            self.index = faiss.index_factory(items.shape[1], index, faiss.METRIC_INNER_PRODUCT)
+        else:
+            norms = np.linalg.norm(items, axis=1, keepdims=True)  # (N, 1)
+            items = np.hstack([items, np.sqrt(np.maximum(norms.max() ** 2 - norms ** 2, 0.0))])  # (N, D + 1)
+            self.index = faiss.index_factory(items.shape[1], index, faiss.METRIC_L2)
+        self.index.add(np.ascontiguousarray(items, dtype=np.float32))  # faiss row i is item i + 1
 
     @torch.no_grad()
     def recommend(self, batch: Batch, k: int, exclude_history: bool = False) -> Recommendation:
@@ -50,17 +62,20 @@ class AnnRetriever:
         history = batch.history  # (B, T)
         users = self.model.user_embedding(history).float().cpu().numpy()  # (B, D)
         wanted = min(k + (history.shape[1] if exclude_history else 0), self.n_items)
-        params = None
+        params, queries = None, users
         if self.index_name != "Flat":
             params = faiss.SearchParametersHNSW(efSearch=max(self.ef_search, wanted))
-        scores, rows = self.index.search(np.ascontiguousarray(users), wanted, params=params)  # (B, wanted)
+            queries = np.hstack([users, np.zeros((len(users), 1), dtype=np.float32)])  # (B, D + 1)
+        _, rows = self.index.search(np.ascontiguousarray(queries), wanted, params=params)  # (B, wanted)
         items = torch.from_numpy(rows).long() + 1  # faiss -1 (nothing found) becomes 0
+        scores = torch.einsum("bd,bwd->bw", torch.from_numpy(users), self.items[(items - 1).clamp(min=0)])
         out_items, out_scores = [], []
         for b in range(len(items)):
             keep = items[b] > 0
             if exclude_history:
                 keep &= ~torch.isin(items[b], history[b])
-            row_items, row_scores = items[b][keep][:k], torch.from_numpy(scores[b])[keep][:k]
+            order = scores[b][keep].argsort(descending=True, stable=True)[:k]
+            row_items, row_scores = items[b][keep][order], scores[b][keep][order]
             if len(row_items) < k:
                 raise RuntimeError(f"the {self.index_name} index found only {len(row_items)} of {k} items; "
                                    f"raise ef_search (now {self.ef_search})")
