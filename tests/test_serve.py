@@ -75,13 +75,14 @@ def lan_address() -> str | None:
 # Runs before any test that starts the module's app (fixtures start on first use), so the
 # subprocess's own Ray instance does not compete with it.
 def test_recsys_serve_answers_on_localhost_only_and_stops_on_ctrl_c(runs):
+    # the ANN baseline starts fastest (no sentence encoder to load); the CLI is the same
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", str(runs["tiger"].parent),
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", str(runs["sasrec"]), "--ann",
                              "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)  # its own process group, as a terminal's Ctrl-C reaches
     try:
         line = proc.stdout.readline()  # printed once the app is ready
-        assert line.startswith(f"serving {runs['tiger'].parent} at http://127.0.0.1:{port} "), \
+        assert line.startswith(f"serving {runs['sasrec']} at http://127.0.0.1:{port} "), \
             line + proc.stderr.read() if proc.poll() is not None else line
         r = requests.post(f"http://127.0.0.1:{port}/recommend", json={"history": ["SYN000001"], "k": 2}, timeout=30)
         assert r.status_code == 200 and len(r.json()["items"]) == 2
@@ -100,6 +101,7 @@ def test_serve_config_yaml_is_valid_for_ray_serve_and_builds_the_app(runs, monke
     from ray.serve.schema import ServeDeploySchema
 
     from serve.app import build_app
+    from serve.run import open_run
 
     path = Path(__file__).resolve().parent.parent / "serve" / "serve_config.yaml"
     config = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
@@ -115,6 +117,7 @@ def test_serve_config_yaml_is_valid_for_ray_serve_and_builds_the_app(runs, monke
     with pytest.raises(FileNotFoundError, match="RUN-ID"):  # the placeholder must be replaced
         build_app(app.args)
     assert isinstance(build_app({**app.args, "run_dir": str(runs["tiger"])}), serve.Application)
+    assert open_run(runs["tiger"].parent).run_dir == runs["tiger"]  # a pipeline run serves its train stage
 
 
 class FakeRegistry:
