@@ -52,7 +52,8 @@ def test_cold_start_slice_holds_items_out_and_scores_them_after_registration(dat
 def test_serve_load_summary_counts_errors_by_kind_and_times_only_answers():
     from benchmarks.serve_load import markdown, summarise
 
-    ok = [{"start": i / 10, "ms": float(i), "status": 200, "error": None, "retries": int(i == 3)} for i in range(1, 101)]
+    ok = [{"start": i / 10, "ms": float(i), "status": 200, "error": None, "retries": int(i == 3)}
+          for i in range(1, 101)]
     bad = [{"start": 1.0, "ms": 5000.0, "status": 503, "error": None, "retries": 0},
            {"start": 1.0, "ms": 60000.0, "status": None, "error": "ServerDisconnectedError", "retries": 0},
            {"start": 1.0, "ms": 3.0, "status": 200, "error": "9 items instead of 10", "retries": 0}]
