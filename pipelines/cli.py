@@ -6,6 +6,7 @@
     recsys train     [CONFIG] [key=value ...] [--data DATA_RUN] [--ids IDS_RUN] [--resume TRAIN_RUN]
     recsys evaluate  TRAIN_RUN [--split test|valid]
     recsys pipeline  [CONFIG] [key=value ...]
+    recsys serve     TRAIN_RUN [--host 127.0.0.1] [--port 8000] [--replicas N] [--api-key-env VAR] [--ann]
 
 CONFIG is a YAML file; without one the embedded defaults run (the synthetic dataset, offline).
 """
@@ -118,6 +119,25 @@ def cmd_pipeline(ns: argparse.Namespace) -> None:
     print(f"\npipeline run: {run_dir}")
 
 
+def cmd_serve(ns: argparse.Namespace) -> None:
+    """Serve a train run over HTTP until Ctrl-C (Ray Serve on a local Ray instance, or the cluster
+    in RAY_ADDRESS)."""
+    from pipelines.ray_env import init_ray
+    from serve.launch import prepare, serve_until_interrupted
+
+    app = prepare({"run_dir": str(ns.train_run), "num_replicas": ns.replicas, "max_batch_size": ns.max_batch_size,
+                   "api_key_env": ns.api_key_env, "retrieval": "ann" if ns.ann else "model"}, host=ns.host)
+    key = f" -H \"X-API-Key: ${ns.api_key_env}\"" if ns.api_key_env else ""
+
+    def ready(url: str) -> None:
+        print(f"serving {ns.train_run} at {url}  (OpenAPI: {url}/docs; Ctrl-C stops)\n"
+              f"  curl -s {url}/recommend -H 'Content-Type: application/json'{key} "
+              """-d '{"history": ["<item id>", "<item id>"], "k": 10}'""", flush=True)
+
+    init_ray()
+    serve_until_interrupted(app, ns.host, ns.port, ready)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recsys", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -141,6 +161,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("train_run", type=Path)
     ev.add_argument("--split", choices=("test", "valid"), default="test")
     ev.set_defaults(func=cmd_evaluate)
+    sv = verbs.add_parser("serve", help="serve a train run over HTTP (Ray Serve) until Ctrl-C")
+    sv.add_argument("train_run", type=Path, help="a train run directory (or a pipeline run)")
+    sv.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--replicas", type=int, default=1, help="model replicas (default 1)")
+    sv.add_argument("--max-batch-size", type=int, default=8, help="requests batched per model call (default 8)")
+    sv.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the API key; requests "
+                    "must then send it in X-API-Key")
+    sv.add_argument("--ann", action="store_true", help="serve the ANN baseline (user embedding + faiss index) "
+                    "instead of the model's own recommend; for sasrec runs")
+    sv.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -47,3 +47,21 @@ def test_cold_start_slice_holds_items_out_and_scores_them_after_registration(dat
             assert 0.0 <= record["metrics"][name][slice_]["recall@20"] <= 1.0
     # registered from content alone, held-out targets are found (the untrained model could not return them)
     assert record["metrics"]["tiger_content"]["cold"]["recall@20"] > 0
+
+
+def test_serve_load_summary_counts_errors_by_kind_and_times_only_answers():
+    from benchmarks.serve_load import markdown, summarise
+
+    ok = [{"start": i / 10, "ms": float(i), "status": 200, "error": None, "retries": int(i == 3)}
+          for i in range(1, 101)]
+    bad = [{"start": 1.0, "ms": 5000.0, "status": 503, "error": None, "retries": 0},
+           {"start": 1.0, "ms": 60000.0, "status": None, "error": "ServerDisconnectedError", "retries": 0},
+           {"start": 1.0, "ms": 3.0, "status": 200, "error": "9 items instead of 10", "retries": 0}]
+    s = summarise(ok + bad, duration_s=10.0)
+    assert (s["requests"], s["ok"], s["errors"], s["retried"]) == (103, 100, 3, 1)
+    assert s["error_kinds"] == {"http 503": 1, "ServerDisconnectedError": 1, "9 items instead of 10": 1}
+    assert s["throughput_rps"] == 10.0
+    assert s["p50_ms"] == 50.5 and s["p99_ms"] == 99.0 and s["max_ms"] == 100.0  # failures are not timed
+    assert summarise([], 1.0)["p50_ms"] is None
+    table = markdown({"tiger": {"c8": s}, "ann": {"c8": s}, "fault": []})
+    assert "| tiger | 8 | 50.5 |" in table and "| ann | 8 |" in table

@@ -109,6 +109,8 @@ def test_add_never_changes_existing_ids_and_new_ids_are_reachable(index, items):
     before = {item: index.id_of(item) for item in items[0].tolist()}
     tuple0 = tuple(items[1][0].tolist())
     shared = sum(1 for r in items[1].tolist() if tuple(r) == tuple0)
+    n = len(index)
+    assert index.next_full_id(tuple0) == tuple0 + (shared,) and len(index) == n  # a preview adds nothing
     new_id = index.add(10_001, tuple0)
     assert new_id == tuple0 + (shared,)  # next free collision code of its tuple
     fresh = index.add_many([10_003, 10_002], [[3, 3, 3], [3, 3, 3]])

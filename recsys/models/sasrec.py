@@ -70,9 +70,17 @@ class SASRec(AtomicIdModel):
         x = self.item_emb(history) * self.config.d_model**0.5 + self.pos_emb(positions)  # (B, T, D)
         return self.encoder(self.emb_drop(x), valid=history > 0)
 
+    def user_embedding(self, history: torch.Tensor) -> torch.Tensor:
+        """history (B, T) -> (B, D): the newest position's state. An item's score is its inner
+        product with ``item_embeddings()``, so a maximum-inner-product index can rank them."""
+        return self.encode(history)[:, -1]
+
+    def item_embeddings(self) -> torch.Tensor:
+        """(N, D): row i - 1 is item i (the padding row 0 is left out)."""
+        return self.item_emb.weight[1:]
+
     def score_items(self, history: torch.Tensor) -> torch.Tensor:
-        h = self.encode(history)[:, -1]  # (B, D): the newest position
-        return h @ self.item_emb.weight.T  # (B, N + 1)
+        return self.user_embedding(history) @ self.item_emb.weight.T  # (B, N + 1)
 
     def loss(self, batch: Batch) -> torch.Tensor:
         h = self.encode(batch.history)  # (B, T, D)

@@ -130,11 +130,16 @@ class SemanticIdIndex:
         self._leaf_item[node] = item
         self._cache = {}
 
-    def add(self, item_id: int, codes: Any) -> tuple[int, ...]:
-        """Register a new item with content codes (L,) -> its full ID; existing IDs never change."""
+    def next_full_id(self, codes: Any) -> tuple[int, ...]:
+        """The full ID ``add`` would give an item with content codes (L,), without adding it (so a
+        caller can check it fits a model's vocabulary before anything changes)."""
         content = tuple(int(c) for c in _int_array(codes, "codes", 1).tolist())
         self._check_codes(content)
-        full_id = content + (self._next_free.get(content, 0),)
+        return content + (self._next_free.get(content, 0),)
+
+    def add(self, item_id: int, codes: Any) -> tuple[int, ...]:
+        """Register a new item with content codes (L,) -> its full ID; existing IDs never change."""
+        full_id = self.next_full_id(codes)
         self._insert(int(item_id), full_id)
         return full_id
 

@@ -55,7 +55,11 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> Seq
             raise FileNotFoundError(f"{directory / name} is missing; not a model checkpoint directory")
     meta = json.loads((directory / MODEL_META).read_text())
     name, config = model_config_from_dict({"name": meta["name"], **meta["config"]})
-    weights = load_file(str(directory / WEIGHTS), device=str(device))
+    try:  # safetensors holds tensors only: nothing in it is ever executed on load (no pickle)
+        weights = load_file(str(directory / WEIGHTS), device=str(device))
+    except Exception as err:  # SafetensorError is not exported under a stable name
+        raise ValueError(f"{directory / WEIGHTS} is not a valid safetensors file ({err}); checkpoints are "
+                         "loaded weights-only and are never unpickled") from err
     model_cls = get_spec(name).model_cls
     context = model_cls.context_from_checkpoint(meta["context"], weights) if "context" in meta else {}
     model = build_model(name, config, n_items=meta["n_items"], max_len=meta["max_len"], **context)

@@ -1,0 +1,89 @@
+"""Request and response bodies, and the application's arguments (a Serve config's ``args``)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, model_validator
+
+FieldValue = Union[StrictStr, list[StrictStr], None]
+
+
+class RecommendRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    history: list[StrictStr] = Field(description="the user's item ids (the dataset's ids), oldest first")
+    k: StrictInt = Field(10, description="how many items to return; 1 <= k <= min(max_k, catalogue size)")
+    exclude_history: StrictBool = Field(False, description="never return an item of the history")
+    user: StrictInt | None = Field(None, ge=0, description="user index; used only by models with a user token, "
+                                   "which require it")
+
+
+class RecommendedItem(BaseModel):
+    id: str
+    internal_id: int
+    score: float
+    semantic_id: list[int] | None = Field(description="the item's semantic ID; null for atomic-id models")
+
+
+class RecommendResponse(BaseModel):
+    items: list[RecommendedItem]
+    catalogue_size: int
+    index_version: int = Field(description="registrations this answer reflects (0 = the trained catalogue)")
+
+
+class NewItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: StrictStr | None = Field(None, min_length=1, max_length=200,
+                                 description="the new item's id; omitted = assigned by the server")
+    fields: dict[StrictStr, FieldValue] = Field(description="content fields of the items table, e.g. title, brand")
+
+
+class ItemInfo(BaseModel):
+    id: str
+    internal_id: int
+    semantic_id: list[int] | None
+    fields: dict[str, Any]
+    registered: bool = Field(description="true for items added through POST /items")
+    index_version: int
+
+
+class ServeArgs(BaseModel):
+    """Arguments of ``serve.app:build_app`` (the ``args:`` of a Serve config)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run_dir: str
+    num_replicas: int | None = Field(1, ge=1, description="model replicas; ignored when autoscaling_config is set")
+    autoscaling_config: dict | None = None
+    max_batch_size: int = Field(8, ge=1, le=1024)
+    batch_wait_timeout_s: float = Field(0.005, ge=0.0, le=5.0)
+    replica_cpus: float = Field(0.5, gt=0.0, le=64.0, description="num_cpus of each model replica")
+    torch_threads: int = Field(1, ge=1, le=256)
+    max_history: int | None = Field(None, ge=1, description="longest accepted history; default the model's max_len")
+    max_k: int = Field(100, ge=1)
+    max_body_bytes: int = Field(64 * 1024, ge=256, description="larger request bodies get 413")
+    api_key_env: str | None = Field(None, description="name of an environment variable holding the API key; "
+                                    "when set, requests need it in X-API-Key")
+    retrieval: Literal["model", "ann"] = Field("model", description="model: the model's own recommend (beam "
+                                               "search for TIGER); ann: the ANN baseline (recsys.ann), for "
+                                               "models with user/item embeddings such as sasrec")
+    ann_index: str = Field("HNSW32", description="retrieval=ann: faiss index, 'Flat' (exact) or 'HNSW<M>'")
+    ann_ef_search: int = Field(128, ge=1, description="retrieval=ann: HNSW search breadth")
+    replica_failure_retries: int = Field(2, ge=0, le=10, description="times a /recommend is retried on another "
+                                         "replica when its replica dies mid-request")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ServeArgs":
+        if self.autoscaling_config is not None:
+            from ray.serve.config import AutoscalingConfig
+
+            # Serve's schema checks values but ignores unknown keys: a typo would silently do nothing
+            unknown = sorted(set(self.autoscaling_config) - set(AutoscalingConfig.model_fields))
+            if unknown:
+                raise ValueError(f"autoscaling_config has unknown key(s) {unknown}; allowed: "
+                                 f"{sorted(AutoscalingConfig.model_fields)}")
+            AutoscalingConfig(**self.autoscaling_config)
+            self.num_replicas = None
+        return self

@@ -1,0 +1,157 @@
+"""The serving state as plain, Ray-free logic: item ids, request checks, registrations and
+request grouping. The Ray deployments in ``serve.app`` only move these objects around.
+
+Item ids in the API are the dataset's own ids (``raw_id`` of the data run's items table, a
+string); the model's internal ids (``1..N``, plus registered items after them) never leave a
+response except as ``internal_id``. Unknown ids are an error (422) that names them: ignoring
+them would silently recommend from a different history than the client sent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple, Sequence
+
+import torch
+
+from recsys.models.base import Batch, SequenceModel
+
+
+class RequestError(ValueError):
+    """A request the server cannot answer as sent; ``status`` is the HTTP status to reply with."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+class ItemIds:
+    """The dataset's item ids (strings) <-> the model's internal ids (``1..N``, then registered items)."""
+
+    def __init__(self, raw_ids: Sequence[str]):
+        self._raw: list[str] = [str(r) for r in raw_ids]
+        self._internal: dict[str, int] = {}
+        for i, raw in enumerate(self._raw, start=1):
+            if raw in self._internal:
+                raise ValueError(f"item id {raw!r} appears twice in the items table")
+            self._internal[raw] = i
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+    def __contains__(self, raw: str) -> bool:
+        return raw in self._internal
+
+    def internal(self, raw_ids: Sequence[str]) -> list[int]:
+        """Map raw ids -> internal ids; RequestError(422) naming every unknown id."""
+        unknown = [r for r in raw_ids if r not in self._internal]
+        if unknown:
+            shown = ", ".join(repr(u) for u in unknown[:10]) + (" ..." if len(unknown) > 10 else "")
+            raise RequestError(422, f"unknown item id(s) in history: {shown}; ids are the dataset's item ids "
+                               f"(GET /items/{{id}} checks one)")
+        return [self._internal[r] for r in raw_ids]
+
+    def raw(self, internal: int) -> str:
+        if not 1 <= internal <= len(self._raw):
+            raise KeyError(f"internal item id {internal} is outside 1..{len(self._raw)}")
+        return self._raw[internal - 1]
+
+    def add(self, raw: str) -> int:
+        """Append a new item; returns its internal id (``len + 1``)."""
+        if raw in self._internal:
+            raise RequestError(409, f"item id {raw!r} is already registered")
+        self._raw.append(raw)
+        self._internal[raw] = len(self._raw)
+        return len(self._raw)
+
+
+@dataclass(frozen=True)
+class Registration:
+    """One registered item, as the registry's log holds it. ``version`` counts registrations from 1."""
+
+    version: int
+    internal_id: int
+    raw_id: str
+    semantic_id: tuple[int, ...]
+    fields: dict = field(default_factory=dict)
+
+
+def apply_registrations(model: SequenceModel, ids: ItemIds, version: int, entries: Sequence[Registration]) -> int:
+    """Bring a replica's model and id map up to the registry's log; returns the new version.
+
+    Entries at or below ``version`` are skipped (a sync may return what another already applied).
+    Everything is checked before anything changes, and ``register_items`` swaps the table and
+    trie in one assignment, so a request never sees half a registration. The caller must not
+    yield to its event loop between this and the model call that relies on it.
+    """
+    todo = sorted((e for e in entries if e.version > version), key=lambda e: e.version)
+    if not todo:
+        return version
+    expected = list(range(version + 1, version + len(todo) + 1))
+    if [e.version for e in todo] != expected:
+        raise RuntimeError(f"registry log has a gap: have version {version}, got {[e.version for e in todo]}")
+    internal = [e.internal_id for e in todo]
+    if internal != list(range(model.n_items + 1, model.n_items + len(todo) + 1)) or len(ids) != model.n_items:
+        raise RuntimeError(f"registry entries {internal} do not follow this replica's catalogue of "
+                           f"{model.n_items} items (id map: {len(ids)})")
+    if not hasattr(model, "register_items"):
+        raise RuntimeError(f"{type(model).__name__} cannot register items after training")
+    model.register_items(torch.tensor(internal), torch.tensor([e.semantic_id for e in todo]))
+    for e in todo:
+        ids.add(e.raw_id)
+    return todo[-1].version
+
+
+def check_history(history: Sequence[str], max_history: int) -> None:
+    if len(history) == 0:
+        raise RequestError(422, "history is empty; give at least one item id")
+    if len(history) > max_history:
+        raise RequestError(422, f"history holds {len(history)} items, more than the limit of {max_history} "
+                           f"(serve max_history)")
+
+
+def check_k(k: int, n_items: int, max_k: int) -> None:
+    limit = min(n_items, max_k)
+    if not 1 <= k <= limit:
+        raise RequestError(422, f"k={k} is out of range; allowed: 1 <= k <= {limit} "
+                           f"(the smaller of max_k={max_k} and the catalogue size {n_items})")
+
+
+class Query(NamedTuple):
+    """One checked request: internal history ids (oldest first), k, exclusion, user (or None)."""
+
+    history: list[int]
+    k: int
+    exclude_history: bool
+    user: int | None
+
+
+def group_key(q: Query, beam_size: int | None) -> tuple:
+    """Queries that can share one model call and still get exactly what a call of their own would
+    give. A beam search's width is max(k, beam_size) (+ the history length when excluding), so
+    rows share a call when those agree; the call runs with the group's largest k and each row
+    keeps its first k. Models without a beam (top-k over all items) only split on exclusion."""
+    if beam_size is None:
+        return (q.exclude_history,)
+    return (q.exclude_history, max(q.k, beam_size), len(q.history) if q.exclude_history else 0)
+
+
+def run_queries(model: SequenceModel, queries: Sequence[Query]) -> list[tuple[list[int], list[float]]]:
+    """Answer queries with as few model calls as exactness allows; results in query order."""
+    beam = getattr(getattr(model, "config", None), "beam_size", None)
+    groups: dict[tuple, list[int]] = {}
+    for i, q in enumerate(queries):
+        groups.setdefault(group_key(q, beam), []).append(i)
+    out: list[tuple[list[int], list[float]] | None] = [None] * len(queries)
+    for rows in groups.values():
+        group = [queries[i] for i in rows]
+        width = max(len(q.history) for q in group)
+        history = torch.tensor([[0] * (width - len(q.history)) + q.history for q in group])  # (B, T) left-padded
+        users = None
+        if any(q.user is not None for q in group):
+            users = torch.tensor([q.user if q.user is not None else 0 for q in group])
+        k = max(q.k for q in group)
+        rec = model.recommend(Batch(history=history, users=users), k, exclude_history=group[0].exclude_history)
+        for row, (i, q) in enumerate(zip(rows, group)):
+            out[i] = (rec.items[row, : q.k].tolist(), rec.scores[row, : q.k].tolist())
+    return out  # type: ignore[return-value]

@@ -1,0 +1,455 @@
+"""The Ray Serve app over real HTTP, built from tiny runs trained here (a TIGER pipeline, and a
+SASRec on the same data for the ANN baseline): answers, batching that stays exact, every kind
+of bad input, the API key, and items registered while traffic flows over two replicas.
+
+The tests run in file order on one app: those that register items come after those that rely
+on the trained catalogue of 60 items."""
+
+import copy
+import importlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+import yaml
+from ray import serve
+
+from pipelines.cli import main
+from recsys.models import Batch
+from recsys.runs import read_json
+
+pytestmark = pytest.mark.ray
+
+KEY_ENV, KEY = "RECSYS_TEST_SERVE_KEY", "test-key-7f3a"
+MAX_HISTORY, MAX_BODY, N_ITEMS = 8, 4096, 60
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def runs(ray_session, tmp_path_factory) -> dict[str, Path]:
+    """A tiny TIGER pipeline (data, embed, hkmeans ids, 2 epochs in-process) and a SASRec trained
+    on its data run -> their train directories. TIGER scores the collision token by content, so an
+    item registered with the content of an existing one ties with it (see the twin test)."""
+    root = tmp_path_factory.mktemp("serve") / "runs"
+    overrides = [f"run.root={root}", "data.synthetic.n_users=200", f"data.synthetic.n_items={N_ITEMS}",
+                 "data.synthetic.n_topics=4", "ids.method=hkmeans", "ids.hkmeans.branching=6", "ids.use_ray=false",
+                 "model.name=tiger", "model.d_model=32", "model.n_encoder_layers=1", "model.n_decoder_layers=1",
+                 "model.n_heads=2", "model.head_dim=16", "model.d_ff=64", "model.beam_size=10",
+                 "model.collision_scoring=content", "trainer.samples=prefixes", "trainer.epochs=2",
+                 "trainer.batch_size=128", "trainer.patience=0", "trainer.use_ray=false"]
+    assert main(["pipeline", *overrides]) == 0
+    (pipeline,) = (root / "pipeline").iterdir()
+    tiger = pipeline / "train"
+    assert main(["train", f"run.root={root}", "model.name=sasrec", "model.d_model=16", "model.n_layers=1",
+                 "model.d_ff=32", "trainer.epochs=1", "trainer.batch_size=128", "trainer.use_ray=false",
+                 "--data", read_json(tiger / "config.json")["data_dir"]]) == 0
+    (sasrec,) = (root / "train").iterdir()
+    return {"tiger": tiger, "sasrec": sasrec}
+
+
+def lan_address() -> str | None:
+    """This machine's address on its network (no packet is sent), or None without a route."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect(("10.255.255.255", 1))
+            return sock.getsockname()[0]
+        except OSError:
+            return None
+
+
+# Runs before any test that starts the module's app (fixtures start on first use), so the
+# subprocess's own Ray instance does not compete with it.
+def test_recsys_serve_answers_on_localhost_only_and_stops_on_ctrl_c(runs):
+    # the ANN baseline starts fastest (no sentence encoder to load); the CLI is the same
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", str(runs["sasrec"]), "--ann",
+                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group, as a terminal's Ctrl-C reaches
+    try:
+        line = proc.stdout.readline()  # printed once the app is ready
+        assert line.startswith(f"serving {runs['sasrec']} at http://127.0.0.1:{port} "), \
+            line + proc.stderr.read() if proc.poll() is not None else line
+        r = requests.post(f"http://127.0.0.1:{port}/recommend", json={"history": ["SYN000001"], "k": 2}, timeout=30)
+        assert r.status_code == 200 and len(r.json()["items"]) == 2
+        lan = lan_address()
+        if lan is not None and not lan.startswith("127."):
+            with pytest.raises(requests.ConnectionError):
+                requests.get(f"http://{lan}:{port}/healthz", timeout=5)
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-2000:]
+    assert "interrupted: shutting Serve down" in err
+
+
+def test_serve_config_yaml_is_valid_for_ray_serve_and_builds_the_app(runs, monkeypatch):
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve.app import build_app
+    from serve.run import open_run
+
+    path = Path(__file__).resolve().parent.parent / "serve" / "serve_config.yaml"
+    config = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+    assert config.http_options.host == "127.0.0.1"
+    (app,) = config.applications
+    assert app.import_path == "serve.app:build_app"
+    module, name = app.import_path.split(":")
+    assert getattr(importlib.import_module(module), name) is build_app
+    monkeypatch.delenv(app.args["api_key_env"], raising=False)
+    with pytest.raises(ValueError, match=f"api_key_env='{app.args['api_key_env']}' but that environment variable"):
+        build_app({**app.args, "run_dir": str(runs["tiger"])})
+    monkeypatch.setenv(app.args["api_key_env"], "k")
+    with pytest.raises(FileNotFoundError, match="RUN-ID"):  # the placeholder must be replaced
+        build_app(app.args)
+    assert isinstance(build_app({**app.args, "run_dir": str(runs["tiger"])}), serve.Application)
+    assert open_run(runs["tiger"].parent).run_dir == runs["tiger"]  # a pipeline run serves its train stage
+
+
+class FakeRegistry:
+    """Stands in for the Registry's handle in a replica built without Serve: ``since.remote``."""
+
+    def __init__(self, epoch: str):
+        self.epoch, self.log = epoch, []
+        self.since = self
+
+    def remote(self, version: int, epoch: str | None):
+        async def answer():
+            return self.epoch, list(self.log if epoch != self.epoch else self.log[version:])
+        return answer()
+
+
+def test_a_replica_drops_registrations_a_restarted_registry_no_longer_has(runs, model):
+    """The Registry's log is in memory: after its restart (a new epoch, an empty log) a replica that
+    had applied registrations reloads the trained model, so every replica agrees with the Registry."""
+    import asyncio
+
+    from serve.app import Retriever
+    from serve.state import Registration
+
+    registry = FakeRegistry("epoch-1")
+    replica = Retriever.func_or_class(str(runs["tiger"]), registry, 100, None, 8, 0.01, 1)
+    codes = model.item_codes[1].tolist()[:-1] + [model.level_sizes[-1] - 1]  # item 1's content, a free collision code
+    assert codes not in model.item_codes.tolist()
+    registry.log = [Registration(1, N_ITEMS + 1, "R-NEW", tuple(codes), {})]
+    asyncio.run(replica._sync())
+    assert (replica.model.n_items, replica.version, "R-NEW" in replica.ids) == (N_ITEMS + 1, 1, True)
+    registry.epoch, registry.log = "epoch-2", []  # restarted: the registration is gone
+    asyncio.run(replica._sync())
+    assert (replica.model.n_items, replica.version, "R-NEW" in replica.ids) == (N_ITEMS, 0, False)
+    assert replica.model.item_codes.tolist() == model.item_codes.tolist()
+    registry.log = [Registration(1, N_ITEMS + 1, "R-OTHER", tuple(codes), {})]  # the new log replays
+    asyncio.run(replica._sync())
+    assert (replica.model.n_items, replica.ids.raw(N_ITEMS + 1)) == (N_ITEMS + 1, "R-OTHER")
+
+
+def wait_ready(url: str, timeout_s: float = 120) -> None:
+    deadline = time.time() + timeout_s
+    while True:  # the proxy answers 404 until the replicas are up
+        try:
+            if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        assert time.time() < deadline, f"the Serve app at {url} did not come up in {timeout_s} s"
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def serve_urls(runs):
+    """Two apps on one Serve instance: the TIGER retriever at / (2 replicas, API key) and the ANN
+    baseline (SASRec + exact faiss index) at /ann."""
+    from ray import serve
+
+    from serve.app import build_app
+
+    os.environ[KEY_ENV] = KEY
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    url = f"http://127.0.0.1:{port}"
+    tiger = build_app({"run_dir": str(runs["tiger"]), "num_replicas": 2, "replica_cpus": 0.25, "max_batch_size": 8,
+                       "batch_wait_timeout_s": 0.02, "max_history": MAX_HISTORY, "max_body_bytes": MAX_BODY,
+                       "api_key_env": KEY_ENV})
+    ann = build_app({"run_dir": str(runs["sasrec"]), "num_replicas": 1, "replica_cpus": 0.25,
+                     "retrieval": "ann", "ann_index": "Flat"})
+    serve.run(tiger, name="retriever", route_prefix="/", blocking=False)
+    serve.run(ann, name="ann", route_prefix="/ann", blocking=False)
+    wait_ready(url)
+    wait_ready(f"{url}/ann")
+    yield {"tiger": url, "ann": f"{url}/ann"}
+    serve.shutdown()
+    os.environ.pop(KEY_ENV, None)
+
+
+@pytest.fixture(scope="module")
+def server(serve_urls) -> str:
+    return serve_urls["tiger"]
+
+
+@pytest.fixture(scope="module")
+def model(runs):
+    from recsys.training.checkpoint import load_model
+
+    return load_model(runs["tiger"] / "checkpoints" / "best")
+
+
+@pytest.fixture(scope="module")
+def raw_ids(runs):
+    import pandas as pd
+
+    items = pd.read_parquet(Path(read_json(runs["tiger"] / "config.json")["data_dir"]) / "items.parquet")
+    return dict(zip(items["item_id"].astype(int), items["raw_id"].astype(str)))
+
+
+def post(url: str, path: str, body, key: str | None = KEY, session=requests) -> requests.Response:
+    headers = {"X-API-Key": key} if key is not None else {}
+    data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+    return session.post(f"{url}{path}", data=data, headers={**headers, "Content-Type": "application/json"},
+                        timeout=30)
+
+
+def get(url: str, path: str, key: str | None = KEY) -> requests.Response:
+    return requests.get(f"{url}{path}", headers={"X-API-Key": key} if key is not None else {}, timeout=10)
+
+
+def test_recommend_answers_with_dataset_ids_scores_and_semantic_ids(server, model, raw_ids):
+    history = [raw_ids[i] for i in (3, 7, 9)]
+    r = post(server, "/recommend", {"history": history, "k": 5})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    expected = model.recommend(Batch(history=torch.tensor([[3, 7, 9]])), 5)
+    assert [it["internal_id"] for it in body["items"]] == expected.items[0].tolist()
+    assert [it["id"] for it in body["items"]] == [raw_ids[i] for i in expected.items[0].tolist()]
+    assert [it["score"] for it in body["items"]] == pytest.approx(expected.scores[0].tolist(), abs=1e-4)
+    assert [it["semantic_id"] for it in body["items"]] == model.item_codes[expected.items[0]].tolist()
+    assert body["catalogue_size"] == N_ITEMS and body["index_version"] == 0
+    assert r.headers["X-Served-By"] and r.headers["X-Retries"] == "0"
+    assert requests.get(f"{server}/healthz", timeout=10).json() == {"status": "ok"}
+    assert requests.get(f"{server}/docs", timeout=10).status_code == 200  # OpenAPI, no key needed
+    spec = requests.get(f"{server}/openapi.json", timeout=10).json()
+    assert {"/recommend", "/items", "/items/{item_id}", "/healthz"} <= set(spec["paths"])
+
+
+def test_concurrent_requests_with_different_k_and_exclusion_are_answered_exactly(server, model, raw_ids):
+    cases = [([1 + (i * 7) % 60, 1 + (i * 13) % 60, 1 + (i * 5) % 60][: 1 + i % 3], [1, 4, 10, 15][i % 4], i % 2 == 1)
+             for i in range(16)]
+
+    def ask(case):
+        history, k, exclude = case
+        return post(server, "/recommend", {"history": [raw_ids[i] for i in history], "k": k,
+                                           "exclude_history": exclude})
+
+    with ThreadPoolExecutor(16) as pool:
+        replies = list(pool.map(ask, cases))
+    for (history, k, exclude), r in zip(cases, replies):
+        assert r.status_code == 200, r.text
+        got = [it["internal_id"] for it in r.json()["items"]]
+        alone = model.recommend(Batch(history=torch.tensor([history])), k, exclude_history=exclude)
+        assert got == alone.items[0].tolist()
+        if exclude:
+            assert not set(got) & set(history)
+
+
+BAD = [
+    ("unknown id", {"history": ["SYN000001", "NOPE-1"], "k": 5}, 422, "unknown item id(s) in history: 'NOPE-1'"),
+    ("empty history", {"history": [], "k": 5}, 422, "history is empty"),
+    ("k zero", {"history": ["SYN000001"], "k": 0}, 422, "k=0 is out of range"),
+    ("k over catalogue", {"history": ["SYN000001"], "k": 61}, 422, "k=61 is out of range; allowed: 1 <= k <= 60"),
+    ("history too long", {"history": ["SYN000001"] * (MAX_HISTORY + 1), "k": 5}, 422,
+     f"more than the limit of {MAX_HISTORY}"),
+    ("k as string", {"history": ["SYN000001"], "k": "5"}, 422, "body.k: Input should be a valid integer"),
+    ("k as float", {"history": ["SYN000001"], "k": 5.5}, 422, "body.k: Input should be a valid integer"),
+    ("ids as ints", {"history": [1, 2], "k": 5}, 422, "body.history.0: Input should be a valid string"),
+    ("history as string", {"history": "SYN000001", "k": 5}, 422, "body.history: Input should be a valid list"),
+    ("exclude as string", {"history": ["SYN000001"], "exclude_history": "yes"}, 422, "body.exclude_history"),
+    ("history missing", {"k": 5}, 422, "body.history: Field required"),
+    ("unknown key", {"history": ["SYN000001"], "kk": 5}, 422, "body.kk: Extra inputs are not permitted"),
+    ("negative user", {"history": ["SYN000001"], "user": -1}, 422, "body.user"),
+    ("not an object", [1, 2], 422, "invalid request"),
+    ("malformed JSON", b'{"history": ["SYN000001"', 400, "malformed JSON body"),
+    ("empty body", b"", 422, "invalid request"),
+    ("oversized", {"history": ["x" * (MAX_BODY + 10)]}, 413, f"exceeds the limit of {MAX_BODY}"),
+]
+
+
+@pytest.mark.parametrize("name,body,status,message", BAD, ids=[b[0] for b in BAD])
+def test_bad_requests_get_a_4xx_json_error_that_says_what_is_wrong(server, name, body, status, message):
+    r = post(server, "/recommend", body)
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/json"
+    assert r.json()["status"] == status and message in r.json()["error"]
+
+
+def test_unknown_routes_and_methods_get_json_errors_and_nothing_is_lost(server):
+    r = get(server, "/nowhere")
+    assert r.status_code == 404 and r.json()["error"] == "Not Found"
+    r = get(server, "/recommend")
+    assert r.status_code == 405 and r.json()["error"] == "Method Not Allowed"
+    assert post(server, "/recommend", {"history": ["SYN000001"], "k": 3}).status_code == 200
+
+
+def test_chunked_oversized_body_is_refused_and_the_server_keeps_answering(server):
+    chunks = (b"x" * 1024 for _ in range(MAX_BODY // 1024 + 2))  # no content-length: chunked
+    r = requests.post(f"{server}/recommend", data=chunks, headers={"X-API-Key": KEY}, timeout=30)
+    assert r.status_code == 413 and "exceeds the limit" in r.json()["error"]
+    assert post(server, "/recommend", {"history": ["SYN000001"], "k": 3}).status_code == 200  # nothing lost
+
+
+def test_api_key_is_required_except_for_health_and_docs(server):
+    body = {"history": ["SYN000001"], "k": 3}
+    for key in (None, "", "wrong", KEY + "x"):
+        r = post(server, "/recommend", body, key=key)
+        assert r.status_code == 401 and "X-API-Key" in r.json()["error"]
+    assert get(server, "/items/SYN000001", key=None).status_code == 401
+    assert post(server, "/items", {"fields": {"title": "x"}}, key="wrong").status_code == 401
+    assert requests.get(f"{server}/healthz", timeout=10).json() == {"status": "ok"}
+    assert post(server, "/recommend", body).status_code == 200
+
+
+def test_item_lookup_gives_content_and_semantic_id(server, model, raw_ids):
+    r = get(server, f"/items/{raw_ids[2]}")
+    assert r.status_code == 200, r.text
+    item = r.json()
+    assert item["internal_id"] == 2 and not item["registered"] and item["fields"]["title"]
+    assert item["semantic_id"] == model.item_codes[2].tolist()
+    r = get(server, "/items/NO-SUCH-ITEM")
+    assert r.status_code == 404 and "unknown item id 'NO-SUCH-ITEM'" in r.json()["error"]
+
+
+def test_item_registered_with_an_items_content_is_recommended_beside_it(server, model, raw_ids):
+    """A new item with the content of the top recommendation gets its content codes and a fresh
+    collision code. With collision_scoring=content it must score exactly as that item does, so
+    it is returned right beside it: the registration reached the trie of the replica that answers."""
+    history = [raw_ids[i] for i in (3, 7, 9)]
+    top = post(server, "/recommend", {"history": history, "k": 1}).json()["items"][0]
+    fields = get(server, f"/items/{top['id']}").json()["fields"]
+    r = post(server, "/items", {"id": "TWIN-1", "fields": fields})
+    assert r.status_code == 201, r.text
+    twin = r.json()
+    assert twin["internal_id"] == N_ITEMS + 1 and twin["registered"] and twin["index_version"] == 1
+    assert twin["semantic_id"][:-1] == top["semantic_id"][:-1] and twin["semantic_id"] != top["semantic_id"]
+    assert get(server, "/items/TWIN-1").json()["semantic_id"] == twin["semantic_id"]
+    for _ in range(4):  # both replicas, right after the POST returned
+        r = post(server, "/recommend", {"history": history, "k": 10})
+        assert r.status_code == 200, r.text
+        scores = {it["id"]: it["score"] for it in r.json()["items"]}
+        assert "TWIN-1" in scores and scores["TWIN-1"] == pytest.approx(scores[top["id"]], abs=1e-5)
+        assert r.json()["catalogue_size"] == N_ITEMS + 1
+    # the served ranking is the model's own after the same registration
+    local = copy.deepcopy(model)
+    local.register_items([N_ITEMS + 1], [twin["semantic_id"]])
+    expected = local.recommend(Batch(history=torch.tensor([[3, 7, 9]])), 10)
+    assert sorted(scores.values(), reverse=True) == pytest.approx(expected.scores[0].tolist(), abs=1e-4)
+    # the new item is usable in a history, and exclusion keeps it out of the answer
+    r = post(server, "/recommend", {"history": [*history, "TWIN-1"], "k": 10, "exclude_history": True})
+    assert r.status_code == 200, r.text
+    assert not {"TWIN-1", *history} & {it["id"] for it in r.json()["items"]}
+
+
+def test_registrations_under_traffic_are_seen_by_every_replica_at_once(server, raw_ids):
+    """Readers keep /recommend busy while items are registered. Right after each POST returns,
+    the new id is sent in histories until both replicas have answered (a replica that had not
+    applied it would say 422 unknown id). Every reader's answer is whole (catalogue size and
+    index version agree) and no older than the last registration that returned before it was sent."""
+    first = post(server, "/recommend", {"history": [raw_ids[5]], "k": 3}).json()
+    base = first["catalogue_size"] - first["index_version"]
+    assert base == N_ITEMS
+    stop, seen, errors = threading.Event(), [], []
+
+    def reader() -> None:
+        session = requests.Session()
+        while not stop.is_set():
+            sent = time.monotonic()
+            r = post(server, "/recommend", {"history": [raw_ids[5], raw_ids[9]], "k": 5}, session=session)
+            if r.status_code != 200:
+                errors.append(r.text)
+                continue
+            body = r.json()
+            seen.append((sent, r.headers["X-Served-By"], body["index_version"], body["catalogue_size"]))
+
+    readers = [threading.Thread(target=reader) for _ in range(3)]
+    for t in readers:
+        t.start()
+    registered, checked_on = [], set()
+    try:
+        for i in range(5):
+            r = post(server, "/items", {"id": f"LIVE-{i}", "fields": {"title": f"Live registered item number {i}"}})
+            assert r.status_code == 201, r.text
+            registered.append((time.monotonic(), r.json()["index_version"]))
+            replicas = set()
+            for _ in range(10):
+                with ThreadPoolExecutor(4) as pool:
+                    replies = list(pool.map(lambda _: post(server, "/recommend",
+                                                           {"history": [f"LIVE-{i}"], "k": 3}), range(4)))
+                for rr in replies:
+                    assert rr.status_code == 200, f"LIVE-{i} unknown right after its POST returned: {rr.text}"
+                    assert rr.json()["index_version"] >= registered[-1][1]
+                    replicas.add(rr.headers["X-Served-By"])
+                if len(replicas) == 2:
+                    break
+            assert len(replicas) == 2, f"LIVE-{i} was only checked on replica(s) {replicas}"
+            checked_on |= replicas
+    finally:
+        stop.set()
+        for t in readers:
+            t.join()
+    assert not errors, errors[:3]
+    assert len(seen) >= 20, f"only {len(seen)} reader answers: the traffic did not flow during registrations"
+    assert {s[1] for s in seen} == checked_on  # the readers' traffic reached both replicas too
+    for sent, _, version, catalogue in seen:
+        assert catalogue - version == base  # never an item without its version or the reverse
+        required = max((v for done, v in registered if done < sent), default=0)
+        assert version >= required  # read-your-writes across replicas
+    assert [v for _, v in registered] == list(range(registered[0][1], registered[0][1] + 5))  # none lost
+
+
+def test_bad_registrations_are_4xx_and_add_nothing(server, raw_ids):
+    before = post(server, "/recommend", {"history": [raw_ids[1]], "k": 1}).json()["catalogue_size"]
+    cases = [({"id": raw_ids[1], "fields": {"title": "dup"}}, 409, "already registered"),
+             ({"id": "TWIN-1", "fields": {"title": "dup"}}, 409, "already registered"),
+             ({"fields": {"colour": "red"}}, 422, "unknown content field(s) ['colour']"),
+             ({"fields": {"title": None}}, 422, "gives no text to embed"),
+             ({"fields": {"title": 5}}, 422, "invalid request"),
+             ({"fields": "a title"}, 422, "invalid request"),
+             ({"id": "", "fields": {"title": "x"}}, 422, "body.id"),
+             (b'{"fields": {', 400, "malformed JSON body")]
+    for body, status, message in cases:
+        r = post(server, "/items", body)
+        assert r.status_code == status, (body, r.text)
+        assert message in r.json()["error"], r.text
+    assert post(server, "/recommend", {"history": [raw_ids[1]], "k": 1}).json()["catalogue_size"] == before
+    # an unnamed item gets an id from the server
+    r = post(server, "/items", {"fields": {"title": "another new thing"}})
+    assert r.status_code == 201 and r.json()["id"] == f"new-{before + 1}"
+
+
+def test_ann_baseline_app_answers_with_sasrec_and_faiss(serve_urls, runs, raw_ids):
+    from recsys.training.checkpoint import load_model
+
+    sasrec = load_model(runs["sasrec"] / "checkpoints" / "best")
+    url = serve_urls["ann"]
+    r = post(url, "/recommend", {"history": [raw_ids[i] for i in (4, 8)], "k": 7, "exclude_history": True}, key=None)
+    assert r.status_code == 200, r.text
+    expected = sasrec.recommend(Batch(history=torch.tensor([[4, 8]])), 7, exclude_history=True)
+    assert [it["internal_id"] for it in r.json()["items"]] == expected.items[0].tolist()  # Flat index: exact
+    assert [it["score"] for it in r.json()["items"]] == pytest.approx(expected.scores[0].tolist(), abs=1e-4)
+    assert all(it["semantic_id"] is None for it in r.json()["items"])
+    r = post(url, "/items", {"fields": {"title": "x"}}, key=None)
+    assert r.status_code == 422 and "cannot register new items" in r.json()["error"]
+    assert get(url, f"/items/{raw_ids[3]}", key=None).json()["semantic_id"] is None
+    r = post(url, "/recommend", {"history": ["NOPE"], "k": 3}, key=None)
+    assert r.status_code == 422 and "'NOPE'" in r.json()["error"]
