@@ -21,7 +21,9 @@ from recsys.config import deep_merge, parse_overrides
 from recsys.experiment import experiment_dict_from_run, experiment_from_dict, load_experiment
 from recsys.models import get_spec
 from recsys.reporting import results_table
-from recsys.runs import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, new_run_dir, read_json, write_json, write_text
+from recsys.runs import (
+    CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, mark_complete, new_run_dir, read_json, write_json, write_text,
+)
 
 
 def split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
@@ -113,6 +115,7 @@ def cmd_pipeline(ns: argparse.Namespace) -> None:
     write_text(run_dir / SUMMARY_FILE, f"# pipeline: {exp.model_name} on {exp.data.format}\n\n{table}\n\n"
                + "".join(f"- {name}: {name}/summary.md\n" for name in stages)
                + "- training curve: train/training_curve.png\n")
+    mark_complete(run_dir, "pipeline")
     print(f"\n{exp.model_name} on {exp.data.format}: best epoch {train_metrics['best_epoch']}, "
           f"train wall time {train_metrics['wall_s']} s\n")
     print(table)

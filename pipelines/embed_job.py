@@ -19,7 +19,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from recsys.data import InteractionData
-from recsys.runs import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, stage_run_dir, write_json, write_text
+from recsys.runs import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, mark_complete, stage_run_dir, write_json, write_text
 from recsys.text import EMBEDDINGS_FILE, EncoderConfig, ItemTextConfig, build_texts, text_hash, write_embeddings
 from recsys.text.encoder import encode, load_encoder, locate_model
 from recsys.text.store import vectors_from_column
@@ -82,6 +82,7 @@ def run_embed(data_dir: Path, text_cfg: ItemTextConfig, enc_cfg: EncoderConfig, 
     write_json(run_dir / CONFIG_FILE, {"data_dir": str(data_dir), "text": asdict(text_cfg), "encoder": asdict(enc_cfg)})
     write_json(run_dir / METRICS_FILE, metrics)
     write_text(run_dir / SUMMARY_FILE, _summary(metrics, data_dir, texts))
+    mark_complete(run_dir, "embed")
     return run_dir
 
 

@@ -116,7 +116,7 @@ def fit_rqvae_with_ray(cfg: IdsConfig, embeddings_path: Path, embeddings: np.nda
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, resources_per_worker={"CPU": cfg.cpus_per_task}),
         run_config=RunConfig(name="ray-train", storage_path=str(run_dir.resolve()),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             failure_config=FailureConfig(max_failures=1),
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
                              logging_config=LoggingConfig(log_level="WARNING")),
         datasets={"train": dataset},
     )

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from recsys.experiment import ExperimentConfig
-from recsys.runs import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, stage_run_dir, write_json, write_text
+from recsys.runs import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, mark_complete, stage_run_dir, write_json, write_text
 from recsys.semantic_ids.build import build_index, fit_in_process, fitted_codes
 from recsys.semantic_ids.report import write_report
 from recsys.text import EMBEDDINGS_FILE, load_embeddings
@@ -66,4 +66,5 @@ def run_ids(exp: ExperimentConfig, embed_dir: Path, parent: Path | None = None) 
         f"at most {index.max_collision_depth} item(s) share one content tuple",
         f"- reconstruction error (mean squared distance): {reconstruction:.4f}; fit {fit_s:.1f} s",
         "- id_quality.json, code_usage.png, tokenizer/, index/", "", table, ""]))
+    mark_complete(run_dir, "ids")
     return run_dir

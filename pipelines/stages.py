@@ -12,7 +12,8 @@ from recsys.data.split import leave_one_out
 from recsys.experiment import ExperimentConfig, experiment_dict_from_run, experiment_from_dict
 from recsys.reporting import plot_training_curve, results_table
 from recsys.runs import (
-    CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, machine_description, read_json, stage_run_dir, write_json, write_text,
+    CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, clear_complete, machine_description, mark_complete, read_json,
+    require_complete, stage_run_dir, write_json, write_text,
 )
 from recsys.training.checkpoint import load_model
 from recsys.training.evaluate import evaluate
@@ -37,6 +38,7 @@ def run_data(exp: ExperimentConfig, parent: Path | None = None) -> Path:
         f"- mean sequence length: {stats['mean_length']}",
         "- rows dropped: " + (", ".join(f"{k} = {v}" for k, v in dropped.items()) or "none"),
         f"- users with < 3 items (not split): {split.dropped_users}", ""]))
+    mark_complete(run_dir, "data")
     return run_dir
 
 
@@ -45,7 +47,7 @@ def run_embed_stage(exp: ExperimentConfig, data_dir: Path | None = None, parent:
     from pipelines.embed_job import run_embed
     from pipelines.ray_env import init_ray
 
-    data_dir = Path(data_dir).resolve() if data_dir else run_data(exp, parent)
+    data_dir = require_complete(data_dir, "data") if data_dir else run_data(exp, parent)
     init_ray()
     return run_embed(data_dir, exp.embed.text, exp.embed.encoder, exp.run.root, name=exp.run.name, parent=parent)
 
@@ -55,21 +57,23 @@ def run_ids_stage(exp: ExperimentConfig, embed_dir: Path | None = None, data_dir
     """Semantic IDs from an embed run; embeds (and prepares the data) first if none is given."""
     from pipelines.ids_stage import run_ids
 
-    embed_dir = Path(embed_dir).resolve() if embed_dir else run_embed_stage(exp, data_dir, parent)
+    embed_dir = require_complete(embed_dir, "embed") if embed_dir else run_embed_stage(exp, data_dir, parent)
     return run_ids(exp, embed_dir, parent)
 
 
 def run_train(exp: ExperimentConfig, data_dir: Path | None = None, resume_dir: Path | None = None,
               ids_dir: Path | None = None, parent: Path | None = None) -> Path:
     """Train with Ray Train (or in-process when ``trainer.use_ray`` is false); select on validation.
-    A generative retriever also needs ``ids_dir``, an ids run over the same data."""
+    A generative retriever also needs ``ids_dir``, an ids run over the same data. A resumed run
+    is incomplete (no COMPLETE marker) until it finishes again."""
     if resume_dir is not None:
         run_dir = Path(resume_dir).resolve()
         saved = read_json(run_dir / CONFIG_FILE)
         data_dir, ids_dir = Path(saved["data_dir"]), saved.get("ids_dir")
+        clear_complete(run_dir)
     else:
-        data_dir = Path(data_dir).resolve() if data_dir else run_data(exp, parent)
-        ids_dir = str(Path(ids_dir).resolve()) if ids_dir else None
+        data_dir = require_complete(data_dir, "data") if data_dir else run_data(exp, parent)
+        ids_dir = str(require_complete(ids_dir, "ids")) if ids_dir else None
         run_dir = stage_run_dir(exp.run.root, "train", exp.run.name or exp.model_name, parent)
     write_json(run_dir / CONFIG_FILE, {**exp.to_dict(), "data_dir": str(data_dir), "ids_dir": ids_dir})
     split = leave_one_out(InteractionData.load(data_dir), exp.data.max_history)
@@ -80,16 +84,20 @@ def run_train(exp: ExperimentConfig, data_dir: Path | None = None, resume_dir: P
         from pipelines.train_job import fit_with_ray
 
         init_ray()
-        history = fit_with_ray(exp, split, run_dir, context)
+        fit = fit_with_ray(exp, split, run_dir, context)
+        history, restarts = fit.history, fit.worker_restarts
         write_text(run_dir / EPOCH_LOG, "".join(json.dumps(h) + "\n" for h in history))
     else:
-        train_in_process(exp, split, run_dir, resume=resume_dir is not None, context=context)
-        history = [json.loads(line) for line in (run_dir / EPOCH_LOG).read_text().splitlines()]
+        history = train_in_process(exp, split, run_dir, resume=resume_dir is not None, context=context).history
+        restarts = 0  # no workers to lose: a crash ends the process, and `--resume` continues
     wall = time.perf_counter() - start
-    return finish_train(exp, run_dir, history, wall)
+    return finish_train(exp, run_dir, history, wall, restarts)
 
 
-def finish_train(exp: ExperimentConfig, run_dir: Path, history: list[dict], wall_s: float) -> Path:
+def finish_train(exp: ExperimentConfig, run_dir: Path, history: list[dict], wall_s: float,
+                 worker_restarts: int = 0) -> Path:
+    """Write metrics, curve and summary from the per-epoch history, then mark the run complete.
+    ``worker_restarts``: Ray Train worker-group restarts after failures in this invocation."""
     metric = exp.trainer.select_metric
     validated = [h for h in history if f"valid_{metric}" in h]
     best = max(validated, key=lambda h: h[f"valid_{metric}"])
@@ -104,8 +112,12 @@ def finish_train(exp: ExperimentConfig, run_dir: Path, history: list[dict], wall
         "samples_per_s": round(sum(h["samples_per_s"] for h in history) / len(history), 1),
         "machine": machine_description(), "workers": exp.trainer.num_workers if exp.trainer.use_ray else 0,
         "validated_users": best.get("validated_users"),  # how many validation users the selection saw
+        # every restore from a checkpoint over the run's life (`--resume` or a Ray Train restart)
+        "resumed_from_epochs": [h["resumed_from_epoch"] for h in history if "resumed_from_epoch" in h],
+        "worker_restarts": worker_restarts,
     }
     write_json(run_dir / METRICS_FILE, metrics)
+    resumed = metrics["resumed_from_epochs"]
     sampled = exp.trainer.valid_users > 0 and best.get("validated_users") == exp.trainer.valid_users
     plot_training_curve(history, run_dir / "training_curve.png", metric, exp.trainer.valid_users if sampled else 0)
     write_text(run_dir / SUMMARY_FILE, "\n".join([
@@ -114,14 +126,18 @@ def finish_train(exp: ExperimentConfig, run_dir: Path, history: list[dict], wall
         f"- training took {elapsed:.0f} s from first to last epoch ({metrics['train_epochs_s']:.0f} s in "
         f"training steps, the rest validation and checkpoints); this invocation {wall_s:.1f} s",
         f"- {metrics['samples_per_s']} samples/s (mean over epochs)",
+        (f"- resumed from the checkpoint of epoch(s) {', '.join(map(str, resumed))}" if resumed
+         else "- never resumed from a checkpoint")
+        + f"; {worker_restarts} Ray Train worker restart(s) after a failure in this invocation",
         "- best checkpoint: checkpoints/best; curve: training_curve.png", "",
         results_table({"valid": valid}), ""]))
+    mark_complete(run_dir, "train")
     return run_dir
 
 
 def run_evaluate(train_dir: Path, split_name: str = "test", parent: Path | None = None) -> tuple[Path, dict]:
     """Score the selected checkpoint of a train run on ``split_name`` over the whole catalogue."""
-    train_dir = Path(train_dir).resolve()
+    train_dir = require_complete(train_dir, "train")
     saved = read_json(train_dir / CONFIG_FILE)
     exp = experiment_from_dict(experiment_dict_from_run(saved))
     split = leave_one_out(InteractionData.load(saved["data_dir"]), exp.data.max_history)
@@ -136,4 +152,5 @@ def run_evaluate(train_dir: Path, split_name: str = "test", parent: Path | None 
                                          "wall_s": round(time.perf_counter() - start, 2)})
     write_text(run_dir / SUMMARY_FILE, f"# evaluate {train_dir.name} on {split_name}\n\n"
                + results_table({split_name: figures}) + "\n")
+    mark_complete(run_dir, "evaluate")
     return run_dir, figures

@@ -2,7 +2,9 @@
 
 Each worker runs ``recsys.training`` unchanged; this file adds only the distribution:
 the data split travels through the object store, ``prepare_model`` wraps DDP, and every
-validated epoch is reported with a checkpoint that rank 0 writes.
+validated epoch is reported with a checkpoint that rank 0 writes. When a worker dies, Ray Train
+(``FailureConfig``) restarts the worker group up to ``trainer.max_failures`` times and the loop
+continues from the latest checkpoint; a small actor counts those starts for the run's metrics.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
@@ -20,11 +23,37 @@ from ray.train.torch import TorchTrainer
 from ray.train.v2.api.config import LoggingConfig
 
 from recsys.experiment import ExperimentConfig, experiment_from_dict
+from recsys.runs import atomic_directory
 from recsys.training.checkpoint import load_train_state
 from recsys.training.loop import Trainer
 from recsys.training.session import build_trainer, restore, save_trainer_checkpoint
 
 RAY_RUN_NAME = "ray-train"
+
+
+@ray.remote(num_cpus=0)
+class StartLog:
+    """Rank 0 records each start of the worker group: the epoch it restored, or None (from scratch)."""
+
+    def __init__(self):
+        self.starts: list[int | None] = []
+
+    def add(self, restored_epoch: int | None) -> None:
+        self.starts.append(restored_epoch)
+
+    def get(self) -> list[int | None]:
+        return self.starts
+
+
+@dataclass
+class RayFit:
+    history: list[dict]  # per epoch, from the final checkpoint
+    starts: list[int | None]  # per worker-group start in this fit: the epoch restored, or None
+
+    @property
+    def worker_restarts(self) -> int:
+        """Restarts after a failure; the first start is the fit itself (from scratch or a resume)."""
+        return len(self.starts) - 1
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -40,6 +69,8 @@ def train_loop_per_worker(config: dict) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             restore(trainer, directory)
+    if rank == 0:
+        ray.get(config["start_log"].add.remote(trainer.resumed_from))
 
     def on_epoch_end(metrics: dict, improved: bool, trainer: Trainer) -> None:
         if f"valid_{exp.trainer.select_metric}" not in metrics:
@@ -55,17 +86,20 @@ def train_loop_per_worker(config: dict) -> None:
     trainer.fit(on_epoch_end)
 
 
-def fit_with_ray(exp: ExperimentConfig, split, run_dir: Path, context: dict | None = None) -> list[dict]:
+def fit_with_ray(exp: ExperimentConfig, split, run_dir: Path, context: dict | None = None) -> RayFit:
     """Run TorchTrainer; copy the best checkpoint (on validation) to ``run_dir/checkpoints/best``.
 
     Re-running with the same ``run_dir`` resumes from the latest checkpoint (Ray Train V2
-    restores a run whose name and storage path match). Returns the per-epoch history.
+    restores a run whose name and storage path match). Returns the per-epoch history and the
+    worker-group starts (restarts after failures included).
     """
     cfg = exp.trainer
     score = f"valid_{cfg.select_metric}"
+    start_log = StartLog.remote()
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"experiment": exp.to_dict(), "split": ray.put(split), "context": ray.put(context or {})},
+        train_loop_config={"experiment": exp.to_dict(), "split": ray.put(split), "context": ray.put(context or {}),
+                           "start_log": start_log},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=RunConfig(
@@ -82,7 +116,8 @@ def fit_with_ray(exp: ExperimentConfig, split, run_dir: Path, context: dict | No
     if result.error:
         raise RuntimeError(f"training failed: {result.error}") from result.error
     best = result.get_best_checkpoint(metric=score, mode="max")
-    with best.as_directory() as directory:
-        shutil.copytree(directory, run_dir / "checkpoints" / "best", dirs_exist_ok=True)
+    with best.as_directory() as directory, atomic_directory(run_dir / "checkpoints" / "best") as tmp:
+        shutil.copytree(directory, tmp, dirs_exist_ok=True)
     with result.checkpoint.as_directory() as directory:
-        return load_train_state(directory)["loop"]["history"]
+        history = load_train_state(directory)["loop"]["history"]
+    return RayFit(history, ray.get(start_log.get.remote()))

@@ -1,7 +1,9 @@
 """Run directories: ``<root>/<stage>/<run-id>/`` with config, metrics and a readable summary.
 
 Files are written to a temporary name and renamed into place, so a crash never leaves a
-half-written file behind under the final name.
+half-written file behind under the final name. A stage's very last write is ``COMPLETE``
+(``mark_complete``); a directory without it crashed or is still running, and the stages that
+read a run refuse it (``require_complete``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,11 @@ from typing import Any, Iterator
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.json"
 SUMMARY_FILE = "summary.md"
+COMPLETE_FILE = "COMPLETE"
+
+
+class IncompleteRunError(ValueError):
+    """A run directory that lacks its completion marker, or holds another stage's run."""
 
 
 def new_run_dir(root: str | Path, stage: str, name: str = "") -> Path:
@@ -63,6 +70,34 @@ def read_json(path: str | Path) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
     return json.loads(path.read_text())
+
+
+def mark_complete(run_dir: str | Path, stage: str) -> None:
+    """The last write of a stage: ``run_dir/COMPLETE`` names the stage and when it finished."""
+    write_json(Path(run_dir) / COMPLETE_FILE, {"stage": stage, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+
+def clear_complete(run_dir: str | Path) -> None:
+    """Unmark a run that is about to change again (a train run being resumed)."""
+    Path(run_dir, COMPLETE_FILE).unlink(missing_ok=True)
+
+
+def require_complete(run_dir: str | Path, stage: str) -> Path:
+    """Return ``run_dir`` resolved if it is a finished ``stage`` run; else IncompleteRunError saying
+    what it is and what to do."""
+    run_dir = Path(run_dir).resolve()
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir} does not exist; expected a `recsys {stage}` run directory")
+    marker = run_dir / COMPLETE_FILE
+    if not marker.is_file():
+        again = (f"continue it with `recsys train --resume {run_dir}`" if stage == "train"
+                 else f"run `recsys {stage}` again")
+        raise IncompleteRunError(f"{run_dir} is not a complete {stage} run (no {COMPLETE_FILE} marker): it crashed "
+                                 f"or is still running; {again}")
+    found = read_json(marker).get("stage")
+    if found != stage:
+        raise IncompleteRunError(f"{run_dir} is a {found} run, not a {stage} run")
+    return run_dir
 
 
 @contextmanager

@@ -16,7 +16,7 @@ import pandas as pd
 from recsys.data import InteractionData
 from recsys.experiment import ExperimentConfig, experiment_dict_from_run, experiment_from_dict
 from recsys.models.base import SequenceModel
-from recsys.runs import CONFIG_FILE, read_json
+from recsys.runs import CONFIG_FILE, read_json, require_complete
 from recsys.training.checkpoint import load_model
 
 CHECKPOINT = Path("checkpoints") / "best"
@@ -43,10 +43,11 @@ class ServingRun:
 
 
 def open_run(run_dir: str | Path) -> ServingRun:
-    """Read a train run directory (``recsys train`` or ``<pipeline run>/train``)."""
+    """Read a finished train run directory (``recsys train`` or ``<pipeline run>/train``)."""
     run_dir = Path(run_dir).resolve()
     if (run_dir / "train" / CONFIG_FILE).is_file():
         run_dir = run_dir / "train"  # a pipeline run: serve its train stage
+    require_complete(run_dir, "train")
     saved = read_json(run_dir / CONFIG_FILE)
     if "data_dir" not in saved:
         raise ValueError(f"{run_dir / CONFIG_FILE} has no data_dir: not a train run directory")

@@ -38,6 +38,7 @@ def test_defaults_need_no_file():
     ("trainer.batch_size=2.5", r"trainer.batch_size must be an integer"),
     ("trainer.select_metric=mrr", r"trainer.select_metric='mrr' is not allowed"),
     ("model.n_heads=3", r"model.d_model=64 must be divisible by model.n_heads=3"),
+    ("ids.max_failures=-2", r"ids.max_failures=-2 is out of range; allowed: -1 <= ids.max_failures"),
 ])
 def test_out_of_range_values_raise_with_what_is_allowed(override, message):
     with pytest.raises(ValueError, match=message):

@@ -24,11 +24,15 @@ def test_pipeline_with_two_ddp_workers(ray_session, tiny_overrides, tmp_path, ca
     out = capsys.readouterr().out
     assert "| test |" in out and "recall@10" in out
     runs = tmp_path / "runs"
-    result = read_json(only_dir(runs / "pipeline") / "metrics.json")
+    pipeline_dir = only_dir(runs / "pipeline")
+    result = read_json(pipeline_dir / "metrics.json")
+    for stage, path in [("pipeline", pipeline_dir), *result["stages"].items()]:  # every stage finished
+        assert read_json(Path(path) / "COMPLETE")["stage"] == stage
     assert set(result["test"]) == {f"{m}@{k}" for m in ("recall", "ndcg") for k in (5, 10, 20)}
     train_dir = Path(result["stages"]["train"])
     train = read_json(train_dir / "metrics.json")
     assert train["workers"] == 2 and train["epochs_run"] == 3
+    assert train["worker_restarts"] == 0 and train["resumed_from_epochs"] == []
     assert (train_dir / "checkpoints" / "best" / "model.safetensors").is_file()
     assert (train_dir / "training_curve.png").stat().st_size > 10_000
     epochs = [json.loads(x) for x in (train_dir / "epochs.jsonl").read_text().splitlines()]
@@ -53,6 +57,10 @@ def test_train_resumes_from_the_last_ray_checkpoint(ray_session, tiny_overrides,
     # epochs 1-2 come from the first run's checkpoint, not from training again
     assert epochs[:2] == first
     assert all(e["finished_at"] > resumed_at for e in epochs[2:])
+    # Ray Train restored the epoch-2 checkpoint once: a user resume, not a worker restart
+    assert epochs[2]["resumed_from_epoch"] == 2
+    metrics = read_json(train_dir / "metrics.json")
+    assert metrics["resumed_from_epochs"] == [2] and metrics["worker_restarts"] == 0
     assert read_json(train_dir / "config.json")["trainer"]["epochs"] == 4
 
 

@@ -27,6 +27,7 @@ class IdsConfig:
     num_workers: int = 1  # Ray Train workers for the RQ-VAE (DDP)
     cpus_per_task: float = 1.0  # per Ray Train worker / per hierarchical k-means subtree task
     checkpoint_every: int = 20  # RQ-VAE epochs between Ray Train checkpoints
+    max_failures: int = 1  # RQ-VAE: Ray Train restarts from the latest checkpoint this many times; -1 = forever
     hkmeans_top: str = "driver"  # driver: faiss on all rows at once | blocks: Lloyd over Ray Data blocks
     top_sample: int = 200_000  # blocks: rows faiss sees to initialise the top level
     top_refine_iters: int = 5  # blocks: Lloyd steps over all blocks after that initialisation
@@ -36,6 +37,7 @@ class IdsConfig:
         require_range("ids.num_workers", self.num_workers, 1, 4096)
         require_range("ids.cpus_per_task", self.cpus_per_task, 0.01, 1024)
         require_range("ids.checkpoint_every", self.checkpoint_every, 1)
+        require_range("ids.max_failures", self.max_failures, -1)
         require_choice("ids.hkmeans_top", self.hkmeans_top, ("driver", "blocks"))
         require_range("ids.top_sample", self.top_sample, 2)
         require_range("ids.top_refine_iters", self.top_refine_iters, 0, 1000)

@@ -85,6 +85,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.train_model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg, self.steps_per_epoch * cfg.epochs)
         self.state = LoopState()
+        self.resumed_from: int | None = None  # the checkpoint's epoch, set by load_state_dict
         self.valid_set = split.valid
         if 0 < cfg.valid_users < len(split.valid):  # the same users every epoch, so scores compare
             rows = np.random.default_rng([cfg.seed, 1]).choice(len(split.valid), cfg.valid_users, replace=False)
@@ -128,6 +129,8 @@ class Trainer:
         cfg = self.cfg
         while self.state.epoch < cfg.epochs:
             metrics = {"epoch": self.state.epoch + 1, **self.train_epoch(self.state.epoch)}
+            if self.resumed_from is not None:  # the first epoch after a restore says where it came from
+                metrics["resumed_from_epoch"], self.resumed_from = self.resumed_from, None
             self.state.epoch += 1
             improved = False
             if self.state.epoch % cfg.eval_every == 0 or self.state.epoch == cfg.epochs:
@@ -150,10 +153,15 @@ class Trainer:
         return self.state
 
     def state_dict(self) -> dict:
+        # The torch RNG (dropout) too, so a resumed run draws what an uninterrupted one would; the
+        # batch order needs nothing saved: it is seeded by (seed, epoch).
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "loop": asdict(self.state)}
+                "loop": asdict(self.state), "rng": torch.get_rng_state()}
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.state = LoopState(**state["loop"])
+        if "rng" in state:  # absent in checkpoints written before it was saved
+            torch.set_rng_state(state["rng"])
+        self.resumed_from = self.state.epoch

@@ -17,7 +17,7 @@ from torch import nn
 from recsys.data.split import LeaveOneOutSplit
 from recsys.experiment import ExperimentConfig
 from recsys.models import build_model, get_spec
-from recsys.runs import atomic_directory
+from recsys.runs import atomic_directory, write_text
 from recsys.training.checkpoint import load_train_state, save_checkpoint
 from recsys.training.loop import LoopState, Trainer
 
@@ -71,7 +71,9 @@ def save_trainer_checkpoint(directory: str | Path, trainer: Trainer, model_name:
 
 def train_in_process(exp: ExperimentConfig, split: LeaveOneOutSplit, run_dir: str | Path,
                      resume: bool = False, device: str = "cpu", context: dict | None = None) -> LoopState:
-    """Train without Ray into ``run_dir/checkpoints/{last,best}``; ``resume`` continues from last."""
+    """Train without Ray into ``run_dir/checkpoints/{last,best}``; ``resume`` continues from last.
+    ``run_dir/epochs.jsonl`` is rewritten from the loop's history after every epoch, so after a
+    resume it holds the checkpoint's epochs and the new ones, never an epoch twice."""
     run_dir = Path(run_dir)
     ckpt = run_dir / "checkpoints"
     trainer = build_trainer(exp, split, device=device, context=context)
@@ -81,8 +83,7 @@ def train_in_process(exp: ExperimentConfig, split: LeaveOneOutSplit, run_dir: st
         restore(trainer, ckpt / "last")
 
     def on_epoch_end(metrics: dict, improved: bool, trainer: Trainer) -> None:
-        with (run_dir / EPOCH_LOG).open("a") as fh:
-            fh.write(json.dumps(metrics) + "\n")
+        write_text(run_dir / EPOCH_LOG, "".join(json.dumps(h) + "\n" for h in trainer.state.history))
         if f"valid_{exp.trainer.select_metric}" not in metrics:
             return
         with atomic_directory(ckpt / "last") as tmp:
