@@ -121,25 +121,25 @@ def cmd_pipeline(ns: argparse.Namespace) -> None:
     print(f"\npipeline run: {run_dir}")
 
 
-def cmd_tune(ns: argparse.Namespace) -> None:
+def cmd_tune(ns: argparse.Namespace) -> int:
     """A Ray Tune sweep (tune/): trials ranked on validation, the winner tested once."""
     from recsys.sweep import load_sweep
 
     path, overrides = split_config_args(ns.config)
-    if ns.resume:
-        if path is not None or overrides or ns.embed or ns.data:
-            raise ValueError("--resume continues a sweep with its saved config and inputs; give only the sweep "
-                             "run directory")
-        from tune.driver import resume_sweep
-
-        resume_sweep(ns.resume)
-        return
-    if path is None:
+    if ns.resume and (path is not None or overrides or ns.embed or ns.data):
+        raise ValueError("--resume continues a sweep with its saved config and inputs; give only the sweep "
+                         "run directory")
+    if not ns.resume and path is None:
         raise ValueError("give a sweep config, e.g. recsys tune configs/tune-demo.yaml (or --resume SWEEP_RUN)")
-    sweep = load_sweep(path, overrides)  # every trial's experiment is validated before any work
-    from tune.driver import run_sweep
+    sweep = None if ns.resume else load_sweep(path, overrides)  # every trial is validated before any work
+    from tune.driver import SweepInterrupted, resume_sweep, run_sweep
 
-    run_sweep(sweep, embed_dir=ns.embed, data_dir=ns.data)
+    try:
+        resume_sweep(ns.resume) if ns.resume else run_sweep(sweep, embed_dir=ns.embed, data_dir=ns.data)
+    except SweepInterrupted as err:
+        print(f"recsys tune: {err}", file=sys.stderr)
+        return 130
+    return 0
 
 
 def cmd_serve(ns: argparse.Namespace) -> None:
@@ -207,11 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
-        ns.func(ns)
+        code = ns.func(ns)  # None from verbs that only succeed or raise
     except (ValueError, FileNotFoundError) as err:
         print(f"recsys {ns.verb}: error: {err}", file=sys.stderr)
         return 2
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -38,7 +38,8 @@ DOMAINS = ("grid", "choice", "uniform", "loguniform", "randint")
 SCHEDULERS = ("asha", "fifo")
 # Prepared once, before the trials, or owned by the sweep itself: not sweepable.
 FIXED_PREFIXES = ("data.", "embed.", "run.")
-FIXED_KEYS = ("model.name", "trainer.epochs", "trainer.use_ray", "ids.use_ray", "trainer.select_metric", "trainer.threads")
+FIXED_KEYS = ("model.name", "trainer.epochs", "trainer.use_ray", "ids.use_ray", "trainer.select_metric",
+              "trainer.threads")
 MAX_VALIDATED_POINTS = 4096  # grid points built one by one at load; beyond that, each value alone
 
 
@@ -58,7 +59,8 @@ class ParamSpec:
                 f"{where} must be a mapping with one of {list(DOMAINS)}, e.g. {{grid: [64, 128]}}; got {raw!r}")
         ((kind, values),) = raw.items()
         require_choice(f"{where} domain", kind, DOMAINS)
-        require(isinstance(values, list) and len(values) > 0, f"{where}.{kind} must be a non-empty list, got {values!r}")
+        require(isinstance(values, list) and len(values) > 0,
+                f"{where}.{kind} must be a non-empty list, got {values!r}")
         if kind in ("grid", "choice"):
             require(len({repr(v) for v in values}) == len(values), f"{where}.{kind} repeats a value: {values!r}")
         else:

@@ -99,7 +99,7 @@ def run_sweep(sweep: Sweep, embed_dir: Path | None = None, data_dir: Path | None
             metric=f"valid_{cfg.metric}", mode="max", num_samples=cfg.num_samples, scheduler=scheduler,
             # the generator bounds concurrency itself (Tune ignores max_concurrent_trials beside it)
             search_alg=BasicVariantGenerator(random_state=cfg.seed, max_concurrent=cfg.max_concurrent_trials),
-            trial_dirname_creator=trial_dir_name),
+            trial_dirname_creator=trial_dir_name, reuse_actors=True),  # no process start per trial
         run_config=ray.tune.RunConfig(
             name=TUNE_DIR, storage_path=str(sweep_dir), verbose=0,
             callbacks=[ProgressLines(cfg.metric, epochs, cfg.n_trials, [s.key for s in cfg.specs])],
@@ -141,19 +141,31 @@ def trial_record(sweep: Sweep, sweep_dir: Path, result) -> TrialRecord:
     history = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
     if any(f"valid_{sweep.config.metric}" in h for h in history):
         metrics = read_json(finish_train(exp, trial_dir / "train", history, wall) / "metrics.json")
-        record.valid, record.best_epoch, record.epochs_run = metrics["valid"], metrics["best_epoch"], metrics["epochs_run"]
+        record.valid, record.best_epoch = metrics["valid"], metrics["best_epoch"]
+        record.epochs_run = metrics["epochs_run"]
     record.status = trial_status(record.epochs_run, exp.trainer.epochs, record.best_epoch, exp.trainer.patience, error)
     return record
 
 
+class SweepInterrupted(RuntimeError):
+    """Tune returned with trials unfinished (Ctrl-C): nothing is ranked; ``--resume`` continues."""
+
+
 def finish_sweep(sweep: Sweep, sweep_dir: Path, grid) -> Path:
     """Rank on validation, test the winner once, and write the tables, plots and winner config."""
+    # On Ctrl-C Tune saves its state and returns normally; ranking a partial sweep would pick a
+    # winner among unfinished trials and label them as stopped by ASHA.
+    unfinished = len(grid) - grid.num_terminated - grid.num_errors
+    if unfinished:
+        raise SweepInterrupted(f"the sweep stopped with {unfinished} of {len(grid)} trials unfinished; "
+                               f"continue it with: recsys tune --resume {sweep_dir}")
     cfg = sweep.config
     ranked = rank_trials([trial_record(sweep, sweep_dir, r) for r in grid], cfg.metric)
     winner = ranked[0] if ranked else None
     if winner is None or math.isnan(winner.score(cfg.metric)):
         errors = "; ".join(f"{r.trial_id}: {r.error}" for r in ranked if r.error)[:2000]
-        raise RuntimeError(f"no trial of {sweep_dir} reported a validation {cfg.metric}" + (f" ({errors})" if errors else ""))
+        raise RuntimeError(f"no trial of {sweep_dir} reported a validation {cfg.metric}"
+                           + (f" ({errors})" if errors else ""))
     winner_dir = Path(winner.trial_dir)
     shutil.rmtree(winner_dir / "evaluate", ignore_errors=True)  # a resumed sweep evaluates again
     _, test = run_evaluate(winner_dir / "train", "test", parent=winner_dir)

@@ -21,7 +21,8 @@ class ProgressLines(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.ended.add(trial.trial_id)
         last = trial.last_result or {}
-        print(f"[{len(self.ended)}/{self.n_trials}] trial {trial.trial_id} ended after epoch {last.get('epoch')}/{self.epochs}: "
+        print(f"[{len(self.ended)}/{self.n_trials}] trial {trial.trial_id} ended after epoch "
+              f"{last.get('epoch')}/{self.epochs}: "
               f"best valid {self.metric} {last.get('best_score', float('nan')):.4f}  {self._params(trial)}",
               flush=True)
 
