@@ -189,6 +189,7 @@ def test_a_tiny_asha_sweep_ranks_tests_the_winner_and_writes_its_config(ray_sess
     for trial in trials:
         saved = json.loads((trial / "train" / "config.json").read_text())
         assert saved["ids_dir"] == str(trial / "ids") and (trial / "ids" / "index").is_dir()
+    assert_wall_covers_epochs(rows)
     # the markdown table has the same ranking; one plot per swept parameter
     md = (sweep_dir / "results.md").read_text()
     assert md.index(winner["trial_id"]) < md.index(loser["trial_id"]) and "| trainer.lr |" in md
@@ -200,6 +201,13 @@ def test_a_tiny_asha_sweep_ranks_tests_the_winner_and_writes_its_config(ray_sess
     assert exp.model_name == "tiger" and exp.trainer.epochs == 2 and exp.trainer.select_metric == "recall@10"
     assert (sweep_dir / "tune").is_dir() and (sweep_dir / "summary.md").is_file()
     assert f"trial {loser['trial_id']}  epoch 1/2  valid recall@10" in out and "winner config:" in out
+
+
+def assert_wall_covers_epochs(rows: list[dict]) -> None:
+    """A trial's wall time (IDs, training, validation; summed over resumes) covers its epochs."""
+    for row in rows:
+        epoch_s = sum(json.loads(x)["epoch_s"] for x in epoch_lines(Path(row["trial_dir"])))
+        assert float(row["wall_s"]) + 0.1 >= epoch_s > 0, row
 
 
 def epoch_lines(trial: Path) -> list[str]:
@@ -263,6 +271,7 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(ray_session, e
     rows = {r["trial_id"]: r for r in read_rows(sweep_dir)}
     assert set(rows) == {first.name, second.name, third.name}
     assert all((r["status"], r["epochs_run"]) == (COMPLETED, "2") for r in rows.values())
+    assert_wall_covers_epochs(list(rows.values()))
     # finished: not trained again (same epoch log, same Tune results); interrupted: continued
     assert epoch_lines(first) == before[first]
     assert (sweep_dir / "tune" / first.name / "result.json").read_text() == results_before

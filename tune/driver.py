@@ -135,7 +135,7 @@ def trial_record(sweep: Sweep, sweep_dir: Path, result) -> TrialRecord:
     params = {s.key: result.config.get(s.key) for s in sweep.config.specs}
     exp = sweep.trial_experiment(params)
     error = f"{type(result.error).__name__}: {result.error}".splitlines()[0] if result.error else ""
-    wall = float((result.metrics or {}).get("time_total_s", 0.0))
+    wall = float((result.metrics or {}).get("trial_s", 0.0))
     record = TrialRecord(trial_id=trial_id, params=params, wall_s=wall, trial_dir=str(trial_dir), error=error)
     log = trial_dir / "train" / EPOCH_LOG
     history = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []

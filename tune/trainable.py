@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import time
 from pathlib import Path
 
 import ray.tune
@@ -30,6 +31,7 @@ from recsys.training.session import EPOCH_LOG, model_context, train_in_process
 TRIALS_DIR = "trials"  # <sweep run>/trials/<trial id>/{ids,train,evaluate}/
 PARAMS_FILE = "params.json"
 TRIAL_LOG = "trial.log"
+TRIAL_TIME = "trial_time.json"
 
 
 def trial_dir_name(trial) -> str:
@@ -43,6 +45,7 @@ def run_trial(config: dict, state: dict) -> None:
     import faiss
     import torch
 
+    started = time.perf_counter()
     sweep = Sweep.from_state(state)
     params = dict(config)
     exp = sweep.trial_experiment(params)
@@ -57,7 +60,7 @@ def run_trial(config: dict, state: dict) -> None:
         ids_dir = None
         if get_spec(exp.model_name).model_cls.needs_semantic_ids:
             ids_dir = ensure_ids(exp, Path(state["embed_dir"]), trial_dir)
-        train_trial(exp, Path(state["data_dir"]), ids_dir, trial_dir, device)
+        train_trial(exp, Path(state["data_dir"]), ids_dir, trial_dir, device, started)
 
 
 def ensure_ids(exp: ExperimentConfig, embed_dir: Path, trial_dir: Path) -> Path:
@@ -70,9 +73,12 @@ def ensure_ids(exp: ExperimentConfig, embed_dir: Path, trial_dir: Path) -> Path:
     return run_ids(exp, embed_dir, parent=trial_dir)
 
 
-def train_trial(exp: ExperimentConfig, data_dir: Path, ids_dir: Path | None, trial_dir: Path, device: str) -> None:
+def train_trial(exp: ExperimentConfig, data_dir: Path, ids_dir: Path | None, trial_dir: Path, device: str,
+                started: float) -> None:
     """Train into ``trial_dir/train`` (a train run ``recsys evaluate`` can read), continuing from
-    Tune's checkpoint when the trial is resumed; report each validated epoch with a checkpoint."""
+    Tune's checkpoint when the trial is resumed; report each validated epoch with a checkpoint.
+    ``trial_s`` counts this trial's seconds (IDs included) across resumes, not the time between;
+    Tune's own time_total_s is not reliable when actors are reused."""
     train_dir = trial_dir / "train"
     train_dir.mkdir(exist_ok=True)
     write_json(train_dir / CONFIG_FILE, {**exp.to_dict(), "data_dir": str(data_dir),
@@ -81,11 +87,12 @@ def train_trial(exp: ExperimentConfig, data_dir: Path, ids_dir: Path | None, tri
     checkpoints, log = train_dir / "checkpoints", train_dir / EPOCH_LOG
     shutil.rmtree(checkpoints, ignore_errors=True)  # the trial restarts from Tune's checkpoint, or from scratch
     resumed = ray.tune.get_checkpoint()
-    done = 0
+    done, spent = 0, 0.0
     if resumed is not None:
         with resumed.as_directory() as src:
             shutil.copytree(src, checkpoints)
         done = load_train_state(checkpoints / "last")["loop"]["epoch"]
+        spent = json.loads((checkpoints / TRIAL_TIME).read_text())["trial_s"]
     # Epochs logged after the checkpoint (the interrupted ones) are run again, so drop them.
     kept = [line for line in (log.read_text().splitlines() if log.is_file() else [])
             if json.loads(line)["epoch"] <= done]
@@ -93,9 +100,11 @@ def train_trial(exp: ExperimentConfig, data_dir: Path, ids_dir: Path | None, tri
     def report(metrics: dict, checkpoint_dir: Path | None) -> None:
         if checkpoint_dir is None:
             return  # an epoch without validation: nothing for ASHA to compare
+        trial_s = spent + time.perf_counter() - started
+        write_json(checkpoint_dir / TRIAL_TIME, {"trial_s": trial_s})  # travels with the checkpoint
         result = {"epoch": metrics["epoch"], "train_loss": metrics["train_loss"],
                   **{k: v for k, v in metrics.items() if k.startswith("valid_")},
-                  "best_score": metrics["best_score"], "best_epoch": metrics["best_epoch"]}
+                  "best_score": metrics["best_score"], "best_epoch": metrics["best_epoch"], "trial_s": trial_s}
         ray.tune.report(result, checkpoint=ray.tune.Checkpoint.from_directory(str(checkpoint_dir)))
 
     context = model_context(exp, split.n_items, ids_dir)
