@@ -301,15 +301,40 @@ def test_the_readme_sweep_example_and_commands_are_real(tmp_path):
         assert args[0] == "tune" and build_parser().parse_args(args).func.__name__ == "cmd_tune"
 
 
-def test_an_interrupted_sweep_is_not_ranked(tmp_path):
-    """Ctrl-C makes Tune save its state and return normally with trials unfinished: the driver
-    must not pick a winner among them."""
+def test_a_partial_sweep_is_not_ranked(tmp_path):
+    """Trials not yet generated are missing from Tune's results: the driver counts the trials
+    the sweep defines, and picks no winner while some have not ended."""
     from tune.driver import SweepInterrupted, finish_sweep
 
     class Grid(list):  # the ResultGrid counters finish_sweep reads
         num_terminated, num_errors = 1, 0
 
-    sweep = load_sweep(write_sweep(tmp_path, {"trainer.lr": {"grid": [1.0e-3, 3.0e-3]}}))
-    with pytest.raises(SweepInterrupted, match=f"1 of 2 trials unfinished.*--resume {tmp_path}"):
-        finish_sweep(sweep, tmp_path, Grid([object(), object()]))
+    sweep = load_sweep(write_sweep(tmp_path, {"trainer.lr": {"grid": [1.0e-3, 3.0e-3, 1.0e-2]}}))
+    with pytest.raises(SweepInterrupted, match=f"2 of 3 trials unfinished.*--resume {tmp_path}"):
+        finish_sweep(sweep, tmp_path, Grid([object()]))
     assert not (tmp_path / "results.csv").exists()
+
+
+@pytest.mark.ray
+def test_ctrl_c_stops_the_sweep_with_status_130_and_the_resume_command(ray_session, embed_run, tmp_path):
+    path = write_sweep(tmp_path, {"trainer.lr": {"grid": [3.0e-3, 1.0e-3]}}, max_concurrent_trials=1)
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "tune", str(path), "trainer.epochs=50",
+                             "--embed", str(embed_run)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        for line in proc.stdout:
+            if "epoch 1/50" in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    sweep_dir = only_dir(tmp_path / "runs" / "tune")
+    assert proc.returncode == 130, err[-3000:]
+    assert f"recsys tune --resume {sweep_dir}" in err
+    assert not (sweep_dir / "results.csv").exists() and not (sweep_dir / "winner.yaml").exists()
+    import ray.tune
+
+    assert ray.tune.Tuner.can_restore(str(sweep_dir / "tune"))

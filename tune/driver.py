@@ -33,9 +33,18 @@ from tune.progress import ProgressLines
 from tune.trainable import TRIALS_DIR, run_trial, trial_dir_name
 
 TUNE_DIR = "tune"  # Ray Tune's experiment directory inside the sweep run
+
+
+class SweepInterrupted(RuntimeError):
+    """The sweep stopped before every trial ended (Ctrl-C): nothing is ranked; ``--resume`` continues."""
 # Tune snapshots the experiment state whenever a trial checkpoints (num_to_keep is set), which is
 # what makes --resume exact; with epochs of seconds it warns that this is frequent. It is intended.
-QUIET_TUNE_ENV = {"TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}
+# Ctrl-C: Tune's own handler stops the run gracefully and returns normally, with the interrupted
+# trials marked TERMINATED in memory and the trials not yet generated missing from the results, so
+# the sweep cannot tell that it was cut short. Without the handler Ctrl-C raises KeyboardInterrupt
+# out of fit(); the state on disk is Tune's last snapshot, taken at every trial checkpoint.
+QUIET_TUNE_ENV = {"TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+                  "TUNE_DISABLE_SIGINT_HANDLER": "1"}
 
 
 def domain(spec: ParamSpec):
@@ -104,7 +113,14 @@ def run_sweep(sweep: Sweep, embed_dir: Path | None = None, data_dir: Path | None
             name=TUNE_DIR, storage_path=str(sweep_dir), verbose=0,
             callbacks=[ProgressLines(cfg.metric, epochs, cfg.n_trials, [s.key for s in cfg.specs])],
             checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=1)))
-    return finish_sweep(sweep, sweep_dir, tuner.fit())
+    return finish_sweep(sweep, sweep_dir, fit(tuner, sweep_dir))
+
+
+def fit(tuner: ray.tune.Tuner, sweep_dir: Path):
+    try:
+        return tuner.fit()
+    except KeyboardInterrupt:
+        raise SweepInterrupted(f"interrupted; continue the sweep with: recsys tune --resume {sweep_dir}") from None
 
 
 def resume_sweep(sweep_dir: Path) -> Path:
@@ -122,7 +138,7 @@ def resume_sweep(sweep_dir: Path) -> Path:
     quiet_tune()
     init_ray()
     tuner = ray.tune.Tuner.restore(str(experiment), trainable(state), resume_unfinished=True, resume_errored=True)
-    return finish_sweep(sweep, sweep_dir, tuner.fit())
+    return finish_sweep(sweep, sweep_dir, fit(tuner, sweep_dir))
 
 
 def trial_record(sweep: Sweep, sweep_dir: Path, result) -> TrialRecord:
@@ -147,19 +163,14 @@ def trial_record(sweep: Sweep, sweep_dir: Path, result) -> TrialRecord:
     return record
 
 
-class SweepInterrupted(RuntimeError):
-    """Tune returned with trials unfinished (Ctrl-C): nothing is ranked; ``--resume`` continues."""
-
-
 def finish_sweep(sweep: Sweep, sweep_dir: Path, grid) -> Path:
     """Rank on validation, test the winner once, and write the tables, plots and winner config."""
-    # On Ctrl-C Tune saves its state and returns normally; ranking a partial sweep would pick a
-    # winner among unfinished trials and label them as stopped by ASHA.
-    unfinished = len(grid) - grid.num_terminated - grid.num_errors
-    if unfinished:
-        raise SweepInterrupted(f"the sweep stopped with {unfinished} of {len(grid)} trials unfinished; "
-                               f"continue it with: recsys tune --resume {sweep_dir}")
     cfg = sweep.config
+    # Never rank a partial sweep: it would pick a winner among unfinished trials.
+    unfinished = cfg.n_trials - grid.num_terminated - grid.num_errors
+    if unfinished:
+        raise SweepInterrupted(f"the sweep stopped with {unfinished} of {cfg.n_trials} trials unfinished; "
+                               f"continue it with: recsys tune --resume {sweep_dir}")
     ranked = rank_trials([trial_record(sweep, sweep_dir, r) for r in grid], cfg.metric)
     winner = ranked[0] if ranked else None
     if winner is None or math.isnan(winner.score(cfg.metric)):
