@@ -44,7 +44,8 @@ class SweepInterrupted(RuntimeError):
 # the sweep cannot tell that it was cut short. Without the handler Ctrl-C raises KeyboardInterrupt
 # out of fit(); the state on disk is Tune's last snapshot, taken at every trial checkpoint.
 QUIET_TUNE_ENV = {"TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
-                  "TUNE_DISABLE_SIGINT_HANDLER": "1"}
+                  "TUNE_DISABLE_SIGINT_HANDLER": "1",
+                  "RAY_AIR_NEW_OUTPUT": "0"}  # with verbose=0: no banner; ProgressLines prints instead
 
 
 def domain(spec: ParamSpec):

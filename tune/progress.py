@@ -5,13 +5,17 @@ from __future__ import annotations
 from ray.tune import Callback
 
 
+def _short(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else repr(value)
+
+
 class ProgressLines(Callback):
     def __init__(self, metric: str, epochs: int, n_trials: int, keys: list[str]):
         self.metric, self.epochs, self.n_trials, self.keys = metric, epochs, n_trials, keys
         self.ended: set[str] = set()
 
     def _params(self, trial) -> str:
-        return " ".join(f"{k.rsplit('.', 1)[-1]}={trial.config.get(k)!r}" for k in self.keys)
+        return " ".join(f"{k.rsplit('.', 1)[-1]}={_short(trial.config.get(k))}" for k in self.keys)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         print(f"  trial {trial.trial_id}  epoch {result.get('epoch')}/{self.epochs}  valid {self.metric} "
