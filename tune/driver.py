@@ -35,17 +35,19 @@ from tune.trainable import TRIALS_DIR, run_trial, trial_dir_name
 TUNE_DIR = "tune"  # Ray Tune's experiment directory inside the sweep run
 
 
-class SweepInterrupted(RuntimeError):
-    """The sweep stopped before every trial ended (Ctrl-C): nothing is ranked; ``--resume`` continues."""
 # Tune snapshots the experiment state whenever a trial checkpoints (num_to_keep is set), which is
 # what makes --resume exact; with epochs of seconds it warns that this is frequent. It is intended.
 # Ctrl-C: Tune's own handler stops the run gracefully and returns normally, with the interrupted
 # trials marked TERMINATED in memory and the trials not yet generated missing from the results, so
 # the sweep cannot tell that it was cut short. Without the handler Ctrl-C raises KeyboardInterrupt
 # out of fit(); the state on disk is Tune's last snapshot, taken at every trial checkpoint.
-QUIET_TUNE_ENV = {"TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+TUNE_ENV = {"TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
                   "TUNE_DISABLE_SIGINT_HANDLER": "1",
                   "RAY_AIR_NEW_OUTPUT": "0"}  # with verbose=0: no banner; ProgressLines prints instead
+
+
+class SweepInterrupted(RuntimeError):
+    """The sweep stopped before every trial ended (Ctrl-C): nothing is ranked; ``--resume`` continues."""
 
 
 def domain(spec: ParamSpec):
@@ -59,8 +61,8 @@ def domain(spec: ParamSpec):
     return (ray.tune.loguniform if spec.kind == "loguniform" else ray.tune.uniform)(low, high)
 
 
-def quiet_tune() -> None:
-    for key, value in QUIET_TUNE_ENV.items():
+def set_tune_env() -> None:
+    for key, value in TUNE_ENV.items():
         os.environ.setdefault(key, value)
 
 
@@ -95,7 +97,7 @@ def run_sweep(sweep: Sweep, embed_dir: Path | None = None, data_dir: Path | None
     print(f"sweep run: {sweep_dir} ({sweep.config.n_trials} trials)", flush=True)
     state = {**sweep.to_dict(), "sweep_dir": str(sweep_dir), **prepare_inputs(sweep, sweep_dir, embed_dir, data_dir)}
     write_json(sweep_dir / CONFIG_FILE, state)
-    quiet_tune()
+    set_tune_env()
     init_ray()
     cfg = sweep.config
     epochs = sweep.base_experiment().trainer.epochs
@@ -136,7 +138,7 @@ def resume_sweep(sweep_dir: Path) -> Path:
         raise FileNotFoundError(f"{experiment} holds no Ray Tune experiment to resume")
     sweep = Sweep.from_state(state)
     print(f"resuming sweep run: {sweep_dir}", flush=True)
-    quiet_tune()
+    set_tune_env()
     init_ray()
     tuner = ray.tune.Tuner.restore(str(experiment), trainable(state), resume_unfinished=True, resume_errored=True)
     return finish_sweep(sweep, sweep_dir, fit(tuner, sweep_dir))
