@@ -6,6 +6,8 @@
     recsys train     [CONFIG] [key=value ...] [--data DATA_RUN] [--ids IDS_RUN] [--resume TRAIN_RUN]
     recsys evaluate  TRAIN_RUN [--split test|valid]
     recsys pipeline  [CONFIG] [key=value ...]
+    recsys tune      SWEEP_CONFIG [key=value ...] [--embed EMBED_RUN] [--data DATA_RUN]
+    recsys tune      --resume SWEEP_RUN
     recsys serve     TRAIN_RUN [--host 127.0.0.1] [--port 8000] [--replicas N] [--api-key-env VAR] [--ann]
 
 CONFIG is a YAML file; without one the embedded defaults run (the synthetic dataset, offline).
@@ -122,6 +124,27 @@ def cmd_pipeline(ns: argparse.Namespace) -> None:
     print(f"\npipeline run: {run_dir}")
 
 
+def cmd_tune(ns: argparse.Namespace) -> int:
+    """A Ray Tune sweep (tune/): trials ranked on validation, the winner tested once."""
+    from recsys.sweep import load_sweep
+
+    path, overrides = split_config_args(ns.config)
+    if ns.resume and (path is not None or overrides or ns.embed or ns.data):
+        raise ValueError("--resume continues a sweep with its saved config and inputs; give only the sweep "
+                         "run directory")
+    if not ns.resume and path is None:
+        raise ValueError("give a sweep config, e.g. recsys tune configs/tune-demo.yaml (or --resume SWEEP_RUN)")
+    sweep = None if ns.resume else load_sweep(path, overrides)  # every trial is validated before any work
+    from tune.driver import SweepInterrupted, resume_sweep, run_sweep
+
+    try:
+        resume_sweep(ns.resume) if ns.resume else run_sweep(sweep, embed_dir=ns.embed, data_dir=ns.data)
+    except SweepInterrupted as err:
+        print(f"recsys tune: {err}", file=sys.stderr)
+        return 130
+    return 0
+
+
 def cmd_serve(ns: argparse.Namespace) -> None:
     """Serve a train run over HTTP until Ctrl-C (Ray Serve on a local Ray instance, or the cluster
     in RAY_ADDRESS)."""
@@ -160,6 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "train":
             sub.add_argument("--resume", type=Path, help="a train run directory to continue")
             sub.add_argument("--ids", type=Path, help="a `recsys ids` run, for models that decode semantic IDs")
+    tn = verbs.add_parser("tune", help="Ray Tune sweep (ASHA) over config keys; ranked on validation")
+    tn.add_argument("config", nargs="*", help="SWEEP.yaml [key.subkey=value ...]")
+    tn.add_argument("--resume", type=Path, help="a `recsys tune` run directory to continue")
+    tn.add_argument("--embed", type=Path, help="a `recsys embed` run to use (default: embed first)")
+    tn.add_argument("--data", type=Path, help="a `recsys data` run directory (default: prepare it)")
+    tn.set_defaults(func=cmd_tune)
     ev = verbs.add_parser("evaluate", help="evaluate a train run's selected checkpoint")
     ev.add_argument("train_run", type=Path)
     ev.add_argument("--split", choices=("test", "valid"), default="test")
@@ -181,11 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
-        ns.func(ns)
+        code = ns.func(ns)  # None from verbs that only succeed or raise
     except (ValueError, FileNotFoundError) as err:
         print(f"recsys {ns.verb}: error: {err}", file=sys.stderr)
         return 2
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,342 @@
+"""Sweeps: the sweep config and its validation (no Ray), a real tiny ASHA sweep end to end on the
+shared Ray instance, and a sweep killed mid-way and resumed from its Ray Tune experiment."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from pipelines.cli import main
+from recsys.experiment import load_experiment
+from recsys.sweep import load_sweep
+from recsys.sweep_report import ASHA, COMPLETED, TrialRecord, rank_trials, trial_status
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_BASE = {
+    "data": {"format": "synthetic", "synthetic": {"n_users": 200, "n_items": 60, "n_topics": 4}},
+    "ids": {"method": "hkmeans", "hkmeans": {"branching": 6, "max_levels": 3, "niter": 10}},
+    "model": {"name": "tiger", "d_model": 32, "n_encoder_layers": 1, "n_decoder_layers": 1, "n_heads": 2,
+              "head_dim": 16, "d_ff": 64, "beam_size": 20},
+    "trainer": {"epochs": 3, "batch_size": 64, "lr": 3.0e-3, "samples": "prefixes", "patience": 0},
+}
+
+
+def write_sweep(tmp_path: Path, params: dict, **sweep) -> Path:
+    base = {**TINY_BASE, "run": {"root": str(tmp_path / "runs")}}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"base": base, "sweep": {"params": params, **sweep}}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def embed_run(tmp_path_factory):
+    """A data run of the tiny synthetic set and a stand-in embed run: each item's vector is its
+    topic's centre plus its subtopic's plus noise, so the IDs follow content (no encoder needed)."""
+    from pipelines.stages import run_data
+    from recsys.data import InteractionData
+    from recsys.runs import mark_complete, write_json
+    from recsys.text import write_embeddings
+
+    root = tmp_path_factory.mktemp("inputs")
+    data_dir = run_data(load_experiment(None, [f"run.root={root}", "data.synthetic.n_users=200",
+                                               "data.synthetic.n_items=60", "data.synthetic.n_topics=4"]))
+    items = InteractionData.load(data_dir).items
+    rng = np.random.default_rng(0)
+    centres: dict[str, np.ndarray] = {}
+    vectors = np.stack([
+        sum(centres.setdefault(c, rng.normal(size=16).astype(np.float32) * s) for c, s in zip(cats, (3.0, 1.0)))
+        + rng.normal(size=16).astype(np.float32) * 0.2 for cats in items["categories"]])
+    embed_dir = root / "embed"
+    embed_dir.mkdir()
+    write_embeddings(embed_dir / "embeddings.parquet", items["item_id"].to_numpy(), vectors, "test-encoder",
+                     [str(i) for i in items["item_id"]])
+    write_json(embed_dir / "config.json", {"data_dir": str(data_dir)})
+    mark_complete(embed_dir, "embed")
+    return embed_dir
+
+
+def only_dir(path: Path) -> Path:
+    (found,) = [p for p in path.iterdir() if p.is_dir()]
+    return found
+
+
+def read_rows(sweep_dir: Path) -> list[dict]:
+    with (sweep_dir / "results.csv").open() as fh:
+        return list(csv.DictReader(fh))
+
+
+# --- the sweep config, without Ray ---------------------------------------------------------------
+
+@pytest.mark.parametrize("params, sweep, message", [
+    ({"ids.hkmeans.brnching": {"grid": [4, 8]}}, {}, r"unknown config key\(s\) \['ids.hkmeans.brnching'\]"),
+    ({"ids.hkmeans.branching": {"grid": [1, 8]}}, {}, "hkmeans.branching=1 is out of range"),
+    ({"trainer.lr": {"loguniform": [1.0e-4, 20.0]}}, {}, r"trainer.lr=20.0 is out of range"),
+    ({"ids.hkmeans.branching": {"grid": []}}, {}, r"sweep.params.ids.hkmeans.branching.grid must be a non-empty list"),
+    ({"ids.hkmeans.branching": {"grid": [4, 4]}}, {}, "repeats a value"),
+    ({"ids.hkmeans.branching": {"range": [4, 8]}}, {}, "domain='range' is not allowed"),
+    ({"trainer.lr": {"loguniform": [0, 1.0e-3]}}, {}, "low must be > 0"),
+    ({"trainer.lr": {"uniform": [1.0e-3, 1.0e-4]}}, {}, "low must be < high"),
+    ({"data.synthetic.n_items": {"grid": [50, 60]}}, {}, "cannot be swept: data, embeddings"),
+    ({"trainer.epochs": {"grid": [2, 3]}}, {}, "cannot be swept"),
+    ({}, {}, "sweep.params must map at least one"),
+    ({"trainer.lr": {"grid": [1.0e-3, 3.0e-3]}}, {"num_samples": 3}, "repeats identical trials"),
+    ({"trainer.lr": {"grid": [1.0e-3]}}, {"metric": "mrr"}, "sweep.metric='mrr' is not allowed"),
+    ({"trainer.lr": {"grid": [1.0e-3]}}, {"resources": {"cpu": 0}}, r"cpu=0.0 is out of range; allowed: >= 0.01"),
+    ({"trainer.lr": {"grid": [1.0e-3]}}, {"scheduler": {"reduction_factor": 1}}, "reduction_factor=1.0 is out of"),
+    ({"trainer.lr": {"grid": [1.0e-3]}}, {"scheduler": {"grace_period": 9}}, "grace_period=9 exceeds trainer.epochs=3"),
+    ({"trainer.lr": {"grid": [1.0e-3]}}, {"max_concurent_trials": 1}, r"unknown config key.*'sweep.max_concurent_tr"),
+])
+def test_a_bad_sweep_fails_at_load_naming_the_key(tmp_path, params, sweep, message):
+    with pytest.raises(ValueError, match=message):
+        load_sweep(write_sweep(tmp_path, params, **sweep))
+
+
+def test_the_cli_exits_2_on_a_typo_before_any_work(tmp_path, capsys):
+    path = write_sweep(tmp_path, {"ids.rqvae.codebok_size": {"grid": [64, 128]}})
+    assert main(["tune", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "recsys tune: error:" in err and "ids.rqvae.codebok_size" in err and "codebook_size" in err
+    assert not (tmp_path / "runs").exists()  # nothing started, nothing half-made
+    assert main(["tune", "--resume", str(tmp_path), str(path)]) == 2
+    assert "give only the sweep run directory" in capsys.readouterr().err
+    assert main(["tune", "--resume", str(tmp_path / "nowhere")]) == 2
+
+
+def test_overrides_reach_the_base_or_the_sweep(tmp_path):
+    path = write_sweep(tmp_path, {"trainer.lr": {"grid": [1.0e-3, 3.0e-3]}})
+    sweep = load_sweep(path, ["trainer.epochs=5", "sweep.max_concurrent_trials=1",
+                              "sweep.params.ids.hkmeans.branching={choice: [4, 8]}", "sweep.num_samples=2"])
+    assert sweep.base["trainer"]["epochs"] == 5 and sweep.config.max_concurrent_trials == 1
+    assert [(s.key, s.kind) for s in sweep.config.specs] == [("trainer.lr", "grid"),
+                                                             ("ids.hkmeans.branching", "choice")]
+    assert sweep.config.n_trials == 4  # 2 grid points x 2 samples
+    exp = sweep.trial_experiment({"trainer.lr": 3.0e-3, "ids.hkmeans.branching": 8})
+    assert (exp.trainer.lr, exp.ids.hkmeans.branching) == (3.0e-3, 8)
+    assert not exp.trainer.use_ray and not exp.ids.use_ray  # a trial runs in-process
+    assert exp.trainer.select_metric == "recall@10" and exp.trainer.threads == 1
+    with pytest.raises(ValueError, match="override key 'sweeep' is not allowed"):
+        load_sweep(path, ["sweeep.num_samples=2"])
+
+
+def test_the_shipped_sweep_configs_load():
+    demo = load_sweep(REPO / "configs" / "tune-demo.yaml")
+    assert demo.config.n_trials == 4 and demo.base_experiment().model_name == "tiger"
+    beauty = load_sweep(REPO / "configs" / "tune-beauty.yaml", ["data.path=/data/beauty"])
+    exp = beauty.base_experiment()  # beauty-tiger.yaml, found relative to the sweep file, refined by base:
+    assert (exp.model_name, exp.ids.method, exp.trainer.epochs, exp.data.path) == ("tiger", "rqvae", 12, "/data/beauty")
+    assert {s.key for s in beauty.config.specs} >= {"ids.rqvae.codebook_size", "ids.rqvae.n_levels", "ids.rqvae.beta"}
+
+
+def test_trials_rank_on_validation_and_say_why_they_ended():
+    assert trial_status(3, 3, 2, 0) == COMPLETED
+    assert trial_status(1, 3, 1, 0) == ASHA
+    assert trial_status(2, 5, 1, 1) == "stopped (patience)"
+    assert trial_status(1, 3, 1, 0, error="boom") == "error"
+    records = [TrialRecord("b", {}, {"recall@10": 0.2}), TrialRecord("a", {}, {}),
+               TrialRecord("c", {}, {"recall@10": 0.5}), TrialRecord("d", {}, {"recall@10": 0.2})]
+    assert [r.trial_id for r in rank_trials(records, "recall@10")] == ["c", "b", "d", "a"]
+
+
+def test_winner_config_round_trips_through_load_experiment(tmp_path):
+    from recsys.sweep_report import write_winner_config
+
+    sweep = load_sweep(write_sweep(tmp_path, {"trainer.lr": {"loguniform": [1.0e-4, 1.0e-2]},
+                                              "ids.hkmeans.branching": {"grid": [4, 8]}}))
+    params = {"trainer.lr": 0.0012345, "ids.hkmeans.branching": 8}
+    path = write_winner_config(tmp_path / "winner.yaml", sweep.winner_experiment(params), ["winner of a test"])
+    exp = load_experiment(path)
+    assert (exp.trainer.lr, exp.ids.hkmeans.branching) == (0.0012345, 8)
+    assert exp.trainer.use_ray and exp.ids.use_ray  # as the base has them, not the trials' in-process settings
+    assert exp.to_dict() == sweep.winner_experiment(params).to_dict()
+
+
+# --- real sweeps on the shared Ray instance ----------------------------------------------------
+
+
+@pytest.mark.ray
+def test_a_tiny_asha_sweep_ranks_tests_the_winner_and_writes_its_config(ray_session, embed_run, tmp_path, capsys):
+    # One trial at a time, good learning rate first: at the epoch-1 rung ASHA compares the
+    # near-frozen trial (lr 1e-6) with the good one and stops it, deterministically.
+    params = {"trainer.lr": {"grid": [3.0e-3, 1.0e-6]}, "ids.hkmeans.branching": {"choice": [4, 6]}}
+    asha = {"name": "asha", "grace_period": 1, "reduction_factor": 2}
+    path = write_sweep(tmp_path, params, max_concurrent_trials=1, scheduler=asha)
+    assert main(["tune", str(path), "trainer.epochs=2", "--embed", str(embed_run)]) == 0
+    out = capsys.readouterr().out
+    sweep_dir = only_dir(tmp_path / "runs" / "tune")
+    rows = read_rows(sweep_dir)
+    assert [r["rank"] for r in rows] == ["1", "2"]
+    scores = [float(r["valid_recall@10"]) for r in rows]
+    assert scores == sorted(scores, reverse=True) and scores[0] > scores[1]
+    winner, loser = rows
+    assert float(winner["trainer.lr"]) == 3.0e-3 and (winner["status"], winner["epochs_run"]) == (COMPLETED, "2")
+    assert float(loser["trainer.lr"]) == 1.0e-6 and (loser["status"], loser["epochs_run"]) == (ASHA, "1")
+    assert {"ids.hkmeans.branching", "best_epoch", "wall_s", "valid_ndcg@10", "trial_dir"} <= set(winner)
+    # test figures for the winner only, in the table and in winner_test.json
+    test = json.loads((sweep_dir / "winner_test.json").read_text())
+    assert test["trial_id"] == winner["trial_id"] and set(test["test"]) == {
+        f"{m}@{k}" for m in ("recall", "ndcg") for k in (5, 10, 20)}
+    assert float(winner["test_recall@10"]) == pytest.approx(test["test"]["recall@10"]) and loser["test_recall@10"] == ""
+    trials = sorted((sweep_dir / "trials").iterdir())
+    assert [p.name for p in trials if (p / "evaluate").is_dir()] == [winner["trial_id"]]
+    # each trial built its own IDs and train run; the train run records them
+    for trial in trials:
+        saved = json.loads((trial / "train" / "config.json").read_text())
+        assert saved["ids_dir"] == str(trial / "ids") and (trial / "ids" / "index").is_dir()
+    assert_wall_covers_epochs(rows)
+    # the markdown table has the same ranking; one plot per swept parameter
+    md = (sweep_dir / "results.md").read_text()
+    assert md.index(winner["trial_id"]) < md.index(loser["trial_id"]) and "| trainer.lr |" in md
+    for key in ("trainer.lr", "ids.hkmeans.branching"):
+        assert (sweep_dir / f"metric_vs_{key}.png").stat().st_size > 5_000
+    # the winner's config is a pipeline config with the winning values
+    exp = load_experiment(sweep_dir / "winner.yaml")
+    assert json.loads((sweep_dir / "COMPLETE").read_text())["stage"] == "tune"
+    assert exp.trainer.lr == 3.0e-3 and exp.ids.hkmeans.branching == int(winner["ids.hkmeans.branching"])
+    assert exp.model_name == "tiger" and exp.trainer.epochs == 2 and exp.trainer.select_metric == "recall@10"
+    assert (sweep_dir / "tune").is_dir() and (sweep_dir / "summary.md").is_file()
+    assert f"trial {loser['trial_id']}  epoch 1/2  valid recall@10" in out and "winner config:" in out
+
+
+def assert_wall_covers_epochs(rows: list[dict]) -> None:
+    """A trial's wall time (IDs, training, validation; summed over resumes) covers its epochs."""
+    for row in rows:
+        epoch_s = sum(json.loads(x)["epoch_s"] for x in epoch_lines(Path(row["trial_dir"])))
+        assert float(row["wall_s"]) + 0.1 >= epoch_s > 0, row
+
+
+def epoch_lines(trial: Path) -> list[str]:
+    log = trial / "train" / "epochs.jsonl"
+    return log.read_text().splitlines() if log.is_file() else []
+
+
+def snapshot_has_one_done_one_checkpointed(experiment: Path) -> bool:
+    """Tune's newest experiment-state file records a TERMINATED trial and a RUNNING one that has
+    reported (and so checkpointed) at least one epoch."""
+    files = sorted(experiment.glob("experiment_state-*.json"))
+    try:
+        trials = [(json.loads(t), json.loads(m)) for t, m in json.loads(files[-1].read_text())["trial_data"]]
+    except (IndexError, ValueError, KeyError):  # not written yet, or mid-copy
+        return False
+    statuses = [(t["status"], (m.get("last_result") or {}).get("training_iteration", 0)) for t, m in trials]
+    return ("TERMINATED", 2) in statuses and any(s == "RUNNING" and i >= 1 for s, i in statuses)
+
+
+@pytest.mark.ray
+def test_a_killed_sweep_resumes_without_rerunning_finished_trials(ray_session, embed_run, tmp_path):
+    """The sweep runs as `recsys tune` in its own process (on the shared Ray instance), is killed
+    with SIGKILL once the first trial has ended and the second has reported an epoch, and is
+    resumed: the first trial is not trained again, the second continues from its checkpoint."""
+    path = write_sweep(tmp_path, {"trainer.lr": {"grid": [3.0e-3, 2.0e-3, 1.0e-3]}}, max_concurrent_trials=1,
+                       scheduler={"name": "fifo"})
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "tune", str(path), "trainer.epochs=2",
+                             "--embed", str(embed_run)],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    seen, deadline = [], time.monotonic() + 240
+    try:
+        for line in proc.stdout:  # wait for: trial 1 ended, then trial 2 reported epoch 1
+            seen.append(line)
+            if any(s.startswith("[1/3]") for s in seen) and "_00001  epoch 1/2" in line:
+                break
+            assert time.monotonic() < deadline, "".join(seen[-30:])
+        else:
+            pytest.fail("the sweep ended before it could be interrupted:\n" + "".join(seen[-30:]))
+        # Resume is exactly as good as Tune's last experiment snapshot: kill once it holds that.
+        sweep_dir = only_dir(tmp_path / "runs" / "tune")
+        while time.monotonic() < deadline and not snapshot_has_one_done_one_checkpointed(sweep_dir / "tune"):
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    first, second = sorted((sweep_dir / "trials").iterdir())  # the third has not started
+    before = {t: epoch_lines(t) for t in (first, second)}
+    assert len(before[first]) == 2 and len(before[second]) == 1, before
+    assert not (sweep_dir / "results.csv").exists() and not (sweep_dir / "COMPLETE").exists()
+    results_before = (sweep_dir / "tune" / first.name / "result.json").read_text()
+    # the killed driver's trial actor goes with it; wait until its CPU is free again
+    for _ in range(120):
+        if ray_session.available_resources().get("CPU", 0) >= 2:
+            break
+        time.sleep(0.25)
+
+    assert main(["tune", "--resume", str(sweep_dir)]) == 0
+    third = sorted((sweep_dir / "trials").iterdir())[2]
+    rows = {r["trial_id"]: r for r in read_rows(sweep_dir)}
+    assert set(rows) == {first.name, second.name, third.name} and (sweep_dir / "COMPLETE").is_file()
+    assert all((r["status"], r["epochs_run"]) == (COMPLETED, "2") for r in rows.values())
+    assert_wall_covers_epochs(list(rows.values()))
+    # finished: not trained again (same epoch log, same Tune results); interrupted: continued
+    assert epoch_lines(first) == before[first]
+    assert (sweep_dir / "tune" / first.name / "result.json").read_text() == results_before
+    after = epoch_lines(second)
+    assert [json.loads(x)["epoch"] for x in after] == [1, 2] and after[0] == before[second][0]
+    assert [json.loads(x)["epoch"] for x in epoch_lines(third)] == [1, 2]
+    assert load_experiment(sweep_dir / "winner.yaml").trainer.lr == float(read_rows(sweep_dir)[0]["trainer.lr"])
+
+
+def test_the_readme_sweep_example_and_commands_are_real(tmp_path):
+    import re
+    import shutil
+
+    from pipelines.cli import build_parser
+
+    text = (REPO / "README.md").read_text()
+    section = re.search(r"## Sweeps\n(.*?)\n## ", text, re.S).group(1)
+    example = re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
+    shutil.copy(REPO / "configs" / "beauty-tiger.yaml", tmp_path / "beauty-tiger.yaml")
+    (tmp_path / "sweep.yaml").write_text(example)
+    sweep = load_sweep(tmp_path / "sweep.yaml", ["data.path=/data/beauty"])
+    assert [s.kind for s in sweep.config.specs] == ["grid", "grid", "uniform", "loguniform"]
+    assert sweep.config.n_trials == 6 and sweep.base_experiment().model_name == "tiger"
+    commands = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    for line in commands.strip().splitlines():
+        args = line.split("#")[0].split()[1:]
+        assert args[0] == "tune" and build_parser().parse_args(args).func.__name__ == "cmd_tune"
+
+
+def test_a_partial_sweep_is_not_ranked(tmp_path):
+    """Trials not yet generated are missing from Tune's results: the driver counts the trials
+    the sweep defines, and picks no winner while some have not ended."""
+    from tune.driver import SweepInterrupted, finish_sweep
+
+    class Grid(list):  # the ResultGrid counters finish_sweep reads
+        num_terminated, num_errors = 1, 0
+
+    sweep = load_sweep(write_sweep(tmp_path, {"trainer.lr": {"grid": [1.0e-3, 3.0e-3, 1.0e-2]}}))
+    with pytest.raises(SweepInterrupted, match=f"2 of 3 trials unfinished.*--resume {tmp_path}"):
+        finish_sweep(sweep, tmp_path, Grid([object()]))
+    assert not (tmp_path / "results.csv").exists()
+
+
+@pytest.mark.ray
+def test_ctrl_c_stops_the_sweep_with_status_130_and_the_resume_command(ray_session, embed_run, tmp_path):
+    path = write_sweep(tmp_path, {"trainer.lr": {"grid": [3.0e-3, 1.0e-3]}}, max_concurrent_trials=1)
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "tune", str(path), "trainer.epochs=50",
+                             "--embed", str(embed_run)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        for line in proc.stdout:
+            if "epoch 1/50" in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    sweep_dir = only_dir(tmp_path / "runs" / "tune")
+    assert proc.returncode == 130, err[-3000:]
+    assert f"recsys tune --resume {sweep_dir}" in err
+    assert not (sweep_dir / "results.csv").exists() and not (sweep_dir / "winner.yaml").exists()
+    import ray.tune
+
+    assert ray.tune.Tuner.can_restore(str(sweep_dir / "tune"))
