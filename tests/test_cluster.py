@@ -306,8 +306,10 @@ def test_pipeline_runs_as_a_ray_job_on_two_nodes(two_node_cluster, tmp_path):
 
     run_root = tmp_path / "runs"  # the same path for both nodes: this machine's filesystem is the shared one
     client = JobSubmissionClient(cluster.dashboard_url, headers={"Authorization": f"Bearer {cluster.token}"})
-    entrypoint = (shlex.join(["python", "-c", "import pipelines; print('code from', pipelines.__file__)"])
-                  + " && " + shlex.join(["recsys", "pipeline", f"run.root={run_root}", *TINY_PIPELINE]))
+    # Which `pipelines` does the job import? Asked from / so that only PYTHONPATH can answer, as it does
+    # for the `recsys` script: the uploaded tree must win over the copy installed in the venv.
+    where = shlex.join(["python", "-c", "import pipelines; print('code from', pipelines.__file__)"])
+    entrypoint = f"(cd / && {where}) && " + shlex.join(["recsys", "pipeline", f"run.root={run_root}", *TINY_PIPELINE])
     job = client.submit_job(entrypoint=entrypoint, runtime_env={
         "working_dir": str(ROOT),
         "excludes": [".venv", "runs", ".git", ".pytest_cache", "**/__pycache__", "docs"],
