@@ -126,6 +126,7 @@ def test_no_dashboard_or_service_port_is_exposed():
     starts = cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]
     assert not any("0.0.0.0" in c for c in starts)
     assert world_open_ports(cfg) == set()
+    # a pre-made group named in node_config would bring rules this file cannot show
     assert not any("SecurityGroupIds" in t["node_config"] for t in cfg["available_node_types"].values())
     # token auth on every node, with the token file shipped to every node
     assert all("RAY_AUTH_MODE=token" in c for c in starts if "ray start" in c)
