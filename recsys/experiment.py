@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from recsys.config import deep_merge, from_dict, load_yaml, parse_overrides, to_dict
+from recsys.config import deep_merge, from_dict, load_yaml, parse_overrides, require, to_dict
 from recsys.data.config import DataConfig
 from recsys.models import model_config_from_dict
 from recsys.semantic_ids.build import IdsConfig
@@ -26,6 +26,13 @@ DEFAULT_MODEL = {"name": "sasrec"}
 class RunSection:
     root: str = "runs"  # where run directories go: runs/<stage>/<run-id>/
     name: str = ""  # appended to the run id; empty = the model name
+
+    def __post_init__(self):
+        # Run directories are local paths (recsys.runs, Ray Train's storage_path = the run directory).
+        # A URI would silently become a relative directory named "s3:" inside the job's working copy.
+        require("://" not in self.root,
+                f"run.root={self.root} is a URI; allowed: a filesystem path (on a cluster, a shared "
+                "filesystem mounted at the same path on every node); object-store URIs are not supported")
 
 
 @dataclass
