@@ -133,6 +133,8 @@ def test_the_shipped_sweep_configs_load():
     exp = beauty.base_experiment()  # beauty-tiger.yaml, found relative to the sweep file, refined by base:
     assert (exp.model_name, exp.ids.method, exp.trainer.epochs, exp.data.path) == ("tiger", "rqvae", 12, "/data/beauty")
     assert {s.key for s in beauty.config.specs} >= {"ids.rqvae.codebook_size", "ids.rqvae.n_levels", "ids.rqvae.beta"}
+    small = load_sweep(REPO / "configs" / "tune-beauty-small.yaml", ["data.path=/data/beauty"])
+    assert small.config.n_trials == 6 and small.base_experiment().ids.rqvae.codebook_size == 256  # default in grid
 
 
 def test_trials_rank_on_validation_and_say_why_they_ended():
