@@ -23,7 +23,7 @@ from recsys.data import InteractionData
 from recsys.data.split import leave_one_out
 from recsys.experiment import ExperimentConfig
 from recsys.models import get_spec
-from recsys.runs import CONFIG_FILE, METRICS_FILE, write_json
+from recsys.runs import COMPLETE_FILE, CONFIG_FILE, write_json
 from recsys.sweep import Sweep
 from recsys.training.checkpoint import load_train_state
 from recsys.training.session import EPOCH_LOG, model_context, train_in_process
@@ -65,9 +65,9 @@ def run_trial(config: dict, state: dict) -> None:
 
 def ensure_ids(exp: ExperimentConfig, embed_dir: Path, trial_dir: Path) -> Path:
     """The trial's semantic IDs (``trial_dir/ids``): kept when a resumed trial already built them
-    (the ids run writes metrics.json last), else fitted in-process from the shared embeddings."""
+    (its COMPLETE marker is written last), else fitted in-process from the shared embeddings."""
     ids_dir = trial_dir / "ids"
-    if (ids_dir / METRICS_FILE).is_file():
+    if (ids_dir / COMPLETE_FILE).is_file():
         return ids_dir
     shutil.rmtree(ids_dir, ignore_errors=True)
     return run_ids(exp, embed_dir, parent=trial_dir)
