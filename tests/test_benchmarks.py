@@ -65,3 +65,26 @@ def test_serve_load_summary_counts_errors_by_kind_and_times_only_answers():
     assert summarise([], 1.0)["p50_ms"] is None
     table = markdown({"tiger": {"c8": s}, "ann": {"c8": s}, "fault": []})
     assert "| tiger | 8 | 50.5 |" in table and "| ann | 8 |" in table
+
+
+def test_split_baselines_rank_training_successors_of_the_last_item_then_popular_items():
+    from benchmarks.split_baselines import popular_items, popularity_counts, rank_transition, score, transition_counts
+    from recsys.data.split import EvalSet, LeaveOneOutSplit
+
+    # item 1 is followed by 2 twice and by 3 once; items 10..39 fill the catalogue with 1 count each
+    train = [np.array([1, 2, 5]), np.array([4, 1, 2]), np.array([1, 3])] + [np.array([i]) for i in range(10, 40)]
+    empty = EvalSet(np.zeros(0, np.int64), np.zeros((0, 3), np.int64), np.zeros(0, np.int64))
+    split = LeaveOneOutSplit(n_items=40, max_history=3, train=train, train_users=np.arange(len(train)),
+                             valid=empty, test=empty, dropped_users=0)
+    counts = popularity_counts(split)
+    popular = popular_items(counts)
+    assert counts[0] == 0 and 0 not in popular and list(popular[:3]) == [1, 2, 3]
+    table = transition_counts(split)
+    assert dict(zip(*map(list, table[1]))) == {2: 2, 3: 1}
+    es = EvalSet(np.arange(2), np.array([[0, 4, 1], [0, 0, 7]]), np.array([2, 1]))
+    top = rank_transition(es, table, popular)
+    assert list(top[0, :3]) == [2, 3, 1]  # successors by count, then the most popular item not yet listed
+    assert list(top[1, :3]) == [1, 2, 3]  # item 7 never had a successor: popularity alone
+    assert all(len(set(row)) == 20 and 0 not in row for row in top)
+    m = score(top, es)
+    assert m["recall@5"] == 1.0 and m["ndcg@5"] == 1.0  # both targets at rank 0
