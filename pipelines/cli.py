@@ -207,8 +207,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Like ``parse_args``, but config words may come after options too: argparse fills the
+    ``config`` list before it sees ``--data RUN``, so ``train --data RUN k=v`` would reject ``k=v``.
+    Words left over are appended to ``config`` when they are all overrides (or when no config word
+    came before them); anything else is an error, as before."""
+    ns, extra = parser.parse_known_args(argv)
+    if extra:
+        words = not any(a.startswith("-") for a in extra)
+        fits = hasattr(ns, "config") and words and (not ns.config or all("=" in a for a in extra))
+        if not fits:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        ns.config = [*ns.config, *extra]
+    return ns
+
+
 def main(argv: list[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
+    ns = parse_args(build_parser(), argv)
     try:
         code = ns.func(ns)  # None from verbs that only succeed or raise
     except (ValueError, FileNotFoundError) as err:

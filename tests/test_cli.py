@@ -1,0 +1,32 @@
+"""Command-line parsing: config words before or after options, and what is still rejected."""
+
+from pathlib import Path
+
+import pytest
+
+from pipelines.cli import build_parser, parse_args
+
+
+def parse(*argv):
+    return parse_args(build_parser(), list(argv))
+
+
+def test_overrides_after_a_run_option_join_the_config_words():
+    ns = parse("train", "configs/beauty-tiger.yaml", "--data", "runs/data/x", "trainer.epochs=3", "model.dropout=0.3")
+    assert ns.config == ["configs/beauty-tiger.yaml", "trainer.epochs=3", "model.dropout=0.3"]
+    assert ns.data == Path("runs/data/x")
+    ns = parse("tune", "--embed", "runs/embed/y", "configs/tune-demo.yaml", "sweep.num_samples=2")
+    assert ns.config == ["configs/tune-demo.yaml", "sweep.num_samples=2"] and ns.embed == Path("runs/embed/y")
+    assert parse("train", "a.yaml", "k=v").config == ["a.yaml", "k=v"]  # the usual order is unchanged
+
+
+@pytest.mark.parametrize("argv", [
+    ("train", "a.yaml", "--data", "d", "b.yaml"),  # a second config file after overrides began
+    ("train", "--data", "d", "--bogus"),  # an unknown option
+    ("evaluate", "runs/train/x", "extra.key=1"),  # evaluate takes no overrides
+])
+def test_words_that_fit_nowhere_are_still_rejected(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse(*argv)
+    assert exc.value.code == 2
+    assert "unrecognized arguments" in capsys.readouterr().err
