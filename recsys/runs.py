@@ -102,9 +102,12 @@ def require_complete(run_dir: str | Path, stage: str) -> Path:
 
 @contextmanager
 def atomic_directory(final: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces ``final`` in one rename."""
+    """Yield a temporary sibling directory; on success it replaces ``final``. The swap is two
+    renames (``final`` -> ``.final.old``, temporary -> ``final``); a crash between them leaves only
+    ``.final.old``, which ``recover_directory`` (called here and by readers) puts back."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    recover_directory(final)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
     try:
         yield tmp
@@ -117,6 +120,17 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_directory(final: str | Path) -> bool:
+    """Undo a swap of ``atomic_directory`` cut between its two renames: when ``final`` is missing
+    and its ``.old`` sibling exists, the previous version goes back in place. True if it did."""
+    final = Path(final)
+    old = final.with_name(f".{final.name}.old")
+    if final.exists() or not old.is_dir():
+        return False
+    os.replace(old, final)
+    return True
 
 
 def machine_description() -> str:

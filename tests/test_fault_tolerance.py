@@ -187,6 +187,32 @@ def test_a_crash_during_checkpoint_save_keeps_the_previous_checkpoint(tiny_overr
         require_complete(run_dir, "train")
 
 
+def test_a_crash_between_the_two_renames_of_a_checkpoint_swap_is_recovered_on_resume(tiny_overrides, tmp_path,
+                                                                                      monkeypatch):
+    from recsys import runs
+
+    assert main(["train", *in_process(tiny_overrides, "trainer.epochs=2")]) == 0
+    run_dir = only_dir(tmp_path / "runs" / "train")
+    ckpt = run_dir / "checkpoints"
+    before = (ckpt / "last" / "train_state.pt").read_bytes()
+    real_replace = runs.os.replace
+
+    def crash_on_the_second_rename(src, dst):
+        if Path(dst).name == "last" and Path(src).name.startswith(".last."):  # temporary -> last
+            raise Crash("injected crash between the renames")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(runs.os, "replace", crash_on_the_second_rename)
+    with pytest.raises(Crash):
+        main(["train", "--resume", str(run_dir), "trainer.epochs=3"])
+    monkeypatch.undo()
+    assert not (ckpt / "last").exists() and (ckpt / ".last.old" / "train_state.pt").read_bytes() == before
+    # resume puts the epoch-2 checkpoint back and finishes the run
+    assert main(["train", "--resume", str(run_dir), "trainer.epochs=3"]) == 0
+    assert [h["epoch"] for h in epoch_log(run_dir)] == [1, 2, 3]
+    assert load_train_state(ckpt / "last")["loop"]["epoch"] == 3 and not (ckpt / ".last.old").exists()
+
+
 # --- completion markers across stages ------------------------------------------------------------
 
 def test_finished_stages_are_marked_and_a_crashed_pipeline_is_not(tiny_overrides, tmp_path, monkeypatch):

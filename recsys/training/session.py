@@ -17,7 +17,7 @@ from torch import nn
 from recsys.data.split import LeaveOneOutSplit
 from recsys.experiment import ExperimentConfig
 from recsys.models import build_model, get_spec
-from recsys.runs import atomic_directory, write_text
+from recsys.runs import atomic_directory, recover_directory, write_text
 from recsys.training.checkpoint import load_train_state, save_checkpoint
 from recsys.training.loop import LoopState, Trainer
 
@@ -81,6 +81,8 @@ def train_in_process(exp: ExperimentConfig, split: LeaveOneOutSplit, run_dir: st
     ckpt = run_dir / "checkpoints"
     trainer = build_trainer(exp, split, device=device, context=context)
     if resume:
+        recover_directory(ckpt / "last")  # a crash between the two renames of the last save
+        recover_directory(ckpt / "best")
         if not (ckpt / "last").is_dir():
             raise FileNotFoundError(f"cannot resume: {ckpt / 'last'} does not exist")
         restore(trainer, ckpt / "last")
