@@ -8,6 +8,8 @@ Two scorers, both fitted on the training prefixes only (``s[:n-2]``), full ranki
 - ``transition``: the items that followed the history's last item in training, by count, then
   filled from popularity (a first-order Markov chain; nothing is learned).
 Both score validation and test with the same code, so their valid/test ratio is the split's own.
+Each is also scored with the history's items removed from the ranking (``*_history_excluded``;
+no Beauty user repeats an item, and S3-Rec's full-ranking evaluation masks interacted items).
 Writes benchmarks/results/split-baselines-<dataset>.json.
 """
 
@@ -53,18 +55,31 @@ def transition_counts(split: LeaveOneOutSplit) -> dict[int, tuple[np.ndarray, np
     return table
 
 
-def rank_popularity(es: EvalSet, popular: np.ndarray) -> np.ndarray:
-    return np.tile(popular[:TOP], (len(es), 1))
+def rank_popularity(es: EvalSet, popular: np.ndarray, length: int = TOP) -> np.ndarray:
+    return np.tile(popular[:length], (len(es), 1))
 
 
-def rank_transition(es: EvalSet, table: dict, popular: np.ndarray) -> np.ndarray:
-    out = np.empty((len(es), TOP), dtype=np.int64)
+def rank_transition(es: EvalSet, table: dict, popular: np.ndarray, length: int = TOP) -> np.ndarray:
+    """(U, length): successors of each history's last item by training count, then popular items."""
+    out = np.empty((len(es), length), dtype=np.int64)
     for row, history in enumerate(es.histories):
         nxt, cnt = table.get(int(history[-1]), (np.empty(0, np.int64), np.empty(0)))
-        ranked = list(nxt[np.argsort(-cnt, kind="stable")][:TOP])
+        ranked = list(nxt[np.argsort(-cnt, kind="stable")][:length])
         seen = set(ranked)
-        ranked += [i for i in popular[: 2 * TOP] if i not in seen][: TOP - len(ranked)]
+        ranked += [i for i in popular[: 2 * length] if i not in seen][: length - len(ranked)]
         out[row] = ranked
+    return out
+
+
+def drop_history(ranked: np.ndarray, es: EvalSet, length: int = TOP) -> np.ndarray:
+    """Keep each row's first ``length`` items that are not in its history (ranked must be long
+    enough: ``length`` + the history length)."""
+    out = np.empty((len(es), length), dtype=np.int64)
+    for row, (items, history) in enumerate(zip(ranked, es.histories)):
+        kept = items[~np.isin(items, history[history > 0])][:length]
+        if len(kept) < length:
+            raise ValueError(f"row {row}: {len(kept)} items left after dropping the history; rank more")
+        out[row] = kept
     return out
 
 
@@ -87,8 +102,13 @@ def main(argv: list[str]) -> None:
     results, context = {}, {}
     for name in ("valid", "test"):
         es = split.eval_set(name)
+        longer = TOP + es.histories.shape[1]
         results[name] = {"popularity": score(rank_popularity(es, popular), es),
-                         "transition": score(rank_transition(es, table, popular), es)}
+                         "transition": score(rank_transition(es, table, popular), es),
+                         "popularity_history_excluded":
+                             score(drop_history(rank_popularity(es, popular, longer), es), es),
+                         "transition_history_excluded":
+                             score(drop_history(rank_transition(es, table, popular, longer), es), es)}
         target_counts = counts[es.targets]
         context[name] = {"users": len(es), "median_training_count_of_target": float(np.median(target_counts)),
                          "share_of_targets_never_in_training": round(float(np.mean(target_counts <= 0)), 4),
@@ -98,7 +118,7 @@ def main(argv: list[str]) -> None:
               for scorer in ("popularity", "transition")}
     for name in ("valid", "test"):
         for scorer, m in results[name].items():
-            print(f"{name:5s} {scorer:10s} " + "  ".join(f"{k} {v:.4f}" for k, v in m.items()))
+            print(f"{name:5s} {scorer:28s} " + "  ".join(f"{k} {v:.4f}" for k, v in m.items()))
     print(f"valid/test Recall@10 ratio: {ratios}")
     dataset = str(read_json(args.data_run / "config.json").get("data", {}).get("format", "data"))
     path = write_record(

@@ -88,3 +88,10 @@ def test_split_baselines_rank_training_successors_of_the_last_item_then_popular_
     assert all(len(set(row)) == 20 and 0 not in row for row in top)
     m = score(top, es)
     assert m["recall@5"] == 1.0 and m["ndcg@5"] == 1.0  # both targets at rank 0
+    # with the history excluded, history items leave the ranking and the rest moves up
+    from benchmarks.split_baselines import drop_history
+    kept = drop_history(rank_transition(es, table, popular, length=23), es)
+    assert list(kept[0, :3]) == [2, 3, 5] and 4 not in kept[0] and 1 not in kept[0]
+    assert list(kept[1, :3]) == [1, 2, 3] and 7 not in kept[1]
+    with pytest.raises(ValueError, match="rank more"):
+        drop_history(top, es)  # 20 ranked, row 0 loses item 1: too short
