@@ -95,3 +95,24 @@ def test_split_baselines_rank_training_successors_of_the_last_item_then_popular_
     assert list(kept[1, :3]) == [1, 2, 3] and 7 not in kept[1]
     with pytest.raises(ValueError, match="rank more"):
         drop_history(top, es)  # 20 ranked, row 0 loses item 1: too short
+
+
+def test_protocols_scores_a_checkpoint_with_history_kept_and_excluded(tiny_overrides, tmp_path, monkeypatch):
+    from benchmarks.protocols import main as protocols
+    from pipelines.cli import main as cli
+
+    monkeypatch.setattr(benchmarks.record, "RESULTS", tmp_path / "results")
+    assert cli(["train", *tiny_overrides, "trainer.use_ray=false", "trainer.epochs=2"]) == 0
+    train_dir = next((tmp_path / "runs" / "train").iterdir())
+    data_dir = next((tmp_path / "runs" / "data").iterdir())
+    protocols([str(train_dir / "checkpoints" / "best"), "--data", str(data_dir), "--name", "tiny",
+               "--splits", "valid,test", "--max-history", "20", "--threads", "1"])
+    record = json.loads((tmp_path / "results" / "tiny-protocols.json").read_text())
+    kept, excluded = record["history_kept"], record["metrics"]
+    assert set(kept) == set(excluded) == {"valid", "test"}
+    assert set(record["eval_wall_s"]) == {f"{p}/{s}" for p in ("history_kept", "history_excluded")
+                                          for s in ("valid", "test")}
+    # synthetic users revisit topics, so their histories' items rank high; excluding them changes the figures
+    assert kept["test"] != excluded["test"]
+    with pytest.raises(SystemExit):
+        protocols([str(train_dir / "checkpoints" / "best"), "--data", str(data_dir), "--name", "x", "--splits", "train"])
