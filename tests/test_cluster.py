@@ -152,6 +152,15 @@ def test_run_root_must_be_a_filesystem_path():
         load_experiment(None, ["run.root=s3://bucket/runs"])
 
 
+@pytest.mark.parametrize("override", ["data.path=s3://bucket/amazon-beauty", "data.table.items_path=gs://b/items.csv"])
+def test_data_locations_must_be_filesystem_paths(override):
+    key = override.split("=")[0]
+    # refused when the config is loaded, before any stage starts (it used to fail as "not found" when read)
+    with pytest.raises(ValueError, match=f"{key}=.* is a URI.*filesystem path"):
+        load_experiment(None, ["data.format=beauty", override])
+    assert load_experiment(None, ["data.format=beauty", "data.path=/mnt/shared/data/beauty"]).data.path
+
+
 # ---------------------------------------------------------------- Ray Jobs on a two-node cluster
 
 

@@ -79,3 +79,8 @@ class DataConfig:
         )
         require_range("data.min_interactions", self.min_interactions, 1)
         require_range("data.max_history", self.max_history, 1)
+        for key, value in (("data.path", self.path), ("data.table.items_path", self.table.items_path)):
+            require(value is None or "://" not in str(value),
+                    f"{key}={value} is a URI; allowed: a filesystem path (on a cluster, a shared filesystem "
+                    "mounted at the same path on every node, or copy the files there first); object-store URIs "
+                    "are not read")
