@@ -61,6 +61,43 @@ def rank_trials(records: list[TrialRecord], metric: str) -> list[TrialRecord]:
     return sorted(records, key=key)
 
 
+def dotted_values(tree: dict, keys: list[str]) -> dict[str, Any]:
+    """``{"a.b": tree["a"]["b"], ...}``; a key missing from ``tree`` maps to None."""
+    out = {}
+    for key in keys:
+        node: Any = tree
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        out[key] = node
+    return out
+
+
+def base_point(ranked: list[TrialRecord], config: SweepConfig, base_values: dict[str, Any]) -> TrialRecord | None:
+    """The trial that ran the base config's own value of every swept key (the "default" point the
+    sweep is meant to beat), or None when the grid does not contain it."""
+    keys = [s.key for s in config.specs]
+    return next((r for r in ranked if all(r.params.get(k) == base_values.get(k) for k in keys)), None)
+
+
+def gain_over_base(winner: TrialRecord, base: TrialRecord | None, config: SweepConfig,
+                   base_values: dict[str, Any]) -> tuple[dict | None, str]:
+    """The winner's validation gain over the base point, as a record and a sentence."""
+    metric = config.metric
+    shown = ", ".join(f"{k}={v!r}" for k, v in base_values.items())
+    if base is None or math.isnan(base.score(metric)):
+        return None, f"the base config's point ({shown}) is not among the scored trials: no gain over it is measured"
+    gain = winner.score(metric) - base.score(metric)
+    relative = gain / base.score(metric) if base.score(metric) else math.nan
+    record = {"trial_id": base.trial_id, "params": base.params, "valid": base.valid, "status": base.status,
+              "epochs_run": base.epochs_run, f"gain_valid_{metric}": gain, "gain_relative": relative}
+    budget = "" if base.epochs_run == winner.epochs_run else (
+        f" (the base point ran {base.epochs_run} epochs, the winner {winner.epochs_run})")
+    if base is winner:
+        return record, f"the base config's point ({shown}) won: the sweep found nothing better"
+    return record, (f"gain over the base config's point ({shown}, trial {base.trial_id}): validation {metric} "
+                    f"{winner.score(metric):.4f} against {base.score(metric):.4f}, {gain:+.4f} ({relative:+.1%}){budget}")
+
+
 def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"

@@ -147,6 +147,29 @@ def test_trials_rank_on_validation_and_say_why_they_ended():
     assert [r.trial_id for r in rank_trials(records, "recall@10")] == ["c", "b", "d", "a"]
 
 
+def test_the_gain_is_measured_against_the_trial_that_ran_the_base_config(tmp_path):
+    from recsys.sweep_report import base_point, dotted_values, gain_over_base
+
+    sweep = load_sweep(write_sweep(tmp_path, {"ids.hkmeans.branching": {"grid": [4, 8]},
+                                              "trainer.lr": {"grid": [1.0e-3, 3.0e-3]}}), ["base.trainer.lr=1.0e-3"])
+    defaults = dotted_values(sweep.base_experiment().to_dict(), [s.key for s in sweep.config.specs])
+    assert defaults == {"ids.hkmeans.branching": sweep.base_experiment().ids.hkmeans.branching, "trainer.lr": 1.0e-3}
+    base = TrialRecord("b", dict(defaults), {"recall@10": 0.20}, epochs_run=3)
+    other = TrialRecord("w", {"ids.hkmeans.branching": 99, "trainer.lr": 3.0e-3}, {"recall@10": 0.25}, epochs_run=3)
+    ranked = rank_trials([base, other], "recall@10")
+    assert base_point(ranked, sweep.config, defaults) is base
+    record, line = gain_over_base(ranked[0], base, sweep.config, defaults)
+    assert record["trial_id"] == "b" and record["gain_valid_recall@10"] == pytest.approx(0.05)
+    assert record["gain_relative"] == pytest.approx(0.25) and "+0.0500 (+25.0%)" in line
+    base.epochs_run = 1  # stopped early by ASHA: the sentence says the budgets differ
+    assert "the base point ran 1 epochs, the winner 3" in gain_over_base(other, base, sweep.config, defaults)[1]
+    assert "won" in gain_over_base(base, base, sweep.config, defaults)[1]
+    # a grid without the base values measures no gain, and says so
+    assert base_point([other], sweep.config, defaults) is None
+    record, line = gain_over_base(other, None, sweep.config, defaults)
+    assert record is None and "not among the scored trials" in line
+
+
 def test_winner_config_round_trips_through_load_experiment(tmp_path):
     from recsys.sweep_report import write_winner_config
 
@@ -205,6 +228,15 @@ def test_a_tiny_asha_sweep_ranks_tests_the_winner_and_writes_its_config(ray_sess
     assert exp.model_name == "tiger" and exp.trainer.epochs == 2 and exp.trainer.select_metric == "recall@10"
     assert (sweep_dir / "tune").is_dir() and (sweep_dir / "summary.md").is_file()
     assert f"trial {loser['trial_id']}  epoch 1/2  valid recall@10" in out and "winner config:" in out
+    # the gain is measured against the trial that ran the base's own values (lr 3e-3, branching 6), if
+    # the random branching drew it; otherwise no gain is claimed, and the summary says so
+    summary = (sweep_dir / "summary.md").read_text()
+    base = [r for r in rows if float(r["trainer.lr"]) == 3.0e-3 and int(r["ids.hkmeans.branching"]) == 6]
+    if base:
+        assert test["base_point"]["trial_id"] == base[0]["trial_id"] == winner["trial_id"]
+        assert "the base config's point" in summary and "won" in summary
+    else:
+        assert test["base_point"] is None and "no gain over it is measured" in summary
 
 
 def assert_wall_covers_epochs(rows: list[dict]) -> None:

@@ -28,7 +28,8 @@ from recsys.runs import (
 )
 from recsys.sweep import ParamSpec, Sweep
 from recsys.sweep_report import (
-    ASHA, TrialRecord, plot_metric_vs_params, rank_trials, trial_status, write_results, write_winner_config,
+    ASHA, TrialRecord, base_point, dotted_values, gain_over_base, plot_metric_vs_params, rank_trials, trial_status,
+    write_results, write_winner_config,
 )
 from recsys.training.session import EPOCH_LOG
 from tune.progress import ProgressLines
@@ -187,9 +188,11 @@ def finish_sweep(sweep: Sweep, sweep_dir: Path, grid) -> Path:
     winner_dir = Path(winner.trial_dir)
     shutil.rmtree(winner_dir / "evaluate", ignore_errors=True)  # a resumed sweep evaluates again
     _, test = run_evaluate(winner_dir / "train", "test", parent=winner_dir)
+    defaults = dotted_values(sweep.base_experiment().to_dict(), [s.key for s in cfg.specs])
+    base_record, gain_line = gain_over_base(winner, base_point(ranked, cfg, defaults), cfg, defaults)
     write_json(sweep_dir / "winner_test.json", {"trial_id": winner.trial_id, "params": winner.params,
                                                  "best_epoch": winner.best_epoch, "valid": winner.valid, "test": test,
-                                                 "train_dir": str(winner_dir / "train")})
+                                                 "train_dir": str(winner_dir / "train"), "base_point": base_record})
     _, _, table = write_results(ranked, cfg, sweep_dir, test)
     plots = plot_metric_vs_params(ranked, cfg, sweep_dir)
     winner_yaml = sweep_dir / "winner.yaml"
@@ -203,7 +206,8 @@ def finish_sweep(sweep: Sweep, sweep_dir: Path, grid) -> Path:
     summary = "\n".join([
         f"# sweep: {cfg.name or sweep.source or 'tune'}", "",
         f"- {len(ranked)} trials, {stopped} stopped early by ASHA; ranked on validation {cfg.metric}",
-        f"- winner: trial {winner.trial_id} ({shown}), selected epoch {winner.best_epoch}", "",
+        f"- winner: trial {winner.trial_id} ({shown}), selected epoch {winner.best_epoch}",
+        f"- {gain_line}", "",
         results_table({"valid (winner)": winner.valid, "test (winner only)": test}), "",
         "## all trials", "", table, "",
         "- results.csv, results.md; winner.yaml (`recsys pipeline winner.yaml`); winner_test.json",
@@ -211,7 +215,7 @@ def finish_sweep(sweep: Sweep, sweep_dir: Path, grid) -> Path:
         f"- resume or re-collect: `recsys tune --resume {sweep_dir}`", ""])
     write_text(sweep_dir / SUMMARY_FILE, summary)
     mark_complete(sweep_dir, "tune")
-    print(f"\n{table}\n\nwinner: trial {winner.trial_id} ({shown})\n"
+    print(f"\n{table}\n\nwinner: trial {winner.trial_id} ({shown})\n{gain_line}\n"
           f"{results_table({'valid': winner.valid, 'test': test})}\n\nwinner config: {winner_yaml}\n"
           f"sweep run: {sweep_dir}", flush=True)
     return sweep_dir
