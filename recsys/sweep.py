@@ -180,6 +180,11 @@ class Sweep:
     def base_experiment(self) -> ExperimentConfig:
         return experiment_from_dict(self.base)
 
+    def base_values(self) -> dict[str, Any]:
+        """The base experiment's own value of every swept key (defaults filled in): the point
+        the sweep is meant to beat."""
+        return dotted_values(self.base_experiment().to_dict(), [s.key for s in self.config.specs])
+
     def trial_experiment(self, params: dict[str, Any]) -> ExperimentConfig:
         return trial_experiment(self, params)
 
@@ -224,6 +229,17 @@ def load_sweep(path: str | Path | None, overrides: Sequence[str] = ()) -> Sweep:
     sweep = Sweep(config=config, base=base, source=str(path or ""))
     check_points(sweep)
     return sweep
+
+
+def dotted_values(tree: dict, keys: list[str]) -> dict[str, Any]:
+    """``{"a.b": tree["a"]["b"], ...}``; a key missing from ``tree`` maps to None."""
+    out = {}
+    for key in keys:
+        node: Any = tree
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        out[key] = node
+    return out
 
 
 def with_params(base: dict, params: dict[str, Any]) -> dict:

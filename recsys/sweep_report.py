@@ -61,17 +61,6 @@ def rank_trials(records: list[TrialRecord], metric: str) -> list[TrialRecord]:
     return sorted(records, key=key)
 
 
-def dotted_values(tree: dict, keys: list[str]) -> dict[str, Any]:
-    """``{"a.b": tree["a"]["b"], ...}``; a key missing from ``tree`` maps to None."""
-    out = {}
-    for key in keys:
-        node: Any = tree
-        for part in key.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        out[key] = node
-    return out
-
-
 def base_point(ranked: list[TrialRecord], config: SweepConfig, base_values: dict[str, Any]) -> TrialRecord | None:
     """The trial that ran the base config's own value of every swept key (the "default" point the
     sweep is meant to beat), or None when the grid does not contain it."""

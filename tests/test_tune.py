@@ -148,7 +148,8 @@ def test_trials_rank_on_validation_and_say_why_they_ended():
 
 
 def test_the_gain_is_measured_against_the_trial_that_ran_the_base_config(tmp_path):
-    from recsys.sweep_report import base_point, dotted_values, gain_over_base
+    from recsys.sweep import dotted_values
+    from recsys.sweep_report import base_point, gain_over_base
 
     sweep = load_sweep(write_sweep(tmp_path, {"ids.hkmeans.branching": {"grid": [4, 8]},
                                               "trainer.lr": {"grid": [1.0e-3, 3.0e-3]}}), ["base.trainer.lr=1.0e-3"])

@@ -28,7 +28,7 @@ from recsys.runs import (
 )
 from recsys.sweep import ParamSpec, Sweep
 from recsys.sweep_report import (
-    ASHA, TrialRecord, base_point, dotted_values, gain_over_base, plot_metric_vs_params, rank_trials, trial_status,
+    ASHA, TrialRecord, base_point, gain_over_base, plot_metric_vs_params, rank_trials, trial_status,
     write_results, write_winner_config,
 )
 from recsys.training.session import EPOCH_LOG
@@ -188,7 +188,7 @@ def finish_sweep(sweep: Sweep, sweep_dir: Path, grid) -> Path:
     winner_dir = Path(winner.trial_dir)
     shutil.rmtree(winner_dir / "evaluate", ignore_errors=True)  # a resumed sweep evaluates again
     _, test = run_evaluate(winner_dir / "train", "test", parent=winner_dir)
-    defaults = dotted_values(sweep.base_experiment().to_dict(), [s.key for s in cfg.specs])
+    defaults = sweep.base_values()
     base_record, gain_line = gain_over_base(winner, base_point(ranked, cfg, defaults), cfg, defaults)
     write_json(sweep_dir / "winner_test.json", {"trial_id": winner.trial_id, "params": winner.params,
                                                  "best_epoch": winner.best_epoch, "valid": winner.valid, "test": test,
