@@ -239,3 +239,58 @@ def test_the_user_token_conditions_on_the_hashed_user_and_is_required():
         torch.testing.assert_close(rec.scores[:, j], model.token_log_probs(batch.history, rec.items[:, j], batch.users).sum(1))
     with pytest.raises(ValueError, match="user indices must be >= 0"):
         model.recommend(Batch(history=batch.history, users=-batch.users - 1), 5)
+
+
+def test_prefix_embeddings_number_each_distinct_prefix_once():
+    from recsys.models.tiger import _prefix_node_table
+
+    table = torch.tensor([[0, 0, 0], [1, 2, 0], [1, 3, 0], [0, 2, 0], [1, 2, 1]])
+    nodes = _prefix_node_table(table)
+    assert nodes[0].tolist() == [0, 0, 0]  # padding
+    # level 0: prefixes (0,), (1,) -> 1, 2; level 1: (0,2), (1,2), (1,3) -> 3, 4, 5; level 2: one node per item
+    assert nodes[1:, 0].tolist() == [2, 2, 1, 2]
+    assert nodes[1:, 1].tolist() == [4, 5, 3, 4]
+    assert sorted(nodes[1:, 2].tolist()) == [6, 7, 8, 9]
+    with pytest.raises(ValueError, match="model.prefix_embeddings must be true or false"):
+        TigerConfig(prefix_embeddings="yes")
+
+
+def test_prefix_embeddings_give_each_history_item_its_own_representation():
+    index = make_index()
+    plain, model = make_model(index=index), make_model(index=index, prefix_embeddings=True)
+    assert plain.node_emb is None and model.node_emb.num_embeddings == int(model.item_nodes.max()) + 1
+    # two items whose codes differ only in the collision level: the plain model tells them apart by
+    # that one code; with prefix embeddings their last-level nodes differ too
+    batch = make_batch()
+    with torch.no_grad():
+        model.node_emb.weight[1:] = 0
+        base = model.encode(batch.history)[0]
+        model.node_emb.weight[int(model.item_nodes[batch.history[0, -1], 1])] = 1.0
+        moved = model.encode(batch.history)[0]
+    assert not torch.allclose(base[0], moved[0])
+    users_without = [r for r in range(B) if (model.item_nodes[batch.history[r]][:, 1]
+                                              != model.item_nodes[batch.history[0, -1], 1]).all()]
+    torch.testing.assert_close(base[users_without], moved[users_without])  # only histories holding it change
+
+
+def test_prefix_embeddings_survive_registration_and_a_checkpoint(tmp_path):
+    index = make_index()
+    model, batch = make_model(index=index, prefix_embeddings=True), make_batch()
+    nodes = model.item_nodes.clone()
+    sibling = 7  # a new item on item 7's content codes shares its content prefixes, not its full ID
+    full = index.add_many([N_ITEMS + 1, N_ITEMS + 2], [list(index.id_of(sibling)[:-1]), [3, 3, 3]])
+    model.register_items([N_ITEMS + 1, N_ITEMS + 2], full)
+    assert torch.equal(model.item_nodes[:N_ITEMS + 1], nodes)  # trained items keep their nodes
+    new = model.item_nodes[N_ITEMS + 1]
+    assert new[:3].tolist() == nodes[sibling, :3].tolist() and new[3] == 0  # unseen full ID: no embedding
+    other = model.item_nodes[N_ITEMS + 2]
+    assert all(n == 0 or n in nodes[1:, l].tolist() for l, n in enumerate(other.tolist()))
+    assert model.node_emb.weight[0].abs().sum() == 0
+    save_checkpoint(tmp_path / "ckpt", model, "tiger")
+    loaded = load_model(tmp_path / "ckpt")
+    assert torch.equal(loaded.item_nodes, model.item_nodes)
+    with_new = batch.history.clone()
+    with_new[:, -1] = N_ITEMS + 1
+    a, b = model.recommend(Batch(with_new), 8), loaded.recommend(Batch(with_new), 8)
+    assert torch.equal(a.items, b.items)
+    torch.testing.assert_close(a.scores, b.scores)

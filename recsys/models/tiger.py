@@ -19,6 +19,11 @@ Departures from the paper:
   not renormalised over the allowed tokens.
 - ``exclude_history`` masks history items at the leaf and widens the beam by the history
   length (see ``beam_search``); the paper does not exclude.
+- Optional prefix embeddings (``prefix_embeddings``, off by default): each history token also
+  adds a learned embedding of its ID prefix, so an item is more than codes whose meaning
+  depends on the codes before them (hierarchical k-means numbers the children of each cluster
+  independently). Items registered later share their known prefixes' embeddings; a new full ID
+  has none (a zero row), so it is read by its codes alone.
 - Cold start: ``register_items`` extends the ID table and trie after training, so new items
   are decodable without retraining, as long as their codes fit the level vocabularies (the
   collision level has ``collision_vocab`` tokens, room beyond what the training IDs use).
@@ -35,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recsys.config import require_choice, require_range
+from recsys.config import require, require_choice, require_range
 from recsys.generation.beam import TrieEdges, beam_search, trie_edges
 from recsys.models.base import Batch, Recommendation, SequenceModel
 from recsys.semantic_ids.index import SemanticIdIndex, TrieTable
@@ -62,6 +67,11 @@ class TigerConfig:
     # Hashed user token: users fall into this many buckets, each with a learned embedding that
     # leads the encoder input (the paper: 2000). 0 = no user token.
     user_tokens: int = 0
+    # Each history token also gets the embedding of its ID prefix (its trie node: the codes of
+    # levels <= l), beside the shared per-level code embedding, so a history item has a
+    # representation of its own, not only codes whose meaning changes with the prefix (the
+    # prefix n-grams of Singh et al. 2023, arXiv:2306.08121). Off in the paper.
+    prefix_embeddings: bool = False
 
     def __post_init__(self):
         require_range("model.d_model", self.d_model, 1, 4096)
@@ -75,6 +85,8 @@ class TigerConfig:
         require_range("model.collision_vocab", self.collision_vocab, 1, 1 << 20)
         require_choice("model.collision_scoring", self.collision_scoring, ("learned", "content"))
         require_range("model.user_tokens", self.user_tokens, 0, 1 << 24)
+        require(isinstance(self.prefix_embeddings, bool),
+                f"model.prefix_embeddings must be true or false, got {self.prefix_embeddings!r}")
 
 
 def semantic_id_table(index: SemanticIdIndex, n_items: int) -> torch.Tensor:
@@ -82,6 +94,29 @@ def semantic_id_table(index: SemanticIdIndex, n_items: int) -> torch.Tensor:
     row 0 zeros (padding). Every item 1..n_items must be in the index (KeyError otherwise)."""
     full = index.ids_for(torch.arange(1, n_items + 1))  # (N, L + 1)
     return torch.cat([full.new_zeros(1, full.shape[1]), full])
+
+
+def _prefix_node_table(table: torch.Tensor) -> torch.Tensor:
+    """(n_items + 1, L + 1) full IDs -> (n_items + 1, L + 1) prefix-node ids: entry (i, l) numbers
+    the distinct prefix ``table[i, :l + 1]``, from 1 over all levels; row 0 (padding) is 0."""
+    nodes = torch.zeros_like(table)
+    start = 1
+    for level in range(table.shape[1]):
+        _, inverse = torch.unique(table[1:, :level + 1], dim=0, return_inverse=True)
+        nodes[1:, level] = inverse + start
+        start += int(inverse.max()) + 1
+    return nodes
+
+
+def extend_prefix_nodes(table: torch.Tensor, nodes: torch.Tensor, new_rows: torch.Tensor) -> torch.Tensor:
+    """Prefix-node ids for ``new_rows`` (n, L + 1) of full IDs, given the known ``table`` and its
+    ``nodes``: a prefix seen before keeps its node, an unseen one gets 0 (no learned embedding)."""
+    out = torch.zeros_like(new_rows)
+    for level in range(table.shape[1]):
+        known = {tuple(row): int(node) for row, node in zip(table[1:, :level + 1].tolist(), nodes[1:, level].tolist())}
+        out[:, level] = torch.tensor([known.get(tuple(row), 0) for row in new_rows[:, :level + 1].tolist()],
+                                     dtype=out.dtype)
+    return out
 
 
 def user_buckets(users: torch.Tensor, n_buckets: int) -> torch.Tensor:
@@ -169,7 +204,7 @@ class Tiger(SequenceModel):
     needs_semantic_ids = True
 
     def __init__(self, config: TigerConfig, n_items: int, max_len: int, *, semantic_ids: Any = None,
-                 level_sizes: list[int] | None = None):
+                 level_sizes: list[int] | None = None, prefix_nodes: Any = None):
         super().__init__(n_items, max_len)
         table = _check_table(semantic_ids, n_items)
         sizes = [int(s) for s in level_sizes] if level_sizes is not None else (table[1:].max(0).values + 1).tolist()
@@ -184,15 +219,26 @@ class Tiger(SequenceModel):
         self.enc_pos = nn.Embedding(max_len * self.n_tokens, D)
         self.dec_pos = nn.Embedding(self.n_tokens, D)
         self.user_emb = nn.Embedding(config.user_tokens, D) if config.user_tokens else None
+        self.node_emb = None
+        if config.prefix_embeddings:
+            # persistent: node numbers are fixed at training time; items registered later reuse
+            # them for known prefixes and get 0 (the zero padding row) for new ones
+            nodes = _prefix_node_table(table) if prefix_nodes is None else torch.as_tensor(prefix_nodes).long().cpu()
+            if nodes.shape != table.shape:
+                raise ValueError(f"prefix_nodes must match semantic_ids {tuple(table.shape)}, got {tuple(nodes.shape)}")
+            self.register_buffer("item_nodes", nodes)
+            self.node_emb = nn.Embedding(int(self.item_nodes.max()) + 1, D, padding_idx=0)
         self.bos = nn.Parameter(torch.zeros(D))
         self.drop = nn.Dropout(config.dropout)
         self.encoder = nn.ModuleList(EncoderBlock(config) for _ in range(config.n_encoder_layers))
         self.decoder = nn.ModuleList(DecoderBlock(config) for _ in range(config.n_decoder_layers))
         self.enc_ln, self.dec_ln = nn.LayerNorm(D), nn.LayerNorm(D)
         self.heads = nn.ModuleList(nn.Linear(D, v) for v in sizes)
-        for emb in (self.token_emb, self.enc_pos, self.dec_pos, self.user_emb):
+        for emb in (self.token_emb, self.enc_pos, self.dec_pos, self.user_emb, self.node_emb):
             if emb is not None:
                 nn.init.normal_(emb.weight, std=0.02)
+        if self.node_emb is not None:
+            self.node_emb.weight.data[0] = 0
         nn.init.normal_(self.bos, std=0.02)
         self._set_trie(table)
         self.register_load_state_dict_post_hook(_rebuild_trie)  # the trie follows a loaded table
@@ -232,6 +278,9 @@ class Tiger(SequenceModel):
         table = torch.cat([self.item_codes.cpu(), rows])
         _check_codes(table, self.level_sizes)
         self._set_trie(table)  # raises on a repeated ID before anything changes
+        if self.node_emb is not None:
+            new_nodes = extend_prefix_nodes(self.item_codes.cpu(), self.item_nodes.cpu(), rows)
+            self.item_nodes = torch.cat([self.item_nodes, new_nodes.to(self.item_nodes.device)])
         self.item_codes = table.to(self.item_codes.device)
         self.n_items += n
 
@@ -244,7 +293,10 @@ class Tiger(SequenceModel):
         table = state["item_codes"]
         if list(table.shape) != list(meta["semantic_ids_shape"]):
             raise ValueError(f"item_codes has shape {list(table.shape)}, model.json says {meta['semantic_ids_shape']}")
-        return {"semantic_ids": table, "level_sizes": meta["level_sizes"]}
+        context = {"semantic_ids": table, "level_sizes": meta["level_sizes"]}
+        if "item_nodes" in state:  # node numbers as trained, also for items registered after training
+            context["prefix_nodes"] = state["item_nodes"]
+        return context
 
     # --- encoder and decoder -------------------------------------------------------------
     def encode(self, history: torch.Tensor, users: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -258,6 +310,8 @@ class Tiger(SequenceModel):
         levels = torch.arange(n, device=history.device).repeat(T)  # (S,)
         positions = torch.arange(self.max_len * n - S, self.max_len * n, device=history.device)  # right-aligned
         x = self.token_emb(codes + self.level_offsets[levels]) + self.enc_pos(positions)  # (B, S, D)
+        if self.node_emb is not None:
+            x = x + self.node_emb(self.item_nodes[history].reshape(B, S))
         valid = (history > 0).repeat_interleave(n, dim=1)  # (B, S)
         valid[:, -1] |= ~valid.any(1)  # an empty history still has one key (no NaN); left padding keeps it last
         if self.user_emb is not None:
