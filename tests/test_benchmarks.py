@@ -116,3 +116,25 @@ def test_protocols_scores_a_checkpoint_with_history_kept_and_excluded(tiny_overr
     assert kept["test"] != excluded["test"]
     with pytest.raises(SystemExit):
         protocols([str(train_dir / "checkpoints" / "best"), "--data", str(data_dir), "--name", "x", "--splits", "train"])
+
+
+def test_validation_curves_compare_runs_on_validation_only(tmp_path, monkeypatch):
+    from benchmarks.validation_curves import main
+
+    monkeypatch.setattr(benchmarks.record, "RESULTS", tmp_path / "results")
+    for name, dropout, scores in (("a", 0.1, [0.02, 0.05, 0.04]), ("b", 0.3, [0.01, 0.03, 0.03])):
+        run = tmp_path / name
+        run.mkdir()
+        config = {"model": {"name": "tiger", "dropout": dropout}, "trainer": {"epochs": 3}, "run": {"name": name}}
+        (run / "config.json").write_text(json.dumps(config))
+        (run / "epochs.jsonl").write_text("".join(
+            json.dumps({"epoch": i + 1, "train_loss": 3.0 - i, "epoch_s": 10.0, "validated_users": 100,
+                        "valid_recall@10": s, "valid_ndcg@10": s / 2}) + "\n" for i, s in enumerate(scores)))
+    main([str(tmp_path / "a"), str(tmp_path / "b"), "--name", "curves", "--label", "b=dropout 0.3",
+          "--plot", str(tmp_path / "curves.png")])
+    record = json.loads((tmp_path / "results" / "curves.json").read_text())
+    assert record["varied_keys"] == ["model.dropout"]  # run.name differs too, but is not a setting
+    a, b = record["runs"]["a"], record["runs"]["dropout 0.3"]
+    assert (a["best_epoch"], a["best_valid"]["recall@10"]) == (2, 0.05)
+    assert b["best_epoch"] == 2 and b["settings"] == {"model.dropout": 0.3}  # first of equal scores
+    assert "test" not in record["metrics"] and (tmp_path / "curves.png").stat().st_size > 0
