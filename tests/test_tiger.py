@@ -294,3 +294,23 @@ def test_prefix_embeddings_survive_registration_and_a_checkpoint(tmp_path):
     a, b = model.recommend(Batch(with_new), 8), loaded.recommend(Batch(with_new), 8)
     assert torch.equal(a.items, b.items)
     torch.testing.assert_close(a.scores, b.scores)
+
+
+def test_prefix_dropout_drops_whole_items_prefix_embeddings_in_training_only():
+    with pytest.raises(ValueError, match="model.prefix_dropout=1.5 is out of range"):
+        TigerConfig(prefix_dropout=1.5)
+    batch = make_batch()
+    model = make_model(prefix_embeddings=True, prefix_dropout=1.0, dropout=0.0)
+    plain = make_model(prefix_embeddings=True, dropout=0.0)
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        plain.node_emb.weight.zero_()
+    model.train()
+    torch.testing.assert_close(model.encode(batch.history)[0], plain.encode(batch.history)[0])  # all dropped
+    model.eval()
+    assert not torch.allclose(model.encode(batch.history)[0], plain.encode(batch.history)[0])  # all read
+    half = make_model(prefix_embeddings=True, prefix_dropout=0.5, dropout=0.0).train()
+    torch.manual_seed(0)
+    a = half.encode(batch.history)[0]
+    torch.manual_seed(1)
+    assert not torch.allclose(a, half.encode(batch.history)[0])  # a fresh draw per forward pass

@@ -72,6 +72,10 @@ class TigerConfig:
     # representation of its own, not only codes whose meaning changes with the prefix (the
     # prefix n-grams of Singh et al. 2023, arXiv:2306.08121). Off in the paper.
     prefix_embeddings: bool = False
+    # Training only: each history item's prefix embeddings are dropped (all levels together) with
+    # this probability, so the model also learns to read an item by its codes alone, as it must
+    # for items registered after training, and cannot lean on memorised item embeddings only.
+    prefix_dropout: float = 0.0
 
     def __post_init__(self):
         require_range("model.d_model", self.d_model, 1, 4096)
@@ -87,6 +91,7 @@ class TigerConfig:
         require_range("model.user_tokens", self.user_tokens, 0, 1 << 24)
         require(isinstance(self.prefix_embeddings, bool),
                 f"model.prefix_embeddings must be true or false, got {self.prefix_embeddings!r}")
+        require_range("model.prefix_dropout", self.prefix_dropout, 0.0, 1.0)
 
 
 def semantic_id_table(index: SemanticIdIndex, n_items: int) -> torch.Tensor:
@@ -311,7 +316,11 @@ class Tiger(SequenceModel):
         positions = torch.arange(self.max_len * n - S, self.max_len * n, device=history.device)  # right-aligned
         x = self.token_emb(codes + self.level_offsets[levels]) + self.enc_pos(positions)  # (B, S, D)
         if self.node_emb is not None:
-            x = x + self.node_emb(self.item_nodes[history].reshape(B, S))
+            nodes = self.item_nodes[history]  # (B, T, L + 1)
+            if self.training and self.config.prefix_dropout > 0:
+                kept = torch.rand(B, T, 1, device=history.device) >= self.config.prefix_dropout
+                nodes = nodes * kept  # node 0 is the zero row
+            x = x + self.node_emb(nodes.reshape(B, S))
         valid = (history > 0).repeat_interleave(n, dim=1)  # (B, S)
         valid[:, -1] |= ~valid.any(1)  # an empty history still has one key (no NaN); left padding keeps it last
         if self.user_emb is not None:
