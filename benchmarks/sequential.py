@@ -3,8 +3,9 @@ record the figures: benchmarks/results/<model>-<dataset>.json.
 
     python benchmarks/sequential.py configs/beauty-sasrec.yaml data.path=/path/to/amazon-beauty
     python benchmarks/sequential.py --train-run runs/train/<run-id>   # record a finished train run
+    python benchmarks/sequential.py --name NAME ...                   # record as results/NAME.json
 
-A model that decodes semantic IDs is recorded as <model>-<dataset>-<ids method>.
+A model that decodes semantic IDs is recorded as <model>-<dataset>-<ids method> unless --name says.
 
 Selection is on validation; test is computed once, for the selected checkpoint.
 """
@@ -27,6 +28,11 @@ from recsys.runs import read_json  # noqa: E402
 
 def main(argv: list[str]) -> None:
     start = time.perf_counter()
+    record_name = None
+    if argv[:1] == ["--name"]:
+        if len(argv) < 2:
+            raise SystemExit("--name needs a record name")
+        record_name, argv = argv[1], argv[2:]
     if argv[:1] == ["--train-run"]:
         train_dir = Path(argv[1]).resolve()
         saved = read_json(train_dir / "config.json")
@@ -47,7 +53,7 @@ def main(argv: list[str]) -> None:
     to_best = next(e for e in epochs if e["epoch"] == train["best_epoch"])
     elapsed_to_best = to_best["finished_at"] - (epochs[0]["finished_at"] - epochs[0]["epoch_s"])
     path = write_record(
-        name, config=exp.to_dict(), wall_s=wall,
+        record_name or name, config=exp.to_dict(), wall_s=wall,
         metrics={"test": test, "valid": train["valid"], "samples_per_s": train["samples_per_s"]},
         extra={"train_elapsed_s": train["elapsed_s"], "train_epochs_s": train["train_epochs_s"],
                "best_epoch": train["best_epoch"], "elapsed_to_best_epoch_s": round(elapsed_to_best, 1),
