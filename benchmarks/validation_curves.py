@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.record import write_record  # noqa: E402
 from recsys.runs import read_json  # noqa: E402
+from recsys.sweep import dotted_values  # noqa: E402
 
 
 def flatten(config: dict, prefix: str = "") -> dict:
@@ -97,9 +98,8 @@ def main(argv: list[str]) -> None:
             raise ValueError(f"two runs share the label {label!r}; give --label")
         runs[label] = read_run(train_dir, args.metric)
     varied = differing_keys(configs)
-    for (label, run), config in zip(runs.items(), configs):
-        flat = flatten(config)
-        run["settings"] = {k: flat.get(k) for k in varied}
+    for run, config in zip(runs.values(), configs):
+        run["settings"] = dotted_values(config, varied)
     extra = {"select_metric": args.metric, "varied_keys": varied, "runs": runs}
     if args.plot:
         extra["plot"] = str(plot(runs, args.metric, args.plot))
