@@ -53,7 +53,10 @@ def test_decode_is_a_function_of_the_codes(fitted, data):
     codes = fitted.encode(data[:20])
     twice = fitted.decode(codes[[3, 3, 7]])
     assert torch.equal(twice[0], twice[1])
-    assert torch.equal(twice, fitted.decode(codes)[[3, 3, 7]])  # independent of the batch around it
+    # independent of the batch around it: a batch-dependent decode would differ by far more than
+    # rounding; the matrix kernels may block a 3-row and a 20-row product differently (on AMD EPYC
+    # the RQ-VAE decoder's rows differ by 6e-8), so equality up to float32 rounding is all we ask
+    torch.testing.assert_close(twice, fitted.decode(codes)[[3, 3, 7]], rtol=1e-5, atol=1e-6)
 
 
 def test_save_load_gives_identical_encode_decode(fitted, data, tmp_path):
