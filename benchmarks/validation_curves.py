@@ -85,7 +85,7 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("train_runs", type=Path, nargs="+")
     parser.add_argument("--name", required=True)
-    parser.add_argument("--label", action="append", default=[], help="RUN_DIR_NAME=label (default: run.name)")
+    parser.add_argument("--label", action="append", default=[], help="RUN_DIR_NAME=label (default: the run directory's name)")
     parser.add_argument("--metric", default="recall@10")
     parser.add_argument("--plot", type=Path, help="write the curves here (PNG)")
     args = parser.parse_args(argv)
