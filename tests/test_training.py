@@ -122,3 +122,55 @@ def test_bf16_autocast_trains(split):
     trainer = build_trainer(exp_for("trainer.precision=bf16", "trainer.epochs=1"), split)
     loss = trainer.train_epoch(0)["train_loss"]
     assert np.isfinite(loss)
+
+
+def test_weight_average_follows_the_decay_and_swaps_back():
+    from recsys.training.loop import WeightAverage
+
+    layer = torch.nn.Linear(3, 2)
+    start = layer.weight.detach().clone()
+    average = WeightAverage(layer, decay=0.5)
+    expected = start.clone()
+    for step in range(1, 6):
+        with torch.no_grad():
+            layer.weight.add_(1.0)
+        average.update()
+        weight = 1 - min(0.5, step / (9 + step))  # the decay warms up
+        expected = expected + weight * (layer.weight.detach() - expected)
+    torch.testing.assert_close(average.average["weight"], expected)
+    trained = layer.weight.detach().clone()
+    with average.swapped_in():
+        torch.testing.assert_close(layer.weight.detach(), expected)
+        assert not torch.equal(layer.weight.detach(), trained)
+        torch.testing.assert_close(average.state_dict()["training_weights"]["weight"], trained)
+        with pytest.raises(RuntimeError, match="swapped in"):
+            average.update()
+    assert torch.equal(layer.weight.detach(), trained)  # training weights back, bit for bit
+
+
+def test_ema_validates_and_saves_the_average_and_resumes_from_training_weights(split, tmp_path):
+    from safetensors.torch import load_file
+
+    from recsys.training.checkpoint import load_train_state
+
+    exp = exp_for("trainer.epochs=2", "trainer.patience=0", "trainer.ema=0.9", "trainer.lr=0.005")
+    state = train_in_process(exp, split, tmp_path)
+    last = tmp_path / "checkpoints" / "last"
+    saved = load_file(str(last / "model.safetensors"))
+    train_state = load_train_state(last)["weight_average"]
+    name = "item_emb.weight" if "item_emb.weight" in saved else next(iter(train_state["average"]))
+    torch.testing.assert_close(saved[name], train_state["average"][name])  # the file holds the average
+    assert not torch.allclose(saved[name], train_state["training_weights"][name])
+    model = load_model(last)
+    assert evaluate(model, split.valid)["recall@10"] == pytest.approx(state.history[-1]["valid_recall@10"])
+    # resuming continues from the training weights, not from the average
+    trainer = build_trainer(exp, split)
+    from recsys.training.session import restore
+    restore(trainer, last)
+    params = dict(trainer.model.named_parameters())
+    torch.testing.assert_close(params[name].detach(), train_state["training_weights"][name])
+    torch.testing.assert_close(trainer.average.average[name], train_state["average"][name])
+    with pytest.raises(ValueError, match="trainer.ema=0.0.*with a weight average"):
+        restore(build_trainer(exp_for("trainer.epochs=2"), split), last)
+    with pytest.raises(ValueError, match="trainer.ema=1.0 is out of range"):
+        exp_for("trainer.ema=1.0")

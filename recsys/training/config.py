@@ -18,6 +18,7 @@ class TrainerConfig:
     schedule: str = "constant"  # constant | cosine | inverse_sqrt (all after linear warmup)
     warmup_steps: int = 0
     grad_clip: float = 1.0  # 0 disables
+    ema: float = 0.0  # > 0: validate, select and save an exponential moving average of the weights, this decay per step
     precision: str = "fp32"  # fp32 | bf16 (autocast)
     samples: str = "last"  # how training windows are cut from histories: last | sliding | prefixes
     bucket: int = 0  # > 0: batch histories of similar length (sorted within runs of this many batches)
@@ -42,6 +43,7 @@ class TrainerConfig:
         require_choice("trainer.schedule", self.schedule, ("constant", "cosine", "inverse_sqrt"))
         require_range("trainer.warmup_steps", self.warmup_steps, 0)
         require_range("trainer.grad_clip", self.grad_clip, 0.0)
+        require(0.0 <= self.ema < 1.0, f"trainer.ema={self.ema} is out of range; allowed: 0 (off) <= ema < 1")
         require_choice("trainer.precision", self.precision, ("fp32", "bf16"))
         require_choice("trainer.samples", self.samples, SAMPLE_MODES)
         require_range("trainer.patience", self.patience, 0)

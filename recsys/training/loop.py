@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -68,8 +69,66 @@ def format_epoch(metrics: dict, cfg: TrainerConfig) -> str:
     return line
 
 
+class WeightAverage:
+    """An exponential moving average of a model's floating-point parameters.
+
+    The decay warms up as ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates, so early
+    averages are not dominated by the random initialisation. ``swapped_in`` puts the average
+    into the model (for validation and checkpoints) and the training weights back afterwards.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay, self.updates = decay, 0
+        self.params = {n: p for n, p in model.named_parameters() if p.dtype.is_floating_point}
+        self.average = {n: p.detach().clone() for n, p in self.params.items()}
+        self.training_weights: dict[str, torch.Tensor] | None = None  # set while the average is swapped in
+
+    @torch.no_grad()
+    def update(self) -> None:
+        if self.training_weights is not None:
+            raise RuntimeError("WeightAverage.update while the average is swapped in")
+        self.updates += 1
+        weight = 1.0 - min(self.decay, self.updates / (9 + self.updates))
+        for name, param in self.params.items():
+            self.average[name].lerp_(param.detach(), weight)
+
+    @contextmanager
+    def swapped_in(self):
+        with torch.no_grad():
+            self.training_weights = {n: p.detach().clone() for n, p in self.params.items()}
+            for name, param in self.params.items():
+                param.copy_(self.average[name])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, param in self.params.items():
+                    param.copy_(self.training_weights[name])
+            self.training_weights = None
+
+    def state_dict(self) -> dict:
+        current = self.training_weights or {n: p.detach() for n, p in self.params.items()}
+        return {"updates": self.updates, "average": {n: t.clone() for n, t in self.average.items()},
+                "training_weights": {n: t.clone() for n, t in current.items()}}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the average and the weights training continues from (a checkpoint's model file
+        holds the average, so the training weights come from here)."""
+        missing = set(self.params) - set(state["average"])
+        if missing:
+            raise ValueError(f"the checkpoint's weight average lacks {sorted(missing)[:3]}")
+        self.updates = int(state["updates"])
+        for name, param in self.params.items():
+            self.average[name].copy_(state["average"][name])
+            param.copy_(state["training_weights"][name])
+
+
 class Trainer:
-    """Owns model, optimizer and loop state. ``train_model`` may be a DDP wrapper of ``model``."""
+    """Owns model, optimizer and loop state. ``train_model`` may be a DDP wrapper of ``model``.
+
+    With ``cfg.ema`` > 0, validation, selection and checkpoints use the weight average;
+    training continues from the training weights."""
 
     def __init__(self, model: SequenceModel, split: LeaveOneOutSplit, cfg: TrainerConfig, eval_cfg: EvalConfig, *,
                  device: torch.device | str = "cpu", train_model: nn.Module | None = None,
@@ -85,6 +144,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.train_model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg, self.steps_per_epoch * cfg.epochs)
         self.state = LoopState()
+        self.average = WeightAverage(model, cfg.ema) if cfg.ema > 0 else None
         self.resumed_from: int | None = None  # the checkpoint's epoch, set by load_state_dict
         self.valid_set = split.valid
         if 0 < cfg.valid_users < len(split.valid):  # the same users every epoch, so scores compare
@@ -101,6 +161,8 @@ class Trainer:
             nn.utils.clip_grad_norm_(self.train_model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
+        if self.average is not None:
+            self.average.update()
         self.state.step += 1
         return loss.item()
 
@@ -119,6 +181,15 @@ class Trainer:
         return {"train_loss": float(np.mean(losses)), "epoch_s": seconds,
                 "samples_per_s": rows * self.world_size / seconds}
 
+    @contextmanager
+    def evaluation_weights(self):
+        """The weights that are validated and saved: the average when ``cfg.ema`` > 0."""
+        if self.average is None:
+            yield
+        else:
+            with self.average.swapped_in():
+                yield
+
     def validate(self) -> dict[str, float]:
         return evaluate(self.model, self.valid_set, batch_size=self.eval_cfg.batch_size,
                         exclude_history=self.eval_cfg.exclude_history, device=self.device,
@@ -133,17 +204,18 @@ class Trainer:
                 metrics["resumed_from_epoch"], self.resumed_from = self.resumed_from, None
             self.state.epoch += 1
             improved = False
-            if self.state.epoch % cfg.eval_every == 0 or self.state.epoch == cfg.epochs:
-                valid = self.validate()
-                metrics.update({f"valid_{k}": v for k, v in valid.items()}, validated_users=len(self.valid_set))
-                score = valid[cfg.select_metric]
-                improved = score > self.state.best_score
-                if improved:
-                    self.state.best_score, self.state.best_epoch = score, self.state.epoch
-            metrics.update(best_epoch=self.state.best_epoch, best_score=self.state.best_score,
-                           finished_at=time.time())
-            self.state.history.append(metrics)
-            on_epoch_end(metrics, improved, self)
+            with self.evaluation_weights():
+                if self.state.epoch % cfg.eval_every == 0 or self.state.epoch == cfg.epochs:
+                    valid = self.validate()
+                    metrics.update({f"valid_{k}": v for k, v in valid.items()}, validated_users=len(self.valid_set))
+                    score = valid[cfg.select_metric]
+                    improved = score > self.state.best_score
+                    if improved:
+                        self.state.best_score, self.state.best_epoch = score, self.state.epoch
+                metrics.update(best_epoch=self.state.best_epoch, best_score=self.state.best_score,
+                               finished_at=time.time())
+                self.state.history.append(metrics)
+                on_epoch_end(metrics, improved, self)
             if self.rank == 0:
                 print(format_epoch(metrics, cfg), flush=True)
             # Stop only after a validated epoch, so the last checkpoint always holds the full history.
@@ -155,8 +227,11 @@ class Trainer:
     def state_dict(self) -> dict:
         # The torch RNG (dropout) too, so a resumed run draws what an uninterrupted one would; the
         # batch order needs nothing saved: it is seeded by (seed, epoch).
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "loop": asdict(self.state), "rng": torch.get_rng_state()}
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "loop": asdict(self.state), "rng": torch.get_rng_state()}
+        if self.average is not None:
+            state["weight_average"] = self.average.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
@@ -164,4 +239,10 @@ class Trainer:
         self.state = LoopState(**state["loop"])
         if "rng" in state:  # absent in checkpoints written before it was saved
             torch.set_rng_state(state["rng"])
+        if (self.average is None) != ("weight_average" not in state):
+            raise ValueError(f"trainer.ema={self.cfg.ema}, but the checkpoint was written "
+                             f"{'with' if 'weight_average' in state else 'without'} a weight average; "
+                             "resume with the ema setting it was trained with")
+        if self.average is not None:
+            self.average.load_state_dict(state["weight_average"])
         self.resumed_from = self.state.epoch
