@@ -27,6 +27,9 @@ from recsys.runs import read_json  # noqa: E402
 
 
 def main(argv: list[str]) -> None:
+    if argv[:1] in (["-h"], ["--help"]) or not argv:
+        print(__doc__.strip())
+        raise SystemExit(0 if argv else 2)
     start = time.perf_counter()
     record_name = None
     if argv[:1] == ["--name"]:

@@ -138,3 +138,40 @@ def test_validation_curves_compare_runs_on_validation_only(tmp_path, monkeypatch
     assert (a["best_epoch"], a["best_valid"]["recall@10"]) == (2, 0.05)
     assert b["best_epoch"] == 2 and b["settings"] == {"model.dropout": 0.3}  # first of equal scores
     assert "test" not in record["metrics"] and (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_beam_width_is_chosen_on_validation_and_test_is_scored_once_at_it(tmp_path, monkeypatch):
+    import torch
+
+    from benchmarks.beam_width import main
+    from recsys.data.split import leave_one_out
+    from recsys.models import Tiger, TigerConfig, semantic_id_table
+    from recsys.semantic_ids import SemanticIdIndex
+    from recsys.training import evaluate as evaluate_module
+    from recsys.training.checkpoint import save_checkpoint
+
+    monkeypatch.setattr(benchmarks.record, "RESULTS", tmp_path / "results")
+    data = generate_synthetic(SyntheticConfig(n_users=120, n_items=40, n_topics=4, seed=0))
+    data.save(tmp_path / "data")
+    codes = torch.randint(0, 4, (40, 3), generator=torch.Generator().manual_seed(0))
+    index = SemanticIdIndex(item_ids=torch.arange(1, 41), codes=codes, codebook_sizes=[4, 4, 4])
+    torch.manual_seed(0)
+    model = Tiger(TigerConfig(d_model=32, n_encoder_layers=1, n_decoder_layers=1, n_heads=2, head_dim=16, d_ff=64),
+                  40, 20, semantic_ids=semantic_id_table(index, 40), level_sizes=index.level_sizes)
+    save_checkpoint(tmp_path / "ckpt", model, "tiger")
+    seen = []  # (split size, beam) of every evaluation
+    real = evaluate_module.evaluate
+    monkeypatch.setattr("benchmarks.beam_width.evaluate", lambda m, es, **kw: (
+        seen.append((len(es), m.config.beam_size)), real(m, es, **kw))[1])
+    main([str(tmp_path / "ckpt"), "--data", str(tmp_path / "data"), "--name", "tiny", "--beams", "40,1", "--threads", "1"])
+    record = json.loads((tmp_path / "results" / "tiny-beams.json").read_text())
+    by_beam = record["valid_by_beam"]
+    assert set(by_beam) == {"1", "40"} and record["config"]["beams"] == [1, 40]
+    chosen = record["chosen_beam"]
+    assert by_beam[str(chosen)]["recall@10"] == max(v["recall@10"] for v in by_beam.values())
+    n_valid = len(leave_one_out(data, 20).valid)
+    assert seen == [(n_valid, 1), (n_valid, 40), (n_valid, chosen)]  # test once, at the chosen width
+    assert record["metrics"]["valid"] == by_beam[str(chosen)] and set(record["metrics"]["test"]) == set(by_beam["1"])
+    for bad in ("", "a,b", "0,20"):
+        with pytest.raises(SystemExit, match="--beams"):
+            main([str(tmp_path / "ckpt"), "--data", str(tmp_path / "data"), "--name", "x", "--beams", bad])
