@@ -261,7 +261,17 @@ def snapshot_has_one_done_one_checkpointed(experiment: Path) -> bool:
     except (IndexError, ValueError, KeyError):  # not written yet, or mid-copy
         return False
     statuses = [(t["status"], (m.get("last_result") or {}).get("training_iteration", 0)) for t, m in trials]
-    return ("TERMINATED", 2) in statuses and any(s == "RUNNING" and i >= 1 for s, i in statuses)
+    if not (("TERMINATED", 2) in statuses and any(s == "RUNNING" and i >= 1 for s, i in statuses)):
+        return False
+    # Tune copies its search-algorithm state to the storage path non-atomically: a kill mid-copy
+    # leaves it empty, and the resume then restarts the experiment (seen once under load).
+    import ray.cloudpickle as cloudpickle
+
+    states = list(experiment.glob("basic-variant-state-*.json"))
+    try:
+        return bool(states) and all(cloudpickle.loads(f.read_bytes()) for f in states)
+    except (EOFError, ValueError, cloudpickle.pickle.UnpicklingError):
+        return False
 
 
 @pytest.mark.ray
