@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -87,8 +87,8 @@ class WeightAverage:
     def update(self) -> None:
         if self.training_weights is not None:
             raise RuntimeError("WeightAverage.update while the average is swapped in")
+        weight = 1.0 - min(self.decay, (1 + self.updates) / (10 + self.updates))
         self.updates += 1
-        weight = 1.0 - min(self.decay, self.updates / (9 + self.updates))
         for name, param in self.params.items():
             self.average[name].lerp_(param.detach(), weight)
 
@@ -181,15 +181,6 @@ class Trainer:
         return {"train_loss": float(np.mean(losses)), "epoch_s": seconds,
                 "samples_per_s": rows * self.world_size / seconds}
 
-    @contextmanager
-    def evaluation_weights(self):
-        """The weights that are validated and saved: the average when ``cfg.ema`` > 0."""
-        if self.average is None:
-            yield
-        else:
-            with self.average.swapped_in():
-                yield
-
     def validate(self) -> dict[str, float]:
         return evaluate(self.model, self.valid_set, batch_size=self.eval_cfg.batch_size,
                         exclude_history=self.eval_cfg.exclude_history, device=self.device,
@@ -204,7 +195,8 @@ class Trainer:
                 metrics["resumed_from_epoch"], self.resumed_from = self.resumed_from, None
             self.state.epoch += 1
             improved = False
-            with self.evaluation_weights():
+            # the weights validated and saved: the average when cfg.ema > 0
+            with self.average.swapped_in() if self.average is not None else nullcontext():
                 if self.state.epoch % cfg.eval_every == 0 or self.state.epoch == cfg.epochs:
                     valid = self.validate()
                     metrics.update({f"valid_{k}": v for k, v in valid.items()}, validated_users=len(self.valid_set))
