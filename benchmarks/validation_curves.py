@@ -20,23 +20,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.record import write_record  # noqa: E402
+from recsys.config import flatten_dict  # noqa: E402
 from recsys.runs import read_json  # noqa: E402
 from recsys.sweep import dotted_values  # noqa: E402
 
 
-def flatten(config: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def differing_keys(configs: list[dict]) -> list[str]:
     """Dotted keys whose value is not the same in every config (``run.*`` left out)."""
-    flat = [flatten(c) for c in configs]
+    flat = [flatten_dict(c) for c in configs]
     keys = sorted(set().union(*flat))
     return [k for k in keys if not k.startswith("run.") and len({json.dumps(f.get(k)) for f in flat}) > 1]
 

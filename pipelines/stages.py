@@ -7,6 +7,7 @@ import json
 import time
 from pathlib import Path
 
+from recsys.config import flatten_dict
 from recsys.data import InteractionData, load_dataset
 from recsys.data.split import leave_one_out
 from recsys.experiment import ExperimentConfig, experiment_dict_from_run, experiment_from_dict
@@ -75,7 +76,10 @@ def run_train(exp: ExperimentConfig, data_dir: Path | None = None, resume_dir: P
         data_dir = require_complete(data_dir, "data") if data_dir else run_data(exp, parent)
         ids_dir = str(require_complete(ids_dir, "ids")) if ids_dir else None
         run_dir = stage_run_dir(exp.run.root, "train", exp.run.name or exp.model_name, parent)
-    write_json(run_dir / CONFIG_FILE, {**exp.to_dict(), "data_dir": str(data_dir), "ids_dir": ids_dir})
+    record = exp.to_dict()
+    if ids_dir is not None:  # record the settings of the IDs this run decodes, not the config file's
+        record["ids"] = ids_settings(record["ids"], Path(ids_dir))
+    write_json(run_dir / CONFIG_FILE, {**record, "data_dir": str(data_dir), "ids_dir": ids_dir})
     split = leave_one_out(InteractionData.load(data_dir), exp.data.max_history)
     context = model_context(exp, split.n_items, ids_dir)
     start = time.perf_counter()
@@ -92,6 +96,22 @@ def run_train(exp: ExperimentConfig, data_dir: Path | None = None, resume_dir: P
         restarts = 0  # no workers to lose: a crash ends the process, and `--resume` continues
     wall = time.perf_counter() - start
     return finish_train(exp, run_dir, history, wall, restarts)
+
+
+IDS_EXECUTION_KEYS = {"use_ray", "num_workers", "cpus_per_task", "checkpoint_every", "max_failures"}
+
+
+def ids_settings(configured: dict, ids_dir: Path) -> dict:
+    """The ``ids`` section of the ids run at ``ids_dir``; says which configured settings it
+    overrides (how the IDs were computed, e.g. on Ray or not, is not worth a note)."""
+    built = read_json(ids_dir / CONFIG_FILE)["ids"]
+    configured_flat = flatten_dict(configured)
+    differ = [f"ids.{k}" for k, v in flatten_dict(built).items()
+              if configured_flat.get(k) != v and k not in IDS_EXECUTION_KEYS]
+    if differ:
+        print(f"note: the IDs in {ids_dir} were built with other settings than this config's "
+              f"({', '.join(differ)}); the train run records the ids run's", flush=True)
+    return built
 
 
 def finish_train(exp: ExperimentConfig, run_dir: Path, history: list[dict], wall_s: float,

@@ -1,4 +1,5 @@
-"""Command-line parsing: config words before or after options, and what is still rejected."""
+"""Command-line parsing: config words before or after options, and what is still rejected; what a
+train run records of the ids run it was given."""
 
 from pathlib import Path
 
@@ -30,3 +31,17 @@ def test_words_that_fit_nowhere_are_still_rejected(argv, capsys):
         parse(*argv)
     assert exc.value.code == 2
     assert "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_a_train_run_records_the_ids_runs_settings_and_notes_where_the_config_differs(tmp_path, capsys):
+    from pipelines.stages import ids_settings
+    from recsys.experiment import load_experiment
+    from recsys.runs import write_json
+
+    built = load_experiment(None, ["ids.method=hkmeans", "ids.hkmeans.max_levels=2", "ids.use_ray=false"]).to_dict()["ids"]
+    write_json(tmp_path / "config.json", {"ids": built, "embed_dir": "e"})
+    configured = load_experiment(None, ["ids.method=hkmeans", "ids.hkmeans.max_levels=3"]).to_dict()["ids"]
+    assert ids_settings(configured, tmp_path) == built
+    out = capsys.readouterr().out
+    assert "ids.hkmeans.max_levels" in out and "use_ray" not in out  # how they were computed is no note
+    assert ids_settings(built, tmp_path) == built and capsys.readouterr().out == ""

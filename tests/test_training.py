@@ -83,6 +83,13 @@ def test_validation_on_a_fixed_sample_of_users(split):
     assert len(a.valid_set) == 50 < len(split.valid)
     np.testing.assert_array_equal(a.valid_set.user_index, b.valid_set.user_index)  # the same users every time
     assert len(build_trainer(exp_for(), split).valid_set) == len(split.valid)
+    # the sample follows trainer.seed unless trainer.valid_seed fixes it, so seeds can share one
+    other_seed = build_trainer(exp_for("trainer.valid_users=50", "trainer.seed=1"), split).valid_set.user_index
+    shared = build_trainer(exp_for("trainer.valid_users=50", "trainer.seed=1", "trainer.valid_seed=0"), split)
+    assert set(other_seed) != set(a.valid_set.user_index)
+    np.testing.assert_array_equal(shared.valid_set.user_index, a.valid_set.user_index)
+    with pytest.raises(ValueError, match="trainer.valid_seed"):
+        exp_for("trainer.valid_seed=-1")
     exp = exp_for("trainer.valid_users=50", "trainer.epochs=1")
     state = build_trainer(exp, split).fit(lambda metrics, improved, t: None)
     assert state.history[0]["validated_users"] == 50  # every epoch says what selection saw

@@ -68,6 +68,11 @@ def only_dir(path: Path) -> Path:
     return found
 
 
+def only_file(path: Path, pattern: str) -> Path:
+    (found,) = path.glob(pattern)
+    return found
+
+
 def read_rows(sweep_dir: Path) -> list[dict]:
     with (sweep_dir / "results.csv").open() as fh:
         return list(csv.DictReader(fh))
@@ -238,6 +243,15 @@ def test_a_tiny_asha_sweep_ranks_tests_the_winner_and_writes_its_config(ray_sess
         assert "the base config's point" in summary and "won" in summary
     else:
         assert test["base_point"] is None and "no gain over it is measured" in summary
+
+    # a search state torn by a kill mid-save: the resume refuses, naming the file, and loses nothing
+    state_file = only_file(sweep_dir / "tune", "basic-variant-state-*.json")
+    state_file.write_bytes(state_file.read_bytes()[:20])
+    capsys.readouterr()
+    assert main(["tune", "--resume", str(sweep_dir)]) == 2
+    err = capsys.readouterr().err
+    assert str(state_file) in err and "finished trials again" in err and "nothing was resumed" in err
+    assert (sweep_dir / "COMPLETE").is_file() and read_rows(sweep_dir) == rows
 
 
 def assert_wall_covers_epochs(rows: list[dict]) -> None:

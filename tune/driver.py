@@ -140,6 +140,7 @@ def resume_sweep(sweep_dir: Path) -> Path:
     experiment = sweep_dir / TUNE_DIR
     if not ray.tune.Tuner.can_restore(str(experiment)):
         raise FileNotFoundError(f"{experiment} holds no Ray Tune experiment to resume")
+    require_search_state(experiment)
     sweep = Sweep.from_state(state)
     print(f"resuming sweep run: {sweep_dir}", flush=True)
     clear_complete(sweep_dir)  # incomplete until its results are written again
@@ -147,6 +148,23 @@ def resume_sweep(sweep_dir: Path) -> Path:
     init_ray()
     tuner = ray.tune.Tuner.restore(str(experiment), trainable(state), resume_unfinished=True, resume_errored=True)
     return finish_sweep(sweep, sweep_dir, fit(tuner, sweep_dir))
+
+
+def require_search_state(experiment: Path) -> None:
+    """Refuse to resume from a torn search-algorithm state. Tune copies it into the experiment
+    non-atomically; a driver killed mid-copy leaves it empty, and Tune's restore then logs an
+    error and restarts the experiment, training the finished trials again."""
+    import ray.cloudpickle as cloudpickle
+
+    for path in sorted(experiment.glob("basic-variant-state-*.json")):
+        try:
+            cloudpickle.loads(path.read_bytes())
+        except (EOFError, ValueError, cloudpickle.pickle.UnpicklingError) as err:
+            raise ValueError(
+                f"{path} (the sweep's search state) is unreadable ({type(err).__name__}): the sweep was "
+                "probably killed while Ray Tune saved it. Resuming would restart the sweep and train its "
+                "finished trials again, so nothing was resumed; the trials' own runs under "
+                f"{experiment.parent / TRIALS_DIR} are intact. Start the sweep again as a new run.") from None
 
 
 def trial_record(sweep: Sweep, sweep_dir: Path, result) -> TrialRecord:

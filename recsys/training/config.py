@@ -26,6 +26,7 @@ class TrainerConfig:
     select_metric: str = "ndcg@10"  # validation metric that picks the best checkpoint
     eval_every: int = 1
     valid_users: int = 0  # > 0: validate during training on this fixed random sample of users; 0 = all
+    valid_seed: int | None = None  # seed of that sample; None = trainer.seed (set it to compare seeds on one sample)
     seed: int = 0
     use_ray: bool = True  # False runs the same loop in this process (tests, GPU benchmarks)
     num_workers: int = 1  # Ray Train workers; DDP over gloo on CPU, NCCL on GPU
@@ -50,6 +51,8 @@ class TrainerConfig:
         require_choice("trainer.select_metric", self.select_metric, metric_names(DEFAULT_KS))
         require_range("trainer.eval_every", self.eval_every, 1)
         require_range("trainer.valid_users", self.valid_users, 0)
+        if self.valid_seed is not None:
+            require_range("trainer.valid_seed", self.valid_seed, 0, 2**63 - 1)
         require_range("trainer.bucket", self.bucket, 0, 1 << 20)
         require_range("trainer.num_workers", self.num_workers, 1, 4096)
         require(self.cpus_per_worker > 0, f"trainer.cpus_per_worker={self.cpus_per_worker} is out of range; allowed: > 0")

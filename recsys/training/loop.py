@@ -148,7 +148,8 @@ class Trainer:
         self.resumed_from: int | None = None  # the checkpoint's epoch, set by load_state_dict
         self.valid_set = split.valid
         if 0 < cfg.valid_users < len(split.valid):  # the same users every epoch, so scores compare
-            rows = np.random.default_rng([cfg.seed, 1]).choice(len(split.valid), cfg.valid_users, replace=False)
+            seed = cfg.seed if cfg.valid_seed is None else cfg.valid_seed
+            rows = np.random.default_rng([seed, 1]).choice(len(split.valid), cfg.valid_users, replace=False)
             self.valid_set = split.valid.subset(np.sort(rows))
 
     def train_step(self, batch: Batch) -> float:
