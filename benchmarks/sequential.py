@@ -60,7 +60,7 @@ def main(argv: list[str]) -> None:
         metrics={"test": test, "valid": train["valid"], "samples_per_s": train["samples_per_s"]},
         extra={"train_elapsed_s": train["elapsed_s"], "train_epochs_s": train["train_epochs_s"],
                "best_epoch": train["best_epoch"], "elapsed_to_best_epoch_s": round(elapsed_to_best, 1),
-               "epochs_run": train["epochs_run"], "train_run": str(train_dir), **ids},
+               "epochs_run": train["epochs_run"], "refit": train.get("refit", False), "train_run": str(train_dir), **ids},
     )
     print(f"record: {path}")
 

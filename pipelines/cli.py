@@ -109,7 +109,10 @@ def cmd_pipeline(ns: argparse.Namespace) -> None:
     eval_dir, test = run_evaluate(train_dir, "test", parent=run_dir)
     train_metrics = read_json(train_dir / METRICS_FILE)
     valid_label = "valid (selected" + (f", {exp.trainer.valid_users} users)" if exp.trainer.valid_users else ")")
-    table = results_table({valid_label: train_metrics["valid"], "test": test})
+    if train_metrics["valid"]:
+        table = results_table({valid_label: train_metrics["valid"], "test": test})
+    else:  # a refit (trainer.refit): trained on the validation targets, so no validation figure
+        table = results_table({"test (refit on training + validation)": test})
     stages = {p.name: str(p) for p in sorted(run_dir.iterdir()) if p.is_dir()}
     write_json(run_dir / METRICS_FILE, {"valid": train_metrics["valid"], "test": test,
                                          "best_epoch": train_metrics["best_epoch"],

@@ -118,15 +118,17 @@ def finish_train(exp: ExperimentConfig, run_dir: Path, history: list[dict], wall
                  worker_restarts: int = 0) -> Path:
     """Write metrics, curve and summary from the per-epoch history, then mark the run complete.
     ``worker_restarts``: Ray Train worker-group restarts after failures in this invocation."""
-    metric = exp.trainer.select_metric
-    validated = [h for h in history if f"valid_{metric}" in h]
-    best = max(validated, key=lambda h: h[f"valid_{metric}"])
-    valid = {k.removeprefix("valid_"): v for k, v in best.items() if k.startswith("valid_")}
+    metric, refit = exp.trainer.select_metric, exp.trainer.refit
+    if refit:  # no validation (its targets were trained on): the last epoch is the test model
+        best, valid = history[-1], {}
+    else:
+        best = max((h for h in history if f"valid_{metric}" in h), key=lambda h: h[f"valid_{metric}"])
+        valid = {k.removeprefix("valid_"): v for k, v in best.items() if k.startswith("valid_")}
     # Across resumes, elapsed time runs from the first epoch's start to the last epoch's end;
     # wall_s is this invocation only.
     elapsed = history[-1]["finished_at"] - (history[0]["finished_at"] - history[0]["epoch_s"])
     metrics = {
-        "valid": valid, "best_epoch": best["epoch"], "epochs_run": history[-1]["epoch"],
+        "valid": valid, "best_epoch": best["epoch"], "epochs_run": history[-1]["epoch"], "refit": refit,
         "wall_s": round(wall_s, 2), "elapsed_s": round(elapsed, 1),
         "train_epochs_s": round(sum(h["epoch_s"] for h in history), 1),
         "samples_per_s": round(sum(h["samples_per_s"] for h in history) / len(history), 1),
@@ -142,15 +144,17 @@ def finish_train(exp: ExperimentConfig, run_dir: Path, history: list[dict], wall
     plot_training_curve(history, run_dir / "training_curve.png", metric, exp.trainer.valid_users if sampled else 0)
     write_text(run_dir / SUMMARY_FILE, "\n".join([
         f"# train: {exp.model_name}", "",
-        f"- selected epoch {best['epoch']} of {history[-1]['epoch']} on validation {metric}",
+        (f"- refit on training + validation transitions: {history[-1]['epoch']} epochs of a "
+         f"{exp.trainer.epochs}-epoch schedule, no validation; the last epoch is the test model" if refit
+         else f"- selected epoch {best['epoch']} of {history[-1]['epoch']} on validation {metric}"),
         f"- training took {elapsed:.0f} s from first to last epoch ({metrics['train_epochs_s']:.0f} s in "
         f"training steps, the rest validation and checkpoints); this invocation {wall_s:.1f} s",
         f"- {metrics['samples_per_s']} samples/s (mean over epochs)",
         (f"- resumed from the checkpoint of epoch(s) {', '.join(map(str, resumed))}" if resumed
          else "- never resumed from a checkpoint")
         + f"; {worker_restarts} Ray Train worker restart(s) after a failure in this invocation",
-        "- best checkpoint: checkpoints/best; curve: training_curve.png", "",
-        results_table({"valid": valid}), ""]))
+        f"- {'test model (the last epoch)' if refit else 'best checkpoint'}: checkpoints/best; curve: training_curve.png", "",
+        results_table({"valid": valid}) if valid else "", ""]))
     mark_complete(run_dir, "train")
     return run_dir
 

@@ -73,7 +73,7 @@ def train_loop_per_worker(config: dict) -> None:
         ray.get(config["start_log"].add.remote(trainer.resumed_from))
 
     def on_epoch_end(metrics: dict, improved: bool, trainer: Trainer) -> None:
-        if f"valid_{exp.trainer.select_metric}" not in metrics:
+        if not exp.trainer.refit and f"valid_{exp.trainer.select_metric}" not in metrics:
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory() as tmp:
@@ -87,14 +87,15 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 def fit_with_ray(exp: ExperimentConfig, split, run_dir: Path, context: dict | None = None) -> RayFit:
-    """Run TorchTrainer; copy the best checkpoint (on validation) to ``run_dir/checkpoints/best``.
+    """Run TorchTrainer; copy the best checkpoint (on validation) to ``run_dir/checkpoints/best``,
+    or a refit's (``trainer.refit``) last one.
 
     Re-running with the same ``run_dir`` resumes from the latest checkpoint (Ray Train V2
     restores a run whose name and storage path match). Returns the per-epoch history and the
     worker-group starts (restarts after failures included).
     """
     cfg = exp.trainer
-    score = f"valid_{cfg.select_metric}"
+    score = None if cfg.refit else f"valid_{cfg.select_metric}"  # a refit keeps its latest checkpoints
     start_log = StartLog.remote()
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -115,7 +116,7 @@ def fit_with_ray(exp: ExperimentConfig, split, run_dir: Path, context: dict | No
     result = trainer.fit()
     if result.error:
         raise RuntimeError(f"training failed: {result.error}") from result.error
-    best = result.get_best_checkpoint(metric=score, mode="max")
+    best = result.checkpoint if cfg.refit else result.get_best_checkpoint(metric=score, mode="max")
     with best.as_directory() as directory, atomic_directory(run_dir / "checkpoints" / "best") as tmp:
         shutil.copytree(directory, tmp, dirs_exist_ok=True)
     with result.checkpoint.as_directory() as directory:

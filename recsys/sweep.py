@@ -39,7 +39,7 @@ SCHEDULERS = ("asha", "fifo")
 # Prepared once, before the trials, or owned by the sweep itself: not sweepable.
 FIXED_PREFIXES = ("data.", "embed.", "run.")
 FIXED_KEYS = ("model.name", "trainer.epochs", "trainer.use_ray", "ids.use_ray", "trainer.select_metric",
-              "trainer.threads")
+              "trainer.threads", "trainer.refit", "trainer.stop_epoch")
 MAX_VALIDATED_POINTS = 4096  # grid points built one by one at load; beyond that, each value alone
 
 
@@ -281,7 +281,12 @@ def check_points(sweep: Sweep) -> None:
         points = [{**first, s.key: v} for s in grid for v in s.values]
     first_random = {s.key: s.probes()[0] for s in specs if s.kind != "grid"}
     probes = [{**first_random, s.key: v} for s in specs if s.kind != "grid" for v in s.probes()] or [{}]
-    epochs = sweep.base_experiment().trainer.epochs
+    base_trainer = sweep.base_experiment().trainer
+    epochs = base_trainer.epochs
+    require(not base_trainer.refit, "base trainer.refit=true: a refit trains on the validation targets and "
+            "never validates, so a sweep has nothing to rank trials on; sweep without it, then refit the winner")
+    require(not base_trainer.stop_epoch, f"base trainer.stop_epoch={base_trainer.stop_epoch}: a sweep runs "
+            "trainer.epochs (ASHA stops trials early itself); set trainer.epochs instead")
     for point in points:
         for probe in probes:
             values = {**point, **probe}

@@ -46,6 +46,24 @@ def test_pipeline_with_two_ddp_workers(ray_session, tiny_overrides, tmp_path, ca
     assert read_json(only_dir(runs / "evaluate") / "metrics.json")["test"] == pytest.approx(result["test"])
 
 
+def test_a_refit_under_ray_train_keeps_its_last_epoch_and_reports_no_validation(ray_session, tiny_overrides,
+                                                                                tmp_path, capsys):
+    assert main(["pipeline", *tiny_overrides, "trainer.epochs=4", "trainer.stop_epoch=2", "trainer.refit=true"]) == 0
+    out = capsys.readouterr().out
+    assert "| test (refit on training + validation) |" in out and "| valid (selected" not in out
+    result = read_json(only_dir(tmp_path / "runs" / "pipeline") / "metrics.json")
+    train_dir = Path(result["stages"]["train"])
+    train = read_json(train_dir / "metrics.json")
+    assert train["refit"] and train["valid"] == {} and train["epochs_run"] == 2 and train["best_epoch"] == 2
+    epochs = [json.loads(x) for x in (train_dir / "epochs.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in epochs] == [1, 2] and not any(k.startswith("valid_") for e in epochs for k in e)
+    from recsys.training.checkpoint import load_train_state
+
+    assert load_train_state(train_dir / "checkpoints" / "best")["loop"]["epoch"] == 2
+    assert "refit on training + validation transitions: 2 epochs of a 4-epoch schedule" in \
+        (train_dir / "summary.md").read_text()
+
+
 def test_train_resumes_from_the_last_ray_checkpoint(ray_session, tiny_overrides, tmp_path):
     assert main(["train", *tiny_overrides, "trainer.epochs=2"]) == 0
     train_dir = only_dir(tmp_path / "runs" / "train")

@@ -9,7 +9,7 @@ import torch
 from recsys.data import SyntheticConfig, generate_synthetic
 from recsys.data.split import leave_one_out
 from recsys.experiment import load_experiment
-from recsys.training.checkpoint import load_model
+from recsys.training.checkpoint import load_model, load_train_state
 from recsys.training.evaluate import evaluate
 from recsys.training.batching import epoch_batches
 from recsys.training.session import build_trainer, train_in_process
@@ -181,3 +181,28 @@ def test_ema_validates_and_saves_the_average_and_resumes_from_training_weights(s
         restore(build_trainer(exp_for("trainer.epochs=2"), split), last)
     with pytest.raises(ValueError, match="trainer.ema=1.0 is out of range"):
         exp_for("trainer.ema=1.0")
+
+
+def test_refit_learns_the_validation_targets_without_validating_and_stops_at_stop_epoch(split, tmp_path):
+    plain = build_trainer(exp_for("trainer.epochs=2"), split)
+    # one window per user (samples=last): the newest target is s[n-3] plainly, s[n-2] in a refit
+    assert np.array_equal(plain.targets[:, -1], [seq[-1] for seq in split.train])
+    exp = exp_for("trainer.epochs=6", "trainer.stop_epoch=3", "trainer.refit=true", "trainer.schedule=cosine",
+                  "trainer.patience=1", "trainer.lr=0.01")
+    refit = build_trainer(exp, split)
+    assert np.array_equal(refit.targets[:, -1], split.valid.targets)
+    assert np.array_equal(refit.targets[:, -2], plain.targets[:, -1])
+
+    state = train_in_process(exp, split, tmp_path)
+    lines = [json.loads(x) for x in (tmp_path / "epochs.jsonl").read_text().splitlines()]
+    assert state.epoch == 3 and state.best_epoch == 3  # patience cannot stop what is never validated
+    assert not any(key.startswith("valid_") for line in lines for key in line)
+    saved = load_train_state(tmp_path / "checkpoints" / "best")
+    assert saved["loop"]["epoch"] == 3  # the test model is the last epoch
+    # stopped half way through a schedule sized for 6 epochs: the cosine rate is at half its peak
+    assert saved["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.005, rel=0.05)
+
+
+def test_stop_epoch_beyond_the_schedule_is_refused():
+    with pytest.raises(ValueError, match=r"trainer.stop_epoch=7 is out of range.*trainer.epochs=6"):
+        exp_for("trainer.epochs=6", "trainer.stop_epoch=7")

@@ -115,6 +115,18 @@ def test_the_cli_exits_2_on_a_typo_before_any_work(tmp_path, capsys):
     assert main(["tune", "--resume", str(tmp_path / "nowhere")]) == 2
 
 
+@pytest.mark.parametrize("override, message", [
+    ("trainer.refit=true", "a sweep has nothing to rank trials on"),
+    ("trainer.stop_epoch=2", "trainer.stop_epoch=2: a sweep runs trainer.epochs"),
+])
+def test_a_sweep_refuses_a_refit_or_a_stop_epoch_in_its_base(tmp_path, override, message):
+    with pytest.raises(ValueError, match=message):
+        load_sweep(write_sweep(tmp_path, {"trainer.lr": {"grid": [1.0e-3]}}), [override])
+    key = override.partition("=")[0]
+    with pytest.raises(ValueError, match=f"sweep.params.{key} cannot be swept"):
+        load_sweep(write_sweep(tmp_path, {key: {"grid": [0, 1]}}))
+
+
 def test_overrides_reach_the_base_or_the_sweep(tmp_path):
     path = write_sweep(tmp_path, {"trainer.lr": {"grid": [1.0e-3, 3.0e-3]}})
     sweep = load_sweep(path, ["trainer.epochs=5", "sweep.max_concurrent_trials=1",

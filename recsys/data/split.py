@@ -44,6 +44,11 @@ class LeaveOneOutSplit:
     test: EvalSet
     dropped_users: int  # users with fewer than MIN_USER_LENGTH items
 
+    def training_with_validation(self) -> list[np.ndarray]:
+        """Each user's s[:n-1]: the training prefix with its validation target appended, what a
+        test model refitted on training + validation (``trainer.refit``) learns from."""
+        return [np.append(seq, target) for seq, target in zip(self.train, self.valid.targets)]
+
     def eval_set(self, name: str) -> EvalSet:
         if name not in ("valid", "test"):
             raise ValueError(f"split must be 'valid' or 'test', got {name!r}")

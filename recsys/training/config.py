@@ -11,7 +11,8 @@ from recsys.metrics import DEFAULT_KS, metric_names
 
 @dataclass
 class TrainerConfig:
-    epochs: int = 200
+    epochs: int = 200  # the schedule's length
+    stop_epoch: int = 0  # > 0: stop after this epoch, the learning-rate schedule still sized for ``epochs``
     batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -28,6 +29,10 @@ class TrainerConfig:
     valid_users: int = 0  # > 0: validate during training on this fixed random sample of users; 0 = all
     valid_seed: int | None = None  # seed of that sample; None = trainer.seed (set it to compare seeds on one sample)
     seed: int = 0
+    # true: the test model. Train on training + validation transitions (each user's s[:n-1]), with
+    # no validation and no selection: checkpoints/best is the last epoch's. Choose epochs and
+    # stop_epoch on a validated run of the same config first.
+    refit: bool = False
     use_ray: bool = True  # False runs the same loop in this process (tests, GPU benchmarks)
     num_workers: int = 1  # Ray Train workers; DDP over gloo on CPU, NCCL on GPU
     use_gpu: bool = False
@@ -38,6 +43,9 @@ class TrainerConfig:
 
     def __post_init__(self):
         require_range("trainer.epochs", self.epochs, 1, 100000)
+        require(0 <= self.stop_epoch <= self.epochs,
+                f"trainer.stop_epoch={self.stop_epoch} is out of range; allowed: 0 (run all epochs) "
+                f"<= stop_epoch <= trainer.epochs={self.epochs}")
         require_range("trainer.batch_size", self.batch_size, 1, 1 << 20)
         require(self.lr > 0 and self.lr < 10, f"trainer.lr={self.lr} is out of range; allowed: 0 < lr < 10")
         require_range("trainer.weight_decay", self.weight_decay, 0.0, 10.0)

@@ -136,7 +136,8 @@ class Trainer:
         self.model, self.split, self.cfg, self.eval_cfg = model, split, cfg, eval_cfg
         self.train_model = train_model or model
         self.device, self.rank, self.world_size = torch.device(device), rank, world_size
-        windows = training_windows(split.train, model.max_len, cfg.samples)
+        train = split.training_with_validation() if cfg.refit else split.train
+        windows = training_windows(train, model.max_len, cfg.samples)
         self.inputs, self.targets, self.users = windows.inputs, windows.targets, split.train_users[windows.rows]
         if len(self.inputs) < world_size:
             raise ValueError(f"only {len(self.inputs)} training windows for {world_size} workers")
@@ -187,10 +188,15 @@ class Trainer:
                         exclude_history=self.eval_cfg.exclude_history, device=self.device,
                         rank=self.rank, world_size=self.world_size)
 
+    @property
+    def last_epoch(self) -> int:
+        return self.cfg.stop_epoch or self.cfg.epochs
+
     def fit(self, on_epoch_end: EpochHook) -> LoopState:
-        """Train from ``state.epoch`` until ``cfg.epochs`` or early stopping on validation."""
+        """Train from ``state.epoch`` until ``cfg.stop_epoch`` (or ``cfg.epochs``) or early stopping
+        on validation. A refit (``cfg.refit``) never validates; each epoch counts as the selected one."""
         cfg = self.cfg
-        while self.state.epoch < cfg.epochs:
+        while self.state.epoch < self.last_epoch:
             metrics = {"epoch": self.state.epoch + 1, **self.train_epoch(self.state.epoch)}
             if self.resumed_from is not None:  # the first epoch after a restore says where it came from
                 metrics["resumed_from_epoch"], self.resumed_from = self.resumed_from, None
@@ -198,7 +204,9 @@ class Trainer:
             improved = False
             # the weights validated and saved: the average when cfg.ema > 0
             with self.average.swapped_in() if self.average is not None else nullcontext():
-                if self.state.epoch % cfg.eval_every == 0 or self.state.epoch == cfg.epochs:
+                if cfg.refit:  # the validation targets are training targets here: nothing to select on
+                    improved, self.state.best_epoch = True, self.state.epoch
+                elif self.state.epoch % cfg.eval_every == 0 or self.state.epoch == self.last_epoch:
                     valid = self.validate()
                     metrics.update({f"valid_{k}": v for k, v in valid.items()}, validated_users=len(self.valid_set))
                     score = valid[cfg.select_metric]

@@ -76,7 +76,8 @@ def train_in_process(exp: ExperimentConfig, split: LeaveOneOutSplit, run_dir: st
     ``run_dir/epochs.jsonl`` is rewritten from the loop's history after every epoch, so after a
     resume it holds the checkpoint's epochs and the new ones, never an epoch twice.
     ``after_epoch(metrics, checkpoints_dir)`` runs once an epoch is logged and checkpointed
-    (``checkpoints_dir`` is None for an epoch without validation); Ray Tune reports from it."""
+    (``checkpoints_dir`` is None for an epoch without validation, unless ``trainer.refit``);
+    Ray Tune reports from it."""
     run_dir = Path(run_dir)
     ckpt = run_dir / "checkpoints"
     trainer = build_trainer(exp, split, device=device, context=context)
@@ -89,14 +90,15 @@ def train_in_process(exp: ExperimentConfig, split: LeaveOneOutSplit, run_dir: st
 
     def on_epoch_end(metrics: dict, improved: bool, trainer: Trainer) -> None:
         write_text(run_dir / EPOCH_LOG, "".join(json.dumps(h) + "\n" for h in trainer.state.history))
-        validated = f"valid_{exp.trainer.select_metric}" in metrics
-        if validated:
+        # a refit saves every epoch: it has no validation, and its latest epoch is the selected one
+        saved = exp.trainer.refit or f"valid_{exp.trainer.select_metric}" in metrics
+        if saved:
             with atomic_directory(ckpt / "last") as tmp:
                 save_trainer_checkpoint(tmp, trainer, exp.model_name)
             if improved:
                 with atomic_directory(ckpt / "best") as tmp:
                     shutil.copytree(ckpt / "last", tmp, dirs_exist_ok=True)
         if after_epoch is not None:
-            after_epoch(metrics, ckpt if validated else None)
+            after_epoch(metrics, ckpt if saved else None)
 
     return trainer.fit(on_epoch_end)
