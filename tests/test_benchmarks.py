@@ -97,6 +97,21 @@ def test_split_baselines_rank_training_successors_of_the_last_item_then_popular_
         drop_history(top, es)  # 20 ranked, row 0 loses item 1: too short
 
 
+def test_a_refit_is_recorded_with_its_test_figures_and_no_validation(tiny_overrides, tmp_path, monkeypatch):
+    from benchmarks.sequential import main as sequential
+    from pipelines.cli import main as cli
+
+    monkeypatch.setattr(benchmarks.record, "RESULTS", tmp_path / "results")
+    assert cli(["train", *tiny_overrides, "trainer.use_ray=false", "trainer.epochs=3", "trainer.stop_epoch=2",
+                "trainer.refit=true"]) == 0
+    train_dir = next((tmp_path / "runs" / "train").iterdir())
+    sequential(["--name", "tiny-refit", "--train-run", str(train_dir)])
+    record = json.loads((tmp_path / "results" / "tiny-refit.json").read_text())
+    assert "valid" not in record["metrics"] and set(record["metrics"]["test"]) >= {"recall@10", "ndcg@5"}
+    assert record["refit"] and record["best_epoch"] == record["epochs_run"] == 2
+    assert record["config"]["trainer"]["refit"] and record["config"]["trainer"]["stop_epoch"] == 2
+
+
 def test_protocols_scores_a_checkpoint_with_history_kept_and_excluded(tiny_overrides, tmp_path, monkeypatch):
     from benchmarks.protocols import main as protocols
     from pipelines.cli import main as cli
