@@ -190,3 +190,27 @@ def test_beam_width_is_chosen_on_validation_and_test_is_scored_once_at_it(tmp_pa
     for bad in ("", "a,b", "0,20"):
         with pytest.raises(SystemExit, match="--beams"):
             main([str(tmp_path / "ckpt"), "--data", str(tmp_path / "data"), "--name", "x", "--beams", bad])
+
+
+def test_test_figures_sets_records_against_a_bar_and_plots_them(tmp_path, monkeypatch, capsys):
+    from benchmarks.record import write_record
+    from benchmarks.test_figures import main
+
+    monkeypatch.setattr(benchmarks.record, "RESULTS", tmp_path / "results")
+    keys = [f"{m}@{k}" for m in ("recall", "ndcg") for k in (5, 10, 20)]
+    write_record("plain", config={}, wall_s=1, metrics={"test": dict.fromkeys(keys, 0.04)})
+    write_record("refit", config={}, wall_s=1, metrics={"test": dict.fromkeys(keys, 0.06)})
+    plot = tmp_path / "fig.png"
+    text = main(["plain=validated", "refit", "--bar", "paper: recall@5=0.05 ndcg@5=0.03",
+                 "--metrics", "recall@5,ndcg@5", "--plot", str(plot)])
+    assert "| validated | 0.0400 (0.80×) | 0.0400 (1.33×) |" in text
+    assert "| refit | 0.0600 (1.20×) | 0.0600 (2.00×) |" in text and "| paper (bar) | 0.0500 | 0.0300 |" in text
+    assert plot.stat().st_size > 10_000
+    write_record("speed", config={}, wall_s=1, metrics={"p50_ms": 3.0})
+    for argv, message in ((["speed"], "holds no test figures"), (["nowhere"], "no record 'nowhere'"),
+                          (["plain", "--bar", "paper: recall@5=0.05"], "gives no value for ['ndcg@5', 'recall@10', 'ndcg@10']"),
+                          (["plain", "plain"], "same label")):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert message in capsys.readouterr().err
+
