@@ -1,7 +1,7 @@
 """Count-based baselines on validation and test of a data run: how much of the valid/test gap
 belongs to the split rather than to a model.
 
-    python benchmarks/split_baselines.py DATA_RUN [--max-history 20]
+    python benchmarks/split_baselines.py DATA_RUN [--max-history 20] [--refit]
 
 Two scorers, both fitted on the training prefixes only (``s[:n-2]``), full ranking over all items:
 - ``popularity``: items by how often they are a training interaction;
@@ -10,12 +10,15 @@ Two scorers, both fitted on the training prefixes only (``s[:n-2]``), full ranki
 Both score validation and test with the same code, so their valid/test ratio is the split's own.
 Each is also scored with the history's items removed from the ranking (``*_history_excluded``;
 no Beauty user repeats an item, and S3-Rec's full-ranking evaluation masks interacted items).
-Writes benchmarks/results/split-baselines-<dataset>.json.
+``--refit`` fits both on training + validation (``s[:n-1]``, as ``trainer.refit`` trains) and
+scores test only, the protocol of a refitted test model.
+Writes benchmarks/results/split-baselines-<dataset>[-refit].json.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -93,14 +96,19 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("data_run", type=Path)
     parser.add_argument("--max-history", type=int, default=20)
+    parser.add_argument("--refit", action="store_true",
+                        help="count training + validation transitions; score test only")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     split = leave_one_out(InteractionData.load(args.data_run), args.max_history)
+    if args.refit:  # the validation targets become training transitions, so only test is scored
+        split = dataclasses.replace(split, train=split.training_with_validation())
+    splits = ("test",) if args.refit else ("valid", "test")
     counts = popularity_counts(split)
     popular = popular_items(counts)
     table = transition_counts(split)
     results, context = {}, {}
-    for name in ("valid", "test"):
+    for name in splits:
         es = split.eval_set(name)
         longer = TOP + es.histories.shape[1]
         results[name] = {"popularity": score(rank_popularity(es, popular), es),
@@ -114,17 +122,20 @@ def main(argv: list[str]) -> None:
                          "share_of_targets_never_in_training": round(float(np.mean(target_counts <= 0)), 4),
                          "share_of_last_items_with_a_training_successor":
                              round(float(np.mean([int(h[-1]) in table for h in es.histories])), 4)}
-    ratios = {scorer: round(results["valid"][scorer]["recall@10"] / results["test"][scorer]["recall@10"], 3)
-              for scorer in ("popularity", "transition")}
-    for name in ("valid", "test"):
+    ratios = {} if args.refit else {
+        scorer: round(results["valid"][scorer]["recall@10"] / results["test"][scorer]["recall@10"], 3)
+        for scorer in ("popularity", "transition")}
+    for name in splits:
         for scorer, m in results[name].items():
             print(f"{name:5s} {scorer:28s} " + "  ".join(f"{k} {v:.4f}" for k, v in m.items()))
-    print(f"valid/test Recall@10 ratio: {ratios}")
+    if ratios:
+        print(f"valid/test Recall@10 ratio: {ratios}")
     dataset = str(read_json(args.data_run / "config.json").get("data", {}).get("format", "data"))
     path = write_record(
-        f"split-baselines-{dataset}", config={"data_run": str(args.data_run), "max_history": args.max_history},
+        f"split-baselines-{dataset}" + ("-refit" if args.refit else ""),
+        config={"data_run": str(args.data_run), "max_history": args.max_history, "refit": args.refit},
         wall_s=time.perf_counter() - start,
-        metrics={"test": results["test"]["transition"], "valid": results["valid"]["transition"]},
+        metrics={name: results[name]["transition"] for name in splits},
         extra={"by_scorer": results, "valid_over_test_recall@10": ratios, "targets": context},
     )
     print(f"record: {path}")

@@ -97,6 +97,23 @@ def test_split_baselines_rank_training_successors_of_the_last_item_then_popular_
         drop_history(top, es)  # 20 ranked, row 0 loses item 1: too short
 
 
+def test_split_baselines_refit_counts_validation_transitions_and_scores_test_only(data_and_embed, tmp_path,
+                                                                                monkeypatch):
+    from benchmarks.split_baselines import main
+    from recsys.runs import write_json
+
+    monkeypatch.setattr(benchmarks.record, "RESULTS", tmp_path / "results")
+    data_dir, _ = data_and_embed
+    write_json(data_dir / "config.json", {"data": {"format": "synthetic"}})
+    main([str(data_dir)])
+    main([str(data_dir), "--refit"])
+    plain = json.loads((tmp_path / "results" / "split-baselines-synthetic.json").read_text())
+    refit = json.loads((tmp_path / "results" / "split-baselines-synthetic-refit.json").read_text())
+    assert set(plain["metrics"]) == {"valid", "test"} and set(refit["metrics"]) == {"test"}
+    assert refit["config"]["refit"] and refit["valid_over_test_recall@10"] == {}
+    assert refit["metrics"]["test"] != plain["metrics"]["test"]  # more transitions counted
+
+
 def test_a_refit_is_recorded_with_its_test_figures_and_no_validation(tiny_overrides, tmp_path, monkeypatch):
     from benchmarks.sequential import main as sequential
     from pipelines.cli import main as cli
