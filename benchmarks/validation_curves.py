@@ -20,15 +20,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.record import write_record  # noqa: E402
+from pipelines.stages import IDS_EXECUTION_KEYS  # noqa: E402
 from recsys.config import flatten_dict  # noqa: E402
 from recsys.runs import read_json  # noqa: E402
 from recsys.sweep import dotted_values  # noqa: E402
 
 
+# how a run's IDs were computed (on Ray or not, how many workers), not what they are
+EXECUTION_KEYS = {f"ids.{key}" for key in IDS_EXECUTION_KEYS}
+
+
 def differing_keys(configs: list[dict]) -> list[str]:
-    """Dotted keys whose value is not the same in every config (``run.*`` left out)."""
+    """Dotted keys whose value is not the same in every config (``run.*`` and the ids run's
+    execution keys left out)."""
     flat = [flatten_dict(c) for c in configs]
-    keys = sorted(set().union(*flat))
+    keys = sorted(set().union(*flat) - EXECUTION_KEYS)
     return [k for k in keys if not k.startswith("run.") and len({json.dumps(f.get(k)) for f in flat}) > 1]
 
 

@@ -157,7 +157,9 @@ def test_validation_curves_compare_runs_on_validation_only(tmp_path, monkeypatch
     for name, dropout, scores in (("a", 0.1, [0.02, 0.05, 0.04]), ("b", 0.3, [0.01, 0.03, 0.03])):
         run = tmp_path / name
         run.mkdir()
-        config = {"model": {"name": "tiger", "dropout": dropout}, "trainer": {"epochs": 3}, "run": {"name": name}}
+        # the ids runs were computed differently (Ray or not): not a setting of the runs
+        config = {"model": {"name": "tiger", "dropout": dropout}, "trainer": {"epochs": 3}, "run": {"name": name},
+                  "ids": {"method": "hkmeans", "use_ray": name == "a"}}
         (run / "config.json").write_text(json.dumps(config))
         (run / "epochs.jsonl").write_text("".join(
             json.dumps({"epoch": i + 1, "train_loss": 3.0 - i, "epoch_s": 10.0, "validated_users": 100,
@@ -165,7 +167,7 @@ def test_validation_curves_compare_runs_on_validation_only(tmp_path, monkeypatch
     main([str(tmp_path / "a"), str(tmp_path / "b"), "--name", "curves", "--label", "b=dropout 0.3",
           "--plot", str(tmp_path / "curves.png")])
     record = json.loads((tmp_path / "results" / "curves.json").read_text())
-    assert record["varied_keys"] == ["model.dropout"]  # run.name differs too, but is not a setting
+    assert record["varied_keys"] == ["model.dropout"]  # run.name and ids.use_ray differ too, but are not settings
     a, b = record["runs"]["a"], record["runs"]["dropout 0.3"]
     assert (a["best_epoch"], a["best_valid"]["recall@10"]) == (2, 0.05)
     assert b["best_epoch"] == 2 and b["settings"] == {"model.dropout": 0.3}  # first of equal scores
