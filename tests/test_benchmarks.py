@@ -211,9 +211,9 @@ def test_beam_width_is_chosen_on_validation_and_test_is_scored_once_at_it(tmp_pa
             main([str(tmp_path / "ckpt"), "--data", str(tmp_path / "data"), "--name", "x", "--beams", bad])
 
 
-def test_test_figures_sets_records_against_a_bar_and_plots_them(tmp_path, monkeypatch, capsys):
+def test_compare_records_sets_records_against_a_bar_and_plots_them(tmp_path, monkeypatch, capsys):
     from benchmarks.record import write_record
-    from benchmarks.test_figures import main
+    from benchmarks.compare_records import main
 
     monkeypatch.setattr(benchmarks.record, "RESULTS", tmp_path / "results")
     keys = [f"{m}@{k}" for m in ("recall", "ndcg") for k in (5, 10, 20)]

@@ -1,6 +1,6 @@
 """Put the test figures of finished benchmark records side by side, against a published bar.
 
-    python benchmarks/test_figures.py RECORD[=label] RECORD[=label] ... \
+    python benchmarks/compare_records.py RECORD[=label] RECORD[=label] ... \
         [--bar "TIGER paper: recall@5=0.0454 ndcg@5=0.0321 recall@10=0.0648 ndcg@10=0.0384"] \
         [--metrics recall@5,ndcg@5,recall@10,ndcg@10] [--plot docs/figures/NAME.png]
 
@@ -91,7 +91,7 @@ def plot(rows: dict[str, dict], metrics: list[str], bar: tuple[str, dict] | None
 
 
 def main(argv: list[str]) -> str:
-    parser = argparse.ArgumentParser(prog="benchmarks/test_figures.py", description=__doc__.strip().splitlines()[0])
+    parser = argparse.ArgumentParser(prog="benchmarks/compare_records.py", description=__doc__.strip().splitlines()[0])
     parser.add_argument("records", nargs="+", help="NAME[=label] under benchmarks/results, or a path")
     parser.add_argument("--bar", help="'label: metric=value ...', e.g. a paper's figures")
     parser.add_argument("--metrics", default="recall@5,ndcg@5,recall@10,ndcg@10")
