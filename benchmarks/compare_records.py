@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import record as records  # noqa: E402
-from benchmarks.record import QUALITY_KEYS  # noqa: E402
+from benchmarks.record import QUALITY_KEYS, save_figure  # noqa: E402
 
 
 def read_record(spec: str) -> tuple[str, dict]:
@@ -83,11 +83,7 @@ def plot(rows: dict[str, dict], metrics: list[str], bar: tuple[str, dict] | None
     ax.set_xticks(range(len(metrics)), metrics)
     ax.set(ylabel="test", title="test figures (each computed once)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv: list[str]) -> str:

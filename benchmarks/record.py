@@ -28,6 +28,17 @@ def git_commit() -> str:
 
 
 
+def save_figure(fig, path: Path, dpi: int = 110) -> Path:
+    """Lay out, write (creating the folder) and close a matplotlib figure; returns ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def write_record(name: str, *, config: dict, wall_s: float, metrics: dict, extra: dict | None = None) -> Path:
     """metrics: {"test": {...}, "valid": {...}} and/or speed keys (items_per_s, p50_ms, ...)."""
     for split in ("test", "valid"):

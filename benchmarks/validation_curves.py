@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.record import write_record  # noqa: E402
+from benchmarks.record import save_figure, write_record  # noqa: E402
 from pipelines.stages import IDS_EXECUTION_KEYS  # noqa: E402
 from recsys.config import flatten_dict  # noqa: E402
 from recsys.runs import read_json  # noqa: E402
@@ -71,11 +71,7 @@ def plot(runs: dict[str, dict], metric: str, path: Path) -> Path:
     for ax in (ax_loss, ax_valid):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv: list[str]) -> None:
