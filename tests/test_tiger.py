@@ -314,3 +314,74 @@ def test_prefix_dropout_drops_whole_items_prefix_embeddings_in_training_only():
     a = half.encode(batch.history)[0]
     torch.manual_seed(1)
     assert not torch.allclose(a, half.encode(batch.history)[0])  # a fresh draw per forward pass
+
+
+def make_output_model(**overrides) -> Tiger:
+    """Prefix outputs with node embeddings large enough to move the ranking (init is std 0.02)."""
+    model = make_model(prefix_embeddings=True, prefix_outputs=True, **overrides)
+    with torch.no_grad():
+        model.node_emb.weight.mul_(50)
+    return model
+
+
+def test_prefix_outputs_need_prefix_embeddings_and_are_validated():
+    with pytest.raises(ValueError, match="model.prefix_outputs=true .* needs model.prefix_embeddings=true"):
+        TigerConfig(prefix_outputs=True)
+    with pytest.raises(ValueError, match="model.prefix_outputs must be true or false"):
+        TigerConfig(prefix_embeddings=True, prefix_outputs=1)
+    with pytest.raises(ValueError, match="model.prefix_output_dropout=2 is out of range"):
+        TigerConfig(prefix_output_dropout=2)
+
+
+def test_prefix_outputs_add_each_childs_own_node_embedding_to_its_logit():
+    model, batch = make_output_model(), make_batch()
+    codes, nodes = model.item_codes, model.item_nodes
+    h = model.decoder_states(batch.history, codes[batch.target])  # (B, L + 1, D)
+    for item in (1, 17, N_ITEMS):
+        for level in range(model.n_tokens):
+            prefix = codes[item, :level].expand(B, level)
+            token, node = int(codes[item, level]), int(nodes[item, level])  # looked up by the item itself
+            extra = model.logits(h[:, level], prefix)[:, token] - model.heads[level](h[:, level])[:, token]
+            torch.testing.assert_close(extra, h[:, level] @ model.node_emb.weight[node])
+
+
+def test_prefix_outputs_beam_search_is_exact_and_matches_teacher_forcing():
+    model, batch = make_output_model(beam_size=N_ITEMS), make_batch()
+    plain = make_model(prefix_embeddings=True, beam_size=N_ITEMS)
+    plain.load_state_dict(model.state_dict())
+    items = torch.arange(1, N_ITEMS + 1)
+    exact = torch.stack([model.token_log_probs(batch.history, items[i].expand(B)).sum(1) for i in range(N_ITEMS)], 1)
+    top = exact.topk(15, dim=1)
+    rec = model.recommend(batch, 15)
+    assert torch.equal(rec.items, items[top.indices])
+    torch.testing.assert_close(rec.scores, top.values)
+    assert not torch.equal(rec.items, plain.recommend(batch, 15).items)  # the node term changes the ranking
+
+
+def test_prefix_outputs_score_registered_items_by_their_codes_and_survive_a_checkpoint(tmp_path):
+    index = make_index()
+    model, batch = make_output_model(index=index), make_batch()
+    full = index.add_many([N_ITEMS + 1], [list(index.id_of(7)[:-1])])  # item 7's content codes, new collision
+    model.register_items([N_ITEMS + 1], full)
+    codes = model.item_codes[N_ITEMS + 1]
+    h = model.decoder_states(batch.history, codes.expand(B, -1))
+    last = model.n_tokens - 1
+    prefix, token = codes[:last].expand(B, last), int(codes[last])
+    torch.testing.assert_close(model.logits(h[:, last], prefix)[:, token], model.heads[last](h[:, last])[:, token])
+    save_checkpoint(tmp_path / "ckpt", model, "tiger")
+    loaded = load_model(tmp_path / "ckpt")
+    a, b = model.recommend(batch, 8), loaded.recommend(batch, 8)
+    assert torch.equal(a.items, b.items)
+    torch.testing.assert_close(a.scores, b.scores)
+    assert N_ITEMS + 1 in model.recommend(batch, N_ITEMS + 1).items  # decodable
+
+
+def test_prefix_output_dropout_leaves_the_code_heads_alone_in_training_only():
+    batch = make_batch()
+    model = make_output_model(prefix_output_dropout=1.0, dropout=0.0, prefix_dropout=0.0)
+    heads_only = make_model(prefix_embeddings=True, dropout=0.0)
+    heads_only.load_state_dict(model.state_dict())
+    model.train(), heads_only.train()
+    torch.testing.assert_close(model.loss(batch), heads_only.loss(batch))
+    model.eval(), heads_only.eval()
+    assert not torch.allclose(model.loss(batch), heads_only.loss(batch))

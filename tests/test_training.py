@@ -1,6 +1,7 @@
 """The training loop without Ray: learning, selection on validation, checkpoints, resume."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -129,6 +130,21 @@ def test_bf16_autocast_trains(split):
     trainer = build_trainer(exp_for("trainer.precision=bf16", "trainer.epochs=1"), split)
     loss = trainer.train_epoch(0)["train_loss"]
     assert np.isfinite(loss)
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns_and_names_the_fix(split, monkeypatch):
+    import recsys.training.loop as loop
+    monkeypatch.setattr(loop, "cpu_supports_bf16", lambda: False)
+    with pytest.warns(RuntimeWarning, match="trainer.precision=fp32"):
+        build_trainer(exp_for("trainer.precision=bf16", "trainer.epochs=1"), split)
+    monkeypatch.setattr(loop, "cpu_supports_bf16", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_trainer(exp_for("trainer.precision=bf16", "trainer.epochs=1"), split)
+    monkeypatch.setattr(loop, "cpu_supports_bf16", lambda: False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_trainer(exp_for("trainer.precision=fp32", "trainer.epochs=1"), split)  # fp32: nothing to say
 
 
 def test_weight_average_follows_the_decay_and_swaps_back():

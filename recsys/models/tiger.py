@@ -24,6 +24,11 @@ Departures from the paper:
   depends on the codes before them (hierarchical k-means numbers the children of each cluster
   independently). Items registered later share their known prefixes' embeddings; a new full ID
   has none (a zero row), so it is read by its codes alone.
+- Optional prefix outputs (``prefix_outputs``, with prefix embeddings; off by default): the logit
+  of token c of level l also adds h . e(node(prefix, c)), the same node embedding the encoder
+  reads (tied), so every child of a prefix is scored by a vector of its own, not only by a code
+  vector shared by all parents (the per-item output embeddings of SASRec, within the trie).
+  Items registered later have no node of their own (zero row) and score by their code alone.
 - Cold start: ``register_items`` extends the ID table and trie after training, so new items
   are decodable without retraining, as long as their codes fit the level vocabularies (the
   collision level has ``collision_vocab`` tokens, room beyond what the training IDs use).
@@ -76,6 +81,13 @@ class TigerConfig:
     # this probability, so the model also learns to read an item by its codes alone, as it must
     # for items registered after training, and cannot lean on memorised item embeddings only.
     prefix_dropout: float = 0.0
+    # Needs prefix_embeddings: each level's logits also score every child of the decoded prefix by
+    # its node embedding (tied to the input one), so the head is not one code vector per token
+    # shared by every parent. Off in the paper.
+    prefix_outputs: bool = False
+    # Training only: the node term of a row's logits is dropped with this probability (all levels
+    # together), so the code heads alone also rank, as they must for items registered later.
+    prefix_output_dropout: float = 0.0
 
     def __post_init__(self):
         require_range("model.d_model", self.d_model, 1, 4096)
@@ -92,6 +104,12 @@ class TigerConfig:
         require(isinstance(self.prefix_embeddings, bool),
                 f"model.prefix_embeddings must be true or false, got {self.prefix_embeddings!r}")
         require_range("model.prefix_dropout", self.prefix_dropout, 0.0, 1.0)
+        require(isinstance(self.prefix_outputs, bool),
+                f"model.prefix_outputs must be true or false, got {self.prefix_outputs!r}")
+        require(not self.prefix_outputs or self.prefix_embeddings,
+                "model.prefix_outputs=true scores children by their prefix embeddings: it needs "
+                "model.prefix_embeddings=true")
+        require_range("model.prefix_output_dropout", self.prefix_output_dropout, 0.0, 1.0)
 
 
 def semantic_id_table(index: SemanticIdIndex, n_items: int) -> torch.Tensor:
@@ -122,6 +140,23 @@ def extend_prefix_nodes(table: torch.Tensor, nodes: torch.Tensor, new_rows: torc
         out[:, level] = torch.tensor([known.get(tuple(row), 0) for row in new_rows[:, :level + 1].tolist()],
                                      dtype=out.dtype)
     return out
+
+
+def child_node_tables(table: torch.Tensor, nodes: torch.Tensor) -> tuple[list[torch.Tensor], list[int]]:
+    """Per level l, a (parent rows, V_l) table of the prefix node reached by each token, 0 where
+    none (no learned embedding). Level 0 has one row, the root; the row of a level-l node n is
+    ``n - starts[l] + 1``, and row 0 (an unknown parent: a prefix first seen after training)
+    holds zeros. ``table`` and ``nodes`` are (n_items + 1, L + 1) with row 0 padding."""
+    codes, ids = table[1:], nodes[1:]
+    starts = [int(ids[:, l][ids[:, l] > 0].min()) if (ids[:, l] > 0).any() else 1 for l in range(table.shape[1])]
+    tables, rows = [], torch.zeros(len(codes), dtype=torch.long)
+    for level in range(table.shape[1]):
+        n_rows = 1 if level == 0 else int(ids[:, level - 1].max()) - starts[level - 1] + 2
+        child = torch.zeros(n_rows, int(codes[:, level].max()) + 1, dtype=torch.long)
+        child[rows, codes[:, level]] = ids[:, level]
+        tables.append(child)
+        rows = torch.where(ids[:, level] > 0, ids[:, level] - starts[level] + 1, torch.zeros_like(rows))
+    return tables, starts
 
 
 def user_buckets(users: torch.Tensor, n_buckets: int) -> torch.Tensor:
@@ -233,6 +268,13 @@ class Tiger(SequenceModel):
                 raise ValueError(f"prefix_nodes must match semantic_ids {tuple(table.shape)}, got {tuple(nodes.shape)}")
             self.register_buffer("item_nodes", nodes)
             self.node_emb = nn.Embedding(int(self.item_nodes.max()) + 1, D, padding_idx=0)
+        self._node_starts: list[int] = []
+        if config.prefix_outputs:
+            # derived from the persistent item_codes and item_nodes (not saved); items registered
+            # later add no node, so the tables never change after training
+            children, self._node_starts = child_node_tables(table, self.item_nodes.cpu())
+            for level, child in enumerate(children):
+                self.register_buffer(f"child_nodes_{level}", child, persistent=False)
         self.bos = nn.Parameter(torch.zeros(D))
         self.drop = nn.Dropout(config.dropout)
         self.encoder = nn.ModuleList(EncoderBlock(config) for _ in range(config.n_encoder_layers))
@@ -357,12 +399,42 @@ class Tiger(SequenceModel):
         memory, mask = self.encode(history, users)
         return self.decode(codes[:, :-1], self.memory_kv(memory), mask)
 
+    def _parent_rows(self, prefix: torch.Tensor) -> torch.Tensor:
+        """prefix (R, t) tokens -> (R,) row of ``child_nodes_t`` for the prefix's node."""
+        rows = torch.zeros(len(prefix), dtype=torch.long, device=prefix.device)
+        for level in range(prefix.shape[1]):
+            child = getattr(self, f"child_nodes_{level}")
+            token = prefix[:, level].clamp(max=child.shape[1] - 1)
+            node = torch.where(prefix[:, level] < child.shape[1], child[rows, token], torch.zeros_like(rows))
+            rows = torch.where(node > 0, node - self._node_starts[level] + 1, torch.zeros_like(rows))
+        return rows
+
+    def logits(self, h: torch.Tensor, prefix: torch.Tensor, drop_nodes: torch.Tensor | None = None) -> torch.Tensor:
+        """h (R, D) decoder states for level t = prefix.shape[1], prefix (R, t) -> logits (R, V_t):
+        the level's code head, plus with ``prefix_outputs`` h . e(child node) for every child of
+        the prefix (0 for a token that leads to no known node). ``drop_nodes`` (R,) bool drops it."""
+        level = prefix.shape[1]
+        out = self.heads[level](h)
+        if not self.config.prefix_outputs:
+            return out
+        child = getattr(self, f"child_nodes_{level}")[self._parent_rows(prefix)]  # (R, V_known)
+        if drop_nodes is not None:
+            child = child * ~drop_nodes[:, None]
+        step = max(1, (1 << 23) // (child.shape[1] * h.shape[1]))  # bound the (rows, V, D) gather
+        bias = torch.cat([torch.einsum("rvd,rd->rv", self.node_emb(child[i:i + step]).to(h.dtype), h[i:i + step])
+                          for i in range(0, len(h), step)])
+        return torch.cat([out[:, :bias.shape[1]] + bias, out[:, bias.shape[1]:]], 1)
+
     def token_log_probs(self, history: torch.Tensor, items: torch.Tensor, users: torch.Tensor | None = None
                         ) -> torch.Tensor:
         """history (B, T), items (B,) -> log p(token l of the item's ID | history, tokens < l), (B, L + 1)."""
         codes = self.item_codes[items]  # (B, L + 1)
         h = self.decoder_states(history, codes, users)  # (B, L + 1, D)
-        out = [F.log_softmax(head(h[:, l]).float(), -1).gather(1, codes[:, l:l + 1]) for l, head in enumerate(self.heads)]
+        drop = None
+        if self.training and self.config.prefix_outputs and self.config.prefix_output_dropout > 0:
+            drop = torch.rand(len(items), device=items.device) < self.config.prefix_output_dropout
+        out = [F.log_softmax(self.logits(h[:, l], codes[:, :l], drop).float(), -1).gather(1, codes[:, l:l + 1])
+               for l in range(self.n_tokens)]
         return torch.cat(out, 1)
 
     # --- the contract --------------------------------------------------------------------
@@ -391,7 +463,7 @@ class Tiger(SequenceModel):
             if level == last and self.config.collision_scoring == "content":
                 return torch.zeros(len(prefix), self.level_sizes[last], device=prefix.device)
             h = self.decode(prefix, kv, mask)[:, -1]
-            return F.log_softmax(self.heads[level](h).float(), dim=-1)
+            return F.log_softmax(self.logits(h, prefix).float(), dim=-1)
 
         out = beam_search(step, self.trie, len(batch.history), k, max(k, self.config.beam_size),
                           exclude=batch.history if exclude_history else None)
