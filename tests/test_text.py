@@ -3,6 +3,7 @@ and the embedding store. No Ray."""
 
 import hashlib
 import os
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -182,6 +183,19 @@ def test_real_default_model_embeds_similar_products_closer(real_encoder):
     assert vectors.shape == (3, 384) and vectors.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
     assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2] + 0.1
+
+
+def test_bf16_encoder_on_a_cpu_without_native_bf16_warns_and_names_the_fix(real_encoder, monkeypatch):
+    from recsys import hardware
+    cfg, _ = real_encoder
+    monkeypatch.setattr(hardware, "cpu_supports_bf16", lambda: False)
+    bf16 = EncoderConfig(cache_dir=cfg.cache_dir, precision="bf16", device="cpu")
+    with pytest.warns(RuntimeWarning, match="set embed.encoder.precision=fp32"):
+        enc.load_encoder(bf16)
+    monkeypatch.setattr(hardware, "cpu_supports_bf16", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        enc.load_encoder(bf16)
 
 
 def test_encode_rejects_non_finite_vectors(real_encoder, monkeypatch):

@@ -133,15 +133,15 @@ def test_bf16_autocast_trains(split):
 
 
 def test_bf16_on_a_cpu_without_native_bf16_warns_and_names_the_fix(split, monkeypatch):
-    import recsys.training.loop as loop
-    monkeypatch.setattr(loop, "cpu_supports_bf16", lambda: False)
+    from recsys import hardware
+    monkeypatch.setattr(hardware, "cpu_supports_bf16", lambda: False)
     with pytest.warns(RuntimeWarning, match="trainer.precision=fp32"):
         build_trainer(exp_for("trainer.precision=bf16", "trainer.epochs=1"), split)
-    monkeypatch.setattr(loop, "cpu_supports_bf16", lambda: True)
+    monkeypatch.setattr(hardware, "cpu_supports_bf16", lambda: True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         build_trainer(exp_for("trainer.precision=bf16", "trainer.epochs=1"), split)
-    monkeypatch.setattr(loop, "cpu_supports_bf16", lambda: False)
+    monkeypatch.setattr(hardware, "cpu_supports_bf16", lambda: False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         build_trainer(exp_for("trainer.precision=fp32", "trainer.epochs=1"), split)  # fp32: nothing to say

@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -292,6 +293,9 @@ def load_encoder(cfg: EncoderConfig, model_path: Path | None = None) -> Sentence
     path = Path(model_path) if model_path is not None else resolve_model(cfg)
     model = SentenceTransformer(str(path), device=resolve_device(cfg), local_files_only=True, trust_remote_code=False)
     if cfg.precision == "bf16":
+        from recsys import hardware
+        if model.device.type == "cpu" and hardware.cpu_supports_bf16() is False:
+            warnings.warn(hardware.emulated_bf16_warning("embed.encoder.precision"), RuntimeWarning, stacklevel=2)
         model = model.to(torch.bfloat16)
     return model.eval()
 
