@@ -102,10 +102,15 @@ def test_beam_scores_are_the_teacher_forced_log_probabilities():
 
 def test_a_beam_as_wide_as_the_catalogue_ranks_exactly():
     model, batch = make_model(beam_size=N_ITEMS), make_batch()
+    assert_beam_is_exhaustive_scoring(model, batch, 15)
+
+
+def assert_beam_is_exhaustive_scoring(model: Tiger, batch: Batch, k: int) -> None:
+    """The top-k of a catalogue-wide beam equals scoring every item by teacher forcing."""
     items = torch.arange(1, N_ITEMS + 1)
     exact = torch.stack([model.token_log_probs(batch.history, items[i].expand(B)).sum(1) for i in range(N_ITEMS)], 1)
-    top = exact.topk(15, dim=1)
-    rec = model.recommend(batch, 15)
+    top = exact.topk(k, dim=1)
+    rec = model.recommend(batch, k)
     assert torch.equal(rec.items, items[top.indices])
     torch.testing.assert_close(rec.scores, top.values)
 
@@ -349,13 +354,8 @@ def test_prefix_outputs_beam_search_is_exact_and_matches_teacher_forcing():
     model, batch = make_output_model(beam_size=N_ITEMS), make_batch()
     plain = make_model(prefix_embeddings=True, beam_size=N_ITEMS)
     plain.load_state_dict(model.state_dict())
-    items = torch.arange(1, N_ITEMS + 1)
-    exact = torch.stack([model.token_log_probs(batch.history, items[i].expand(B)).sum(1) for i in range(N_ITEMS)], 1)
-    top = exact.topk(15, dim=1)
-    rec = model.recommend(batch, 15)
-    assert torch.equal(rec.items, items[top.indices])
-    torch.testing.assert_close(rec.scores, top.values)
-    assert not torch.equal(rec.items, plain.recommend(batch, 15).items)  # the node term changes the ranking
+    assert_beam_is_exhaustive_scoring(model, batch, 15)
+    assert not torch.equal(model.recommend(batch, 15).items, plain.recommend(batch, 15).items)  # the node term changes the ranking
 
 
 def test_prefix_outputs_score_registered_items_by_their_codes_and_survive_a_checkpoint(tmp_path):
