@@ -3,7 +3,12 @@ one plot. No test figure is computed, so runs can be compared (and a setting cho
 touching the test split.
 
     python benchmarks/validation_curves.py runs/train/<a> runs/train/<b> --name NAME \
-        [--label a=... --label b=...] [--metric recall@10] [--plot docs/figures/NAME.png]
+        [--label a=... --label b=...] [--metric recall@10] [--plot docs/figures/NAME.png] \
+        [--from-record benchmarks/results/<earlier>.json=<label in it>]
+
+``--from-record`` adds a run of an earlier record of this script (its train directory may be gone,
+for example trained on another machine); it keeps the settings recorded there and takes no part in
+working out which keys vary.
 
 Writes ``benchmarks/results/<NAME>.json``: for each run its label, the config keys in which the
 runs differ, every epoch's train loss, seconds and validation figures, and the best epoch by
@@ -52,6 +57,22 @@ def read_run(train_dir: Path, metric: str) -> dict:
             "train_epochs_s": round(sum(e["epoch_s"] for e in epochs), 1), "epochs": curve}
 
 
+def run_from_record(spec: str, metric: str) -> tuple[str, dict]:
+    """``RECORD.json=LABEL``: that run of an earlier validation-curves record, labelled for this one."""
+    path, sep, label = spec.partition("=")
+    if not sep or not label:
+        raise ValueError(f"--from-record {spec!r}: expected RECORD.json=LABEL")
+    record = read_json(Path(path))
+    runs = record.get("runs")
+    if not isinstance(runs, dict) or label not in runs:
+        known = sorted(runs) if isinstance(runs, dict) else "none (not a validation-curves record)"
+        raise ValueError(f"--from-record {spec!r}: {path} has no run labelled {label!r}; its runs: {known}")
+    if record.get("select_metric") != metric:  # its best epoch was chosen by that metric
+        raise ValueError(f"--from-record {spec!r}: {path} selected on {record.get('select_metric')!r}, "
+                         f"not {metric!r}; pass --metric {record.get('select_metric')}")
+    return f"{label} ({record['name']})", {**runs[label], "from_record": path}
+
+
 def plot(runs: dict[str, dict], metric: str, path: Path) -> Path:
     import matplotlib
 
@@ -81,6 +102,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--label", action="append", default=[], help="RUN_DIR_NAME=label (default: the run directory's name)")
     parser.add_argument("--metric", default="recall@10")
     parser.add_argument("--plot", type=Path, help="write the curves here (PNG)")
+    parser.add_argument("--from-record", action="append", default=[], metavar="RECORD.json=LABEL",
+                        help="also show that run of an earlier record of this script")
     args = parser.parse_args(argv)
     labels = dict(item.split("=", 1) for item in args.label)
     configs, runs = [], {}
@@ -93,10 +116,15 @@ def main(argv: list[str]) -> None:
     varied = differing_keys(configs)
     for run, config in zip(runs.values(), configs):
         run["settings"] = dotted_values(config, varied)
+    for spec in args.from_record:
+        label, run = run_from_record(spec, args.metric)
+        if label in runs:
+            raise ValueError(f"two runs share the label {label!r}")
+        runs[label] = run
     extra = {"select_metric": args.metric, "varied_keys": varied, "runs": runs}
     if args.plot:
         extra["plot"] = str(plot(runs, args.metric, args.plot))
-    wall = sum(r["train_epochs_s"] for r in runs.values())
+    wall = sum(r["train_epochs_s"] for r in runs.values() if "from_record" not in r)
     print(f"record: {write_record(args.name, config={'runs': [str(p) for p in args.train_runs]}, wall_s=wall, metrics={}, extra=extra)}")
     for label, run in runs.items():
         print(f"{label}: best epoch {run['best_epoch']}/{run['epochs_run']}  {args.metric} "

@@ -173,6 +173,18 @@ def test_validation_curves_compare_runs_on_validation_only(tmp_path, monkeypatch
     assert b["best_epoch"] == 2 and b["settings"] == {"model.dropout": 0.3}  # first of equal scores
     assert "test" not in record["metrics"] and (tmp_path / "curves.png").stat().st_size > 0
 
+    # a run of that record joins a later comparison with its recorded curve and settings
+    (tmp_path / "b" / "epochs.jsonl").unlink()  # its directory need not exist any more
+    main([str(tmp_path / "a"), "--name", "later", "--from-record", f"{tmp_path / 'results' / 'curves.json'}=dropout 0.3"])
+    later = json.loads((tmp_path / "results" / "later.json").read_text())
+    assert later["runs"]["dropout 0.3 (curves)"]["settings"] == {"model.dropout": 0.3}
+    assert later["runs"]["dropout 0.3 (curves)"]["best_epoch"] == 2 and later["wall_s"] == 30.0  # a's epochs only
+    with pytest.raises(ValueError, match="has no run labelled 'c'.*'a', 'dropout 0.3'"):
+        main([str(tmp_path / "a"), "--name", "x", "--from-record", f"{tmp_path / 'results' / 'curves.json'}=c"])
+    with pytest.raises(ValueError, match="selected on 'recall@10', not 'ndcg@10'"):
+        main([str(tmp_path / "a"), "--name", "x", "--metric", "ndcg@10",
+              "--from-record", f"{tmp_path / 'results' / 'curves.json'}=dropout 0.3"])
+
 
 def test_beam_width_is_chosen_on_validation_and_test_is_scored_once_at_it(tmp_path, monkeypatch):
     import torch
