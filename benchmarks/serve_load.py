@@ -17,7 +17,7 @@ SIGKILL. Recorded: what clients saw (errors by kind, answers that needed a retry
 in the 5 s after the kill, and after Serve restored the replica count), how long Serve took to
 run the replica count again, and whether fixed probe requests answer exactly as before the kill.
 
-Writes benchmarks/results/serve-load-<name>.json and prints markdown tables. The client runs on
+Writes benchmarks/results/serve/<name>/load.json and prints markdown tables. The client runs on
 the same machine as the server and shares its CPUs.
 """
 
@@ -325,7 +325,7 @@ def main(argv: list[str]) -> dict:
     serve.shutdown()
     table = markdown(results)
     print("\n" + table)
-    write_record(f"serve-load-{ns.name}", config={"args": {k: str(v) for k, v in vars(ns).items()},
+    write_record("load", model="serve", dataset=ns.name, config={"args": {k: str(v) for k, v in vars(ns).items()},
                                                     "systems": systems},
                  wall_s=time.perf_counter() - start, metrics=results,
                  extra={"requests": {"k": ns.k, "histories": len(histories), "mean_history_len":
