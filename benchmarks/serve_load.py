@@ -263,7 +263,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiger", type=Path, required=True, help="TIGER train run (or pipeline run)")
     p.add_argument("--sasrec", type=Path, help="SASRec train run for the ANN baseline (same dataset)")
-    p.add_argument("--name", default="synthetic", help="record name: serve-load-<name>.json")
+    p.add_argument("--name", default="synthetic", help="dataset name of the record: serve/<name>/load.json")
     p.add_argument("--concurrency", type=ints, default=[1, 8, 32])
     p.add_argument("--duration", type=float, default=15.0, help="seconds per concurrency level")
     p.add_argument("--warmup", type=float, default=3.0)
