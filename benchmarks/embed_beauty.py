@@ -113,7 +113,8 @@ def main(argv: list[str]) -> None:
     if args.limit:
         print("--limit given: no record written")
         return
-    path = write_record("throughput", model="embed", dataset="beauty", config={"text": asdict(text_cfg), "encoder": asdict(cfg), "ray": args.ray,
+    path = write_record("throughput", model="embed", dataset="beauty",
+                        config={"text": asdict(text_cfg), "encoder": asdict(cfg), "ray": args.ray,
                                                 "n_items": len(texts)},
                         wall_s=time.perf_counter() - start,
                         metrics={"items_per_s": {k: v["items_per_s"] for k, v in results.items()}},

@@ -45,7 +45,8 @@ def main(argv: list[str]) -> None:
     results["speedup"] = round(results["bf16"]["samples_per_s"] / results["fp32"]["samples_per_s"], 2)
     # a validation figure after a fixed number of epochs: nothing selected
     write_record("precision", model="sasrec", dataset=dataset_name(base.to_dict()["data"]),
-                 protocol=protocol(exclude_history=base.eval.exclude_history, selected_on="none"), config=base.to_dict(), wall_s=time.perf_counter() - start,
+                 protocol=protocol(exclude_history=base.eval.exclude_history, selected_on="none"),
+                 config=base.to_dict(), wall_s=time.perf_counter() - start,
                  metrics=results, extra={"epochs": epochs})
 
 

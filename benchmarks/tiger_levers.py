@@ -93,7 +93,8 @@ def main(argv: list[str]) -> None:
         validation[str(users or len(split.valid))] = round(time.perf_counter() - t0, 1)
         print("validation", users or len(split.valid), "users:", validation[str(users or len(split.valid))], "s",
               flush=True)
-    write_record("training-levers", model="tiger", dataset=dataset_name(base.to_dict()["data"]), config=base.to_dict(), wall_s=time.perf_counter() - start,
+    write_record("training-levers", model="tiger", dataset=dataset_name(base.to_dict()["data"]),
+                 config=base.to_dict(), wall_s=time.perf_counter() - start,
                  metrics={"training": rows, "windows_per_epoch": windows, "validation_s_by_users": validation},
                  extra={"steps": ns.steps, "batch_size": base.trainer.batch_size,
                         "torch_threads": torch.get_num_threads()})
