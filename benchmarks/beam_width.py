@@ -6,7 +6,7 @@ CHECKPOINT is a TIGER checkpoint directory (``runs/train/<id>/checkpoints/best``
 ``recsys data`` run it was trained on. Every width is scored on all validation users (history
 items excluded, as in selection during training); the width with the best validation
 ``--select`` metric is chosen (the narrower one on a tie) and test is computed for it alone.
-Writes ``benchmarks/results/<NAME>-beams.json``: ``metrics.test`` at the chosen width,
+Writes ``benchmarks/results/<model>/<dataset>/<NAME>-beams.json``: ``metrics.test`` at the chosen width,
 ``valid_by_beam`` and ``eval_wall_s`` per width.
 """
 
@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.record import write_record  # noqa: E402
+from benchmarks.record import checkpoint_model, protocol, run_dataset, write_record  # noqa: E402
 from recsys.data.schema import InteractionData  # noqa: E402
 from recsys.data.split import leave_one_out  # noqa: E402
 from recsys.metrics import DEFAULT_KS, metric_names  # noqa: E402
@@ -43,7 +43,7 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--data", type=Path, required=True, help="the `recsys data` run the model was trained on")
-    parser.add_argument("--name", required=True, help="record name: benchmarks/results/<name>-beams.json")
+    parser.add_argument("--name", required=True, help="record name: benchmarks/results/<model>/<dataset>/<name>-beams.json")
     parser.add_argument("--beams", default="20,50", help="comma-separated beam widths (default: 20,50)")
     parser.add_argument("--select", default="recall@10", choices=metric_names(DEFAULT_KS))
     parser.add_argument("--max-history", type=int, default=20)
@@ -72,7 +72,8 @@ def main(argv: list[str]) -> None:
     print(f"test  beam {chosen:4d}  " + "  ".join(f"{k} {v:.4f}" for k, v in test.items())
           + f"  ({wall[f'test/{chosen}']} s)", flush=True)
     path = write_record(
-        f"{args.name}-beams", config={"checkpoint": str(args.checkpoint), "data_run": str(args.data),
+        f"{args.name}-beams", model=checkpoint_model(args.checkpoint), dataset=run_dataset(args.data),
+        protocol=protocol(exclude_history=True), config={"checkpoint": str(args.checkpoint), "data_run": str(args.data),
                                       "beams": beams, "select": args.select, "max_history": args.max_history,
                                       "threads": args.threads, "exclude_history": True},
         wall_s=time.perf_counter() - start, metrics={"test": test, "valid": valid[chosen]},

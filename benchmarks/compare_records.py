@@ -4,7 +4,8 @@
         [--bar "TIGER paper: recall@5=0.0454 ndcg@5=0.0321 recall@10=0.0648 ndcg@10=0.0384"] \
         [--metrics recall@5,ndcg@5,recall@10,ndcg@10] [--plot docs/figures/NAME.png]
 
-RECORD is a name under ``benchmarks/results/`` (``NAME`` or ``NAME.json``) or a path to one. Nothing
+RECORD is ``MODEL/DATASET/NAME`` under ``benchmarks/results/``, a ``NAME`` only one such folder holds,
+or a path to a record; its label names its protocol (history kept or excluded). Nothing
 is evaluated: the figures are those the records hold (test computed once, when each was written).
 Prints a Markdown table (with each figure's ratio to the bar) and, with ``--plot``, a grouped bar
 chart with the bar drawn across each metric.
@@ -24,18 +25,16 @@ from benchmarks.record import QUALITY_KEYS, save_figure  # noqa: E402
 
 
 def read_record(spec: str) -> tuple[str, dict]:
-    """``NAME[=label]`` -> (label, the record's test figures)."""
+    """``RECORD[=label]`` -> (label, the record's test figures); the default label is the record's
+    name and its protocol, e.g. ``default (history kept)``."""
     name, _, label = spec.partition("=")
-    path = Path(name)
-    if not path.is_file():
-        path = records.RESULTS / (name if name.endswith(".json") else f"{name}.json")
-    if not path.is_file():
-        raise ValueError(f"no record {name!r}: neither a file nor {path}")
+    path = records.find_record(name)
     record = json.loads(path.read_text())
     test = record.get("metrics", {}).get("test")
     if not test:
         raise ValueError(f"{path} holds no test figures (metrics.test)")
-    return label or record.get("name", path.stem), test
+    history = record.get("protocol", {}).get("history")
+    return label or f"{record.get('name', path.stem)}" + (f" (history {history})" if history else ""), test
 
 
 def parse_bar(text: str, metrics: list[str]) -> tuple[str, dict[str, float]]:
@@ -88,7 +87,7 @@ def plot(rows: dict[str, dict], metrics: list[str], bar: tuple[str, dict] | None
 
 def main(argv: list[str]) -> str:
     parser = argparse.ArgumentParser(prog="benchmarks/compare_records.py", description=__doc__.strip().splitlines()[0])
-    parser.add_argument("records", nargs="+", help="NAME[=label] under benchmarks/results, or a path")
+    parser.add_argument("records", nargs="+", help="MODEL/DATASET/NAME[=label] under benchmarks/results, a unique NAME, or a path")
     parser.add_argument("--bar", help="'label: metric=value ...', e.g. a paper's figures")
     parser.add_argument("--metrics", default="recall@5,ndcg@5,recall@10,ndcg@10")
     parser.add_argument("--plot", type=Path)

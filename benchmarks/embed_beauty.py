@@ -1,5 +1,5 @@
 """Item-embedding throughput on Amazon Beauty: plain single-process ``SentenceTransformer.encode``
-against the Ray Data embed stage with 1 and 2 actors; writes benchmarks/results/embed-beauty.json.
+against the Ray Data embed stage with 1 and 2 actors; writes benchmarks/results/embed/beauty/throughput.json.
 
     python benchmarks/embed_beauty.py --path /path/to/amazon-beauty [--bf16] [--limit 1000]
 
@@ -113,7 +113,8 @@ def main(argv: list[str]) -> None:
     if args.limit:
         print("--limit given: no record written")
         return
-    path = write_record("embed-beauty", config={"text": asdict(text_cfg), "encoder": asdict(cfg), "ray": args.ray,
+    path = write_record("throughput", model="embed", dataset="beauty",
+                        config={"text": asdict(text_cfg), "encoder": asdict(cfg), "ray": args.ray,
                                                 "n_items": len(texts)},
                         wall_s=time.perf_counter() - start,
                         metrics={"items_per_s": {k: v["items_per_s"] for k, v in results.items()}},

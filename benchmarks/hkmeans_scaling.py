@@ -1,6 +1,7 @@
 """Hierarchical k-means: Ray (subtrees as tasks) against the single-process faiss recursion,
 on an embed run's vectors (e.g. Beauty) and on synthetic N x 384 tables, to show how wall time
-grows with N. Writes benchmarks/results/hkmeans-scaling.json.
+grows with N. Writes benchmarks/results/hkmeans/<dataset>/scaling.json (the
+--embed run's dataset, else synthetic).
 
     python benchmarks/hkmeans_scaling.py --embed runs/embed/<run-id> --sizes 10000,100000,1000000
 
@@ -21,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.record import write_record  # noqa: E402
+from benchmarks.record import run_dataset, write_record  # noqa: E402
 from recsys.semantic_ids import HierarchicalKMeans, HKMeansConfig, single_process_recursion  # noqa: E402
 from recsys.text import load_embeddings  # noqa: E402
 
@@ -77,7 +78,8 @@ def main(argv: list[str]) -> None:
         rows.append(measure(f"embed:{args.embed.name}", x, cfg, args.cpus_per_task))
     for n in [int(s) for s in args.sizes.split(",") if s]:
         rows.append(measure(f"synthetic-{n}x384", synthetic_table(n), cfg, args.cpus_per_task))
-    write_record("hkmeans-scaling", config={"hkmeans": cfg.__dict__, "cpus_per_task": args.cpus_per_task},
+    write_record("scaling", model="hkmeans", dataset=run_dataset(args.embed) if args.embed else "synthetic",
+                 config={"hkmeans": cfg.__dict__, "cpus_per_task": args.cpus_per_task},
                  wall_s=time.perf_counter() - start, metrics={"rows": rows})
 
 

@@ -7,9 +7,11 @@ item the user interacted with; no Beauty user repeats an item).
 CHECKPOINT is a checkpoint directory (``runs/train/<id>/checkpoints/best``); the model's own
 ``recommend`` does the excluding (TIGER masks history items at the leaf of the constrained beam
 search and widens the beam by the history length; score-all models mask their scores). Only the
-model's input window (the last ``max_history`` items) is excluded. Writes
-``benchmarks/results/<NAME>-protocols.json``: ``metrics.test``/``metrics.valid`` hold the
-history-excluded figures, ``history_kept`` the others, each with its wall time.
+model's input window (the last ``max_history`` items) is excluded. Writes two records,
+``benchmarks/results/<model>/<dataset>/<NAME>-history-kept.json`` and ``...-history-excluded.json``,
+each with its protocol object, its figures under ``metrics.test``/``metrics.valid``, its wall time,
+the source checkpoint and the other record's path. ``protocol.refit`` is read from the checkpoint's
+training run (``runs/train/<id>/config.json``) when it is there.
 """
 
 from __future__ import annotations
@@ -23,20 +25,28 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.record import write_record  # noqa: E402
+from benchmarks import record as records  # noqa: E402
+from benchmarks.record import checkpoint_model, protocol, run_dataset, write_record  # noqa: E402
 from recsys.data.schema import InteractionData  # noqa: E402
 from recsys.data.split import leave_one_out  # noqa: E402
 from recsys.training.checkpoint import load_model  # noqa: E402
+from recsys.runs import read_json  # noqa: E402
 from recsys.training.evaluate import evaluate  # noqa: E402
 
 PROTOCOLS = {"history_kept": False, "history_excluded": True}
+
+
+def trained_with_refit(checkpoint: Path) -> bool:
+    """Whether the checkpoint's training run (``<train run>/checkpoints/<name>``) was a refit."""
+    config = checkpoint.parent.parent / "config.json"
+    return bool(config.is_file() and read_json(config).get("trainer", {}).get("refit", False))
 
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("--data", type=Path, required=True, help="the `recsys data` run the model was trained on")
-    parser.add_argument("--name", required=True, help="record name: benchmarks/results/<name>-protocols.json")
+    parser.add_argument("--name", required=True, help="records <model>/<dataset>/<name>-history-kept.json and -history-excluded.json")
     parser.add_argument("--splits", default="test", help="comma-separated: valid, test (default: test)")
     parser.add_argument("--max-history", type=int, default=20)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -48,23 +58,32 @@ def main(argv: list[str]) -> None:
     start = time.perf_counter()
     split = leave_one_out(InteractionData.load(args.data), args.max_history)
     model = load_model(args.checkpoint)
-    results: dict[str, dict] = {protocol: {} for protocol in PROTOCOLS}
+    results: dict[str, dict] = {kind: {} for kind in PROTOCOLS}
     wall: dict[str, float] = {}
     for name in splits:
-        for protocol, exclude in PROTOCOLS.items():
+        for kind, exclude in PROTOCOLS.items():
             t = time.perf_counter()
             m = evaluate(model, split.eval_set(name), batch_size=1024, exclude_history=exclude)
-            results[protocol][name] = {k: round(v, 4) for k, v in m.items()}
-            wall[f"{protocol}/{name}"] = round(time.perf_counter() - t, 1)
-            print(f"{name:5s} {protocol:16s} " + "  ".join(f"{k} {v:.4f}" for k, v in m.items())
-                  + f"  ({wall[f'{protocol}/{name}']} s)", flush=True)
-    path = write_record(
-        f"{args.name}-protocols", config={"checkpoint": str(args.checkpoint), "data_run": str(args.data),
-                                          "max_history": args.max_history, "threads": args.threads},
-        wall_s=time.perf_counter() - start, metrics=results["history_excluded"],
-        extra={"history_kept": results["history_kept"], "eval_wall_s": wall},
-    )
-    print(f"record: {path}")
+            results[kind][name] = {k: round(v, 4) for k, v in m.items()}
+            wall[f"{kind}/{name}"] = round(time.perf_counter() - t, 1)
+            print(f"{name:5s} {kind:16s} " + "  ".join(f"{k} {v:.4f}" for k, v in m.items())
+                  + f"  ({wall[f'{kind}/{name}']} s)", flush=True)
+    model_name, dataset = checkpoint_model(args.checkpoint), run_dataset(args.data)
+    refit = trained_with_refit(args.checkpoint)
+    names = {kind: f"{args.name}-{kind.replace('_', '-')}" for kind in PROTOCOLS}
+    config = {"checkpoint": str(args.checkpoint), "data_run": str(args.data), "max_history": args.max_history,
+              "threads": args.threads}
+    wall_s = time.perf_counter() - start  # both protocols' evaluations, as one run
+    for kind, exclude in PROTOCOLS.items():
+        other = records.record_path(model_name, dataset, names[next(p for p in PROTOCOLS if p != kind)])
+        path = write_record(
+            names[kind], model=model_name, dataset=dataset, config=config, wall_s=wall_s, metrics=results[kind],
+            protocol=protocol(exclude_history=exclude, refit=refit),
+            extra={"source_checkpoint": str(args.checkpoint),
+                   "eval_wall_s": {k: v for k, v in wall.items() if k.startswith(f"{kind}/")},
+                   "other_protocol": str(other.relative_to(records.RESULTS))},
+        )
+        print(f"record: {path}")
 
 
 if __name__ == "__main__":

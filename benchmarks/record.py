@@ -1,5 +1,13 @@
-"""Benchmark records: ``benchmarks/results/<name>.json`` with command, date, commit, machine,
-config, wall time and metrics under the project's fixed keys."""
+"""Benchmark records: ``benchmarks/results/<model>/<dataset>/<name>.json`` with command, date, commit,
+machine, config, wall time and metrics under the project's fixed keys.
+
+A record with quality figures (``metrics.test`` / ``metrics.valid``) names its protocol:
+``{"history": "kept" | "excluded", "refit": bool, "selected_on": "valid" | "none"}``. ``history``
+says whether the user's history items stay in the ranking (kept: TIGER's and EAGER's released code,
+LC-Rec, GRID and cornac score this way) or are removed (S3-Rec's masking); ``refit`` whether the test
+model was trained on training + validation transitions (its epoch count then comes from an earlier,
+validated run); ``selected_on`` the split the checkpoint (or beam width) was chosen on, ``none``
+for what selects nothing (count baselines, fixed-epoch timings)."""
 
 from __future__ import annotations
 
@@ -13,6 +21,8 @@ from recsys.runs import machine_description
 
 RESULTS = Path(__file__).parent / "results"
 QUALITY_KEYS = [f"{m}@{k}" for m in ("recall", "ndcg") for k in (5, 10, 20)]
+HISTORY = ("kept", "excluded")
+SELECTED_ON = ("valid", "none")
 
 
 def git_commit() -> str:
@@ -26,8 +36,6 @@ def git_commit() -> str:
         return "unknown"
 
 
-
-
 def save_figure(fig, path: Path, dpi: int = 110) -> Path:
     """Lay out, write (creating the folder) and close a matplotlib figure; returns ``path``."""
     import matplotlib.pyplot as plt
@@ -39,13 +47,83 @@ def save_figure(fig, path: Path, dpi: int = 110) -> Path:
     return path
 
 
-def write_record(name: str, *, config: dict, wall_s: float, metrics: dict, extra: dict | None = None) -> Path:
-    """metrics: {"test": {...}, "valid": {...}} and/or speed keys (items_per_s, p50_ms, ...)."""
+def protocol(*, exclude_history: bool, refit: bool = False, selected_on: str = "valid") -> dict:
+    """The protocol object of a record (see the module docstring)."""
+    value = {"history": "excluded" if exclude_history else "kept", "refit": bool(refit), "selected_on": selected_on}
+    check_protocol(value)
+    return value
+
+
+def check_protocol(value: object) -> None:
+    """Raise ValueError unless ``value`` is a protocol object with exactly its three keys."""
+    if not isinstance(value, dict) or set(value) != {"history", "refit", "selected_on"}:
+        raise ValueError(f"protocol must be a dict with keys history, refit, selected_on; got {value!r}")
+    if value["history"] not in HISTORY:
+        raise ValueError(f"protocol.history must be one of {HISTORY}, got {value['history']!r}")
+    if not isinstance(value["refit"], bool):
+        raise ValueError(f"protocol.refit must be true or false, got {value['refit']!r}")
+    if value["selected_on"] not in SELECTED_ON:
+        raise ValueError(f"protocol.selected_on must be one of {SELECTED_ON}, got {value['selected_on']!r}")
+
+
+def dataset_name(data: dict) -> str:
+    """A record's dataset folder from a ``data`` config section: the data path's folder without
+    ``amazon-`` (``/x/amazon-beauty`` -> ``beauty``), else the format (``synthetic``)."""
+    if data.get("path"):
+        return Path(data["path"]).name.removeprefix("amazon-")
+    return str(data.get("format") or "unknown")
+
+
+def run_dataset(run_dir: Path) -> str:
+    """The dataset of a pipeline run directory (data, embed, ...), from its ``config.json``."""
+    config = run_dir / "config.json"
+    return dataset_name(json.loads(config.read_text()).get("data", {})) if config.is_file() else "unknown"
+
+
+def checkpoint_model(checkpoint: Path) -> str:
+    """The registered model name a checkpoint directory was saved under."""
+    return json.loads((Path(checkpoint) / "model.json").read_text())["name"]
+
+
+def record_path(model: str, dataset: str, name: str) -> Path:
+    for part, value in (("model", model), ("dataset", dataset), ("name", name)):
+        if not value or "/" in value or value.startswith("."):
+            raise ValueError(f"record {part} must be a plain folder or file name, got {value!r}")
+    return RESULTS / model / dataset / f"{name.removesuffix('.json')}.json"
+
+
+def find_record(spec: str) -> Path:
+    """A record from a path, ``MODEL/DATASET/NAME`` under the results folder, or a ``NAME`` that
+    only one model/dataset folder holds."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    stem = spec.removesuffix(".json")
+    if (RESULTS / f"{stem}.json").is_file():
+        return RESULTS / f"{stem}.json"
+    matches = sorted(RESULTS.glob(f"*/*/{stem}.json")) if "/" not in stem else []
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise ValueError(f"record {spec!r} is ambiguous: " + ", ".join(str(m.relative_to(RESULTS)) for m in matches))
+    raise ValueError(f"no record {spec!r}: neither a file nor MODEL/DATASET/NAME under {RESULTS}")
+
+
+def write_record(name: str, *, model: str, dataset: str, config: dict, wall_s: float, metrics: dict,
+                 protocol: dict | None = None, extra: dict | None = None) -> Path:
+    """Write ``benchmarks/results/<model>/<dataset>/<name>.json``. metrics: {"test": {...},
+    "valid": {...}} and/or speed keys (items_per_s, p50_ms, ...); quality figures need ``protocol``."""
     for split in ("test", "valid"):
         if split in metrics and set(metrics[split]) != set(QUALITY_KEYS):
             raise ValueError(f"{split} metrics must have exactly the keys {QUALITY_KEYS}")
+    if protocol is not None or "test" in metrics or "valid" in metrics:
+        check_protocol(protocol)
+    path = record_path(model, dataset, name)
     record = {
         "name": name,
+        "model": model,
+        "dataset": dataset,
+        **({"protocol": protocol} if protocol is not None else {}),
         "command": " ".join(["python", *sys.argv]),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": git_commit(),
@@ -55,7 +133,6 @@ def write_record(name: str, *, config: dict, wall_s: float, metrics: dict, extra
         "metrics": metrics,
         **(extra or {}),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n")
     return path

@@ -1,5 +1,5 @@
 """Training speed of SASRec on a dataset, fp32 against bf16 autocast, in-process (no Ray), the
-same seed and batches. Writes benchmarks/results/sasrec-precision-<dataset>.json.
+same seed and batches. Writes benchmarks/results/sasrec/<dataset>/precision.json.
 
     python benchmarks/sasrec_precision.py configs/beauty-sasrec.yaml data.path=/path/to/amazon-beauty
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.record import write_record  # noqa: E402
+from benchmarks.record import dataset_name, protocol, write_record  # noqa: E402
 from pipelines.cli import split_config_args  # noqa: E402
 from recsys.data import load_dataset  # noqa: E402
 from recsys.data.split import leave_one_out  # noqa: E402
@@ -43,8 +43,10 @@ def main(argv: list[str]) -> None:
         }
         print(precision, results[precision], flush=True)
     results["speedup"] = round(results["bf16"]["samples_per_s"] / results["fp32"]["samples_per_s"], 2)
-    dataset = Path(base.data.path).name.removeprefix("amazon-") if base.data.path else base.data.format
-    write_record(f"sasrec-precision-{dataset}", config=base.to_dict(), wall_s=time.perf_counter() - start,
+    # a validation figure after a fixed number of epochs: nothing selected
+    write_record("precision", model="sasrec", dataset=dataset_name(base.to_dict()["data"]),
+                 protocol=protocol(exclude_history=base.eval.exclude_history, selected_on="none"),
+                 config=base.to_dict(), wall_s=time.perf_counter() - start,
                  metrics=results, extra={"epochs": epochs})
 
 

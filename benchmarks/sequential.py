@@ -1,11 +1,13 @@
 """Train and evaluate a sequence model on a real dataset through the pipeline stages, and
-record the figures: benchmarks/results/<model>-<dataset>.json.
+record the figures: benchmarks/results/<model>/<dataset>/<name>.json.
 
     python benchmarks/sequential.py configs/beauty-sasrec.yaml data.path=/path/to/amazon-beauty
     python benchmarks/sequential.py --train-run runs/train/<run-id>   # record a finished train run
-    python benchmarks/sequential.py --name NAME ...                   # record as results/NAME.json
+    python benchmarks/sequential.py --name NAME ...                   # record as <model>/<dataset>/NAME.json
 
-A model that decodes semantic IDs is recorded as <model>-<dataset>-<ids method> unless --name says.
+NAME defaults to the IDs method for a model that decodes semantic IDs, else ``default``. The
+record's ``protocol`` says whether history items were kept in the ranking (``eval.exclude_history``)
+and whether the test model is a refit.
 
 Selection is on validation; test is computed once, for the selected checkpoint (for a refit,
 ``trainer.refit``, the last epoch's, recorded without a validation figure).
@@ -20,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.record import write_record  # noqa: E402
+from benchmarks.record import dataset_name, protocol, write_record  # noqa: E402
 from pipelines.cli import split_config_args  # noqa: E402
 from pipelines.stages import run_data, run_evaluate, run_train  # noqa: E402
 from recsys.experiment import experiment_dict_from_run, experiment_from_dict, load_experiment  # noqa: E402
@@ -47,17 +49,19 @@ def main(argv: list[str]) -> None:
     _, test = run_evaluate(train_dir, "test")
     train = read_json(train_dir / "metrics.json")
     wall = time.perf_counter() - start if argv[:1] != ["--train-run"] else train["elapsed_s"]
-    dataset = Path(exp.data.path).name.removeprefix("amazon-") if exp.data.path else exp.data.format
     saved = read_json(train_dir / "config.json")
     ids = {}
     if saved.get("ids_dir"):  # a generative retriever: which IDs it decoded, named in the record
         ids = {"ids_run": saved["ids_dir"], "ids_method": read_json(Path(saved["ids_dir"]) / "config.json")["ids"]["method"]}
-    name = "-".join([exp.model_name, dataset, *([ids["ids_method"]] if ids else [])])
+    name = ids["ids_method"] if ids else "default"
     epochs = [json.loads(line) for line in (train_dir / "epochs.jsonl").read_text().splitlines()]
     to_best = next(e for e in epochs if e["epoch"] == train["best_epoch"])
     elapsed_to_best = to_best["finished_at"] - (epochs[0]["finished_at"] - epochs[0]["epoch_s"])
     path = write_record(
-        record_name or name, config=exp.to_dict(), wall_s=wall,
+        record_name or name, model=exp.model_name, dataset=dataset_name(exp.to_dict()["data"]),
+        # a refit's epoch count was selected on validation by an earlier run
+        protocol=protocol(exclude_history=exp.eval.exclude_history, refit=train.get("refit", False)),
+        config=exp.to_dict(), wall_s=wall,
         # a refit (trainer.refit) has no validation figure: its targets were trained on
         metrics={"test": test, **({"valid": train["valid"]} if train["valid"] else {}),
                  "samples_per_s": train["samples_per_s"]},

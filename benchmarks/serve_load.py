@@ -17,7 +17,7 @@ SIGKILL. Recorded: what clients saw (errors by kind, answers that needed a retry
 in the 5 s after the kill, and after Serve restored the replica count), how long Serve took to
 run the replica count again, and whether fixed probe requests answer exactly as before the kill.
 
-Writes benchmarks/results/serve-load-<name>.json and prints markdown tables. The client runs on
+Writes benchmarks/results/serve/<name>/load.json and prints markdown tables. The client runs on
 the same machine as the server and shares its CPUs.
 """
 
@@ -263,7 +263,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiger", type=Path, required=True, help="TIGER train run (or pipeline run)")
     p.add_argument("--sasrec", type=Path, help="SASRec train run for the ANN baseline (same dataset)")
-    p.add_argument("--name", default="synthetic", help="record name: serve-load-<name>.json")
+    p.add_argument("--name", default="synthetic", help="dataset name of the record: serve/<name>/load.json")
     p.add_argument("--concurrency", type=ints, default=[1, 8, 32])
     p.add_argument("--duration", type=float, default=15.0, help="seconds per concurrency level")
     p.add_argument("--warmup", type=float, default=3.0)
@@ -325,7 +325,7 @@ def main(argv: list[str]) -> dict:
     serve.shutdown()
     table = markdown(results)
     print("\n" + table)
-    write_record(f"serve-load-{ns.name}", config={"args": {k: str(v) for k, v in vars(ns).items()},
+    write_record("load", model="serve", dataset=ns.name, config={"args": {k: str(v) for k, v in vars(ns).items()},
                                                     "systems": systems},
                  wall_s=time.perf_counter() - start, metrics=results,
                  extra={"requests": {"k": ns.k, "histories": len(histories), "mean_history_len":

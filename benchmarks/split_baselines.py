@@ -12,7 +12,8 @@ Each is also scored with the history's items removed from the ranking (``*_histo
 no Beauty user repeats an item, and S3-Rec's full-ranking evaluation masks interacted items).
 ``--refit`` fits both on training + validation (``s[:n-1]``, as ``trainer.refit`` trains) and
 scores test only, the protocol of a refitted test model.
-Writes benchmarks/results/split-baselines-<dataset>[-refit].json.
+Writes benchmarks/results/baselines/<dataset>/counts[-refit].json: ``metrics`` holds the
+transition scorer with the history kept (the headline protocol), ``by_scorer`` every scorer.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.record import write_record  # noqa: E402
+from benchmarks.record import dataset_name, protocol, write_record  # noqa: E402
 from recsys.data.schema import InteractionData  # noqa: E402
 from recsys.data.split import EvalSet, LeaveOneOutSplit, leave_one_out  # noqa: E402
 from recsys.metrics import DEFAULT_KS, RankingMetrics  # noqa: E402
@@ -130,9 +131,10 @@ def main(argv: list[str]) -> None:
             print(f"{name:5s} {scorer:28s} " + "  ".join(f"{k} {v:.4f}" for k, v in m.items()))
     if ratios:
         print(f"valid/test Recall@10 ratio: {ratios}")
-    dataset = str(read_json(args.data_run / "config.json").get("data", {}).get("format", "data"))
+    dataset = dataset_name(read_json(args.data_run / "config.json").get("data", {}))
     path = write_record(
-        f"split-baselines-{dataset}" + ("-refit" if args.refit else ""),
+        "counts" + ("-refit" if args.refit else ""), model="baselines", dataset=dataset,
+        protocol=protocol(exclude_history=False, refit=args.refit, selected_on="none"),
         config={"data_run": str(args.data_run), "max_history": args.max_history, "refit": args.refit},
         wall_s=time.perf_counter() - start,
         metrics={name: results[name]["transition"] for name in splits},

@@ -19,7 +19,7 @@ Reported on test, full ranking over all items (warm and cold):
   log-probability; a held-out item's token was never a target) and ``content``;
 - ``content_knn`` on both slices: a model-free baseline ranking items by cosine similarity of
   their content vector to the last history item's.
-Writes benchmarks/results/tiger-cold-start-<dataset>.json.
+Writes benchmarks/results/tiger/<dataset>/cold-start.json.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.record import write_record  # noqa: E402
+from benchmarks.record import dataset_name, protocol, write_record  # noqa: E402
 from pipelines.cli import split_config_args  # noqa: E402
 from recsys.data.schema import InteractionData  # noqa: E402
 from recsys.data.split import EvalSet, cold_start_split  # noqa: E402
@@ -113,8 +113,8 @@ def main(argv: list[str]) -> None:
     print(results_table({f"{name} {s}": m for name, slices in results.items() for s, m in slices.items()}))
 
     new_tuple = float((full_ids[:, -1] == 0).float().mean())
-    dataset = Path(exp.data.path).name.removeprefix("amazon-") if exp.data.path else exp.data.format
-    write_record(f"tiger-cold-start-{dataset}", config=exp.to_dict(), wall_s=time.perf_counter() - start,
+    write_record("cold-start", model="tiger", dataset=dataset_name(exp.to_dict()["data"]),
+                 protocol=protocol(exclude_history=exp.eval.exclude_history), config=exp.to_dict(), wall_s=time.perf_counter() - start,
                  metrics=results,
                  extra={"held_out_items": len(held), "n_items": data.n_items, "fraction": ns.fraction,
                         "seed": ns.seed, "cold_test_users": len(cs.cold_test), "warm_test_users": len(cs.warm_test),

@@ -8,7 +8,7 @@ validation:
 - ``--batch`` users per call: ms per user, the throughput figure for offline scoring;
 - Recall/NDCG@K on the sample, to show what the wider beam buys;
 - the invalid-ID rate: returned items that are not in the catalogue (0 under the trie).
-Writes benchmarks/results/tiger-decoding-<dataset>.json.
+Writes benchmarks/results/tiger/<dataset>/decoding.json.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.record import write_record  # noqa: E402
+from benchmarks.record import dataset_name, protocol, write_record  # noqa: E402
 from recsys.data.schema import InteractionData  # noqa: E402
 from recsys.data.split import leave_one_out  # noqa: E402
 from recsys.experiment import experiment_dict_from_run, experiment_from_dict  # noqa: E402
@@ -80,8 +80,9 @@ def main(argv: list[str]) -> None:
         results[f"beam_{beam}"] = {"batch_1": percentiles(single), f"batch_{ns.batch}_ms_per_user": round(batched_ms, 3),
                                    "quality": metrics.summary(), "invalid_id_rate": invalid / (len(rows) * k)}
         print(f"beam {beam}: {results[f'beam_{beam}']}", flush=True)
-    dataset = Path(exp.data.path).name.removeprefix("amazon-") if exp.data.path else exp.data.format
-    write_record(f"tiger-decoding-{dataset}", config=exp.to_dict(), wall_s=time.perf_counter() - start,
+    # recommend() is called without exclude_history: the quality figures keep the history
+    write_record("decoding", model="tiger", dataset=dataset_name(exp.to_dict()["data"]),
+                 protocol=protocol(exclude_history=False), config=exp.to_dict(), wall_s=time.perf_counter() - start,
                  metrics=results, extra={"train_run": str(ns.train_run), "users": len(rows), "k": k,
                                          "torch_threads": torch.get_num_threads()})
 

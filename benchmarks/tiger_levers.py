@@ -12,7 +12,7 @@ Each row starts from the same initial weights and sees the same batches as the r
 same padding, so the mean loss over the timed steps shows whether bf16 tracks fp32.
 Also: training windows per epoch for ``samples=last`` against ``prefixes``, and the cost of
 one validation by beam search over a fixed sample of users against all validation users.
-Writes benchmarks/results/tiger-levers-<dataset>.json.
+Writes benchmarks/results/tiger/<dataset>/training-levers.json.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.record import write_record  # noqa: E402
+from benchmarks.record import dataset_name, write_record  # noqa: E402
 from pipelines.cli import split_config_args  # noqa: E402
 from recsys.data.schema import InteractionData  # noqa: E402
 from recsys.data.split import leave_one_out, training_windows  # noqa: E402
@@ -93,8 +93,8 @@ def main(argv: list[str]) -> None:
         validation[str(users or len(split.valid))] = round(time.perf_counter() - t0, 1)
         print("validation", users or len(split.valid), "users:", validation[str(users or len(split.valid))], "s",
               flush=True)
-    dataset = Path(base.data.path).name.removeprefix("amazon-") if base.data.path else base.data.format
-    write_record(f"tiger-levers-{dataset}", config=base.to_dict(), wall_s=time.perf_counter() - start,
+    write_record("training-levers", model="tiger", dataset=dataset_name(base.to_dict()["data"]),
+                 config=base.to_dict(), wall_s=time.perf_counter() - start,
                  metrics={"training": rows, "windows_per_epoch": windows, "validation_s_by_users": validation},
                  extra={"steps": ns.steps, "batch_size": base.trainer.batch_size,
                         "torch_threads": torch.get_num_threads()})

@@ -4,13 +4,15 @@ touching the test split.
 
     python benchmarks/validation_curves.py runs/train/<a> runs/train/<b> --name NAME \
         [--label a=... --label b=...] [--metric recall@10] [--plot docs/figures/NAME.png] \
-        [--from-record benchmarks/results/<earlier>.json=<label in it>]
+        [--from-record tiger/beauty/<earlier>=<label in it>]
 
-``--from-record`` adds a run of an earlier record of this script (its train directory may be gone,
+``--from-record`` adds a run of an earlier record of this script (a path, ``MODEL/DATASET/NAME`` under
+``benchmarks/results/`` or a unique NAME; its train directory may be gone,
 for example trained on another machine); it keeps the settings recorded there and takes no part in
 working out which keys vary.
 
-Writes ``benchmarks/results/<NAME>.json``: for each run its label, the config keys in which the
+Writes ``benchmarks/results/<model>/<dataset>/<NAME>.json`` (model and dataset of the first run;
+a ``protocol`` when every run's ``eval.exclude_history`` is the same): for each run its label, the config keys in which the
 runs differ, every epoch's train loss, seconds and validation figures, and the best epoch by
 ``--metric``.
 """
@@ -24,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.record import save_figure, write_record  # noqa: E402
+from benchmarks.record import dataset_name, find_record, protocol, save_figure, write_record  # noqa: E402
 from pipelines.stages import IDS_EXECUTION_KEYS  # noqa: E402
 from recsys.config import flatten_dict  # noqa: E402
 from recsys.runs import read_json  # noqa: E402
@@ -59,9 +61,10 @@ def read_run(train_dir: Path, metric: str) -> dict:
 
 def run_from_record(spec: str, metric: str) -> tuple[str, dict]:
     """``RECORD.json=LABEL``: that run of an earlier validation-curves record, labelled for this one."""
-    path, sep, label = spec.partition("=")
+    name, sep, label = spec.partition("=")
     if not sep or not label:
-        raise ValueError(f"--from-record {spec!r}: expected RECORD.json=LABEL")
+        raise ValueError(f"--from-record {spec!r}: expected RECORD=LABEL")
+    path = str(find_record(name))
     record = read_json(Path(path))
     runs = record.get("runs")
     if not isinstance(runs, dict) or label not in runs:
@@ -125,7 +128,12 @@ def main(argv: list[str]) -> None:
     if args.plot:
         extra["plot"] = str(plot(runs, args.metric, args.plot))
     wall = sum(r["train_epochs_s"] for r in runs.values() if "from_record" not in r)
-    print(f"record: {write_record(args.name, config={'runs': [str(p) for p in args.train_runs]}, wall_s=wall, metrics={}, extra=extra)}")
+    excluded = {json.dumps(c.get("eval", {}).get("exclude_history")) for c in configs}
+    shared = protocol(exclude_history=json.loads(excluded.pop())) if excluded in ({"true"}, {"false"}) else None
+    path = write_record(args.name, model=configs[0].get("model", {}).get("name", "unknown"),
+                        dataset=dataset_name(configs[0].get("data", {})), protocol=shared,
+                        config={"runs": [str(p) for p in args.train_runs]}, wall_s=wall, metrics={}, extra=extra)
+    print(f"record: {path}")
     for label, run in runs.items():
         print(f"{label}: best epoch {run['best_epoch']}/{run['epochs_run']}  {args.metric} "
               f"{run['best_valid'][args.metric]:.4f}  {run['settings']}")

@@ -36,7 +36,8 @@ def test_cold_start_slice_holds_items_out_and_scores_them_after_registration(dat
           "model.name=tiger", "model.d_model=32", "model.n_encoder_layers=1", "model.n_decoder_layers=1",
           "model.n_heads=2", "model.head_dim=16", "model.d_ff=64", "trainer.samples=prefixes", "trainer.epochs=3",
           "trainer.batch_size=128", "trainer.lr=3e-3", "trainer.patience=0"])
-    record = json.loads((tmp_path / "results" / "tiger-cold-start-synthetic.json").read_text())
+    record = json.loads((tmp_path / "results" / "tiger" / "synthetic" / "cold-start.json").read_text())
+    assert record["protocol"] == {"history": "kept", "refit": False, "selected_on": "valid"}
     assert record["held_out_items"] == 8 and record["cold_test_users"] > 0
     assert record["cold_test_users"] + record["warm_test_users"] == 300
     held = json.loads((tmp_path / "runs" / "train").glob("*-cold-start").__next__().joinpath("config.json")
@@ -107,8 +108,10 @@ def test_split_baselines_refit_counts_validation_transitions_and_scores_test_onl
     write_json(data_dir / "config.json", {"data": {"format": "synthetic"}})
     main([str(data_dir)])
     main([str(data_dir), "--refit"])
-    plain = json.loads((tmp_path / "results" / "split-baselines-synthetic.json").read_text())
-    refit = json.loads((tmp_path / "results" / "split-baselines-synthetic-refit.json").read_text())
+    plain = json.loads((tmp_path / "results" / "baselines" / "synthetic" / "counts.json").read_text())
+    refit = json.loads((tmp_path / "results" / "baselines" / "synthetic" / "counts-refit.json").read_text())
+    assert plain["protocol"] == {"history": "kept", "refit": False, "selected_on": "none"}
+    assert refit["protocol"] == {"history": "kept", "refit": True, "selected_on": "none"}
     assert set(plain["metrics"]) == {"valid", "test"} and set(refit["metrics"]) == {"test"}
     assert refit["config"]["refit"] and refit["valid_over_test_recall@10"] == {}
     assert refit["metrics"]["test"] != plain["metrics"]["test"]  # more transitions counted
@@ -123,13 +126,17 @@ def test_a_refit_is_recorded_with_its_test_figures_and_no_validation(tiny_overri
                 "trainer.refit=true"]) == 0
     train_dir = next((tmp_path / "runs" / "train").iterdir())
     sequential(["--name", "tiny-refit", "--train-run", str(train_dir)])
-    record = json.loads((tmp_path / "results" / "tiny-refit.json").read_text())
+    (path,) = (tmp_path / "results").glob("**/*.json")
+    record = json.loads(path.read_text())
+    model = record["config"]["model"]["name"]
+    assert path == tmp_path / "results" / model / "synthetic" / "tiny-refit.json" and record["model"] == model
+    assert record["protocol"] == {"history": "kept", "refit": True, "selected_on": "valid"}
     assert "valid" not in record["metrics"] and set(record["metrics"]["test"]) >= {"recall@10", "ndcg@5"}
     assert record["refit"] and record["best_epoch"] == record["epochs_run"] == 2
     assert record["config"]["trainer"]["refit"] and record["config"]["trainer"]["stop_epoch"] == 2
 
 
-def test_protocols_scores_a_checkpoint_with_history_kept_and_excluded(tiny_overrides, tmp_path, monkeypatch):
+def test_protocols_writes_one_record_per_protocol(tiny_overrides, tmp_path, monkeypatch):
     from benchmarks.protocols import main as protocols
     from pipelines.cli import main as cli
 
@@ -139,11 +146,19 @@ def test_protocols_scores_a_checkpoint_with_history_kept_and_excluded(tiny_overr
     data_dir = next((tmp_path / "runs" / "data").iterdir())
     protocols([str(train_dir / "checkpoints" / "best"), "--data", str(data_dir), "--name", "tiny",
                "--splits", "valid,test", "--max-history", "20", "--threads", "1"])
-    record = json.loads((tmp_path / "results" / "tiny-protocols.json").read_text())
-    kept, excluded = record["history_kept"], record["metrics"]
+    folder = tmp_path / "results" / "sasrec" / "synthetic"
+    assert sorted(p.name for p in (tmp_path / "results").glob("**/*.json")) == [
+        "tiny-history-excluded.json", "tiny-history-kept.json"]
+    kept_record, excluded_record = (json.loads((folder / f"tiny-history-{p}.json").read_text()) for p in ("kept", "excluded"))
+    assert kept_record["protocol"] == {"history": "kept", "refit": False, "selected_on": "valid"}
+    assert excluded_record["protocol"] == {"history": "excluded", "refit": False, "selected_on": "valid"}
+    assert kept_record["other_protocol"] == "sasrec/synthetic/tiny-history-excluded.json"
+    assert excluded_record["other_protocol"] == "sasrec/synthetic/tiny-history-kept.json"
+    assert kept_record["source_checkpoint"] == excluded_record["source_checkpoint"] == str(train_dir / "checkpoints" / "best")
+    kept, excluded = kept_record["metrics"], excluded_record["metrics"]
     assert set(kept) == set(excluded) == {"valid", "test"}
-    assert set(record["eval_wall_s"]) == {f"{p}/{s}" for p in ("history_kept", "history_excluded")
-                                          for s in ("valid", "test")}
+    assert set(kept_record["eval_wall_s"]) == {"history_kept/valid", "history_kept/test"}
+    assert set(excluded_record["eval_wall_s"]) == {"history_excluded/valid", "history_excluded/test"}
     # synthetic users revisit topics, so their histories' items rank high; excluding them changes the figures
     assert kept["test"] != excluded["test"]
     with pytest.raises(SystemExit):
@@ -159,14 +174,16 @@ def test_validation_curves_compare_runs_on_validation_only(tmp_path, monkeypatch
         run.mkdir()
         # the ids runs were computed differently (Ray or not): not a setting of the runs
         config = {"model": {"name": "tiger", "dropout": dropout}, "trainer": {"epochs": 3}, "run": {"name": name},
-                  "ids": {"method": "hkmeans", "use_ray": name == "a"}}
+                  "ids": {"method": "hkmeans", "use_ray": name == "a"}, "data": {"format": "synthetic"},
+                  "eval": {"exclude_history": True}}
         (run / "config.json").write_text(json.dumps(config))
         (run / "epochs.jsonl").write_text("".join(
             json.dumps({"epoch": i + 1, "train_loss": 3.0 - i, "epoch_s": 10.0, "validated_users": 100,
                         "valid_recall@10": s, "valid_ndcg@10": s / 2}) + "\n" for i, s in enumerate(scores)))
     main([str(tmp_path / "a"), str(tmp_path / "b"), "--name", "curves", "--label", "b=dropout 0.3",
           "--plot", str(tmp_path / "curves.png")])
-    record = json.loads((tmp_path / "results" / "curves.json").read_text())
+    record = json.loads((tmp_path / "results" / "tiger" / "synthetic" / "curves.json").read_text())
+    assert record["protocol"] == {"history": "excluded", "refit": False, "selected_on": "valid"}
     assert record["varied_keys"] == ["model.dropout"]  # run.name and ids.use_ray differ too, but are not settings
     a, b = record["runs"]["a"], record["runs"]["dropout 0.3"]
     assert (a["best_epoch"], a["best_valid"]["recall@10"]) == (2, 0.05)
@@ -175,15 +192,15 @@ def test_validation_curves_compare_runs_on_validation_only(tmp_path, monkeypatch
 
     # a run of that record joins a later comparison with its recorded curve and settings
     (tmp_path / "b" / "epochs.jsonl").unlink()  # its directory need not exist any more
-    main([str(tmp_path / "a"), "--name", "later", "--from-record", f"{tmp_path / 'results' / 'curves.json'}=dropout 0.3"])
-    later = json.loads((tmp_path / "results" / "later.json").read_text())
+    main([str(tmp_path / "a"), "--name", "later", "--from-record", "tiger/synthetic/curves=dropout 0.3"])
+    later = json.loads((tmp_path / "results" / "tiger" / "synthetic" / "later.json").read_text())
     assert later["runs"]["dropout 0.3 (curves)"]["settings"] == {"model.dropout": 0.3}
     assert later["runs"]["dropout 0.3 (curves)"]["best_epoch"] == 2 and later["wall_s"] == 30.0  # a's epochs only
     with pytest.raises(ValueError, match="has no run labelled 'c'.*'a', 'dropout 0.3'"):
-        main([str(tmp_path / "a"), "--name", "x", "--from-record", f"{tmp_path / 'results' / 'curves.json'}=c"])
+        main([str(tmp_path / "a"), "--name", "x", "--from-record", "curves=c"])  # a NAME one folder holds
     with pytest.raises(ValueError, match="selected on 'recall@10', not 'ndcg@10'"):
         main([str(tmp_path / "a"), "--name", "x", "--metric", "ndcg@10",
-              "--from-record", f"{tmp_path / 'results' / 'curves.json'}=dropout 0.3"])
+              "--from-record", f"{tmp_path / 'results' / 'tiger' / 'synthetic' / 'curves.json'}=dropout 0.3"])
 
 
 def test_beam_width_is_chosen_on_validation_and_test_is_scored_once_at_it(tmp_path, monkeypatch):
@@ -199,6 +216,7 @@ def test_beam_width_is_chosen_on_validation_and_test_is_scored_once_at_it(tmp_pa
     monkeypatch.setattr(benchmarks.record, "RESULTS", tmp_path / "results")
     data = generate_synthetic(SyntheticConfig(n_users=120, n_items=40, n_topics=4, seed=0))
     data.save(tmp_path / "data")
+    (tmp_path / "data" / "config.json").write_text(json.dumps({"data": {"format": "synthetic"}}))
     codes = torch.randint(0, 4, (40, 3), generator=torch.Generator().manual_seed(0))
     index = SemanticIdIndex(item_ids=torch.arange(1, 41), codes=codes, codebook_sizes=[4, 4, 4])
     torch.manual_seed(0)
@@ -210,7 +228,8 @@ def test_beam_width_is_chosen_on_validation_and_test_is_scored_once_at_it(tmp_pa
     monkeypatch.setattr("benchmarks.beam_width.evaluate", lambda m, es, **kw: (
         seen.append((len(es), m.config.beam_size)), real(m, es, **kw))[1])
     main([str(tmp_path / "ckpt"), "--data", str(tmp_path / "data"), "--name", "tiny", "--beams", "40,1", "--threads", "1"])
-    record = json.loads((tmp_path / "results" / "tiny-beams.json").read_text())
+    record = json.loads((tmp_path / "results" / "tiger" / "synthetic" / "tiny-beams.json").read_text())
+    assert record["protocol"] == {"history": "excluded", "refit": False, "selected_on": "valid"}
     by_beam = record["valid_by_beam"]
     assert set(by_beam) == {"1", "40"} and record["config"]["beams"] == [1, 40]
     chosen = record["chosen_beam"]
@@ -224,24 +243,70 @@ def test_beam_width_is_chosen_on_validation_and_test_is_scored_once_at_it(tmp_pa
 
 
 def test_compare_records_sets_records_against_a_bar_and_plots_them(tmp_path, monkeypatch, capsys):
-    from benchmarks.record import write_record
     from benchmarks.compare_records import main
+    from benchmarks.record import protocol, write_record
 
     monkeypatch.setattr(benchmarks.record, "RESULTS", tmp_path / "results")
     keys = [f"{m}@{k}" for m in ("recall", "ndcg") for k in (5, 10, 20)]
-    write_record("plain", config={}, wall_s=1, metrics={"test": dict.fromkeys(keys, 0.04)})
-    write_record("refit", config={}, wall_s=1, metrics={"test": dict.fromkeys(keys, 0.06)})
+    kept = protocol(exclude_history=False)
+    write_record("plain", model="m", dataset="d", protocol=kept, config={}, wall_s=1,
+                 metrics={"test": dict.fromkeys(keys, 0.04)})
+    write_record("refit", model="m", dataset="d", protocol=protocol(exclude_history=False, refit=True), config={},
+                 wall_s=1, metrics={"test": dict.fromkeys(keys, 0.06)})
     plot = tmp_path / "fig.png"
-    text = main(["plain=validated", "refit", "--bar", "paper: recall@5=0.05 ndcg@5=0.03",
+    text = main(["m/d/plain=validated", "refit", "--bar", "paper: recall@5=0.05 ndcg@5=0.03",
                  "--metrics", "recall@5,ndcg@5", "--plot", str(plot)])
     assert "| validated | 0.0400 (0.80×) | 0.0400 (1.33×) |" in text
-    assert "| refit | 0.0600 (1.20×) | 0.0600 (2.00×) |" in text and "| paper (bar) | 0.0500 | 0.0300 |" in text
+    assert "| refit (history kept) | 0.0600 (1.20×) | 0.0600 (2.00×) |" in text and "| paper (bar) | 0.0500 | 0.0300 |" in text
     assert plot.stat().st_size > 10_000
-    write_record("speed", config={}, wall_s=1, metrics={"p50_ms": 3.0})
+    write_record("speed", model="m", dataset="d", config={}, wall_s=1, metrics={"p50_ms": 3.0})
+    write_record("plain", model="other", dataset="d", protocol=kept, config={}, wall_s=1,
+                 metrics={"test": dict.fromkeys(keys, 0.05)})
     for argv, message in ((["speed"], "holds no test figures"), (["nowhere"], "no record 'nowhere'"),
-                          (["plain", "--bar", "paper: recall@5=0.05"], "gives no value for ['ndcg@5', 'recall@10', 'ndcg@10']"),
-                          (["plain", "plain"], "same label")):
+                          (["plain"], "'plain' is ambiguous: m/d/plain.json, other/d/plain.json"),
+                          (["m/d/plain", "--bar", "paper: recall@5=0.05"], "gives no value for ['ndcg@5', 'recall@10', 'ndcg@10']"),
+                          (["m/d/plain", "m/d/plain"], "same label")):
         with pytest.raises(SystemExit):
             main(argv)
         assert message in capsys.readouterr().err
 
+
+
+def test_a_record_lands_under_its_model_and_dataset_and_quality_needs_a_protocol(tmp_path, monkeypatch):
+    from benchmarks.record import protocol, write_record
+
+    monkeypatch.setattr(benchmarks.record, "RESULTS", tmp_path)
+    figures = {"test": dict.fromkeys(benchmarks.record.QUALITY_KEYS, 0.1)}
+    path = write_record("run", model="tiger", dataset="beauty", protocol=protocol(exclude_history=True),
+                        config={}, wall_s=1, metrics=figures)
+    assert path == tmp_path / "tiger" / "beauty" / "run.json"
+    record = json.loads(path.read_text())
+    assert (record["model"], record["dataset"]) == ("tiger", "beauty")
+    assert record["protocol"] == {"history": "excluded", "refit": False, "selected_on": "valid"}
+    with pytest.raises(ValueError, match="protocol must be a dict"):
+        write_record("x", model="tiger", dataset="beauty", config={}, wall_s=1, metrics=figures)
+    with pytest.raises(ValueError, match="selected_on must be one of"):
+        protocol(exclude_history=False, selected_on="test")
+    with pytest.raises(ValueError, match="plain folder or file name"):
+        write_record("x", model="tiger/beauty", dataset="beauty", config={}, wall_s=1, metrics={"p50_ms": 1.0})
+
+
+def test_every_committed_record_with_quality_figures_names_its_protocol_at_model_dataset_depth():
+    from benchmarks.record import RESULTS, check_protocol
+
+    quality = 0
+    for path in sorted(RESULTS.rglob("*.json")):
+        parts = path.relative_to(RESULTS).parts
+        if parts[0] == "tune":  # a sweep's own output folder: tune/<dataset>/<sweep>/...
+            assert len(parts) == 4, path
+            continue
+        assert len(parts) == 3, f"{path}: records live at <model>/<dataset>/<name>.json"
+        record = json.loads(path.read_text())
+        assert (record["model"], record["dataset"]) == parts[:2], path
+        metrics = record.get("metrics", {})
+        if "test" in metrics or "valid" in metrics or "test_of_selected_checkpoint" in record:
+            quality += 1
+            check_protocol(record.get("protocol"))
+            for split in ("test", "valid"):
+                assert split not in metrics or set(metrics[split]) == set(benchmarks.record.QUALITY_KEYS), path
+    assert quality >= 30  # the move kept them all
