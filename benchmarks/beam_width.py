@@ -54,7 +54,7 @@ def main(argv: list[str]) -> None:
     start = time.perf_counter()
     split = leave_one_out(InteractionData.load(args.data), args.max_history)
     model = load_model(args.checkpoint)
-    if not hasattr(model.config, "beam_size"):
+    if model.beam_width(1) is None:
         raise SystemExit(f"{args.checkpoint} holds a {type(model).__name__}, which does not decode by beam search")
     valid, wall = {}, {}
     for beam in beams:

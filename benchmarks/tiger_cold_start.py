@@ -102,7 +102,7 @@ def main(argv: list[str]) -> None:
 
     cold_ids = np.arange(cs.n_warm + 1, cs.n_items + 1)
     full_ids = index.add_many(cold_ids, tokenizer.encode(cold_vectors))  # content codes + collision code
-    model.register_items(cold_ids, full_ids)
+    model.register_items(cold_ids, {"semantic": full_ids})
     ev = dict(batch_size=exp.eval.batch_size, exclude_history=exp.eval.exclude_history)
     results = {}
     for scoring in ("learned", "content"):  # see TigerConfig.collision_scoring

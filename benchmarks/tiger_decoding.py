@@ -53,7 +53,7 @@ def main(argv: list[str]) -> None:
     exp = experiment_from_dict(experiment_dict_from_run(saved))
     split = leave_one_out(InteractionData.load(saved["data_dir"]), exp.data.max_history)
     model = load_model(ns.train_run / "checkpoints" / "best").eval()
-    if not hasattr(model.config, "beam_size"):
+    if model.beam_width(1) is None:
         raise ValueError(f"{ns.train_run} holds a {type(model).__name__}, which does not decode by beam search")
     rows = np.random.default_rng(ns.seed).choice(len(split.test), min(ns.users, len(split.test)), replace=False)
     histories = torch.from_numpy(split.test.histories[rows])

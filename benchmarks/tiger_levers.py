@@ -53,7 +53,7 @@ def samples_per_s(trainer, steps: int, padding: str, max_len: int) -> tuple[floa
     rows, losses, t0 = 0, [], time.perf_counter()
     for _ in range(steps):
         batch = next(batches)
-        losses.append(trainer.train_step(batch))
+        losses.append(trainer.train_step(batch)["loss"])
         rows += len(batch.history)
     return rows / (time.perf_counter() - t0), sum(losses) / len(losses)
 

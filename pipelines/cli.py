@@ -101,7 +101,7 @@ def cmd_pipeline(ns: argparse.Namespace) -> None:
     write_json(run_dir / CONFIG_FILE, exp.to_dict())
     data_dir = run_data(exp, run_dir)
     ids_dir = None
-    if get_spec(exp.model_name).model_cls.needs_semantic_ids:  # data -> embed -> ids -> train
+    if get_spec(exp.model_name).model_cls.capabilities.id_spaces:  # data -> embed -> ids -> train
         from pipelines.stages import run_ids_stage
 
         ids_dir = run_ids_stage(exp, data_dir=data_dir, parent=run_dir)

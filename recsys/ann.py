@@ -2,8 +2,8 @@
 item embeddings (maximum inner product). It answers ``recommend(batch, k, exclude_history)``
 like a sequence model, so evaluation and serving use it unchanged.
 
-Any model with ``user_embedding(history) -> (B, D)`` and ``item_embeddings() -> (N, D)``, whose
-scores are their inner products (SASRec), can be wrapped. With ``index="Flat"`` the search is
+Any model that declares ``capabilities.item_vectors`` (``user_embedding(batch) -> (B, D)`` and
+``item_embeddings() -> (N, D)``, whose scores are their inner products, e.g. SASRec) can be wrapped. With ``index="Flat"`` the search is
 exact and returns what ``model.recommend`` returns; ``HNSW<M>`` is approximate.
 
 HNSW searches inner products poorly: it is not a metric, and SASRec's item vectors differ in
@@ -21,26 +21,27 @@ import faiss
 import numpy as np
 import torch
 
-from recsys.models.base import Batch, Recommendation, SequenceModel
+from recsys.models.base import Batch, Recommendation, Retriever
 
 _HNSW = re.compile(r"^HNSW(\d+)$")
 
 
-class AnnRetriever:
-    """``index``: ``"Flat"`` (exact) or ``"HNSW<M>"`` (graph with M links per node).
+class AnnRetriever(Retriever):
+    """A Retriever over a trained model's vectors (it is not trained itself).
+    ``index``: ``"Flat"`` (exact) or ``"HNSW<M>"`` (graph with M links per node).
     ``ef_search``: HNSW's search breadth; each search uses at least k (+ history) of it."""
 
-    def __init__(self, model: SequenceModel, index: str = "HNSW32", ef_search: int = 128):
-        for method in ("user_embedding", "item_embeddings"):
-            if not callable(getattr(model, method, None)):
-                raise ValueError(f"{type(model).__name__} has no {method}(); the ANN baseline needs a model whose "
-                                 "scores are inner products of user and item embeddings (e.g. sasrec)")
+    def __init__(self, model: Retriever, index: str = "HNSW32", ef_search: int = 128):
+        if not model.capabilities.item_vectors:
+            raise ValueError(f"{type(model).__name__} does not expose user and item vectors "
+                             "(capabilities.item_vectors); the ANN baseline needs a model whose scores are inner "
+                             "products of user and item embeddings (e.g. sasrec)")
         if index != "Flat" and not _HNSW.match(index):
             raise ValueError(f"ann index {index!r} is not supported; allowed: 'Flat' or 'HNSW<M>' (e.g. 'HNSW32')")
         if ef_search < 1:
             raise ValueError(f"ef_search={ef_search} is out of range; allowed: >= 1")
+        super().__init__(model.n_items, model.max_len)
         self.model, self.index_name, self.ef_search = model.eval(), index, ef_search
-        self.n_items, self.max_len = model.n_items, model.max_len
         with torch.no_grad():
             items = model.item_embeddings().detach().float().cpu().numpy()  # (N, D)
         if len(items) != model.n_items:
@@ -57,10 +58,9 @@ class AnnRetriever:
     @torch.no_grad()
     def recommend(self, batch: Batch, k: int, exclude_history: bool = False) -> Recommendation:
         """Top-k items by inner product; scores are the inner products (as the model's own)."""
-        if not 1 <= k <= self.n_items:
-            raise ValueError(f"k={k} is out of range; allowed: 1 <= k <= {self.n_items} (the catalogue size)")
+        self.model.check_k(k)
         history = batch.history  # (B, T)
-        users = self.model.user_embedding(history).float().cpu().numpy()  # (B, D)
+        users = self.model.user_embedding(batch).float().cpu().numpy()  # (B, D)
         wanted = min(k + (history.shape[1] if exclude_history else 0), self.n_items)
         params, queries = None, users
         if self.index_name != "Flat":

@@ -26,8 +26,13 @@ def plot_training_curve(history: list[dict], path: str | Path, select_metric: st
 
     epochs = [h["epoch"] for h in history]
     fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 3.8))
-    ax_loss.plot(epochs, [h["train_loss"] for h in history], color="tab:blue")
-    ax_loss.set(xlabel="epoch", ylabel="train loss", title="training loss")
+    ax_loss.plot(epochs, [h["train_loss"] for h in history], color="tab:blue", label="loss")
+    parts = [k for k in history[0] if k.startswith("train_") and k != "train_loss"] if history else []
+    if len(parts) > 1:  # a single part is the loss itself
+        for key in parts:
+            ax_loss.plot(epochs, [h.get(key, float("nan")) for h in history], linestyle=":", label=key[len("train_"):])
+        ax_loss.legend(fontsize=8)
+    ax_loss.set(xlabel="epoch", ylabel="train loss", title="training loss (and its parts)")
     validated = [h for h in history if f"valid_{select_metric}" in h]
     for name in dict.fromkeys(("recall@10", "ndcg@10", select_metric)):  # ordered, no repeats
         key = f"valid_{name}"

@@ -155,7 +155,7 @@ class Retriever:
         self.retrieval, self.ann = retrieval, (ann_index, ann_ef_search)
         self._load()
         self.max_history = min(max_history or self.model.max_len, self.model.max_len)
-        self.uses_users = bool(getattr(getattr(self.model, "config", None), "user_tokens", 0))
+        self.uses_users = self.model.users_required
         self._batched.set_max_batch_size(max_batch_size)
         self._batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
@@ -198,9 +198,10 @@ class Retriever:
             return error_body(err.status, err.message)
         query = Query(history, request["k"], request["exclude_history"], user if self.uses_users else None)
         items, scores = await self._batched(query)
-        codes = getattr(self.model, "item_codes", None)
+        semantic = "semantic" in self.model.capabilities.id_spaces
         return {"items": [{"id": self.ids.raw(i), "internal_id": i, "score": s,
-                           "semantic_id": codes[i].tolist() if codes is not None else None}
+                           "semantic_id": self.model.item_ids("semantic", torch.tensor([i]))[0].tolist()
+                           if semantic else None}
                           for i, s in zip(items, scores)],
                 "catalogue_size": self.model.n_items, "index_version": self.version,
                 "replica": serve.get_replica_context().replica_id.unique_id}

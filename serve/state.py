@@ -14,7 +14,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from recsys.models.base import Batch, SequenceModel
+from recsys.models.base import Batch, Retriever
 
 
 class RequestError(ValueError):
@@ -76,7 +76,7 @@ class Registration:
     fields: dict = field(default_factory=dict)
 
 
-def apply_registrations(model: SequenceModel, ids: ItemIds, version: int, entries: Sequence[Registration]) -> int:
+def apply_registrations(model: Retriever, ids: ItemIds, version: int, entries: Sequence[Registration]) -> int:
     """Bring a replica's model and id map up to the registry's log; returns the new version.
 
     Entries at or below ``version`` are skipped (a sync may return what another already applied).
@@ -94,9 +94,9 @@ def apply_registrations(model: SequenceModel, ids: ItemIds, version: int, entrie
     if internal != list(range(model.n_items + 1, model.n_items + len(todo) + 1)) or len(ids) != model.n_items:
         raise RuntimeError(f"registry entries {internal} do not follow this replica's catalogue of "
                            f"{model.n_items} items (id map: {len(ids)})")
-    if not hasattr(model, "register_items"):
+    if not model.capabilities.registers_items:
         raise RuntimeError(f"{type(model).__name__} cannot register items after training")
-    model.register_items(torch.tensor(internal), torch.tensor([e.semantic_id for e in todo]))
+    model.register_items(torch.tensor(internal), {"semantic": torch.tensor([e.semantic_id for e in todo])})
     for e in todo:
         ids.add(e.raw_id)
     return todo[-1].version
@@ -126,22 +126,22 @@ class Query(NamedTuple):
     user: int | None
 
 
-def group_key(q: Query, beam_size: int | None) -> tuple:
+def group_key(q: Query, model: Retriever) -> tuple:
     """Queries that can share one model call and still get exactly what a call of their own would
-    give. A beam search's width is max(k, beam_size) (+ the history length when excluding), so
-    rows share a call when those agree; the call runs with the group's largest k and each row
+    give. A beam search's width is ``model.beam_width(k)`` (+ the history length when excluding),
+    so rows share a call when those agree; the call runs with the group's largest k and each row
     keeps its first k. Models without a beam (top-k over all items) only split on exclusion."""
-    if beam_size is None:
+    width = model.beam_width(q.k)
+    if width is None:
         return (q.exclude_history,)
-    return (q.exclude_history, max(q.k, beam_size), len(q.history) if q.exclude_history else 0)
+    return (q.exclude_history, width, len(q.history) if q.exclude_history else 0)
 
 
-def run_queries(model: SequenceModel, queries: Sequence[Query]) -> list[tuple[list[int], list[float]]]:
+def run_queries(model: Retriever, queries: Sequence[Query]) -> list[tuple[list[int], list[float]]]:
     """Answer queries with as few model calls as exactness allows; results in query order."""
-    beam = getattr(getattr(model, "config", None), "beam_size", None)
     groups: dict[tuple, list[int]] = {}
     for i, q in enumerate(queries):
-        groups.setdefault(group_key(q, beam), []).append(i)
+        groups.setdefault(group_key(q, model), []).append(i)
     out: list[tuple[list[int], list[float]] | None] = [None] * len(queries)
     for rows in groups.values():
         group = [queries[i] for i in rows]

@@ -24,8 +24,8 @@ def histories():
 
 
 def test_sasrec_scores_are_inner_products_of_user_and_item_embeddings(sasrec, histories):
-    scores = sasrec.score_items(histories)[:, 1:]  # (B, N)
-    expected = sasrec.user_embedding(histories) @ sasrec.item_embeddings().T
+    scores = sasrec.score_items(Batch(history=histories))[:, 1:]  # (B, N)
+    expected = sasrec.user_embedding(Batch(history=histories)) @ sasrec.item_embeddings().T
     assert sasrec.item_embeddings().shape == (N_ITEMS, 16)
     assert torch.allclose(scores, expected, atol=1e-5)
 
@@ -56,7 +56,7 @@ def test_models_without_embeddings_and_unknown_indexes_are_refused(sasrec):
 
     tiger = Tiger(TigerConfig(d_model=8, n_encoder_layers=1, n_decoder_layers=1, n_heads=1, head_dim=8, d_ff=16),
                   3, 4, semantic_ids=torch.tensor([[0, 0], [0, 0], [0, 1], [1, 0]]))
-    with pytest.raises(ValueError, match="Tiger has no user_embedding"):
+    with pytest.raises(ValueError, match="Tiger does not expose user and item vectors"):
         AnnRetriever(tiger)
     with pytest.raises(ValueError, match="ann index 'IVF4096,PQ8' is not supported"):
         AnnRetriever(sasrec, index="IVF4096,PQ8")

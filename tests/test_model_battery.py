@@ -120,7 +120,7 @@ def test_same_seed_same_result(case):
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
         torch.manual_seed(seed)
         for _ in range(3):
-            loss = model.loss(tiny_batch())
+            loss = model.loss(tiny_batch()).total
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -136,9 +136,9 @@ def test_a_tiny_batch_can_be_overfit(case):
     _, model = make(case)
     batch = tiny_batch()
     opt = torch.optim.Adam(model.parameters(), lr=5e-3)
-    first = model.loss(batch).item()
+    first = model.loss(batch).total.item()
     for _ in range(300):
-        loss = model.loss(batch)
+        loss = model.loss(batch).total
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -183,7 +183,7 @@ def test_trimming_left_padding_changes_nothing(case):
     losses = []
     for batch in (short, trimmed):
         torch.manual_seed(0)  # the same sampled negatives (BCE) for both
-        losses.append(model.loss(batch))
+        losses.append(model.loss(batch).total)
     assert torch.allclose(*losses, atol=1e-5)
     full, cut = model.recommend(short, 5), model.recommend(trimmed, 5)
     assert torch.equal(full.items, cut.items) and torch.allclose(full.scores, cut.scores, atol=1e-5)

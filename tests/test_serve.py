@@ -351,7 +351,7 @@ def test_item_registered_with_an_items_content_is_recommended_beside_it(server, 
         assert r.json()["catalogue_size"] == N_ITEMS + 1
     # the served ranking is the model's own after the same registration
     local = copy.deepcopy(model)
-    local.register_items([N_ITEMS + 1], [twin["semantic_id"]])
+    local.register_items([N_ITEMS + 1], {"semantic": [twin["semantic_id"]]})
     expected = local.recommend(Batch(history=torch.tensor([[3, 7, 9]])), 10)
     assert sorted(scores.values(), reverse=True) == pytest.approx(expected.scores[0].tolist(), abs=1e-4)
     # the new item is usable in a history, and exclusion keeps it out of the answer

@@ -74,7 +74,7 @@ def test_shapes():
     assert model.decoder_states(batch.history, model.item_codes[batch.target]).shape == (B, 4, 32)
     logp = model.token_log_probs(batch.history, batch.target)
     assert logp.shape == (B, 4) and (logp <= 0).all()
-    assert model.loss(batch).shape == ()
+    assert model.loss(batch).total.shape == ()
     rec = model.recommend(batch, 7)
     assert rec.items.shape == rec.scores.shape == (B, 7)
 
@@ -82,12 +82,12 @@ def test_shapes():
 def test_loss_targets_the_item_after_the_history_and_skips_empty_rows():
     model, batch = make_model(), make_batch()
     expected = -model.token_log_probs(batch.history, batch.targets[:, -1]).mean()
-    torch.testing.assert_close(model.loss(batch), expected)
-    torch.testing.assert_close(model.loss(Batch(history=batch.history, target=batch.target)), expected)
+    torch.testing.assert_close(model.loss(batch).total, expected)
+    torch.testing.assert_close(model.loss(Batch(history=batch.history, target=batch.target)).total, expected)
     targets = batch.targets.clone()
     targets[:2, -1] = 0
-    torch.testing.assert_close(model.loss(Batch(batch.history, targets)), model.loss(Batch(batch.history[2:],
-                                                                                            batch.targets[2:])))
+    torch.testing.assert_close(model.loss(Batch(history=batch.history, targets=targets)).total,
+                               model.loss(Batch(history=batch.history[2:], targets=batch.targets[2:])).total)
 
 
 def test_beam_scores_are_the_teacher_forced_log_probabilities():
@@ -158,7 +158,7 @@ def test_cold_start_items_are_decodable_without_retraining(tmp_path):
     favourite = model.recommend(batch, 1).items[0, 0].item()
     new_ids = index.add_many([41, 42], torch.tensor([list(index.id_of(favourite)[:-1]), [3, 3, 3]]))
     assert 41 not in model.recommend(batch, N_ITEMS).items
-    model.register_items([42, 41], new_ids.flip(0))
+    model.register_items([42, 41], {"semantic": new_ids.flip(0)})
     assert model.n_items == 42 and torch.equal(model.item_codes[41:], new_ids)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # no weight changed
     everything = model.recommend(batch, 42)  # beam >= catalogue: exhaustive
@@ -167,7 +167,7 @@ def test_cold_start_items_are_decodable_without_retraining(tmp_path):
                                model.token_log_probs(batch.history, torch.full((B,), 41)).sum(1))
     with_new = batch.history.clone()
     with_new[:, -1] = 42  # new items can sit in histories too
-    assert ((model.recommend(Batch(with_new), 5).items >= 1)).all()
+    assert ((model.recommend(Batch(history=with_new), 5).items >= 1)).all()
     save_checkpoint(tmp_path / "ckpt", model, "tiger")
     assert torch.equal(load_model(tmp_path / "ckpt").recommend(batch, 42).items, everything.items)
 
@@ -176,11 +176,11 @@ def test_bad_registrations_change_nothing():
     model = make_model()
     table = model.item_codes.clone()
     with pytest.raises(ValueError, match="must be exactly 41..41"):
-        model.register_items([50], table[1:2] + 1)
+        model.register_items([50], {"semantic": table[1:2] + 1})
     with pytest.raises(ValueError, match="already belongs to item 5"):
-        model.register_items([41], table[5:6])
+        model.register_items([41], {"semantic": table[5:6]})
     with pytest.raises(ValueError, match="beyond level_sizes"):
-        model.register_items([41], torch.tensor([[4, 0, 0, 0]]))
+        model.register_items([41], {"semantic": torch.tensor([[4, 0, 0, 0]])})
     assert model.n_items == N_ITEMS and torch.equal(model.item_codes, table)
     assert len(model.trie.table.leaf_item[model.trie.table.leaf_item > 0]) == N_ITEMS
 
@@ -195,7 +195,7 @@ def test_collision_level_has_room_for_cold_items_on_taken_tuples():
     crowded = next(i for i in range(1, N_ITEMS + 1) if index.id_of(i)[-1] == observed - 1)
     full = index.add_many([N_ITEMS + 1], [list(index.id_of(crowded)[:-1])])
     assert int(full[0, -1]) == observed
-    model.register_items([N_ITEMS + 1], full)
+    model.register_items([N_ITEMS + 1], {"semantic": full})
     assert model.n_items == N_ITEMS + 1
     small = Tiger(TigerConfig(**TINY, collision_vocab=1), N_ITEMS, MAX_LEN, semantic_ids=table)
     assert small.level_sizes[-1] == observed  # never below what the IDs use
@@ -206,7 +206,7 @@ def test_content_collision_scoring_ranks_a_registered_item_with_its_siblings():
     model = make_model(index=index, collision_scoring="content")
     sibling = 7
     full = index.add_many([N_ITEMS + 1], [list(index.id_of(sibling)[:-1])])  # same content codes, new collision code
-    model.register_items([N_ITEMS + 1], full)
+    model.register_items([N_ITEMS + 1], {"semantic": full})
     batch = make_batch()
     out = model.recommend(batch, N_ITEMS + 1)  # beam >= catalogue: every item scored exactly
     score = {int(i): float(s) for i, s in zip(out.items[0], out.scores[0])}
@@ -284,7 +284,7 @@ def test_prefix_embeddings_survive_registration_and_a_checkpoint(tmp_path):
     nodes = model.item_nodes.clone()
     sibling = 7  # a new item on item 7's content codes shares its content prefixes, not its full ID
     full = index.add_many([N_ITEMS + 1, N_ITEMS + 2], [list(index.id_of(sibling)[:-1]), [3, 3, 3]])
-    model.register_items([N_ITEMS + 1, N_ITEMS + 2], full)
+    model.register_items([N_ITEMS + 1, N_ITEMS + 2], {"semantic": full})
     assert torch.equal(model.item_nodes[:N_ITEMS + 1], nodes)  # trained items keep their nodes
     new = model.item_nodes[N_ITEMS + 1]
     assert new[:3].tolist() == nodes[sibling, :3].tolist() and new[3] == 0  # unseen full ID: no embedding
@@ -296,7 +296,7 @@ def test_prefix_embeddings_survive_registration_and_a_checkpoint(tmp_path):
     assert torch.equal(loaded.item_nodes, model.item_nodes)
     with_new = batch.history.clone()
     with_new[:, -1] = N_ITEMS + 1
-    a, b = model.recommend(Batch(with_new), 8), loaded.recommend(Batch(with_new), 8)
+    a, b = model.recommend(Batch(history=with_new), 8), loaded.recommend(Batch(history=with_new), 8)
     assert torch.equal(a.items, b.items)
     torch.testing.assert_close(a.scores, b.scores)
 
@@ -362,7 +362,7 @@ def test_prefix_outputs_score_registered_items_by_their_codes_and_survive_a_chec
     index = make_index()
     model, batch = make_output_model(index=index), make_batch()
     full = index.add_many([N_ITEMS + 1], [list(index.id_of(7)[:-1])])  # item 7's content codes, new collision
-    model.register_items([N_ITEMS + 1], full)
+    model.register_items([N_ITEMS + 1], {"semantic": full})
     codes = model.item_codes[N_ITEMS + 1]
     h = model.decoder_states(batch.history, codes.expand(B, -1))
     last = model.n_tokens - 1
@@ -382,6 +382,6 @@ def test_prefix_output_dropout_leaves_the_code_heads_alone_in_training_only():
     heads_only = make_model(prefix_embeddings=True, dropout=0.0)
     heads_only.load_state_dict(model.state_dict())
     model.train(), heads_only.train()
-    torch.testing.assert_close(model.loss(batch), heads_only.loss(batch))
+    torch.testing.assert_close(model.loss(batch).total, heads_only.loss(batch).total)
     model.eval(), heads_only.eval()
-    assert not torch.allclose(model.loss(batch), heads_only.loss(batch))
+    assert not torch.allclose(model.loss(batch).total, heads_only.loss(batch).total)

@@ -58,7 +58,7 @@ def run_trial(config: dict, state: dict) -> None:
     # The trial's own progress lines go to its log; the driver prints one compact line per result.
     with (trial_dir / TRIAL_LOG).open("a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         ids_dir = None
-        if get_spec(exp.model_name).model_cls.needs_semantic_ids:
+        if get_spec(exp.model_name).model_cls.capabilities.id_spaces:
             ids_dir = ensure_ids(exp, Path(state["embed_dir"]), trial_dir)
         train_trial(exp, Path(state["data_dir"]), ids_dir, trial_dir, device, started)
 

@@ -1,6 +1,7 @@
 """Sequence models behind one contract, and the registry that names them."""
 
-from recsys.models.base import AtomicIdModel, Batch, Recommendation, SequenceModel
+from recsys.models.base import (AtomicIdModel, Batch, Capabilities, LossOutput, Ranker, Recommendation, Retriever,
+                                SequenceModel)
 from recsys.models.registry import build_model, get_spec, model_config_from_dict, model_names, register_model
 from recsys.models.sasrec import SASRec, SASRecConfig
 from recsys.models.tiger import Tiger, TigerConfig, semantic_id_table
@@ -9,7 +10,8 @@ register_model("sasrec", SASRecConfig, SASRec)
 register_model("tiger", TigerConfig, Tiger)
 
 __all__ = [
-    "AtomicIdModel", "Batch", "Recommendation", "SequenceModel", "SASRec", "SASRecConfig", "Tiger", "TigerConfig",
+    "AtomicIdModel", "Batch", "Capabilities", "LossOutput", "Ranker", "Recommendation", "Retriever",
+    "SequenceModel", "SASRec", "SASRecConfig", "Tiger", "TigerConfig",
     "semantic_id_table",
     "build_model", "get_spec", "model_config_from_dict", "model_names", "register_model",
 ]

@@ -1,36 +1,65 @@
-"""The contract every sequence model honours: ``loss(batch)`` and ``recommend(batch, k)``.
+"""The contract every model honours: ``loss(batch)``, and by role ``recommend`` or ``score``.
 
-Evaluation, training, tuning and serving are written once against it (RecBole's
-``calculate_loss`` / ``full_sort_predict`` split). ``forward`` is ``loss`` so that DDP, which
-only synchronises gradients through ``forward``, wraps any model unchanged.
+Two roles (RecBole's ``calculate_loss`` / ``full_sort_predict`` split, plus a ranking stage):
+- a **Retriever** recommends the top k of the whole catalogue: ``recommend(batch, k)``;
+- a **Ranker** scores the candidates it is given: ``score(batch) -> (B, C)``.
+
+A model declares what it needs and what it can do in ``capabilities`` (its ID spaces, whether it
+reads users or timestamps, registers new items, exposes user and item vectors). Training,
+evaluation, Tune and Serve read those declarations; they never probe a model with ``hasattr``
+and never branch on its name. ``forward`` is ``loss`` so that DDP, which only synchronises
+gradients through ``forward``, wraps any model unchanged.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
 
+ROLES = ("retriever", "ranker")
 
-@dataclass
+
+@dataclass(kw_only=True)
 class Batch:
-    """history: (B, T) item ids, left-padded with 0, newest last.
-    targets: (B, T) next item at every position (0 = no target); training only.
-    target: (B,) the item to rank; evaluation only.
+    """What a model reads. Fields are named, never positional; all but ``history`` optional.
+
+    history: (B, T) item ids, left-padded with 0, newest last.
+    targets: (B, T) next item at every position (0 = no target); training windows.
+    target: (B,) the item to rank; evaluation.
     users: (B,) user index of each row (``EvalSet.user_index``, ``split.train_users``), for
-    models that condition on the user (TIGER's user token); others ignore it.
+        models that declare ``reads_users``; others ignore it.
+    timestamps: (B, T) event times in seconds, aligned with ``history`` (0 at padding); for
+        models that declare ``reads_timestamps``, when the dataset has times.
+    target_time: (B,) the time of the event being predicted (the query time): at serving, the
+        request's time. Needed by relative time biases that read the next event's time.
+    candidates: (B, C) item ids a Ranker scores (0 = padding).
+    labels: (B, C) float, 1 where the candidate is the user's next item; ranker training.
     """
 
     history: torch.Tensor
     targets: torch.Tensor | None = None
     target: torch.Tensor | None = None
     users: torch.Tensor | None = None
+    timestamps: torch.Tensor | None = None
+    target_time: torch.Tensor | None = None
+    candidates: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> "Batch":
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return Batch(move(self.history), move(self.targets), move(self.target), move(self.users))
+        moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return Batch(**{name: None if t is None else t.to(device, non_blocking=True) for name, t in moved.items()})
+
+
+class LossOutput(NamedTuple):
+    """The loss a model trains on and its named parts (each logged per epoch, detached).
+    With one part, it is the total under the loss's own name, e.g. ``{"ce": total}``."""
+
+    total: torch.Tensor  # () the loss to backpropagate
+    parts: dict[str, torch.Tensor]  # name -> () tensor
 
 
 class Recommendation(NamedTuple):
@@ -38,11 +67,31 @@ class Recommendation(NamedTuple):
     scores: torch.Tensor  # (B, k) the model's scores for them, descending
 
 
-class SequenceModel(nn.Module):
-    """Base class. Subclasses implement ``loss`` and ``recommend``."""
+@dataclass(frozen=True)
+class Capabilities:
+    """What a model class needs and offers, read by training, evaluation, Tune and Serve.
 
-    # True for generative retrievers: build_model then needs the ids stage's semantic-ID table.
-    needs_semantic_ids: bool = False
+    id_spaces: the named ID spaces it is built with, e.g. ("semantic",); each needs an ids run.
+    registers_items: new items can be added after training from their IDs (cold start).
+    reads_users: it may condition on ``Batch.users`` (whether a given model requires them is
+        its ``users_required``).
+    reads_timestamps: it reads ``Batch.timestamps`` when the dataset has them.
+    item_vectors: its score is ``user_embedding(batch) . item_embeddings()``: servable from a
+        maximum-inner-product index, and a source of behaviour IDs.
+    """
+
+    id_spaces: tuple[str, ...] = ()
+    registers_items: bool = False
+    reads_users: bool = False
+    reads_timestamps: bool = False
+    item_vectors: bool = False
+
+
+class SequenceModel(nn.Module):
+    """Base class of both roles. Subclasses implement ``loss`` and their role's method."""
+
+    role: ClassVar[str]
+    capabilities: ClassVar[Capabilities] = Capabilities()
 
     def __init__(self, n_items: int, max_len: int):
         super().__init__()
@@ -53,28 +102,83 @@ class SequenceModel(nn.Module):
         self.n_items = n_items
         self.max_len = max_len
 
-    def forward(self, batch: Batch) -> torch.Tensor:
+    def forward(self, batch: Batch) -> LossOutput:
         return self.loss(batch)
 
-    def loss(self, batch: Batch) -> torch.Tensor:
+    def loss(self, batch: Batch) -> LossOutput:
         raise NotImplementedError(f"{type(self).__name__} must implement loss()")
+
+    @property
+    def users_required(self) -> bool:
+        """True when every batch must carry ``users`` (e.g. TIGER with a user token)."""
+        return False
+
+    # --- what a checkpoint records besides the weights -----------------------------------
+    def checkpoint_context(self) -> dict[str, Any]:
+        """JSON-able facts written to model.json's ``context`` (e.g. vocabulary sizes)."""
+        return {}
+
+    @classmethod
+    def context_from_checkpoint(cls, context: dict[str, Any], weights: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """model.json's ``context`` and the weights -> the keyword arguments of ``build_model``."""
+        return {}
+
+    @classmethod
+    def upgrade_state(cls, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Map a state_dict saved in an earlier weight layout of this class to today's."""
+        return weights
+
+
+class Retriever(SequenceModel):
+    """Recommends from the whole catalogue."""
+
+    role: ClassVar[str] = "retriever"
 
     def recommend(self, batch: Batch, k: int, exclude_history: bool = False) -> Recommendation:
         raise NotImplementedError(f"{type(self).__name__} must implement recommend()")
 
+    def beam_width(self, k: int) -> int | None:
+        """The beam ``recommend(batch, k)`` searches with, or None when it scores every item
+        (then rows of one call never change each other's answers)."""
+        return None
 
-class AtomicIdModel(SequenceModel):
-    """A model that scores every item id at once (SASRec, HSTU): ranking is a top-k."""
+    def check_k(self, k: int) -> None:
+        if not 1 <= k <= self.n_items:
+            raise ValueError(f"k={k} is out of range; allowed: 1 <= k <= {self.n_items} (the catalogue size)")
 
-    def score_items(self, history: torch.Tensor) -> torch.Tensor:
-        """history: (B, T) -> scores (B, n_items + 1) for the next item; column 0 is padding."""
+    def register_items(self, item_ids: torch.Tensor, ids: dict[str, torch.Tensor]) -> None:
+        """Cold start: add items ``n_items + 1 ..`` with their IDs per space, (n, L_space + 1).
+        Only models that declare ``registers_items``."""
+        raise NotImplementedError(f"{type(self).__name__} cannot register items after training "
+                                  "(capabilities.registers_items is false)")
+
+    def item_ids(self, space: str, items: torch.Tensor) -> torch.Tensor:
+        """items (n,) -> their full IDs in ``space`` (n, L + 1), for a declared ID space."""
+        raise ValueError(f"{type(self).__name__} has no ID space {space!r}; it declares "
+                         f"{list(self.capabilities.id_spaces)}")
+
+
+class Ranker(SequenceModel):
+    """Scores the candidates it is given, over the user's whole history."""
+
+    role: ClassVar[str] = "ranker"
+
+    def score(self, batch: Batch) -> torch.Tensor:
+        """batch.candidates (B, C) -> scores (B, C), higher first; padding candidates -inf."""
+        raise NotImplementedError(f"{type(self).__name__} must implement score()")
+
+
+class AtomicIdModel(Retriever):
+    """A retriever that scores every item id at once (SASRec, HSTU): ranking is a top-k."""
+
+    def score_items(self, batch: Batch) -> torch.Tensor:
+        """-> scores (B, n_items + 1) for the next item; column 0 is padding."""
         raise NotImplementedError
 
     @torch.no_grad()
     def recommend(self, batch: Batch, k: int, exclude_history: bool = False) -> Recommendation:
-        if not 1 <= k <= self.n_items:
-            raise ValueError(f"k={k} is out of range; allowed: 1 <= k <= {self.n_items} (the catalogue size)")
-        scores = self.score_items(batch.history).float()  # (B, N + 1)
+        self.check_k(k)
+        scores = self.score_items(batch).float()  # (B, N + 1)
         scores[:, 0] = float("-inf")
         if exclude_history:
             scores.scatter_(1, batch.history, float("-inf"))  # padding 0 is already -inf

@@ -47,7 +47,7 @@ from torch import nn
 
 from recsys.config import require, require_choice, require_range
 from recsys.generation.beam import TrieEdges, beam_search, trie_edges
-from recsys.models.base import Batch, Recommendation, SequenceModel
+from recsys.models.base import Batch, Capabilities, LossOutput, Recommendation, Retriever
 from recsys.semantic_ids.index import SemanticIdIndex, TrieTable
 
 
@@ -236,12 +236,12 @@ class DecoderBlock(nn.Module):
         return x + self.drop(self.mlp(self.ln3(x)))
 
 
-class Tiger(SequenceModel):
+class Tiger(Retriever):
     """``semantic_ids``: (n_items + 1, L + 1) full IDs by item id, row 0 zeros (see
     ``semantic_id_table``). ``level_sizes``: vocabulary per level (default: the table's max + 1;
     pass the codebook sizes, and room in the collision level, to admit cold-start items)."""
 
-    needs_semantic_ids = True
+    capabilities = Capabilities(id_spaces=("semantic",), registers_items=True, reads_users=True)
 
     def __init__(self, config: TigerConfig, n_items: int, max_len: int, *, semantic_ids: Any = None,
                  level_sizes: list[int] | None = None, prefix_nodes: Any = None):
@@ -306,22 +306,37 @@ class Tiger(SequenceModel):
         table = TrieTable(*(getattr(self, f"trie_{name}") for name in TrieTable._fields))
         return TrieEdges(table, self.trie_keys, self._trie_base, self._trie_levels)
 
+    @property
+    def users_required(self) -> bool:
+        return self.config.user_tokens > 0
+
+    def beam_width(self, k: int) -> int:
+        return max(k, self.config.beam_size)
+
+    def item_ids(self, space: str, items: torch.Tensor) -> torch.Tensor:
+        if space != "semantic":
+            return super().item_ids(space, items)
+        return self.item_codes[items]
+
     @torch.no_grad()
-    def register_items(self, item_ids: Any, full_ids: Any) -> None:
-        """Cold start: add items ``n_items + 1 .. n_items + n`` (any order) with full IDs (n, L + 1),
-        e.g. from ``SemanticIdIndex.add_many``. They become decodable and usable in histories
-        without retraining; no weight changes. Codes must fit ``level_sizes``."""
-        ids = torch.as_tensor(item_ids, dtype=torch.long).reshape(-1).cpu()
-        full = torch.as_tensor(full_ids, dtype=torch.long).cpu()
-        n = len(ids)
+    def register_items(self, item_ids: Any, ids: dict[str, Any]) -> None:
+        """Cold start: add items ``n_items + 1 .. n_items + n`` (any order) with full IDs
+        ``ids["semantic"]`` (n, L + 1), e.g. from ``SemanticIdIndex.add_many``. They become
+        decodable and usable in histories without retraining; no weight changes. Codes must fit
+        ``level_sizes``."""
+        if set(ids) != {"semantic"}:
+            raise ValueError(f"TIGER registers items by their 'semantic' IDs only, got spaces {sorted(ids)}")
+        new = torch.as_tensor(item_ids, dtype=torch.long).reshape(-1).cpu()
+        full = torch.as_tensor(ids["semantic"], dtype=torch.long).cpu()
+        n = len(new)
         if tuple(full.shape) != (n, self.n_tokens):
-            raise ValueError(f"full_ids must be ({n}, {self.n_tokens}), got {tuple(full.shape)}")
+            raise ValueError(f"semantic IDs must be ({n}, {self.n_tokens}), got {tuple(full.shape)}")
         expected = torch.arange(self.n_items + 1, self.n_items + n + 1)
-        if not torch.equal(ids.sort().values, expected):
+        if not torch.equal(new.sort().values, expected):
             raise ValueError(f"new item ids must be exactly {self.n_items + 1}..{self.n_items + n} "
-                             f"(ids index the semantic-ID table), got {ids.tolist()[:10]}")
+                             f"(ids index the semantic-ID table), got {new.tolist()[:10]}")
         rows = torch.empty_like(full)
-        rows[ids - self.n_items - 1] = full
+        rows[new - self.n_items - 1] = full
         table = torch.cat([self.item_codes.cpu(), rows])
         _check_codes(table, self.level_sizes)
         self._set_trie(table)  # raises on a repeated ID before anything changes
@@ -331,12 +346,12 @@ class Tiger(SequenceModel):
         self.item_codes = table.to(self.item_codes.device)
         self.n_items += n
 
-    def checkpoint_context(self) -> dict:
+    def checkpoint_context(self) -> dict[str, Any]:
         """Recorded in model.json; the table itself is the ``item_codes`` weight."""
         return {"semantic_ids_shape": list(self.item_codes.shape), "level_sizes": self.level_sizes}
 
     @classmethod
-    def context_from_checkpoint(cls, meta: dict, state: dict[str, torch.Tensor]) -> dict:
+    def context_from_checkpoint(cls, meta: dict[str, Any], state: dict[str, torch.Tensor]) -> dict[str, Any]:
         table = state["item_codes"]
         if list(table.shape) != list(meta["semantic_ids_shape"]):
             raise ValueError(f"item_codes has shape {list(table.shape)}, model.json says {meta['semantic_ids_shape']}")
@@ -438,21 +453,23 @@ class Tiger(SequenceModel):
         return torch.cat(out, 1)
 
     # --- the contract --------------------------------------------------------------------
-    def loss(self, batch: Batch) -> torch.Tensor:
+    def loss(self, batch: Batch) -> LossOutput:
         """Mean token cross-entropy of the next item's ID; target = ``targets[:, -1]`` (else
-        ``target``), rows whose target is 0 are ignored."""
+        ``target``), rows whose target is 0 are ignored. Parts: each level's cross-entropy."""
         target = batch.targets[:, -1] if batch.targets is not None else batch.target
         if target is None:
             raise ValueError("TIGER's loss needs batch.targets (training windows) or batch.target")
-        nll = -self.token_log_probs(batch.history, target, batch.users).mean(1)  # (B,)
+        log_probs = self.token_log_probs(batch.history, target, batch.users)  # (B, L + 1)
         keep = (target > 0).float()  # masked, not indexed: same graph on every DDP rank
-        return (nll * keep).sum() / keep.sum().clamp(min=1.0)
+        count = keep.sum().clamp(min=1.0)
+        total = (-log_probs.mean(1) * keep).sum() / count
+        parts = {f"ce_level{l}": (-log_probs[:, l].detach() * keep).sum() / count for l in range(self.n_tokens)}
+        return LossOutput(total, parts)
 
     @torch.no_grad()
     def recommend(self, batch: Batch, k: int, exclude_history: bool = False) -> Recommendation:
         """Constrained beam search with max(k, beam_size) beams; scores are log-probabilities."""
-        if not 1 <= k <= self.n_items:
-            raise ValueError(f"k={k} is out of range; allowed: 1 <= k <= {self.n_items} (the catalogue size)")
+        self.check_k(k)
         memory, mask = self.encode(batch.history, batch.users)
         kv = self.memory_kv(memory)
 
@@ -465,7 +482,7 @@ class Tiger(SequenceModel):
             h = self.decode(prefix, kv, mask)[:, -1]
             return F.log_softmax(self.logits(h, prefix).float(), dim=-1)
 
-        out = beam_search(step, self.trie, len(batch.history), k, max(k, self.config.beam_size),
+        out = beam_search(step, self.trie, len(batch.history), k, self.beam_width(k),
                           exclude=batch.history if exclude_history else None)
         return Recommendation(items=out.items, scores=out.scores)
 

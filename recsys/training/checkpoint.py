@@ -5,10 +5,11 @@ model config, catalogue size, history length) and, for resuming, ``train_state.p
 scheduler and loop counters, loaded with ``weights_only=True``).
 
 Models built with context (``build_model(..., **context)``, e.g. TIGER's semantic-ID table)
-keep that data in their weights and describe it through two optional hooks:
+keep that data in their weights and describe it through the contract's two hooks:
 ``model.checkpoint_context() -> dict`` is written to model.json under ``context``, and
 ``ModelClass.context_from_checkpoint(context, weights) -> dict`` turns it back into the
-keyword arguments of ``build_model``. Models without them (SASRec) save and load as before.
+keyword arguments of ``build_model`` (both empty for SASRec). Weights saved in an earlier
+layout of a model class are mapped by ``ModelClass.upgrade_state`` on load.
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ def save_checkpoint(directory: str | Path, model: SequenceModel, model_name: str
         "n_items": model.n_items,
         "max_len": model.max_len,
     }
-    if hasattr(model, "checkpoint_context"):
-        meta["context"] = model.checkpoint_context()
+    context = model.checkpoint_context()
+    if context:
+        meta["context"] = context
     (directory / MODEL_META).write_text(json.dumps(meta, indent=2))
     if train_state is not None:
         torch.save(train_state, directory / TRAIN_STATE)
@@ -61,10 +63,16 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> Seq
         raise ValueError(f"{directory / WEIGHTS} is not a valid safetensors file ({err}); checkpoints are "
                          "loaded weights-only and are never unpickled") from err
     model_cls = get_spec(name).model_cls
-    context = model_cls.context_from_checkpoint(meta["context"], weights) if "context" in meta else {}
+    weights = model_cls.upgrade_state(weights)
+    context = model_cls.context_from_checkpoint(meta.get("context", {}), weights)
     model = build_model(name, config, n_items=meta["n_items"], max_len=meta["max_len"], **context)
     model.load_state_dict(weights)
     return model.to(device).eval()
+
+
+def upgrade_state(model_name: str, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state_dict of model ``model_name`` in any earlier weight layout -> today's layout."""
+    return get_spec(model_name).model_cls.upgrade_state(weights)
 
 
 def load_train_state(directory: str | Path) -> dict[str, Any] | None:

@@ -157,12 +157,13 @@ class Trainer:
             rows = np.random.default_rng([seed, 1]).choice(len(split.valid), cfg.valid_users, replace=False)
             self.valid_set = split.valid.subset(np.sort(rows))
 
-    def train_step(self, batch: Batch) -> float:
+    def train_step(self, batch: Batch) -> dict[str, float]:
+        """One optimiser step; returns the loss and its named parts, e.g. {"loss": .., "ce": ..}."""
         batch = batch.to(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
-            loss = self.train_model(batch)
+            out = self.train_model(batch)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        out.total.backward()
         if self.cfg.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.train_model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
@@ -170,9 +171,11 @@ class Trainer:
         if self.average is not None:
             self.average.update()
         self.state.step += 1
-        return loss.item()
+        return {"loss": out.total.item(), **{name: float(part) for name, part in out.parts.items()}}
 
     def train_epoch(self, epoch: int) -> dict:
+        """Trains one epoch. Returns ``train_loss``, ``train_<part>`` for each named loss part
+        (means over the epoch's steps), ``epoch_s`` and ``samples_per_s``."""
         self.train_model.train()
         start, losses, rows = time.perf_counter(), [], 0
         batches = epoch_batches(self.inputs, self.targets, self.cfg.batch_size, self.cfg.seed, epoch,
@@ -182,10 +185,10 @@ class Trainer:
         for batch in bar:
             losses.append(self.train_step(batch))
             rows += len(batch.history)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+            bar.set_postfix(loss=f"{losses[-1]['loss']:.4f}", refresh=False)
         seconds = time.perf_counter() - start
-        return {"train_loss": float(np.mean(losses)), "epoch_s": seconds,
-                "samples_per_s": rows * self.world_size / seconds}
+        means = {f"train_{name}": float(np.mean([step[name] for step in losses])) for name in losses[0]}
+        return {**means, "epoch_s": seconds, "samples_per_s": rows * self.world_size / seconds}
 
     def validate(self) -> dict[str, float]:
         return evaluate(self.model, self.valid_set, batch_size=self.eval_cfg.batch_size,

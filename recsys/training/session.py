@@ -27,7 +27,7 @@ EPOCH_LOG = "epochs.jsonl"
 def model_context(exp: ExperimentConfig, n_items: int, ids_dir: str | Path | None) -> dict:
     """What ``build_model`` needs beyond the config: for a generative retriever, the semantic-ID
     table of the ids run (``ids_dir/index``) and its per-level vocabulary sizes."""
-    if not get_spec(exp.model_name).model_cls.needs_semantic_ids:
+    if not get_spec(exp.model_name).model_cls.capabilities.id_spaces:
         return {}
     if not ids_dir:
         raise ValueError(f"model.name={exp.model_name!r} decodes semantic IDs: give an ids run (--ids RUN)")
