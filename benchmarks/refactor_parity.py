@@ -38,6 +38,7 @@ CASES: dict[str, list[str]] = {
 TRAINER = ["trainer.use_ray=false", "trainer.epochs=2", "trainer.batch_size=64", "trainer.lr=0.003",
            "trainer.patience=0", "trainer.samples=prefixes", "trainer.select_metric=recall@10", "trainer.seed=0"]
 N_ITEMS, MAX_HISTORY = 80, 10
+CHECKPOINT = "tests/fixtures/tiger-small"
 
 
 def split_and_context():
@@ -91,6 +92,17 @@ def _upgrade(name: str, state: dict) -> dict:
     return upgrade_state(name.split("-")[0], state)
 
 
+def checkpoint_figures(threads: int = 1) -> dict[str, float]:
+    """Test figures of the small trained TIGER checkpoint in tests/fixtures, loaded by the
+    checkpoint loader (so an earlier weight layout goes through its key mapping)."""
+    from recsys.training.checkpoint import load_model
+    from recsys.training.evaluate import evaluate
+
+    torch.set_num_threads(threads)
+    split, _ = split_and_context()
+    return evaluate(load_model(Path(__file__).resolve().parents[1] / CHECKPOINT), split.test, batch_size=128)
+
+
 def write_fixtures(directory: Path, cases: list[str]) -> None:
     """The pinned tests' inputs and expected figures, from the code importable now."""
     from recsys.training.checkpoint import save_checkpoint
@@ -137,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.emit:
         results = {c: run_case(c, threads=args.threads, save_init=args.emit.parent / f"{c}.safetensors")
                    for c in args.cases}
+        results[CHECKPOINT] = checkpoint_figures(args.threads)
         args.emit.write_text(json.dumps(results))
         return 0
     if not args.before:
@@ -152,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run([sys.executable, __file__, "--emit", str(out), "--threads", str(args.threads),
                             "--cases", *args.cases], cwd=tree, env=env, check=True)
             before = json.loads(out.read_text())
-            worst = 0.0
+            after = checkpoint_figures(args.threads)
+            worst = max(abs(before[CHECKPOINT][k] - after[k]) for k in after)
+            print(f"{CHECKPOINT:12s} test {before[CHECKPOINT]} -> {after}\n{'':12s} max |diff|: {worst:.2e}")
             for case in args.cases:
                 after = run_case(case, load_file(str(Path(tmp) / f"{case}.safetensors")), threads=args.threads)
                 diff = differences(before[case], after)

@@ -1,10 +1,22 @@
-"""Building blocks shared by the sequence models: causal self-attention and its block."""
+"""Building blocks shared by the sequence models: one attention, its transformer block, and a
+relative position/time bias.
+
+``attend`` is the one attention computation. Its score function is pluggable:
+- ``"softmax"``: softmax(q kᵀ / √d + bias) (SASRec, TIGER);
+- ``"pointwise"``: SiLU(q kᵀ + bias) / n, no √d and no normalisation over keys (HSTU, Zhai et al.
+  2024), where n is a constant the caller passes (the official code: the padded length).
+Masks are boolean, True = may attend, broadcast to (B, H, T, S): causal, padding, or cross
+(queries over an encoder's memory). ``Attention`` projects queries, keys and values around it;
+``Block`` is the pre-norm transformer block SASRec and TIGER's encoder and decoder are built of.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+SCORES = ("softmax", "pointwise")
 
 
 def causal_mask(valid: torch.Tensor) -> torch.Tensor:
@@ -21,39 +33,116 @@ def causal_mask(valid: torch.Tensor) -> torch.Tensor:
     return allowed.unsqueeze(1)
 
 
-class CausalSelfAttention(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, dropout: float):
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, score: str = "softmax",
+           mask: torch.Tensor | None = None, causal: bool = False, bias: torch.Tensor | None = None,
+           dropout: float = 0.0, norm: float | None = None) -> torch.Tensor:
+    """q (B, H, T, d), k and v (B, H, S, d) -> (B, H, T, d).
+
+    mask: bool, broadcastable to (B, H, T, S), True = may attend. causal: queries see keys <= their
+    own position (T == S). bias: float, broadcastable to (B, H, T, S), added to the scores (a
+    relative position/time bias). norm: the pointwise score's divisor (required there)."""
+    if score == "softmax":
+        if bias is None and not (causal and mask is not None):  # the fused kernels' cases
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=dropout)
+        allowed = _combined(mask, causal, q.shape[-2], k.shape[-2], q.device)
+        if bias is not None:  # a float mask is added to the scores; -inf where not allowed
+            allowed = bias if allowed is None else torch.where(allowed, bias, float("-inf")).to(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout)
+    if score != "pointwise":
+        raise ValueError(f"attention score {score!r} is not allowed; choose one of {list(SCORES)}")
+    if norm is None or norm <= 0:
+        raise ValueError(f"pointwise attention needs norm > 0 (the padded length), got {norm}")
+    scores = q @ k.transpose(-2, -1)  # (B, H, T, S)
+    if bias is not None:
+        scores = scores + bias
+    weights = F.silu(scores) / norm
+    allowed = _combined(mask, causal, q.shape[-2], k.shape[-2], q.device)
+    if allowed is not None:
+        weights = weights.masked_fill(~allowed, 0.0)
+    return F.dropout(weights, dropout) @ v
+
+
+def _combined(mask: torch.Tensor | None, causal: bool, T: int, S: int, device: torch.device) -> torch.Tensor | None:
+    if not causal:
+        return mask
+    lower = torch.ones(T, S, dtype=torch.bool, device=device).tril()
+    return lower if mask is None else mask & lower
+
+
+class Attention(nn.Module):
+    """Multi-head attention of width n_heads * head_dim, independent of d_model (as in T5).
+    The same module serves self-attention (keys from x) and cross-attention (keys from a memory,
+    computed once with ``keys_values``)."""
+
+    def __init__(self, d_model: int, n_heads: int, head_dim: int | None = None, dropout: float = 0.0,
+                 score: str = "softmax"):
         super().__init__()
-        if d_model % n_heads:
-            raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
-        self.n_heads = n_heads
-        self.qkv = nn.Linear(d_model, 3 * d_model)
-        self.proj = nn.Linear(d_model, d_model)
-        self.dropout = dropout
+        if head_dim is None:  # the usual width: heads split d_model
+            if d_model % n_heads:
+                raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
+            head_dim = d_model // n_heads
+        if score not in SCORES:
+            raise ValueError(f"attention score {score!r} is not allowed; choose one of {list(SCORES)}")
+        self.n_heads, self.head_dim, self.dropout, self.score = n_heads, head_dim, dropout, score
+        inner = n_heads * head_dim
+        self.q = nn.Linear(d_model, inner)
+        self.kv = nn.Linear(d_model, 2 * inner)
+        self.out = nn.Linear(inner, d_model)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        B, T, D = x.shape
-        q, k, v = self.qkv(x).split(D, dim=2)  # 3 x (B, T, D)
-        heads = lambda t: t.view(B, T, self.n_heads, D // self.n_heads).transpose(1, 2)  # noqa: E731
-        y = F.scaled_dot_product_attention(
-            heads(q), heads(k), heads(v), attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
-        )  # (B, H, T, D/H)
-        return self.proj(y.transpose(1, 2).reshape(B, T, D))  # (B, T, D)
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        return x.reshape(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+
+    def keys_values(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """source (B, S, D) -> keys, values, each (B, H, S, hd)."""
+        k, v = self.kv(source).chunk(2, dim=-1)
+        return self._heads(k), self._heads(v)
+
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor] | None = None, *,
+                mask: torch.Tensor | None = None, causal: bool = False, bias: torch.Tensor | None = None,
+                norm: float | None = None) -> torch.Tensor:
+        """x (B, T, D); kv from ``keys_values`` (default: of x itself) -> (B, T, D)."""
+        B, T, _ = x.shape
+        k, v = kv if kv is not None else self.keys_values(x)
+        y = attend(self._heads(self.q(x)), k, v, score=self.score, mask=mask, causal=causal, bias=bias,
+                   dropout=self.dropout if self.training else 0.0, norm=norm)  # (B, H, T, hd)
+        return self.out(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
 
 
-class CausalBlock(nn.Module):
-    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU}
 
-    def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float):
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(ln1(x)), [x + cross(ln_cross(x), memory)], x + mlp(ln2(x)).
+
+    With ``cross=True`` (a decoder block) ``forward`` also takes the memory's keys/values (from
+    ``cross.keys_values``) and its key mask. The memory has B rows and x may have R = B * G rows
+    (G beams per user, batch-major): each user's G rows are folded into the query axis, so the
+    memory is never copied per beam."""
+
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float, *, head_dim: int | None = None,
+                 activation: str = "gelu", cross: bool = False):
         super().__init__()
+        # The norms first: parameter order fixes the summation order of the gradient norm that
+        # clipping computes, and this is the order TIGER's blocks had before they were shared.
         self.ln1 = nn.LayerNorm(d_model)
-        self.attn = CausalSelfAttention(d_model, n_heads, dropout)
+        self.ln_cross = nn.LayerNorm(d_model) if cross else None
         self.ln2 = nn.LayerNorm(d_model)
-        self.mlp = nn.Sequential(nn.Linear(d_model, d_ff), nn.GELU(), nn.Dropout(dropout), nn.Linear(d_ff, d_model))
+        self.attn = Attention(d_model, n_heads, head_dim, dropout)
+        self.cross = Attention(d_model, n_heads, head_dim, dropout) if cross else None
+        self.mlp = nn.Sequential(nn.Linear(d_model, d_ff), ACTIVATIONS[activation](), nn.Dropout(dropout),
+                                 nn.Linear(d_ff, d_model))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.ln1(x), mask))
+    def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, causal: bool = False,
+                bias: torch.Tensor | None = None, memory_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+                memory_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln1(x), mask=mask, causal=causal, bias=bias))
+        if self.cross is not None:
+            R, t, D = x.shape
+            B = memory_kv[0].shape[0]
+            h = self.ln_cross(x).reshape(B, R // B * t, D)
+            x = x + self.drop(self.cross(h, memory_kv, mask=memory_mask).reshape(R, t, D))
         return x + self.drop(self.mlp(self.ln2(x)))
 
 
@@ -62,11 +151,46 @@ class CausalEncoder(nn.Module):
 
     def __init__(self, d_model: int, n_heads: int, d_ff: int, n_layers: int, dropout: float):
         super().__init__()
-        self.blocks = nn.ModuleList(CausalBlock(d_model, n_heads, d_ff, dropout) for _ in range(n_layers))
+        self.blocks = nn.ModuleList(Block(d_model, n_heads, d_ff, dropout) for _ in range(n_layers))
         self.ln = nn.LayerNorm(d_model)
 
-    def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, valid: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         mask = causal_mask(valid)
         for block in self.blocks:
-            x = block(x, mask)
+            x = block(x, mask=mask, bias=bias)
         return self.ln(x)
+
+
+def time_bucket(gaps: torch.Tensor, n_buckets: int = 128) -> torch.Tensor:
+    """HSTU's bucket of a time gap in seconds: clamp(floor(ln(max(|Δt|, 1)) / 0.301), 0, n_buckets)."""
+    return (gaps.abs().clamp(min=1).float().log() / 0.301).floor().long().clamp(0, n_buckets)
+
+
+class RelativeBias(nn.Module):
+    """A learned attention bias, shared across heads: a term per relative position j - i, plus,
+    when timestamps are given, a term per ``time_bucket(query_time[i] - ts[j])``. -> (B, 1, T, T).
+
+    ``query_time`` (B, T) is the time each position's query stands for: in HSTU's official code the
+    next event's time (``ts[i + 1]``; the target's time at the last position)."""
+
+    def __init__(self, max_len: int, time_buckets: int = 0):
+        super().__init__()
+        self.max_len = max_len
+        self.position = nn.Parameter(torch.zeros(2 * max_len - 1))  # index (j - i) + max_len - 1
+        self.time = nn.Parameter(torch.zeros(time_buckets + 1)) if time_buckets else None
+        for p in self.parameters():
+            nn.init.normal_(p, std=0.02)
+
+    def forward(self, T: int, timestamps: torch.Tensor | None = None, query_time: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        if T > self.max_len:
+            raise ValueError(f"sequence length {T} exceeds the bias's max_len={self.max_len}")
+        pos = torch.arange(T, device=self.position.device)
+        bias = self.position[pos[None, :] - pos[:, None] + self.max_len - 1][None, None]  # (1, 1, T, T)
+        if timestamps is None:
+            return bias
+        if self.time is None:
+            raise ValueError("timestamps were given to a RelativeBias built without time buckets")
+        gaps = query_time[:, :, None] - timestamps[:, None, :]  # (B, T, T)
+        return bias + self.time[time_bucket(gaps, len(self.time) - 1)][:, None]  # (B, 1, T, T)
+

@@ -84,6 +84,19 @@ class SASRec(AtomicIdModel):
         x = self.item_emb(history) * self.config.d_model**0.5 + self.pos_emb(positions)  # (B, T, D)
         return self.encoder(self.emb_drop(x), valid=history > 0)
 
+    @classmethod
+    def upgrade_state(cls, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Before 2026-12-03 each block's attention had one fused ``qkv`` and a ``proj``; the shared
+        ``Attention`` has ``q``, ``kv`` (keys then values, as ``qkv`` held them) and ``out``."""
+        out = {}
+        for key, value in weights.items():
+            if ".attn.qkv." in key:
+                d = value.shape[0] // 3
+                out[key.replace(".qkv.", ".q.")], out[key.replace(".qkv.", ".kv.")] = value[:d], value[d:]
+            else:
+                out[key.replace(".attn.proj.", ".attn.out.")] = value
+        return out
+
     def user_embedding(self, batch: Batch) -> torch.Tensor:
         """batch.history (B, T) -> (B, D): the newest position's state. An item's score is its
         inner product with ``item_embeddings()``, so a maximum-inner-product index can rank them."""

@@ -48,6 +48,7 @@ from torch import nn
 from recsys.config import require, require_choice, require_range
 from recsys.generation.beam import TrieEdges, beam_search, trie_edges
 from recsys.models.base import Batch, Capabilities, LossOutput, Recommendation, Retriever
+from recsys.models.layers import Block
 from recsys.semantic_ids.index import SemanticIdIndex, TrieTable
 
 
@@ -167,75 +168,6 @@ def user_buckets(users: torch.Tensor, n_buckets: int) -> torch.Tensor:
     return users.long() * 2654435761 % (1 << 32) % n_buckets
 
 
-def _mlp(cfg: TigerConfig) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(cfg.d_model, cfg.d_ff), nn.ReLU(), nn.Dropout(cfg.dropout),
-                         nn.Linear(cfg.d_ff, cfg.d_model))
-
-
-class Attention(nn.Module):
-    """Multi-head attention of width n_heads * head_dim, independent of d_model (as in T5)."""
-
-    def __init__(self, cfg: TigerConfig):
-        super().__init__()
-        self.n_heads, self.head_dim, self.dropout = cfg.n_heads, cfg.head_dim, cfg.dropout
-        inner = cfg.n_heads * cfg.head_dim
-        self.q = nn.Linear(cfg.d_model, inner)
-        self.kv = nn.Linear(cfg.d_model, 2 * inner)
-        self.out = nn.Linear(inner, cfg.d_model)
-
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, _ = x.shape
-        return x.reshape(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-
-    def keys_values(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """source (B, S, D) -> keys, values, each (B, H, S, hd)."""
-        k, v = self.kv(source).chunk(2, dim=-1)
-        return self._heads(k), self._heads(v)
-
-    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None = None,
-                causal: bool = False) -> torch.Tensor:
-        B, T, _ = x.shape
-        y = F.scaled_dot_product_attention(self._heads(self.q(x)), *kv, attn_mask=mask, is_causal=causal,
-                                           dropout_p=self.dropout if self.training else 0.0)  # (B, H, T, hd)
-        return self.out(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
-
-
-class EncoderBlock(nn.Module):
-    """Pre-norm bidirectional block over the history tokens."""
-
-    def __init__(self, cfg: TigerConfig):
-        super().__init__()
-        self.ln1, self.ln2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
-        self.attn, self.mlp, self.drop = Attention(cfg), _mlp(cfg), nn.Dropout(cfg.dropout)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        h = self.ln1(x)
-        x = x + self.drop(self.attn(h, self.attn.keys_values(h), mask))
-        return x + self.drop(self.mlp(self.ln2(x)))
-
-
-class DecoderBlock(nn.Module):
-    """Pre-norm block: causal self-attention, cross-attention to the encoder, MLP."""
-
-    def __init__(self, cfg: TigerConfig):
-        super().__init__()
-        self.ln1, self.ln2, self.ln3 = (nn.LayerNorm(cfg.d_model) for _ in range(3))
-        self.self_attn, self.cross = Attention(cfg), Attention(cfg)
-        self.mlp, self.drop = _mlp(cfg), nn.Dropout(cfg.dropout)
-
-    def forward(self, x: torch.Tensor, memory_kv: tuple[torch.Tensor, torch.Tensor],
-                memory_mask: torch.Tensor) -> torch.Tensor:
-        """x (R, t, D) with R = B * G rows, batch-major; memory_kv 2 x (B, H, S, hd)."""
-        h = self.ln1(x)
-        x = x + self.drop(self.self_attn(h, self.self_attn.keys_values(h), causal=True))
-        R, t, D = x.shape
-        B = memory_kv[0].shape[0]
-        # the G beams of one user share its memory: fold them into the query axis, no copies
-        h = self.ln2(x).reshape(B, R // B * t, D)
-        x = x + self.drop(self.cross(h, memory_kv, memory_mask).reshape(R, t, D))
-        return x + self.drop(self.mlp(self.ln3(x)))
-
-
 class Tiger(Retriever):
     """``semantic_ids``: (n_items + 1, L + 1) full IDs by item id, row 0 zeros (see
     ``semantic_id_table``). ``level_sizes``: vocabulary per level (default: the table's max + 1;
@@ -277,8 +209,10 @@ class Tiger(Retriever):
                 self.register_buffer(f"child_nodes_{level}", child, persistent=False)
         self.bos = nn.Parameter(torch.zeros(D))
         self.drop = nn.Dropout(config.dropout)
-        self.encoder = nn.ModuleList(EncoderBlock(config) for _ in range(config.n_encoder_layers))
-        self.decoder = nn.ModuleList(DecoderBlock(config) for _ in range(config.n_decoder_layers))
+        block = dict(d_model=D, n_heads=config.n_heads, d_ff=config.d_ff, dropout=config.dropout,
+                     head_dim=config.head_dim, activation="relu")
+        self.encoder = nn.ModuleList(Block(**block) for _ in range(config.n_encoder_layers))
+        self.decoder = nn.ModuleList(Block(**block, cross=True) for _ in range(config.n_decoder_layers))
         self.enc_ln, self.dec_ln = nn.LayerNorm(D), nn.LayerNorm(D)
         self.heads = nn.ModuleList(nn.Linear(D, v) for v in sizes)
         for emb in (self.token_emb, self.enc_pos, self.dec_pos, self.user_emb, self.node_emb):
@@ -351,6 +285,24 @@ class Tiger(Retriever):
         return {"semantic_ids_shape": list(self.item_codes.shape), "level_sizes": self.level_sizes}
 
     @classmethod
+    def upgrade_state(cls, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Before 2026-12-03 decoder blocks named their parts self_attn, ln1, ln2 (before the
+        cross-attention) and ln3 (before the MLP); the shared ``Block`` names them attn, ln1,
+        ln_cross and ln2."""
+        renames = (".self_attn.", ".attn."), (".ln2.", ".ln_cross."), (".ln3.", ".ln2.")
+        if not any(".self_attn." in key for key in weights):
+            return weights
+        out = {}
+        for key, value in weights.items():
+            if key.startswith("decoder."):
+                for old, new in renames:
+                    if old in key:
+                        key = key.replace(old, new)
+                        break
+            out[key] = value
+        return out
+
+    @classmethod
     def context_from_checkpoint(cls, meta: dict[str, Any], state: dict[str, torch.Tensor]) -> dict[str, Any]:
         table = state["item_codes"]
         if list(table.shape) != list(meta["semantic_ids_shape"]):
@@ -390,7 +342,7 @@ class Tiger(Retriever):
         mask = valid[:, None, None, :]  # (B, 1, 1, S)
         x = self.drop(x)
         for block in self.encoder:
-            x = block(x, mask)
+            x = block(x, mask=mask)
         return self.enc_ln(x), mask
 
     def memory_kv(self, memory: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -405,7 +357,7 @@ class Tiger(Retriever):
         x = torch.cat([self.bos.expand(R, 1, -1), tokens], 1) + self.dec_pos.weight[: t + 1]  # (R, t + 1, D)
         x = self.drop(x)
         for block, kv in zip(self.decoder, memory_kv):
-            x = block(x, kv, memory_mask)
+            x = block(x, causal=True, memory_kv=kv, memory_mask=memory_mask)
         return self.dec_ln(x)
 
     def decoder_states(self, history: torch.Tensor, codes: torch.Tensor, users: torch.Tensor | None = None
