@@ -52,7 +52,11 @@ def split_and_context():
     split = leave_one_out(data, MAX_HISTORY)
     codes = torch.randint(0, 6, (N_ITEMS, 2), generator=torch.Generator().manual_seed(0))
     index = SemanticIdIndex(item_ids=torch.arange(1, N_ITEMS + 1), codes=codes, codebook_sizes=[6, 6])
-    return split, {"semantic_ids": semantic_id_table(index, N_ITEMS), "level_sizes": index.level_sizes}
+    try:  # the context build_model takes: before the refactor, the table itself
+        from recsys.models import IdTable
+    except ImportError:
+        return split, {"semantic_ids": semantic_id_table(index, N_ITEMS), "level_sizes": index.level_sizes}
+    return split, {"ids": {"semantic": IdTable.from_index(index, N_ITEMS)}}
 
 
 def run_case(name: str, init_state: dict[str, torch.Tensor] | None = None, threads: int = 1,

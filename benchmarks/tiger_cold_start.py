@@ -41,7 +41,7 @@ from recsys.data.schema import InteractionData  # noqa: E402
 from recsys.data.split import EvalSet, cold_start_split  # noqa: E402
 from recsys.experiment import load_experiment  # noqa: E402
 from recsys.metrics import DEFAULT_KS, RankingMetrics  # noqa: E402
-from recsys.models.tiger import semantic_id_table  # noqa: E402
+from recsys.models import IdTable  # noqa: E402
 from recsys.reporting import results_table  # noqa: E402
 from recsys.runs import new_run_dir, write_json  # noqa: E402
 from recsys.semantic_ids.build import build_index, fit_in_process  # noqa: E402
@@ -93,7 +93,7 @@ def main(argv: list[str]) -> None:
 
     tokenizer = fit_in_process(exp.ids, warm_vectors)
     index = build_index(np.arange(1, cs.n_warm + 1), tokenizer, warm_vectors)
-    context = {"semantic_ids": semantic_id_table(index, cs.n_warm), "level_sizes": index.level_sizes}
+    context = {"ids": {"semantic": IdTable.from_index(index, cs.n_warm)}}
     run_dir = new_run_dir(exp.run.root, "train", "cold-start")
     write_json(run_dir / "config.json", {**exp.to_dict(), "data_dir": str(Path(ns.data).resolve()),
                                          "held_out": held.tolist()})

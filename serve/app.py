@@ -35,9 +35,8 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
-from recsys.runs import read_json
 from serve.http import error_body, key_digest, make_api, reply
-from serve.run import CHECKPOINT, open_run
+from serve.run import open_run
 from serve.schemas import ItemInfo, NewItem, RecommendRequest, RecommendResponse, ServeArgs
 from serve.state import (ItemIds, Query, Registration, RequestError, apply_registrations, check_history, check_k,
                          run_queries)
@@ -65,7 +64,7 @@ class Registry:
             self.text_cfg, self.enc_cfg = run.exp.embed.text, run.exp.embed.encoder
             self.tokenizer = load_tokenizer(run.ids_dir / "tokenizer")
             self.index = SemanticIdIndex.load(run.ids_dir / "index")
-            self.level_sizes = read_json(run.run_dir / CHECKPOINT / "model.json")["context"]["level_sizes"]
+            self.vocabulary = run.load_model().vocabulary("semantic")  # what the model has tokens for
             self.encoder = load_encoder(self.enc_cfg)
 
     def ready(self) -> int:
@@ -107,9 +106,9 @@ class Registry:
         vector = encode(self.encoder, text, self.enc_cfg)  # (1, D)
         codes = self.tokenizer.encode(vector)[0]  # (L,)
         full = self.index.next_full_id(codes)
-        if any(c >= s for c, s in zip(full, self.level_sizes)):
+        if not self.vocabulary.fits(full):
             raise RequestError(409, f"semantic ID {list(full)} does not fit the model's vocabulary "
-                               f"{self.level_sizes}: its content tuple has no free collision code left")
+                               f"{self.vocabulary.level_sizes}: its content tuple has no free collision code left")
         # nothing has changed so far; from here on nothing can fail
         self.index.add(internal, codes)
         self.ids.add(raw_id)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from recsys.ann import AnnRetriever
-from recsys.models import Batch, build_model, get_spec
+from recsys.models import IdTable, Batch, build_model, get_spec
 
 N_ITEMS, MAX_LEN = 300, 8
 
@@ -55,7 +55,7 @@ def test_models_without_embeddings_and_unknown_indexes_are_refused(sasrec):
     from recsys.models import Tiger, TigerConfig
 
     tiger = Tiger(TigerConfig(d_model=8, n_encoder_layers=1, n_decoder_layers=1, n_heads=1, head_dim=8, d_ff=16),
-                  3, 4, semantic_ids=torch.tensor([[0, 0], [0, 0], [0, 1], [1, 0]]))
+                  3, 4, ids={"semantic": IdTable(torch.tensor([[0, 0], [0, 0], [0, 1], [1, 0]]))})
     with pytest.raises(ValueError, match="Tiger does not expose user and item vectors"):
         AnnRetriever(tiger)
     with pytest.raises(ValueError, match="ann index 'IVF4096,PQ8' is not supported"):

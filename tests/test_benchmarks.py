@@ -208,7 +208,7 @@ def test_beam_width_is_chosen_on_validation_and_test_is_scored_once_at_it(tmp_pa
 
     from benchmarks.beam_width import main
     from recsys.data.split import leave_one_out
-    from recsys.models import Tiger, TigerConfig, semantic_id_table
+    from recsys.models import IdTable, Tiger, TigerConfig, semantic_id_table
     from recsys.semantic_ids import SemanticIdIndex
     from recsys.training import evaluate as evaluate_module
     from recsys.training.checkpoint import save_checkpoint
@@ -221,7 +221,7 @@ def test_beam_width_is_chosen_on_validation_and_test_is_scored_once_at_it(tmp_pa
     index = SemanticIdIndex(item_ids=torch.arange(1, 41), codes=codes, codebook_sizes=[4, 4, 4])
     torch.manual_seed(0)
     model = Tiger(TigerConfig(d_model=32, n_encoder_layers=1, n_decoder_layers=1, n_heads=2, head_dim=16, d_ff=64),
-                  40, 20, semantic_ids=semantic_id_table(index, 40), level_sizes=index.level_sizes)
+                  40, 20, ids={"semantic": IdTable(semantic_id_table(index, 40), index.level_sizes)})
     save_checkpoint(tmp_path / "ckpt", model, "tiger")
     seen = []  # (split size, beam) of every evaluation
     real = evaluate_module.evaluate

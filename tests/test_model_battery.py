@@ -10,7 +10,7 @@ from typing import Callable
 import pytest
 import torch
 
-from recsys.models import Batch, build_model, model_config_from_dict, model_names, semantic_id_table
+from recsys.models import Batch, IdTable, build_model, model_config_from_dict, model_names, semantic_id_table
 from recsys.semantic_ids import SemanticIdIndex
 from recsys.training.checkpoint import load_model, save_checkpoint
 
@@ -52,7 +52,7 @@ def semantic_id_context() -> dict:
     """A fixed table: 40 items, 3 levels of 4 codes plus the collision level."""
     codes = torch.randint(0, 4, (N_ITEMS, 3), generator=torch.Generator().manual_seed(0))
     index = SemanticIdIndex(item_ids=torch.arange(1, N_ITEMS + 1), codes=codes, codebook_sizes=[4, 4, 4])
-    return {"semantic_ids": semantic_id_table(index, N_ITEMS), "level_sizes": index.level_sizes}
+    return {"ids": {"semantic": IdTable.from_index(index, N_ITEMS)}}
 
 
 CASES = [
@@ -66,6 +66,13 @@ CASES = [
     ModelCase("tiger-prefix", {"name": "tiger", "d_model": 32, "n_encoder_layers": 1, "n_decoder_layers": 1,
                                "n_heads": 2, "head_dim": 16, "d_ff": 64, "beam_size": 10, "prefix_embeddings": True},
               decoder_probe, semantic_id_context),
+    ModelCase("tiger-prefix-outputs", {"name": "tiger", "d_model": 32, "n_encoder_layers": 1, "n_decoder_layers": 1,
+                                       "n_heads": 2, "head_dim": 16, "d_ff": 64, "beam_size": 10,
+                                       "prefix_embeddings": True, "prefix_outputs": True},
+              decoder_probe, semantic_id_context),
+    ModelCase("sasrec-sampled-softmax", {"name": "sasrec", "d_model": 32, "n_layers": 1, "loss": "sampled_softmax",
+                                         "n_negatives": 16, "temperature": 0.1},
+              history_probe(lambda m, h: m.encode(h))),
     ModelCase("tiger-user", {"name": "tiger", "d_model": 32, "n_encoder_layers": 1, "n_decoder_layers": 1,
                              "n_heads": 2, "head_dim": 16, "d_ff": 64, "beam_size": 10, "user_tokens": 7},
               decoder_probe, semantic_id_context),

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from recsys.models import Batch, Tiger, TigerConfig, semantic_id_table
+from recsys.models import IdTable, Batch, Tiger, TigerConfig, semantic_id_table
 from recsys.semantic_ids import SemanticIdIndex
 from serve.state import (ItemIds, Query, Registration, RequestError, apply_registrations, check_history, check_k,
                          run_queries)
@@ -22,8 +22,7 @@ def model(index) -> Tiger:
     torch.manual_seed(0)
     sizes = index.level_sizes
     cfg = TigerConfig(d_model=16, n_encoder_layers=1, n_decoder_layers=1, n_heads=2, head_dim=8, d_ff=32, beam_size=5)
-    return Tiger(cfg, N_ITEMS, MAX_LEN, semantic_ids=semantic_id_table(index, N_ITEMS),
-                 level_sizes=sizes[:-1] + [sizes[-1] + 4]).eval()
+    return Tiger(cfg, N_ITEMS, MAX_LEN, ids={"semantic": IdTable(semantic_id_table(index, N_ITEMS), sizes[:-1] + [sizes[-1] + 4])}).eval()
 
 
 def raw_ids(n: int = N_ITEMS) -> list[str]:

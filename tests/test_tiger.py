@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from recsys.models import Batch, Tiger, TigerConfig, build_model, semantic_id_table
+from recsys.models import IdTable, Batch, Tiger, TigerConfig, build_model, semantic_id_table
 from recsys.semantic_ids import SemanticIdIndex
 from recsys.training.checkpoint import load_model, save_checkpoint
 
@@ -24,8 +24,7 @@ def make_model(seed: int = 0, index: SemanticIdIndex | None = None, **overrides)
     index = index or make_index()
     sizes = index.level_sizes
     torch.manual_seed(seed)
-    return Tiger(TigerConfig(**{**TINY, **overrides}), N_ITEMS, MAX_LEN, semantic_ids=semantic_id_table(index, N_ITEMS),
-                 level_sizes=sizes[:-1] + [sizes[-1] + 2]).eval()  # room for two more collisions
+    return Tiger(TigerConfig(**{**TINY, **overrides}), N_ITEMS, MAX_LEN, ids={"semantic": IdTable(semantic_id_table(index, N_ITEMS), sizes[:-1] + [sizes[-1] + 2])}).eval()  # room for two more collisions
 
 
 def make_batch(seed: int = 0) -> Batch:
@@ -41,7 +40,7 @@ def test_config_is_validated():
         TigerConfig(head_dim=0)
     with pytest.raises(ValueError, match="model.dropout=1.5 is out of range"):
         TigerConfig(dropout=1.5)
-    model = Tiger(TigerConfig(), N_ITEMS, MAX_LEN, semantic_ids=semantic_id_table(make_index(), N_ITEMS))
+    model = Tiger(TigerConfig(), N_ITEMS, MAX_LEN, ids={"semantic": IdTable(semantic_id_table(make_index(), N_ITEMS))})
     attn = model.encoder[0].attn  # the paper's sizes: 6 heads of 64 = 384 wide, d_model 128
     assert attn.q.weight.shape == (384, 128) and attn.out.weight.shape == (128, 384)
     assert len(model.encoder) == len(model.decoder) == 4 and model.encoder[0].mlp[0].out_features == 1024
@@ -50,20 +49,22 @@ def test_config_is_validated():
 def test_the_semantic_id_table_is_checked():
     table = semantic_id_table(make_index(), N_ITEMS)
     cfg = TigerConfig(**TINY)
-    with pytest.raises(ValueError, match="TIGER needs semantic_ids"):
+    with pytest.raises(ValueError, match=r"Tiger is built with the ID spaces \['semantic'\], got \[\]"):
         build_model("tiger", cfg, n_items=N_ITEMS, max_len=MAX_LEN)
+    with pytest.raises(ValueError, match=r"built with the ID spaces \['semantic'\], got \['behavior', 'semantic'\]"):
+        Tiger(cfg, N_ITEMS, MAX_LEN, ids={"semantic": IdTable(table), "behavior": IdTable(table)})
     with pytest.raises(ValueError, match=r"must be integer \(41, L \+ 1 >= 2\)"):
-        Tiger(cfg, N_ITEMS, MAX_LEN, semantic_ids=table[:-1])
+        Tiger(cfg, N_ITEMS, MAX_LEN, ids={"semantic": IdTable(table[:-1])})
     bad = table.clone()
     bad[0, 1] = 2
     with pytest.raises(ValueError, match="row 0"):
-        Tiger(cfg, N_ITEMS, MAX_LEN, semantic_ids=bad)
+        Tiger(cfg, N_ITEMS, MAX_LEN, ids={"semantic": IdTable(bad)})
     bad = table.clone()
     bad[7] = bad[3]
     with pytest.raises(ValueError, match="already belongs to item"):
-        Tiger(cfg, N_ITEMS, MAX_LEN, semantic_ids=bad)
+        Tiger(cfg, N_ITEMS, MAX_LEN, ids={"semantic": IdTable(bad)})
     with pytest.raises(ValueError, match="beyond level_sizes"):
-        Tiger(cfg, N_ITEMS, MAX_LEN, semantic_ids=table, level_sizes=[4, 4, 3, 9])
+        Tiger(cfg, N_ITEMS, MAX_LEN, ids={"semantic": IdTable(table, [4, 4, 3, 9])})
 
 
 def test_shapes():
@@ -131,10 +132,10 @@ def test_save_load_round_trip_rebuilds_table_and_trie(tmp_path):
     model, batch = make_model(), make_batch()
     save_checkpoint(tmp_path / "ckpt", model, "tiger")
     meta = json.loads((tmp_path / "ckpt" / "model.json").read_text())
-    assert meta["context"] == {"semantic_ids_shape": [N_ITEMS + 1, 4], "level_sizes": model.level_sizes}
+    assert meta["context"] == {"id_spaces": {"semantic": {"shape": [N_ITEMS + 1, 4], "level_sizes": model.level_sizes}}}
     loaded = load_model(tmp_path / "ckpt")
     assert torch.equal(loaded.item_codes, model.item_codes)
-    assert all(torch.equal(a, b) for a, b in zip(loaded.trie.table, model.trie.table))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.vocab.trie.table, model.vocab.trie.table))
     a, b = model.recommend(batch, 10, exclude_history=True), loaded.recommend(batch, 10, exclude_history=True)
     assert torch.equal(a.items, b.items)
     torch.testing.assert_close(a.scores, b.scores)
@@ -144,16 +145,16 @@ def test_loading_weights_rebuilds_the_trie_from_the_loaded_table():
     source = make_model()
     shuffled = source.item_codes.clone()
     shuffled[1:] = shuffled[1:][torch.randperm(N_ITEMS, generator=torch.Generator().manual_seed(0))]
-    target = Tiger(source.config, N_ITEMS, MAX_LEN, semantic_ids=shuffled, level_sizes=source.level_sizes)
-    assert not torch.equal(target.trie.table.leaf_item, source.trie.table.leaf_item)
+    target = Tiger(source.config, N_ITEMS, MAX_LEN, ids={"semantic": IdTable(shuffled, source.level_sizes)})
+    assert not torch.equal(target.vocab.trie.table.leaf_item, source.vocab.trie.table.leaf_item)
     target.load_state_dict(source.state_dict())
-    assert all(torch.equal(a, b) for a, b in zip(target.trie.table, source.trie.table))
+    assert all(torch.equal(a, b) for a, b in zip(target.vocab.trie.table, source.vocab.trie.table))
 
 
 def test_cold_start_items_are_decodable_without_retraining(tmp_path):
     index = make_index()
     model, batch = make_model(index=index), make_batch()
-    before = {k: v.clone() for k, v in model.state_dict().items() if k != "item_codes"}
+    before = {k: v.clone() for k, v in model.state_dict().items() if k != "vocabs.semantic.item_codes"}
     # item 41 reuses the content codes of the model's favourite for row 0; 42 is new content
     favourite = model.recommend(batch, 1).items[0, 0].item()
     new_ids = index.add_many([41, 42], torch.tensor([list(index.id_of(favourite)[:-1]), [3, 3, 3]]))
@@ -182,14 +183,14 @@ def test_bad_registrations_change_nothing():
     with pytest.raises(ValueError, match="beyond level_sizes"):
         model.register_items([41], {"semantic": torch.tensor([[4, 0, 0, 0]])})
     assert model.n_items == N_ITEMS and torch.equal(model.item_codes, table)
-    assert len(model.trie.table.leaf_item[model.trie.table.leaf_item > 0]) == N_ITEMS
+    assert len(model.vocab.trie.table.leaf_item[model.vocab.trie.table.leaf_item > 0]) == N_ITEMS
 
 
 def test_collision_level_has_room_for_cold_items_on_taken_tuples():
     index = make_index()
     observed = index.level_sizes[-1]
     table = semantic_id_table(index, N_ITEMS)
-    model = Tiger(TigerConfig(**TINY), N_ITEMS, MAX_LEN, semantic_ids=table).eval()
+    model = Tiger(TigerConfig(**TINY), N_ITEMS, MAX_LEN, ids={"semantic": IdTable(table)}).eval()
     assert model.level_sizes[-1] == 16 > observed  # collision_vocab, default 16
     # a new item on the most crowded content tuple gets a collision code no training ID used
     crowded = next(i for i in range(1, N_ITEMS + 1) if index.id_of(i)[-1] == observed - 1)
@@ -197,7 +198,7 @@ def test_collision_level_has_room_for_cold_items_on_taken_tuples():
     assert int(full[0, -1]) == observed
     model.register_items([N_ITEMS + 1], {"semantic": full})
     assert model.n_items == N_ITEMS + 1
-    small = Tiger(TigerConfig(**TINY, collision_vocab=1), N_ITEMS, MAX_LEN, semantic_ids=table)
+    small = Tiger(TigerConfig(**TINY, collision_vocab=1), N_ITEMS, MAX_LEN, ids={"semantic": IdTable(table)})
     assert small.level_sizes[-1] == observed  # never below what the IDs use
 
 
@@ -247,10 +248,10 @@ def test_the_user_token_conditions_on_the_hashed_user_and_is_required():
 
 
 def test_prefix_embeddings_number_each_distinct_prefix_once():
-    from recsys.models.tiger import _prefix_node_table
+    from recsys.models.vocabulary import prefix_node_table
 
     table = torch.tensor([[0, 0, 0], [1, 2, 0], [1, 3, 0], [0, 2, 0], [1, 2, 1]])
-    nodes = _prefix_node_table(table)
+    nodes = prefix_node_table(table)
     assert nodes[0].tolist() == [0, 0, 0]  # padding
     # level 0: prefixes (0,), (1,) -> 1, 2; level 1: (0,2), (1,2), (1,3) -> 3, 4, 5; level 2: one node per item
     assert nodes[1:, 0].tolist() == [2, 2, 1, 2]
@@ -263,37 +264,37 @@ def test_prefix_embeddings_number_each_distinct_prefix_once():
 def test_prefix_embeddings_give_each_history_item_its_own_representation():
     index = make_index()
     plain, model = make_model(index=index), make_model(index=index, prefix_embeddings=True)
-    assert plain.node_emb is None and model.node_emb.num_embeddings == int(model.item_nodes.max()) + 1
+    assert plain.node_emb is None and model.node_emb.num_embeddings == int(model.vocab.item_nodes.max()) + 1
     # two items whose codes differ only in the collision level: the plain model tells them apart by
     # that one code; with prefix embeddings their last-level nodes differ too
     batch = make_batch()
     with torch.no_grad():
         model.node_emb.weight[1:] = 0
         base = model.encode(batch.history)[0]
-        model.node_emb.weight[int(model.item_nodes[batch.history[0, -1], 1])] = 1.0
+        model.node_emb.weight[int(model.vocab.item_nodes[batch.history[0, -1], 1])] = 1.0
         moved = model.encode(batch.history)[0]
     assert not torch.allclose(base[0], moved[0])
-    users_without = [r for r in range(B) if (model.item_nodes[batch.history[r]][:, 1]
-                                              != model.item_nodes[batch.history[0, -1], 1]).all()]
+    users_without = [r for r in range(B) if (model.vocab.item_nodes[batch.history[r]][:, 1]
+                                              != model.vocab.item_nodes[batch.history[0, -1], 1]).all()]
     torch.testing.assert_close(base[users_without], moved[users_without])  # only histories holding it change
 
 
 def test_prefix_embeddings_survive_registration_and_a_checkpoint(tmp_path):
     index = make_index()
     model, batch = make_model(index=index, prefix_embeddings=True), make_batch()
-    nodes = model.item_nodes.clone()
+    nodes = model.vocab.item_nodes.clone()
     sibling = 7  # a new item on item 7's content codes shares its content prefixes, not its full ID
     full = index.add_many([N_ITEMS + 1, N_ITEMS + 2], [list(index.id_of(sibling)[:-1]), [3, 3, 3]])
     model.register_items([N_ITEMS + 1, N_ITEMS + 2], {"semantic": full})
-    assert torch.equal(model.item_nodes[:N_ITEMS + 1], nodes)  # trained items keep their nodes
-    new = model.item_nodes[N_ITEMS + 1]
+    assert torch.equal(model.vocab.item_nodes[:N_ITEMS + 1], nodes)  # trained items keep their nodes
+    new = model.vocab.item_nodes[N_ITEMS + 1]
     assert new[:3].tolist() == nodes[sibling, :3].tolist() and new[3] == 0  # unseen full ID: no embedding
-    other = model.item_nodes[N_ITEMS + 2]
+    other = model.vocab.item_nodes[N_ITEMS + 2]
     assert all(n == 0 or n in nodes[1:, l].tolist() for l, n in enumerate(other.tolist()))
     assert model.node_emb.weight[0].abs().sum() == 0
     save_checkpoint(tmp_path / "ckpt", model, "tiger")
     loaded = load_model(tmp_path / "ckpt")
-    assert torch.equal(loaded.item_nodes, model.item_nodes)
+    assert torch.equal(loaded.vocab.item_nodes, model.vocab.item_nodes)
     with_new = batch.history.clone()
     with_new[:, -1] = N_ITEMS + 1
     a, b = model.recommend(Batch(history=with_new), 8), loaded.recommend(Batch(history=with_new), 8)
@@ -340,7 +341,7 @@ def test_prefix_outputs_need_prefix_embeddings_and_are_validated():
 
 def test_prefix_outputs_add_each_childs_own_node_embedding_to_its_logit():
     model, batch = make_output_model(), make_batch()
-    codes, nodes = model.item_codes, model.item_nodes
+    codes, nodes = model.item_codes, model.vocab.item_nodes
     h = model.decoder_states(batch.history, codes[batch.target])  # (B, L + 1, D)
     for item in (1, 17, N_ITEMS):
         for level in range(model.n_tokens):

@@ -1,10 +1,11 @@
 """Sequence models behind one contract, and the registry that names them."""
 
-from recsys.models.base import (AtomicIdModel, Batch, Capabilities, LossOutput, Ranker, Recommendation, Retriever,
-                                SequenceModel)
+from recsys.models.base import (AtomicIdModel, Batch, Capabilities, GenerativeRetriever, LossOutput, Ranker,
+                                Recommendation, Retriever, SequenceModel)
 from recsys.models.registry import build_model, get_spec, model_config_from_dict, model_names, register_model
 from recsys.models.sasrec import SASRec, SASRecConfig
-from recsys.models.tiger import Tiger, TigerConfig, semantic_id_table
+from recsys.models.tiger import Tiger, TigerConfig
+from recsys.models.vocabulary import IdTable, SemanticVocabulary, semantic_id_table
 
 register_model("sasrec", SASRecConfig, SASRec)
 register_model("tiger", TigerConfig, Tiger)
@@ -12,6 +13,6 @@ register_model("tiger", TigerConfig, Tiger)
 __all__ = [
     "AtomicIdModel", "Batch", "Capabilities", "LossOutput", "Ranker", "Recommendation", "Retriever",
     "SequenceModel", "SASRec", "SASRecConfig", "Tiger", "TigerConfig",
-    "semantic_id_table",
+    "semantic_id_table", "IdTable", "SemanticVocabulary", "GenerativeRetriever",
     "build_model", "get_spec", "model_config_from_dict", "model_names", "register_model",
 ]

@@ -158,6 +158,55 @@ class Retriever(SequenceModel):
                          f"{list(self.capabilities.id_spaces)}")
 
 
+class GenerativeRetriever(Retriever):
+    """A retriever that decodes item IDs: ``self.vocabs`` (an ``nn.ModuleDict``) holds one
+    ``recsys.models.vocabulary.SemanticVocabulary`` per ID space the class declares, built from
+    ``ids`` (space -> ``IdTable``). Reading IDs, registering items and the checkpoint's record of
+    the vocabularies are written once here."""
+
+    def __init__(self, n_items: int, max_len: int, vocabs: dict[str, nn.Module]):
+        super().__init__(n_items, max_len)
+        self.require_ids(vocabs)
+        self.vocabs = nn.ModuleDict(vocabs)
+
+    @classmethod
+    def require_ids(cls, ids: dict[str, Any] | None) -> None:
+        """Raise unless ``ids`` names exactly the ID spaces the class declares."""
+        declared, given = sorted(cls.capabilities.id_spaces), sorted(ids or {})
+        if given != declared:
+            raise ValueError(f"{cls.__name__} is built with the ID spaces {declared}, got {given}; give an ids run "
+                             f"for each (recsys train --ids RUN, or --ids SPACE=RUN per space)")
+
+    def vocabulary(self, space: str) -> nn.Module:
+        """The ``SemanticVocabulary`` of a declared space (its level sizes, trie, ``fits``)."""
+        if space not in self.vocabs:
+            raise ValueError(f"{type(self).__name__} has no ID space {space!r}; it declares {sorted(self.vocabs)}")
+        return self.vocabs[space]
+
+    def item_ids(self, space: str, items: torch.Tensor) -> torch.Tensor:
+        return self.vocabulary(space).item_codes[items]
+
+    @torch.no_grad()
+    def register_items(self, item_ids: Any, ids: dict[str, Any]) -> None:
+        """Cold start: add items ``n_items + 1 .. n_items + n`` (any order) with their full IDs in
+        every declared space, ``ids[space]`` (n, L + 1). They become decodable and usable in
+        histories without retraining; no weight changes. Every space is checked before any changes."""
+        if set(ids) != set(self.vocabs):
+            raise ValueError(f"{type(self).__name__} registers items with IDs in {sorted(self.vocabs)}, got "
+                             f"{sorted(ids)}")
+        new = torch.as_tensor(item_ids, dtype=torch.long).reshape(-1).cpu()
+        expected = torch.arange(self.n_items + 1, self.n_items + len(new) + 1)
+        if not torch.equal(new.sort().values, expected):
+            raise ValueError(f"new item ids must be exactly {self.n_items + 1}..{self.n_items + len(new)} "
+                             f"(ids index the ID tables), got {new.tolist()[:10]}")
+        for apply in [self.vocabs[space].prepare_registration(new, ids[space]) for space in self.vocabs]:
+            apply()
+        self.n_items += len(new)
+
+    def checkpoint_context(self) -> dict[str, Any]:
+        return {"id_spaces": {space: vocab.context() for space, vocab in self.vocabs.items()}}
+
+
 class Ranker(SequenceModel):
     """Scores the candidates it is given, over the user's whole history."""
 

@@ -31,11 +31,11 @@ def model_context(exp: ExperimentConfig, n_items: int, ids_dir: str | Path | Non
         return {}
     if not ids_dir:
         raise ValueError(f"model.name={exp.model_name!r} decodes semantic IDs: give an ids run (--ids RUN)")
-    from recsys.models.tiger import semantic_id_table
+    from recsys.models import IdTable
     from recsys.semantic_ids import SemanticIdIndex
 
     index = SemanticIdIndex.load(Path(ids_dir) / "index")
-    return {"semantic_ids": semantic_id_table(index, n_items), "level_sizes": index.level_sizes}
+    return {"ids": {"semantic": IdTable.from_index(index, n_items)}}
 
 
 def build_trainer(exp: ExperimentConfig, split: LeaveOneOutSplit, *, device: torch.device | str = "cpu",
