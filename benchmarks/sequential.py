@@ -8,7 +8,7 @@ record the figures: benchmarks/results/<model>-<dataset>.json.
 A model that decodes semantic IDs is recorded as <model>-<dataset>-<ids method> unless --name says.
 
 Selection is on validation; test is computed once, for the selected checkpoint (for a refit,
-``trainer.refit``, the last epoch's, recorded without a validation figure).
+``trainer.selection.refit``, the last epoch's, recorded without a validation figure).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def main(argv: list[str]) -> None:
     elapsed_to_best = to_best["finished_at"] - (epochs[0]["finished_at"] - epochs[0]["epoch_s"])
     path = write_record(
         record_name or name, config=exp.to_dict(), wall_s=wall,
-        # a refit (trainer.refit) has no validation figure: its targets were trained on
+        # a refit (trainer.selection.refit) has no validation figure: its targets were trained on
         metrics={"test": test, **({"valid": train["valid"]} if train["valid"] else {}),
                  "samples_per_s": train["samples_per_s"]},
         extra={"train_elapsed_s": train["elapsed_s"], "train_epochs_s": train["train_epochs_s"],
