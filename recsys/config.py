@@ -96,6 +96,7 @@ def load_yaml_chain(path: str | Path, prepare: Callable[[dict, str], dict] | Non
     the file it refines: the chain of bases merged, nearest last. ``prepare(tree, source)`` is
     applied to each file's own keys before merging (e.g. to rename old keys file by file)."""
     chain: list[Path] = []
+    files: list[dict] = []
     path = Path(path)
     while True:
         resolved = path.resolve()
@@ -106,6 +107,7 @@ def load_yaml_chain(path: str | Path, prepare: Callable[[dict, str], dict] | Non
             raise FileNotFoundError(f"{chain[-1]}: {key} {path} does not exist")
         chain.append(resolved)
         data = load_yaml(path)
+        files.append(data)
         base = data.get(key)
         if not base:
             break
@@ -113,8 +115,8 @@ def load_yaml_chain(path: str | Path, prepare: Callable[[dict, str], dict] | Non
             raise ValueError(f"{path}: {key} must be a file name, got {base!r}")
         path = path.parent / base if not Path(base).is_absolute() else Path(base)
     merged: dict = {}
-    for file in reversed(chain):
-        own = {k: v for k, v in load_yaml(file).items() if k != key}
+    for file, data in reversed(list(zip(chain, files))):
+        own = {k: v for k, v in data.items() if k != key}
         merged = deep_merge(merged, prepare(own, str(file)) if prepare else own)
     return merged
 

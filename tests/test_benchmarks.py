@@ -119,14 +119,15 @@ def test_a_refit_is_recorded_with_its_test_figures_and_no_validation(tiny_overri
     from pipelines.cli import main as cli
 
     monkeypatch.setattr(benchmarks.record, "RESULTS", tmp_path / "results")
-    assert cli(["train", *tiny_overrides, "trainer.resources.use_ray=false", "trainer.optim.epochs=3", "trainer.optim.stop_epoch=2",
-                "trainer.selection.refit=true"]) == 0
+    assert cli(["train", *tiny_overrides, "trainer.resources.use_ray=false", "trainer.optim.epochs=3",
+                "trainer.optim.stop_epoch=2", "trainer.selection.refit=true"]) == 0
     train_dir = next((tmp_path / "runs" / "train").iterdir())
     sequential(["--name", "tiny-refit", "--train-run", str(train_dir)])
     record = json.loads((tmp_path / "results" / "tiny-refit.json").read_text())
     assert "valid" not in record["metrics"] and set(record["metrics"]["test"]) >= {"recall@10", "ndcg@5"}
     assert record["refit"] and record["best_epoch"] == record["epochs_run"] == 2
-    assert record["config"]["trainer"]["refit"] and record["config"]["trainer"]["stop_epoch"] == 2
+    trainer = record["config"]["trainer"]
+    assert trainer["selection"]["refit"] and trainer["optim"]["stop_epoch"] == 2
 
 
 def test_protocols_scores_a_checkpoint_with_history_kept_and_excluded(tiny_overrides, tmp_path, monkeypatch):

@@ -79,7 +79,7 @@ def test_train_resumes_from_the_last_ray_checkpoint(ray_session, tiny_overrides,
     assert epochs[2]["resumed_from_epoch"] == 2
     metrics = read_json(train_dir / "metrics.json")
     assert metrics["resumed_from_epochs"] == [2] and metrics["worker_restarts"] == 0
-    assert read_json(train_dir / "config.json")["trainer"]["epochs"] == 4
+    assert read_json(train_dir / "config.json")["trainer"]["optim"]["epochs"] == 4
 
 
 def test_console_script_reports_bad_config_clearly(tmp_path):

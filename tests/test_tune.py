@@ -25,7 +25,8 @@ TINY_BASE = {
     "ids": {"method": "hkmeans", "hkmeans": {"branching": 6, "max_levels": 3, "niter": 10}},
     "model": {"name": "tiger", "d_model": 32, "n_encoder_layers": 1, "n_decoder_layers": 1, "n_heads": 2,
               "head_dim": 16, "d_ff": 64, "beam_size": 20},
-    "trainer": {"epochs": 3, "batch_size": 64, "lr": 3.0e-3, "samples": "prefixes", "patience": 0},
+    "trainer": {"optim": {"epochs": 3, "batch_size": 64, "lr": 3.0e-3}, "data": {"samples": "prefixes"},
+                "selection": {"patience": 0}},
 }
 
 
@@ -131,7 +132,7 @@ def test_overrides_reach_the_base_or_the_sweep(tmp_path):
     path = write_sweep(tmp_path, {"trainer.optim.lr": {"grid": [1.0e-3, 3.0e-3]}})
     sweep = load_sweep(path, ["trainer.optim.epochs=5", "sweep.max_concurrent_trials=1",
                               "sweep.params.ids.hkmeans.branching={choice: [4, 8]}", "sweep.num_samples=2"])
-    assert sweep.base["trainer"]["epochs"] == 5 and sweep.config.max_concurrent_trials == 1
+    assert sweep.base["trainer"]["optim"]["epochs"] == 5 and sweep.config.max_concurrent_trials == 1
     assert [(s.key, s.kind) for s in sweep.config.specs] == [("trainer.optim.lr", "grid"),
                                                              ("ids.hkmeans.branching", "choice")]
     assert sweep.config.n_trials == 4  # 2 grid points x 2 samples
