@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-# ARGS passes config overrides to the demo, e.g. make demo ARGS="trainer.num_workers=2"
+# ARGS passes config overrides to the demo, e.g. make demo ARGS="trainer.resources.num_workers=2"
 ARGS  ?=
 
 .PHONY: demo test install clean

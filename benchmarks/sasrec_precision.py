@@ -32,7 +32,8 @@ def main(argv: list[str]) -> None:
     split = leave_one_out(load_dataset(base.data), base.data.max_history)
     results, start = {}, time.perf_counter()
     for precision in ("fp32", "bf16"):
-        exp = load_experiment(path, [*overrides, f"trainer.precision={precision}", "trainer.use_ray=false"])
+        exp = load_experiment(path, [*overrides, f"trainer.data.precision={precision}",
+                                     "trainer.resources.use_ray=false"])
         trainer = build_trainer(exp, split)
         stats = [trainer.train_epoch(epoch) for epoch in range(epochs)]
         valid = trainer.validate()

@@ -10,7 +10,7 @@ record's ``protocol`` says whether history items were kept in the ranking (``eva
 and whether the test model is a refit.
 
 Selection is on validation; test is computed once, for the selected checkpoint (for a refit,
-``trainer.refit``, the last epoch's, recorded without a validation figure).
+``trainer.selection.refit``, the last epoch's, recorded without a validation figure).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def main(argv: list[str]) -> None:
         # a refit's epoch count was selected on validation by an earlier run
         protocol=protocol(exclude_history=exp.eval.exclude_history, refit=train.get("refit", False)),
         config=exp.to_dict(), wall_s=wall,
-        # a refit (trainer.refit) has no validation figure: its targets were trained on
+        # a refit (trainer.selection.refit) has no validation figure: its targets were trained on
         metrics={"test": test, **({"valid": train["valid"]} if train["valid"] else {}),
                  "samples_per_s": train["samples_per_s"]},
         extra={"train_elapsed_s": train["elapsed_s"], "train_epochs_s": train["train_epochs_s"],

@@ -10,7 +10,7 @@ Two scorers, both fitted on the training prefixes only (``s[:n-2]``), full ranki
 Both score validation and test with the same code, so their valid/test ratio is the split's own.
 Each is also scored with the history's items removed from the ranking (``*_history_excluded``;
 no Beauty user repeats an item, and S3-Rec's full-ranking evaluation masks interacted items).
-``--refit`` fits both on training + validation (``s[:n-1]``, as ``trainer.refit`` trains) and
+``--refit`` fits both on training + validation (``s[:n-1]``, as ``trainer.selection.refit`` trains) and
 scores test only, the protocol of a refitted test model.
 Writes benchmarks/results/baselines/<dataset>/counts[-refit].json: ``metrics`` holds the
 transition scorer with the history kept (the headline protocol), ``by_scorer`` every scorer.

@@ -75,7 +75,7 @@ def main(argv: list[str]) -> None:
     ns, rest = parser.parse_known_args(argv)
     if not 0 < ns.fraction < 1:
         parser.error(f"--fraction={ns.fraction} is out of range; allowed: 0 < fraction < 1")
-    exp = load_experiment(*split_config_args([*rest, "trainer.use_ray=false"]))
+    exp = load_experiment(*split_config_args([*rest, "trainer.resources.use_ray=false"]))
     start = time.perf_counter()
 
     data = InteractionData.load(ns.data)

@@ -7,7 +7,7 @@ Rows (training samples/s over ``--steps`` steps after 2 warm-up steps, in-proces
 - model shape: the paper's (4 + 4 layers, 6 heads of 64, MLP 1024) against the config's;
 - precision: fp32 against bf16 autocast;
 - padding: every history padded to max_history, batches trimmed to their longest history,
-  and trimmed batches bucketed by length (``trainer.bucket``).
+  and trimmed batches bucketed by length (``trainer.data.bucket``).
 Each row starts from the same initial weights and sees the same batches as the rows with the
 same padding, so the mean loss over the timed steps shows whether bf16 tracks fp32.
 Also: training windows per epoch for ``samples=last`` against ``prefixes``, and the cost of
@@ -43,7 +43,7 @@ PAPER_SHAPE = ["model.d_model=128", "model.n_encoder_layers=4", "model.n_decoder
 def samples_per_s(trainer, steps: int, padding: str, max_len: int) -> tuple[float, float]:
     """-> (training samples/s, mean loss over the timed steps); the same batches for every call."""
     bucket = 50 if padding == "bucketed" else 0
-    batches = epoch_batches(trainer.inputs, trainer.targets, trainer.cfg.batch_size, 0, 0, bucket=bucket,
+    batches = epoch_batches(trainer.inputs, trainer.targets, trainer.cfg.optim.batch_size, 0, 0, bucket=bucket,
                             users=trainer.users)
     if padding == "padded":  # undo the trimming: every row as long as max_history
         batches = (Batch(history=F.pad(b.history, (max_len - b.history.shape[1], 0)),
@@ -66,15 +66,15 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--valid-users", type=int, default=2000)
     ns, rest = parser.parse_known_args(argv)
     path, overrides = split_config_args(rest)
-    base = load_experiment(path, [*overrides, "trainer.use_ray=false"])
+    base = load_experiment(path, [*overrides, "trainer.resources.use_ray=false"])
     split = leave_one_out(InteractionData.load(ns.data), base.data.max_history)
     context = model_context(base, split.n_items, ns.ids)
     start, rows = time.perf_counter(), []
     for shape, shape_overrides in (("paper", PAPER_SHAPE), ("config", [])):
         for precision in ("fp32", "bf16"):
             for padding in ("padded", "trimmed", "bucketed"):
-                exp = load_experiment(path, [*overrides, "trainer.use_ray=false", *shape_overrides,
-                                             f"trainer.precision={precision}", "trainer.samples=prefixes"])
+                exp = load_experiment(path, [*overrides, "trainer.resources.use_ray=false", *shape_overrides,
+                                             f"trainer.data.precision={precision}", "trainer.data.samples=prefixes"])
                 trainer = build_trainer(exp, split, context=context)
                 speed, loss = samples_per_s(trainer, ns.steps, padding, exp.data.max_history)
                 epoch_min = len(trainer.inputs) / speed / 60
@@ -86,8 +86,9 @@ def main(argv: list[str]) -> None:
     windows = {mode: len(training_windows(split.train, base.data.max_history, mode)[0]) for mode in ("last", "prefixes")}
     validation = {}
     for users in (ns.valid_users, 0):
-        sample = build_trainer(load_experiment(path, [*overrides, "trainer.use_ray=false",
-                                                      f"trainer.valid_users={users}"]), split, context=context)
+        sample = build_trainer(load_experiment(path, [*overrides, "trainer.resources.use_ray=false",
+                                                      f"trainer.selection.valid_users={users}"]),
+                               split, context=context)
         t0 = time.perf_counter()
         sample.validate()
         validation[str(users or len(split.valid))] = round(time.perf_counter() - t0, 1)
@@ -96,7 +97,7 @@ def main(argv: list[str]) -> None:
     write_record("training-levers", model="tiger", dataset=dataset_name(base.to_dict()["data"]),
                  config=base.to_dict(), wall_s=time.perf_counter() - start,
                  metrics={"training": rows, "windows_per_epoch": windows, "validation_s_by_users": validation},
-                 extra={"steps": ns.steps, "batch_size": base.trainer.batch_size,
+                 extra={"steps": ns.steps, "batch_size": base.trainer.optim.batch_size,
                         "torch_threads": torch.get_num_threads()})
 
 

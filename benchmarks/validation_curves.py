@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.record import dataset_name, find_record, protocol, save_figure, write_record  # noqa: E402
 from pipelines.stages import IDS_EXECUTION_KEYS  # noqa: E402
 from recsys.config import flatten_dict  # noqa: E402
+from recsys.experiment import rename_experiment_keys  # noqa: E402
 from recsys.runs import read_json  # noqa: E402
 from recsys.sweep import dotted_values  # noqa: E402
 
@@ -111,7 +112,8 @@ def main(argv: list[str]) -> None:
     labels = dict(item.split("=", 1) for item in args.label)
     configs, runs = [], {}
     for train_dir in args.train_runs:
-        configs.append(read_json(train_dir / "config.json"))
+        # current key names, so that a run saved before a rename compares key by key with a newer one
+        configs.append(rename_experiment_keys(read_json(train_dir / "config.json"), f"{train_dir}/config.json"))
         label = labels.get(train_dir.name) or train_dir.name
         if label in runs:
             raise ValueError(f"two runs share the label {label!r}; give --label")

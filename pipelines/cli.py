@@ -19,8 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from recsys.config import deep_merge, parse_overrides
-from recsys.experiment import experiment_dict_from_run, experiment_from_dict, load_experiment
+from recsys.experiment import load_experiment, resumed_experiment
 from recsys.models import get_spec
 from recsys.reporting import results_table
 from recsys.runs import (
@@ -74,8 +73,7 @@ def cmd_train(ns: argparse.Namespace) -> None:
             raise ValueError("--resume continues a run with its saved config and data; give only overrides "
                              f"(key=value), not {path or '--data'}")
         saved = read_json(Path(ns.resume) / CONFIG_FILE)
-        exp = experiment_from_dict(deep_merge(experiment_dict_from_run(saved),
-                                              parse_overrides(overrides)))
+        exp = resumed_experiment(saved, overrides)
         run_dir = run_train(exp, resume_dir=Path(ns.resume))
     else:
         exp = load_experiment(*split_config_args(ns.config))
@@ -108,10 +106,11 @@ def cmd_pipeline(ns: argparse.Namespace) -> None:
     train_dir = run_train(exp, data_dir=data_dir, ids_dir=ids_dir, parent=run_dir)
     eval_dir, test = run_evaluate(train_dir, "test", parent=run_dir)
     train_metrics = read_json(train_dir / METRICS_FILE)
-    valid_label = "valid (selected" + (f", {exp.trainer.valid_users} users)" if exp.trainer.valid_users else ")")
+    users = exp.trainer.selection.valid_users
+    valid_label = "valid (selected" + (f", {users} users)" if users else ")")
     if train_metrics["valid"]:
         table = results_table({valid_label: train_metrics["valid"], "test": test})
-    else:  # a refit (trainer.refit): trained on the validation targets, so no validation figure
+    else:  # a refit (trainer.selection.refit): trained on the validation targets, so no validation figure
         table = results_table({"test (refit on training + validation)": test})
     stages = {p.name: str(p) for p in sorted(run_dir.iterdir()) if p.is_dir()}
     write_json(run_dir / METRICS_FILE, {"valid": train_metrics["valid"], "test": test,

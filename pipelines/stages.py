@@ -64,7 +64,7 @@ def run_ids_stage(exp: ExperimentConfig, embed_dir: Path | None = None, data_dir
 
 def run_train(exp: ExperimentConfig, data_dir: Path | None = None, resume_dir: Path | None = None,
               ids_dir: Path | None = None, parent: Path | None = None) -> Path:
-    """Train with Ray Train (or in-process when ``trainer.use_ray`` is false); select on validation.
+    """Train with Ray Train (or in-process when ``trainer.resources.use_ray`` is false); select on validation.
     A generative retriever also needs ``ids_dir``, an ids run over the same data. A resumed run
     is incomplete (no COMPLETE marker) until it finishes again."""
     if resume_dir is not None:
@@ -83,7 +83,7 @@ def run_train(exp: ExperimentConfig, data_dir: Path | None = None, resume_dir: P
     split = leave_one_out(InteractionData.load(data_dir), exp.data.max_history)
     context = model_context(exp, split.n_items, ids_dir)
     start = time.perf_counter()
-    if exp.trainer.use_ray:
+    if exp.trainer.resources.use_ray:
         from pipelines.ray_env import init_ray
         from pipelines.train_job import fit_with_ray
 
@@ -118,7 +118,7 @@ def finish_train(exp: ExperimentConfig, run_dir: Path, history: list[dict], wall
                  worker_restarts: int = 0) -> Path:
     """Write metrics, curve and summary from the per-epoch history, then mark the run complete.
     ``worker_restarts``: Ray Train worker-group restarts after failures in this invocation."""
-    metric, refit = exp.trainer.select_metric, exp.trainer.refit
+    metric, refit = exp.trainer.selection.select_metric, exp.trainer.selection.refit
     if refit:  # no validation (its targets were trained on): the last epoch is the test model
         best, valid = history[-1], {}
     else:
@@ -132,7 +132,8 @@ def finish_train(exp: ExperimentConfig, run_dir: Path, history: list[dict], wall
         "wall_s": round(wall_s, 2), "elapsed_s": round(elapsed, 1),
         "train_epochs_s": round(sum(h["epoch_s"] for h in history), 1),
         "samples_per_s": round(sum(h["samples_per_s"] for h in history) / len(history), 1),
-        "machine": machine_description(), "workers": exp.trainer.num_workers if exp.trainer.use_ray else 0,
+        "machine": machine_description(),
+        "workers": exp.trainer.resources.num_workers if exp.trainer.resources.use_ray else 0,
         "validated_users": best.get("validated_users"),  # how many validation users the selection saw
         # every restore from a checkpoint over the run's life (`--resume` or a Ray Train restart)
         "resumed_from_epochs": [h["resumed_from_epoch"] for h in history if "resumed_from_epoch" in h],
@@ -140,12 +141,13 @@ def finish_train(exp: ExperimentConfig, run_dir: Path, history: list[dict], wall
     }
     write_json(run_dir / METRICS_FILE, metrics)
     resumed = metrics["resumed_from_epochs"]
-    sampled = exp.trainer.valid_users > 0 and best.get("validated_users") == exp.trainer.valid_users
-    plot_training_curve(history, run_dir / "training_curve.png", metric, exp.trainer.valid_users if sampled else 0)
+    sampled = exp.trainer.selection.valid_users > 0 and best.get("validated_users") == exp.trainer.selection.valid_users
+    plot_training_curve(history, run_dir / "training_curve.png", metric,
+                        exp.trainer.selection.valid_users if sampled else 0)
     write_text(run_dir / SUMMARY_FILE, "\n".join([
         f"# train: {exp.model_name}", "",
         (f"- refit on training + validation transitions: {history[-1]['epoch']} epochs of a "
-         f"{exp.trainer.epochs}-epoch schedule, no validation; the last epoch is the test model" if refit
+         f"{exp.trainer.optim.epochs}-epoch schedule, no validation; the last epoch is the test model" if refit
          else f"- selected epoch {best['epoch']} of {history[-1]['epoch']} on validation {metric}"),
         f"- training took {elapsed:.0f} s from first to last epoch ({metrics['train_epochs_s']:.0f} s in "
         f"training steps, the rest validation and checkpoints); this invocation {wall_s:.1f} s",

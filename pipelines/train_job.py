@@ -3,7 +3,7 @@
 Each worker runs ``recsys.training`` unchanged; this file adds only the distribution:
 the data split travels through the object store, ``prepare_model`` wraps DDP, and every
 validated epoch is reported with a checkpoint that rank 0 writes. When a worker dies, Ray Train
-(``FailureConfig``) restarts the worker group up to ``trainer.max_failures`` times and the loop
+(``FailureConfig``) restarts the worker group up to ``trainer.resources.max_failures`` times and the loop
 continues from the latest checkpoint; a small actor counts those starts for the run's metrics.
 """
 
@@ -73,7 +73,7 @@ def train_loop_per_worker(config: dict) -> None:
         ray.get(config["start_log"].add.remote(trainer.resumed_from))
 
     def on_epoch_end(metrics: dict, improved: bool, trainer: Trainer) -> None:
-        if not exp.trainer.refit and f"valid_{exp.trainer.select_metric}" not in metrics:
+        if not exp.trainer.selection.refit and f"valid_{exp.trainer.selection.select_metric}" not in metrics:
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory() as tmp:
@@ -88,27 +88,28 @@ def train_loop_per_worker(config: dict) -> None:
 
 def fit_with_ray(exp: ExperimentConfig, split, run_dir: Path, context: dict | None = None) -> RayFit:
     """Run TorchTrainer; copy the best checkpoint (on validation) to ``run_dir/checkpoints/best``,
-    or a refit's (``trainer.refit``) last one.
+    or a refit's (``trainer.selection.refit``) last one.
 
     Re-running with the same ``run_dir`` resumes from the latest checkpoint (Ray Train V2
     restores a run whose name and storage path match). Returns the per-epoch history and the
     worker-group starts (restarts after failures included).
     """
     cfg = exp.trainer
-    score = None if cfg.refit else f"valid_{cfg.select_metric}"  # a refit keeps its latest checkpoints
+    # a refit keeps its latest checkpoints
+    score = None if cfg.selection.refit else f"valid_{cfg.selection.select_metric}"
     start_log = StartLog.remote()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"experiment": exp.to_dict(), "split": ray.put(split), "context": ray.put(context or {}),
                            "start_log": start_log},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        scaling_config=ScalingConfig(num_workers=cfg.resources.num_workers, use_gpu=cfg.resources.use_gpu,
+                                     resources_per_worker={"CPU": cfg.resources.cpus_per_worker}),
         run_config=RunConfig(
             name=RAY_RUN_NAME,
             storage_path=str(run_dir.resolve()),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.resources.keep_checkpoints,
                                                checkpoint_score_attribute=score, checkpoint_score_order="max"),
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            failure_config=FailureConfig(max_failures=cfg.resources.max_failures),
             # Ray Train logs every report and checkpoint at INFO; our loop prints one line per epoch.
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
@@ -116,7 +117,7 @@ def fit_with_ray(exp: ExperimentConfig, split, run_dir: Path, context: dict | No
     result = trainer.fit()
     if result.error:
         raise RuntimeError(f"training failed: {result.error}") from result.error
-    best = result.checkpoint if cfg.refit else result.get_best_checkpoint(metric=score, mode="max")
+    best = result.checkpoint if cfg.selection.refit else result.get_best_checkpoint(metric=score, mode="max")
     with best.as_directory() as directory, atomic_directory(run_dir / "checkpoints" / "best") as tmp:
         shutil.copytree(directory, tmp, dirs_exist_ok=True)
     with result.checkpoint.as_directory() as directory:

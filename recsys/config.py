@@ -7,11 +7,13 @@ apply ``a.b.c=value`` overrides, and turn them back into dicts for saving.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
+import warnings
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Callable, TypeVar
 
 import yaml
 
@@ -88,17 +90,107 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
+def load_yaml_chain(path: str | Path, prepare: Callable[[dict, str], dict] | None = None,
+                    key: str = "base_config") -> dict:
+    """A YAML file whose ``base_config: other.yaml`` (relative to the file's own directory) names
+    the file it refines: the chain of bases merged, nearest last. ``prepare(tree, source)`` is
+    applied to each file's own keys before merging (e.g. to rename old keys file by file)."""
+    chain: list[Path] = []
+    files: list[dict] = []
+    path = Path(path)
+    while True:
+        resolved = path.resolve()
+        if resolved in chain:
+            cycle = " -> ".join(str(p) for p in [*chain[chain.index(resolved):], resolved])
+            raise ValueError(f"{key} forms a cycle: {cycle}")
+        if chain and not path.is_file():
+            raise FileNotFoundError(f"{chain[-1]}: {key} {path} does not exist")
+        chain.append(resolved)
+        data = load_yaml(path)
+        files.append(data)
+        base = data.get(key)
+        if not base:
+            break
+        if not isinstance(base, str):
+            raise ValueError(f"{path}: {key} must be a file name, got {base!r}")
+        path = path.parent / base if not Path(base).is_absolute() else Path(base)
+    merged: dict = {}
+    for file, data in reversed(list(zip(chain, files))):
+        own = {k: v for k, v in data.items() if k != key}
+        merged = deep_merge(merged, prepare(own, str(file)) if prepare else own)
+    return merged
+
+
+_WARNED_RENAMES: set[str] = set()  # old keys already warned about in this process
+
+
+def warn_renamed(pairs: typing.Iterable[tuple[str, str]], source: str = "") -> None:
+    """One FutureWarning naming the new key of each old key not warned about before."""
+    fresh = [(old, new) for old, new in pairs if old not in _WARNED_RENAMES]
+    if not fresh:
+        return
+    _WARNED_RENAMES.update(old for old, _ in fresh)
+    shown = ", ".join(f"{old} -> {new}" for old, new in fresh)
+    warnings.warn(f"renamed config key(s){f' in {source}' if source else ''}: {shown}; the old names "
+                  "still work, but write the new ones", FutureWarning, stacklevel=3)
+
+
+def rename_key(key: str, renamed: dict[str, str], source: str = "") -> str:
+    """The current name of dotted ``key`` (``renamed`` maps old -> new)."""
+    if key in renamed:
+        warn_renamed([(key, renamed[key])], source)
+    return renamed.get(key, key)
+
+
+def rename_keys(tree: dict, renamed: dict[str, str], source: str = "") -> dict:
+    """``tree`` with every old dotted key of ``renamed`` moved to its new place (a copy; ``tree``
+    is left alone). Giving both the old and the new key is an error naming both."""
+    present = [old for old in renamed if _lookup(tree, old)[0]]
+    if not present:
+        return tree
+    tree = copy.deepcopy(tree)
+    for old in present:
+        new = renamed[old]
+        if _lookup(tree, new)[0]:
+            raise ValueError(f"{old} and {new} are the same setting ({old} is its old name); give only {new}"
+                             + (f" (in {source})" if source else ""))
+        *parents, leaf = old.split(".")
+        value = _lookup(tree, ".".join(parents))[1].pop(leaf)
+        *parents, leaf = new.split(".")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+            require(isinstance(node, dict), f"{part} must be a mapping (it holds {new}), got {node!r}")
+        node[leaf] = value
+    warn_renamed([(old, renamed[old]) for old in present], source)
+    return tree
+
+
+def _lookup(tree: Any, dotted: str) -> tuple[bool, Any]:
+    node = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
 def from_dict(cls: type[T], data: dict | None, where: str = "") -> T:
     """Build dataclass ``cls`` from a nested dict, rejecting unknown keys by their dotted path."""
     data = data or {}
     if not isinstance(data, dict):
         raise ValueError(f"{where or 'config'} must be a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - names)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ValueError(f"unknown config key(s) {[_join(where, k) for k in unknown]}; allowed: {sorted(names)}")
-    kwargs = {name: _coerce(hints[name], value, _join(where, name)) for name, value in data.items()}
+        raise ValueError(f"unknown config key(s) {[_join(where, k) for k in unknown]}; allowed: {sorted(fields)}")
+    # A field whose type is chosen by its value (e.g. the model section, tagged by model.name)
+    # names its own loader in the field's metadata: {"from_dict": loader(value, where)}.
+    kwargs = {}
+    for name, value in data.items():
+        load = fields[name].metadata.get("from_dict")
+        kwargs[name] = load(value, _join(where, name)) if load else _coerce(hints[name], value, _join(where, name))
     try:
         return cls(**kwargs)
     except TypeError as err:

@@ -1,25 +1,30 @@
 """The full config of a run, composed from the component configs, and its loader.
 
-``load_experiment("configs/beauty-sasrec.yaml", ["trainer.epochs=5"])`` reads the YAML,
-applies dotted overrides and validates every section; an unknown key or an out-of-range value
-raises a ValueError that names it.
+``load_experiment("configs/beauty-sasrec.yaml", ["trainer.optim.epochs=5"])`` reads the YAML (and
+the chain of ``base_config:`` files it refines), applies dotted overrides and validates every
+section; an unknown key or an out-of-range value raises a ValueError that names it. Keys renamed
+since (``RENAMED_KEYS``) are still read, with a FutureWarning naming the new key.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from recsys.config import deep_merge, from_dict, load_yaml, parse_overrides, require, to_dict
+from recsys.config import (
+    deep_merge, from_dict, load_yaml_chain, parse_overrides, rename_key, rename_keys, require, to_dict,
+)
 from recsys.data.config import DataConfig
-from recsys.models import model_config_from_dict
+from recsys.models import get_spec, model_config_from_dict, model_names
 from recsys.semantic_ids.build import IdsConfig
 from recsys.text import EmbedConfig
-from recsys.training.config import EvalConfig, TrainerConfig
+from recsys.training.config import RENAMED_TRAINER_KEYS, EvalConfig, TrainerConfig
 
 
 DEFAULT_MODEL = {"name": "sasrec"}
+RENAMED_KEYS = RENAMED_TRAINER_KEYS  # old dotted key -> new, over every section
 
 
 @dataclass
@@ -35,10 +40,29 @@ class RunSection:
                 "filesystem mounted at the same path on every node); object-store URIs are not supported")
 
 
+def model_section(value: Any, where: str = "model") -> Any:
+    """``{"name": "tiger", ...}`` -> the registered model's own config (TigerConfig); unknown keys
+    fail naming ``model.<key>`` and the keys that model allows."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return value
+    require(isinstance(value, dict), f"{where} must be a mapping with a name, got {value!r}")
+    return model_config_from_dict(value)[1]
+
+
+def model_name_of(config: Any) -> str:
+    """The registered name of a model config (each model has its own config class)."""
+    names = [n for n in model_names() if get_spec(n).config_cls is type(config)]
+    require(len(names) == 1, f"model config {type(config).__name__} is registered as {names}; "
+            "expected exactly one model.name")
+    return names[0]
+
+
 @dataclass
 class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
-    model: dict = field(default_factory=lambda: dict(DEFAULT_MODEL))
+    # The chosen model's own config (SASRecConfig, TigerConfig, ...), tagged by model.name in YAML.
+    model: Any = field(default_factory=lambda: model_section(DEFAULT_MODEL),
+                       metadata={"from_dict": model_section})
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
@@ -46,30 +70,59 @@ class ExperimentConfig:
     run: RunSection = field(default_factory=RunSection)
 
     def __post_init__(self):
-        # Resolve once so that a bad model section fails at load time, not mid-pipeline.
-        self.model_name, self.model_config = model_config_from_dict(self.model)
+        model_name_of(self.model)  # fails now, not mid-pipeline, if model is not a registered config
+
+    @property
+    def model_name(self) -> str:
+        return model_name_of(self.model)
 
     def to_dict(self) -> dict[str, Any]:
         out = to_dict(self)
-        out["model"] = {"name": self.model_name, **to_dict(self.model_config)}
+        out["model"] = {"name": self.model_name, **to_dict(self.model)}
         return out
+
+
+def rename_experiment_keys(raw: dict, source: str = "") -> dict:
+    """``raw`` with old keys (``trainer.optim.lr``) moved to their new places (``trainer.optim.lr``)."""
+    return rename_keys(raw, RENAMED_KEYS, source)
+
+
+def experiment_key(key: str, source: str = "") -> str:
+    """The current name of one dotted experiment key, e.g. a swept ``trainer.optim.lr``."""
+    return rename_key(key, RENAMED_KEYS, source)
+
+
+def load_experiment_yaml(path: str | Path) -> dict:
+    """An experiment YAML and the chain of ``base_config:`` files it refines, as one dict with
+    current key names (each file's old keys renamed before merging)."""
+    return load_yaml_chain(path, rename_experiment_keys)
+
+
+def parse_experiment_overrides(overrides: Sequence[str]) -> dict:
+    return rename_experiment_keys(parse_overrides(overrides), "overrides")
 
 
 def load_experiment(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
     """YAML (optional; None = the embedded defaults) + dotted overrides -> ExperimentConfig."""
-    raw = load_yaml(path) if path is not None else {}
-    raw = deep_merge(raw, parse_overrides(overrides))
+    raw = load_experiment_yaml(path) if path is not None else {}
+    raw = deep_merge(raw, parse_experiment_overrides(overrides))
     return experiment_from_dict(raw)
 
 
 def experiment_from_dict(raw: dict) -> ExperimentConfig:
     # Model keys given without a name (e.g. an override model.d_model=32) refine the default model.
-    return from_dict(ExperimentConfig, deep_merge({"model": DEFAULT_MODEL}, raw))
+    return from_dict(ExperimentConfig, deep_merge({"model": DEFAULT_MODEL}, rename_experiment_keys(raw)))
 
 
 RUN_WIRING = ("data_dir", "ids_dir")  # stored beside the config in a train run's config.json
 
 
 def experiment_dict_from_run(saved: dict) -> dict:
-    """A train run's config.json without its run wiring: the experiment as it was configured."""
-    return {k: v for k, v in saved.items() if k not in RUN_WIRING}
+    """A train run's config.json without its run wiring: the experiment as it was configured (a
+    run saved before keys were renamed reads with the current names)."""
+    return rename_experiment_keys({k: v for k, v in saved.items() if k not in RUN_WIRING}, "a run's config.json")
+
+
+def resumed_experiment(saved: dict, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """A train run's saved config.json refined by dotted overrides (``recsys train --resume``)."""
+    return experiment_from_dict(deep_merge(experiment_dict_from_run(saved), parse_experiment_overrides(overrides)))

@@ -41,7 +41,7 @@ def plot_training_curve(history: list[dict], path: str | Path, select_metric: st
     if validated:
         best = max(validated, key=lambda h: h[f"valid_{select_metric}"])
         ax_metric.axvline(best["epoch"], color="grey", linestyle="--", label=f"selected (epoch {best['epoch']})")
-    else:  # a refit (trainer.refit) trains on the validation targets and never validates
+    else:  # a refit (trainer.selection.refit) trains on the validation targets and never validates
         ax_metric.text(0.5, 0.5, "no validation", ha="center", va="center", transform=ax_metric.transAxes)
     sample = f", {valid_users:,}-user sample" if valid_users else ""
     ax_metric.set(xlabel="epoch", ylabel="validation", title=f"validation (full ranking{sample})")

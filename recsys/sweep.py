@@ -8,10 +8,10 @@ A sweep file has a base experiment and a ``sweep:`` section::
     sweep:
       params:                           # dotted experiment keys -> one search domain each
         ids.rqvae.codebook_size: {grid: [64, 128, 256]}
-        trainer.lr: {loguniform: [3.0e-4, 3.0e-3]}
+        trainer.optim.lr: {loguniform: [3.0e-4, 3.0e-3]}
       num_samples: 2                    # samples of the random domains per grid point
       metric: recall@10                 # validation metric, higher is better
-      scheduler: {name: asha, grace_period: 2, reduction_factor: 2}   # max_t = trainer.epochs
+      scheduler: {name: asha, grace_period: 2, reduction_factor: 2}   # max_t = trainer.optim.epochs
       resources: {cpu: 1, gpu: 0}       # per trial
       max_concurrent_trials: 2
 
@@ -31,15 +31,18 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from recsys.config import deep_merge, from_dict, load_yaml, parse_overrides, require, require_choice, require_range
-from recsys.experiment import ExperimentConfig, experiment_from_dict
+from recsys.experiment import (
+    ExperimentConfig, experiment_from_dict, experiment_key, load_experiment_yaml, rename_experiment_keys,
+)
 from recsys.metrics import DEFAULT_KS, metric_names
 
 DOMAINS = ("grid", "choice", "uniform", "loguniform", "randint")
 SCHEDULERS = ("asha", "fifo")
 # Prepared once, before the trials, or owned by the sweep itself: not sweepable.
 FIXED_PREFIXES = ("data.", "embed.", "run.")
-FIXED_KEYS = ("model.name", "trainer.epochs", "trainer.use_ray", "ids.use_ray", "trainer.select_metric",
-              "trainer.threads", "trainer.refit", "trainer.stop_epoch")
+FIXED_KEYS = ("model.name", "trainer.optim.epochs", "trainer.resources.use_ray", "ids.use_ray",
+              "trainer.selection.select_metric", "trainer.resources.threads", "trainer.selection.refit",
+              "trainer.optim.stop_epoch")
 MAX_VALIDATED_POINTS = 4096  # grid points built one by one at load; beyond that, each value alone
 
 
@@ -128,14 +131,24 @@ class SweepConfig:
                 "e.g. {ids.rqvae.codebook_size: {grid: [64, 128]}}")
         self.params = flatten_params(self.params)
         self.specs = [ParamSpec.parse(k, v) for k, v in self.params.items()]
+        # A swept key keeps the name it was given (an old sweep run resumes with its trials' keys);
+        # its current name is used to build the experiment.
+        current: dict[str, str] = {}
         for spec in self.specs:
-            require(not spec.key.startswith(FIXED_PREFIXES) and spec.key not in FIXED_KEYS,
+            key = experiment_key(spec.key, "sweep.params")
+            require(key not in current, f"sweep.params.{current.get(key)} and sweep.params.{spec.key} are the same "
+                    f"key ({key}); give it once, as {key}")
+            current[key] = spec.key
+        for spec in self.specs:
+            key = experiment_key(spec.key)
+            require(not key.startswith(FIXED_PREFIXES) and key not in FIXED_KEYS,
                     f"sweep.params.{spec.key} cannot be swept: data, embeddings, run and {list(FIXED_KEYS)} "
-                    "are fixed by the sweep (the data is embedded once; ASHA budgets epochs up to trainer.epochs)")
+                    "are fixed by the sweep (the data is embedded once; ASHA budgets epochs up to "
+                    "trainer.optim.epochs)")
         require_range("sweep.num_samples", self.num_samples, 1, 100000)
         require(self.num_samples == 1 or any(s.kind != "grid" for s in self.specs),
                 f"sweep.num_samples={self.num_samples} with only grid params repeats identical trials; "
-                "sweep trainer.seed instead, or add a random domain")
+                "sweep trainer.data.seed instead, or add a random domain")
         require_choice("sweep.metric", self.metric, metric_names(DEFAULT_KS))
         require_range("sweep.max_concurrent_trials", self.max_concurrent_trials, 0, 100000)
         require_range("sweep.seed", self.seed, 0, 2**31 - 1)
@@ -147,7 +160,7 @@ class SweepConfig:
 
 def flatten_params(params: dict, prefix: str = "") -> dict:
     """``{"trainer": {"lr": {"grid": [...]}}}`` (how a command-line override nests) and
-    ``{"trainer.lr": {"grid": [...]}}`` (how a YAML file writes it) -> the flat form; later wins."""
+    ``{"trainer.optim.lr": {"grid": [...]}}`` (how a YAML file writes it) -> the flat form; later wins."""
     flat: dict = {}
     for key, value in params.items():
         key = f"{prefix}{key}"
@@ -165,6 +178,9 @@ class Sweep:
     config: SweepConfig
     base: dict
     source: str = ""
+
+    def __post_init__(self):
+        self.base = rename_experiment_keys(self.base, "the sweep's base")  # a sweep run saved before a rename
 
     def to_dict(self) -> dict:
         from recsys.config import to_dict
@@ -196,14 +212,16 @@ EXPERIMENT_SECTIONS = tuple(f.name for f in fields(ExperimentConfig))
 
 
 def route_overrides(overrides: Sequence[str]) -> dict:
-    """``sweep.num_samples=4`` and ``base.trainer.lr=1e-3`` go where they say; an override of an
-    experiment section (``data.path=...``, ``trainer.epochs=3``) refines ``base``."""
+    """``sweep.num_samples=4`` and ``base.trainer.optim.lr=1e-3`` go where they say; an override of an
+    experiment section (``data.path=...``, ``trainer.optim.epochs=3``) refines ``base``."""
     tree = parse_overrides(overrides)
     routed: dict = {}
     for key, value in tree.items():
         if key in EXPERIMENT_SECTIONS:
-            routed = deep_merge(routed, {"base": {key: value}})
-        elif key in ("base", "sweep", "base_config"):
+            routed = deep_merge(routed, {"base": rename_experiment_keys({key: value}, "overrides")})
+        elif key == "base":
+            routed = deep_merge(routed, {"base": rename_experiment_keys(value, "overrides")})
+        elif key in ("sweep", "base_config"):
             routed = deep_merge(routed, {key: value})
         else:
             raise ValueError(f"override key {key!r} is not allowed; use sweep.*, base.* or an experiment "
@@ -214,6 +232,8 @@ def route_overrides(overrides: Sequence[str]) -> dict:
 def load_sweep(path: str | Path | None, overrides: Sequence[str] = ()) -> Sweep:
     """Sweep YAML + dotted overrides -> a validated ``Sweep``: every trial's experiment is checked."""
     raw = load_yaml(path) if path is not None else {}
+    if isinstance(raw.get("base"), dict):  # old key names renamed before the overrides merge in
+        raw["base"] = rename_experiment_keys(raw["base"], f"{path}: base")
     raw = deep_merge(raw, route_overrides(overrides))
     unknown = sorted(set(raw) - {"base", "base_config", "sweep"})
     require(not unknown, f"unknown sweep file key(s) {unknown}; allowed: ['base', 'base_config', 'sweep']")
@@ -223,7 +243,7 @@ def load_sweep(path: str | Path | None, overrides: Sequence[str] = ()) -> Sweep:
         ref = Path(str(raw["base_config"]))
         if not ref.is_absolute() and path is not None:
             ref = Path(path).parent / ref  # relative to the sweep file
-        base = deep_merge(load_yaml(ref), base)
+        base = deep_merge(load_experiment_yaml(ref), base)
     require("sweep" in raw, "the sweep file needs a sweep: section with params")
     config = from_dict(SweepConfig, raw["sweep"], "sweep")
     sweep = Sweep(config=config, base=base, source=str(path or ""))
@@ -236,7 +256,7 @@ def dotted_values(tree: dict, keys: list[str]) -> dict[str, Any]:
     out = {}
     for key in keys:
         node: Any = tree
-        for part in key.split("."):
+        for part in experiment_key(key).split("."):
             node = node.get(part) if isinstance(node, dict) else None
         out[key] = node
     return out
@@ -247,7 +267,7 @@ def with_params(base: dict, params: dict[str, Any]) -> dict:
     tree: dict = {}
     for key, value in params.items():
         node = tree
-        *parents, leaf = key.split(".")
+        *parents, leaf = experiment_key(key).split(".")
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = value
@@ -257,15 +277,17 @@ def with_params(base: dict, params: dict[str, Any]) -> dict:
 def trial_experiment(sweep: Sweep, params: dict[str, Any]) -> ExperimentConfig:
     """What one trial runs: base + params, in-process (the trial is the unit Ray schedules),
     selected on the sweep's metric, with as many torch threads as the trial has CPUs."""
-    forced = {"trainer.use_ray": False, "ids.use_ray": False, "trainer.select_metric": sweep.config.metric,
-              "trainer.threads": sweep.config.resources.threads}
+    forced = {"trainer.resources.use_ray": False, "ids.use_ray": False,
+              "trainer.selection.select_metric": sweep.config.metric,
+              "trainer.resources.threads": sweep.config.resources.threads}
     return experiment_from_dict(with_params(sweep.base, {**params, **forced}))
 
 
 def winner_experiment(sweep: Sweep, params: dict[str, Any]) -> ExperimentConfig:
     """The winning point as a pipeline config: base + params, selected on the sweep's metric; the
     in-process settings a trial needs are left as the base has them."""
-    return experiment_from_dict(with_params(sweep.base, {**params, "trainer.select_metric": sweep.config.metric}))
+    selected = {"trainer.selection.select_metric": sweep.config.metric}
+    return experiment_from_dict(with_params(sweep.base, {**params, **selected}))
 
 
 def check_points(sweep: Sweep) -> None:
@@ -282,11 +304,13 @@ def check_points(sweep: Sweep) -> None:
     first_random = {s.key: s.probes()[0] for s in specs if s.kind != "grid"}
     probes = [{**first_random, s.key: v} for s in specs if s.kind != "grid" for v in s.probes()] or [{}]
     base_trainer = sweep.base_experiment().trainer
-    epochs = base_trainer.epochs
-    require(not base_trainer.refit, "base trainer.refit=true: a refit trains on the validation targets and "
+    epochs = base_trainer.optim.epochs
+    require(not base_trainer.selection.refit, "base trainer.selection.refit=true: a refit trains on the "
+            "validation targets and "
             "never validates, so a sweep has nothing to rank trials on; sweep without it, then refit the winner")
-    require(not base_trainer.stop_epoch, f"base trainer.stop_epoch={base_trainer.stop_epoch}: a sweep runs "
-            "trainer.epochs (ASHA stops trials early itself); set trainer.epochs instead")
+    require(not base_trainer.optim.stop_epoch, f"base trainer.optim.stop_epoch={base_trainer.optim.stop_epoch}: "
+            "a sweep runs "
+            "trainer.optim.epochs (ASHA stops trials early itself); set trainer.optim.epochs instead")
     for point in points:
         for probe in probes:
             values = {**point, **probe}
@@ -297,4 +321,5 @@ def check_points(sweep: Sweep) -> None:
                 raise ValueError(f"sweep point {{{shown}}} is not a valid experiment: {err}") from None
     if sweep.config.scheduler.name == "asha":
         require(sweep.config.scheduler.grace_period <= epochs,
-                f"sweep.scheduler.grace_period={sweep.config.scheduler.grace_period} exceeds trainer.epochs={epochs}")
+                f"sweep.scheduler.grace_period={sweep.config.scheduler.grace_period} exceeds "
+                f"trainer.optim.epochs={epochs}")

@@ -36,7 +36,7 @@ def tiny_overrides(tmp_path):
         f"run.root={tmp_path / 'runs'}",
         "data.synthetic.n_users=300", "data.synthetic.n_items=80", "data.synthetic.n_topics=4",
         "model.d_model=32", "model.n_layers=1", "model.d_ff=64",
-        "trainer.epochs=3", "trainer.batch_size=64", "trainer.patience=0",
+        "trainer.optim.epochs=3", "trainer.optim.batch_size=64", "trainer.selection.patience=0",
     ]
 
 

@@ -34,8 +34,8 @@ def test_cold_start_slice_holds_items_out_and_scores_them_after_registration(dat
     main(["--data", str(data_dir), "--embed", str(embed_dir), "--fraction", "0.1",
           f"run.root={tmp_path / 'runs'}", "data.max_history=10", "ids.method=hkmeans", "ids.hkmeans.branching=4",
           "model.name=tiger", "model.d_model=32", "model.n_encoder_layers=1", "model.n_decoder_layers=1",
-          "model.n_heads=2", "model.head_dim=16", "model.d_ff=64", "trainer.samples=prefixes", "trainer.epochs=3",
-          "trainer.batch_size=128", "trainer.lr=3e-3", "trainer.patience=0"])
+          "model.n_heads=2", "model.head_dim=16", "model.d_ff=64", "trainer.data.samples=prefixes", "trainer.optim.epochs=3",
+          "trainer.optim.batch_size=128", "trainer.optim.lr=3e-3", "trainer.selection.patience=0"])
     record = json.loads((tmp_path / "results" / "tiger" / "synthetic" / "cold-start.json").read_text())
     assert record["protocol"] == {"history": "kept", "refit": False, "selected_on": "valid"}
     assert record["held_out_items"] == 8 and record["cold_test_users"] > 0
@@ -122,8 +122,8 @@ def test_a_refit_is_recorded_with_its_test_figures_and_no_validation(tiny_overri
     from pipelines.cli import main as cli
 
     monkeypatch.setattr(benchmarks.record, "RESULTS", tmp_path / "results")
-    assert cli(["train", *tiny_overrides, "trainer.use_ray=false", "trainer.epochs=3", "trainer.stop_epoch=2",
-                "trainer.refit=true"]) == 0
+    assert cli(["train", *tiny_overrides, "trainer.resources.use_ray=false", "trainer.optim.epochs=3",
+                "trainer.optim.stop_epoch=2", "trainer.selection.refit=true"]) == 0
     train_dir = next((tmp_path / "runs" / "train").iterdir())
     sequential(["--name", "tiny-refit", "--train-run", str(train_dir)])
     (path,) = (tmp_path / "results").glob("**/*.json")
@@ -133,7 +133,8 @@ def test_a_refit_is_recorded_with_its_test_figures_and_no_validation(tiny_overri
     assert record["protocol"] == {"history": "kept", "refit": True, "selected_on": "valid"}
     assert "valid" not in record["metrics"] and set(record["metrics"]["test"]) >= {"recall@10", "ndcg@5"}
     assert record["refit"] and record["best_epoch"] == record["epochs_run"] == 2
-    assert record["config"]["trainer"]["refit"] and record["config"]["trainer"]["stop_epoch"] == 2
+    trainer = record["config"]["trainer"]
+    assert trainer["selection"]["refit"] and trainer["optim"]["stop_epoch"] == 2
 
 
 def test_protocols_writes_one_record_per_protocol(tiny_overrides, tmp_path, monkeypatch):
@@ -141,7 +142,7 @@ def test_protocols_writes_one_record_per_protocol(tiny_overrides, tmp_path, monk
     from pipelines.cli import main as cli
 
     monkeypatch.setattr(benchmarks.record, "RESULTS", tmp_path / "results")
-    assert cli(["train", *tiny_overrides, "trainer.use_ray=false", "trainer.epochs=2"]) == 0
+    assert cli(["train", *tiny_overrides, "trainer.resources.use_ray=false", "trainer.optim.epochs=2"]) == 0
     train_dir = next((tmp_path / "runs" / "train").iterdir())
     data_dir = next((tmp_path / "runs" / "data").iterdir())
     protocols([str(train_dir / "checkpoints" / "best"), "--data", str(data_dir), "--name", "tiny",

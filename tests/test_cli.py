@@ -13,8 +13,8 @@ def parse(*argv):
 
 
 def test_overrides_after_a_run_option_join_the_config_words():
-    ns = parse("train", "configs/beauty-tiger.yaml", "--data", "runs/data/x", "trainer.epochs=3", "model.dropout=0.3")
-    assert ns.config == ["configs/beauty-tiger.yaml", "trainer.epochs=3", "model.dropout=0.3"]
+    ns = parse("train", "configs/beauty-tiger.yaml", "--data", "runs/data/x", "trainer.optim.epochs=3", "model.dropout=0.3")
+    assert ns.config == ["configs/beauty-tiger.yaml", "trainer.optim.epochs=3", "model.dropout=0.3"]
     assert ns.data == Path("runs/data/x")
     ns = parse("tune", "--embed", "runs/embed/y", "configs/tune-demo.yaml", "sweep.num_samples=2")
     assert ns.config == ["configs/tune-demo.yaml", "sweep.num_samples=2"] and ns.embed == Path("runs/embed/y")

@@ -297,9 +297,9 @@ def two_node_cluster(tmp_path):
 
 
 TINY_PIPELINE = ["data.synthetic.n_users=300", "data.synthetic.n_items=80", "data.synthetic.n_topics=4",
-                 "model.d_model=32", "model.n_layers=1", "model.d_ff=64", "trainer.epochs=3",
-                 "trainer.batch_size=64", "trainer.patience=0",
-                 "trainer.num_workers=2"]  # one CPU per node: DDP has to span both nodes
+                 "model.d_model=32", "model.n_layers=1", "model.d_ff=64", "trainer.optim.epochs=3",
+                 "trainer.optim.batch_size=64", "trainer.selection.patience=0",
+                 "trainer.resources.num_workers=2"]  # one CPU per node: DDP has to span both nodes
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 

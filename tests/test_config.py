@@ -14,12 +14,12 @@ def write(tmp_path, text):
 
 
 def test_yaml_and_overrides_compose(tmp_path):
-    path = write(tmp_path, "model:\n  name: sasrec\n  d_model: 32\ntrainer:\n  epochs: 3\n")
-    exp = load_experiment(path, ["trainer.epochs=5", "model.n_layers=3", "trainer.precision=bf16", "trainer.lr=3e-4"])
-    assert exp.trainer.lr == 3e-4
-    assert exp.trainer.epochs == 5 and exp.trainer.precision == "bf16"
-    assert isinstance(exp.model_config, SASRecConfig)
-    assert (exp.model_config.d_model, exp.model_config.n_layers) == (32, 3)
+    path = write(tmp_path, "model:\n  name: sasrec\n  d_model: 32\ntrainer:\n  optim:\n    epochs: 3\n")
+    exp = load_experiment(path, ["trainer.optim.epochs=5", "model.n_layers=3", "trainer.data.precision=bf16", "trainer.optim.lr=3e-4"])
+    assert exp.trainer.optim.lr == 3e-4
+    assert exp.trainer.optim.epochs == 5 and exp.trainer.data.precision == "bf16"
+    assert isinstance(exp.model, SASRecConfig)
+    assert (exp.model.d_model, exp.model.n_layers) == (32, 3)
     assert exp.to_dict()["model"]["d_model"] == 32
 
 
@@ -29,14 +29,14 @@ def test_defaults_need_no_file():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("trainer.epochs=0", r"trainer.epochs=0 is out of range; allowed: 1 <= trainer.epochs"),
-    ("trainer.precision=fp8", r"trainer.precision='fp8' is not allowed; choose one of \['fp32', 'bf16'\]"),
+    ("trainer.optim.epochs=0", r"trainer.optim.epochs=0 is out of range; allowed: 1 <= trainer.optim.epochs"),
+    ("trainer.data.precision=fp8", r"trainer.data.precision='fp8' is not allowed; choose one of \['fp32', 'bf16'\]"),
     ("model.dropout=1.5", r"model.dropout=1.5 is out of range"),
     ("model.name=gpt", r"model.name='gpt' is not allowed; choose one of \['sasrec'"),
     ("trainer.epoch=3", r"unknown config key\(s\) \['trainer.epoch'\]"),
-    ("trainer.batch_size=abc", r"trainer.batch_size must be a number"),
-    ("trainer.batch_size=2.5", r"trainer.batch_size must be an integer"),
-    ("trainer.select_metric=mrr", r"trainer.select_metric='mrr' is not allowed"),
+    ("trainer.optim.batch_size=abc", r"trainer.optim.batch_size must be a number"),
+    ("trainer.optim.batch_size=2.5", r"trainer.optim.batch_size must be an integer"),
+    ("trainer.selection.select_metric=mrr", r"trainer.selection.select_metric='mrr' is not allowed"),
     ("model.n_heads=3", r"model.d_model=64 must be divisible by model.n_heads=3"),
     ("ids.max_failures=-2", r"ids.max_failures=-2 is out of range; allowed: -1 <= ids.max_failures"),
 ])
@@ -47,7 +47,7 @@ def test_out_of_range_values_raise_with_what_is_allowed(override, message):
 
 def test_bad_override_syntax_and_bad_yaml(tmp_path):
     with pytest.raises(ValueError, match="must look like key.subkey=value"):
-        parse_overrides(["trainer.epochs"])
+        parse_overrides(["trainer.optim.epochs"])
     with pytest.raises(ValueError, match="not valid YAML"):
         load_experiment(write(tmp_path, "trainer: [unclosed\n"))
     with pytest.raises(ValueError, match="top level must be a mapping"):

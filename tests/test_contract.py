@@ -112,7 +112,7 @@ def test_loss_parts_are_logged_per_epoch_and_plotted(tmp_path):
     from recsys.training.session import train_in_process
 
     split = leave_one_out(generate_synthetic(SyntheticConfig(n_users=80, n_items=30, n_topics=3, seed=0)), 6)
-    exp = load_experiment(None, ["trainer.use_ray=false", "trainer.epochs=1", "model.d_model=16", "model.n_layers=1",
+    exp = load_experiment(None, ["trainer.resources.use_ray=false", "trainer.optim.epochs=1", "model.d_model=16", "model.n_layers=1",
                                  "model.loss=bce", "model.d_ff=16", "data.max_history=6"])
     history = train_in_process(exp, split, tmp_path).history
     assert {"train_loss", "train_bce_pos", "train_bce_neg"} <= set(history[0])

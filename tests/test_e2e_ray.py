@@ -20,7 +20,7 @@ def only_dir(path: Path) -> Path:
 
 
 def test_pipeline_with_two_ddp_workers(ray_session, tiny_overrides, tmp_path, capsys):
-    assert main(["pipeline", *tiny_overrides, "trainer.num_workers=2"]) == 0
+    assert main(["pipeline", *tiny_overrides, "trainer.resources.num_workers=2"]) == 0
     out = capsys.readouterr().out
     assert "| test |" in out and "recall@10" in out
     runs = tmp_path / "runs"
@@ -48,7 +48,7 @@ def test_pipeline_with_two_ddp_workers(ray_session, tiny_overrides, tmp_path, ca
 
 def test_a_refit_under_ray_train_keeps_its_last_epoch_and_reports_no_validation(ray_session, tiny_overrides,
                                                                                 tmp_path, capsys):
-    assert main(["pipeline", *tiny_overrides, "trainer.epochs=4", "trainer.stop_epoch=2", "trainer.refit=true"]) == 0
+    assert main(["pipeline", *tiny_overrides, "trainer.optim.epochs=4", "trainer.optim.stop_epoch=2", "trainer.selection.refit=true"]) == 0
     out = capsys.readouterr().out
     assert "| test (refit on training + validation) |" in out and "| valid (selected" not in out
     result = read_json(only_dir(tmp_path / "runs" / "pipeline") / "metrics.json")
@@ -65,11 +65,11 @@ def test_a_refit_under_ray_train_keeps_its_last_epoch_and_reports_no_validation(
 
 
 def test_train_resumes_from_the_last_ray_checkpoint(ray_session, tiny_overrides, tmp_path):
-    assert main(["train", *tiny_overrides, "trainer.epochs=2"]) == 0
+    assert main(["train", *tiny_overrides, "trainer.optim.epochs=2"]) == 0
     train_dir = only_dir(tmp_path / "runs" / "train")
     first = [json.loads(x) for x in (train_dir / "epochs.jsonl").read_text().splitlines()]
     resumed_at = time.time()
-    assert main(["train", "--resume", str(train_dir), "trainer.epochs=4"]) == 0
+    assert main(["train", "--resume", str(train_dir), "trainer.optim.epochs=4"]) == 0
     epochs = [json.loads(x) for x in (train_dir / "epochs.jsonl").read_text().splitlines()]
     assert [e["epoch"] for e in epochs] == [1, 2, 3, 4]
     # epochs 1-2 come from the first run's checkpoint, not from training again
@@ -79,15 +79,15 @@ def test_train_resumes_from_the_last_ray_checkpoint(ray_session, tiny_overrides,
     assert epochs[2]["resumed_from_epoch"] == 2
     metrics = read_json(train_dir / "metrics.json")
     assert metrics["resumed_from_epochs"] == [2] and metrics["worker_restarts"] == 0
-    assert read_json(train_dir / "config.json")["trainer"]["epochs"] == 4
+    assert read_json(train_dir / "config.json")["trainer"]["optim"]["epochs"] == 4
 
 
 def test_console_script_reports_bad_config_clearly(tmp_path):
     recsys = Path(sys.executable).parent / "recsys"
-    proc = subprocess.run([str(recsys), "train", "trainer.epochs=-1", f"run.root={tmp_path}"],
+    proc = subprocess.run([str(recsys), "train", "trainer.optim.epochs=-1", f"run.root={tmp_path}"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert "trainer.epochs=-1 is out of range" in proc.stderr
+    assert "trainer.optim.epochs=-1 is out of range" in proc.stderr
     assert not (tmp_path / "train").exists()  # nothing half-made
 
 
@@ -100,8 +100,8 @@ def test_tiger_pipeline_runs_data_embed_ids_train_evaluate(ray_session, tmp_path
     overrides = [f"run.root={tmp_path / 'runs'}", "data.synthetic.n_users=200", "data.synthetic.n_items=60",
                  "data.synthetic.n_topics=4", "ids.method=hkmeans", "ids.hkmeans.branching=6", "ids.use_ray=false",
                  "model.name=tiger", "model.d_model=32", "model.n_encoder_layers=1", "model.n_decoder_layers=1",
-                 "model.n_heads=2", "model.head_dim=16", "model.d_ff=64", "trainer.samples=prefixes",
-                 "trainer.epochs=2", "trainer.batch_size=128", "trainer.patience=0"]
+                 "model.n_heads=2", "model.head_dim=16", "model.d_ff=64", "trainer.data.samples=prefixes",
+                 "trainer.optim.epochs=2", "trainer.optim.batch_size=128", "trainer.selection.patience=0"]
     assert main(["pipeline", *overrides]) == 0
     assert "| test |" in capsys.readouterr().out
     pipeline_dir = only_dir(tmp_path / "runs" / "pipeline")

@@ -29,7 +29,7 @@ def epoch_log(run_dir: Path) -> list[dict]:
 
 
 def in_process(tiny_overrides, *more):
-    return [*tiny_overrides, "trainer.use_ray=false", *more]
+    return [*tiny_overrides, "trainer.resources.use_ray=false", *more]
 
 
 # --- the Ray path: SIGKILL the training worker ------------------------------------------------
@@ -76,9 +76,9 @@ def test_killed_ray_train_worker_resumes_from_the_last_checkpoint(ray_session, t
     killer.start()
     # ~300 steps of batch 4 per epoch, about 1 s on a 2-core machine (+ validation, checkpoint):
     # the kill lands mid-run
-    code = main(["train", *tiny_overrides, "data.synthetic.n_users=1200", "trainer.batch_size=4",
-                 "trainer.valid_users=200", f"trainer.epochs={epochs}", "trainer.max_failures=1",
-                 "trainer.threads=1"])
+    code = main(["train", *tiny_overrides, "data.synthetic.n_users=1200", "trainer.optim.batch_size=4",
+                 "trainer.selection.valid_users=200", f"trainer.optim.epochs={epochs}", "trainer.resources.max_failures=1",
+                 "trainer.resources.threads=1"])
     killer.join(timeout=10)
     assert "pid" in record, f"the worker was never killed: {record}"
     assert code == 0, f"training did not survive the kill: {record}"
@@ -127,7 +127,7 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 def test_crashed_train_run_is_refused_then_resumes_like_an_uninterrupted_one(tiny_overrides, tmp_path,
                                                                              monkeypatch, capsys):
-    args = in_process(tiny_overrides, "trainer.epochs=4")
+    args = in_process(tiny_overrides, "trainer.optim.epochs=4")
     assert main(["train", *args, "run.name=whole"]) == 0
     whole = only_dir(tmp_path / "runs" / "train")
     with monkeypatch.context() as patch:
@@ -165,7 +165,7 @@ def test_crashed_train_run_is_refused_then_resumes_like_an_uninterrupted_one(tin
 def test_a_crash_during_checkpoint_save_keeps_the_previous_checkpoint(tiny_overrides, tmp_path, monkeypatch):
     from recsys.training import checkpoint
 
-    args = in_process(tiny_overrides, "trainer.epochs=2")
+    args = in_process(tiny_overrides, "trainer.optim.epochs=2")
     assert main(["train", *args]) == 0
     run_dir = only_dir(tmp_path / "runs" / "train")
     ckpt = run_dir / "checkpoints"
@@ -177,7 +177,7 @@ def test_a_crash_during_checkpoint_save_keeps_the_previous_checkpoint(tiny_overr
 
     monkeypatch.setattr(checkpoint.torch, "save", save_then_fail)
     with pytest.raises(Crash):
-        main(["train", "--resume", str(run_dir), "trainer.epochs=3"])
+        main(["train", "--resume", str(run_dir), "trainer.optim.epochs=3"])
     after = {p.relative_to(ckpt): p.read_bytes() for p in ckpt.rglob("*") if p.is_file()}
     assert after == before  # last/ and best/ byte for byte; no half directory anywhere
     assert sorted(p.name for p in ckpt.iterdir()) == ["best", "last"]
@@ -191,7 +191,7 @@ def test_a_crash_between_the_two_renames_of_a_checkpoint_swap_is_recovered_on_re
                                                                                       monkeypatch):
     from recsys import runs
 
-    assert main(["train", *in_process(tiny_overrides, "trainer.epochs=2")]) == 0
+    assert main(["train", *in_process(tiny_overrides, "trainer.optim.epochs=2")]) == 0
     run_dir = only_dir(tmp_path / "runs" / "train")
     ckpt = run_dir / "checkpoints"
     before = (ckpt / "last" / "train_state.pt").read_bytes()
@@ -204,11 +204,11 @@ def test_a_crash_between_the_two_renames_of_a_checkpoint_swap_is_recovered_on_re
 
     monkeypatch.setattr(runs.os, "replace", crash_on_the_second_rename)
     with pytest.raises(Crash):
-        main(["train", "--resume", str(run_dir), "trainer.epochs=3"])
+        main(["train", "--resume", str(run_dir), "trainer.optim.epochs=3"])
     monkeypatch.undo()
     assert not (ckpt / "last").exists() and (ckpt / ".last.old" / "train_state.pt").read_bytes() == before
     # resume puts the epoch-2 checkpoint back and finishes the run
-    assert main(["train", "--resume", str(run_dir), "trainer.epochs=3"]) == 0
+    assert main(["train", "--resume", str(run_dir), "trainer.optim.epochs=3"]) == 0
     assert [h["epoch"] for h in epoch_log(run_dir)] == [1, 2, 3]
     assert load_train_state(ckpt / "last")["loop"]["epoch"] == 3 and not (ckpt / ".last.old").exists()
 
@@ -223,7 +223,7 @@ def test_finished_stages_are_marked_and_a_crashed_pipeline_is_not(tiny_overrides
 
     monkeypatch.setattr(stages, "run_evaluate", crash)
     with pytest.raises(Crash):
-        main(["pipeline", *in_process(tiny_overrides, "trainer.epochs=1")])
+        main(["pipeline", *in_process(tiny_overrides, "trainer.optim.epochs=1")])
     pipeline = only_dir(tmp_path / "runs" / "pipeline")
     for stage in ("data", "train"):  # the stages that finished are marked
         assert read_json(pipeline / stage / COMPLETE_FILE)["stage"] == stage

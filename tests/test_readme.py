@@ -43,5 +43,5 @@ def test_demo_runs_the_pipeline_on_a_config_that_loads_offline():
     config = run.split("recsys pipeline", 1)[1].split()[0]
     exp = load_experiment(ROOT / config)
     assert exp.data.format == "synthetic" and exp.data.path is None  # embedded, needs no download
-    assert exp.trainer.use_ray
+    assert exp.trainer.resources.use_ray
     assert "python -m pytest" in make_dry_run("test")

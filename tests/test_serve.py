@@ -50,13 +50,13 @@ def runs(ray_session, tmp_path_factory) -> dict[str, Path]:
                  "data.synthetic.n_topics=4", "ids.method=hkmeans", "ids.hkmeans.branching=6", "ids.use_ray=false",
                  "model.name=tiger", "model.d_model=32", "model.n_encoder_layers=1", "model.n_decoder_layers=1",
                  "model.n_heads=2", "model.head_dim=16", "model.d_ff=64", "model.beam_size=10",
-                 "model.collision_scoring=content", "trainer.samples=prefixes", "trainer.epochs=2",
-                 "trainer.batch_size=128", "trainer.patience=0", "trainer.use_ray=false"]
+                 "model.collision_scoring=content", "trainer.data.samples=prefixes", "trainer.optim.epochs=2",
+                 "trainer.optim.batch_size=128", "trainer.selection.patience=0", "trainer.resources.use_ray=false"]
     assert main(["pipeline", *overrides]) == 0
     (pipeline,) = (root / "pipeline").iterdir()
     tiger = pipeline / "train"
     assert main(["train", f"run.root={root}", "model.name=sasrec", "model.d_model=16", "model.n_layers=1",
-                 "model.d_ff=32", "trainer.epochs=1", "trainer.batch_size=128", "trainer.use_ray=false",
+                 "model.d_ff=32", "trainer.optim.epochs=1", "trainer.optim.batch_size=128", "trainer.resources.use_ray=false",
                  "--data", read_json(tiger / "config.json")["data_dir"]]) == 0
     (sasrec,) = (root / "train").iterdir()
     return {"tiger": tiger, "sasrec": sasrec}

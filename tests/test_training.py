@@ -23,12 +23,12 @@ def split():
 
 
 def exp_for(*overrides):
-    return load_experiment(None, ["trainer.use_ray=false", "model.d_model=32", "model.n_layers=1",
-                                  "trainer.batch_size=64", "data.max_history=10", *overrides])
+    return load_experiment(None, ["trainer.resources.use_ray=false", "model.d_model=32", "model.n_layers=1",
+                                  "trainer.optim.batch_size=64", "data.max_history=10", *overrides])
 
 
 def test_training_learns_the_synthetic_structure(split):
-    exp = exp_for("trainer.epochs=15", "trainer.patience=0", "trainer.lr=0.005")
+    exp = exp_for("trainer.optim.epochs=15", "trainer.selection.patience=0", "trainer.optim.lr=0.005")
     trainer = build_trainer(exp, split)
     before = trainer.validate()
     state = trainer.fit(lambda metrics, improved, t: None)
@@ -56,7 +56,7 @@ def test_batches_carry_the_user_of_every_row(split):
     users = inputs[:, 0] * 10
     for batch in epoch_batches(inputs, inputs, 10, seed=0, epoch=0, bucket=3, users=users):
         assert torch.equal(batch.users, batch.history[:, -1] * 10)
-    trainer = build_trainer(exp_for("trainer.samples=prefixes"), split)
+    trainer = build_trainer(exp_for("trainer.data.samples=prefixes"), split)
     assert len(trainer.users) == len(trainer.inputs) and set(trainer.users) <= set(split.train_users)
 
 
@@ -79,25 +79,25 @@ def test_bucketed_batches_cover_every_row_once_with_little_padding():
 
 
 def test_validation_on_a_fixed_sample_of_users(split):
-    exp = exp_for("trainer.valid_users=50")
+    exp = exp_for("trainer.selection.valid_users=50")
     a, b = build_trainer(exp, split), build_trainer(exp, split)
     assert len(a.valid_set) == 50 < len(split.valid)
     np.testing.assert_array_equal(a.valid_set.user_index, b.valid_set.user_index)  # the same users every time
     assert len(build_trainer(exp_for(), split).valid_set) == len(split.valid)
-    # the sample follows trainer.seed unless trainer.valid_seed fixes it, so seeds can share one
-    other_seed = build_trainer(exp_for("trainer.valid_users=50", "trainer.seed=1"), split).valid_set.user_index
-    shared = build_trainer(exp_for("trainer.valid_users=50", "trainer.seed=1", "trainer.valid_seed=0"), split)
+    # the sample follows trainer.data.seed unless trainer.selection.valid_seed fixes it, so seeds can share one
+    other_seed = build_trainer(exp_for("trainer.selection.valid_users=50", "trainer.data.seed=1"), split).valid_set.user_index
+    shared = build_trainer(exp_for("trainer.selection.valid_users=50", "trainer.data.seed=1", "trainer.selection.valid_seed=0"), split)
     assert set(other_seed) != set(a.valid_set.user_index)
     np.testing.assert_array_equal(shared.valid_set.user_index, a.valid_set.user_index)
-    with pytest.raises(ValueError, match="trainer.valid_seed"):
-        exp_for("trainer.valid_seed=-1")
-    exp = exp_for("trainer.valid_users=50", "trainer.epochs=1")
+    with pytest.raises(ValueError, match="trainer.selection.valid_seed"):
+        exp_for("trainer.selection.valid_seed=-1")
+    exp = exp_for("trainer.selection.valid_users=50", "trainer.optim.epochs=1")
     state = build_trainer(exp, split).fit(lambda metrics, improved, t: None)
     assert state.history[0]["validated_users"] == 50  # every epoch says what selection saw
 
 
 def test_inverse_sqrt_schedule_warms_up_then_decays(split):
-    exp = exp_for("trainer.schedule=inverse_sqrt", "trainer.warmup_steps=100", "trainer.lr=0.01")
+    exp = exp_for("trainer.optim.schedule=inverse_sqrt", "trainer.optim.warmup_steps=100", "trainer.optim.lr=0.01")
     scheduler = build_trainer(exp, split).scheduler
     factor = scheduler.lr_lambdas[0]
     assert factor(49) == pytest.approx(0.5) and factor(99) == pytest.approx(1.0)
@@ -106,7 +106,7 @@ def test_inverse_sqrt_schedule_warms_up_then_decays(split):
 
 def test_early_stopping_selects_best_and_checkpoints_hold_config(split, tmp_path):
     # lr=0 cannot improve after epoch 1, so patience 2 stops at epoch 3
-    exp = exp_for("trainer.epochs=20", "trainer.patience=2", "trainer.lr=1e-9")
+    exp = exp_for("trainer.optim.epochs=20", "trainer.selection.patience=2", "trainer.optim.lr=1e-9")
     state = train_in_process(exp, split, tmp_path)
     assert state.epoch == 3 and state.best_epoch == 1
     lines = [json.loads(x) for x in (tmp_path / "epochs.jsonl").read_text().splitlines()]
@@ -118,8 +118,8 @@ def test_early_stopping_selects_best_and_checkpoints_hold_config(split, tmp_path
 
 
 def test_resume_continues_to_the_same_epoch_count(split, tmp_path):
-    train_in_process(exp_for("trainer.epochs=2", "trainer.patience=0"), split, tmp_path)
-    state = train_in_process(exp_for("trainer.epochs=4", "trainer.patience=0"), split, tmp_path, resume=True)
+    train_in_process(exp_for("trainer.optim.epochs=2", "trainer.selection.patience=0"), split, tmp_path)
+    state = train_in_process(exp_for("trainer.optim.epochs=4", "trainer.selection.patience=0"), split, tmp_path, resume=True)
     epochs = [json.loads(x)["epoch"] for x in (tmp_path / "epochs.jsonl").read_text().splitlines()]
     assert epochs == [1, 2, 3, 4] and state.epoch == 4
     with pytest.raises(FileNotFoundError, match="cannot resume"):
@@ -127,7 +127,7 @@ def test_resume_continues_to_the_same_epoch_count(split, tmp_path):
 
 
 def test_bf16_autocast_trains(split):
-    trainer = build_trainer(exp_for("trainer.precision=bf16", "trainer.epochs=1"), split)
+    trainer = build_trainer(exp_for("trainer.data.precision=bf16", "trainer.optim.epochs=1"), split)
     loss = trainer.train_epoch(0)["train_loss"]
     assert np.isfinite(loss)
 
@@ -135,16 +135,16 @@ def test_bf16_autocast_trains(split):
 def test_bf16_on_a_cpu_without_native_bf16_warns_and_names_the_fix(split, monkeypatch):
     from recsys import hardware
     monkeypatch.setattr(hardware, "cpu_supports_bf16", lambda: False)
-    with pytest.warns(RuntimeWarning, match="trainer.precision=fp32"):
-        build_trainer(exp_for("trainer.precision=bf16", "trainer.epochs=1"), split)
+    with pytest.warns(RuntimeWarning, match="trainer.data.precision=fp32"):
+        build_trainer(exp_for("trainer.data.precision=bf16", "trainer.optim.epochs=1"), split)
     monkeypatch.setattr(hardware, "cpu_supports_bf16", lambda: True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        build_trainer(exp_for("trainer.precision=bf16", "trainer.epochs=1"), split)
+        build_trainer(exp_for("trainer.data.precision=bf16", "trainer.optim.epochs=1"), split)
     monkeypatch.setattr(hardware, "cpu_supports_bf16", lambda: False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        build_trainer(exp_for("trainer.precision=fp32", "trainer.epochs=1"), split)  # fp32: nothing to say
+        build_trainer(exp_for("trainer.data.precision=fp32", "trainer.optim.epochs=1"), split)  # fp32: nothing to say
 
 
 def test_weight_average_follows_the_decay_and_swaps_back():
@@ -176,7 +176,7 @@ def test_ema_validates_and_saves_the_average_and_resumes_from_training_weights(s
 
     from recsys.training.checkpoint import load_train_state
 
-    exp = exp_for("trainer.epochs=2", "trainer.patience=0", "trainer.ema=0.9", "trainer.lr=0.005")
+    exp = exp_for("trainer.optim.epochs=2", "trainer.selection.patience=0", "trainer.optim.ema=0.9", "trainer.optim.lr=0.005")
     state = train_in_process(exp, split, tmp_path)
     last = tmp_path / "checkpoints" / "last"
     saved = load_file(str(last / "model.safetensors"))
@@ -193,18 +193,18 @@ def test_ema_validates_and_saves_the_average_and_resumes_from_training_weights(s
     params = dict(trainer.model.named_parameters())
     torch.testing.assert_close(params[name].detach(), train_state["training_weights"][name])
     torch.testing.assert_close(trainer.average.average[name], train_state["average"][name])
-    with pytest.raises(ValueError, match="trainer.ema=0.0.*with a weight average"):
-        restore(build_trainer(exp_for("trainer.epochs=2"), split), last)
-    with pytest.raises(ValueError, match="trainer.ema=1.0 is out of range"):
-        exp_for("trainer.ema=1.0")
+    with pytest.raises(ValueError, match="trainer.optim.ema=0.0.*with a weight average"):
+        restore(build_trainer(exp_for("trainer.optim.epochs=2"), split), last)
+    with pytest.raises(ValueError, match="trainer.optim.ema=1.0 is out of range"):
+        exp_for("trainer.optim.ema=1.0")
 
 
 def test_refit_learns_the_validation_targets_without_validating_and_stops_at_stop_epoch(split, tmp_path):
-    plain = build_trainer(exp_for("trainer.epochs=2"), split)
+    plain = build_trainer(exp_for("trainer.optim.epochs=2"), split)
     # one window per user (samples=last): the newest target is s[n-3] plainly, s[n-2] in a refit
     assert np.array_equal(plain.targets[:, -1], [seq[-1] for seq in split.train])
-    exp = exp_for("trainer.epochs=6", "trainer.stop_epoch=3", "trainer.refit=true", "trainer.schedule=cosine",
-                  "trainer.patience=1", "trainer.lr=0.01")
+    exp = exp_for("trainer.optim.epochs=6", "trainer.optim.stop_epoch=3", "trainer.selection.refit=true", "trainer.optim.schedule=cosine",
+                  "trainer.selection.patience=1", "trainer.optim.lr=0.01")
     refit = build_trainer(exp, split)
     assert np.array_equal(refit.targets[:, -1], split.valid.targets)
     assert np.array_equal(refit.targets[:, -2], plain.targets[:, -1])
@@ -220,5 +220,5 @@ def test_refit_learns_the_validation_targets_without_validating_and_stops_at_sto
 
 
 def test_stop_epoch_beyond_the_schedule_is_refused():
-    with pytest.raises(ValueError, match=r"trainer.stop_epoch=7 is out of range.*trainer.epochs=6"):
-        exp_for("trainer.epochs=6", "trainer.stop_epoch=7")
+    with pytest.raises(ValueError, match=r"trainer.optim.stop_epoch=7 is out of range.*trainer.optim.epochs=6"):
+        exp_for("trainer.optim.epochs=6", "trainer.optim.stop_epoch=7")

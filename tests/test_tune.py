@@ -25,7 +25,8 @@ TINY_BASE = {
     "ids": {"method": "hkmeans", "hkmeans": {"branching": 6, "max_levels": 3, "niter": 10}},
     "model": {"name": "tiger", "d_model": 32, "n_encoder_layers": 1, "n_decoder_layers": 1, "n_heads": 2,
               "head_dim": 16, "d_ff": 64, "beam_size": 20},
-    "trainer": {"epochs": 3, "batch_size": 64, "lr": 3.0e-3, "samples": "prefixes", "patience": 0},
+    "trainer": {"optim": {"epochs": 3, "batch_size": 64, "lr": 3.0e-3}, "data": {"samples": "prefixes"},
+                "selection": {"patience": 0}},
 }
 
 
@@ -83,21 +84,21 @@ def read_rows(sweep_dir: Path) -> list[dict]:
 @pytest.mark.parametrize("params, sweep, message", [
     ({"ids.hkmeans.brnching": {"grid": [4, 8]}}, {}, r"unknown config key\(s\) \['ids.hkmeans.brnching'\]"),
     ({"ids.hkmeans.branching": {"grid": [1, 8]}}, {}, "hkmeans.branching=1 is out of range"),
-    ({"trainer.lr": {"loguniform": [1.0e-4, 20.0]}}, {}, r"trainer.lr=20.0 is out of range"),
+    ({"trainer.optim.lr": {"loguniform": [1.0e-4, 20.0]}}, {}, r"trainer.optim.lr=20.0 is out of range"),
     ({"ids.hkmeans.branching": {"grid": []}}, {}, r"sweep.params.ids.hkmeans.branching.grid must be a non-empty list"),
     ({"ids.hkmeans.branching": {"grid": [4, 4]}}, {}, "repeats a value"),
     ({"ids.hkmeans.branching": {"range": [4, 8]}}, {}, "domain='range' is not allowed"),
-    ({"trainer.lr": {"loguniform": [0, 1.0e-3]}}, {}, "low must be > 0"),
-    ({"trainer.lr": {"uniform": [1.0e-3, 1.0e-4]}}, {}, "low must be < high"),
+    ({"trainer.optim.lr": {"loguniform": [0, 1.0e-3]}}, {}, "low must be > 0"),
+    ({"trainer.optim.lr": {"uniform": [1.0e-3, 1.0e-4]}}, {}, "low must be < high"),
     ({"data.synthetic.n_items": {"grid": [50, 60]}}, {}, "cannot be swept: data, embeddings"),
-    ({"trainer.epochs": {"grid": [2, 3]}}, {}, "cannot be swept"),
+    ({"trainer.optim.epochs": {"grid": [2, 3]}}, {}, "cannot be swept"),
     ({}, {}, "sweep.params must map at least one"),
-    ({"trainer.lr": {"grid": [1.0e-3, 3.0e-3]}}, {"num_samples": 3}, "repeats identical trials"),
-    ({"trainer.lr": {"grid": [1.0e-3]}}, {"metric": "mrr"}, "sweep.metric='mrr' is not allowed"),
-    ({"trainer.lr": {"grid": [1.0e-3]}}, {"resources": {"cpu": 0}}, r"cpu=0.0 is out of range; allowed: >= 0.01"),
-    ({"trainer.lr": {"grid": [1.0e-3]}}, {"scheduler": {"reduction_factor": 1}}, "reduction_factor=1.0 is out of"),
-    ({"trainer.lr": {"grid": [1.0e-3]}}, {"scheduler": {"grace_period": 9}}, "grace_period=9 exceeds trainer.epochs=3"),
-    ({"trainer.lr": {"grid": [1.0e-3]}}, {"max_concurent_trials": 1}, r"unknown config key.*'sweep.max_concurent_tr"),
+    ({"trainer.optim.lr": {"grid": [1.0e-3, 3.0e-3]}}, {"num_samples": 3}, "repeats identical trials"),
+    ({"trainer.optim.lr": {"grid": [1.0e-3]}}, {"metric": "mrr"}, "sweep.metric='mrr' is not allowed"),
+    ({"trainer.optim.lr": {"grid": [1.0e-3]}}, {"resources": {"cpu": 0}}, r"cpu=0.0 is out of range; allowed: >= 0.01"),
+    ({"trainer.optim.lr": {"grid": [1.0e-3]}}, {"scheduler": {"reduction_factor": 1}}, "reduction_factor=1.0 is out of"),
+    ({"trainer.optim.lr": {"grid": [1.0e-3]}}, {"scheduler": {"grace_period": 9}}, "grace_period=9 exceeds trainer.optim.epochs=3"),
+    ({"trainer.optim.lr": {"grid": [1.0e-3]}}, {"max_concurent_trials": 1}, r"unknown config key.*'sweep.max_concurent_tr"),
 ])
 def test_a_bad_sweep_fails_at_load_naming_the_key(tmp_path, params, sweep, message):
     with pytest.raises(ValueError, match=message):
@@ -116,29 +117,29 @@ def test_the_cli_exits_2_on_a_typo_before_any_work(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("trainer.refit=true", "a sweep has nothing to rank trials on"),
-    ("trainer.stop_epoch=2", "trainer.stop_epoch=2: a sweep runs trainer.epochs"),
+    ("trainer.selection.refit=true", "a sweep has nothing to rank trials on"),
+    ("trainer.optim.stop_epoch=2", "trainer.optim.stop_epoch=2: a sweep runs trainer.optim.epochs"),
 ])
 def test_a_sweep_refuses_a_refit_or_a_stop_epoch_in_its_base(tmp_path, override, message):
     with pytest.raises(ValueError, match=message):
-        load_sweep(write_sweep(tmp_path, {"trainer.lr": {"grid": [1.0e-3]}}), [override])
+        load_sweep(write_sweep(tmp_path, {"trainer.optim.lr": {"grid": [1.0e-3]}}), [override])
     key = override.partition("=")[0]
     with pytest.raises(ValueError, match=f"sweep.params.{key} cannot be swept"):
         load_sweep(write_sweep(tmp_path, {key: {"grid": [0, 1]}}))
 
 
 def test_overrides_reach_the_base_or_the_sweep(tmp_path):
-    path = write_sweep(tmp_path, {"trainer.lr": {"grid": [1.0e-3, 3.0e-3]}})
-    sweep = load_sweep(path, ["trainer.epochs=5", "sweep.max_concurrent_trials=1",
+    path = write_sweep(tmp_path, {"trainer.optim.lr": {"grid": [1.0e-3, 3.0e-3]}})
+    sweep = load_sweep(path, ["trainer.optim.epochs=5", "sweep.max_concurrent_trials=1",
                               "sweep.params.ids.hkmeans.branching={choice: [4, 8]}", "sweep.num_samples=2"])
-    assert sweep.base["trainer"]["epochs"] == 5 and sweep.config.max_concurrent_trials == 1
-    assert [(s.key, s.kind) for s in sweep.config.specs] == [("trainer.lr", "grid"),
+    assert sweep.base["trainer"]["optim"]["epochs"] == 5 and sweep.config.max_concurrent_trials == 1
+    assert [(s.key, s.kind) for s in sweep.config.specs] == [("trainer.optim.lr", "grid"),
                                                              ("ids.hkmeans.branching", "choice")]
     assert sweep.config.n_trials == 4  # 2 grid points x 2 samples
-    exp = sweep.trial_experiment({"trainer.lr": 3.0e-3, "ids.hkmeans.branching": 8})
-    assert (exp.trainer.lr, exp.ids.hkmeans.branching) == (3.0e-3, 8)
-    assert not exp.trainer.use_ray and not exp.ids.use_ray  # a trial runs in-process
-    assert exp.trainer.select_metric == "recall@10" and exp.trainer.threads == 1
+    exp = sweep.trial_experiment({"trainer.optim.lr": 3.0e-3, "ids.hkmeans.branching": 8})
+    assert (exp.trainer.optim.lr, exp.ids.hkmeans.branching) == (3.0e-3, 8)
+    assert not exp.trainer.resources.use_ray and not exp.ids.use_ray  # a trial runs in-process
+    assert exp.trainer.selection.select_metric == "recall@10" and exp.trainer.resources.threads == 1
     with pytest.raises(ValueError, match="override key 'sweeep' is not allowed"):
         load_sweep(path, ["sweeep.num_samples=2"])
 
@@ -148,7 +149,7 @@ def test_the_shipped_sweep_configs_load():
     assert demo.config.n_trials == 4 and demo.base_experiment().model_name == "tiger"
     beauty = load_sweep(REPO / "configs" / "tune-beauty.yaml", ["data.path=/data/beauty"])
     exp = beauty.base_experiment()  # beauty-tiger.yaml, found relative to the sweep file, refined by base:
-    assert (exp.model_name, exp.ids.method, exp.trainer.epochs, exp.data.path) == ("tiger", "rqvae", 12, "/data/beauty")
+    assert (exp.model_name, exp.ids.method, exp.trainer.optim.epochs, exp.data.path) == ("tiger", "rqvae", 12, "/data/beauty")
     assert {s.key for s in beauty.config.specs} >= {"ids.rqvae.codebook_size", "ids.rqvae.n_levels", "ids.rqvae.beta"}
     small = load_sweep(REPO / "configs" / "tune-beauty-small.yaml", ["data.path=/data/beauty"])
     assert small.config.n_trials == 6 and small.base_experiment().ids.rqvae.codebook_size == 256  # default in grid
@@ -169,11 +170,11 @@ def test_the_gain_is_measured_against_the_trial_that_ran_the_base_config(tmp_pat
     from recsys.sweep_report import base_point, gain_over_base
 
     sweep = load_sweep(write_sweep(tmp_path, {"ids.hkmeans.branching": {"grid": [4, 8]},
-                                              "trainer.lr": {"grid": [1.0e-3, 3.0e-3]}}), ["base.trainer.lr=1.0e-3"])
+                                              "trainer.optim.lr": {"grid": [1.0e-3, 3.0e-3]}}), ["base.trainer.optim.lr=1.0e-3"])
     defaults = dotted_values(sweep.base_experiment().to_dict(), [s.key for s in sweep.config.specs])
-    assert defaults == {"ids.hkmeans.branching": sweep.base_experiment().ids.hkmeans.branching, "trainer.lr": 1.0e-3}
+    assert defaults == {"ids.hkmeans.branching": sweep.base_experiment().ids.hkmeans.branching, "trainer.optim.lr": 1.0e-3}
     base = TrialRecord("b", dict(defaults), {"recall@10": 0.20}, epochs_run=3)
-    other = TrialRecord("w", {"ids.hkmeans.branching": 99, "trainer.lr": 3.0e-3}, {"recall@10": 0.25}, epochs_run=3)
+    other = TrialRecord("w", {"ids.hkmeans.branching": 99, "trainer.optim.lr": 3.0e-3}, {"recall@10": 0.25}, epochs_run=3)
     ranked = rank_trials([base, other], "recall@10")
     assert base_point(ranked, sweep.config, defaults) is base
     record, line = gain_over_base(ranked[0], base, sweep.config, defaults)
@@ -191,13 +192,13 @@ def test_the_gain_is_measured_against_the_trial_that_ran_the_base_config(tmp_pat
 def test_winner_config_round_trips_through_load_experiment(tmp_path):
     from recsys.sweep_report import write_winner_config
 
-    sweep = load_sweep(write_sweep(tmp_path, {"trainer.lr": {"loguniform": [1.0e-4, 1.0e-2]},
+    sweep = load_sweep(write_sweep(tmp_path, {"trainer.optim.lr": {"loguniform": [1.0e-4, 1.0e-2]},
                                               "ids.hkmeans.branching": {"grid": [4, 8]}}))
-    params = {"trainer.lr": 0.0012345, "ids.hkmeans.branching": 8}
+    params = {"trainer.optim.lr": 0.0012345, "ids.hkmeans.branching": 8}
     path = write_winner_config(tmp_path / "winner.yaml", sweep.winner_experiment(params), ["winner of a test"])
     exp = load_experiment(path)
-    assert (exp.trainer.lr, exp.ids.hkmeans.branching) == (0.0012345, 8)
-    assert exp.trainer.use_ray and exp.ids.use_ray  # as the base has them, not the trials' in-process settings
+    assert (exp.trainer.optim.lr, exp.ids.hkmeans.branching) == (0.0012345, 8)
+    assert exp.trainer.resources.use_ray and exp.ids.use_ray  # as the base has them, not the trials' in-process settings
     assert exp.to_dict() == sweep.winner_experiment(params).to_dict()
 
 
@@ -208,10 +209,10 @@ def test_winner_config_round_trips_through_load_experiment(tmp_path):
 def test_a_tiny_asha_sweep_ranks_tests_the_winner_and_writes_its_config(ray_session, embed_run, tmp_path, capsys):
     # One trial at a time, good learning rate first: at the epoch-1 rung ASHA compares the
     # near-frozen trial (lr 1e-6) with the good one and stops it, deterministically.
-    params = {"trainer.lr": {"grid": [3.0e-3, 1.0e-6]}, "ids.hkmeans.branching": {"choice": [4, 6]}}
+    params = {"trainer.optim.lr": {"grid": [3.0e-3, 1.0e-6]}, "ids.hkmeans.branching": {"choice": [4, 6]}}
     asha = {"name": "asha", "grace_period": 1, "reduction_factor": 2}
     path = write_sweep(tmp_path, params, max_concurrent_trials=1, scheduler=asha)
-    assert main(["tune", str(path), "trainer.epochs=2", "--embed", str(embed_run)]) == 0
+    assert main(["tune", str(path), "trainer.optim.epochs=2", "--embed", str(embed_run)]) == 0
     out = capsys.readouterr().out
     sweep_dir = only_dir(tmp_path / "runs" / "tune")
     rows = read_rows(sweep_dir)
@@ -219,8 +220,8 @@ def test_a_tiny_asha_sweep_ranks_tests_the_winner_and_writes_its_config(ray_sess
     scores = [float(r["valid_recall@10"]) for r in rows]
     assert scores == sorted(scores, reverse=True) and scores[0] > scores[1]
     winner, loser = rows
-    assert float(winner["trainer.lr"]) == 3.0e-3 and (winner["status"], winner["epochs_run"]) == (COMPLETED, "2")
-    assert float(loser["trainer.lr"]) == 1.0e-6 and (loser["status"], loser["epochs_run"]) == (ASHA, "1")
+    assert float(winner["trainer.optim.lr"]) == 3.0e-3 and (winner["status"], winner["epochs_run"]) == (COMPLETED, "2")
+    assert float(loser["trainer.optim.lr"]) == 1.0e-6 and (loser["status"], loser["epochs_run"]) == (ASHA, "1")
     assert {"ids.hkmeans.branching", "best_epoch", "wall_s", "valid_ndcg@10", "trial_dir"} <= set(winner)
     # test figures for the winner only, in the table and in winner_test.json
     test = json.loads((sweep_dir / "winner_test.json").read_text())
@@ -236,20 +237,20 @@ def test_a_tiny_asha_sweep_ranks_tests_the_winner_and_writes_its_config(ray_sess
     assert_wall_covers_epochs(rows)
     # the markdown table has the same ranking; one plot per swept parameter
     md = (sweep_dir / "results.md").read_text()
-    assert md.index(winner["trial_id"]) < md.index(loser["trial_id"]) and "| trainer.lr |" in md
-    for key in ("trainer.lr", "ids.hkmeans.branching"):
+    assert md.index(winner["trial_id"]) < md.index(loser["trial_id"]) and "| trainer.optim.lr |" in md
+    for key in ("trainer.optim.lr", "ids.hkmeans.branching"):
         assert (sweep_dir / f"metric_vs_{key}.png").stat().st_size > 5_000
     # the winner's config is a pipeline config with the winning values
     exp = load_experiment(sweep_dir / "winner.yaml")
     assert json.loads((sweep_dir / "COMPLETE").read_text())["stage"] == "tune"
-    assert exp.trainer.lr == 3.0e-3 and exp.ids.hkmeans.branching == int(winner["ids.hkmeans.branching"])
-    assert exp.model_name == "tiger" and exp.trainer.epochs == 2 and exp.trainer.select_metric == "recall@10"
+    assert exp.trainer.optim.lr == 3.0e-3 and exp.ids.hkmeans.branching == int(winner["ids.hkmeans.branching"])
+    assert exp.model_name == "tiger" and exp.trainer.optim.epochs == 2 and exp.trainer.selection.select_metric == "recall@10"
     assert (sweep_dir / "tune").is_dir() and (sweep_dir / "summary.md").is_file()
     assert f"trial {loser['trial_id']}  epoch 1/2  valid recall@10" in out and "winner config:" in out
     # the gain is measured against the trial that ran the base's own values (lr 3e-3, branching 6), if
     # the random branching drew it; otherwise no gain is claimed, and the summary says so
     summary = (sweep_dir / "summary.md").read_text()
-    base = [r for r in rows if float(r["trainer.lr"]) == 3.0e-3 and int(r["ids.hkmeans.branching"]) == 6]
+    base = [r for r in rows if float(r["trainer.optim.lr"]) == 3.0e-3 and int(r["ids.hkmeans.branching"]) == 6]
     if base:
         assert test["base_point"]["trial_id"] == base[0]["trial_id"] == winner["trial_id"]
         assert "the base config's point" in summary and "won" in summary
@@ -305,10 +306,10 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(ray_session, e
     """The sweep runs as `recsys tune` in its own process (on the shared Ray instance), is killed
     with SIGKILL once the first trial has ended and the second has reported an epoch, and is
     resumed: the first trial is not trained again, the second continues from its checkpoint."""
-    path = write_sweep(tmp_path, {"trainer.lr": {"grid": [3.0e-3, 2.0e-3, 1.0e-3]}}, max_concurrent_trials=1,
+    path = write_sweep(tmp_path, {"trainer.optim.lr": {"grid": [3.0e-3, 2.0e-3, 1.0e-3]}}, max_concurrent_trials=1,
                        scheduler={"name": "fifo"})
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "tune", str(path), "trainer.epochs=2",
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "tune", str(path), "trainer.optim.epochs=2",
                              "--embed", str(embed_run)],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -351,7 +352,7 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(ray_session, e
     after = epoch_lines(second)
     assert [json.loads(x)["epoch"] for x in after] == [1, 2] and after[0] == before[second][0]
     assert [json.loads(x)["epoch"] for x in epoch_lines(third)] == [1, 2]
-    assert load_experiment(sweep_dir / "winner.yaml").trainer.lr == float(read_rows(sweep_dir)[0]["trainer.lr"])
+    assert load_experiment(sweep_dir / "winner.yaml").trainer.optim.lr == float(read_rows(sweep_dir)[0]["trainer.optim.lr"])
 
 
 def test_the_readme_sweep_example_and_commands_are_real(tmp_path):
@@ -382,7 +383,7 @@ def test_a_partial_sweep_is_not_ranked(tmp_path):
     class Grid(list):  # the ResultGrid counters finish_sweep reads
         num_terminated, num_errors = 1, 0
 
-    sweep = load_sweep(write_sweep(tmp_path, {"trainer.lr": {"grid": [1.0e-3, 3.0e-3, 1.0e-2]}}))
+    sweep = load_sweep(write_sweep(tmp_path, {"trainer.optim.lr": {"grid": [1.0e-3, 3.0e-3, 1.0e-2]}}))
     with pytest.raises(SweepInterrupted, match=f"2 of 3 trials unfinished.*--resume {tmp_path}"):
         finish_sweep(sweep, tmp_path, Grid([object()]))
     assert not (tmp_path / "results.csv").exists()
@@ -390,9 +391,9 @@ def test_a_partial_sweep_is_not_ranked(tmp_path):
 
 @pytest.mark.ray
 def test_ctrl_c_stops_the_sweep_with_status_130_and_the_resume_command(ray_session, embed_run, tmp_path):
-    path = write_sweep(tmp_path, {"trainer.lr": {"grid": [3.0e-3, 1.0e-3]}}, max_concurrent_trials=1)
+    path = write_sweep(tmp_path, {"trainer.optim.lr": {"grid": [3.0e-3, 1.0e-3]}}, max_concurrent_trials=1)
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "tune", str(path), "trainer.epochs=50",
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "tune", str(path), "trainer.optim.epochs=50",
                              "--embed", str(embed_run)], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:

@@ -52,8 +52,8 @@ def run_trial(config: dict, state: dict) -> None:
     trial_dir = Path(state["sweep_dir"]) / TRIALS_DIR / ray.tune.get_context().get_trial_id()
     trial_dir.mkdir(parents=True, exist_ok=True)
     write_json(trial_dir / PARAMS_FILE, params)
-    torch.set_num_threads(exp.trainer.threads)
-    faiss.omp_set_num_threads(exp.trainer.threads)
+    torch.set_num_threads(exp.trainer.resources.threads)
+    faiss.omp_set_num_threads(exp.trainer.resources.threads)
     device = "cuda" if sweep.config.resources.gpu > 0 and torch.cuda.is_available() else "cpu"
     # The trial's own progress lines go to its log; the driver prints one compact line per result.
     with (trial_dir / TRIAL_LOG).open("a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):

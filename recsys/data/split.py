@@ -46,7 +46,7 @@ class LeaveOneOutSplit:
 
     def training_with_validation(self) -> list[np.ndarray]:
         """Each user's s[:n-1]: the training prefix with its validation target appended, what a
-        test model refitted on training + validation (``trainer.refit``) learns from."""
+        test model refitted on training + validation (``trainer.selection.refit``) learns from."""
         return [np.append(seq, target) for seq, target in zip(self.train, self.valid.targets)]
 
     def eval_set(self, name: str) -> EvalSet:

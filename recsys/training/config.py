@@ -1,8 +1,14 @@
-"""Configs for training and evaluation."""
+"""Configs for training and evaluation.
+
+``trainer`` has four sections: ``optim`` (what the optimiser does), ``data`` (how training
+windows are cut and batched), ``selection`` (validation and checkpoint selection) and
+``resources`` (where it runs). The flat keys of the earlier single section (``trainer.lr``) are
+still read, mapped by ``RENAMED_TRAINER_KEYS``.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from recsys.config import require, require_choice, require_range
 from recsys.data.split import SAMPLE_MODES
@@ -10,9 +16,11 @@ from recsys.metrics import DEFAULT_KS, metric_names
 
 
 @dataclass
-class TrainerConfig:
+class OptimConfig:
     epochs: int = 200  # the schedule's length
     stop_epoch: int = 0  # > 0: stop after this epoch, the learning-rate schedule still sized for ``epochs``
+    # Per worker. Here, not under resources: it sets the steps per epoch, hence the schedule's length
+    # and the gradient noise that lr and warmup are tuned for; changing it changes the optimisation.
     batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -20,19 +28,58 @@ class TrainerConfig:
     warmup_steps: int = 0
     grad_clip: float = 1.0  # 0 disables
     ema: float = 0.0  # > 0: validate, select and save an exponential moving average of the weights, this decay per step
-    precision: str = "fp32"  # fp32 | bf16 (autocast)
+
+    def __post_init__(self):
+        require_range("trainer.optim.epochs", self.epochs, 1, 100000)
+        require(0 <= self.stop_epoch <= self.epochs,
+                f"trainer.optim.stop_epoch={self.stop_epoch} is out of range; allowed: 0 (run all epochs) "
+                f"<= stop_epoch <= trainer.optim.epochs={self.epochs}")
+        require_range("trainer.optim.batch_size", self.batch_size, 1, 1 << 20)
+        require(0 < self.lr < 10, f"trainer.optim.lr={self.lr} is out of range; allowed: 0 < lr < 10")
+        require_range("trainer.optim.weight_decay", self.weight_decay, 0.0, 10.0)
+        require_choice("trainer.optim.schedule", self.schedule, ("constant", "cosine", "inverse_sqrt"))
+        require_range("trainer.optim.warmup_steps", self.warmup_steps, 0)
+        require_range("trainer.optim.grad_clip", self.grad_clip, 0.0)
+        require(0.0 <= self.ema < 1.0, f"trainer.optim.ema={self.ema} is out of range; allowed: 0 (off) <= ema < 1")
+
+
+@dataclass
+class TrainDataConfig:
     samples: str = "last"  # how training windows are cut from histories: last | sliding | prefixes
     bucket: int = 0  # > 0: batch histories of similar length (sorted within runs of this many batches)
-    patience: int = 20  # epochs without a better validation score before stopping; 0 = never stop early
+    seed: int = 0  # batch order, initialisation and dropout
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+
+    def __post_init__(self):
+        require_choice("trainer.data.samples", self.samples, SAMPLE_MODES)
+        require_range("trainer.data.bucket", self.bucket, 0, 1 << 20)
+        require_choice("trainer.data.precision", self.precision, ("fp32", "bf16"))
+
+
+@dataclass
+class SelectionConfig:
     select_metric: str = "ndcg@10"  # validation metric that picks the best checkpoint
+    patience: int = 20  # epochs without a better validation score before stopping; 0 = never stop early
     eval_every: int = 1
     valid_users: int = 0  # > 0: validate during training on this fixed random sample of users; 0 = all
-    valid_seed: int | None = None  # seed of that sample; None = trainer.seed (set it to compare seeds on one sample)
-    seed: int = 0
+    # seed of that sample; None = trainer.data.seed (set it to compare seeds on one sample)
+    valid_seed: int | None = None
     # true: the test model. Train on training + validation transitions (each user's s[:n-1]), with
     # no validation and no selection: checkpoints/best is the last epoch's. Choose epochs and
     # stop_epoch on a validated run of the same config first.
     refit: bool = False
+
+    def __post_init__(self):
+        require_choice("trainer.selection.select_metric", self.select_metric, metric_names(DEFAULT_KS))
+        require_range("trainer.selection.patience", self.patience, 0)
+        require_range("trainer.selection.eval_every", self.eval_every, 1)
+        require_range("trainer.selection.valid_users", self.valid_users, 0)
+        if self.valid_seed is not None:
+            require_range("trainer.selection.valid_seed", self.valid_seed, 0, 2**63 - 1)
+
+
+@dataclass
+class TrainResourcesConfig:
     use_ray: bool = True  # False runs the same loop in this process (tests, GPU benchmarks)
     num_workers: int = 1  # Ray Train workers; DDP over gloo on CPU, NCCL on GPU
     use_gpu: bool = False
@@ -42,31 +89,53 @@ class TrainerConfig:
     max_failures: int = 1  # Ray Train restarts from the latest checkpoint this many times; -1 = forever
 
     def __post_init__(self):
-        require_range("trainer.epochs", self.epochs, 1, 100000)
-        require(0 <= self.stop_epoch <= self.epochs,
-                f"trainer.stop_epoch={self.stop_epoch} is out of range; allowed: 0 (run all epochs) "
-                f"<= stop_epoch <= trainer.epochs={self.epochs}")
-        require_range("trainer.batch_size", self.batch_size, 1, 1 << 20)
-        require(self.lr > 0 and self.lr < 10, f"trainer.lr={self.lr} is out of range; allowed: 0 < lr < 10")
-        require_range("trainer.weight_decay", self.weight_decay, 0.0, 10.0)
-        require_choice("trainer.schedule", self.schedule, ("constant", "cosine", "inverse_sqrt"))
-        require_range("trainer.warmup_steps", self.warmup_steps, 0)
-        require_range("trainer.grad_clip", self.grad_clip, 0.0)
-        require(0.0 <= self.ema < 1.0, f"trainer.ema={self.ema} is out of range; allowed: 0 (off) <= ema < 1")
-        require_choice("trainer.precision", self.precision, ("fp32", "bf16"))
-        require_choice("trainer.samples", self.samples, SAMPLE_MODES)
-        require_range("trainer.patience", self.patience, 0)
-        require_choice("trainer.select_metric", self.select_metric, metric_names(DEFAULT_KS))
-        require_range("trainer.eval_every", self.eval_every, 1)
-        require_range("trainer.valid_users", self.valid_users, 0)
-        if self.valid_seed is not None:
-            require_range("trainer.valid_seed", self.valid_seed, 0, 2**63 - 1)
-        require_range("trainer.bucket", self.bucket, 0, 1 << 20)
-        require_range("trainer.num_workers", self.num_workers, 1, 4096)
-        require(self.cpus_per_worker > 0, f"trainer.cpus_per_worker={self.cpus_per_worker} is out of range; allowed: > 0")
-        require_range("trainer.threads", self.threads, 0, 1024)
-        require_range("trainer.keep_checkpoints", self.keep_checkpoints, 1)
-        require_range("trainer.max_failures", self.max_failures, -1)
+        require_range("trainer.resources.num_workers", self.num_workers, 1, 4096)
+        require(self.cpus_per_worker > 0,
+                f"trainer.resources.cpus_per_worker={self.cpus_per_worker} is out of range; allowed: > 0")
+        require_range("trainer.resources.threads", self.threads, 0, 1024)
+        require_range("trainer.resources.keep_checkpoints", self.keep_checkpoints, 1)
+        require_range("trainer.resources.max_failures", self.max_failures, -1)
+
+
+@dataclass
+class TrainerConfig:
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: TrainDataConfig = field(default_factory=TrainDataConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    resources: TrainResourcesConfig = field(default_factory=TrainResourcesConfig)
+
+
+# The one table of renamed keys: the flat trainer keys (before the sections) -> where they live
+# now. Read by recsys.experiment when it loads a YAML, an override, a saved run's config.json or
+# a swept key; an old key is accepted with a FutureWarning naming its new key.
+RENAMED_TRAINER_KEYS: dict[str, str] = {
+    "trainer.epochs": "trainer.optim.epochs",
+    "trainer.stop_epoch": "trainer.optim.stop_epoch",
+    "trainer.batch_size": "trainer.optim.batch_size",
+    "trainer.lr": "trainer.optim.lr",
+    "trainer.weight_decay": "trainer.optim.weight_decay",
+    "trainer.schedule": "trainer.optim.schedule",
+    "trainer.warmup_steps": "trainer.optim.warmup_steps",
+    "trainer.grad_clip": "trainer.optim.grad_clip",
+    "trainer.ema": "trainer.optim.ema",
+    "trainer.samples": "trainer.data.samples",
+    "trainer.bucket": "trainer.data.bucket",
+    "trainer.seed": "trainer.data.seed",
+    "trainer.precision": "trainer.data.precision",
+    "trainer.select_metric": "trainer.selection.select_metric",
+    "trainer.patience": "trainer.selection.patience",
+    "trainer.eval_every": "trainer.selection.eval_every",
+    "trainer.valid_users": "trainer.selection.valid_users",
+    "trainer.valid_seed": "trainer.selection.valid_seed",
+    "trainer.refit": "trainer.selection.refit",
+    "trainer.use_ray": "trainer.resources.use_ray",
+    "trainer.num_workers": "trainer.resources.num_workers",
+    "trainer.use_gpu": "trainer.resources.use_gpu",
+    "trainer.cpus_per_worker": "trainer.resources.cpus_per_worker",
+    "trainer.threads": "trainer.resources.threads",
+    "trainer.keep_checkpoints": "trainer.resources.keep_checkpoints",
+    "trainer.max_failures": "trainer.resources.max_failures",
+}
 
 
 @dataclass

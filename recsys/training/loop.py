@@ -44,18 +44,19 @@ EpochHook = Callable[[dict, bool, "Trainer"], None]
 
 
 def build_optimizer(model: nn.Module, cfg: TrainerConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    return torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+                             betas=(0.9, 0.98))
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainerConfig, total_steps: int):
     def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        if cfg.schedule == "constant":
+        if step < cfg.optim.warmup_steps:
+            return (step + 1) / cfg.optim.warmup_steps
+        if cfg.optim.schedule == "constant":
             return 1.0
-        if cfg.schedule == "inverse_sqrt":  # T5 / the TIGER paper: lr * sqrt(warmup / step) after warmup
-            return math.sqrt(max(1, cfg.warmup_steps) / (step + 1))
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+        if cfg.optim.schedule == "inverse_sqrt":  # T5 / the TIGER paper: lr * sqrt(warmup / step) after warmup
+            return math.sqrt(max(1, cfg.optim.warmup_steps) / (step + 1))
+        progress = min(1.0, (step - cfg.optim.warmup_steps) / max(1, total_steps - cfg.optim.warmup_steps))
         return 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -63,10 +64,10 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainerConfig, total_
 
 def format_epoch(metrics: dict, cfg: TrainerConfig) -> str:
     """One progress line per epoch, e.g. ``epoch 3/200  loss 8.91  valid ndcg@10 0.0312 (best 0.0312 @ 3)``."""
-    line = f"epoch {metrics['epoch']}/{cfg.epochs}  loss {metrics['train_loss']:.4f}  {metrics['epoch_s']:.1f}s"
-    key = f"valid_{cfg.select_metric}"
+    line = f"epoch {metrics['epoch']}/{cfg.optim.epochs}  loss {metrics['train_loss']:.4f}  {metrics['epoch_s']:.1f}s"
+    key = f"valid_{cfg.selection.select_metric}"
     if key in metrics:
-        line += (f"  valid {cfg.select_metric} {metrics[key]:.4f}"
+        line += (f"  valid {cfg.selection.select_metric} {metrics[key]:.4f}"
                  f" (best {metrics['best_score']:.4f} @ {metrics['best_epoch']})")
     return line
 
@@ -129,7 +130,7 @@ class WeightAverage:
 class Trainer:
     """Owns model, optimizer and loop state. ``train_model`` may be a DDP wrapper of ``model``.
 
-    With ``cfg.ema`` > 0, validation, selection and checkpoints use the weight average;
+    With ``cfg.optim.ema`` > 0, validation, selection and checkpoints use the weight average;
     training continues from the training weights."""
 
     def __init__(self, model: SequenceModel, split: LeaveOneOutSplit, cfg: TrainerConfig, eval_cfg: EvalConfig, *,
@@ -138,34 +139,35 @@ class Trainer:
         self.model, self.split, self.cfg, self.eval_cfg = model, split, cfg, eval_cfg
         self.train_model = train_model or model
         self.device, self.rank, self.world_size = torch.device(device), rank, world_size
-        if cfg.precision == "bf16" and self.device.type == "cpu" and hardware.cpu_supports_bf16() is False and rank == 0:
-            warnings.warn(hardware.emulated_bf16_warning("trainer.precision"), RuntimeWarning, stacklevel=2)
-        train = split.training_with_validation() if cfg.refit else split.train
-        windows = training_windows(train, model.max_len, cfg.samples)
+        if cfg.data.precision == "bf16" and self.device.type == "cpu" and hardware.cpu_supports_bf16() is False \
+                and rank == 0:
+            warnings.warn(hardware.emulated_bf16_warning("trainer.data.precision"), RuntimeWarning, stacklevel=2)
+        train = split.training_with_validation() if cfg.selection.refit else split.train
+        windows = training_windows(train, model.max_len, cfg.data.samples)
         self.inputs, self.targets, self.users = windows.inputs, windows.targets, split.train_users[windows.rows]
         if len(self.inputs) < world_size:
             raise ValueError(f"only {len(self.inputs)} training windows for {world_size} workers")
-        self.steps_per_epoch = math.ceil(len(self.inputs) // world_size / cfg.batch_size)
+        self.steps_per_epoch = math.ceil(len(self.inputs) // world_size / cfg.optim.batch_size)
         self.optimizer = build_optimizer(self.train_model, cfg)
-        self.scheduler = build_scheduler(self.optimizer, cfg, self.steps_per_epoch * cfg.epochs)
+        self.scheduler = build_scheduler(self.optimizer, cfg, self.steps_per_epoch * cfg.optim.epochs)
         self.state = LoopState()
-        self.average = WeightAverage(model, cfg.ema) if cfg.ema > 0 else None
+        self.average = WeightAverage(model, cfg.optim.ema) if cfg.optim.ema > 0 else None
         self.resumed_from: int | None = None  # the checkpoint's epoch, set by load_state_dict
         self.valid_set = split.valid
-        if 0 < cfg.valid_users < len(split.valid):  # the same users every epoch, so scores compare
-            seed = cfg.seed if cfg.valid_seed is None else cfg.valid_seed
-            rows = np.random.default_rng([seed, 1]).choice(len(split.valid), cfg.valid_users, replace=False)
+        if 0 < cfg.selection.valid_users < len(split.valid):  # the same users every epoch, so scores compare
+            seed = cfg.data.seed if cfg.selection.valid_seed is None else cfg.selection.valid_seed
+            rows = np.random.default_rng([seed, 1]).choice(len(split.valid), cfg.selection.valid_users, replace=False)
             self.valid_set = split.valid.subset(np.sort(rows))
 
     def train_step(self, batch: Batch) -> dict[str, float]:
         """One optimiser step; returns the loss and its named parts, e.g. {"loss": .., "ce": ..}."""
         batch = batch.to(self.device)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16"):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.data.precision == "bf16"):
             out = self.train_model(batch)
         self.optimizer.zero_grad(set_to_none=True)
         out.total.backward()
-        if self.cfg.grad_clip > 0:
-            nn.utils.clip_grad_norm_(self.train_model.parameters(), self.cfg.grad_clip)
+        if self.cfg.optim.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.train_model.parameters(), self.cfg.optim.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         if self.average is not None:
@@ -178,8 +180,8 @@ class Trainer:
         (means over the epoch's steps), ``epoch_s`` and ``samples_per_s``."""
         self.train_model.train()
         start, losses, rows = time.perf_counter(), [], 0
-        batches = epoch_batches(self.inputs, self.targets, self.cfg.batch_size, self.cfg.seed, epoch,
-                                self.rank, self.world_size, bucket=self.cfg.bucket, users=self.users)
+        batches = epoch_batches(self.inputs, self.targets, self.cfg.optim.batch_size, self.cfg.data.seed, epoch,
+                                self.rank, self.world_size, bucket=self.cfg.data.bucket, users=self.users)
         bar = tqdm(batches, total=self.steps_per_epoch, desc=f"epoch {epoch + 1}", leave=False,
                    disable=None if self.rank == 0 else True)
         for batch in bar:
@@ -197,11 +199,11 @@ class Trainer:
 
     @property
     def last_epoch(self) -> int:
-        return self.cfg.stop_epoch or self.cfg.epochs
+        return self.cfg.optim.stop_epoch or self.cfg.optim.epochs
 
     def fit(self, on_epoch_end: EpochHook) -> LoopState:
-        """Train from ``state.epoch`` until ``cfg.stop_epoch`` (or ``cfg.epochs``) or early stopping
-        on validation. A refit (``cfg.refit``) never validates; each epoch counts as the selected one."""
+        """Train from ``state.epoch`` until ``cfg.optim.stop_epoch`` (or ``cfg.optim.epochs``) or early stopping
+        on validation. A refit (``cfg.selection.refit``) never validates; each epoch counts as the selected one."""
         cfg = self.cfg
         while self.state.epoch < self.last_epoch:
             metrics = {"epoch": self.state.epoch + 1, **self.train_epoch(self.state.epoch)}
@@ -209,14 +211,14 @@ class Trainer:
                 metrics["resumed_from_epoch"], self.resumed_from = self.resumed_from, None
             self.state.epoch += 1
             improved = False
-            # the weights validated and saved: the average when cfg.ema > 0
+            # the weights validated and saved: the average when cfg.optim.ema > 0
             with self.average.swapped_in() if self.average is not None else nullcontext():
-                if cfg.refit:  # the validation targets are training targets here: nothing to select on
+                if cfg.selection.refit:  # the validation targets are training targets here: nothing to select on
                     improved, self.state.best_epoch = True, self.state.epoch
-                elif self.state.epoch % cfg.eval_every == 0 or self.state.epoch == self.last_epoch:
+                elif self.state.epoch % cfg.selection.eval_every == 0 or self.state.epoch == self.last_epoch:
                     valid = self.validate()
                     metrics.update({f"valid_{k}": v for k, v in valid.items()}, validated_users=len(self.valid_set))
-                    score = valid[cfg.select_metric]
+                    score = valid[cfg.selection.select_metric]
                     improved = score > self.state.best_score
                     if improved:
                         self.state.best_score, self.state.best_epoch = score, self.state.epoch
@@ -227,8 +229,8 @@ class Trainer:
             if self.rank == 0:
                 print(format_epoch(metrics, cfg), flush=True)
             # Stop only after a validated epoch, so the last checkpoint always holds the full history.
-            if "best_score" in metrics and f"valid_{cfg.select_metric}" in metrics \
-                    and cfg.patience and self.state.epochs_since_best >= cfg.patience:
+            if "best_score" in metrics and f"valid_{cfg.selection.select_metric}" in metrics \
+                    and cfg.selection.patience and self.state.epochs_since_best >= cfg.selection.patience:
                 break
         return self.state
 
@@ -248,7 +250,7 @@ class Trainer:
         if "rng" in state:  # absent in checkpoints written before it was saved
             torch.set_rng_state(state["rng"])
         if (self.average is None) != ("weight_average" not in state):
-            raise ValueError(f"trainer.ema={self.cfg.ema}, but the checkpoint was written "
+            raise ValueError(f"trainer.optim.ema={self.cfg.optim.ema}, but the checkpoint was written "
                              f"{'with' if 'weight_average' in state else 'without'} a weight average; "
                              "resume with the ema setting it was trained with")
         if self.average is not None:

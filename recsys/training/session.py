@@ -43,10 +43,10 @@ def build_trainer(exp: ExperimentConfig, split: LeaveOneOutSplit, *, device: tor
                   context: dict | None = None) -> Trainer:
     """Seeded model + Trainer. ``wrap`` turns the model into its training form (e.g. DDP);
     ``context`` is ``model_context(...)``."""
-    torch.manual_seed(exp.trainer.seed)
-    if exp.trainer.threads:
-        torch.set_num_threads(exp.trainer.threads)
-    model = build_model(exp.model_name, exp.model_config, n_items=split.n_items, max_len=split.max_history,
+    torch.manual_seed(exp.trainer.data.seed)
+    if exp.trainer.resources.threads:
+        torch.set_num_threads(exp.trainer.resources.threads)
+    model = build_model(exp.model_name, exp.model, n_items=split.n_items, max_len=split.max_history,
                         **(context or {})).to(device)
     train_model = wrap(model) if wrap else model
     return Trainer(model, split, exp.trainer, exp.eval, device=device, train_model=train_model,
@@ -76,7 +76,7 @@ def train_in_process(exp: ExperimentConfig, split: LeaveOneOutSplit, run_dir: st
     ``run_dir/epochs.jsonl`` is rewritten from the loop's history after every epoch, so after a
     resume it holds the checkpoint's epochs and the new ones, never an epoch twice.
     ``after_epoch(metrics, checkpoints_dir)`` runs once an epoch is logged and checkpointed
-    (``checkpoints_dir`` is None for an epoch without validation, unless ``trainer.refit``);
+    (``checkpoints_dir`` is None for an epoch without validation, unless ``trainer.selection.refit``);
     Ray Tune reports from it."""
     run_dir = Path(run_dir)
     ckpt = run_dir / "checkpoints"
@@ -91,7 +91,7 @@ def train_in_process(exp: ExperimentConfig, split: LeaveOneOutSplit, run_dir: st
     def on_epoch_end(metrics: dict, improved: bool, trainer: Trainer) -> None:
         write_text(run_dir / EPOCH_LOG, "".join(json.dumps(h) + "\n" for h in trainer.state.history))
         # a refit saves every epoch: it has no validation, and its latest epoch is the selected one
-        saved = exp.trainer.refit or f"valid_{exp.trainer.select_metric}" in metrics
+        saved = exp.trainer.selection.refit or f"valid_{exp.trainer.selection.select_metric}" in metrics
         if saved:
             with atomic_directory(ckpt / "last") as tmp:
                 save_trainer_checkpoint(tmp, trainer, exp.model_name)
