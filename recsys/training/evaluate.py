@@ -24,6 +24,7 @@ def evaluate(
     world_size: int = 1,
 ) -> dict[str, float]:
     """Recall@K and NDCG@K over the whole catalogue, averaged over the users of ``eval_set``.
+    The eval set's timestamps and target times, when it has them, go into each Batch.
 
     With ``world_size > 1`` each rank scores rows ``rank::world_size`` and the sums are
     all-reduced, so every rank returns the same figures for all users.
@@ -34,11 +35,19 @@ def evaluate(
     histories = torch.tensor(eval_set.histories)  # a copy: arrays from the object store are read-only
     targets = torch.tensor(eval_set.targets)
     users = torch.tensor(eval_set.user_index)
+    timed = eval_set.timestamps is not None
+    if timed:
+        times, target_times = torch.tensor(eval_set.timestamps), torch.tensor(eval_set.target_times)
     rows = torch.arange(rank, len(eval_set), world_size)
     rows = rows[torch.argsort((histories[rows] > 0).sum(1), stable=True)]  # similar lengths batch together
     for start in range(0, len(rows), batch_size):
         idx = rows[start:start + batch_size]
-        batch = Batch(history=trim_padding(histories[idx])[0], target=targets[idx], users=users[idx]).to(device)
+        if timed:
+            history, stamps = trim_padding(histories[idx], times[idx])
+            batch = Batch(history=history, target=targets[idx], users=users[idx], timestamps=stamps,
+                          target_time=target_times[idx]).to(device)
+        else:
+            batch = Batch(history=trim_padding(histories[idx])[0], target=targets[idx], users=users[idx]).to(device)
         top = model.recommend(batch, k=max(ks), exclude_history=exclude_history)
         metrics.update(top.items, batch.target)
     model.train(was_training)

@@ -141,8 +141,10 @@ class Trainer:
         if cfg.precision == "bf16" and self.device.type == "cpu" and hardware.cpu_supports_bf16() is False and rank == 0:
             warnings.warn(hardware.emulated_bf16_warning("trainer.precision"), RuntimeWarning, stacklevel=2)
         train = split.training_with_validation() if cfg.refit else split.train
-        windows = training_windows(train, model.max_len, cfg.samples)
+        times = split.training_with_validation_times() if cfg.refit else split.train_times
+        windows = training_windows(train, model.max_len, cfg.samples, times=times)
         self.inputs, self.targets, self.users = windows.inputs, windows.targets, split.train_users[windows.rows]
+        self.times, self.target_times = windows.times, windows.target_times  # None without timestamps
         if len(self.inputs) < world_size:
             raise ValueError(f"only {len(self.inputs)} training windows for {world_size} workers")
         self.steps_per_epoch = math.ceil(len(self.inputs) // world_size / cfg.batch_size)
@@ -179,7 +181,8 @@ class Trainer:
         self.train_model.train()
         start, losses, rows = time.perf_counter(), [], 0
         batches = epoch_batches(self.inputs, self.targets, self.cfg.batch_size, self.cfg.seed, epoch,
-                                self.rank, self.world_size, bucket=self.cfg.bucket, users=self.users)
+                                self.rank, self.world_size, bucket=self.cfg.bucket, users=self.users,
+                                timestamps=self.times, target_times=self.target_times)
         bar = tqdm(batches, total=self.steps_per_epoch, desc=f"epoch {epoch + 1}", leave=False,
                    disable=None if self.rank == 0 else True)
         for batch in bar:
