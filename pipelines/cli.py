@@ -4,7 +4,9 @@
     recsys embed     [CONFIG] [key=value ...] [--data DATA_RUN]
     recsys ids       [CONFIG] [key=value ...] [--method rqvae|hkmeans] [--embed EMBED_RUN] [--data DATA_RUN]
     recsys train     [CONFIG] [key=value ...] [--data DATA_RUN] [--ids IDS_RUN] [--resume TRAIN_RUN]
+                     [--candidates CANDIDATES_RUN]  (rankers)
     recsys evaluate  TRAIN_RUN [--split test|valid]
+    recsys candidates TRAIN_RUN --top-n N [--splits train,valid,test]
     recsys pipeline  [CONFIG] [key=value ...]
     recsys tune      SWEEP_CONFIG [key=value ...] [--embed EMBED_RUN] [--data DATA_RUN]
     recsys tune      --resume SWEEP_RUN
@@ -77,7 +79,7 @@ def cmd_train(ns: argparse.Namespace) -> None:
         run_dir = run_train(exp, resume_dir=Path(ns.resume))
     else:
         exp = load_experiment(*split_config_args(ns.config))
-        run_dir = run_train(exp, data_dir=ns.data, ids_dir=ns.ids)
+        run_dir = run_train(exp, data_dir=ns.data, ids_dir=ns.ids, candidates_dir=ns.candidates)
     print(Path(run_dir / SUMMARY_FILE).read_text())
     print(f"train run: {run_dir}")
 
@@ -88,6 +90,15 @@ def cmd_evaluate(ns: argparse.Namespace) -> None:
     run_dir, figures = run_evaluate(Path(ns.train_run), ns.split)
     print(results_table({ns.split: figures}))
     print(f"evaluate run: {run_dir}")
+
+
+def cmd_candidates(ns: argparse.Namespace) -> None:
+    """A trained retriever's top-N per user at each split, for rankers to train and be evaluated on."""
+    from pipelines.stages import run_candidates
+
+    run_dir, metrics = run_candidates(Path(ns.train_run), ns.top_n, tuple(s for s in ns.splits.split(",") if s))
+    print(Path(run_dir / SUMMARY_FILE).read_text())
+    print(f"candidates run: {run_dir}")
 
 
 def cmd_pipeline(ns: argparse.Namespace) -> None:
@@ -185,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "train":
             sub.add_argument("--resume", type=Path, help="a train run directory to continue")
             sub.add_argument("--ids", type=Path, help="a `recsys ids` run, for models that decode semantic IDs")
+            sub.add_argument("--candidates", type=Path, help="a `recsys candidates` run, for rankers")
     tn = verbs.add_parser("tune", help="Ray Tune sweep (ASHA) over config keys; ranked on validation")
     tn.add_argument("config", nargs="*", help="SWEEP.yaml [key.subkey=value ...]")
     tn.add_argument("--resume", type=Path, help="a `recsys tune` run directory to continue")
@@ -195,6 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("train_run", type=Path)
     ev.add_argument("--split", choices=("test", "valid"), default="test")
     ev.set_defaults(func=cmd_evaluate)
+    cd = verbs.add_parser("candidates", help="a retriever run's top-N per user (train/valid/test), for rankers")
+    cd.add_argument("train_run", type=Path, help="a complete train run of a retriever")
+    cd.add_argument("--top-n", type=int, required=True, help="candidates per user (1 .. catalogue size)")
+    cd.add_argument("--splits", default="train,valid,test", help="comma-separated splits (default train,valid,test)")
+    cd.set_defaults(func=cmd_candidates)
     sv = verbs.add_parser("serve", help="serve a train run over HTTP (Ray Serve) until Ctrl-C")
     sv.add_argument("train_run", type=Path, help="a train run directory (or a pipeline run)")
     sv.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")

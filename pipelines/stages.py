@@ -7,10 +7,12 @@ import json
 import time
 from pathlib import Path
 
+from recsys.candidates import SPLITS, candidate_metrics, candidates_file, check_top_n, retrieve, retriever_inputs
 from recsys.config import flatten_dict
 from recsys.data import InteractionData, load_dataset
 from recsys.data.split import leave_one_out
 from recsys.experiment import ExperimentConfig, experiment_dict_from_run, experiment_from_dict
+from recsys.models import get_spec
 from recsys.reporting import plot_training_curve, results_table
 from recsys.runs import (
     CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, clear_complete, machine_description, mark_complete, read_json,
@@ -63,10 +65,12 @@ def run_ids_stage(exp: ExperimentConfig, embed_dir: Path | None = None, data_dir
 
 
 def run_train(exp: ExperimentConfig, data_dir: Path | None = None, resume_dir: Path | None = None,
-              ids_dir: Path | None = None, parent: Path | None = None) -> Path:
+              ids_dir: Path | None = None, parent: Path | None = None, candidates_dir: Path | None = None) -> Path:
     """Train with Ray Train (or in-process when ``trainer.resources.use_ray`` is false); select on validation.
-    A generative retriever also needs ``ids_dir``, an ids run over the same data. A resumed run
-    is incomplete (no COMPLETE marker) until it finishes again."""
+    A generative retriever also needs ``ids_dir``, an ids run over the same data; a ranker needs
+    ``candidates_dir``, a candidates run. A resumed run is incomplete (no COMPLETE marker) until
+    it finishes again."""
+    check_candidates_input(exp.model_name, candidates_dir)
     if resume_dir is not None:
         run_dir = Path(resume_dir).resolve()
         saved = read_json(run_dir / CONFIG_FILE)
@@ -96,6 +100,21 @@ def run_train(exp: ExperimentConfig, data_dir: Path | None = None, resume_dir: P
         restarts = 0  # no workers to lose: a crash ends the process, and `--resume` continues
     wall = time.perf_counter() - start
     return finish_train(exp, run_dir, history, wall, restarts)
+
+
+def check_candidates_input(model_name: str, candidates_dir: Path | None) -> None:
+    """A ranker trains on a retriever's candidate sets; a retriever reads none."""
+    role = get_spec(model_name).model_cls.role
+    if role == "ranker" and candidates_dir is None:
+        raise ValueError(f"model.name={model_name!r} is a ranker: it trains on a retriever's candidate sets, and none "
+                         "were given; make them with `recsys candidates RETRIEVER_RUN --top-n N` and pass "
+                         "--candidates CANDIDATES_RUN")
+    if candidates_dir is None:
+        return
+    if role != "ranker":
+        raise ValueError(f"model.name={model_name!r} is a {role}; only rankers read --candidates")
+    require_complete(candidates_dir, "candidates")
+    raise ValueError("training a ranker on candidate sets is not implemented yet (issue 19, workstream 8c)")
 
 
 IDS_EXECUTION_KEYS = {"use_ray", "num_workers", "cpus_per_task", "checkpoint_every", "max_failures"}
@@ -180,3 +199,41 @@ def run_evaluate(train_dir: Path, split_name: str = "test", parent: Path | None 
                + results_table({split_name: figures}) + "\n")
     mark_complete(run_dir, "evaluate")
     return run_dir, figures
+
+
+def run_candidates(train_dir: Path, top_n: int, splits: tuple[str, ...] = SPLITS,
+                   parent: Path | None = None) -> tuple[Path, dict]:
+    """A trained retriever's top-N per user at each split -> ``runs/candidates/<run-id>/`` (see
+    ``recsys.candidates``); returns the run and its metrics (per split: target_in_set, top_n, users)."""
+    unknown = [s for s in splits if s not in SPLITS]
+    if not splits or unknown:
+        raise ValueError(f"--splits {','.join(splits)} is not allowed; choose from {','.join(SPLITS)}")
+    train_dir = require_complete(train_dir, "train")
+    saved = read_json(train_dir / CONFIG_FILE)
+    exp = experiment_from_dict(experiment_dict_from_run(saved))
+    model = load_model(train_dir / "checkpoints" / "best")
+    if model.role != "retriever":
+        raise ValueError(f"{train_dir} holds a {model.role} ({exp.model_name}); candidates come from a retriever run")
+    check_top_n(top_n, model.n_items)  # before any work
+    split = leave_one_out(InteractionData.load(saved["data_dir"]), exp.data.max_history)
+    start = time.perf_counter()
+    run_dir = stage_run_dir(exp.run.root, "candidates", exp.run.name or exp.model_name, parent)
+    metrics: dict = {}
+    for name in splits:
+        found = retrieve(model, retriever_inputs(split, name), top_n, batch_size=exp.eval.batch_size,
+                         exclude_history=exp.eval.exclude_history)
+        found.save(run_dir / candidates_file(name))
+        metrics[name] = candidate_metrics(found, top_n)
+    write_json(run_dir / CONFIG_FILE, {"train_dir": str(train_dir), "data_dir": saved["data_dir"],
+                                       "model": exp.model_name, "top_n": top_n, "splits": list(splits),
+                                       "exclude_history": exp.eval.exclude_history,
+                                       "max_history": exp.data.max_history})
+    write_json(run_dir / METRICS_FILE, {**metrics, "wall_s": round(time.perf_counter() - start, 2)})
+    write_text(run_dir / SUMMARY_FILE, "\n".join([
+        f"# candidates: top {top_n} of {exp.model_name} ({train_dir.name})", "",
+        "The retriever's top-N as it comes: the target is never inserted, so the share of users whose",
+        "target is in the set (its recall@N) is the ceiling of any ranker's re-ranking figures.", "",
+        "| split | users | target in set |", "|---|---|---|",
+        *(f"| {name} | {m['users']} | {m['target_in_set']:.4f} |" for name, m in metrics.items()), ""]))
+    mark_complete(run_dir, "candidates")
+    return run_dir, metrics

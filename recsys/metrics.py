@@ -70,3 +70,62 @@ def ranks_to_sums(ranks: np.ndarray, ks: tuple[int, ...] = DEFAULT_KS) -> dict[s
         sums[f"recall@{k}"] = float(in_top.sum())
         sums[f"ndcg@{k}"] = float(gains[in_top].sum())
     return sums
+
+
+# --- ranking metrics: a Ranker's scores over given candidates -------------------------------
+# scores (U, C) float, labels (U, C) bool (True = positive), valid (U, C) bool (False = padding).
+# Ties between a positive and a negative count 1/2, as in the Mann-Whitney form of AUC.
+
+
+def auc_per_user(scores: np.ndarray, labels: np.ndarray, valid: np.ndarray | None = None,
+                 chunk_pairs: int = 20_000_000) -> np.ndarray:
+    """(U,) AUC of each user over their own candidates; NaN for a user without both a positive and
+    a negative. Compares every positive with every negative, a few rows at a time."""
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=bool)
+    valid = np.ones_like(labels) if valid is None else np.asarray(valid, dtype=bool)
+    pos, neg = labels & valid, ~labels & valid
+    out = np.full(len(scores), np.nan)
+    rows = max(1, chunk_pairs // max(1, scores.shape[1] ** 2))
+    for start in range(0, len(scores), rows):
+        s, p, n = scores[start:start + rows], pos[start:start + rows], neg[start:start + rows]
+        diff = s[:, :, None] - s[:, None, :]  # (R, C, C): positive candidate i vs negative j
+        pairs = p[:, :, None] & n[:, None, :]
+        wins = ((diff > 0) + 0.5 * (diff == 0)) * pairs
+        counts = pairs.sum((1, 2))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[start:start + rows] = np.where(counts > 0, wins.sum((1, 2)) / counts, np.nan)
+    return out
+
+
+def pooled_auc(scores: np.ndarray, labels: np.ndarray, valid: np.ndarray | None = None) -> float:
+    """AUC over all candidate scores of all users pooled (one ranking); NaN without both classes.
+    Average ranks of tied scores give ties 1/2."""
+    valid = np.ones(np.shape(labels), dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
+    s = np.asarray(scores, dtype=np.float64)[valid]
+    y = np.asarray(labels, dtype=bool)[valid]
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    _, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    average_rank = ends - (counts - 1) / 2.0  # 1-based rank of each distinct value, ties averaged
+    rank_sum = average_rank[inverse][y].sum()
+    return float((rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def gauc(scores: np.ndarray, labels: np.ndarray, valid: np.ndarray | None = None) -> tuple[float, int, int]:
+    """Per-user AUC weighted by each user's number of candidates -> (GAUC, users counted, users
+    excluded because they lack a positive or a negative). GAUC is NaN when no user counts."""
+    valid = np.ones(np.shape(labels), dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
+    per_user = auc_per_user(scores, labels, valid)
+    counted = ~np.isnan(per_user)
+    weights = valid.sum(1)[counted]
+    value = float((per_user[counted] * weights).sum() / weights.sum()) if counted.any() else float("nan")
+    return value, int(counted.sum()), int((~counted).sum())
+
+
+def reranked_ranks(scores: torch.Tensor, candidates: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """0-based rank of each target once its candidates are sorted by score (ties keep the
+    candidates' order), -1 when the target is not among them. (B, C), (B, C), (B,) -> (B,)."""
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    return target_ranks(candidates.gather(1, order), targets)

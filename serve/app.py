@@ -39,7 +39,7 @@ from serve.http import error_body, key_digest, make_api, reply
 from serve.run import open_run
 from serve.schemas import ItemInfo, NewItem, RecommendRequest, RecommendResponse, ServeArgs
 from serve.state import (ItemIds, Query, Registration, RequestError, apply_registrations, check_history, check_k,
-                         run_queries)
+                         check_times, run_queries)
 
 log = logging.getLogger("ray.serve")
 HEALTH_TIMEOUT_S = 2.0
@@ -193,9 +193,13 @@ class Retriever:
             user = request.get("user")
             if self.uses_users and user is None:
                 raise RequestError(422, "this model conditions on the user (model.user_tokens > 0): give `user`")
+            timestamps = request.get("timestamps")
+            now = check_times(len(history), timestamps, request.get("time"))
         except RequestError as err:
             return error_body(err.status, err.message)
-        query = Query(history, request["k"], request["exclude_history"], user if self.uses_users else None)
+        timed = self.model.capabilities.reads_timestamps  # other models ignore the times
+        query = Query(history, request["k"], request["exclude_history"], user if self.uses_users else None,
+                      timestamps if timed else None, now if timed else None)
         items, scores = await self._batched(query)
         semantic = "semantic" in self.model.capabilities.id_spaces
         return {"items": [{"id": self.ids.raw(i), "internal_id": i, "score": s,

@@ -17,6 +17,11 @@ class RecommendRequest(BaseModel):
     exclude_history: StrictBool = Field(False, description="never return an item of the history")
     user: StrictInt | None = Field(None, ge=0, description="user index; used only by models with a user token, "
                                    "which require it")
+    timestamps: list[StrictInt] | None = Field(None, description="event time of each history item in seconds, "
+                                               "same length as history, non-decreasing; read only by models "
+                                               "that read timestamps")
+    time: StrictInt | None = Field(None, description="the request's time in seconds (default: now); at or after "
+                                   "the last history timestamp")
 
 
 class RecommendedItem(BaseModel):

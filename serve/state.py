@@ -9,6 +9,7 @@ them would silently recommend from a different history than the client sent.
 
 from __future__ import annotations
 
+import time as clock
 from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
@@ -117,24 +118,50 @@ def check_k(k: int, n_items: int, max_k: int) -> None:
                            f"(the smaller of max_k={max_k} and the catalogue size {n_items})")
 
 
+def check_times(n_history: int, timestamps: Sequence[int] | None, time: int | None,
+                now: float | None = None) -> int:
+    """Check a request's history timestamps and time; returns the request's time (default: now).
+    Timestamps must be one per history item and never decrease; the time must not precede the
+    last of them."""
+    if time is None:
+        time = int(clock.time() if now is None else now)
+    if timestamps is None:
+        return time
+    if len(timestamps) != n_history:
+        raise RequestError(422, f"timestamps holds {len(timestamps)} values for {n_history} history items; "
+                           "give one per item")
+    back = next((i for i in range(1, len(timestamps)) if timestamps[i] < timestamps[i - 1]), None)
+    if back is not None:
+        raise RequestError(422, f"timestamps decrease at position {back} ({timestamps[back - 1]} then "
+                           f"{timestamps[back]}); history must be oldest first")
+    if timestamps and time < timestamps[-1]:
+        raise RequestError(422, f"time={time} is before the last history timestamp {timestamps[-1]}")
+    return time
+
+
 class Query(NamedTuple):
-    """One checked request: internal history ids (oldest first), k, exclusion, user (or None)."""
+    """One checked request: internal history ids (oldest first), k, exclusion, user (or None), and
+    for models that read timestamps the history's times and the request's time (else None)."""
 
     history: list[int]
     k: int
     exclude_history: bool
     user: int | None
+    timestamps: list[int] | None = None
+    time: int | None = None
 
 
 def group_key(q: Query, model: Retriever) -> tuple:
     """Queries that can share one model call and still get exactly what a call of their own would
     give. A beam search's width is ``model.beam_width(k)`` (+ the history length when excluding),
     so rows share a call when those agree; the call runs with the group's largest k and each row
-    keeps its first k. Models without a beam (top-k over all items) only split on exclusion."""
+    keeps its first k. Models without a beam (top-k over all items) only split on exclusion.
+    Queries with and without timestamps never share a call: a batch has times for all rows or none."""
+    timed = (q.timestamps is not None, q.time is not None)
     width = model.beam_width(q.k)
     if width is None:
-        return (q.exclude_history,)
-    return (q.exclude_history, width, len(q.history) if q.exclude_history else 0)
+        return (q.exclude_history, timed)
+    return (q.exclude_history, timed, width, len(q.history) if q.exclude_history else 0)
 
 
 def run_queries(model: Retriever, queries: Sequence[Query]) -> list[tuple[list[int], list[float]]]:
@@ -150,8 +177,14 @@ def run_queries(model: Retriever, queries: Sequence[Query]) -> list[tuple[list[i
         users = None
         if any(q.user is not None for q in group):
             users = torch.tensor([q.user if q.user is not None else 0 for q in group])
+        times = target_time = None
+        if model.capabilities.reads_timestamps and group[0].timestamps is not None:
+            times = torch.tensor([[0] * (width - len(q.history)) + q.timestamps for q in group])  # (B, T)
+        if model.capabilities.reads_timestamps and group[0].time is not None:
+            target_time = torch.tensor([q.time for q in group])  # (B,)
         k = max(q.k for q in group)
-        rec = model.recommend(Batch(history=history, users=users), k, exclude_history=group[0].exclude_history)
+        batch = Batch(history=history, users=users, timestamps=times, target_time=target_time)
+        rec = model.recommend(batch, k, exclude_history=group[0].exclude_history)
         for row, (i, q) in enumerate(zip(rows, group)):
             out[i] = (rec.items[row, : q.k].tolist(), rec.scores[row, : q.k].tolist())
     return out  # type: ignore[return-value]

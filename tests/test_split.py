@@ -30,23 +30,23 @@ def test_leave_one_out_targets_histories_and_cap():
 def test_no_target_leaks_into_training():
     data = make_data([list(range(1, 30)), [30, 31, 32, 33]])
     split = leave_one_out(data, max_history=20)
-    inputs, targets, _ = training_windows(split.train, 5, "sliding")
+    inputs, targets, *_ = training_windows(split.train, 5, "sliding")
     seen = set(inputs.ravel()) | set(targets.ravel())
     assert not seen & {28, 29, 32, 33}
 
 
 def test_sliding_windows_cover_every_transition_once_and_last_only_the_newest():
     seq = np.arange(1, 13)  # 11 transitions
-    inputs, targets, _ = training_windows([seq], max_len=4, mode="sliding")
+    inputs, targets, *_ = training_windows([seq], max_len=4, mode="sliding")
     pairs = {(int(a), int(b)) for row_i, row_t in zip(inputs, targets) for a, b in zip(row_i, row_t) if b}
     assert pairs == {(i, i + 1) for i in range(1, 12)}
     assert (targets > 0).sum() == 11
-    inputs, targets, _ = training_windows([seq], max_len=4, mode="last")
+    inputs, targets, *_ = training_windows([seq], max_len=4, mode="last")
     assert inputs.tolist() == [[8, 9, 10, 11]] and targets.tolist() == [[9, 10, 11, 12]]
 
 
 def test_prefix_windows_end_at_every_target():
-    inputs, targets, rows = training_windows([np.arange(1, 6), np.array([7, 8])], max_len=3, mode="prefixes")
+    inputs, targets, rows, *_ = training_windows([np.arange(1, 6), np.array([7, 8])], max_len=3, mode="prefixes")
     assert targets[:, -1].tolist() == [5, 4, 3, 2, 8]  # one window per next item
     assert inputs.tolist() == [[2, 3, 4], [1, 2, 3], [0, 1, 2], [0, 0, 1], [0, 0, 7]]
     assert rows.tolist() == [0, 0, 0, 0, 1]  # the sequence each window was cut from

@@ -20,6 +20,9 @@ class SyntheticConfig:
     max_length: int = 30
     stay_probability: float = 0.8  # probability that the next item stays in the current topic
     seed: int = 0
+    # Opt-in: the gap before each event says whether the user stays in the topic (short gap) or
+    # switches (long gap); see ``recsys.data.synthetic``. Off keeps the data exactly as before.
+    time_signal: bool = False
 
     def __post_init__(self) -> None:
         require_range("synthetic.n_users", self.n_users, 10)
@@ -29,6 +32,8 @@ class SyntheticConfig:
         # A user never repeats an item, so no sequence can be longer than the catalogue.
         require_range("synthetic.max_length", self.max_length, self.min_length, self.n_items)
         require_range("synthetic.stay_probability", self.stay_probability, 0.0, 1.0)
+        require(isinstance(self.time_signal, bool),
+                f"synthetic.time_signal must be true or false, got {self.time_signal!r}")
 
 
 @dataclass

@@ -56,8 +56,21 @@ class InteractionData:
         """Each user's item ids as an int64 array, in time order."""
         return [np.asarray(s, dtype=np.int64) for s in self.sequences["item_ids"]]
 
+    @property
+    def has_timestamps(self) -> bool:
+        return "timestamps" in self.sequences.columns
+
+    def time_sequences(self) -> list[np.ndarray] | None:
+        """Each user's event times (int64 seconds, aligned with ``item_sequences``), or None
+        when the source has none (Beauty's S3-Rec files)."""
+        if not self.has_timestamps:
+            return None
+        return [np.asarray(t, dtype=np.int64) for t in self.sequences["timestamps"]]
+
     def validate(self, source: str = "dataset") -> None:
-        """Raise DataFormatError unless items are ``1..N`` and every sequence uses known ids."""
+        """Raise DataFormatError unless items are ``1..N``, every sequence uses known ids and, when
+        there are timestamps, each user's are as many as their items and never decrease (ties are
+        allowed: sources record days or seconds)."""
         ids = self.items["item_id"].to_numpy()
         if len(ids) == 0:
             raise DataFormatError(source, "the item table is empty")
@@ -71,6 +84,20 @@ class InteractionData:
                 raise DataFormatError(source, f"user {self.sequences['user_id'].iat[row]!r} has an empty sequence")
             if seq.min() < 1 or seq.max() > len(ids):
                 raise DataFormatError(source, f"user {self.sequences['user_id'].iat[row]!r} has an item id outside 1..{len(ids)}")
+        if self.has_timestamps:
+            self._validate_timestamps(source)
+
+    def _validate_timestamps(self, source: str) -> None:
+        for row, (seq, times) in enumerate(zip(self.sequences["item_ids"], self.sequences["timestamps"])):
+            user = self.sequences["user_id"].iat[row]
+            times = np.asarray(times)
+            if len(times) != len(seq):
+                raise DataFormatError(source, f"user {user!r} has {len(times)} timestamps for {len(seq)} items")
+            back = np.flatnonzero(np.diff(times) < 0)
+            if len(back):
+                pos = int(back[0]) + 1
+                raise DataFormatError(source, f"user {user!r}: timestamps decrease at position {pos} "
+                                      f"({int(times[pos - 1])} then {int(times[pos])}); events must be in time order")
 
     def stats_with_counts(self) -> dict:
         lengths = self.sequences["item_ids"].map(len)

@@ -3,7 +3,11 @@
 Per user with items ``s[0..n-1]``: test target ``s[n-1]`` with history ``s[:n-1]``; validation
 target ``s[n-2]`` with history ``s[:n-2]``; training sees only ``s[:n-2]``. Histories keep
 their last ``max_history`` items and are left-padded with 0, so the newest item is always at
-the last position.
+the last position. When the dataset has timestamps, they travel alongside, aligned with the
+items (0 at padding); without them (Beauty's S3-Rec files) every time field is None.
+
+Retrievers read the padded last ``max_history`` items; rankers read each user's whole history
+(``LeaveOneOutSplit.full_histories``).
 """
 
 from __future__ import annotations
@@ -21,17 +25,49 @@ SAMPLE_MODES = ("last", "sliding", "prefixes")
 
 @dataclass
 class EvalSet:
-    """Rows of (history, target). histories: (U, max_history) int64, left-padded; targets: (U,)."""
+    """Rows of (history, target). histories: (U, max_history) int64, left-padded; targets: (U,).
+
+    timestamps: (U, max_history) int64 event times aligned with ``histories`` (0 at padding) and
+    target_times: (U,) the time of each target event; both None when the dataset has no times.
+    """
 
     user_index: np.ndarray
     histories: np.ndarray
     targets: np.ndarray
+    timestamps: np.ndarray | None = None
+    target_times: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.targets)
 
     def subset(self, rows: np.ndarray) -> "EvalSet":
-        return EvalSet(self.user_index[rows], self.histories[rows], self.targets[rows])
+        pick = lambda a: None if a is None else a[rows]  # noqa: E731
+        return EvalSet(self.user_index[rows], self.histories[rows], self.targets[rows],
+                       pick(self.timestamps), pick(self.target_times))
+
+
+class Histories(NamedTuple):
+    """Whole (untruncated) histories of one split, ragged, for rankers.
+
+    items[i]: the history of ``user_index[i]`` in time order; times[i] its event times (None when
+    the dataset has none); targets (U,) and target_times (U,) the event that follows.
+    """
+
+    user_index: np.ndarray
+    items: list[np.ndarray]
+    times: list[np.ndarray] | None
+    targets: np.ndarray
+    target_times: np.ndarray | None
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def padded(self, rows: np.ndarray | list[int]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Rows -> (len(rows), longest of them) left-padded items, and times (0 at padding) or None."""
+        width = max(1, max(len(self.items[r]) for r in rows))
+        items = pad_left([self.items[r] for r in rows], width)
+        times = None if self.times is None else pad_left([self.times[r] for r in rows], width)
+        return items, times
 
 
 @dataclass
@@ -43,11 +79,41 @@ class LeaveOneOutSplit:
     valid: EvalSet
     test: EvalSet
     dropped_users: int  # users with fewer than MIN_USER_LENGTH items
+    train_times: list[np.ndarray] | None = None  # event times of ``train``; None without timestamps
 
     def training_with_validation(self) -> list[np.ndarray]:
         """Each user's s[:n-1]: the training prefix with its validation target appended, what a
         test model refitted on training + validation (``trainer.selection.refit``) learns from."""
         return [np.append(seq, target) for seq, target in zip(self.train, self.valid.targets)]
+
+    def training_with_validation_times(self) -> list[np.ndarray] | None:
+        """The event times of ``training_with_validation()``, or None without timestamps."""
+        if self.train_times is None:
+            return None
+        return [np.append(times, t) for times, t in zip(self.train_times, self.valid.target_times)]
+
+    def full_histories(self, name: str) -> Histories:
+        """Each user's whole history before the split's target, untruncated (rankers read it all).
+
+        ``test``: s[:n-1] -> s[n-1]; ``valid``: s[:n-2] -> s[n-2]; ``train``: the last training
+        transition s[:n-3] -> s[n-3], the one a ranker trains on (users whose training prefix is a
+        single item have none and are left out). Only events before the target are included.
+        """
+        if name not in ("train", "valid", "test"):
+            raise ValueError(f"split must be 'train', 'valid' or 'test', got {name!r}")
+        times = self.train_times
+        if name == "train":
+            rows = np.asarray([i for i, s in enumerate(self.train) if len(s) >= 2], dtype=np.int64)
+            return Histories(self.train_users[rows], [self.train[i][:-1] for i in rows],
+                             None if times is None else [times[i][:-1] for i in rows],
+                             np.asarray([self.train[i][-1] for i in rows], dtype=np.int64),
+                             None if times is None else np.asarray([times[i][-1] for i in rows], dtype=np.int64))
+        if name == "valid":
+            items, times = self.train, times
+        else:
+            items, times = self.training_with_validation(), self.training_with_validation_times()
+        target = self.eval_set(name)
+        return Histories(target.user_index, items, times, target.targets, target.target_times)
 
     def eval_set(self, name: str) -> EvalSet:
         if name not in ("valid", "test"):
@@ -66,23 +132,34 @@ def pad_left(sequences: list[np.ndarray], length: int) -> np.ndarray:
 
 
 def leave_one_out(data: InteractionData, max_history: int) -> LeaveOneOutSplit:
-    """Split every user with at least 3 items; shorter users are counted in ``dropped_users``."""
+    """Split every user with at least 3 items; shorter users are counted in ``dropped_users``.
+    Timestamps, when ``data`` has them, are split the same way."""
     if max_history < 1:
         raise ValueError(f"max_history={max_history} is out of range; allowed: >= 1")
     sequences = data.item_sequences()
+    all_times = data.time_sequences()
     keep = [i for i, s in enumerate(sequences) if len(s) >= MIN_USER_LENGTH]
     kept = [sequences[i] for i in keep]
+    times = None if all_times is None else [all_times[i] for i in keep]
     users = np.asarray(keep, dtype=np.int64)
-    valid = EvalSet(users, pad_left([s[:-2] for s in kept], max_history), np.array([s[-2] for s in kept], dtype=np.int64))
-    test = EvalSet(users, pad_left([s[:-1] for s in kept], max_history), np.array([s[-1] for s in kept], dtype=np.int64))
+
+    def eval_set(back: int) -> EvalSet:
+        histories = pad_left([s[:-back] for s in kept], max_history)
+        targets = np.array([s[-back] for s in kept], dtype=np.int64)
+        if times is None:
+            return EvalSet(users, histories, targets)
+        return EvalSet(users, histories, targets, pad_left([t[:-back] for t in times], max_history),
+                       np.array([t[-back] for t in times], dtype=np.int64))
+
     return LeaveOneOutSplit(
         n_items=data.n_items,
         max_history=max_history,
         train=[s[:-2] for s in kept],
         train_users=users,
-        valid=valid,
-        test=test,
+        valid=eval_set(2),
+        test=eval_set(1),
         dropped_users=len(sequences) - len(kept),
+        train_times=None if times is None else [t[:-2] for t in times],
     )
 
 
@@ -90,11 +167,16 @@ class Windows(NamedTuple):
     inputs: np.ndarray  # (S, max_len) left-padded histories
     targets: np.ndarray  # (S, max_len) the next item at every position, 0 = none
     rows: np.ndarray  # (S,) which sequence of ``train`` each window was cut from
+    times: np.ndarray | None = None  # (S, max_len) event times of ``inputs``, 0 at padding
+    target_times: np.ndarray | None = None  # (S,) time of each window's last target
 
 
-def training_windows(train: list[np.ndarray], max_len: int, mode: str = "last") -> Windows:
+def training_windows(train: list[np.ndarray], max_len: int, mode: str = "last",
+                     times: list[np.ndarray] | None = None) -> Windows:
     """Next-item training pairs: inputs (S, max_len) and targets (S, max_len), both left-padded,
     and the row of ``train`` each window comes from (``split.train_users[rows]`` is its user).
+    With ``times`` (aligned with ``train``), also the inputs' times and the time of each window's
+    last target: the times of all targets are then ``times[:, 1:]`` followed by ``target_times``.
 
     ``targets[:, t]`` is the item after ``inputs[:, t]`` (0 = no target). Mode ``last`` takes
     each user's newest ``max_len + 1`` items, one window per user, as SASRec does. Mode
@@ -105,18 +187,25 @@ def training_windows(train: list[np.ndarray], max_len: int, mode: str = "last") 
     """
     if mode not in SAMPLE_MODES:
         raise ValueError(f"samples={mode!r} is not allowed; choose one of {list(SAMPLE_MODES)}")
-    inputs, targets, rows = [], [], []
+    inputs, targets, rows, input_times, target_times = [], [], [], [], []
     for row, seq in enumerate(train):
         end = len(seq)
         while end >= 2:
-            window = seq[max(0, end - max_len - 1):end]
+            start = max(0, end - max_len - 1)
+            window = seq[start:end]
             inputs.append(window[:-1])
             targets.append(window[1:])
             rows.append(row)
+            if times is not None:
+                input_times.append(times[row][start:end - 1])
+                target_times.append(times[row][end - 1])
             if mode == "last":
                 break
             end -= 1 if mode == "prefixes" else max_len
-    return Windows(pad_left(inputs, max_len), pad_left(targets, max_len), np.asarray(rows, dtype=np.int64))
+    windows = Windows(pad_left(inputs, max_len), pad_left(targets, max_len), np.asarray(rows, dtype=np.int64))
+    if times is None:
+        return windows
+    return windows._replace(times=pad_left(input_times, max_len), target_times=np.asarray(target_times, dtype=np.int64))
 
 
 @dataclass

@@ -5,6 +5,16 @@ and its categories. Users prefer a few topics and move through the catalogue as 
 that mostly stays in the current topic (and usually the subtopic). Items that read alike are
 therefore consumed together, which is the premise of content-based semantic IDs, so a model
 that uses them should beat one that sees only opaque ids.
+
+Timestamps: by default the gaps between a user's events are uniform (10 minutes to 30 days) and
+independent of the items, so time carries no signal. With ``time_signal: true`` the gap before
+each event decides the step instead: with probability ``stay_probability`` the gap is short
+(log-uniform, 1 minute to 1 day) and the user stays in the current topic (and usually the
+subtopic); otherwise the gap is long (log-uniform, 7 to 60 days) and the user switches to
+another topic drawn from their preferences. The fraction of steps that stay is unchanged, so a
+time-blind model sees the same chain as before, while a model that reads the gap before the
+next event (``Batch.target_time - timestamps[:, -1]``) knows whether the next item stays in the
+topic. (The gaps between history events tell the model how this user's stays and switches look.)
 """
 
 from __future__ import annotations
@@ -60,6 +70,8 @@ _SAME_SUBTOPIC = 0.7  # when staying in a topic, how often the next item is also
 _ZIPF_EXPONENT = 1.0
 _NO_BRAND = 0.15  # share of items without a brand, as in real catalogues
 _MAX_TRIES = 8  # rejection-sampling attempts before falling back to the most popular unseen item
+_SHORT_GAP_S = (60, 86_400)  # time_signal: the gap before a step that stays in the topic
+_LONG_GAP_S = (7 * 86_400, 60 * 86_400)  # ... and before one that switches topic
 
 
 @dataclass
@@ -201,6 +213,39 @@ def _sequence(length: int, prefs: list[float], catalog: _Catalog, stay: float, u
     return items
 
 
+def _timed_sequence(length: int, prefs: list[float], catalog: _Catalog, stay: float,
+                    u: _Uniforms) -> tuple[list[int], list[int]]:
+    """time_signal: items and the gap before each (the first gap is the user's start offset).
+    A short gap means the step stays in the topic, a long gap that it switches topic."""
+    seen: set[int] = set()
+    items, gaps = [], []
+    topic = sub = -1
+    for _ in range(length):
+        stays = topic >= 0 and u() < stay
+        low, high = _SHORT_GAP_S if stays else _LONG_GAP_S
+        gaps.append(int(low * (high / low) ** u()))  # log-uniform in [low, high)
+        if not stays:
+            topic = _other_topic(prefs, topic, u)
+            sub = catalog.topic_subs[topic][_draw(catalog.topic_sub_cdf[topic], u())]
+        elif u() >= _SAME_SUBTOPIC:
+            sub = catalog.topic_subs[topic][_draw(catalog.topic_sub_cdf[topic], u())]
+        item = _unseen_item(sub, topic, catalog, seen, u)
+        seen.add(item)
+        items.append(item)
+        topic, sub = int(catalog.item_topic[item]), _global_sub(catalog, item)
+    return items, gaps
+
+
+def _other_topic(prefs: list[float], current: int, u: _Uniforms) -> int:
+    """A topic from the user's preferences other than ``current`` (a few tries, then any)."""
+    topic = _draw(prefs, u())
+    for _ in range(_MAX_TRIES):
+        if topic != current:
+            return topic
+        topic = _draw(prefs, u())
+    return (current + 1) % len(prefs) if topic == current else topic
+
+
 def _unseen_item(sub: int, topic: int, catalog: _Catalog, seen: set[int], u: _Uniforms) -> int:
     members = catalog.sub_items[sub]
     for _ in range(_MAX_TRIES):
@@ -231,10 +276,13 @@ def generate_synthetic(cfg: SyntheticConfig) -> InteractionData:
     uniforms = _Uniforms(rng)
     sequences, timestamps = [], []
     for user in range(cfg.n_users):
-        seq = _sequence(int(lengths[user]), prefs[user], catalog, cfg.stay_probability, uniforms)
+        if cfg.time_signal:
+            seq, gaps = _timed_sequence(int(lengths[user]), prefs[user], catalog, cfg.stay_probability, uniforms)
+        else:  # the original draws, in the original order: the data is exactly as before
+            seq = _sequence(int(lengths[user]), prefs[user], catalog, cfg.stay_probability, uniforms)
+            gaps = rng.integers(600, 30 * 86_400, size=len(seq))  # strictly positive: times increase
         sequences.append(np.asarray(seq, dtype=np.int64) + 1)  # item index -> 1-based item id
-        gaps = rng.integers(600, 30 * 86_400, size=len(seq))  # strictly positive: times increase
-        timestamps.append(starts[user] + np.cumsum(gaps))
+        timestamps.append(starts[user] + np.cumsum(gaps, dtype=np.int64))
     frame = pd.DataFrame(
         {"user_id": [f"u{i + 1}" for i in range(cfg.n_users)], "item_ids": sequences, "timestamps": timestamps}
     )

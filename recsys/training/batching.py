@@ -22,9 +22,12 @@ def trim_padding(history: torch.Tensor, *aligned: torch.Tensor) -> tuple[torch.T
 
 def epoch_batches(inputs: np.ndarray, targets: np.ndarray, batch_size: int, seed: int, epoch: int,
                   rank: int = 0, world_size: int = 1, bucket: int = 0,
-                  users: np.ndarray | None = None) -> Iterator[Batch]:
+                  users: np.ndarray | None = None, timestamps: np.ndarray | None = None,
+                  target_times: np.ndarray | None = None) -> Iterator[Batch]:
     """Shuffle with (seed, epoch), give this rank an equal share, cut into batches, trim padding.
-    ``users`` (one per row of ``inputs``) fills ``Batch.users``.
+    ``users`` (one per row of ``inputs``) fills ``Batch.users``; ``timestamps`` (aligned with
+    ``inputs``) and ``target_times`` (one per row: the time of its last target, see
+    ``training_windows``) fill ``Batch.timestamps`` and ``Batch.target_time``.
 
     Every rank gets the same number of rows (the remainder is dropped for this epoch), so DDP
     ranks always run the same number of steps. ``bucket > 0`` sorts each run of ``bucket``
@@ -45,5 +48,8 @@ def epoch_batches(inputs: np.ndarray, targets: np.ndarray, batch_size: int, seed
         cuts = [cuts[i] for i in rng.permutation(len(cuts))]
     for start in cuts:
         idx = mine[start:start + batch_size]
-        history, target = trim_padding(torch.from_numpy(inputs[idx]), torch.from_numpy(targets[idx]))
-        yield Batch(history=history, targets=target, users=None if users is None else torch.from_numpy(users[idx]))
+        aligned = [torch.from_numpy(targets[idx])] + ([] if timestamps is None else [torch.from_numpy(timestamps[idx])])
+        history, target, *times = trim_padding(torch.from_numpy(inputs[idx]), *aligned)
+        yield Batch(history=history, targets=target, users=None if users is None else torch.from_numpy(users[idx]),
+                    timestamps=times[0] if times else None,
+                    target_time=None if target_times is None else torch.from_numpy(target_times[idx]))

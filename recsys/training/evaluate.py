@@ -1,13 +1,16 @@
-"""Full-catalogue leave-one-out evaluation of any model that honours the contract."""
+"""Evaluation of any model that honours the contract: retrievers over the whole catalogue
+(``evaluate``), rankers over a retriever's candidate sets (``evaluate_ranker``)."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from recsys.data.split import EvalSet
-from recsys.metrics import DEFAULT_KS, RankingMetrics, metric_names
-from recsys.models import Batch, SequenceModel
+from recsys.candidates import CandidateSet
+from recsys.data.split import EvalSet, Histories
+from recsys.metrics import DEFAULT_KS, RankingMetrics, gauc, metric_names, pooled_auc, ranks_to_sums, reranked_ranks
+from recsys.models import Batch, Ranker, SequenceModel
 from recsys.training.batching import trim_padding
 
 
@@ -24,6 +27,7 @@ def evaluate(
     world_size: int = 1,
 ) -> dict[str, float]:
     """Recall@K and NDCG@K over the whole catalogue, averaged over the users of ``eval_set``.
+    The eval set's timestamps and target times, when it has them, go into each Batch.
 
     With ``world_size > 1`` each rank scores rows ``rank::world_size`` and the sums are
     all-reduced, so every rank returns the same figures for all users.
@@ -34,11 +38,19 @@ def evaluate(
     histories = torch.tensor(eval_set.histories)  # a copy: arrays from the object store are read-only
     targets = torch.tensor(eval_set.targets)
     users = torch.tensor(eval_set.user_index)
+    timed = eval_set.timestamps is not None
+    if timed:
+        times, target_times = torch.tensor(eval_set.timestamps), torch.tensor(eval_set.target_times)
     rows = torch.arange(rank, len(eval_set), world_size)
     rows = rows[torch.argsort((histories[rows] > 0).sum(1), stable=True)]  # similar lengths batch together
     for start in range(0, len(rows), batch_size):
         idx = rows[start:start + batch_size]
-        batch = Batch(history=trim_padding(histories[idx])[0], target=targets[idx], users=users[idx]).to(device)
+        if timed:
+            history, stamps = trim_padding(histories[idx], times[idx])
+            batch = Batch(history=history, target=targets[idx], users=users[idx], timestamps=stamps,
+                          target_time=target_times[idx]).to(device)
+        else:
+            batch = Batch(history=trim_padding(histories[idx])[0], target=targets[idx], users=users[idx]).to(device)
         top = model.recommend(batch, k=max(ks), exclude_history=exclude_history)
         metrics.update(top.items, batch.target)
     model.train(was_training)
@@ -49,3 +61,63 @@ def evaluate(
         metrics = RankingMetrics(ks)
         metrics.merge_sums(dict(zip(names, totals[:-1].tolist())), int(totals[-1]))
     return metrics.summary()
+
+
+@torch.no_grad()
+def evaluate_ranker(model: Ranker, candidates: CandidateSet | None, histories: Histories, *,
+                    batch_size: int = 256, ks: tuple[int, ...] = DEFAULT_KS,
+                    device: torch.device | str = "cpu") -> dict[str, float]:
+    """A Ranker's figures on a retriever's candidate sets: AUC (pooled), GAUC (per-user AUC
+    weighted by candidates; users whose target is not in their set have no positive and are
+    counted in ``gauc_excluded_users``), and Recall/NDCG@K after re-ranking (a user whose target
+    is not in the set scores 0), beside ``target_in_set``, the share of users whose target the
+    retriever put in the set: the ceiling of every re-ranking figure.
+
+    candidates: the split's ``CandidateSet``; histories: ``split.full_histories(split)`` for the
+    same split (whole histories, not the retriever's last ``max_history``).
+    """
+    if candidates is None:
+        raise ValueError("evaluate_ranker needs candidate sets: a ranker scores a retriever's top-N; "
+                         "make them with `recsys candidates RETRIEVER_RUN --top-n N` and pass that run")
+    if max(ks) > candidates.candidates.shape[1]:
+        raise ValueError(f"K={max(ks)} exceeds the {candidates.candidates.shape[1]} candidates per user")
+    rows = _history_rows(candidates, histories)
+    was_training = model.training
+    model.eval()
+    scores = np.zeros(candidates.candidates.shape, dtype=np.float64)
+    for start in range(0, len(candidates), batch_size):
+        part = np.arange(start, min(start + batch_size, len(candidates)))
+        items, times = histories.padded(rows[part])
+        target_time = None if histories.target_times is None else torch.from_numpy(histories.target_times[rows[part]])
+        batch = Batch(history=torch.from_numpy(items), users=torch.from_numpy(candidates.user_index[part]),
+                      timestamps=None if times is None else torch.from_numpy(times), target_time=target_time,
+                      candidates=torch.from_numpy(candidates.candidates[part]))
+        out = model.score(batch.to(device))  # (B, C)
+        if out.shape != batch.candidates.shape:
+            raise ValueError(f"{type(model).__name__}.score returned {tuple(out.shape)}, expected "
+                             f"{tuple(batch.candidates.shape)} (one score per candidate)")
+        scores[part] = out.float().cpu().numpy()
+    model.train(was_training)
+    labels = candidates.candidates == candidates.targets[:, None]  # (U, C)
+    valid = candidates.candidates > 0
+    ranks = reranked_ranks(torch.from_numpy(scores), torch.from_numpy(candidates.candidates),
+                           torch.from_numpy(candidates.targets)).numpy()
+    grouped, counted, excluded = gauc(scores, labels, valid)
+    figures = {name: value / len(candidates) for name, value in ranks_to_sums(ranks, ks).items()}
+    return {"auc": pooled_auc(scores, labels, valid), "gauc": grouped, "gauc_users": counted,
+            "gauc_excluded_users": excluded, **figures,
+            "target_in_set": float(labels.any(1).mean()), "users": len(candidates)}
+
+
+def _history_rows(candidates: CandidateSet, histories: Histories) -> np.ndarray:
+    """The row of ``histories`` of each candidate set's user; both must be of one split."""
+    where = {int(u): i for i, u in enumerate(histories.user_index)}
+    missing = [int(u) for u in candidates.user_index if int(u) not in where]
+    if missing:
+        raise ValueError(f"{len(missing)} candidate users have no history in this split (e.g. user {missing[0]}); "
+                         "the candidates and histories must come from the same split")
+    rows = np.asarray([where[int(u)] for u in candidates.user_index], dtype=np.int64)
+    if not np.array_equal(histories.targets[rows], candidates.targets):
+        raise ValueError("the candidates' targets differ from the histories' targets: they come from different "
+                         "splits or datasets")
+    return rows

@@ -143,8 +143,12 @@ class Trainer:
                 and rank == 0:
             warnings.warn(hardware.emulated_bf16_warning("trainer.data.precision"), RuntimeWarning, stacklevel=2)
         train = split.training_with_validation() if cfg.selection.refit else split.train
-        windows = training_windows(train, model.max_len, cfg.data.samples)
+        times = None  # the event times, for models that read them (and data that has them)
+        if model.capabilities.reads_timestamps:
+            times = split.training_with_validation_times() if cfg.selection.refit else split.train_times
+        windows = training_windows(train, model.max_len, cfg.data.samples, times=times)
         self.inputs, self.targets, self.users = windows.inputs, windows.targets, split.train_users[windows.rows]
+        self.times, self.target_times = windows.times, windows.target_times  # None without timestamps
         if len(self.inputs) < world_size:
             raise ValueError(f"only {len(self.inputs)} training windows for {world_size} workers")
         self.steps_per_epoch = math.ceil(len(self.inputs) // world_size / cfg.optim.batch_size)
@@ -181,7 +185,8 @@ class Trainer:
         self.train_model.train()
         start, losses, rows = time.perf_counter(), [], 0
         batches = epoch_batches(self.inputs, self.targets, self.cfg.optim.batch_size, self.cfg.data.seed, epoch,
-                                self.rank, self.world_size, bucket=self.cfg.data.bucket, users=self.users)
+                                self.rank, self.world_size, bucket=self.cfg.data.bucket, users=self.users,
+                                timestamps=self.times, target_times=self.target_times)
         bar = tqdm(batches, total=self.steps_per_epoch, desc=f"epoch {epoch + 1}", leave=False,
                    disable=None if self.rank == 0 else True)
         for batch in bar:
