@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.record import dataset_name, protocol, write_record  # noqa: E402
 from pipelines.cli import split_config_args  # noqa: E402
 from pipelines.stages import run_data, run_evaluate, run_train  # noqa: E402
-from recsys.experiment import experiment_dict_from_run, experiment_from_dict, load_experiment  # noqa: E402
+from recsys.experiment import experiment_dict_from_run, experiment_from_dict, ids_runs_of, load_experiment  # noqa: E402
 from recsys.runs import read_json  # noqa: E402
 
 
@@ -51,8 +51,9 @@ def main(argv: list[str]) -> None:
     wall = time.perf_counter() - start if argv[:1] != ["--train-run"] else train["elapsed_s"]
     saved = read_json(train_dir / "config.json")
     ids = {}
-    if saved.get("ids_dir"):  # a generative retriever: which IDs it decoded, named in the record
-        ids = {"ids_run": saved["ids_dir"], "ids_method": read_json(Path(saved["ids_dir"]) / "config.json")["ids"]["method"]}
+    semantic = ids_runs_of(saved).get("semantic")
+    if semantic:  # a generative retriever: which IDs it decoded, named in the record
+        ids = {"ids_run": semantic, "ids_method": read_json(Path(semantic) / "config.json")["ids"]["method"]}
     name = ids["ids_method"] if ids else "default"
     epochs = [json.loads(line) for line in (train_dir / "epochs.jsonl").read_text().splitlines()]
     to_best = next(e for e in epochs if e["epoch"] == train["best_epoch"])

@@ -2,8 +2,8 @@
 
     recsys data      [CONFIG] [key=value ...]
     recsys embed     [CONFIG] [key=value ...] [--data DATA_RUN]
-    recsys ids       [CONFIG] [key=value ...] [--method rqvae|hkmeans] [--embed EMBED_RUN] [--data DATA_RUN]
-    recsys train     [CONFIG] [key=value ...] [--data DATA_RUN] [--ids IDS_RUN] [--resume TRAIN_RUN]
+    recsys ids       [CONFIG] [key=value ...] [--method rqvae|hkmeans] [--embed EMBED_RUN | --from-train TRAIN_RUN] [--data DATA_RUN]
+    recsys train     [CONFIG] [key=value ...] [--data DATA_RUN] [--ids [SPACE=]IDS_RUN ...] [--resume TRAIN_RUN]
                      [--candidates CANDIDATES_RUN]  (rankers)
     recsys evaluate  TRAIN_RUN [--split test|valid]
     recsys candidates TRAIN_RUN --top-n N [--splits train,valid,test]
@@ -61,9 +61,26 @@ def cmd_ids(ns: argparse.Namespace) -> None:
     if ns.method:
         overrides = [*overrides, f"ids.method={ns.method}"]
     exp = load_experiment(path, overrides)
-    run_dir = run_ids_stage(exp, embed_dir=ns.embed, data_dir=ns.data)
+    run_dir = run_ids_stage(exp, embed_dir=ns.embed, data_dir=ns.data, train_dir=ns.from_train)
     print(Path(run_dir / SUMMARY_FILE).read_text())
     print(f"ids run: {run_dir}")
+
+
+def ids_runs_by_space(model_name: str, values: list[str] | None) -> dict[str, Path]:
+    """``--ids`` values -> {space: run}: ``SPACE=RUN``, or a bare ``RUN`` for a model with one space."""
+    spaces = get_spec(model_name).model_cls.capabilities.id_spaces
+    out: dict[str, Path] = {}
+    for value in values or []:
+        space, sep, run = value.partition("=")
+        if not sep or "/" in space:  # a bare run directory
+            if len(spaces) != 1:
+                raise ValueError(f"--ids {value}: model.name={model_name!r} declares the ID spaces {list(spaces)}; "
+                                 "name the space, --ids SPACE=RUN")
+            space, run = spaces[0], value
+        if space in out:
+            raise ValueError(f"--ids names the space {space!r} twice")
+        out[space] = Path(run)
+    return out
 
 
 def cmd_train(ns: argparse.Namespace) -> None:
@@ -79,7 +96,8 @@ def cmd_train(ns: argparse.Namespace) -> None:
         run_dir = run_train(exp, resume_dir=Path(ns.resume))
     else:
         exp = load_experiment(*split_config_args(ns.config))
-        run_dir = run_train(exp, data_dir=ns.data, ids_dir=ns.ids, candidates_dir=ns.candidates)
+        run_dir = run_train(exp, data_dir=ns.data, ids_dirs=ids_runs_by_space(exp.model_name, ns.ids),
+                            candidates_dir=ns.candidates)
     print(Path(run_dir / SUMMARY_FILE).read_text())
     print(f"train run: {run_dir}")
 
@@ -106,15 +124,20 @@ def cmd_pipeline(ns: argparse.Namespace) -> None:
     from pipelines.stages import run_data, run_evaluate, run_train
 
     exp = load_experiment(*split_config_args(ns.config))
+    spaces = get_spec(exp.model_name).model_cls.capabilities.id_spaces
+    if set(spaces) - {"semantic"}:
+        raise ValueError(f"model.name={exp.model_name!r} decodes the ID spaces {list(spaces)}; the pipeline builds "
+                         "the semantic space only: build the others with `recsys ids` and run `recsys train --ids "
+                         "SPACE=RUN ...`")
     run_dir = new_run_dir(exp.run.root, "pipeline", exp.run.name or exp.model_name)
     write_json(run_dir / CONFIG_FILE, exp.to_dict())
     data_dir = run_data(exp, run_dir)
-    ids_dir = None
-    if get_spec(exp.model_name).model_cls.capabilities.id_spaces:  # data -> embed -> ids -> train
+    ids_dirs = {}
+    if spaces:  # data -> embed -> ids -> train
         from pipelines.stages import run_ids_stage
 
-        ids_dir = run_ids_stage(exp, data_dir=data_dir, parent=run_dir)
-    train_dir = run_train(exp, data_dir=data_dir, ids_dir=ids_dir, parent=run_dir)
+        ids_dirs["semantic"] = run_ids_stage(exp, data_dir=data_dir, parent=run_dir)
+    train_dir = run_train(exp, data_dir=data_dir, ids_dirs=ids_dirs, parent=run_dir)
     eval_dir, test = run_evaluate(train_dir, "test", parent=run_dir)
     train_metrics = read_json(train_dir / METRICS_FILE)
     users = exp.trainer.selection.valid_users
@@ -193,9 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "ids":
             sub.add_argument("--method", choices=("rqvae", "hkmeans"), help="shorthand for ids.method=")
             sub.add_argument("--embed", type=Path, help="a `recsys embed` run directory (default: embed first)")
+            sub.add_argument("--from-train", type=Path, metavar="TRAIN_RUN",
+                             help="build IDs from a train run's item embeddings (behaviour IDs; e.g. sasrec), "
+                                  "not from content; a refit run is refused")
         if name == "train":
             sub.add_argument("--resume", type=Path, help="a train run directory to continue")
-            sub.add_argument("--ids", type=Path, help="a `recsys ids` run, for models that decode semantic IDs")
+            sub.add_argument("--ids", action="append", metavar="[SPACE=]RUN",
+                             help="a `recsys ids` run per ID space the model declares, e.g. --ids semantic=RUN "
+                                  "--ids behavior=RUN; a bare RUN is the model's one space")
             sub.add_argument("--candidates", type=Path, help="a `recsys candidates` run, for rankers")
     tn = verbs.add_parser("tune", help="Ray Tune sweep (ASHA) over config keys; ranked on validation")
     tn.add_argument("config", nargs="*", help="SWEEP.yaml [key.subkey=value ...]")

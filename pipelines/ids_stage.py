@@ -1,4 +1,7 @@
-"""The ``ids`` stage: embeddings -> tokenizer -> semantic-ID index + quality report."""
+"""The ``ids`` stage: item vectors -> tokenizer -> ID index + quality report.
+
+The vectors are an embed run's (content: the semantic space) or a trained model's item
+embeddings (``recsys ids --from-train RUN``: behaviour, for a behavior space)."""
 
 from __future__ import annotations
 
@@ -7,11 +10,13 @@ from pathlib import Path
 
 import numpy as np
 
-from recsys.experiment import ExperimentConfig
-from recsys.runs import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, mark_complete, stage_run_dir, write_json, write_text
+from recsys.experiment import ExperimentConfig, experiment_dict_from_run, experiment_from_dict
+from recsys.runs import (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, mark_complete, read_json, require_complete,
+                         stage_run_dir, write_json, write_text)
 from recsys.semantic_ids.build import build_index, fit_in_process, fitted_codes
 from recsys.semantic_ids.report import write_report
 from recsys.text import EMBEDDINGS_FILE, load_embeddings
+from recsys.text.store import write_embeddings
 
 TOKENIZER_DIR = "tokenizer"
 INDEX_DIR = "index"
@@ -38,12 +43,41 @@ def fit_tokenizer(exp: ExperimentConfig, embed_dir: Path, embeddings: np.ndarray
     return fit_in_process(cfg, embeddings, map_fn=ray_map(cfg.cpus_per_task))
 
 
-def run_ids(exp: ExperimentConfig, embed_dir: Path, parent: Path | None = None) -> Path:
-    """Fit the configured tokenizer on an embed run's vectors; write tokenizer, index, report."""
-    embed_dir = Path(embed_dir).resolve()
-    item_ids, embeddings = load_embeddings(embed_dir)
+def trained_item_vectors(train_dir: Path) -> np.ndarray:
+    """A train run's item embeddings (N, D), row i - 1 for item i: the vectors behaviour IDs are
+    built from. Refuses a refit (its embeddings have seen the validation targets, which the IDs
+    would then leak into validation) and a model that exposes no item vectors."""
+    from recsys.training.checkpoint import load_model
+
+    train_dir = require_complete(train_dir, "train")
+    exp = experiment_from_dict(experiment_dict_from_run(read_json(train_dir / CONFIG_FILE)))
+    if exp.trainer.selection.refit:
+        raise ValueError(f"{train_dir} is a refit (trainer.selection.refit=true): its item embeddings were trained on "
+                         "the validation targets, and IDs built from them would leak those into validation; build "
+                         "IDs from a run trained on training transitions only")
+    model = load_model(train_dir / "checkpoints" / "best")
+    if not model.capabilities.item_vectors:
+        raise ValueError(f"{train_dir} holds a {type(model).__name__}, which exposes no item vectors "
+                         "(capabilities.item_vectors); train a model that does, e.g. sasrec")
+    return model.item_embeddings().detach().float().cpu().numpy()
+
+
+def run_ids(exp: ExperimentConfig, embed_dir: Path | None = None, parent: Path | None = None,
+            train_dir: Path | None = None) -> Path:
+    """Fit the configured tokenizer on an embed run's vectors, or (``train_dir``) on a train run's
+    item embeddings, which are first written into the ids run; write tokenizer, index, report."""
     run_dir = stage_run_dir(exp.run.root, "ids", exp.ids.method, parent)
-    write_json(run_dir / CONFIG_FILE, {"ids": exp.to_dict()["ids"], "embed_dir": str(embed_dir)})
+    if train_dir is not None:
+        train_dir = Path(train_dir).resolve()
+        vectors = trained_item_vectors(train_dir)
+        write_embeddings(run_dir / EMBEDDINGS_FILE, np.arange(1, len(vectors) + 1), vectors,
+                         f"train:{train_dir}", [""] * len(vectors))
+        embed_dir, source = run_dir, {"train_dir": str(train_dir)}
+    else:
+        embed_dir = Path(embed_dir).resolve()
+        source = {"embed_dir": str(embed_dir)}
+    item_ids, embeddings = load_embeddings(embed_dir)
+    write_json(run_dir / CONFIG_FILE, {"ids": exp.to_dict()["ids"], **source})
     start = time.perf_counter()
     tokenizer = fit_tokenizer(exp, embed_dir, embeddings, run_dir)
     fit_s = time.perf_counter() - start

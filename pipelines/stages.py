@@ -11,7 +11,7 @@ from recsys.candidates import SPLITS, candidate_metrics, candidates_file, check_
 from recsys.config import flatten_dict
 from recsys.data import InteractionData, load_dataset
 from recsys.data.split import leave_one_out
-from recsys.experiment import ExperimentConfig, experiment_dict_from_run, experiment_from_dict
+from recsys.experiment import ExperimentConfig, experiment_dict_from_run, experiment_from_dict, ids_runs_of
 from recsys.models import get_spec
 from recsys.reporting import plot_training_curve, results_table
 from recsys.runs import (
@@ -20,7 +20,7 @@ from recsys.runs import (
 )
 from recsys.training.checkpoint import load_model
 from recsys.training.evaluate import evaluate
-from recsys.training.session import EPOCH_LOG, model_context, train_in_process
+from recsys.training.session import EPOCH_LOG, check_id_spaces, model_context, train_in_process
 
 
 def run_data(exp: ExperimentConfig, parent: Path | None = None) -> Path:
@@ -56,36 +56,43 @@ def run_embed_stage(exp: ExperimentConfig, data_dir: Path | None = None, parent:
 
 
 def run_ids_stage(exp: ExperimentConfig, embed_dir: Path | None = None, data_dir: Path | None = None,
-                  parent: Path | None = None) -> Path:
-    """Semantic IDs from an embed run; embeds (and prepares the data) first if none is given."""
+                  parent: Path | None = None, train_dir: Path | None = None) -> Path:
+    """Semantic IDs from an embed run; embeds (and prepares the data) first if none is given.
+    With ``train_dir``: IDs from that train run's item embeddings instead (behaviour IDs)."""
     from pipelines.ids_stage import run_ids
 
+    if train_dir is not None:
+        if embed_dir is not None or data_dir is not None:
+            raise ValueError("--from-train builds IDs from a train run's item embeddings; it takes no --embed or --data")
+        return run_ids(exp, parent=parent, train_dir=train_dir)
     embed_dir = require_complete(embed_dir, "embed") if embed_dir else run_embed_stage(exp, data_dir, parent)
     return run_ids(exp, embed_dir, parent)
 
 
 def run_train(exp: ExperimentConfig, data_dir: Path | None = None, resume_dir: Path | None = None,
-              ids_dir: Path | None = None, parent: Path | None = None, candidates_dir: Path | None = None) -> Path:
+              ids_dirs: dict[str, Path] | None = None, parent: Path | None = None,
+              candidates_dir: Path | None = None) -> Path:
     """Train with Ray Train (or in-process when ``trainer.resources.use_ray`` is false); select on validation.
-    A generative retriever also needs ``ids_dir``, an ids run over the same data; a ranker needs
-    ``candidates_dir``, a candidates run. A resumed run is incomplete (no COMPLETE marker) until
-    it finishes again."""
+    A model with ID spaces also needs ``ids_dirs``, an ids run over the same data per space; a
+    ranker needs ``candidates_dir``, a candidates run. A resumed run is incomplete (no COMPLETE
+    marker) until it finishes again."""
     check_candidates_input(exp.model_name, candidates_dir)
     if resume_dir is not None:
         run_dir = Path(resume_dir).resolve()
         saved = read_json(run_dir / CONFIG_FILE)
-        data_dir, ids_dir = Path(saved["data_dir"]), saved.get("ids_dir")
+        data_dir, ids_dirs = Path(saved["data_dir"]), ids_runs_of(saved)
         clear_complete(run_dir)
     else:
+        check_id_spaces(exp.model_name, ids_dirs or {})  # before any work
         data_dir = require_complete(data_dir, "data") if data_dir else run_data(exp, parent)
-        ids_dir = str(require_complete(ids_dir, "ids")) if ids_dir else None
+        ids_dirs = {space: str(require_complete(d, "ids")) for space, d in (ids_dirs or {}).items()}
         run_dir = stage_run_dir(exp.run.root, "train", exp.run.name or exp.model_name, parent)
     record = exp.to_dict()
-    if ids_dir is not None:  # record the settings of the IDs this run decodes, not the config file's
-        record["ids"] = ids_settings(record["ids"], Path(ids_dir))
-    write_json(run_dir / CONFIG_FILE, {**record, "data_dir": str(data_dir), "ids_dir": ids_dir})
+    if "semantic" in ids_dirs:  # record the settings of the IDs this run decodes, not the config file's
+        record["ids"] = ids_settings(record["ids"], Path(ids_dirs["semantic"]))
+    write_json(run_dir / CONFIG_FILE, {**record, "data_dir": str(data_dir), "ids_dirs": ids_dirs})
     split = leave_one_out(InteractionData.load(data_dir), exp.data.max_history)
-    context = model_context(exp, split.n_items, ids_dir)
+    context = model_context(exp, split.n_items, ids_dirs)
     start = time.perf_counter()
     if exp.trainer.resources.use_ray:
         from pipelines.ray_env import init_ray

@@ -114,7 +114,16 @@ def experiment_from_dict(raw: dict) -> ExperimentConfig:
     return from_dict(ExperimentConfig, deep_merge({"model": DEFAULT_MODEL}, rename_experiment_keys(raw)))
 
 
-RUN_WIRING = ("data_dir", "ids_dir")  # stored beside the config in a train run's config.json
+# stored beside the config in a train run's config.json ("ids_dir": one semantic space, before 2026-12-03)
+RUN_WIRING = ("data_dir", "ids_dirs", "ids_dir")
+
+
+def ids_runs_of(saved: dict) -> dict[str, str]:
+    """A train run's ids runs by ID space, from its config.json (also one written before spaces
+    were named, whose single ``ids_dir`` was the semantic space)."""
+    if saved.get("ids_dirs") is not None:
+        return dict(saved["ids_dirs"])
+    return {"semantic": saved["ids_dir"]} if saved.get("ids_dir") else {}
 
 
 def experiment_dict_from_run(saved: dict) -> dict:

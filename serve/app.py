@@ -56,15 +56,17 @@ class Registry:
         self.log: list[Registration] = []
         # Serve runs sync methods in a thread pool: registrations and reads take turns here.
         self.lock = threading.Lock()
-        self.index = None
-        if run.ids_dir is not None:
+        self.index, self.model = None, run.load_model()
+        # New items get IDs from their content alone: only the semantic space, and only for models
+        # that register items and declare no other space (a behaviour ID needs interactions).
+        if self.model.capabilities.registers_items and set(run.ids_dirs) == {"semantic"}:
             from recsys.semantic_ids import SemanticIdIndex, load_tokenizer
             from recsys.text.encoder import load_encoder
 
             self.text_cfg, self.enc_cfg = run.exp.embed.text, run.exp.embed.encoder
-            self.tokenizer = load_tokenizer(run.ids_dir / "tokenizer")
-            self.index = SemanticIdIndex.load(run.ids_dir / "index")
-            self.vocabulary = run.load_model().vocabulary("semantic")  # what the model has tokens for
+            self.tokenizer = load_tokenizer(run.ids_dirs["semantic"] / "tokenizer")
+            self.index = SemanticIdIndex.load(run.ids_dirs["semantic"] / "index")
+            self.vocabulary = self.model.vocabulary("semantic")  # what the model has tokens for
             self.encoder = load_encoder(self.enc_cfg)
 
     def ready(self) -> int:
@@ -88,8 +90,9 @@ class Registry:
         from recsys.text.encoder import encode
 
         if self.index is None:
-            raise RequestError(422, f"this application serves a {self.run.exp.model_name} model without semantic "
-                               "IDs; it cannot register new items (a generative retriever such as tiger can)")
+            raise RequestError(422, f"this application serves a {self.run.exp.model_name} model, which cannot register "
+                               "items from their content alone (a generative retriever whose one ID space is "
+                               "semantic, such as tiger, can)")
         unknown = sorted(set(fields) - set(self.run.content_fields))
         if unknown:
             raise RequestError(422, f"unknown content field(s) {unknown}; allowed: {self.run.content_fields}")
@@ -126,8 +129,13 @@ class Registry:
                 fields, registered = {c: _plain(row[c]) for c in self.run.content_fields}, False
             else:
                 fields, registered = self.log[internal - len(self.run.items) - 1].fields, True
-            semantic_id = list(self.index.id_of(internal)) if self.index is not None else None
-            return {"item": ItemInfo(id=raw_id, internal_id=internal, semantic_id=semantic_id, fields=fields,
+            if registered:
+                ids = {"semantic": list(self.index.id_of(internal))}
+            else:
+                ids = {space: self.model.item_ids(space, torch.tensor([internal]))[0].tolist()
+                       for space in self.model.capabilities.id_spaces}
+            return {"item": ItemInfo(id=raw_id, internal_id=internal, semantic_id=ids.get("semantic"), ids=ids,
+                                     fields=fields,
                                      registered=registered, index_version=len(self.log))}
 
 
@@ -201,11 +209,12 @@ class Retriever:
         query = Query(history, request["k"], request["exclude_history"], user if self.uses_users else None,
                       timestamps if timed else None, now if timed else None)
         items, scores = await self._batched(query)
-        semantic = "semantic" in self.model.capabilities.id_spaces
+        spaces = self.model.capabilities.id_spaces
+        codes = {space: self.model.item_ids(space, torch.tensor(items)).tolist() for space in spaces}
         return {"items": [{"id": self.ids.raw(i), "internal_id": i, "score": s,
-                           "semantic_id": self.model.item_ids("semantic", torch.tensor([i]))[0].tolist()
-                           if semantic else None}
-                          for i, s in zip(items, scores)],
+                           "semantic_id": codes["semantic"][row] if "semantic" in codes else None,
+                           "ids": {space: codes[space][row] for space in spaces}}
+                          for row, (i, s) in enumerate(zip(items, scores))],
                 "catalogue_size": self.model.n_items, "index_version": self.version,
                 "replica": serve.get_replica_context().replica_id.unique_id}
 
@@ -264,6 +273,7 @@ def ingress_deployment(api: FastAPI, retries: int) -> serve.Deployment:
                 return reply(result)
             e: Registration = result["entry"]
             return ItemInfo(id=e.raw_id, internal_id=e.internal_id, semantic_id=list(e.semantic_id),
+                            ids={"semantic": list(e.semantic_id)},
                             fields=e.fields, registered=True, index_version=e.version)
 
         @api.get("/items/{item_id}", response_model=ItemInfo)

@@ -2,7 +2,7 @@
 
 A train run's ``config.json`` names its data run (``data_dir``: the items table, i.e. the
 dataset's item ids and content fields) and, for a generative retriever, its ids run
-(``ids_dir``: the semantic-ID tokenizer and index). The model comes from
+(``ids_dirs``: per ID space, its tokenizer and index). The model comes from
 ``checkpoints/best`` through ``load_model``: safetensors weights and a JSON config, no pickle.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from recsys.data import InteractionData
-from recsys.experiment import ExperimentConfig, experiment_dict_from_run, experiment_from_dict
+from recsys.experiment import ExperimentConfig, experiment_dict_from_run, experiment_from_dict, ids_runs_of
 from recsys.models.base import SequenceModel
 from recsys.runs import CONFIG_FILE, read_json, require_complete
 from recsys.training.checkpoint import load_model
@@ -27,7 +27,7 @@ class ServingRun:
     run_dir: Path
     exp: ExperimentConfig
     items: pd.DataFrame  # the data run's items table: item_id (1..N), raw_id, content fields
-    ids_dir: Path | None  # the ids run (tokenizer/, index/); None for atomic-id models
+    ids_dirs: dict[str, Path]  # the ids run (tokenizer/, index/) per ID space; empty for atomic-id models
 
     def load_model(self) -> SequenceModel:
         model = load_model(self.run_dir / CHECKPOINT)
@@ -55,5 +55,5 @@ def open_run(run_dir: str | Path) -> ServingRun:
         raise FileNotFoundError(f"{run_dir / CHECKPOINT} is missing; train the run to completion first")
     exp = experiment_from_dict(experiment_dict_from_run(saved))
     items = InteractionData.load(saved["data_dir"]).items.sort_values("item_id", ignore_index=True)
-    ids_dir = Path(saved["ids_dir"]) if saved.get("ids_dir") else None
-    return ServingRun(run_dir, exp, items, ids_dir)
+    ids_dirs = {space: Path(d) for space, d in ids_runs_of(saved).items()}
+    return ServingRun(run_dir, exp, items, ids_dirs)

@@ -29,6 +29,9 @@ class RecommendedItem(BaseModel):
     internal_id: int
     score: float
     semantic_id: list[int] | None = Field(description="the item's semantic ID; null for atomic-id models")
+    ids: dict[str, list[int]] = Field(default_factory=dict,
+                                      description="the item's codes in each ID space the model declares "
+                                                  "(e.g. semantic, behavior); empty for atomic-id models")
 
 
 class RecommendResponse(BaseModel):
@@ -49,6 +52,7 @@ class ItemInfo(BaseModel):
     id: str
     internal_id: int
     semantic_id: list[int] | None
+    ids: dict[str, list[int]] = Field(default_factory=dict, description="the item's codes per ID space")
     fields: dict[str, Any]
     registered: bool = Field(description="true for items added through POST /items")
     index_version: int

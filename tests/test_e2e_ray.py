@@ -110,7 +110,7 @@ def test_tiger_pipeline_runs_data_embed_ids_train_evaluate(ray_session, tmp_path
     assert result["stages"] == {s: str(pipeline_dir / s) for s in ("data", "embed", "ids", "train", "evaluate")}
     ids_dir, train_dir = Path(result["stages"]["ids"]), Path(result["stages"]["train"])
     assert (ids_dir / "index").is_dir()
-    assert read_json(train_dir / "config.json")["ids_dir"] == str(ids_dir)
+    assert read_json(train_dir / "config.json")["ids_dirs"] == {"semantic": str(ids_dir)}
     assert read_json(train_dir / "config.json")["ids"] == read_json(ids_dir / "config.json")["ids"]
     assert 0.0 <= result["test"]["recall@20"] <= 1.0
     # the checkpoint carries the semantic-ID table: it rebuilds and decodes only real items

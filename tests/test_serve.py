@@ -236,6 +236,7 @@ def test_recommend_answers_with_dataset_ids_scores_and_semantic_ids(server, mode
     assert [it["id"] for it in body["items"]] == [raw_ids[i] for i in expected.items[0].tolist()]
     assert [it["score"] for it in body["items"]] == pytest.approx(expected.scores[0].tolist(), abs=1e-4)
     assert [it["semantic_id"] for it in body["items"]] == model.item_codes[expected.items[0]].tolist()
+    assert [it["ids"] for it in body["items"]] == [{"semantic": c} for c in model.item_codes[expected.items[0]].tolist()]
     assert body["catalogue_size"] == N_ITEMS and body["index_version"] == 0
     assert r.headers["X-Served-By"] and r.headers["X-Retries"] == "0"
     assert requests.get(f"{server}/healthz", timeout=10).json() == {"status": "ok"}
@@ -325,7 +326,7 @@ def test_item_lookup_gives_content_and_semantic_id(server, model, raw_ids):
     assert r.status_code == 200, r.text
     item = r.json()
     assert item["internal_id"] == 2 and not item["registered"] and item["fields"]["title"]
-    assert item["semantic_id"] == model.item_codes[2].tolist()
+    assert item["semantic_id"] == model.item_codes[2].tolist() and item["ids"] == {"semantic": item["semantic_id"]}
     r = get(server, "/items/NO-SUCH-ITEM")
     assert r.status_code == 404 and "unknown item id 'NO-SUCH-ITEM'" in r.json()["error"]
 
@@ -447,7 +448,7 @@ def test_ann_baseline_app_answers_with_sasrec_and_faiss(serve_urls, runs, raw_id
     expected = sasrec.recommend(Batch(history=torch.tensor([[4, 8]])), 7, exclude_history=True)
     assert [it["internal_id"] for it in r.json()["items"]] == expected.items[0].tolist()  # Flat index: exact
     assert [it["score"] for it in r.json()["items"]] == pytest.approx(expected.scores[0].tolist(), abs=1e-4)
-    assert all(it["semantic_id"] is None for it in r.json()["items"])
+    assert all(it["semantic_id"] is None and it["ids"] == {} for it in r.json()["items"])
     r = post(url, "/items", {"fields": {"title": "x"}}, key=None)
     assert r.status_code == 422 and "cannot register new items" in r.json()["error"]
     assert get(url, f"/items/{raw_ids[3]}", key=None).json()["semantic_id"] is None

@@ -233,7 +233,7 @@ def test_a_tiny_asha_sweep_ranks_tests_the_winner_and_writes_its_config(ray_sess
     # each trial built its own IDs and train run; the train run records them
     for trial in trials:
         saved = json.loads((trial / "train" / "config.json").read_text())
-        assert saved["ids_dir"] == str(trial / "ids") and (trial / "ids" / "index").is_dir()
+        assert saved["ids_dirs"] == {"semantic": str(trial / "ids")} and (trial / "ids" / "index").is_dir()
     assert_wall_covers_epochs(rows)
     # the markdown table has the same ranking; one plot per swept parameter
     md = (sweep_dir / "results.md").read_text()

@@ -78,7 +78,11 @@ def trainable(state: dict):
 def prepare_inputs(sweep: Sweep, sweep_dir: Path, embed_dir: Path | None, data_dir: Path | None) -> dict:
     """The data (and, for semantic-ID models, the embeddings) every trial shares, made once."""
     exp = sweep.base_experiment()
-    if not get_spec(exp.model_name).model_cls.capabilities.id_spaces:
+    spaces = get_spec(exp.model_name).model_cls.capabilities.id_spaces
+    if set(spaces) - {"semantic"}:
+        raise ValueError(f"model.name={exp.model_name!r} decodes the ID spaces {list(spaces)}; a sweep fits only the "
+                         "semantic space per trial (from content embeddings), so it cannot tune this model yet")
+    if not spaces:
         if embed_dir:
             raise ValueError(f"--embed is for models with semantic IDs, not model.name={exp.model_name!r}")
         return {"data_dir": str(require_complete(data_dir, "data") if data_dir else run_data(exp, sweep_dir)),

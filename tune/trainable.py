@@ -57,10 +57,10 @@ def run_trial(config: dict, state: dict) -> None:
     device = "cuda" if sweep.config.resources.gpu > 0 and torch.cuda.is_available() else "cpu"
     # The trial's own progress lines go to its log; the driver prints one compact line per result.
     with (trial_dir / TRIAL_LOG).open("a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        ids_dir = None
-        if get_spec(exp.model_name).model_cls.capabilities.id_spaces:
-            ids_dir = ensure_ids(exp, Path(state["embed_dir"]), trial_dir)
-        train_trial(exp, Path(state["data_dir"]), ids_dir, trial_dir, device, started)
+        ids_dirs = {}  # the sweep fits the semantic space per trial (tune.driver refuses other spaces)
+        if "semantic" in get_spec(exp.model_name).model_cls.capabilities.id_spaces:
+            ids_dirs["semantic"] = ensure_ids(exp, Path(state["embed_dir"]), trial_dir)
+        train_trial(exp, Path(state["data_dir"]), ids_dirs, trial_dir, device, started)
 
 
 def ensure_ids(exp: ExperimentConfig, embed_dir: Path, trial_dir: Path) -> Path:
@@ -73,7 +73,7 @@ def ensure_ids(exp: ExperimentConfig, embed_dir: Path, trial_dir: Path) -> Path:
     return run_ids(exp, embed_dir, parent=trial_dir)
 
 
-def train_trial(exp: ExperimentConfig, data_dir: Path, ids_dir: Path | None, trial_dir: Path, device: str,
+def train_trial(exp: ExperimentConfig, data_dir: Path, ids_dirs: dict[str, Path], trial_dir: Path, device: str,
                 started: float) -> None:
     """Train into ``trial_dir/train`` (a train run ``recsys evaluate`` can read), continuing from
     Tune's checkpoint when the trial is resumed; report each validated epoch with a checkpoint.
@@ -82,7 +82,7 @@ def train_trial(exp: ExperimentConfig, data_dir: Path, ids_dir: Path | None, tri
     train_dir = trial_dir / "train"
     train_dir.mkdir(exist_ok=True)
     write_json(train_dir / CONFIG_FILE, {**exp.to_dict(), "data_dir": str(data_dir),
-                                         "ids_dir": str(ids_dir) if ids_dir else None})
+                                         "ids_dirs": {space: str(d) for space, d in ids_dirs.items()}})
     split = leave_one_out(InteractionData.load(data_dir), exp.data.max_history)
     checkpoints, log = train_dir / "checkpoints", train_dir / EPOCH_LOG
     shutil.rmtree(checkpoints, ignore_errors=True)  # the trial restarts from Tune's checkpoint, or from scratch
@@ -107,6 +107,6 @@ def train_trial(exp: ExperimentConfig, data_dir: Path, ids_dir: Path | None, tri
                   "best_score": metrics["best_score"], "best_epoch": metrics["best_epoch"], "trial_s": trial_s}
         ray.tune.report(result, checkpoint=ray.tune.Checkpoint.from_directory(str(checkpoint_dir)))
 
-    context = model_context(exp, split.n_items, ids_dir)
+    context = model_context(exp, split.n_items, ids_dirs)
     train_in_process(exp, split, train_dir, resume=resumed is not None, device=device, context=context,
                      after_epoch=report)

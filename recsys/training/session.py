@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -24,18 +24,36 @@ from recsys.training.loop import LoopState, Trainer
 EPOCH_LOG = "epochs.jsonl"
 
 
-def model_context(exp: ExperimentConfig, n_items: int, ids_dir: str | Path | None) -> dict:
-    """What ``build_model`` needs beyond the config: for a generative retriever, the semantic-ID
-    table of the ids run (``ids_dir/index``) and its per-level vocabulary sizes."""
-    if not get_spec(exp.model_name).model_cls.capabilities.id_spaces:
+def check_id_spaces(model_name: str, ids_dirs: dict[str, Any]) -> None:
+    """Raise unless ``ids_dirs`` gives an ids run for exactly the ID spaces the model declares."""
+    declared = get_spec(model_name).model_cls.capabilities.id_spaces
+    unknown = sorted(set(ids_dirs) - set(declared))
+    if unknown:
+        raise ValueError(f"--ids {unknown[0]}=...: model.name={model_name!r} has no ID space {unknown[0]!r}; "
+                         f"it declares {list(declared) or 'none (it reads atomic item ids)'}")
+    missing = [space for space in declared if space not in ids_dirs]
+    if missing:
+        raise ValueError(f"model.name={model_name!r} decodes IDs in the space(s) {list(declared)}: give an ids run "
+                         f"for {missing} (--ids RUN when it has one space, --ids SPACE=RUN per space)")
+
+
+def model_context(exp: ExperimentConfig, n_items: int, ids_dirs: dict[str, str | Path]) -> dict:
+    """What ``build_model`` needs beyond the config: for a model with ID spaces, each space's
+    table from its ids run (``<run>/index``), with the run's per-level vocabulary sizes."""
+    check_id_spaces(exp.model_name, ids_dirs)
+    if not ids_dirs:
         return {}
-    if not ids_dir:
-        raise ValueError(f"model.name={exp.model_name!r} decodes semantic IDs: give an ids run (--ids RUN)")
     from recsys.models import IdTable
     from recsys.semantic_ids import SemanticIdIndex
 
-    index = SemanticIdIndex.load(Path(ids_dir) / "index")
-    return {"ids": {"semantic": IdTable.from_index(index, n_items)}}
+    tables = {}
+    for space, ids_dir in ids_dirs.items():
+        index = SemanticIdIndex.load(Path(ids_dir) / "index")
+        if len(index) < n_items:
+            raise ValueError(f"the {space} ids run {ids_dir} has IDs for {len(index)} items, the data has {n_items}: "
+                             "it was built from another dataset")
+        tables[space] = IdTable.from_index(index, n_items)
+    return {"ids": tables}
 
 
 def build_trainer(exp: ExperimentConfig, split: LeaveOneOutSplit, *, device: torch.device | str = "cpu",
