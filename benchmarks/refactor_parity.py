@@ -163,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     repo = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory() as tmp:
         tree, out = Path(tmp) / "before", Path(tmp) / "before.json"
-        subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", "-q", str(tree), args.before], check=True)
+        subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", "-q", str(tree), args.before],
+                       check=True)
         try:
             env = {**os.environ, "PYTHONPATH": str(tree)}
             subprocess.run([sys.executable, __file__, "--emit", str(out), "--threads", str(args.threads),
@@ -180,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{'':12s} max |diff|: " + ", ".join(f"{k} {v:.2e}" for k, v in diff.items()))
         finally:
             subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(tree)], check=False)
-    print(f"largest difference {worst:.2e} (tolerance {args.tolerance:.0e}): {'OK' if worst <= args.tolerance else 'FAIL'}")
+    verdict = "OK" if worst <= args.tolerance else "FAIL"
+    print(f"largest difference {worst:.2e} (tolerance {args.tolerance:.0e}): {verdict}")
     return 0 if worst <= args.tolerance else 1
 
 

@@ -2,7 +2,8 @@
 
     recsys data      [CONFIG] [key=value ...]
     recsys embed     [CONFIG] [key=value ...] [--data DATA_RUN]
-    recsys ids       [CONFIG] [key=value ...] [--method rqvae|hkmeans] [--embed EMBED_RUN | --from-train TRAIN_RUN] [--data DATA_RUN]
+    recsys ids       [CONFIG] [key=value ...] [--method rqvae|hkmeans] [--embed EMBED_RUN] [--data DATA_RUN]
+    recsys ids       [CONFIG] [key=value ...] --from-train TRAIN_RUN     (IDs from a model's item embeddings)
     recsys train     [CONFIG] [key=value ...] [--data DATA_RUN] [--ids [SPACE=]IDS_RUN ...] [--resume TRAIN_RUN]
                      [--candidates CANDIDATES_RUN]  (rankers)
     recsys evaluate  TRAIN_RUN [--split test|valid]

@@ -63,7 +63,8 @@ def run_ids_stage(exp: ExperimentConfig, embed_dir: Path | None = None, data_dir
 
     if train_dir is not None:
         if embed_dir is not None or data_dir is not None:
-            raise ValueError("--from-train builds IDs from a train run's item embeddings; it takes no --embed or --data")
+            raise ValueError("--from-train builds IDs from a train run's item embeddings; "
+                             "it takes no --embed or --data")
         return run_ids(exp, parent=parent, train_dir=train_dir)
     embed_dir = require_complete(embed_dir, "embed") if embed_dir else run_embed_stage(exp, data_dir, parent)
     return run_ids(exp, embed_dir, parent)

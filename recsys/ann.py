@@ -3,8 +3,9 @@ item embeddings (maximum inner product). It answers ``recommend(batch, k, exclud
 like a sequence model, so evaluation and serving use it unchanged.
 
 Any model that declares ``capabilities.item_vectors`` (``user_embedding(batch) -> (B, D)`` and
-``item_embeddings() -> (N, D)``, whose scores are their inner products, e.g. SASRec) can be wrapped. With ``index="Flat"`` the search is
-exact and returns what ``model.recommend`` returns; ``HNSW<M>`` is approximate.
+``item_embeddings() -> (N, D)``, whose scores are their inner products, e.g. SASRec) can be
+wrapped. With ``index="Flat"`` the search is exact and returns what ``model.recommend`` returns;
+``HNSW<M>`` is approximate.
 
 HNSW searches inner products poorly: it is not a metric, and SASRec's item vectors differ in
 norm (on Beauty, HNSW32 with inner product found 43 % of the exact top-10). So the HNSW index

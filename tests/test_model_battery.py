@@ -194,3 +194,26 @@ def test_trimming_left_padding_changes_nothing(case):
     assert torch.allclose(*losses, atol=1e-5)
     full, cut = model.recommend(short, 5), model.recommend(trimmed, 5)
     assert torch.equal(full.items, cut.items) and torch.allclose(full.scores, cut.scores, atol=1e-5)
+
+
+def variant(name: str, config: dict) -> tuple:
+    """What makes a model variant: its name and its switches (booleans and choices), not its sizes."""
+    return (name, *sorted((k, v) for k, v in config.items() if isinstance(v, (bool, str)) and k != "name"))
+
+
+def test_every_shipped_configs_model_variant_has_a_battery_row():
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from recsys.experiment import load_experiment
+
+    rows = set()
+    for case in CASES:
+        name, cfg = model_config_from_dict(case.config)
+        rows.add(variant(name, asdict(cfg)))
+    configs = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    shipped = [c for c in configs if not c.name.startswith("tune-")]  # sweeps: their base is a shipped config
+    assert shipped
+    for path in shipped:
+        exp = load_experiment(path)
+        assert variant(exp.model_name, asdict(exp.model)) in rows, f"configs/{path.name} has no battery row"

@@ -62,33 +62,15 @@ class TigerConfig:
     d_ff: int = 1024
     dropout: float = 0.1
     beam_size: int = 20  # recommend() searches with max(k, beam_size) beams
-    # Vocabulary of the collision level (the last ID token), at least what the IDs use: room for
-    # cold-start items that land on a content tuple already taken (see ``register_items``).
-    collision_vocab: int = 16
-    # How decoding scores the collision token: "learned" by its head (a popularity prior among
-    # items sharing content codes), or "content": it adds nothing, so an item scores as its
-    # content codes and ties with the items that share them. "content" lets items registered
-    # after training, whose collision token was never a target, rank beside their siblings.
+    collision_vocab: int = 16  # tokens of the collision level: room for cold-start items on taken tuples
+    # "learned": the collision token's head scores it (a popularity prior among siblings); "content":
+    # it adds nothing, so items registered after training rank beside the siblings they tie with
     collision_scoring: str = "learned"
-    # Hashed user token: users fall into this many buckets, each with a learned embedding that
-    # leads the encoder input (the paper: 2000). 0 = no user token.
-    user_tokens: int = 0
-    # Each history token also gets the embedding of its ID prefix (its trie node: the codes of
-    # levels <= l), beside the shared per-level code embedding, so a history item has a
-    # representation of its own, not only codes whose meaning changes with the prefix (the
-    # prefix n-grams of Singh et al. 2023, arXiv:2306.08121). Off in the paper.
-    prefix_embeddings: bool = False
-    # Training only: each history item's prefix embeddings are dropped (all levels together) with
-    # this probability, so the model also learns to read an item by its codes alone, as it must
-    # for items registered after training, and cannot lean on memorised item embeddings only.
-    prefix_dropout: float = 0.0
-    # Needs prefix_embeddings: each level's logits also score every child of the decoded prefix by
-    # its node embedding (tied to the input one), so the head is not one code vector per token
-    # shared by every parent. Off in the paper.
-    prefix_outputs: bool = False
-    # Training only: the node term of a row's logits is dropped with this probability (all levels
-    # together), so the code heads alone also rank, as they must for items registered later.
-    prefix_output_dropout: float = 0.0
+    user_tokens: int = 0  # hashed user buckets whose embedding leads the encoder (paper: 2000); 0 = none
+    prefix_embeddings: bool = False  # add each token's prefix-node embedding (Singh et al. 2023, arXiv:2306.08121)
+    prefix_dropout: float = 0.0  # training: drop an item's prefix embeddings, so codes alone also read
+    prefix_outputs: bool = False  # score each child of the decoded prefix by its (tied) node embedding too
+    prefix_output_dropout: float = 0.0  # training: drop that term per row, so the code heads alone also rank
 
     def __post_init__(self):
         require_range("model.d_model", self.d_model, 1, 4096)
@@ -102,11 +84,9 @@ class TigerConfig:
         require_range("model.collision_vocab", self.collision_vocab, 1, 1 << 20)
         require_choice("model.collision_scoring", self.collision_scoring, ("learned", "content"))
         require_range("model.user_tokens", self.user_tokens, 0, 1 << 24)
-        require(isinstance(self.prefix_embeddings, bool),
-                f"model.prefix_embeddings must be true or false, got {self.prefix_embeddings!r}")
+        require(isinstance(self.prefix_embeddings, bool) and isinstance(self.prefix_outputs, bool),
+                "model.prefix_embeddings and model.prefix_outputs must be true or false")
         require_range("model.prefix_dropout", self.prefix_dropout, 0.0, 1.0)
-        require(isinstance(self.prefix_outputs, bool),
-                f"model.prefix_outputs must be true or false, got {self.prefix_outputs!r}")
         require(not self.prefix_outputs or self.prefix_embeddings,
                 "model.prefix_outputs=true scores children by their prefix embeddings: it needs "
                 "model.prefix_embeddings=true")
@@ -200,7 +180,8 @@ class Tiger(GenerativeRetriever):
         recorded = context["id_spaces"]["semantic"] if "id_spaces" in context else \
             {"shape": context.get("semantic_ids_shape"), "level_sizes": context.get("level_sizes")}
         if list(table.shape) != list(recorded["shape"] or []):
-            raise ValueError(f"the semantic ID table has shape {list(table.shape)}, model.json says {recorded['shape']}")
+            raise ValueError(f"the semantic ID table has shape {list(table.shape)}, model.json says "
+                             f"{recorded['shape']}")
         return {"ids": {"semantic": IdTable(table, recorded["level_sizes"], nodes)}}
 
     # --- encoder and decoder -------------------------------------------------------------

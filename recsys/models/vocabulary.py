@@ -102,7 +102,8 @@ class SemanticVocabulary(nn.Module):
         self.level_sizes, self.n_tokens = sizes, table.shape[1]
         self.register_buffer("item_codes", table)
         offsets = torch.tensor([0] + sizes[:-1]).cumsum(0)
-        self.register_buffer("level_offsets", offsets, persistent=False)  # (L + 1,): token c of level l is row offset + c
+        # (L + 1,): token c of level l is row offsets[l] + c of a table shared by all levels
+        self.register_buffer("level_offsets", offsets, persistent=False)
         if prefix_nodes:
             nodes = prefix_node_table(table) if nodes is None else torch.as_tensor(nodes).long().cpu()
             if nodes.shape != table.shape:
@@ -177,7 +178,8 @@ class SemanticVocabulary(nn.Module):
         SemanticIdIndex.from_full_ids(torch.arange(1, len(table)), table[1:])  # raises on a repeated ID
         nodes = None
         if self.item_nodes is not None:
-            nodes = torch.cat([self.item_nodes.cpu(), extend_prefix_nodes(self.item_codes.cpu(), self.item_nodes.cpu(), rows)])
+            known = self.item_nodes.cpu()
+            nodes = torch.cat([known, extend_prefix_nodes(self.item_codes.cpu(), known, rows)])
 
         def apply() -> None:
             device = self.item_codes.device
