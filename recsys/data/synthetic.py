@@ -194,14 +194,23 @@ def _preferences(n_users: int, n_topics: int, rng: np.random.Generator) -> list[
     return cdfs
 
 
-def _sequence(length: int, prefs: list[float], catalog: _Catalog, stay: float, u: _Uniforms) -> list[int]:
-    """One user's items: a topic/subtopic Markov chain with Zipf popularity and no repeats."""
+def _sequence(length: int, prefs: list[float], catalog: _Catalog, stay: float, u: _Uniforms,
+              timed: bool = False) -> tuple[list[int], list[int]]:
+    """One user's items: a topic/subtopic Markov chain with Zipf popularity and no repeats.
+
+    ``timed`` (the time signal) also draws the gap before each item (the first: the user's start
+    offset): a short gap when the step stays in the topic, a long one when it switches to another
+    preferred topic. Without it the draws are exactly the original generator's, and no gaps."""
     seen: set[int] = set()
-    items: list[int] = []
+    items, gaps = [], []
     topic = sub = -1
     for _ in range(length):
-        if topic < 0 or u() >= stay:
-            topic = _draw(prefs, u())
+        stays = topic >= 0 and u() < stay
+        if timed:
+            low, high = _SHORT_GAP_S if stays else _LONG_GAP_S
+            gaps.append(int(low * (high / low) ** u()))  # log-uniform in [low, high)
+        if not stays:
+            topic = _other_topic(prefs, topic, u) if timed else _draw(prefs, u())
             sub = catalog.topic_subs[topic][_draw(catalog.topic_sub_cdf[topic], u())]
         elif u() >= _SAME_SUBTOPIC:
             sub = catalog.topic_subs[topic][_draw(catalog.topic_sub_cdf[topic], u())]
@@ -209,29 +218,6 @@ def _sequence(length: int, prefs: list[float], catalog: _Catalog, stay: float, u
         seen.add(item)
         items.append(item)
         # A fallback may have left the subtopic; the chain continues from where the user is.
-        topic, sub = int(catalog.item_topic[item]), _global_sub(catalog, item)
-    return items
-
-
-def _timed_sequence(length: int, prefs: list[float], catalog: _Catalog, stay: float,
-                    u: _Uniforms) -> tuple[list[int], list[int]]:
-    """time_signal: items and the gap before each (the first gap is the user's start offset).
-    A short gap means the step stays in the topic, a long gap that it switches topic."""
-    seen: set[int] = set()
-    items, gaps = [], []
-    topic = sub = -1
-    for _ in range(length):
-        stays = topic >= 0 and u() < stay
-        low, high = _SHORT_GAP_S if stays else _LONG_GAP_S
-        gaps.append(int(low * (high / low) ** u()))  # log-uniform in [low, high)
-        if not stays:
-            topic = _other_topic(prefs, topic, u)
-            sub = catalog.topic_subs[topic][_draw(catalog.topic_sub_cdf[topic], u())]
-        elif u() >= _SAME_SUBTOPIC:
-            sub = catalog.topic_subs[topic][_draw(catalog.topic_sub_cdf[topic], u())]
-        item = _unseen_item(sub, topic, catalog, seen, u)
-        seen.add(item)
-        items.append(item)
         topic, sub = int(catalog.item_topic[item]), _global_sub(catalog, item)
     return items, gaps
 
@@ -276,10 +262,9 @@ def generate_synthetic(cfg: SyntheticConfig) -> InteractionData:
     uniforms = _Uniforms(rng)
     sequences, timestamps = [], []
     for user in range(cfg.n_users):
-        if cfg.time_signal:
-            seq, gaps = _timed_sequence(int(lengths[user]), prefs[user], catalog, cfg.stay_probability, uniforms)
-        else:  # the original draws, in the original order: the data is exactly as before
-            seq = _sequence(int(lengths[user]), prefs[user], catalog, cfg.stay_probability, uniforms)
+        seq, gaps = _sequence(int(lengths[user]), prefs[user], catalog, cfg.stay_probability, uniforms,
+                              timed=cfg.time_signal)
+        if not cfg.time_signal:  # the original draws, in the original order: the data is exactly as before
             gaps = rng.integers(600, 30 * 86_400, size=len(seq))  # strictly positive: times increase
         sequences.append(np.asarray(seq, dtype=np.int64) + 1)  # item index -> 1-based item id
         timestamps.append(starts[user] + np.cumsum(gaps, dtype=np.int64))
