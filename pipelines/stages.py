@@ -195,6 +195,9 @@ def run_evaluate(train_dir: Path, split_name: str = "test", parent: Path | None 
     exp = experiment_from_dict(experiment_dict_from_run(saved))
     split = leave_one_out(InteractionData.load(saved["data_dir"]), exp.data.max_history)
     model = load_model(train_dir / "checkpoints" / "best")
+    if model.role != "retriever":  # rankers are judged on a retriever's candidates (evaluate_ranker)
+        raise ValueError(f"{train_dir} holds a {model.role} ({exp.model_name}); `recsys evaluate` ranks the whole "
+                         "catalogue, which only a retriever does")
     start = time.perf_counter()
     figures = evaluate(model, split.eval_set(split_name), batch_size=exp.eval.batch_size,
                        exclude_history=exp.eval.exclude_history)

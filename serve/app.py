@@ -35,6 +35,7 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
+from recsys.models import get_spec
 from serve.http import error_body, key_digest, make_api, reply
 from serve.run import open_run
 from serve.schemas import ItemInfo, NewItem, RecommendRequest, RecommendResponse, ServeArgs
@@ -294,6 +295,10 @@ def build_app(args: dict) -> serve.Application:
             raise ValueError(f"api_key_env={cfg.api_key_env!r} but that environment variable is unset or empty")
         key_hash = key_digest(key)  # only the hash reaches the replicas
     run = open_run(cfg.run_dir)  # fail here, with a clear message, rather than in every replica
+    role = get_spec(run.exp.model_name).model_cls.role
+    if role != "retriever":
+        raise ValueError(f"{run.run_dir} holds a {role} ({run.exp.model_name}); this application serves a "
+                         "retriever, which recommends from the whole catalogue")
     if cfg.retrieval == "ann":
         from recsys.ann import AnnRetriever
 

@@ -121,3 +121,54 @@ def test_loss_parts_are_logged_per_epoch_and_plotted(tmp_path):
     logged = (tmp_path / "epochs.jsonl").read_text()
     assert re.search(r'"train_bce_neg": [0-9.]+', logged)
     assert plot_training_curve(history, tmp_path / "curve.png", "ndcg@10").stat().st_size > 0
+
+
+class _TinyRanker(Ranker):
+    """A ranker for the dispatch tests: scores candidates by item id."""
+
+    def __init__(self, config, n_items: int, max_len: int):
+        super().__init__(n_items, max_len)
+        self.config, self.w = config, nn.Parameter(torch.ones(()))
+
+    def loss(self, batch: Batch) -> LossOutput:
+        total = (self.w * batch.candidates.float()).mean()
+        return LossOutput(total, {"bce": total.detach()})
+
+    def score(self, batch: Batch) -> torch.Tensor:
+        return self.w * batch.candidates.float()
+
+
+def test_evaluation_serving_and_sweeps_dispatch_on_the_role(tmp_path, monkeypatch):
+    """A ranker is refused where only a retriever fits, by its role, with a message that says so."""
+    from dataclasses import dataclass
+
+    from pipelines.stages import run_evaluate
+    from recsys.experiment import load_experiment
+    from recsys.models import registry
+    from recsys.runs import mark_complete, write_json
+    from recsys.training.checkpoint import save_checkpoint
+    from serve.app import build_app
+
+    @dataclass
+    class TinyRankerConfig:
+        width: int = 1
+
+    monkeypatch.setitem(registry._MODELS, "tiny_ranker", registry.ModelSpec("tiny_ranker", TinyRankerConfig,
+                                                                            _TinyRanker))
+    exp = load_experiment(None, [f"run.root={tmp_path}", "model.name=tiny_ranker", "data.synthetic.n_users=30",
+                                 "data.synthetic.n_items=20", "data.synthetic.max_length=10"])
+    from pipelines.stages import run_data
+
+    data_dir = run_data(exp)
+    train_dir = tmp_path / "train" / "r"
+    save_checkpoint(train_dir / "checkpoints" / "best", _TinyRanker(TinyRankerConfig(), 20, 5), "tiny_ranker")
+    write_json(train_dir / "config.json", {**exp.to_dict(), "data_dir": str(data_dir), "ids_dirs": {}})
+    mark_complete(train_dir, "train")
+    with pytest.raises(ValueError, match="holds a ranker .* only a retriever does"):
+        run_evaluate(train_dir)
+    with pytest.raises(ValueError, match="holds a ranker .* serves a retriever"):
+        build_app({"run_dir": str(train_dir)})
+    from pipelines.stages import run_train
+
+    with pytest.raises(ValueError, match="is a ranker: it trains on a retriever's candidate sets"):
+        run_train(exp, data_dir=data_dir)

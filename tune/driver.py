@@ -78,6 +78,9 @@ def trainable(state: dict):
 def prepare_inputs(sweep: Sweep, sweep_dir: Path, embed_dir: Path | None, data_dir: Path | None) -> dict:
     """The data (and, for semantic-ID models, the embeddings) every trial shares, made once."""
     exp = sweep.base_experiment()
+    if get_spec(exp.model_name).model_cls.role != "retriever":
+        raise ValueError(f"model.name={exp.model_name!r} is a {get_spec(exp.model_name).model_cls.role}; a sweep "
+                         "trains and selects retrievers (a ranker needs a retriever's candidate sets)")
     spaces = get_spec(exp.model_name).model_cls.capabilities.id_spaces
     if set(spaces) - {"semantic"}:
         raise ValueError(f"model.name={exp.model_name!r} decodes the ID spaces {list(spaces)}; a sweep fits only the "
