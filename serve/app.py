@@ -36,7 +36,7 @@ from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from recsys.models import get_spec
-from serve.http import error_body, key_digest, make_api, reply
+from serve.http import error_body, error_responses, key_digest, make_api, reply
 from serve.run import open_run
 from serve.schemas import ItemInfo, NewItem, RecommendRequest, RecommendResponse, ServeArgs
 from serve.state import (ItemIds, Query, Registration, RequestError, apply_registrations, check_history, check_k,
@@ -234,7 +234,7 @@ def ingress_deployment(api: FastAPI, retries: int) -> serve.Deployment:
         def __init__(self, retriever: DeploymentHandle, registry: DeploymentHandle):
             self.retriever, self.registry = retriever, registry
 
-        @api.get("/healthz")
+        @api.get("/healthz", responses=error_responses(503))
         async def healthz(self) -> Any:
             """Ready: the Registry and a model replica answer, not only this HTTP front."""
             try:
@@ -248,7 +248,8 @@ def ingress_deployment(api: FastAPI, retries: int) -> serve.Deployment:
             await self.registry.ready.remote()
             await self.retriever.ready.remote()
 
-        @api.post("/recommend", response_model=RecommendResponse)
+        @api.post("/recommend", response_model=RecommendResponse,
+                  responses=error_responses(400, 401, 413, 422, 503))
         async def recommend(self, body: RecommendRequest) -> Any:
             # A replica that dies mid-request (crash, OOM, node loss) fails the call; a recommendation
             # has no side effect, so it is retried on another replica. X-Retries says how often.
@@ -267,7 +268,8 @@ def ingress_deployment(api: FastAPI, retries: int) -> serve.Deployment:
             headers = {"X-Served-By": result.pop("replica"), "X-Retries": str(attempt)}
             return JSONResponse(RecommendResponse(**result).model_dump(), headers=headers)
 
-        @api.post("/items", response_model=ItemInfo, status_code=201)
+        @api.post("/items", response_model=ItemInfo, status_code=201,
+                  responses=error_responses(400, 401, 409, 413, 422))
         async def register(self, body: NewItem) -> Any:
             result = await self.registry.register.remote(body.id, body.fields)
             if "status" in result:
@@ -277,7 +279,7 @@ def ingress_deployment(api: FastAPI, retries: int) -> serve.Deployment:
                             ids={"semantic": list(e.semantic_id)},
                             fields=e.fields, registered=True, index_version=e.version)
 
-        @api.get("/items/{item_id}", response_model=ItemInfo)
+        @api.get("/items/{item_id}", response_model=ItemInfo, responses=error_responses(401, 404))
         async def get_item(self, item_id: str) -> Any:
             result = await self.registry.item.remote(item_id)
             return reply(result) if "status" in result else result["item"]

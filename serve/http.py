@@ -93,7 +93,27 @@ async def invalid_request(request: Request, exc: RequestValidationError) -> JSON
 
 
 async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return JSONResponse(error_body(exc.status_code, str(exc.detail)), status_code=exc.status_code)
+    # keep the exception's headers: a 405 carries the Allow header the standard requires
+    return JSONResponse(error_body(exc.status_code, str(exc.detail)), status_code=exc.status_code,
+                        headers=exc.headers)
+
+
+ERRORS = {
+    400: "malformed JSON body",
+    401: f"missing or wrong {API_KEY_HEADER} header (when the server has an API key)",
+    404: "unknown item id",
+    409: "the item id exists, or the item's content tuple has no free collision code left",
+    413: "request body over the server's max_body_bytes",
+    422: "a field has the wrong type or value, an unknown field, or an unknown item id in a history",
+    503: "no model replica could answer; retry later",
+}
+
+
+def error_responses(*codes: int) -> dict[int, dict]:
+    """The OpenAPI ``responses`` of a route's error answers, all ``ErrorBody``."""
+    from serve.schemas import ErrorBody
+
+    return {code: {"model": ErrorBody, "description": ERRORS[code]} for code in codes}
 
 
 async def internal_error(request: Request, exc: Exception) -> JSONResponse:

@@ -12,8 +12,9 @@ FieldValue = Union[StrictStr, list[StrictStr], None]
 class RecommendRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    history: list[StrictStr] = Field(description="the user's item ids (the dataset's ids), oldest first")
-    k: StrictInt = Field(10, description="how many items to return; 1 <= k <= min(max_k, catalogue size)")
+    history: list[StrictStr] = Field(min_length=1, description="the user's item ids (the dataset's ids), oldest "
+                                     "first; at least one, at most the server's max_history")
+    k: StrictInt = Field(10, ge=1, description="how many items to return; 1 <= k <= min(max_k, catalogue size)")
     exclude_history: StrictBool = Field(False, description="never return an item of the history")
     user: StrictInt | None = Field(None, ge=0, description="user index; used only by models with a user token, "
                                    "which require it")
@@ -22,6 +23,14 @@ class RecommendRequest(BaseModel):
                                                "that read timestamps")
     time: StrictInt | None = Field(None, description="the request's time in seconds (default: now); at or after "
                                    "the last history timestamp")
+
+
+class ErrorBody(BaseModel):
+    """Every error answer: its HTTP status and what was wrong."""
+
+    status: int
+    error: str
+    details: list[dict[str, Any]] | None = Field(None, description="per-field problems of a 422")
 
 
 class RecommendedItem(BaseModel):
@@ -45,7 +54,8 @@ class NewItem(BaseModel):
 
     id: StrictStr | None = Field(None, min_length=1, max_length=200,
                                  description="the new item's id; omitted = assigned by the server")
-    fields: dict[StrictStr, FieldValue] = Field(description="content fields of the items table, e.g. title, brand")
+    fields: dict[StrictStr, FieldValue] = Field(min_length=1, description="content fields of the items table, e.g. "
+                                                "title, brand; at least one")
 
 
 class ItemInfo(BaseModel):
