@@ -121,3 +121,14 @@ def test_loss_parts_are_logged_per_epoch_and_plotted(tmp_path):
     logged = (tmp_path / "epochs.jsonl").read_text()
     assert re.search(r'"train_bce_neg": [0-9.]+', logged)
     assert plot_training_curve(history, tmp_path / "curve.png", "ndcg@10").stat().st_size > 0
+
+
+def test_full_softmax_with_a_temperature_is_cross_entropy_over_cosines():
+    torch.manual_seed(0)
+    items, h, targets = nn.Embedding(11, 6), torch.randn(5, 6), torch.tensor([1, 2, 3, 4, 10])
+    cos = F.normalize(h, dim=-1) @ F.normalize(items.weight, dim=-1).T
+    cos[:, 0] = -math.inf
+    out = FullSoftmaxLoss(temperature=0.1)(h, targets, items)
+    torch.testing.assert_close(out.total, F.cross_entropy(cos / 0.1, targets))
+    with pytest.raises(ValueError, match="temperature=0"):
+        FullSoftmaxLoss(temperature=0)
