@@ -172,3 +172,14 @@ def test_evaluation_serving_and_sweeps_dispatch_on_the_role(tmp_path, monkeypatc
 
     with pytest.raises(ValueError, match="is a ranker: it trains on a retriever's candidate sets"):
         run_train(exp, data_dir=data_dir)
+
+
+def test_full_softmax_with_a_temperature_is_cross_entropy_over_cosines():
+    torch.manual_seed(0)
+    items, h, targets = nn.Embedding(11, 6), torch.randn(5, 6), torch.tensor([1, 2, 3, 4, 10])
+    cos = F.normalize(h, dim=-1) @ F.normalize(items.weight, dim=-1).T
+    cos[:, 0] = -math.inf
+    out = FullSoftmaxLoss(temperature=0.1)(h, targets, items)
+    torch.testing.assert_close(out.total, F.cross_entropy(cos / 0.1, targets))
+    with pytest.raises(ValueError, match="temperature=0"):
+        FullSoftmaxLoss(temperature=0)

@@ -73,6 +73,16 @@ CASES = [
     ModelCase("sasrec-sampled-softmax", {"name": "sasrec", "d_model": 32, "n_layers": 1, "loss": "sampled_softmax",
                                          "n_negatives": 16, "temperature": 0.1},
               history_probe(lambda m, h: m.encode(h))),
+    ModelCase("hstu-position-only", {"name": "hstu", "d_model": 32, "n_heads": 2, "dropout": 0.1, "n_negatives": 16,
+                                     "temperature": 0.1, "time_bias": "off"},
+              history_probe(lambda m, h: m.encode(timed(h)))),
+    ModelCase("hstu-time", {"name": "hstu", "d_model": 32, "n_heads": 2, "dropout": 0.1, "n_negatives": 16,
+                            "temperature": 0.1, "time_bias": "on"},
+              history_probe(lambda m, h: m.encode(timed(h)))),
+    ModelCase("hstu-auto", {"name": "hstu", "d_model": 32, "n_layers": 1, "n_negatives": 16, "temperature": 0.1},
+              history_probe(lambda m, h: m.encode(timed(h)))),
+    ModelCase("hstu-ce", {"name": "hstu", "d_model": 32, "n_layers": 1, "loss": "ce", "temperature": 0.1},
+              history_probe(lambda m, h: m.encode(timed(h)))),
     ModelCase("tiger-user", {"name": "tiger", "d_model": 32, "n_encoder_layers": 1, "n_decoder_layers": 1,
                              "n_heads": 2, "head_dim": 16, "d_ff": 64, "beam_size": 10, "user_tokens": 7},
               decoder_probe, semantic_id_context),
@@ -92,7 +102,16 @@ def tiny_batch(seed: int = 0, rows: int = 8) -> Batch:
     targets = seq[:, 1:].clone()
     targets[seq[:, :-1] == 0] = 0
     users = torch.arange(rows) * 3  # models with a user token read them; the others ignore them
-    return Batch(history=seq[:, :-1], targets=targets, target=seq[:, -1], users=users)
+    # event times (0 at padding), for models that read them; the others ignore them
+    times = torch.randint(60, 10 ** 6, (rows, MAX_LEN + 1), generator=g).cumsum(1) * (seq > 0)
+    return Batch(history=seq[:, :-1], targets=targets, target=seq[:, -1], users=users,
+                 timestamps=times[:, :-1], target_time=times[:, -1])
+
+
+def timed(history: torch.Tensor) -> Batch:
+    """``history`` with the tiny batch's times: a causality probe changes items, not times."""
+    times = tiny_batch(rows=len(history))
+    return Batch(history=history, timestamps=times.timestamps, target_time=times.target_time)
 
 
 def test_every_registered_model_has_a_case():
@@ -152,7 +171,8 @@ def test_a_tiny_batch_can_be_overfit(case):
     assert loss.item() < 0.2 * first
     model.eval()
     # memorised: the next item of every training row is ranked in its top 3
-    top = model.recommend(Batch(history=batch.history, users=batch.users), 3).items
+    top = model.recommend(Batch(history=batch.history, users=batch.users, timestamps=batch.timestamps,
+                                target_time=batch.target_time), 3).items
     assert (top == batch.targets[:, -1:]).any(dim=1).float().mean() >= 0.9
 
 
@@ -184,9 +204,11 @@ def test_trimming_left_padding_changes_nothing(case):
     model.eval()
     short = tiny_batch(rows=4)
     short.history[:, :3], short.targets[:, :3] = 0, 0  # every row starts with 3 padding columns
-    history, targets = trim_padding(short.history, short.targets)
+    short.timestamps[:, :3] = 0
+    history, targets, times = trim_padding(short.history, short.targets, short.timestamps)
     assert history.shape[1] == MAX_LEN - 3
-    trimmed = Batch(history=history, targets=targets, target=short.target, users=short.users)
+    trimmed = Batch(history=history, targets=targets, target=short.target, users=short.users, timestamps=times,
+                    target_time=short.target_time)
     losses = []
     for batch in (short, trimmed):
         torch.manual_seed(0)  # the same sampled negatives (BCE) for both

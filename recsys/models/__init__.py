@@ -2,17 +2,19 @@
 
 from recsys.models.base import (AtomicIdModel, Batch, Capabilities, GenerativeRetriever, LossOutput, Ranker,
                                 Recommendation, Retriever, SequenceModel)
+from recsys.models.hstu import HSTU, HSTUConfig
 from recsys.models.registry import build_model, get_spec, model_config_from_dict, model_names, register_model
 from recsys.models.sasrec import SASRec, SASRecConfig
 from recsys.models.tiger import Tiger, TigerConfig
 from recsys.models.vocabulary import IdTable, SemanticVocabulary, semantic_id_table
 
 register_model("sasrec", SASRecConfig, SASRec)
+register_model("hstu", HSTUConfig, HSTU)
 register_model("tiger", TigerConfig, Tiger)
 
 __all__ = [
     "AtomicIdModel", "Batch", "Capabilities", "LossOutput", "Ranker", "Recommendation", "Retriever",
-    "SequenceModel", "SASRec", "SASRecConfig", "Tiger", "TigerConfig",
+    "SequenceModel", "SASRec", "SASRecConfig", "HSTU", "HSTUConfig", "Tiger", "TigerConfig",
     "semantic_id_table", "IdTable", "SemanticVocabulary", "GenerativeRetriever",
     "build_model", "get_spec", "model_config_from_dict", "model_names", "register_model",
 ]

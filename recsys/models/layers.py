@@ -181,16 +181,27 @@ class RelativeBias(nn.Module):
         for p in self.parameters():
             nn.init.normal_(p, std=0.02)
 
-    def forward(self, T: int, timestamps: torch.Tensor | None = None, query_time: torch.Tensor | None = None
-                ) -> torch.Tensor:
+    def buckets(self, timestamps: torch.Tensor, query_time: torch.Tensor) -> torch.Tensor:
+        """timestamps, query_time (B, T) -> the time bucket of every (query i, key j), (B, T, T).
+        Layers with the same number of buckets can share one result (``forward(buckets=...)``)."""
+        if self.time is None:
+            raise ValueError("timestamps were given to a RelativeBias built without time buckets")
+        gaps = query_time[:, :, None] - timestamps[:, None, :]  # (B, T, T)
+        return time_bucket(gaps, len(self.time) - 1)
+
+    def forward(self, T: int, timestamps: torch.Tensor | None = None, query_time: torch.Tensor | None = None,
+                *, buckets: torch.Tensor | None = None) -> torch.Tensor:
+        """-> (1, 1, T, T) from positions alone, or (B, 1, T, T) with the time term, read from
+        ``timestamps`` and ``query_time`` or from precomputed ``buckets`` (B, T, T)."""
         if T > self.max_len:
             raise ValueError(f"sequence length {T} exceeds the bias's max_len={self.max_len}")
         pos = torch.arange(T, device=self.position.device)
         bias = self.position[pos[None, :] - pos[:, None] + self.max_len - 1][None, None]  # (1, 1, T, T)
-        if timestamps is None:
+        if buckets is None and timestamps is None:
             return bias
-        if self.time is None:
-            raise ValueError("timestamps were given to a RelativeBias built without time buckets")
-        gaps = query_time[:, :, None] - timestamps[:, None, :]  # (B, T, T)
-        return bias + self.time[time_bucket(gaps, len(self.time) - 1)][:, None]  # (B, 1, T, T)
+        if buckets is None:
+            buckets = self.buckets(timestamps, query_time)
+        elif self.time is None:
+            raise ValueError("time buckets were given to a RelativeBias built without them")
+        return bias + self.time[buckets][:, None]  # (B, 1, T, T)
 

@@ -18,8 +18,20 @@ from recsys.models.base import LossOutput
 
 
 class FullSoftmaxLoss(nn.Module):
+    """Cross-entropy over every item. Logits are inner products, or, with a ``temperature``, the
+    cosines of L2-normalised vectors divided by it (for models that score by cosine, e.g. HSTU)."""
+
+    def __init__(self, temperature: float | None = None):
+        super().__init__()
+        if temperature is not None and temperature <= 0:
+            raise ValueError(f"temperature={temperature} must be > 0")
+        self.temperature = temperature
+
     def forward(self, h: torch.Tensor, targets: torch.Tensor, items: nn.Embedding) -> LossOutput:
-        logits = h @ items.weight.T  # (P, N + 1)
+        if self.temperature is None:
+            logits = h @ items.weight.T  # (P, N + 1)
+        else:
+            logits = F.normalize(h, dim=-1) @ F.normalize(items.weight, dim=-1).T / self.temperature  # (P, N + 1)
         logits[:, 0] = float("-inf")
         loss = F.cross_entropy(logits.float(), targets)
         return LossOutput(loss, {"ce": loss.detach()})

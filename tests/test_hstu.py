@@ -1,0 +1,218 @@
+"""What is particular to HSTU: the layer against the paper's formulas, the relative time bias and
+its modes, padding, the ANN contract and bad input. The shared battery (tests/test_model_battery.py)
+covers causality, save/load, seeds, overfitting and recommend."""
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from recsys.models import HSTU, Batch, HSTUConfig, build_model, model_config_from_dict
+from recsys.models.hstu import HSTUBlock
+from recsys.models.layers import RelativeBias, causal_mask, time_bucket
+from recsys.training.batching import trim_padding
+
+N_ITEMS, MAX_LEN = 30, 8
+
+
+def model(seed: int = 0, **config) -> HSTU:
+    torch.manual_seed(seed)
+    cfg = HSTUConfig(**{"d_model": 16, "n_heads": 2, "n_negatives": 8, "temperature": 0.1, **config})
+    return build_model("hstu", cfg, n_items=N_ITEMS, max_len=MAX_LEN).eval()
+
+
+def batch(seed: int = 0, rows: int = 4, pad: int = 2, timed: bool = True) -> Batch:
+    """Rows 0 and 1 start with ``pad`` padding columns; times increase (0 at padding)."""
+    g = torch.Generator().manual_seed(seed)
+    seq = torch.randint(1, N_ITEMS + 1, (rows, MAX_LEN + 1), generator=g)
+    seq[:2, :pad] = 0
+    times = torch.randint(1, 10 ** 6, (rows, MAX_LEN + 1), generator=g).cumsum(1) * (seq > 0)
+    targets = seq[:, 1:].clone()
+    targets[seq[:, :-1] == 0] = 0
+    return Batch(history=seq[:, :-1], targets=targets, target=seq[:, -1],
+                 timestamps=times[:, :-1] if timed else None, target_time=times[:, -1] if timed else None)
+
+
+def test_the_layer_matches_the_formulas():
+    """One block against a loop over (query i, key j) written from the paper and the official code."""
+    torch.manual_seed(0)
+    B, T, D, H, hd, L = 2, 4, 6, 2, 3, 5
+    block = HSTUBlock(D, H, hd, dropout=0.0, max_len=L, time_buckets=128).eval()
+    for p in block.rab.parameters():
+        torch.nn.init.normal_(p, std=0.5)  # a bias large enough to matter
+    x = torch.randn(B, T, D)
+    valid = torch.tensor([[False, True, True, True], [True] * 4])
+    ts = torch.tensor([[0, 100, 5000, 90000], [1, 2, 30, 10 ** 6]])
+    query = torch.cat([ts[:, 1:], torch.tensor([[10 ** 7], [2 * 10 ** 6]])], 1)
+    out = block(x, causal_mask(valid), float(L), block.rab.buckets(ts, query))
+
+    expected = torch.empty_like(x)
+    W, Wo, bo = block.uvqk.weight, block.out.weight, block.out.bias
+    for b in range(B):
+        for i in range(T):
+            def proj(t):  # SiLU(LN(x_t) W_uvqk), split u, v, q, k
+                xt = x[b, t]
+                xn = (xt - xt.mean()) / torch.sqrt(xt.var(unbiased=False) + 1e-6)
+                return F.silu(W @ xn).split(H * hd)
+            u_i, _, q_i, _ = proj(i)
+            av = torch.zeros(H * hd)
+            for j in range(i + 1):
+                if not valid[b, j] and j != i:
+                    continue
+                _, v_j, _, k_j = proj(j)
+                gap = int(query[b, i] - ts[b, j])
+                bucket = min(max(math.floor(math.log(max(abs(gap), 1)) / 0.301), 0), 128)
+                rab = block.rab.position[j - i + L - 1] + block.rab.time[bucket]
+                for h in range(H):
+                    s = slice(h * hd, (h + 1) * hd)
+                    av[s] += F.silu(q_i[s] @ k_j[s] + rab) / L * v_j[s]
+            normed = (av - av.mean()) / torch.sqrt(av.var(unbiased=False) + 1e-6)
+            expected[b, i] = x[b, i] + Wo @ (u_i * normed) + bo
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_the_time_bias_changes_the_output_exactly_when_timestamps_differ():
+    m, b = model(time_bias="on"), batch(pad=0)
+    out = m.encode(b)
+    shifted = Batch(history=b.history, timestamps=b.timestamps + 12345, target_time=b.target_time + 12345)
+    torch.testing.assert_close(m.encode(shifted), out)  # the same gaps: the same output
+    j = 4
+    moved = b.timestamps.clone()
+    moved[:, j:] += 10 ** 8  # every gap across j changes bucket
+    changed = m.encode(Batch(history=b.history, timestamps=moved, target_time=b.target_time + 10 ** 8))
+    # position i reads times <= i + 1 (the next event's time is its query time): j - 1 on move
+    torch.testing.assert_close(changed[:, :j - 1], out[:, :j - 1])
+    assert not torch.allclose(changed[:, j - 1:], out[:, j - 1:])
+    later = m.encode(Batch(history=b.history, timestamps=b.timestamps, target_time=b.target_time + 10 ** 8))
+    torch.testing.assert_close(later[:, :-1], out[:, :-1])  # the query time reaches only the last position
+    assert not torch.allclose(later[:, -1], out[:, -1])
+
+
+def test_time_bias_off_never_reads_times():
+    m, b = model(time_bias="off"), batch()
+    assert m.blocks[0].rab.time is None
+    untimed = Batch(history=b.history)
+    scrambled = Batch(history=b.history, timestamps=b.timestamps.flip(1) * 7, target_time=b.target_time)
+    torch.testing.assert_close(m.encode(b), m.encode(untimed))
+    torch.testing.assert_close(m.encode(scrambled), m.encode(untimed))
+
+
+def test_time_bias_on_without_timestamps_is_an_error():
+    m = model(time_bias="on")
+    with pytest.raises(ValueError, match="model.time_bias=on, but the batch carries no timestamps"):
+        m.encode(batch(timed=False))
+    b = batch()
+    with pytest.raises(ValueError, match="Batch.target_time"):
+        m.encode(Batch(history=b.history, timestamps=b.timestamps))
+
+
+def test_time_bias_auto_without_timestamps_warns_once_and_runs_position_only():
+    auto = model(time_bias="auto")
+    b = batch(timed=False)
+    with pytest.warns(RuntimeWarning, match="position-only") as record:
+        out = auto.encode(b)
+        auto.encode(b)
+        auto.loss(b).total.backward()
+    assert len([w for w in record if "position-only" in str(w.message)]) == 1
+    assert all(p.grad is not None for p in auto.parameters())  # DDP needs every parameter to get one
+    off = model(time_bias="off")
+    off.load_state_dict({k: v for k, v in auto.state_dict().items() if not k.endswith("rab.time")})
+    torch.testing.assert_close(off.encode(b), out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        auto.encode(batch())  # with timestamps: silent, and time-aware
+    assert not torch.allclose(auto.encode(batch()), out)
+
+
+@pytest.mark.parametrize("time_bias", ["on", "off"])
+def test_trimming_left_padding_changes_nothing(time_bias):
+    m, b = model(time_bias=time_bias), batch(pad=3)
+    for row in range(len(b.history)):
+        b.history[row, :3] = 0  # every row starts with 3 padding columns
+    b.timestamps[:, :3] = 0
+    history, times = trim_padding(b.history, b.timestamps)
+    assert history.shape[1] == MAX_LEN - 3
+    full = m.encode(b)
+    trimmed = m.encode(Batch(history=history, timestamps=times, target_time=b.target_time))
+    torch.testing.assert_close(trimmed, full[:, 3:], atol=1e-6, rtol=1e-5)
+
+
+def test_scores_are_user_vectors_times_item_vectors():
+    """The ANN contract: score_items == user_embedding @ item_embeddings().T, on unit vectors."""
+    m, b = model(time_bias="on"), batch()
+    user, items = m.user_embedding(b), m.item_embeddings()
+    assert items.shape == (N_ITEMS, 16)
+    torch.testing.assert_close(user.norm(dim=-1), torch.ones(len(user)))
+    torch.testing.assert_close(items.norm(dim=-1), torch.ones(N_ITEMS))
+    torch.testing.assert_close(m.score_items(b)[:, 1:], user @ items.T)
+
+
+def test_the_time_buckets_are_computed_once_per_forward(monkeypatch):
+    calls = []
+    original = RelativeBias.buckets
+    monkeypatch.setattr(RelativeBias, "buckets", lambda self, *a: calls.append(1) or original(self, *a))
+    model(time_bias="on", n_layers=3).encode(batch())
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("loss", ["sampled_softmax", "ce"])
+def test_both_losses_train(loss):
+    m, b = model(loss=loss, time_bias="on", dropout=0.0, emb_dropout=0.0), batch()
+    m.train()
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    first = m.loss(b).total.item()
+    for _ in range(60):
+        out = m.loss(b)
+        opt.zero_grad()
+        out.total.backward()
+        opt.step()
+    assert set(out.parts) == {loss}
+    assert out.total.item() < 0.5 * first
+
+
+def test_bad_input_is_refused_with_the_key_named():
+    with pytest.raises(ValueError, match="model.temperature=0"):
+        HSTUConfig(temperature=0)
+    with pytest.raises(ValueError, match="model.time_bias='sometimes' is not allowed"):
+        HSTUConfig(time_bias="sometimes")
+    with pytest.raises(ValueError, match="model.loss"):
+        HSTUConfig(loss="bce")
+    with pytest.raises(ValueError, match="model.d_model=50 must be divisible by model.n_heads=3"):
+        HSTUConfig(n_heads=3)
+    with pytest.raises(ValueError, match=r"model.n_negatives=30 must be smaller than the catalogue size \(30 items\)"):
+        model(n_negatives=30)
+    model(loss="ce", n_negatives=128)  # ce samples nothing
+    # YAML reads a bare on/off as a boolean: the section still means the choice
+    assert model_config_from_dict({"name": "hstu", "time_bias": False})[1].time_bias == "off"
+
+
+def test_time_bucket_is_the_official_formula():
+    gaps = torch.tensor([0, 1, 2, 3, 60, 3600, 86400, -86400, 10 ** 12])
+    expected = [min(max(math.floor(math.log(max(abs(int(g)), 1)) / 0.301), 0), 128) for g in gaps]
+    assert time_bucket(gaps).tolist() == expected
+
+
+def test_the_trainer_feeds_times_and_query_times_to_hstu(monkeypatch):
+    """configs/synthetic-time-hstu.yaml in small: time_bias=on errors unless every training and
+    validation batch carries timestamps and target_time; one epoch trains and evaluates."""
+    from recsys.data.readers import load_dataset
+    from recsys.data.split import leave_one_out
+    from recsys.experiment import load_experiment
+    from recsys.training.session import build_trainer
+
+    exp = load_experiment("configs/synthetic-time-hstu.yaml", [
+        "data.synthetic.n_users=60", "data.synthetic.n_items=40", "data.synthetic.n_topics=4",
+        "model.d_model=16", "model.n_negatives=8", "trainer.optim.batch_size=32"])
+    split = leave_one_out(load_dataset(exp.data), exp.data.max_history)
+    trainer = build_trainer(exp, split)
+    seen = []
+    original = HSTU.time_buckets
+    monkeypatch.setattr(HSTU, "time_buckets", lambda self, b: seen.append(b) or original(self, b))
+    metrics = trainer.train_epoch(0)
+    assert math.isfinite(metrics["train_sampled_softmax"])
+    assert 0 <= trainer.validate()["ndcg@10"] <= 1
+    assert seen and all(b.timestamps is not None and b.target_time is not None for b in seen)
+    # the query time at the last position is the target's: never before the history's newest event
+    assert all((b.target_time >= b.timestamps[:, -1]).all() for b in seen)
