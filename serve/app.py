@@ -40,7 +40,7 @@ from serve.http import error_body, error_responses, key_digest, make_api, reply
 from serve.run import open_run
 from serve.schemas import ItemInfo, NewItem, RecommendRequest, RecommendResponse, ServeArgs
 from serve.state import (ItemIds, Query, Registration, RequestError, apply_registrations, check_history, check_k,
-                         check_times, run_queries)
+                         check_required_inputs, check_times, run_queries)
 
 log = logging.getLogger("ray.serve")
 HEALTH_TIMEOUT_S = 2.0
@@ -199,10 +199,8 @@ class Retriever:
             check_history(request["history"], self.max_history)
             check_k(request["k"], self.model.n_items, self.max_k)
             history = self.ids.internal(request["history"])
-            user = request.get("user")
-            if self.uses_users and user is None:
-                raise RequestError(422, "this model conditions on the user (model.user_tokens > 0): give `user`")
-            timestamps = request.get("timestamps")
+            user, timestamps = request.get("user"), request.get("timestamps")
+            check_required_inputs(self.model, user, timestamps)
             now = check_times(len(history), timestamps, request.get("time"))
         except RequestError as err:
             return error_body(err.status, err.message)

@@ -111,6 +111,15 @@ def check_history(history: Sequence[str], max_history: int) -> None:
                            f"(serve max_history)")
 
 
+def check_required_inputs(model: Retriever, user: int | None, timestamps: Sequence[int] | None) -> None:
+    """What the model requires of a request beyond a history, by its own declaration."""
+    if model.users_required and user is None:
+        raise RequestError(422, "this model conditions on the user (model.user_tokens > 0): give `user`")
+    if model.timestamps_required and timestamps is None:
+        raise RequestError(422, "this model reads event times (model.time_bias=on): give `timestamps`, one per "
+                           "history item")
+
+
 def check_k(k: int, n_items: int, max_k: int) -> None:
     limit = min(n_items, max_k)
     if not 1 <= k <= limit:

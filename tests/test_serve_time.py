@@ -76,3 +76,19 @@ def test_a_time_blind_model_gets_no_times():
     model = TimeBlind()
     run_queries(model, [Query([1, 2], 1, False, None, [1, 2], 3)])
     assert model.batches[-1].timestamps is None and model.batches[-1].target_time is None
+
+
+def test_a_model_that_requires_times_or_users_says_so_in_a_422():
+    from recsys.experiment import load_experiment
+    from recsys.models import build_model
+    from serve.state import check_required_inputs
+
+    exp = load_experiment(None, ["model.name=hstu", "model.d_model=8", "model.time_bias=on", "model.loss=ce"])
+    hstu = build_model("hstu", exp.model, n_items=20, max_len=5)
+    with pytest.raises(RequestError, match="reads event times .* give `timestamps`") as err:
+        check_required_inputs(hstu, None, None)
+    assert err.value.status == 422
+    check_required_inputs(hstu, None, [1, 2])
+    auto = build_model("hstu", load_experiment(None, ["model.name=hstu", "model.d_model=8", "model.loss=ce"]).model,
+                       n_items=20, max_len=5)
+    check_required_inputs(auto, None, None)  # time_bias=auto runs without times

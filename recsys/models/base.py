@@ -113,6 +113,12 @@ class SequenceModel(nn.Module):
         """True when every batch must carry ``users`` (e.g. TIGER with a user token)."""
         return False
 
+    @property
+    def timestamps_required(self) -> bool:
+        """True when every batch must carry ``timestamps`` and ``target_time`` (e.g. HSTU with
+        model.time_bias=on)."""
+        return False
+
     # --- what a checkpoint records besides the weights -----------------------------------
     def checkpoint_context(self) -> dict[str, Any]:
         """JSON-able facts written to model.json's ``context`` (e.g. vocabulary sizes)."""

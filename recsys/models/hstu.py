@@ -110,6 +110,10 @@ class HSTU(AtomicIdModel):
     # The declaration is static: with time_bias=off the model simply never reads the times.
     capabilities = Capabilities(reads_timestamps=True, item_vectors=True)
 
+    @property
+    def timestamps_required(self) -> bool:
+        return self.config.time_bias == "on"
+
     def __init__(self, config: HSTUConfig, n_items: int, max_len: int):
         super().__init__(n_items, max_len)
         if config.loss == "sampled_softmax" and config.n_negatives >= n_items:
