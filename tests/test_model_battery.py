@@ -86,6 +86,11 @@ CASES = [
     ModelCase("tiger-user", {"name": "tiger", "d_model": 32, "n_encoder_layers": 1, "n_decoder_layers": 1,
                              "n_heads": 2, "head_dim": 16, "d_ff": 64, "beam_size": 10, "user_tokens": 7},
               decoder_probe, semantic_id_context),
+    ModelCase("two-tower", {"name": "two_tower", "d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64,
+                            "dropout": 0.1, "log_q": "streaming"},
+              history_probe(lambda m, h: m.encode(h))),
+    ModelCase("two-tower-counts", {"name": "two_tower", "d_model": 32, "n_layers": 1, "d_ff": 64, "log_q": "counts"},
+              history_probe(lambda m, h: m.encode(h))),
 ]
 
 

@@ -6,11 +6,13 @@ from recsys.models.hstu import HSTU, HSTUConfig
 from recsys.models.registry import build_model, get_spec, model_config_from_dict, model_names, register_model
 from recsys.models.sasrec import SASRec, SASRecConfig
 from recsys.models.tiger import Tiger, TigerConfig
+from recsys.models.two_tower import TwoTower, TwoTowerConfig
 from recsys.models.vocabulary import IdTable, SemanticVocabulary, semantic_id_table
 
 register_model("sasrec", SASRecConfig, SASRec)
 register_model("hstu", HSTUConfig, HSTU)
 register_model("tiger", TigerConfig, Tiger)
+register_model("two_tower", TwoTowerConfig, TwoTower)
 
 __all__ = [
     "AtomicIdModel", "Batch", "Capabilities", "LossOutput", "Ranker", "Recommendation", "Retriever",

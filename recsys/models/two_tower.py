@@ -1,0 +1,118 @@
+"""Two-tower retriever: Sampling-Bias-Corrected Neural Modeling for Large Corpus Item
+Recommendations (Yi et al., RecSys 2019), https://doi.org/10.1145/3298689.3346996.
+
+Its item vectors are EAGER's behaviour embeddings (``recsys ids --from-train RUN``) and, being
+an inner-product model, it is served from a maximum-inner-product index (``recsys.ann``).
+
+- **User tower**: a small causal transformer over the history (``layers.CausalEncoder``, as in
+  SASRec). The paper's user tower is an MLP over pooled features; a causal encoder lets every
+  position of a history be a training example (its state summarises the items up to it), which
+  on short, sparse histories such as Beauty's gives ~20x the examples of one per user, and it
+  keeps the order of the history, which mean pooling loses.
+- **Item tower**: the item's ID embedding, shared with the user tower's input table (as in
+  SASRec: on sparse data each row then learns from both roles). The optional content vector
+  (issue 20) is not implemented yet: it needs the embed run's vectors as build context.
+- **Loss**: in-batch softmax over the batch's targets on L2-normalised towers with a
+  temperature, and the logQ correction s(u, i) / tau - log p_i (``losses.InBatchSoftmaxLoss``);
+  columns that are the row's positive or an item the user already has are masked.
+- **p_i**: the paper's streaming estimate (``log_q: streaming``, alpha = 0.01), item ids as the
+  hash (no collisions at our catalogue sizes); or counts of the training targets as they come
+  (``counts``); or no correction (``off``). The estimate is updated only in training mode and is
+  kept in buffers, so checkpoints carry it.
+Scores are cosine similarities (the temperature and the correction only shape training), so the
+user and item vectors are returned normalised and an inner-product index ranks exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recsys.config import require, require_choice, require_range
+from recsys.models.base import AtomicIdModel, Batch, Capabilities, LossOutput
+from recsys.models.layers import CausalEncoder
+from recsys.models.losses import InBatchSoftmaxLoss, ItemFrequency, seen_in_history
+
+LOG_Q = ("streaming", "counts", "off")
+
+
+@dataclass
+class TwoTowerConfig:
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 2
+    d_ff: int = 256
+    dropout: float = 0.2
+    emb_dropout: float = 0.2
+    temperature: float = 0.05  # softmax temperature over cosine similarities
+    log_q: str = "streaming"  # p_i of the logQ correction: streaming (Yi et al.) | counts | off
+    alpha: float = 0.01  # streaming: EMA rate of the gap between sightings (the paper's 0.01)
+
+    def __post_init__(self):
+        require_range("model.d_model", self.d_model, 1, 4096)
+        require_range("model.n_layers", self.n_layers, 1, 48)
+        require_range("model.n_heads", self.n_heads, 1, self.d_model)
+        if self.d_model % self.n_heads:
+            raise ValueError(f"model.d_model={self.d_model} must be divisible by model.n_heads={self.n_heads}")
+        require_range("model.d_ff", self.d_ff, 1, 65536)
+        require_range("model.dropout", self.dropout, 0.0, 0.95)
+        require_range("model.emb_dropout", self.emb_dropout, 0.0, 0.95)
+        require(self.temperature > 0, f"model.temperature={self.temperature} is out of range; allowed: > 0")
+        require_choice("model.log_q", self.log_q, LOG_Q)
+        require(0 < self.alpha <= 1, f"model.alpha={self.alpha} is out of range; allowed: 0 < model.alpha <= 1")
+
+
+class TwoTower(AtomicIdModel):
+    capabilities = Capabilities(item_vectors=True)
+
+    def __init__(self, config: TwoTowerConfig, n_items: int, max_len: int):
+        super().__init__(n_items, max_len)
+        self.config = config
+        self.item_emb = nn.Embedding(n_items + 1, config.d_model, padding_idx=0)
+        self.pos_emb = nn.Embedding(max_len, config.d_model)
+        self.emb_drop = nn.Dropout(config.emb_dropout)
+        self.encoder = CausalEncoder(config.d_model, config.n_heads, config.d_ff, config.n_layers, config.dropout)
+        self.loss_fn = InBatchSoftmaxLoss(config.temperature)
+        self.frequency = None if config.log_q == "off" else ItemFrequency(n_items, config.log_q, config.alpha)
+        nn.init.normal_(self.item_emb.weight, std=config.d_model**-0.5)
+        nn.init.normal_(self.pos_emb.weight, std=0.02)
+        with torch.no_grad():
+            self.item_emb.weight[0].zero_()
+
+    def encode(self, history: torch.Tensor) -> torch.Tensor:
+        """history: (B, T) -> user tower states (B, T, D), not normalised; position t reads items <= t."""
+        T = history.shape[1]
+        if T > self.max_len:
+            raise ValueError(f"history length {T} exceeds max_len={self.max_len}")
+        positions = torch.arange(self.max_len - T, self.max_len, device=history.device)  # right-aligned
+        x = self.item_emb(history) * self.config.d_model**0.5 + self.pos_emb(positions)  # (B, T, D)
+        return self.encoder(self.emb_drop(x), valid=history > 0)
+
+    def user_embedding(self, batch: Batch) -> torch.Tensor:
+        """batch.history (B, T) -> (B, D), L2-normalised: the newest position's state."""
+        return F.normalize(self.encode(batch.history)[:, -1], dim=-1)
+
+    def item_embeddings(self) -> torch.Tensor:
+        """(N, D), L2-normalised: row i - 1 is item i (the padding row 0 is left out)."""
+        return F.normalize(self.item_emb.weight[1:], dim=-1)
+
+    def score_items(self, batch: Batch) -> torch.Tensor:
+        items = F.normalize(self.item_emb.weight, dim=-1)  # (N + 1, D); the zero padding row stays 0
+        return self.user_embedding(batch) @ items.T  # (B, N + 1) cosine similarities
+
+    def loss(self, batch: Batch) -> LossOutput:
+        """In-batch softmax at every position with a target; the negatives are the batch's other
+        targets. In training mode the batch's targets first update the frequency estimate."""
+        h = self.encode(batch.history)  # (B, T, D)
+        keep = batch.targets > 0  # (B, T)
+        targets = batch.targets[keep]  # (P,)
+        log_q = None
+        if self.frequency is not None:
+            if self.training:
+                self.frequency.update(targets)
+            log_q = self.frequency.log_prob(targets)  # (P,)
+        seen = seen_in_history(batch.history, keep, targets, self.n_items)  # (P, P)
+        return self.loss_fn(h[keep], self.item_emb(targets), targets, log_q=log_q, seen=seen)
