@@ -59,18 +59,19 @@ def build_loss(cfg: SASRecConfig) -> nn.Module:
     return SampledSoftmaxLoss(cfg.n_negatives, cfg.temperature)
 
 
-class SASRec(AtomicIdModel):
-    capabilities = Capabilities(item_vectors=True)
+class SelfAttentiveModel(AtomicIdModel):
+    """SASRec's user encoder: a causal transformer over item and right-aligned position embeddings.
+    SASRec and the two-tower's user tower (``recsys.models.two_tower``) are built on it."""
 
-    def __init__(self, config: SASRecConfig, n_items: int, max_len: int):
+    def __init__(self, n_items: int, max_len: int, *, d_model: int, n_heads: int, d_ff: int, n_layers: int,
+                 dropout: float, emb_dropout: float):
         super().__init__(n_items, max_len)
-        self.config = config
-        self.item_emb = nn.Embedding(n_items + 1, config.d_model, padding_idx=0)
-        self.pos_emb = nn.Embedding(max_len, config.d_model)
-        self.emb_drop = nn.Dropout(config.emb_dropout)
-        self.encoder = CausalEncoder(config.d_model, config.n_heads, config.d_ff, config.n_layers, config.dropout)
-        self.loss_fn = build_loss(config)
-        nn.init.normal_(self.item_emb.weight, std=config.d_model**-0.5)
+        self.d_model = d_model
+        self.item_emb = nn.Embedding(n_items + 1, d_model, padding_idx=0)
+        self.pos_emb = nn.Embedding(max_len, d_model)
+        self.emb_drop = nn.Dropout(emb_dropout)
+        self.encoder = CausalEncoder(d_model, n_heads, d_ff, n_layers, dropout)
+        nn.init.normal_(self.item_emb.weight, std=d_model**-0.5)
         nn.init.normal_(self.pos_emb.weight, std=0.02)
         with torch.no_grad():
             self.item_emb.weight[0].zero_()
@@ -81,8 +82,18 @@ class SASRec(AtomicIdModel):
         if T > self.max_len:
             raise ValueError(f"history length {T} exceeds max_len={self.max_len}")
         positions = torch.arange(self.max_len - T, self.max_len, device=history.device)  # right-aligned
-        x = self.item_emb(history) * self.config.d_model**0.5 + self.pos_emb(positions)  # (B, T, D)
+        x = self.item_emb(history) * self.d_model**0.5 + self.pos_emb(positions)  # (B, T, D)
         return self.encoder(self.emb_drop(x), valid=history > 0)
+
+
+class SASRec(SelfAttentiveModel):
+    capabilities = Capabilities(item_vectors=True)
+
+    def __init__(self, config: SASRecConfig, n_items: int, max_len: int):
+        super().__init__(n_items, max_len, d_model=config.d_model, n_heads=config.n_heads, d_ff=config.d_ff,
+                         n_layers=config.n_layers, dropout=config.dropout, emb_dropout=config.emb_dropout)
+        self.config = config
+        self.loss_fn = build_loss(config)
 
     @classmethod
     def upgrade_state(cls, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

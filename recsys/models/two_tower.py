@@ -29,12 +29,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from recsys.config import require, require_choice, require_range
-from recsys.models.base import AtomicIdModel, Batch, Capabilities, LossOutput
-from recsys.models.layers import CausalEncoder
+from recsys.models.base import Batch, Capabilities, LossOutput
 from recsys.models.losses import InBatchSoftmaxLoss, ItemFrequency, seen_in_history
+from recsys.models.sasrec import SelfAttentiveModel
 
 LOG_Q = ("streaming", "counts", "off")
 
@@ -65,31 +64,18 @@ class TwoTowerConfig:
         require(0 < self.alpha <= 1, f"model.alpha={self.alpha} is out of range; allowed: 0 < model.alpha <= 1")
 
 
-class TwoTower(AtomicIdModel):
+class TwoTower(SelfAttentiveModel):
+    """The user tower is SASRec's encoder (``encode``: states not normalised); the item tower is the
+    item table it reads, so each row learns from both roles."""
+
     capabilities = Capabilities(item_vectors=True)
 
     def __init__(self, config: TwoTowerConfig, n_items: int, max_len: int):
-        super().__init__(n_items, max_len)
+        super().__init__(n_items, max_len, d_model=config.d_model, n_heads=config.n_heads, d_ff=config.d_ff,
+                         n_layers=config.n_layers, dropout=config.dropout, emb_dropout=config.emb_dropout)
         self.config = config
-        self.item_emb = nn.Embedding(n_items + 1, config.d_model, padding_idx=0)
-        self.pos_emb = nn.Embedding(max_len, config.d_model)
-        self.emb_drop = nn.Dropout(config.emb_dropout)
-        self.encoder = CausalEncoder(config.d_model, config.n_heads, config.d_ff, config.n_layers, config.dropout)
         self.loss_fn = InBatchSoftmaxLoss(config.temperature)
         self.frequency = None if config.log_q == "off" else ItemFrequency(n_items, config.log_q, config.alpha)
-        nn.init.normal_(self.item_emb.weight, std=config.d_model**-0.5)
-        nn.init.normal_(self.pos_emb.weight, std=0.02)
-        with torch.no_grad():
-            self.item_emb.weight[0].zero_()
-
-    def encode(self, history: torch.Tensor) -> torch.Tensor:
-        """history: (B, T) -> user tower states (B, T, D), not normalised; position t reads items <= t."""
-        T = history.shape[1]
-        if T > self.max_len:
-            raise ValueError(f"history length {T} exceeds max_len={self.max_len}")
-        positions = torch.arange(self.max_len - T, self.max_len, device=history.device)  # right-aligned
-        x = self.item_emb(history) * self.config.d_model**0.5 + self.pos_emb(positions)  # (B, T, D)
-        return self.encoder(self.emb_drop(x), valid=history > 0)
 
     def user_embedding(self, batch: Batch) -> torch.Tensor:
         """batch.history (B, T) -> (B, D), L2-normalised: the newest position's state."""
