@@ -322,6 +322,7 @@ def test_the_api_document_matches_the_api_under_fuzzing(server, tmp_path):
          "--seed", "0", "--workers", "1"],
         capture_output=True, text=True, timeout=600, cwd=tmp_path)
     summary = out.stdout[-3000:]
+    print(summary)  # with -s: the counts docs/experiments/serving.md quotes
     assert out.returncode == 0, summary
     assert "5xx" not in summary and "Server error" not in summary, summary
     assert re.search(r"(\d+) passed", summary), summary
