@@ -92,7 +92,7 @@ class Registry:
 
         if self.index is None:
             raise RequestError(422, f"this application serves a {self.run.exp.model_name} model, which cannot register "
-                               "items from their content alone (a generative retriever whose one ID space is "
+                               "new items from their content alone (a generative retriever whose one ID space is "
                                "semantic, such as tiger, can)")
         unknown = sorted(set(fields) - set(self.run.content_fields))
         if unknown:

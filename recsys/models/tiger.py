@@ -29,9 +29,8 @@ Departures from the paper:
   reads (tied), so every child of a prefix is scored by a vector of its own, not only by a code
   vector shared by all parents (the per-item output embeddings of SASRec, within the trie).
   Items registered later have no node of their own (zero row) and score by their code alone.
-- Cold start: ``register_items`` extends the ID table and trie after training, so new items
-  are decodable without retraining, as long as their codes fit the level vocabularies (the
-  collision level has ``collision_vocab`` tokens, room beyond what the training IDs use).
+- Cold start: ``register_items`` extends the ID table and trie after training (no retraining),
+  as long as the codes fit the level vocabularies (``collision_vocab``: room in the collision level).
 The decoder reads the encoder's per-level token embeddings (one vocabulary, as in T5); output
 heads are separate per level. The paper's sizes are the defaults.
 """
@@ -84,8 +83,9 @@ class TigerConfig:
         require_range("model.collision_vocab", self.collision_vocab, 1, 1 << 20)
         require_choice("model.collision_scoring", self.collision_scoring, ("learned", "content"))
         require_range("model.user_tokens", self.user_tokens, 0, 1 << 24)
-        require(isinstance(self.prefix_embeddings, bool) and isinstance(self.prefix_outputs, bool),
-                "model.prefix_embeddings and model.prefix_outputs must be true or false")
+        for flag in ("prefix_embeddings", "prefix_outputs"):
+            value = getattr(self, flag)
+            require(isinstance(value, bool), f"model.{flag} must be true or false, got {value!r}")
         require_range("model.prefix_dropout", self.prefix_dropout, 0.0, 1.0)
         require(not self.prefix_outputs or self.prefix_embeddings,
                 "model.prefix_outputs=true scores children by their prefix embeddings: it needs "
