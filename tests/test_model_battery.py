@@ -10,7 +10,7 @@ from typing import Callable
 import pytest
 import torch
 
-from recsys.models import Batch, IdTable, build_model, model_config_from_dict, model_names, semantic_id_table
+from recsys.models import Batch, IdTable, build_model, model_config_from_dict, model_names
 from recsys.semantic_ids import SemanticIdIndex
 from recsys.training.checkpoint import load_model, save_checkpoint
 

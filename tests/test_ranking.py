@@ -13,7 +13,7 @@ from recsys.candidates import CandidateSet, retrieve, retriever_inputs
 from recsys.data import SyntheticConfig, generate_synthetic
 from recsys.data.split import leave_one_out
 from recsys.metrics import auc_per_user, gauc, pooled_auc, ranks_to_sums, reranked_ranks
-from recsys.models.base import AtomicIdModel, Batch, Ranker
+from recsys.models.base import AtomicIdModel, Ranker
 from recsys.training.evaluate import evaluate, evaluate_ranker
 
 

@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from recsys.models import Batch, build_model, model_config_from_dict
 from recsys.models.losses import ItemFrequency
