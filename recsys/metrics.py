@@ -59,17 +59,40 @@ def metric_names(ks: tuple[int, ...] = DEFAULT_KS) -> list[str]:
     return [f"recall@{k}" for k in ks] + [f"ndcg@{k}" for k in ks]
 
 
-def ranks_to_sums(ranks: np.ndarray, ks: tuple[int, ...] = DEFAULT_KS) -> dict[str, float]:
-    """Per-metric sums over users given 0-based target ranks (-1 = not retrieved)."""
+def per_user_metrics(ranks: np.ndarray, ks: tuple[int, ...] = DEFAULT_KS) -> dict[str, np.ndarray]:
+    """Each user's Recall@K and NDCG@K, (U,) float64 each, from 0-based target ranks (-1 = not retrieved)."""
     ranks = np.asarray(ranks)
     found = ranks >= 0
     gains = np.where(found, 1.0 / np.log2(np.maximum(ranks, 0) + 2.0), 0.0)
-    sums = {}
+    out = {}
     for k in ks:
         in_top = found & (ranks < k)
-        sums[f"recall@{k}"] = float(in_top.sum())
-        sums[f"ndcg@{k}"] = float(gains[in_top].sum())
-    return sums
+        out[f"recall@{k}"] = in_top.astype(np.float64)
+        out[f"ndcg@{k}"] = np.where(in_top, gains, 0.0)
+    return {name: out[name] for name in metric_names(ks)}
+
+
+def ranks_to_sums(ranks: np.ndarray, ks: tuple[int, ...] = DEFAULT_KS) -> dict[str, float]:
+    """Per-metric sums over users given 0-based target ranks (-1 = not retrieved)."""
+    return {name: float(values.sum()) for name, values in per_user_metrics(ranks, ks).items()}
+
+
+def paired_difference(ranks_a: np.ndarray, ranks_b: np.ndarray,
+                      ks: tuple[int, ...] = DEFAULT_KS) -> dict[str, dict[str, float]]:
+    """B against A on the same users: per metric, both means, the mean of the per-user differences
+    (B - A) and its standard error ``std(d, ddof=1) / sqrt(U)``. A difference is a finding only when
+    it is larger than its standard error."""
+    ranks_a, ranks_b = np.asarray(ranks_a), np.asarray(ranks_b)
+    if ranks_a.shape != ranks_b.shape or ranks_a.ndim != 1 or len(ranks_a) < 2:
+        raise ValueError(f"paired ranks must be two 1-d arrays over the same >= 2 users, got shapes "
+                         f"{ranks_a.shape} and {ranks_b.shape}")
+    a, b = per_user_metrics(ranks_a, ks), per_user_metrics(ranks_b, ks)
+    out = {}
+    for name in a:
+        d = b[name] - a[name]
+        out[name] = {"a": float(a[name].mean()), "b": float(b[name].mean()), "diff": float(d.mean()),
+                     "se": float(d.std(ddof=1) / np.sqrt(len(d)))}
+    return out
 
 
 # --- ranking metrics: a Ranker's scores over given candidates -------------------------------

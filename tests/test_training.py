@@ -222,3 +222,26 @@ def test_refit_learns_the_validation_targets_without_validating_and_stops_at_sto
 def test_stop_epoch_beyond_the_schedule_is_refused():
     with pytest.raises(ValueError, match=r"trainer.optim.stop_epoch=7 is out of range.*trainer.optim.epochs=6"):
         exp_for("trainer.optim.epochs=6", "trainer.optim.stop_epoch=7")
+
+
+def test_target_ranks_of_gives_each_users_rank_in_row_order(split):
+    """Per-user ranks, in the eval set's row order whatever the batching, agree with a direct
+    top-k of each row and average to evaluate's figures."""
+    from recsys.metrics import per_user_metrics, target_ranks
+    from recsys.models import Batch
+    from recsys.models.registry import build_model, model_config_from_dict
+    from recsys.training.evaluate import target_ranks_of
+
+    torch.manual_seed(0)
+    name, config = model_config_from_dict({"name": "sasrec", "d_model": 16, "n_layers": 1, "n_heads": 1})
+    model = build_model(name, config, split.n_items, 10).eval()
+    es = split.eval_set("test")
+    ranks = target_ranks_of(model, es, batch_size=7)
+    assert ranks.shape == (len(es),) and (ranks >= 0).any() and (ranks == -1).any()
+    for row in (0, 5, len(es) - 1):
+        top = model.recommend(Batch(history=torch.tensor(es.histories[row:row + 1]),
+                                    target=torch.tensor(es.targets[row:row + 1])), k=20)
+        assert ranks[row] == int(target_ranks(top.items, torch.tensor(es.targets[row:row + 1]))[0])
+    figures = evaluate(model, es, batch_size=5)
+    for name, values in per_user_metrics(ranks).items():
+        assert values.mean() == pytest.approx(figures[name])
