@@ -78,6 +78,8 @@ class Capabilities:
     reads_timestamps: it reads ``Batch.timestamps`` when the dataset has them.
     item_vectors: its score is ``user_embedding(batch) . item_embeddings()``: servable from a
         maximum-inner-product index, and a source of behaviour IDs.
+    id_vectors: training reads, per ID space, the item vectors that space's IDs were built from
+        (``IdTable.vectors``; EAGER's GCT distils towards them).
     """
 
     id_spaces: tuple[str, ...] = ()
@@ -85,6 +87,7 @@ class Capabilities:
     reads_users: bool = False
     reads_timestamps: bool = False
     item_vectors: bool = False
+    id_vectors: bool = False
 
 
 class SequenceModel(nn.Module):

@@ -74,11 +74,14 @@ class IdTable(NamedTuple):
     """What a model is built with for one ID space (``build_model(..., ids={space: IdTable})``).
     codes: (n_items + 1, L + 1) full IDs by item id, row 0 zeros (``semantic_id_table``);
     level_sizes: tokens per level (the ids run's codebook sizes; None: the table's max + 1);
-    nodes: prefix-node numbers as trained (None: numbered from ``codes``)."""
+    nodes: prefix-node numbers as trained (None: numbered from ``codes``);
+    vectors: (n_items + 1, D) the item vectors the IDs were built from, row 0 padding (None: not
+        loaded; only models that declare ``capabilities.id_vectors`` read them)."""
 
     codes: torch.Tensor
     level_sizes: list[int] | None = None
     nodes: torch.Tensor | None = None
+    vectors: torch.Tensor | None = None
 
     @classmethod
     def from_index(cls, index: SemanticIdIndex, n_items: int) -> "IdTable":

@@ -17,7 +17,7 @@ from torch import nn
 from recsys.data.split import LeaveOneOutSplit
 from recsys.experiment import ExperimentConfig
 from recsys.models import build_model, get_spec
-from recsys.runs import atomic_directory, recover_directory, write_text
+from recsys.runs import CONFIG_FILE, atomic_directory, read_json, recover_directory, write_text
 from recsys.training.checkpoint import load_train_state, save_checkpoint
 from recsys.training.loop import LoopState, Trainer
 
@@ -39,7 +39,8 @@ def check_id_spaces(model_name: str, ids_dirs: dict[str, Any]) -> None:
 
 def model_context(exp: ExperimentConfig, n_items: int, ids_dirs: dict[str, str | Path]) -> dict:
     """What ``build_model`` needs beyond the config: for a model with ID spaces, each space's
-    table from its ids run (``<run>/index``), with the run's per-level vocabulary sizes."""
+    table from its ids run (``<run>/index``), with the run's per-level vocabulary sizes, and,
+    for a model that declares ``id_vectors``, the vectors those IDs were built from."""
     check_id_spaces(exp.model_name, ids_dirs)
     if not ids_dirs:
         return {}
@@ -53,7 +54,23 @@ def model_context(exp: ExperimentConfig, n_items: int, ids_dirs: dict[str, str |
             raise ValueError(f"the {space} ids run {ids_dir} has IDs for {len(index)} items, the data has {n_items}: "
                              "it was built from another dataset")
         tables[space] = IdTable.from_index(index, n_items)
+        if get_spec(exp.model_name).model_cls.capabilities.id_vectors:
+            tables[space] = tables[space]._replace(vectors=ids_run_vectors(ids_dir, n_items, space))
     return {"ids": tables}
+
+
+def ids_run_vectors(ids_dir: str | Path, n_items: int, space: str) -> torch.Tensor:
+    """The item vectors an ids run's IDs were built from, (n_items + 1, D) with row 0 zeros: its
+    embed run's (content IDs), or those it wrote from a train run (``recsys ids --from-train``)."""
+    from recsys.text import load_embeddings
+
+    saved = read_json(Path(ids_dir) / CONFIG_FILE)
+    _, vectors = load_embeddings(saved["embed_dir"] if saved.get("embed_dir") else ids_dir)
+    if len(vectors) < n_items:
+        raise ValueError(f"the {space} ids run {ids_dir} was built from vectors of {len(vectors)} items, the data has "
+                         f"{n_items}: it was built from another dataset")
+    table = torch.from_numpy(vectors[:n_items]).float()
+    return torch.cat([table.new_zeros(1, table.shape[1]), table])
 
 
 def build_trainer(exp: ExperimentConfig, split: LeaveOneOutSplit, *, device: torch.device | str = "cpu",
