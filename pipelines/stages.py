@@ -11,7 +11,9 @@ from recsys.candidates import SPLITS, candidate_metrics, candidates_file, check_
 from recsys.config import flatten_dict
 from recsys.data import InteractionData, load_dataset
 from recsys.data.split import leave_one_out
-from recsys.experiment import ExperimentConfig, experiment_dict_from_run, experiment_from_dict, ids_runs_of
+from recsys.experiment import (
+    ExperimentConfig, behavior_experiment, experiment_dict_from_run, experiment_from_dict, ids_runs_of,
+)
 from recsys.models import get_spec
 from recsys.reporting import plot_training_curve, results_table
 from recsys.runs import (
@@ -68,6 +70,19 @@ def run_ids_stage(exp: ExperimentConfig, embed_dir: Path | None = None, data_dir
         return run_ids(exp, parent=parent, train_dir=train_dir)
     embed_dir = require_complete(embed_dir, "embed") if embed_dir else run_embed_stage(exp, data_dir, parent)
     return run_ids(exp, embed_dir, parent)
+
+
+def run_behavior_ids(exp: ExperimentConfig, data_dir: Path, parent: Path | None = None) -> Path:
+    """A behavior ID space for ``exp``: train the model of ``behavior.config`` on the data run
+    (training transitions only), then cluster its item vectors with ``exp``'s ids settings (as
+    ``recsys ids --from-train``). Inside a pipeline both runs go under ``parent/behavior``."""
+    source = behavior_experiment(exp)
+    home = None
+    if parent is not None:
+        home = Path(parent).resolve() / "behavior"
+        home.mkdir()
+    train_dir = run_train(source, data_dir=data_dir, parent=home)
+    return run_ids_stage(exp, parent=home, train_dir=train_dir)
 
 
 def run_train(exp: ExperimentConfig, data_dir: Path | None = None, resume_dir: Path | None = None,

@@ -249,11 +249,32 @@ def test_a_checkpoint_recommends_the_same_and_refuses_to_train_without_its_vecto
         loaded.loss(batch)
 
 
+def test_the_behaviour_source_is_a_config_with_item_vectors_trained_without_validation_targets(tmp_path):
+    from recsys.experiment import behavior_experiment, load_experiment
+
+    def eager(*overrides):
+        return load_experiment(None, ["model.name=eager", f"run.root={tmp_path}", *overrides])
+
+    with pytest.raises(ValueError, match="decodes a behavior ID space: set behavior.config"):
+        behavior_experiment(eager())
+    for name in ("two_tower", "sasrec", "tiger"):
+        (tmp_path / f"{name}.yaml").write_text(f"model:\n  name: {name}\n")
+    assert behavior_experiment(eager(f"behavior.config={tmp_path / 'sasrec.yaml'}")).model_name == "sasrec"
+    source = behavior_experiment(eager(f"behavior.config={tmp_path / 'two_tower.yaml'}",
+                                       "behavior.overrides=[model.d_model=16]"))
+    assert source.model_name == "two_tower" and source.model.d_model == 16 and source.run.root == str(tmp_path)
+    with pytest.raises(ValueError, match="trains model.name='tiger', which exposes no item vectors"):
+        behavior_experiment(eager(f"behavior.config={tmp_path / 'tiger.yaml'}"))
+    with pytest.raises(ValueError, match="is a refit .* would leak them"):
+        behavior_experiment(eager(f"behavior.config={tmp_path / 'sasrec.yaml'}",
+                                  "behavior.overrides=[trainer.selection.refit=true]"))
+
+
 def test_pipeline_trains_eager_on_behaviour_ids_from_a_two_tower_and_content_ids(tmp_path):
     """data -> two-tower -> behaviour IDs (hkmeans on its item vectors) and content IDs (hkmeans on
-    fake content vectors) -> EAGER -> evaluate, in process."""
+    fake content vectors) -> EAGER -> evaluate, in process, as `recsys pipeline` chains them."""
     from pipelines.ids_stage import run_ids
-    from pipelines.stages import run_data, run_evaluate, run_ids_stage, run_train
+    from pipelines.stages import run_behavior_ids, run_data, run_evaluate, run_train
     from recsys.experiment import load_experiment
     from recsys.runs import read_json
     from recsys.text import write_embeddings
@@ -261,21 +282,23 @@ def test_pipeline_trains_eager_on_behaviour_ids_from_a_two_tower_and_content_ids
     common = [f"run.root={tmp_path}", "data.synthetic.n_users=120", "data.synthetic.n_items=40",
               "data.max_history=6", "trainer.resources.use_ray=false", "trainer.resources.threads=1",
               "trainer.optim.epochs=1", "trainer.optim.batch_size=32"]
-    exp = load_experiment(None, [*common, "model.name=two_tower", "model.d_model=16", "model.n_layers=1",
-                                 "model.d_ff=32"])
-    data_dir = run_data(exp)
-    two_tower = run_train(exp, data_dir=data_dir)
-    ids_exp = load_experiment(None, [*common, "ids.method=hkmeans", "ids.use_ray=false", "ids.hkmeans.branching=4",
-                                     "ids.hkmeans.max_levels=2"])
-    behavior = run_ids_stage(ids_exp, train_dir=two_tower)
+    (tmp_path / "two-tower.yaml").write_text("model:\n  name: two_tower\n  d_model: 16\n  n_layers: 1\n")
+    ids = ["ids.method=hkmeans", "ids.use_ray=false", "ids.hkmeans.branching=4", "ids.hkmeans.max_levels=2"]
+    eager = load_experiment(None, [*common, *ids, "model.name=eager", "model.d_model=16", "model.n_heads=2",
+                                   "model.n_decoder_layers=1", "model.d_ff=32", "model.beam_size=20",
+                                   "trainer.optim.epochs=2", f"behavior.config={tmp_path / 'two-tower.yaml'}",
+                                   f"behavior.overrides=[{','.join(common)}]"])
+    data_dir = run_data(eager, tmp_path / "pipeline")
+    behavior = run_behavior_ids(eager, data_dir, parent=tmp_path / "pipeline")
+    assert behavior == tmp_path / "pipeline" / "behavior" / "ids"
+    two_tower = read_json(behavior / "config.json")["train_dir"]
+    assert two_tower == str(tmp_path / "pipeline" / "behavior" / "train")
+    assert read_json(f"{two_tower}/config.json")["data_dir"] == str(data_dir)
     rng = np.random.default_rng(0)
     (tmp_path / "embed").mkdir()
     write_embeddings(tmp_path / "embed" / "embeddings.parquet", np.arange(1, 41),
                      rng.normal(size=(40, 24)).astype(np.float32), "fake", [str(i) for i in range(40)])
-    semantic = run_ids(ids_exp, tmp_path / "embed")
-    eager = load_experiment(None, [*common, "model.name=eager", "model.d_model=16", "model.n_heads=2",
-                                   "model.n_decoder_layers=1", "model.d_ff=32", "model.beam_size=20",
-                                   "trainer.optim.epochs=2"])
+    semantic = run_ids(eager, tmp_path / "embed")
     with pytest.raises(ValueError, match=r"give an ids run for \['behavior'\]"):
         run_train(eager, data_dir=data_dir, ids_dirs={"semantic": semantic})
     train_dir = run_train(eager, data_dir=data_dir, ids_dirs={"behavior": behavior, "semantic": semantic})
@@ -284,5 +307,5 @@ def test_pipeline_trains_eager_on_behaviour_ids_from_a_two_tower_and_content_ids
     _, figures = run_evaluate(train_dir)
     assert 0.0 <= figures["recall@20"] <= 1.0
     model = load_model(train_dir / "checkpoints" / "best")
-    assert model.vector_dims == {"behavior": 16, "semantic": 24}  # two-tower d_model, content dim
+    assert model.vector_dims == {"behavior": 16, "semantic": 24}  # the two-tower's d_model, the content dim
     assert read_json(train_dir / "config.json")["ids_dirs"] == {"behavior": str(behavior), "semantic": str(semantic)}
