@@ -16,8 +16,9 @@ in a summary token that reads the whole target ID (causally, so decoding never s
   token embeddings after a start vector) with cross-attention to the semantic summary (detached,
   as officially): *reconstruction* predicts masked codes (each with probability
   ``stt_mask_ratio``, at least one per row) against the level's detached token table;
-  *recognition* tells each true code sequence from a copy with one code replaced (so half the
-  examples are corrupted), by a linear judge on the start position.
+  *recognition* tells each true code sequence from a copy whose codes are each replaced with the
+  same probability (at least one), so half the examples are corrupted, by a linear judge on the
+  start position. The official code masks or replaces one of its two codes (50 %).
 - Loss: gen_behavior + gen_semantic + lambda_gct (w_b gct_behavior + w_s gct_semantic)
   + lambda_stt (stt_reconstruction + stt_recognition); every part is logged.
 - **Inference**: constrained beam search in each stream, then a fusion. ``confidence`` (the
@@ -81,7 +82,7 @@ class EagerConfig:
     gct_temperature: float = 0.3
     stt: bool = True
     lambda_stt: float = 1.0  # lambda_2
-    stt_mask_ratio: float = 0.5
+    stt_mask_ratio: float = 0.5  # share of behaviour codes masked (reconstruction) and replaced (recognition)
     fusion: str = "confidence"  # confidence (paper) | sum (released code) | behavior | semantic
 
     def __post_init__(self):
@@ -185,7 +186,7 @@ class SemanticGuidedTransfer(nn.Module):
         emb = token_emb(vocab.tokens(codes))  # (B, L + 1, D)
         masked = torch.rand(B, n, device=codes.device) < mask_ratio
         masked[torch.arange(B), torch.randint(0, n, (B,), device=codes.device)] |= ~masked.any(1)
-        corrupt = token_emb(vocab.tokens(corrupted(codes, vocab.level_sizes)))
+        corrupt = token_emb(vocab.tokens(corrupted(codes, vocab.level_sizes, mask_ratio)))
         inputs = torch.cat([torch.where(masked[..., None], self.mask.expand_as(emb), emb), emb, corrupt])
         h = self.states(inputs, guide.repeat(3, 1)).split(B)  # masked, true, corrupted: (B, L + 2, D) each
         table, offsets = token_emb.weight.detach(), vocab.level_offsets.tolist()
@@ -200,19 +201,19 @@ class SemanticGuidedTransfer(nn.Module):
         return recon, recog
 
 
-def corrupted(codes: torch.Tensor, level_sizes: list[int]) -> torch.Tensor:
-    """codes (B, L + 1) -> a copy with one code per row, at a random level of more than one code,
-    replaced by a different code of that level."""
+def corrupted(codes: torch.Tensor, level_sizes: list[int], ratio: float) -> torch.Tensor:
+    """codes (B, L + 1) -> a copy where each code of a level with more than one code is replaced,
+    with probability ``ratio`` (at least one per row), by a different code of its level."""
     sizes = torch.tensor(level_sizes, device=codes.device)
-    levels = torch.nonzero(sizes > 1).flatten()
-    if len(levels) == 0:
+    can = (sizes > 1).expand_as(codes)
+    if not can.any():
         raise ValueError(f"STT recognition needs a level with more than one code; level sizes are {level_sizes}")
-    rows = torch.arange(len(codes), device=codes.device)
-    level = levels[torch.randint(0, len(levels), (len(codes),), device=codes.device)]
-    shift = (torch.rand(len(codes), device=codes.device) * (sizes[level] - 1)).long() + 1  # 1 .. V - 1
-    out = codes.clone()
-    out[rows, level] = (codes[rows, level] + shift) % sizes[level]
-    return out
+    replace = (torch.rand(codes.shape, device=codes.device) < ratio) & can
+    # rows with nothing replaced replace one random eligible code
+    pick = torch.multinomial(can.float(), 1).squeeze(1)  # (B,)
+    replace[torch.arange(len(codes), device=codes.device), pick] |= ~replace.any(1)
+    shift = (torch.rand(codes.shape, device=codes.device) * (sizes - 1)).long() + 1  # 1 .. V - 1
+    return torch.where(replace, (codes + shift) % sizes, codes)
 
 
 class Eager(GenerativeRetriever):
