@@ -272,9 +272,12 @@ def test_the_behaviour_source_is_a_config_with_item_vectors_trained_without_vali
                                   "behavior.overrides=[trainer.selection.refit=true]"))
 
 
-def test_pipeline_trains_eager_on_behaviour_ids_from_a_two_tower_and_content_ids(tmp_path):
+def test_pipeline_trains_eager_on_behaviour_ids_from_a_two_tower_and_content_ids(tmp_path, monkeypatch):
     """data -> two-tower -> behaviour IDs (hkmeans on its item vectors) and content IDs (hkmeans on
-    fake content vectors) -> EAGER -> evaluate, in process, as `recsys pipeline` chains them."""
+    fake content vectors) -> EAGER -> evaluate, in process, as `recsys pipeline` chains them; then
+    benchmarks/eager_fusions.py scores the checkpoint under every fusion."""
+    import benchmarks.record
+    from benchmarks.eager_fusions import main as fusions
     from pipelines.ids_stage import run_ids
     from pipelines.stages import run_behavior_ids, run_data, run_evaluate, run_train
     from recsys.experiment import load_experiment
@@ -311,3 +314,15 @@ def test_pipeline_trains_eager_on_behaviour_ids_from_a_two_tower_and_content_ids
     model = load_model(train_dir / "checkpoints" / "best")
     assert model.vector_dims == {"behavior": 16, "semantic": 24}  # the two-tower's d_model, the content dim
     assert read_json(train_dir / "config.json")["ids_dirs"] == {"behavior": str(behavior), "semantic": str(semantic)}
+    monkeypatch.setattr(benchmarks.record, "RESULTS", tmp_path / "results")
+    fusions([str(train_dir / "checkpoints" / "best"), "--data", str(data_dir), "--name", "tiny", "--max-history", "6",
+             "--threads", "1"])
+    records = {f: read_json(tmp_path / "results" / "eager" / "synthetic" / f"tiny-{f}.json")
+               for f in ("confidence", "sum", "behavior", "semantic")}
+    for fusion, record in records.items():
+        assert record["protocol"] == {"history": "kept", "refit": False, "selected_on": "valid"}
+        assert set(record["metrics"]) == {"valid", "test"} and record["config"]["fusion"] == fusion
+        assert sum(record["stream_share"]["test"].values()) == pytest.approx(1.0, abs=1e-3)
+    assert records["behavior"]["stream_share"]["valid"]["behavior"] == 1.0
+    assert records["semantic"]["stream_share"]["valid"]["semantic"] == 1.0
+    assert records["confidence"]["metrics"]["test"] == {k: round(v, 4) for k, v in figures.items()}  # as shipped
