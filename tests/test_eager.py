@@ -13,6 +13,7 @@ from recsys.models import Batch, Eager, EagerConfig, IdTable
 from recsys.models.eager import corrupted, merge_streams
 from recsys.semantic_ids import SemanticIdIndex
 from recsys.training.checkpoint import load_model, save_checkpoint
+from windows import tiny_windows
 
 N_ITEMS, MAX_LEN, B = 40, 6, 8
 TINY = dict(d_model=32, n_heads=2, n_decoder_layers=1, d_ff=64, dropout=0.0, beam_size=10)
@@ -38,11 +39,7 @@ def make_model(seed: int = 0, **overrides) -> Eager:
 
 
 def make_batch(seed: int = 0) -> Batch:
-    seq = torch.randint(1, N_ITEMS + 1, (B, MAX_LEN + 1), generator=torch.Generator().manual_seed(seed))
-    seq[:3, :2] = 0
-    targets = seq[:, 1:].clone()
-    targets[seq[:, :-1] == 0] = 0
-    return Batch(history=seq[:, :-1], targets=targets, target=seq[:, -1])
+    return tiny_windows(N_ITEMS, MAX_LEN, B, seed)
 
 
 def test_config_is_validated():
@@ -191,14 +188,19 @@ def test_merge_keeps_the_best_copy_of_an_item_and_marks_items_both_streams_found
     assert out.streams.tolist() == [[2, 0, 0, 1]]
 
 
-@pytest.mark.parametrize("fusion", ["confidence", "sum"])
-def test_fusions_rank_by_their_scores(fusion):
+def fused(fusion: str):
+    """A tiny model with ``fusion``, its fused top 5 for the tiny batch, and the encoded batch."""
     model = make_model(fusion=fusion)
     model.eval()
     history = make_batch().history
-    rec = model.recommend_streams(Batch(history=history), 5)
     with torch.no_grad():
-        memory, mask = model.encode(history)
+        return model, model.recommend_streams(Batch(history=history), 5), *model.encode(history)
+
+
+@pytest.mark.parametrize("fusion", ["confidence", "sum"])
+def test_fusions_rank_by_their_scores(fusion):
+    model, rec, memory, mask = fused(fusion)
+    with torch.no_grad():
         logp = {s: model.sequence_log_prob(s, memory, mask, rec.items) for s in ("behavior", "semantic")}
         tops = {s: model.search(s, memory, mask, 5, None).items for s in ("behavior", "semantic")}
     if fusion == "sum":
@@ -217,11 +219,7 @@ def test_fusions_rank_by_their_scores(fusion):
 
 @pytest.mark.parametrize("space", ["behavior", "semantic"])
 def test_one_stream_fusion_is_that_streams_beam(space):
-    model = make_model(fusion=space)
-    model.eval()
-    history = make_batch().history
-    rec = model.recommend_streams(Batch(history=history), 5)
-    memory, mask = model.encode(history)
+    model, rec, memory, mask = fused(space)
     assert torch.equal(rec.items, model.search(space, memory, mask, 5, None).items)
     assert (rec.streams == ("behavior", "semantic").index(space)).all()
 
