@@ -22,7 +22,9 @@ from recsys.runs import (
 )
 from recsys.training.checkpoint import load_model
 from recsys.training.evaluate import evaluate
-from recsys.training.session import EPOCH_LOG, check_id_spaces, model_context, train_in_process
+from recsys.training.session import (
+    EPOCH_LOG, check_id_spaces, check_ids_catalogue, model_context, train_in_process,
+)
 
 
 def run_data(exp: ExperimentConfig, parent: Path | None = None) -> Path:
@@ -102,6 +104,7 @@ def run_train(exp: ExperimentConfig, data_dir: Path | None = None, resume_dir: P
         check_id_spaces(exp.model_name, ids_dirs or {})  # before any work
         data_dir = require_complete(data_dir, "data") if data_dir else run_data(exp, parent)
         ids_dirs = {space: str(require_complete(d, "ids")) for space, d in (ids_dirs or {}).items()}
+        check_ids_catalogue(ids_dirs, data_dir)
         run_dir = stage_run_dir(exp.run.root, "train", exp.run.name or exp.model_name, parent)
     record = exp.to_dict()
     if "semantic" in ids_dirs:  # record the settings of the IDs this run decodes, not the config file's

@@ -3,6 +3,7 @@ each loss part training, both GCT variants against their formulas, STT's corrupt
 fusions, checkpoints, and a pipeline run on synthetic data with behaviour and content IDs."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -324,3 +325,39 @@ def test_pipeline_trains_eager_on_behaviour_ids_from_a_two_tower_and_content_ids
     assert records["behavior"]["stream_share"]["valid"]["behavior"] == 1.0
     assert records["semantic"]["stream_share"]["valid"]["semantic"] == 1.0
     assert records["confidence"]["metrics"]["test"] == {k: round(v, 4) for k, v in figures.items()}  # as shipped
+
+
+def test_an_ids_run_built_from_another_item_catalogue_is_refused(tmp_path):
+    import shutil
+
+    import pandas as pd
+
+    from pipelines.stages import run_data
+    from recsys.experiment import load_experiment
+    from recsys.runs import write_json
+    from recsys.training.session import check_ids_catalogue
+
+    data = run_data(load_experiment(None, [f"run.root={tmp_path}", "data.synthetic.n_users=60",
+                                           "data.synthetic.n_items=40"]))
+    twin, other = tmp_path / "twin", tmp_path / "other"
+    shutil.copytree(data, twin)  # another data run of the same catalogue
+    shutil.copytree(data, other)
+    items = pd.read_parquet(other / "items.parquet")
+    items.loc[4, "raw_id"] = "someone-else"
+    items.to_parquet(other / "items.parquet", index=False)
+
+    def ids_run(name: str, source_data: Path | None, key: str) -> Path:
+        source, ids = tmp_path / f"{name}-source", tmp_path / name
+        source.mkdir()
+        ids.mkdir()
+        if source_data is not None:
+            write_json(source / "config.json", {"data_dir": str(source_data)})
+        write_json(ids / "config.json", {key: str(source)})
+        return ids
+
+    check_ids_catalogue({"semantic": ids_run("same", data, "embed_dir"), "behavior": ids_run("from-twin", twin, "train_dir"),
+                         "hand-made": ids_run("unrecorded", None, "embed_dir")}, data)
+    with pytest.raises(ValueError, match=r"behavior ids run .* item catalogue differs .* \(item 5: 'someone-else' there"):
+        check_ids_catalogue({"behavior": ids_run("bad", other, "train_dir")}, data)
+    with pytest.raises(ValueError, match="which is gone"):
+        check_ids_catalogue({"semantic": ids_run("gone", tmp_path / "nowhere", "embed_dir")}, data)

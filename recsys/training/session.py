@@ -59,6 +59,44 @@ def model_context(exp: ExperimentConfig, n_items: int, ids_dirs: dict[str, str |
     return {"ids": tables}
 
 
+def ids_source_data_run(ids_dir: str | Path) -> Path | None:
+    """The data run an ids run's vectors came from: its train run's (behaviour IDs) or embed run's
+    (content IDs) ``data_dir``; None when that run does not record one (a hand-made embed run)."""
+    saved = read_json(Path(ids_dir) / CONFIG_FILE)
+    source = saved.get("train_dir") or saved.get("embed_dir")
+    if not source or not (Path(source) / CONFIG_FILE).is_file():
+        return None
+    data_dir = read_json(Path(source) / CONFIG_FILE).get("data_dir")
+    return Path(data_dir) if data_dir else None
+
+
+def check_ids_catalogue(ids_dirs: dict[str, str | Path], data_dir: str | Path) -> None:
+    """Refuse an ids run built from a data run whose item catalogue (raw item id by internal id)
+    differs from ``data_dir``'s: its IDs would name other items."""
+    import pandas as pd
+
+    from recsys.data.schema import ITEMS_FILE
+
+    def catalogue(directory: Path) -> list[str]:
+        return pd.read_parquet(directory / ITEMS_FILE, columns=["raw_id"])["raw_id"].astype(str).tolist()
+
+    ours = None
+    for space, ids_dir in ids_dirs.items():
+        source = ids_source_data_run(ids_dir)
+        if source is None or source.resolve() == Path(data_dir).resolve():
+            continue
+        if not (source / ITEMS_FILE).is_file():
+            raise ValueError(f"the {space} ids run {ids_dir} was built from the data run {source}, which is gone: "
+                             f"its item catalogue cannot be checked against {data_dir}'s")
+        ours = catalogue(Path(data_dir)) if ours is None else ours
+        theirs = catalogue(source)
+        if theirs[:len(ours)] != ours:
+            first = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+            raise ValueError(f"the {space} ids run {ids_dir} was built from the data run {source}, whose item catalogue "
+                             f"differs from {data_dir}'s (item {first + 1}: {theirs[first] if first < len(theirs) else None!r} "
+                             f"there, {ours[first] if first < len(ours) else None!r} here): its IDs would name other items")
+
+
 def ids_run_vectors(ids_dir: str | Path, n_items: int, space: str) -> torch.Tensor:
     """The item vectors an ids run's IDs were built from, (n_items + 1, D) with row 0 zeros: its
     embed run's (content IDs), or those it wrote from a train run (``recsys ids --from-train``)."""
