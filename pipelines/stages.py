@@ -84,7 +84,13 @@ def run_behavior_ids(exp: ExperimentConfig, data_dir: Path, parent: Path | None 
         home = Path(parent).resolve() / "behavior"
         home.mkdir()
     train_dir = run_train(source, data_dir=data_dir, parent=home)
-    return run_ids_stage(exp, parent=home, train_dir=train_dir)
+    ids_dir = run_ids_stage(exp, parent=home, train_dir=train_dir)
+    if home is not None:
+        write_text(home / SUMMARY_FILE, f"# behavior IDs: {source.model_name} item vectors, {exp.ids.method}\n\n"
+                   "- the model: train/summary.md (trained on training transitions only)\n"
+                   "- its IDs: ids/summary.md\n")
+        mark_complete(home, "behavior")
+    return ids_dir
 
 
 def run_train(exp: ExperimentConfig, data_dir: Path | None = None, resume_dir: Path | None = None,
