@@ -379,3 +379,40 @@ def test_an_ids_run_built_from_another_item_catalogue_is_refused(tmp_path):
         check_ids_catalogue({"behavior": ids_run("bad", other, "train_dir")}, data)
     with pytest.raises(ValueError, match="which is gone"):
         check_ids_catalogue({"semantic": ids_run("gone", tmp_path / "nowhere", "embed_dir")}, data)
+
+
+def test_a_new_item_joins_with_semantic_codes_only_and_each_fusion_ranks_it_by_its_rule(tmp_path):
+    model = make_model(fusion="sum")
+    model.eval()
+    new = torch.tensor([[3, 3, 3, 15]])  # collision code 15: free (the collision level has 16 tokens)
+    with pytest.raises(ValueError, match=r"registers items with IDs in \['semantic'\] \(and optionally \['behavior'\]\)"):
+        model.register_items(torch.tensor([N_ITEMS + 1]), {"behavior": torch.zeros(1, 3, dtype=torch.long)})
+    model.register_items(torch.tensor([N_ITEMS + 1]), {"semantic": new})
+    item = torch.tensor([N_ITEMS + 1])
+    assert model.n_items == N_ITEMS + 1 and model.trained_items == N_ITEMS
+    assert not model.vocabulary("behavior").has_id(item) and model.vocabulary("semantic").has_id(item)
+    assert model.item_ids("behavior", item).tolist() == [[-1, -1, -1]]
+    history = make_batch().history
+    history[0, -1] = N_ITEMS + 1  # in a history too: read by its semantic codes
+    memory, mask = model.encode(history)
+    assert model.search("behavior", memory, mask, N_ITEMS, None).items.max() <= N_ITEMS  # never decoded there
+    assert (model.search("semantic", memory, mask, N_ITEMS + 1, None).items == N_ITEMS + 1).any(1).all()
+    semantic = model.sequence_log_prob("semantic", memory, mask, item.expand(B, 1))[:, 0]
+    assert model.sequence_log_prob("behavior", memory, mask, item.expand(B, 1)).isinf().all()
+    for fusion, expected in (("sum", semantic + semantic / 4 * 3), ("confidence", semantic / 4)):
+        model.config = EagerConfig(**{**TINY, "fusion": fusion})
+        rec = model.recommend_streams(Batch(history=history), N_ITEMS + 1)
+        assert all(sorted(row) == list(range(1, N_ITEMS + 2)) for row in rec.items.tolist())  # the whole catalogue
+        at = rec.items == N_ITEMS + 1
+        torch.testing.assert_close(rec.scores[at], expected, atol=1e-5, rtol=1e-5)
+        assert (rec.streams[at] == 1).all()  # found by the semantic stream alone
+    # the encoder reads it by its semantic codes: other codes, other memory at that position
+    twin = make_model()
+    twin.eval()
+    twin.register_items(torch.tensor([N_ITEMS + 1]), {"semantic": torch.tensor([[0, 1, 2, 15]])})
+    assert not torch.allclose(model.encode(history)[0][0], twin.encode(history)[0][0])
+    torch.testing.assert_close(model.encode(history)[0][1:], twin.encode(history)[0][1:])
+    save_checkpoint(tmp_path / "ckpt", model, "eager")
+    loaded = load_model(tmp_path / "ckpt")
+    assert loaded.trained_items == N_ITEMS and loaded.n_items == N_ITEMS + 1
+    assert torch.equal(loaded.recommend(Batch(history=history), 10).items, model.recommend(Batch(history=history), 10).items)

@@ -37,9 +37,16 @@ Departures from the paper and the official code:
 - Decoders have a linear head per level over that level's codes (as our TIGER), where the
   official code ties outputs to input embeddings and numbers level-2 tokens per parent.
 - IDs carry our collision level (L codes + 1), so each stream decodes L + 1 tokens.
-- Cold start (issue 20) is not built yet: items cannot be registered after training
-  (``registers_items`` false), because registration here needs IDs in every space and a new
-  item has no behaviour codes.
+
+Cold start: an item registered after training (``register_items``) has semantic codes only (no
+behaviour yet; behaviour codes join when a later behaviour run includes it, and no existing ID
+changes). The behaviour beam never returns it; the semantic beam can. Rules for the missing stream:
+- ``confidence``: it is ranked by its semantic confidence, like any item only that stream found;
+- ``sum``: its behaviour log-probability is taken as its semantic mean code log-probability times the
+  behaviour stream's code count (as confident in the stream it lacks as in the one it has);
+- in a history, the encoder reads it as the sum of its semantic code tokens (the semantic decoder's
+  input table): it has no learned ID row (``encoder_input: codes`` reads every item that way, and an
+  item without behaviour codes by its semantic ones alone).
 """
 
 from __future__ import annotations
@@ -55,7 +62,7 @@ from recsys.config import require, require_choice, require_range
 from recsys.generation.beam import BeamResult, beam_search
 from recsys.models.base import Batch, Capabilities, GenerativeRetriever, LossOutput, Recommendation
 from recsys.models.layers import Block
-from recsys.models.vocabulary import IdTable, SemanticVocabulary
+from recsys.models.vocabulary import ABSENT, IdTable, SemanticVocabulary
 
 SPACES = ("behavior", "semantic")  # stream ids 0 and 1 in FusedRecommendation.streams; 2 = both
 ENCODER_INPUTS = ("item_ids", "codes")
@@ -219,12 +226,13 @@ def corrupted(codes: torch.Tensor, level_sizes: list[int], ratio: float) -> torc
 class Eager(GenerativeRetriever):
     """``ids``: {"behavior": IdTable, "semantic": IdTable}; with GCT on, each table carries the
     vectors its IDs were built from (``IdTable.vectors``). ``vector_dims`` gives their sizes when
-    the vectors are absent (a model rebuilt from a checkpoint for inference)."""
+    the vectors are absent (a model rebuilt from a checkpoint for inference); ``trained_items``,
+    the items that have learned ID rows when some were registered after training (default all)."""
 
-    capabilities = Capabilities(id_spaces=SPACES, id_vectors=True)
+    capabilities = Capabilities(id_spaces=SPACES, id_vectors=True, registers_items=True, new_item_spaces=("semantic",))
 
     def __init__(self, config: EagerConfig, n_items: int, max_len: int, *, ids: dict[str, IdTable] | None = None,
-                 vector_dims: dict[str, int] | None = None):
+                 vector_dims: dict[str, int] | None = None, trained_items: int | None = None):
         self.require_ids(ids)
         vocabs = {space: SemanticVocabulary(ids[space], n_items, collision_vocab=config.collision_vocab, space=space)
                   for space in SPACES}
@@ -236,8 +244,10 @@ class Eager(GenerativeRetriever):
             vectors = None if config.gct == "off" or ids[space].vectors is None else \
                 F.normalize(torch.as_tensor(ids[space].vectors).float(), dim=-1)
             self.register_buffer(f"vectors_{space}", vectors, persistent=False)  # training only; not saved
-        self.vector_dims = dims
-        self.item_emb = nn.Embedding(n_items + 1, D, padding_idx=0) if config.encoder_input == "item_ids" else None
+        self.vector_dims, self.trained_items = dims, n_items if trained_items is None else trained_items
+        require(1 <= self.trained_items <= n_items, f"trained_items={trained_items} must be in 1..{n_items}")
+        self.item_emb = nn.Embedding(self.trained_items + 1, D, padding_idx=0) \
+            if config.encoder_input == "item_ids" else None
         self.enc_pos = nn.Embedding(max_len, D)
         self.encoder = nn.ModuleList(Block(D, config.n_heads, config.d_ff, config.dropout)
                                      for _ in range(config.n_encoder_layers))
@@ -258,7 +268,7 @@ class Eager(GenerativeRetriever):
         return max(k, self.config.beam_size)
 
     def checkpoint_context(self) -> dict[str, Any]:
-        return {**super().checkpoint_context(), "vector_dims": self.vector_dims}
+        return {**super().checkpoint_context(), "vector_dims": self.vector_dims, "trained_items": self.trained_items}
 
     @classmethod
     def context_from_checkpoint(cls, context: dict[str, Any], weights: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -270,7 +280,7 @@ class Eager(GenerativeRetriever):
                 raise ValueError(f"the {space} ID table has shape {list(table.shape)}, model.json says "
                                  f"{recorded[space]['shape']}")
             ids[space] = IdTable(table, recorded[space]["level_sizes"])
-        return {"ids": ids, "vector_dims": context["vector_dims"]}
+        return {"ids": ids, "vector_dims": context["vector_dims"], "trained_items": context["trained_items"]}
 
     # --- encoder and decoders -----------------------------------------------------------
     def encode(self, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -278,11 +288,13 @@ class Eager(GenerativeRetriever):
         B, T = history.shape
         if T > self.max_len:
             raise ValueError(f"history length {T} exceeds max_len={self.max_len}")
-        if self.item_emb is not None:
-            x = self.item_emb(history)  # (B, T, D)
-        else:  # each item as the sum of its code tokens in both spaces
-            x = sum(self.decoders[s].token_emb(self.vocabs[s].tokens(self.vocabs[s].item_codes[history])).sum(2)
-                    for s in SPACES)
+        if self.item_emb is None:  # each item as the sum of its code tokens in both spaces
+            x = self.code_inputs(history, SPACES)
+        else:
+            learned = history <= self.trained_items
+            x = self.item_emb(history * learned)  # (B, T, D)
+            if not learned.all():  # registered after training: no learned row, read by its semantic codes
+                x = torch.where(learned[..., None], x, self.code_inputs(history, ("semantic",)))
         x = self.drop(x + self.enc_pos(torch.arange(self.max_len - T, self.max_len, device=history.device)))
         valid = history > 0
         valid[:, -1] |= ~valid.any(1)  # an empty history still has one key (no NaN)
@@ -290,6 +302,17 @@ class Eager(GenerativeRetriever):
         for block in self.encoder:
             x = block(x, mask=mask)
         return self.enc_ln(x), mask
+
+    def code_inputs(self, history: torch.Tensor, spaces: tuple[str, ...]) -> torch.Tensor:
+        """history (B, T) -> (B, T, D): each item as the sum of its code tokens in ``spaces`` (the
+        decoders' input tables); a space where the item has no ID adds nothing."""
+        out = 0
+        for space in spaces:
+            vocab = self.vocabs[space]
+            codes = vocab.item_codes[history]  # (B, T, L + 1)
+            emb = self.decoders[space].token_emb(vocab.tokens(codes.clamp(min=0)))  # (B, T, L + 1, D)
+            out = out + (emb * (codes != ABSENT)[..., None]).sum(2)
+        return out
 
     def stream_states(self, space: str, history: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """Teacher forcing: history (B, T), full IDs (B, L + 1) in ``space`` -> decoder states
@@ -359,12 +382,14 @@ class Eager(GenerativeRetriever):
 
     def sequence_log_prob(self, space: str, memory: torch.Tensor, mask: torch.Tensor,
                           items: torch.Tensor) -> torch.Tensor:
-        """items (B, G) -> log p(the item's ID in ``space`` | history), (B, G); -inf where item < 1."""
+        """items (B, G) -> log p(the item's ID in ``space`` | history), (B, G); -inf where item < 1
+        or the item has no ID in ``space``."""
         decoder, vocab = self.decoders[space], self.vocabs[space]
-        codes = vocab.item_codes[items.clamp(min=0)].reshape(-1, vocab.n_tokens)  # (B * G, L + 1)
+        found = (items >= 1) & vocab.has_id(items.clamp(min=0))
+        codes = vocab.item_codes[items.clamp(min=0)].clamp(min=0).reshape(-1, vocab.n_tokens)  # (B * G, L + 1)
         states = decoder(vocab, codes[:, :-1], decoder.memory_kv(memory), mask)
         out = decoder.code_log_probs(states, codes).sum(1).reshape(items.shape)
-        return out.masked_fill(items < 1, float("-inf"))
+        return out.masked_fill(~found, float("-inf"))
 
     @torch.no_grad()
     def recommend_streams(self, batch: Batch, k: int, exclude_history: bool = False) -> FusedRecommendation:
@@ -382,8 +407,18 @@ class Eager(GenerativeRetriever):
         if self.config.fusion == "confidence":
             scores = torch.cat([found[s].scores / self.vocabs[s].n_tokens for s in SPACES], 1)
         else:
-            scores = sum(self.sequence_log_prob(s, memory, mask, items) for s in SPACES)
+            scores = self.summed_log_prob(memory, mask, items)
         return merge_streams(items, scores, streams, k)
+
+    def summed_log_prob(self, memory: torch.Tensor, mask: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """The released code's fusion score of items (B, G): the sum of both streams' log-probabilities;
+        an item without behaviour codes counts its semantic mean code log-probability for each of the
+        behaviour stream's codes."""
+        semantic = self.sequence_log_prob("semantic", memory, mask, items)
+        behavior = self.sequence_log_prob("behavior", memory, mask, items)
+        lacking = (items >= 1) & ~self.vocabs["behavior"].has_id(items.clamp(min=0))
+        stand_in = semantic / self.vocabs["semantic"].n_tokens * self.vocabs["behavior"].n_tokens
+        return semantic + torch.where(lacking, stand_in, behavior)
 
     @torch.no_grad()
     def recommend(self, batch: Batch, k: int, exclude_history: bool = False) -> Recommendation:
