@@ -39,8 +39,8 @@ Departures from the paper and the official code:
 - IDs carry our collision level (L codes + 1), so each stream decodes L + 1 tokens.
 
 Cold start: an item registered after training (``register_items``) has semantic codes only (no
-behaviour yet; behaviour codes join when a later behaviour run includes it, and no existing ID
-changes). The behaviour beam never returns it; the semantic beam can. Rules for the missing stream:
+behaviour yet: it gets behaviour codes from a later behaviour ids run and a model trained with it;
+registration never changes an existing ID). The behaviour beam never returns it; the semantic beam can. Rules for the missing stream:
 - ``confidence``: it is ranked by its semantic confidence, like any item only that stream found;
 - ``sum``: its behaviour log-probability is taken as its semantic mean code log-probability times the
   behaviour stream's code count (as confident in the stream it lacks as in the one it has);
