@@ -22,7 +22,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from recsys.experiment import load_experiment, resumed_experiment
+from recsys.experiment import behavior_experiment, load_experiment, resumed_experiment
 from recsys.models import get_spec
 from recsys.reporting import results_table
 from recsys.runs import (
@@ -121,23 +121,31 @@ def cmd_candidates(ns: argparse.Namespace) -> None:
 
 
 def cmd_pipeline(ns: argparse.Namespace) -> None:
-    """data -> [embed -> ids ->] train -> evaluate, each stage a subdirectory of one pipeline run."""
+    """data -> [embed -> ids ->] [behaviour model -> ids ->] train -> evaluate, each stage a
+    subdirectory of one pipeline run."""
     from pipelines.stages import run_data, run_evaluate, run_train
 
     exp = load_experiment(*split_config_args(ns.config))
     spaces = get_spec(exp.model_name).model_cls.capabilities.id_spaces
-    if set(spaces) - {"semantic"}:
+    unknown = set(spaces) - {"semantic", "behavior"}
+    if unknown:
         raise ValueError(f"model.name={exp.model_name!r} decodes the ID spaces {list(spaces)}; the pipeline builds "
-                         "the semantic space only: build the others with `recsys ids` and run `recsys train --ids "
-                         "SPACE=RUN ...`")
+                         "the semantic and behavior spaces only: build the others with `recsys ids` and run "
+                         "`recsys train --ids SPACE=RUN ...`")
+    if "behavior" in spaces:
+        behavior_experiment(exp)  # checked before any work
     run_dir = new_run_dir(exp.run.root, "pipeline", exp.run.name or exp.model_name)
     write_json(run_dir / CONFIG_FILE, exp.to_dict())
     data_dir = run_data(exp, run_dir)
     ids_dirs = {}
-    if spaces:  # data -> embed -> ids -> train
+    if "semantic" in spaces:  # data -> embed -> ids -> train
         from pipelines.stages import run_ids_stage
 
         ids_dirs["semantic"] = run_ids_stage(exp, data_dir=data_dir, parent=run_dir)
+    if "behavior" in spaces:  # data -> behaviour model -> ids from its item vectors -> train
+        from pipelines.stages import run_behavior_ids
+
+        ids_dirs["behavior"] = run_behavior_ids(exp, data_dir, parent=run_dir)
     train_dir = run_train(exp, data_dir=data_dir, ids_dirs=ids_dirs, parent=run_dir)
     eval_dir, test = run_evaluate(train_dir, "test", parent=run_dir)
     train_metrics = read_json(train_dir / METRICS_FILE)

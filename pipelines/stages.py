@@ -11,7 +11,9 @@ from recsys.candidates import SPLITS, candidate_metrics, candidates_file, check_
 from recsys.config import flatten_dict
 from recsys.data import InteractionData, load_dataset
 from recsys.data.split import leave_one_out
-from recsys.experiment import ExperimentConfig, experiment_dict_from_run, experiment_from_dict, ids_runs_of
+from recsys.experiment import (
+    ExperimentConfig, behavior_experiment, experiment_dict_from_run, experiment_from_dict, ids_runs_of,
+)
 from recsys.models import get_spec
 from recsys.reporting import plot_training_curve, results_table
 from recsys.runs import (
@@ -20,7 +22,9 @@ from recsys.runs import (
 )
 from recsys.training.checkpoint import load_model
 from recsys.training.evaluate import evaluate
-from recsys.training.session import EPOCH_LOG, check_id_spaces, model_context, train_in_process
+from recsys.training.session import (
+    EPOCH_LOG, check_id_spaces, check_ids_catalogue, model_context, train_in_process,
+)
 
 
 def run_data(exp: ExperimentConfig, parent: Path | None = None) -> Path:
@@ -70,6 +74,25 @@ def run_ids_stage(exp: ExperimentConfig, embed_dir: Path | None = None, data_dir
     return run_ids(exp, embed_dir, parent)
 
 
+def run_behavior_ids(exp: ExperimentConfig, data_dir: Path, parent: Path | None = None) -> Path:
+    """A behavior ID space for ``exp``: train the model of ``behavior.config`` on the data run
+    (training transitions only), then cluster its item vectors with ``exp``'s ids settings (as
+    ``recsys ids --from-train``). Inside a pipeline both runs go under ``parent/behavior``."""
+    source = behavior_experiment(exp)
+    home = None
+    if parent is not None:
+        home = Path(parent).resolve() / "behavior"
+        home.mkdir()
+    train_dir = run_train(source, data_dir=data_dir, parent=home)
+    ids_dir = run_ids_stage(exp, parent=home, train_dir=train_dir)
+    if home is not None:
+        write_text(home / SUMMARY_FILE, f"# behavior IDs: {source.model_name} item vectors, {exp.ids.method}\n\n"
+                   "- the model: train/summary.md (trained on training transitions only)\n"
+                   "- its IDs: ids/summary.md\n")
+        mark_complete(home, "behavior")
+    return ids_dir
+
+
 def run_train(exp: ExperimentConfig, data_dir: Path | None = None, resume_dir: Path | None = None,
               ids_dirs: dict[str, Path] | None = None, parent: Path | None = None,
               candidates_dir: Path | None = None) -> Path:
@@ -87,6 +110,7 @@ def run_train(exp: ExperimentConfig, data_dir: Path | None = None, resume_dir: P
         check_id_spaces(exp.model_name, ids_dirs or {})  # before any work
         data_dir = require_complete(data_dir, "data") if data_dir else run_data(exp, parent)
         ids_dirs = {space: str(require_complete(d, "ids")) for space, d in (ids_dirs or {}).items()}
+        check_ids_catalogue(ids_dirs, data_dir)
         run_dir = stage_run_dir(exp.run.root, "train", exp.run.name or exp.model_name, parent)
     record = exp.to_dict()
     if "semantic" in ids_dirs:  # record the settings of the IDs this run decodes, not the config file's

@@ -58,6 +58,17 @@ def model_name_of(config: Any) -> str:
 
 
 @dataclass
+class BehaviorSection:
+    """Where a ``behavior`` ID space's item vectors come from in ``recsys pipeline`` (EAGER): the
+    model of this experiment config (e.g. configs/beauty-two-tower.yaml or configs/beauty-sasrec.yaml),
+    trained on the pipeline's data run, training transitions only, whose item table is clustered
+    with the ``ids`` settings. Outside the pipeline, ``recsys ids --from-train RUN`` names the run."""
+
+    config: str = ""  # path to that model's experiment YAML; empty = none (the pipeline refuses a behavior space)
+    overrides: list[str] = field(default_factory=list)  # dotted overrides applied to it
+
+
+@dataclass
 class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     # The chosen model's own config (SASRecConfig, TigerConfig, ...), tagged by model.name in YAML.
@@ -67,6 +78,7 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     ids: IdsConfig = field(default_factory=IdsConfig)
+    behavior: BehaviorSection = field(default_factory=BehaviorSection)
     run: RunSection = field(default_factory=RunSection)
 
     def __post_init__(self):
@@ -112,6 +124,25 @@ def load_experiment(path: str | Path | None = None, overrides: Sequence[str] = (
 def experiment_from_dict(raw: dict) -> ExperimentConfig:
     # Model keys given without a name (e.g. an override model.d_model=32) refine the default model.
     return from_dict(ExperimentConfig, deep_merge({"model": DEFAULT_MODEL}, rename_experiment_keys(raw)))
+
+
+def behavior_experiment(exp: ExperimentConfig) -> ExperimentConfig:
+    """The experiment that trains the behaviour vectors of ``exp``'s behavior ID space
+    (``behavior.config`` + ``behavior.overrides``, under ``exp``'s run root); refuses a model
+    without item vectors and a refit (its vectors would have seen the validation targets)."""
+    where = f"behavior.config={exp.behavior.config}"
+    require(bool(exp.behavior.config),
+            f"model.name={exp.model_name!r} decodes a behavior ID space: set behavior.config to the experiment config "
+            "of the model whose item vectors it clusters (e.g. configs/beauty-two-tower.yaml or "
+            "configs/beauty-sasrec.yaml)")
+    source = load_experiment(exp.behavior.config, [f"run.root={exp.run.root}", *exp.behavior.overrides])
+    require(get_spec(source.model_name).model_cls.capabilities.item_vectors,
+            f"{where} trains model.name={source.model_name!r}, which exposes no item vectors "
+            "(capabilities.item_vectors); use a two_tower or sasrec config")
+    require(not source.trainer.selection.refit,
+            f"{where} is a refit (trainer.selection.refit=true): its item vectors would be trained on the validation "
+            "targets and the behaviour IDs would leak them; train on training transitions only")
+    return source
 
 
 # stored beside the config in a train run's config.json ("ids_dir": one semantic space, before 2026-12-03)

@@ -39,7 +39,7 @@ from recsys.metrics import DEFAULT_KS, metric_names
 DOMAINS = ("grid", "choice", "uniform", "loguniform", "randint")
 SCHEDULERS = ("asha", "fifo")
 # Prepared once, before the trials, or owned by the sweep itself: not sweepable.
-FIXED_PREFIXES = ("data.", "embed.", "run.")
+FIXED_PREFIXES = ("data.", "embed.", "run.", "behavior.")
 FIXED_KEYS = ("model.name", "trainer.optim.epochs", "trainer.resources.use_ray", "ids.use_ray",
               "trainer.selection.select_metric", "trainer.resources.threads", "trainer.selection.refit",
               "trainer.optim.stop_epoch")
@@ -142,9 +142,9 @@ class SweepConfig:
         for spec in self.specs:
             key = experiment_key(spec.key)
             require(not key.startswith(FIXED_PREFIXES) and key not in FIXED_KEYS,
-                    f"sweep.params.{spec.key} cannot be swept: data, embeddings, run and {list(FIXED_KEYS)} "
-                    "are fixed by the sweep (the data is embedded once; ASHA budgets epochs up to "
-                    "trainer.optim.epochs)")
+                    f"sweep.params.{spec.key} cannot be swept: data, embeddings, the behaviour model, run and "
+                    f"{list(FIXED_KEYS)} are fixed by the sweep (the data is embedded and the behaviour model "
+                    "trained once; ASHA budgets epochs up to trainer.optim.epochs)")
         require_range("sweep.num_samples", self.num_samples, 1, 100000)
         require(self.num_samples == 1 or any(s.kind != "grid" for s in self.specs),
                 f"sweep.num_samples={self.num_samples} with only grid params repeats identical trials; "

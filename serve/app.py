@@ -58,9 +58,10 @@ class Registry:
         # Serve runs sync methods in a thread pool: registrations and reads take turns here.
         self.lock = threading.Lock()
         self.index, self.model = None, run.load_model()
-        # New items get IDs from their content alone: only the semantic space, and only for models
-        # that register items and declare no other space (a behaviour ID needs interactions).
-        if self.model.capabilities.registers_items and set(run.ids_dirs) == {"semantic"}:
+        # New items get IDs from their content alone: only the semantic space, for models that
+        # register items with semantic IDs only (a behaviour ID needs interactions; EAGER's new
+        # items have none until a later behaviour run).
+        if self.model.capabilities.registers_items and self.model.capabilities.registration_spaces == ("semantic",):
             from recsys.semantic_ids import SemanticIdIndex, load_tokenizer
             from recsys.text.encoder import load_encoder
 
@@ -92,8 +93,8 @@ class Registry:
 
         if self.index is None:
             raise RequestError(422, f"this application serves a {self.run.exp.model_name} model, which cannot register "
-                               "new items from their content alone (a generative retriever whose one ID space is "
-                               "semantic, such as tiger, can)")
+                               "new items from their content alone (a generative retriever that registers them with "
+                               "semantic IDs, such as tiger or eager, can)")
         unknown = sorted(set(fields) - set(self.run.content_fields))
         if unknown:
             raise RequestError(422, f"unknown content field(s) {unknown}; allowed: {self.run.content_fields}")
@@ -135,6 +136,7 @@ class Registry:
             else:
                 ids = {space: self.model.item_ids(space, torch.tensor([internal]))[0].tolist()
                        for space in self.model.capabilities.id_spaces}
+                ids = {space: row for space, row in ids.items() if min(row) >= 0}  # a space it has no ID in
             return {"item": ItemInfo(id=raw_id, internal_id=internal, semantic_id=ids.get("semantic"), ids=ids,
                                      fields=fields,
                                      registered=registered, index_version=len(self.log))}
@@ -212,7 +214,7 @@ class Retriever:
         codes = {space: self.model.item_ids(space, torch.tensor(items)).tolist() for space in spaces}
         return {"items": [{"id": self.ids.raw(i), "internal_id": i, "score": s,
                            "semantic_id": codes["semantic"][row] if "semantic" in codes else None,
-                           "ids": {space: codes[space][row] for space in spaces}}
+                           "ids": {space: codes[space][row] for space in spaces if min(codes[space][row]) >= 0}}
                           for row, (i, s) in enumerate(zip(items, scores))],
                 "catalogue_size": self.model.n_items, "index_version": self.version,
                 "replica": serve.get_replica_context().replica_id.unique_id}

@@ -55,6 +55,33 @@ def semantic_id_context() -> dict:
     return {"ids": {"semantic": IdTable.from_index(index, N_ITEMS)}}
 
 
+def eager_probe(model):
+    """EAGER's semantic decoder over (BOS, c0, c1, c2, c3, summary) must be causal: changing c2
+    leaves positions 0..2 alone and changes the rest, the summary included."""
+    batch = tiny_batch()
+    vocab = model.vocabulary("semantic")
+    codes = vocab.item_codes[batch.target]  # (B, L + 1)
+    changed = codes.clone()
+    changed[:, 2:] = (changed[:, 2:] + 1) % torch.tensor(vocab.level_sizes[2:])
+    return (model.stream_states("semantic", batch.history, codes),
+            model.stream_states("semantic", batch.history, changed), 3)
+
+
+def two_stream_context() -> dict:
+    """EAGER's two spaces, each with the vectors its IDs were built from: behaviour IDs of 2 levels
+    of 8 codes (vectors of 12 dims), the semantic IDs above (vectors of 20 dims)."""
+    g = torch.Generator().manual_seed(1)
+    codes = torch.randint(0, 8, (N_ITEMS, 2), generator=g)
+    behavior = IdTable.from_index(SemanticIdIndex(item_ids=torch.arange(1, N_ITEMS + 1), codes=codes,
+                                                  codebook_sizes=[8, 8]), N_ITEMS)
+    semantic = semantic_id_context()["ids"]["semantic"]
+
+    def vectors(dim):
+        return torch.cat([torch.zeros(1, dim), torch.randn(N_ITEMS, dim, generator=g)])
+    return {"ids": {"behavior": behavior._replace(vectors=vectors(12)),
+                    "semantic": semantic._replace(vectors=vectors(20))}}
+
+
 CASES = [
     ModelCase("sasrec-ce", {"name": "sasrec", "d_model": 32, "n_heads": 2, "dropout": 0.1, "loss": "ce"},
               history_probe(lambda m, h: m.encode(h))),
@@ -89,6 +116,9 @@ CASES = [
     ModelCase("two-tower", {"name": "two_tower", "d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64,
                             "dropout": 0.1, "log_q": "streaming"},
               history_probe(lambda m, h: m.encode(h))),
+    ModelCase("eager", {"name": "eager", "d_model": 32, "n_heads": 2, "n_decoder_layers": 1, "d_ff": 64,
+                        "dropout": 0.1, "beam_size": 10, "gct_weight_semantic": 1.0},
+              eager_probe, two_stream_context),
     ModelCase("two-tower-counts", {"name": "two_tower", "d_model": 32, "n_layers": 1, "d_ff": 64, "log_q": "counts"},
               history_probe(lambda m, h: m.encode(h))),
 ]

@@ -9,6 +9,7 @@ import torch
 from recsys.models import IdTable, Batch, Tiger, TigerConfig, build_model, semantic_id_table
 from recsys.semantic_ids import SemanticIdIndex
 from recsys.training.checkpoint import load_model, save_checkpoint
+from windows import tiny_windows
 
 N_ITEMS, MAX_LEN, B = 40, 6, 8
 TINY = dict(d_model=32, n_encoder_layers=1, n_decoder_layers=2, n_heads=2, head_dim=24, d_ff=64, dropout=0.1,
@@ -28,11 +29,7 @@ def make_model(seed: int = 0, index: SemanticIdIndex | None = None, **overrides)
 
 
 def make_batch(seed: int = 0) -> Batch:
-    seq = torch.randint(1, N_ITEMS + 1, (B, MAX_LEN + 1), generator=torch.Generator().manual_seed(seed))
-    seq[:3, :2] = 0
-    targets = seq[:, 1:].clone()
-    targets[seq[:, :-1] == 0] = 0
-    return Batch(history=seq[:, :-1], targets=targets, target=seq[:, -1])
+    return tiny_windows(N_ITEMS, MAX_LEN, B, seed)
 
 
 def test_config_is_validated():

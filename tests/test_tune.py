@@ -92,6 +92,7 @@ def read_rows(sweep_dir: Path) -> list[dict]:
     ({"trainer.optim.lr": {"uniform": [1.0e-3, 1.0e-4]}}, {}, "low must be < high"),
     ({"data.synthetic.n_items": {"grid": [50, 60]}}, {}, "cannot be swept: data, embeddings"),
     ({"trainer.optim.epochs": {"grid": [2, 3]}}, {}, "cannot be swept"),
+    ({"behavior.config": {"choice": ["a.yaml", "b.yaml"]}}, {}, "cannot be swept: data, embeddings, the behaviour"),
     ({}, {}, "sweep.params must map at least one"),
     ({"trainer.optim.lr": {"grid": [1.0e-3, 3.0e-3]}}, {"num_samples": 3}, "repeats identical trials"),
     ({"trainer.optim.lr": {"grid": [1.0e-3]}}, {"metric": "mrr"}, "sweep.metric='mrr' is not allowed"),
@@ -142,6 +143,36 @@ def test_overrides_reach_the_base_or_the_sweep(tmp_path):
     assert exp.trainer.selection.select_metric == "recall@10" and exp.trainer.resources.threads == 1
     with pytest.raises(ValueError, match="override key 'sweeep' is not allowed"):
         load_sweep(path, ["sweeep.num_samples=2"])
+
+
+def test_an_eager_sweep_trains_one_behaviour_model_and_each_trial_clusters_its_vectors(embed_run, tmp_path):
+    """The inputs an EAGER sweep shares (data, embeddings, one behaviour model), and a trial's
+    behaviour IDs from that model with the trial's own ids settings, kept when it resumes."""
+    from recsys.semantic_ids import SemanticIdIndex
+    from tune.driver import prepare_inputs
+    from tune.trainable import ensure_ids
+
+    (tmp_path / "two-tower.yaml").write_text(yaml.safe_dump({
+        "model": {"name": "two_tower", "d_model": 16, "n_layers": 1, "d_ff": 32},
+        "trainer": {"optim": {"epochs": 1}, "resources": {"use_ray": False, "threads": 1}}}))
+    base = {**TINY_BASE, "model": {"name": "eager", "d_model": 16, "n_heads": 2, "n_decoder_layers": 1, "d_ff": 32},
+            "behavior": {"config": str(tmp_path / "two-tower.yaml")}, "run": {"root": str(tmp_path / "runs")}}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"base": base, "sweep": {"params": {
+        "model.lambda_gct": {"grid": [0.5, 1.0]}, "model.lambda_stt": {"grid": [0.5, 1.0]},
+        "ids.hkmeans.branching": {"grid": [4, 6]}}}}))
+    sweep = load_sweep(path)
+    sweep_dir = tmp_path / "sweep"
+    sweep_dir.mkdir()
+    inputs = prepare_inputs(sweep, sweep_dir, embed_run, None)
+    assert inputs["behavior_train_dir"] == str(sweep_dir / "behavior" / "train")
+    exp = sweep.trial_experiment({"model.lambda_gct": 0.5, "model.lambda_stt": 1.0, "ids.hkmeans.branching": 4})
+    behavior = ensure_ids(exp, tmp_path / "trial" / "behavior", train_dir=Path(inputs["behavior_train_dir"]))
+    assert behavior == tmp_path / "trial" / "behavior" / "ids"
+    assert SemanticIdIndex.load(behavior / "index").level_sizes[0] == 4  # the trial's K
+    stamp = (behavior / "index").stat().st_mtime_ns
+    assert ensure_ids(exp, tmp_path / "trial" / "behavior", train_dir=Path(inputs["behavior_train_dir"])) == behavior
+    assert (behavior / "index").stat().st_mtime_ns == stamp  # a resumed trial keeps its IDs
 
 
 def test_the_shipped_sweep_configs_load():

@@ -20,7 +20,8 @@ import ray.tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import BasicVariantGenerator
 
-from pipelines.stages import finish_train, run_data, run_embed_stage, run_evaluate
+from pipelines.stages import finish_train, run_data, run_embed_stage, run_evaluate, run_train
+from recsys.experiment import ExperimentConfig, behavior_experiment
 from recsys.models import get_spec
 from recsys.reporting import results_table
 from recsys.runs import (
@@ -76,16 +77,30 @@ def trainable(state: dict):
 
 
 def prepare_inputs(sweep: Sweep, sweep_dir: Path, embed_dir: Path | None, data_dir: Path | None) -> dict:
-    """The data (and, for semantic-ID models, the embeddings) every trial shares, made once."""
+    """The data (and, for semantic-ID models, the embeddings; for a behavior space, the behaviour
+    model of ``behavior.config``) every trial shares, made once."""
     exp = sweep.base_experiment()
     if get_spec(exp.model_name).model_cls.role != "retriever":
         raise ValueError(f"model.name={exp.model_name!r} is a {get_spec(exp.model_name).model_cls.role}; a sweep "
                          "trains and selects retrievers (a ranker needs a retriever's candidate sets)")
     spaces = get_spec(exp.model_name).model_cls.capabilities.id_spaces
-    if set(spaces) - {"semantic"}:
-        raise ValueError(f"model.name={exp.model_name!r} decodes the ID spaces {list(spaces)}; a sweep fits only the "
-                         "semantic space per trial (from content embeddings), so it cannot tune this model yet")
-    if not spaces:
+    if set(spaces) - {"semantic", "behavior"}:
+        raise ValueError(f"model.name={exp.model_name!r} decodes the ID spaces {list(spaces)}; a sweep fits the semantic "
+                         "and behavior spaces only, so it cannot tune this model yet")
+    if "behavior" in spaces:
+        behavior_experiment(exp)  # checked before any work
+    inputs = shared_data_and_embeddings(exp, spaces, sweep_dir, embed_dir, data_dir)
+    if "behavior" in spaces:  # one behaviour model for every trial; each trial clusters its vectors
+        home = sweep_dir / "behavior"
+        home.mkdir()
+        inputs["behavior_train_dir"] = str(run_train(behavior_experiment(exp), data_dir=Path(inputs["data_dir"]),
+                                                     parent=home))
+    return inputs
+
+
+def shared_data_and_embeddings(exp: ExperimentConfig, spaces: tuple[str, ...], sweep_dir: Path,
+                               embed_dir: Path | None, data_dir: Path | None) -> dict:
+    if "semantic" not in spaces:
         if embed_dir:
             raise ValueError(f"--embed is for models with semantic IDs, not model.name={exp.model_name!r}")
         return {"data_dir": str(require_complete(data_dir, "data") if data_dir else run_data(exp, sweep_dir)),

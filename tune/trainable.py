@@ -1,4 +1,5 @@
-"""One Ray Tune trial: semantic IDs from the sweep's shared embeddings, then the sequence model,
+"""One Ray Tune trial: IDs per space (semantic from the sweep's shared embeddings, behaviour from
+its shared behaviour model's item vectors), then the sequence model,
 both in this trial's process, reporting validation after every validated epoch.
 
 Why in-process and not a nested Ray Train ``TorchTrainer``: a trial is already the unit Ray
@@ -28,7 +29,7 @@ from recsys.sweep import Sweep
 from recsys.training.checkpoint import load_train_state
 from recsys.training.session import EPOCH_LOG, model_context, train_in_process
 
-TRIALS_DIR = "trials"  # <sweep run>/trials/<trial id>/{ids,train,evaluate}/
+TRIALS_DIR = "trials"  # <sweep run>/trials/<trial id>/{ids,behavior/ids,train,evaluate}/
 PARAMS_FILE = "params.json"
 TRIAL_LOG = "trial.log"
 TRIAL_TIME = "trial_time.json"
@@ -57,20 +58,25 @@ def run_trial(config: dict, state: dict) -> None:
     device = "cuda" if sweep.config.resources.gpu > 0 and torch.cuda.is_available() else "cpu"
     # The trial's own progress lines go to its log; the driver prints one compact line per result.
     with (trial_dir / TRIAL_LOG).open("a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        ids_dirs = {}  # the sweep fits the semantic space per trial (tune.driver refuses other spaces)
-        if "semantic" in get_spec(exp.model_name).model_cls.capabilities.id_spaces:
-            ids_dirs["semantic"] = ensure_ids(exp, Path(state["embed_dir"]), trial_dir)
+        ids_dirs = {}  # the trial's own IDs per space, with its ids.* settings
+        spaces = get_spec(exp.model_name).model_cls.capabilities.id_spaces
+        if "semantic" in spaces:
+            ids_dirs["semantic"] = ensure_ids(exp, trial_dir, embed_dir=Path(state["embed_dir"]))
+        if "behavior" in spaces:  # from the sweep's one behaviour model (tune.driver.prepare_inputs)
+            ids_dirs["behavior"] = ensure_ids(exp, trial_dir / "behavior", train_dir=Path(state["behavior_train_dir"]))
         train_trial(exp, Path(state["data_dir"]), ids_dirs, trial_dir, device, started)
 
 
-def ensure_ids(exp: ExperimentConfig, embed_dir: Path, trial_dir: Path) -> Path:
-    """The trial's semantic IDs (``trial_dir/ids``): kept when a resumed trial already built them
-    (its COMPLETE marker is written last), else fitted in-process from the shared embeddings."""
-    ids_dir = trial_dir / "ids"
+def ensure_ids(exp: ExperimentConfig, home: Path, embed_dir: Path | None = None, train_dir: Path | None = None) -> Path:
+    """The trial's IDs of one space (``home/ids``), from the shared embeddings or, with
+    ``train_dir``, the shared behaviour model's item vectors: kept when a resumed trial already
+    built them (its COMPLETE marker is written last), else fitted in-process."""
+    ids_dir = home / "ids"
     if (ids_dir / COMPLETE_FILE).is_file():
         return ids_dir
     shutil.rmtree(ids_dir, ignore_errors=True)
-    return run_ids(exp, embed_dir, parent=trial_dir)
+    home.mkdir(parents=True, exist_ok=True)
+    return run_ids(exp, embed_dir, parent=home, train_dir=train_dir)
 
 
 def train_trial(exp: ExperimentConfig, data_dir: Path, ids_dirs: dict[str, Path], trial_dir: Path, device: str,

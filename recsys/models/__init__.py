@@ -2,6 +2,7 @@
 
 from recsys.models.base import (AtomicIdModel, Batch, Capabilities, GenerativeRetriever, LossOutput, Ranker,
                                 Recommendation, Retriever, SequenceModel)
+from recsys.models.eager import Eager, EagerConfig
 from recsys.models.hstu import HSTU, HSTUConfig
 from recsys.models.registry import build_model, get_spec, model_config_from_dict, model_names, register_model
 from recsys.models.sasrec import SASRec, SASRecConfig
@@ -13,10 +14,11 @@ register_model("sasrec", SASRecConfig, SASRec)
 register_model("hstu", HSTUConfig, HSTU)
 register_model("tiger", TigerConfig, Tiger)
 register_model("two_tower", TwoTowerConfig, TwoTower)
+register_model("eager", EagerConfig, Eager)
 
 __all__ = [
     "AtomicIdModel", "Batch", "Capabilities", "LossOutput", "Ranker", "Recommendation", "Retriever",
     "SequenceModel", "SASRec", "SASRecConfig", "HSTU", "HSTUConfig", "Tiger", "TigerConfig",
-    "semantic_id_table", "IdTable", "SemanticVocabulary", "GenerativeRetriever",
+    "Eager", "EagerConfig", "semantic_id_table", "IdTable", "SemanticVocabulary", "GenerativeRetriever",
     "build_model", "get_spec", "model_config_from_dict", "model_names", "register_model",
 ]

@@ -78,6 +78,10 @@ class Capabilities:
     reads_timestamps: it reads ``Batch.timestamps`` when the dataset has them.
     item_vectors: its score is ``user_embedding(batch) . item_embeddings()``: servable from a
         maximum-inner-product index, and a source of behaviour IDs.
+    id_vectors: training reads, per ID space, the item vectors that space's IDs were built from
+        (``IdTable.vectors``; EAGER's GCT distils towards them).
+    new_item_spaces: with ``registers_items``, the spaces an item registered after training has IDs
+        in (None: every declared space). EAGER: ("semantic",), as a new item has no behaviour yet.
     """
 
     id_spaces: tuple[str, ...] = ()
@@ -85,6 +89,13 @@ class Capabilities:
     reads_users: bool = False
     reads_timestamps: bool = False
     item_vectors: bool = False
+    id_vectors: bool = False
+    new_item_spaces: tuple[str, ...] | None = None
+
+    @property
+    def registration_spaces(self) -> tuple[str, ...]:
+        """The spaces a new item must come with IDs in."""
+        return self.id_spaces if self.new_item_spaces is None else self.new_item_spaces
 
 
 class SequenceModel(nn.Module):
@@ -194,18 +205,22 @@ class GenerativeRetriever(Retriever):
 
     @torch.no_grad()
     def register_items(self, item_ids: Any, ids: dict[str, Any]) -> None:
-        """Cold start: add items ``n_items + 1 .. n_items + n`` (any order) with their full IDs in
-        every declared space, ``ids[space]`` (n, L + 1). They become decodable and usable in
-        histories without retraining; no weight changes. Every space is checked before any changes."""
-        if set(ids) != set(self.vocabs):
-            raise ValueError(f"{type(self).__name__} registers items with IDs in {sorted(self.vocabs)}, got "
-                             f"{sorted(ids)}")
+        """Cold start: add items ``n_items + 1 .. n_items + n`` (any order) with their full IDs,
+        ``ids[space]`` (n, L + 1), in every space of ``capabilities.registration_spaces`` (and
+        optionally the others; a space left out gets ``ABSENT`` rows: not decodable there). They
+        become decodable and usable in histories without retraining; no weight changes. Every space
+        is checked before any changes."""
+        required = set(self.capabilities.registration_spaces)
+        if not required <= set(ids) <= set(self.vocabs):
+            raise ValueError(f"{type(self).__name__} registers items with IDs in {sorted(required)}"
+                             + (f" (and optionally {sorted(set(self.vocabs) - required)})" if required != set(self.vocabs)
+                                else "") + f", got {sorted(ids)}")
         new = torch.as_tensor(item_ids, dtype=torch.long).reshape(-1).cpu()
         expected = torch.arange(self.n_items + 1, self.n_items + len(new) + 1)
         if not torch.equal(new.sort().values, expected):
             raise ValueError(f"new item ids must be exactly {self.n_items + 1}..{self.n_items + len(new)} "
                              f"(ids index the ID tables), got {new.tolist()[:10]}")
-        for apply in [self.vocabs[space].prepare_registration(new, ids[space]) for space in self.vocabs]:
+        for apply in [self.vocabs[space].prepare_registration(new, ids.get(space)) for space in self.vocabs]:
             apply()
         self.n_items += len(new)
 

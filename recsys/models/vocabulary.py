@@ -4,7 +4,9 @@ trie that constrains decoding, the prefix nodes, and the registration of new ite
 A generative retriever composes one ``SemanticVocabulary`` per ID space it declares (TIGER: the
 ``semantic`` space; EAGER: ``semantic`` and ``behavior``). The module holds buffers only:
 - ``item_codes`` (n_items + 1, L + 1), persistent: each item's full ID (L codes + the collision
-  code), row 0 padding. Registered items append rows, so a checkpoint carries them;
+  code), row 0 padding. Registered items append rows, so a checkpoint carries them; a row of -1
+  (``ABSENT``) is an item registered with no ID in this space (EAGER's behaviour space for a new
+  item), which the trie leaves out;
 - ``item_nodes`` (same shape), persistent, with ``prefix_nodes=True``: entry (i, l) numbers the
   prefix ``item_codes[i, :l + 1]`` (its trie node), from 1 over all levels. Numbers are fixed at
   training time: a registered item reuses a known prefix's node and gets 0 for a new one;
@@ -21,6 +23,9 @@ from torch import nn
 
 from recsys.generation.beam import TrieEdges, trie_edges
 from recsys.semantic_ids.index import SemanticIdIndex, TrieTable
+
+
+ABSENT = -1  # the code of every level of an item that has no ID in a space
 
 
 def semantic_id_table(index: SemanticIdIndex, n_items: int) -> torch.Tensor:
@@ -74,11 +79,14 @@ class IdTable(NamedTuple):
     """What a model is built with for one ID space (``build_model(..., ids={space: IdTable})``).
     codes: (n_items + 1, L + 1) full IDs by item id, row 0 zeros (``semantic_id_table``);
     level_sizes: tokens per level (the ids run's codebook sizes; None: the table's max + 1);
-    nodes: prefix-node numbers as trained (None: numbered from ``codes``)."""
+    nodes: prefix-node numbers as trained (None: numbered from ``codes``);
+    vectors: (n_items + 1, D) the item vectors the IDs were built from, row 0 padding (None: not
+        loaded; only models that declare ``capabilities.id_vectors`` read them)."""
 
     codes: torch.Tensor
     level_sizes: list[int] | None = None
     nodes: torch.Tensor | None = None
+    vectors: torch.Tensor | None = None
 
     @classmethod
     def from_index(cls, index: SemanticIdIndex, n_items: int) -> "IdTable":
@@ -130,12 +138,18 @@ class SemanticVocabulary(nn.Module):
         """Rows of a prefix-node embedding (node 0: none)."""
         return int(self.item_nodes.max()) + 1 if self.item_nodes is not None else 0
 
+    def has_id(self, items: torch.Tensor) -> torch.Tensor:
+        """items (...) -> bool (...): whether each item has an ID in this space (not ``ABSENT``)."""
+        return (self.item_codes[items] >= 0).all(-1)
+
     def tokens(self, codes: torch.Tensor) -> torch.Tensor:
         """codes (..., t) of levels 0..t-1 -> rows of a token embedding shared by all levels."""
         return codes + self.level_offsets[: codes.shape[-1]]
 
     def _set_trie(self, table: torch.Tensor) -> None:
-        index = SemanticIdIndex.from_full_ids(torch.arange(1, len(table)), table[1:].cpu())  # raises on duplicates
+        table = table.cpu()
+        present = (table[1:] >= 0).all(1)  # items without an ID here are not decodable in this space
+        index = SemanticIdIndex.from_full_ids(torch.arange(1, len(table))[present], table[1:][present])  # raises on duplicates
         edges = trie_edges(index.transition_table())
         device = self.item_codes.device
         for name, tensor in zip(TrieTable._fields, edges.table):
@@ -166,16 +180,23 @@ class SemanticVocabulary(nn.Module):
     @torch.no_grad()
     def prepare_registration(self, new_items: torch.Tensor, full_ids: Any) -> Callable[[], None]:
         """Check that items ``new_items`` (any order; with the table, exactly the ids that follow it)
-        can join with their full IDs (k, L + 1); returns the function that adds them. Nothing
-        changes until it is called, so a model with several spaces checks them all first."""
-        full = torch.as_tensor(full_ids, dtype=torch.long).cpu()
-        if tuple(full.shape) != (len(new_items), self.n_tokens):
-            raise ValueError(f"{self.space} IDs must be ({len(new_items)}, {self.n_tokens}), got {tuple(full.shape)}")
+        can join with their full IDs (k, L + 1), or, with ``full_ids`` None, with no ID in this space
+        (``ABSENT`` rows); returns the function that adds them. Nothing changes until it is called,
+        so a model with several spaces checks them all first."""
+        if full_ids is None:
+            full = torch.full((len(new_items), self.n_tokens), ABSENT, dtype=torch.long)
+        else:
+            full = torch.as_tensor(full_ids, dtype=torch.long).cpu()
+            if tuple(full.shape) != (len(new_items), self.n_tokens):
+                raise ValueError(f"{self.space} IDs must be ({len(new_items)}, {self.n_tokens}), got {tuple(full.shape)}")
+            if (full < 0).any():
+                raise ValueError(f"{self.space} IDs must be >= 0, got {full[(full < 0).any(1)][0].tolist()}")
         rows = torch.empty_like(full)
         rows[new_items - len(self.item_codes)] = full
         table = torch.cat([self.item_codes.cpu(), rows])
         check_codes(table, self.level_sizes)
-        SemanticIdIndex.from_full_ids(torch.arange(1, len(table)), table[1:])  # raises on a repeated ID
+        present = (table[1:] >= 0).all(1)
+        SemanticIdIndex.from_full_ids(torch.arange(1, len(table))[present], table[1:][present])  # raises on a repeat
         nodes = None
         if self.item_nodes is not None:
             known = self.item_nodes.cpu()
@@ -203,8 +224,10 @@ def check_table(table: Any, n_items: int, space: str = "semantic") -> torch.Tens
     if table.dtype.is_floating_point or table.dim() != 2 or table.shape[0] != n_items + 1 or table.shape[1] < 2:
         raise ValueError(f"the {space} ID table must be integer ({n_items + 1}, L + 1 >= 2), got {table.dtype} "
                          f"{tuple(table.shape)}")
-    if (table[0] != 0).any() or (table < 0).any():
-        raise ValueError(f"the {space} ID table must be >= 0 with row 0 (padding) all zeros")
+    absent = (table == ABSENT).all(1)  # items registered with no ID in this space
+    if (table[0] != 0).any() or ((table < 0) & ~absent[:, None]).any():
+        raise ValueError(f"the {space} ID table must be >= 0 with row 0 (padding) all zeros (a row all {ABSENT}: an "
+                         "item with no ID in this space)")
     return table.long().clone()
 
 

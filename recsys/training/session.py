@@ -17,7 +17,7 @@ from torch import nn
 from recsys.data.split import LeaveOneOutSplit
 from recsys.experiment import ExperimentConfig
 from recsys.models import build_model, get_spec
-from recsys.runs import atomic_directory, recover_directory, write_text
+from recsys.runs import CONFIG_FILE, atomic_directory, read_json, recover_directory, write_text
 from recsys.training.checkpoint import load_train_state, save_checkpoint
 from recsys.training.loop import LoopState, Trainer
 
@@ -39,7 +39,8 @@ def check_id_spaces(model_name: str, ids_dirs: dict[str, Any]) -> None:
 
 def model_context(exp: ExperimentConfig, n_items: int, ids_dirs: dict[str, str | Path]) -> dict:
     """What ``build_model`` needs beyond the config: for a model with ID spaces, each space's
-    table from its ids run (``<run>/index``), with the run's per-level vocabulary sizes."""
+    table from its ids run (``<run>/index``), with the run's per-level vocabulary sizes, and,
+    for a model that declares ``id_vectors``, the vectors those IDs were built from."""
     check_id_spaces(exp.model_name, ids_dirs)
     if not ids_dirs:
         return {}
@@ -53,7 +54,61 @@ def model_context(exp: ExperimentConfig, n_items: int, ids_dirs: dict[str, str |
             raise ValueError(f"the {space} ids run {ids_dir} has IDs for {len(index)} items, the data has {n_items}: "
                              "it was built from another dataset")
         tables[space] = IdTable.from_index(index, n_items)
+        if get_spec(exp.model_name).model_cls.capabilities.id_vectors:
+            tables[space] = tables[space]._replace(vectors=ids_run_vectors(ids_dir, n_items, space))
     return {"ids": tables}
+
+
+def ids_source_data_run(ids_dir: str | Path) -> Path | None:
+    """The data run an ids run's vectors came from: its train run's (behaviour IDs) or embed run's
+    (content IDs) ``data_dir``; None when that run does not record one (a hand-made embed run)."""
+    saved = read_json(Path(ids_dir) / CONFIG_FILE)
+    source = saved.get("train_dir") or saved.get("embed_dir")
+    if not source or not (Path(source) / CONFIG_FILE).is_file():
+        return None
+    data_dir = read_json(Path(source) / CONFIG_FILE).get("data_dir")
+    return Path(data_dir) if data_dir else None
+
+
+def check_ids_catalogue(ids_dirs: dict[str, str | Path], data_dir: str | Path) -> None:
+    """Refuse an ids run built from a data run whose item catalogue (raw item id by internal id)
+    differs from ``data_dir``'s: its IDs would name other items."""
+    import pandas as pd
+
+    from recsys.data.schema import ITEMS_FILE
+
+    def catalogue(directory: Path) -> list[str]:
+        return pd.read_parquet(directory / ITEMS_FILE, columns=["raw_id"])["raw_id"].astype(str).tolist()
+
+    ours = None
+    for space, ids_dir in ids_dirs.items():
+        source = ids_source_data_run(ids_dir)
+        if source is None or source.resolve() == Path(data_dir).resolve():
+            continue
+        if not (source / ITEMS_FILE).is_file():
+            raise ValueError(f"the {space} ids run {ids_dir} was built from the data run {source}, which is gone: "
+                             f"its item catalogue cannot be checked against {data_dir}'s")
+        ours = catalogue(Path(data_dir)) if ours is None else ours
+        theirs = catalogue(source)
+        if theirs[:len(ours)] != ours:
+            first = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+            raise ValueError(f"the {space} ids run {ids_dir} was built from the data run {source}, whose item catalogue "
+                             f"differs from {data_dir}'s (item {first + 1}: {theirs[first] if first < len(theirs) else None!r} "
+                             f"there, {ours[first] if first < len(ours) else None!r} here): its IDs would name other items")
+
+
+def ids_run_vectors(ids_dir: str | Path, n_items: int, space: str) -> torch.Tensor:
+    """The item vectors an ids run's IDs were built from, (n_items + 1, D) with row 0 zeros: its
+    embed run's (content IDs), or those it wrote from a train run (``recsys ids --from-train``)."""
+    from recsys.text import load_embeddings
+
+    saved = read_json(Path(ids_dir) / CONFIG_FILE)
+    _, vectors = load_embeddings(saved["embed_dir"] if saved.get("embed_dir") else ids_dir)
+    if len(vectors) < n_items:
+        raise ValueError(f"the {space} ids run {ids_dir} was built from vectors of {len(vectors)} items, the data has "
+                         f"{n_items}: it was built from another dataset")
+    table = torch.from_numpy(vectors[:n_items]).float()
+    return torch.cat([table.new_zeros(1, table.shape[1]), table])
 
 
 def build_trainer(exp: ExperimentConfig, split: LeaveOneOutSplit, *, device: torch.device | str = "cpu",

@@ -1,0 +1,96 @@
+"""Score one EAGER checkpoint under each fusion of its two streams: the inference side of the
+issue's ablation (confidence-ranked fusion, the released code's sum, each stream alone), on the
+same trained model.
+
+    python benchmarks/eager_fusions.py CHECKPOINT --data DATA_RUN --name NAME [--splits valid,test]
+        [--fusions confidence,sum,behavior,semantic] [--exclude-history]
+
+Writes ``benchmarks/results/eager/<dataset>/<NAME>-<fusion>.json`` per fusion, with its protocol,
+its figures under ``metrics.valid`` / ``metrics.test``, and ``stream_share``: per split, the share
+of the top 10 that came from the behaviour stream only, the semantic stream only, or both. Pick
+the shipped fusion on validation; the test column is reported once, beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.protocols import trained_with_refit  # noqa: E402
+from benchmarks.record import protocol, run_dataset, write_record  # noqa: E402
+from recsys.data.schema import InteractionData  # noqa: E402
+from recsys.data.split import EvalSet, leave_one_out  # noqa: E402
+from recsys.models import Batch, Eager  # noqa: E402
+from recsys.models.eager import FUSIONS, SPACES  # noqa: E402
+from recsys.training.batching import trim_padding  # noqa: E402
+from recsys.training.checkpoint import load_model  # noqa: E402
+from recsys.training.evaluate import evaluate  # noqa: E402
+
+STREAMS = (*SPACES, "both")  # FusedRecommendation.streams: 0, 1, 2
+
+
+@torch.no_grad()
+def stream_share(model: Eager, eval_set: EvalSet, k: int, exclude_history: bool, batch_size: int = 512) -> dict:
+    """The share of all users' top-k items found by the behaviour stream only, the semantic one
+    only, or both."""
+    counts = torch.zeros(len(STREAMS))
+    histories, targets = torch.tensor(eval_set.histories), torch.tensor(eval_set.targets)
+    for start in range(0, len(targets), batch_size):
+        batch = Batch(history=trim_padding(histories[start:start + batch_size])[0],
+                      target=targets[start:start + batch_size])
+        streams = model.recommend_streams(batch, k, exclude_history).streams
+        counts += torch.bincount(streams.flatten(), minlength=len(STREAMS)).float()
+    return {name: round(float(c / counts.sum()), 4) for name, c in zip(STREAMS, counts)}
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--data", type=Path, required=True, help="the `recsys data` run the model was trained on")
+    parser.add_argument("--name", required=True, help="records eager/<dataset>/<name>-<fusion>.json")
+    parser.add_argument("--splits", default="valid,test", help="comma-separated: valid, test (default: both)")
+    parser.add_argument("--fusions", default=",".join(FUSIONS), help=f"comma-separated, of {', '.join(FUSIONS)}")
+    parser.add_argument("--exclude-history", action="store_true", help="the second protocol: history items removed")
+    parser.add_argument("--max-history", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args(argv)
+    splits, fusions = [s for s in args.splits.split(",") if s], [f for f in args.fusions.split(",") if f]
+    if not splits or set(splits) - {"valid", "test"}:
+        parser.error(f"--splits must name valid and/or test, got {args.splits!r}")
+    if not fusions or set(fusions) - set(FUSIONS):
+        parser.error(f"--fusions must name some of {', '.join(FUSIONS)}, got {args.fusions!r}")
+    torch.set_num_threads(args.threads)
+    model = load_model(args.checkpoint)
+    if not isinstance(model, Eager):
+        parser.error(f"{args.checkpoint} holds a {type(model).__name__}, not an EAGER model")
+    split = leave_one_out(InteractionData.load(args.data), args.max_history)
+    dataset, refit = run_dataset(args.data), trained_with_refit(args.checkpoint)
+    for fusion in fusions:
+        model.config = dataclasses.replace(model.config, fusion=fusion)
+        start = time.perf_counter()
+        metrics, share = {}, {}
+        for name in splits:
+            eval_set = split.eval_set(name)
+            figures = evaluate(model, eval_set, batch_size=512, exclude_history=args.exclude_history)
+            metrics[name] = {k: round(v, 4) for k, v in figures.items()}
+            share[name] = stream_share(model, eval_set, 10, args.exclude_history)
+            print(f"{fusion:10s} {name:5s} " + "  ".join(f"{k} {v:.4f}" for k, v in figures.items())
+                  + f"  top-10 from {share[name]}", flush=True)
+        path = write_record(f"{args.name}-{fusion}", model="eager", dataset=dataset,
+                            config={"checkpoint": str(args.checkpoint), "data_run": str(args.data), "fusion": fusion,
+                                    "max_history": args.max_history, "threads": args.threads},
+                            wall_s=time.perf_counter() - start, metrics=metrics,
+                            protocol=protocol(exclude_history=args.exclude_history, refit=refit),
+                            extra={"stream_share": share, "source_checkpoint": str(args.checkpoint)})
+        print(f"record: {path}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

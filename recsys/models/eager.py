@@ -1,0 +1,455 @@
+"""EAGER: Two-Stream Generative Recommender with Behavior-Semantic Collaboration (Wang et al.,
+KDD 2024), arXiv:2406.14017; official code github.com/yewzz/EAGER.
+
+A shared encoder reads the history; two decoders, one per ID space (``behavior``: codes from
+item vectors of a behaviour model, ``semantic``: codes from content vectors), each generate the
+next item's ID in their space, constrained by their own prefix trie. Each decoder's input ends
+in a summary token that reads the whole target ID (causally, so decoding never sees it).
+- **GCT**: the summary state, projected and L2-normalised, is pulled towards that stream's
+  vector of the target item (``IdTable.vectors``: the vectors the space's IDs were built from).
+  ``gct: infonce`` (the official code): InfoNCE against ``gct_negatives`` random items (2,048),
+  tau = 0.3, per-stream weights 1 (behaviour) and 10 (semantic). ``gct: smooth_l1`` (the paper):
+  a smooth-L1 distance, summed over dimensions (on unit vectors an element-wise mean is ~1/D of
+  it and barely trains). ``off``: none. A negative equal to the positive is masked (the official
+  sampler does not).
+- **STT**: a one-block transformer reads the target's behaviour codes (the behaviour decoder's
+  token embeddings after a start vector) with cross-attention to the semantic summary (detached,
+  as officially): *reconstruction* predicts masked codes (each with probability
+  ``stt_mask_ratio``, at least one per row) against the level's detached token table;
+  *recognition* tells each true code sequence from a copy whose codes are each replaced with the
+  same probability (at least one), so half the examples are corrupted, by a linear judge on the
+  start position. The official code masks or replaces one of its two codes (50 %).
+- Loss: gen_behavior + gen_semantic + lambda_gct (w_b gct_behavior + w_s gct_semantic)
+  + lambda_stt (stt_reconstruction + stt_recognition); every part is logged.
+- **Inference**: constrained beam search in each stream, then a fusion. ``confidence`` (the
+  paper): the top k of each stream, 2k predictions ranked by their mean code log-probability (a
+  perplexity-like confidence: the streams' IDs may differ in length); an item both streams found
+  keeps its higher confidence. ``sum`` (the released code): the union of both top-k lists re-scored
+  by the sum of both streams' teacher-forced log-probabilities. ``behavior`` / ``semantic``: one
+  stream alone (an ablation of inference; both still train). ``recommend_streams`` says which
+  stream produced each item.
+
+Departures from the paper and the official code:
+- The encoder reads learned item-ID embeddings (``encoder_input: item_ids``, as the official
+  code), once, and both decoders attend to that memory. The official code gives each stream its
+  own item rows and runs the shared encoder once per stream. ``encoder_input: codes`` reads each
+  item as the sum of its code tokens in both spaces (the decoders' token tables) instead.
+- Decoders have a linear head per level over that level's codes (as our TIGER), where the
+  official code ties outputs to input embeddings and numbers level-2 tokens per parent.
+- IDs carry our collision level (L codes + 1), so each stream decodes L + 1 tokens.
+
+Cold start: an item registered after training (``register_items``) has semantic codes only (no
+behaviour yet: it gets behaviour codes from a later behaviour ids run and a model trained with it;
+registration never changes an existing ID). The behaviour beam never returns it; the semantic beam can. Rules for the missing stream:
+- ``confidence``: it is ranked by its semantic confidence, like any item only that stream found;
+- ``sum``: its behaviour log-probability is taken as its semantic mean code log-probability times the
+  behaviour stream's code count (as confident in the stream it lacks as in the one it has);
+- in a history, the encoder reads it as the sum of its semantic code tokens (the semantic decoder's
+  input table): it has no learned ID row (``encoder_input: codes`` reads every item that way, and an
+  item without behaviour codes by its semantic ones alone).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recsys.config import require, require_choice, require_range
+from recsys.generation.beam import BeamResult, beam_search
+from recsys.models.base import Batch, Capabilities, GenerativeRetriever, LossOutput, Recommendation
+from recsys.models.layers import Block
+from recsys.models.vocabulary import ABSENT, IdTable, SemanticVocabulary
+
+SPACES = ("behavior", "semantic")  # stream ids 0 and 1 in FusedRecommendation.streams; 2 = both
+ENCODER_INPUTS = ("item_ids", "codes")
+GCT_LOSSES = ("infonce", "smooth_l1", "off")
+FUSIONS = ("confidence", "sum", "behavior", "semantic")
+
+
+@dataclass
+class EagerConfig:
+    d_model: int = 128  # the paper's hidden size (official script: 96)
+    n_encoder_layers: int = 1
+    n_decoder_layers: int = 4  # per stream (official script: 2)
+    n_heads: int = 4
+    d_ff: int = 1024
+    dropout: float = 0.1
+    encoder_input: str = "item_ids"  # item_ids (official) | codes
+    beam_size: int = 20  # each stream searches with max(k, beam_size) beams
+    collision_vocab: int = 16
+    gct: str = "infonce"  # infonce (official) | smooth_l1 (paper) | off
+    lambda_gct: float = 1.0  # lambda_1
+    gct_weight_behavior: float = 1.0  # official per-stream weights
+    gct_weight_semantic: float = 10.0
+    gct_negatives: int = 2048  # infonce: random items per batch (all items when fewer)
+    gct_temperature: float = 0.3
+    stt: bool = True
+    lambda_stt: float = 1.0  # lambda_2
+    stt_mask_ratio: float = 0.5  # share of behaviour codes masked (reconstruction) and replaced (recognition)
+    fusion: str = "confidence"  # confidence (paper) | sum (released code) | behavior | semantic
+
+    def __post_init__(self):
+        require_range("model.d_model", self.d_model, 1, 4096)
+        require_range("model.n_encoder_layers", self.n_encoder_layers, 1, 48)
+        require_range("model.n_decoder_layers", self.n_decoder_layers, 1, 48)
+        require_range("model.n_heads", self.n_heads, 1, self.d_model)
+        require(self.d_model % self.n_heads == 0,
+                f"model.d_model={self.d_model} must be divisible by model.n_heads={self.n_heads}")
+        require_range("model.d_ff", self.d_ff, 1, 65536)
+        require_range("model.dropout", self.dropout, 0.0, 0.95)
+        require_choice("model.encoder_input", self.encoder_input, ENCODER_INPUTS)
+        require_range("model.beam_size", self.beam_size, 1, 100000)
+        require_range("model.collision_vocab", self.collision_vocab, 1, 1 << 20)
+        require_choice("model.gct", self.gct, GCT_LOSSES)
+        for key in ("lambda_gct", "gct_weight_behavior", "gct_weight_semantic", "lambda_stt"):
+            require_range(f"model.{key}", getattr(self, key), 0.0, 1000.0)
+        require_range("model.gct_negatives", self.gct_negatives, 1, 1 << 20)
+        require(self.gct_temperature > 0, f"model.gct_temperature={self.gct_temperature} is out of range; allowed: > 0")
+        require(isinstance(self.stt, bool), f"model.stt must be true or false, got {self.stt!r}")
+        require(0.0 < self.stt_mask_ratio <= 1.0,
+                f"model.stt_mask_ratio={self.stt_mask_ratio} is out of range; allowed: 0 < ratio <= 1")
+        require_choice("model.fusion", self.fusion, FUSIONS)
+
+
+class FusedRecommendation(NamedTuple):
+    items: torch.Tensor  # (B, k) item ids, best first
+    scores: torch.Tensor  # (B, k) fused scores, descending
+    streams: torch.Tensor  # (B, k) 0: behaviour stream, 1: semantic, 2: both found it
+
+
+class StreamDecoder(nn.Module):
+    """One stream's decoder over its vocabulary (passed to each call, held by the model): token
+    embeddings, BOS, the summary token, causal blocks with cross-attention, a head per level, and
+    the GCT projection to the stream's vector size (``vector_dim``; 0: none)."""
+
+    def __init__(self, vocab: SemanticVocabulary, config: EagerConfig, vector_dim: int):
+        super().__init__()
+        D = config.d_model
+        self.token_emb = nn.Embedding(vocab.n_token_rows, D)
+        self.pos = nn.Embedding(vocab.n_tokens + 2, D)  # BOS, L + 1 codes, summary
+        self.bos, self.summary = nn.Parameter(torch.zeros(D)), nn.Parameter(torch.zeros(D))
+        self.blocks = nn.ModuleList(Block(D, config.n_heads, config.d_ff, config.dropout, cross=True)
+                                    for _ in range(config.n_decoder_layers))
+        self.ln, self.drop = nn.LayerNorm(D), nn.Dropout(config.dropout)
+        self.heads = nn.ModuleList(nn.Linear(D, v) for v in vocab.level_sizes)
+        self.project = nn.Linear(D, vector_dim) if vector_dim else None
+        for p in (self.token_emb.weight, self.pos.weight, self.bos, self.summary):
+            nn.init.normal_(p, std=0.02)
+
+    def memory_kv(self, memory: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [block.cross.keys_values(memory) for block in self.blocks]
+
+    def forward(self, vocab: SemanticVocabulary, prefix: torch.Tensor, memory_kv: list, memory_mask: torch.Tensor,
+                summary: bool = False) -> torch.Tensor:
+        """prefix (R, t) codes of levels < t, R = B * G batch-major -> states (R, t + 1 [+ 1], D);
+        position j has read BOS and prefix[:, :j] and predicts level j; with ``summary`` the last
+        position is the summary token, which reads them all."""
+        R, t = prefix.shape
+        parts = [self.bos.expand(R, 1, -1), self.token_emb(vocab.tokens(prefix))]
+        if summary:
+            parts.append(self.summary.expand(R, 1, -1))
+        x = torch.cat(parts, 1)
+        x = self.drop(x + self.pos.weight[: x.shape[1]])  # (R, t + 1 [+ 1], D)
+        for block, kv in zip(self.blocks, memory_kv):
+            x = block(x, causal=True, memory_kv=kv, memory_mask=memory_mask)
+        return self.ln(x)
+
+    def code_log_probs(self, states: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """states (R, >= L + 1, D) from a prefix of the full ``codes`` (R, L + 1) -> log p of each
+        code given the ones before it, (R, L + 1)."""
+        return torch.cat([F.log_softmax(head(states[:, l]).float(), -1).gather(1, codes[:, l:l + 1])
+                          for l, head in enumerate(self.heads)], 1)
+
+
+class SemanticGuidedTransfer(nn.Module):
+    """STT: one block over [start, behaviour code embeddings] with cross-attention to a guide."""
+
+    def __init__(self, config: EagerConfig, n_tokens: int):
+        super().__init__()
+        D = config.d_model
+        self.start, self.mask = nn.Parameter(torch.zeros(D)), nn.Parameter(torch.zeros(D))
+        self.pos = nn.Embedding(n_tokens + 1, D)
+        self.guide = nn.Linear(D, D)
+        self.block = Block(D, config.n_heads, config.d_ff, config.dropout, cross=True)
+        self.ln = nn.LayerNorm(D)
+        self.judge = nn.Linear(D, 1)
+        for p in (self.start, self.mask, self.pos.weight):
+            nn.init.normal_(p, std=0.02)
+
+    def states(self, codes_emb: torch.Tensor, guide: torch.Tensor) -> torch.Tensor:
+        """codes_emb (B, L + 1, D), guide (B, D) -> (B, L + 2, D); position 0 is the start."""
+        x = torch.cat([self.start.expand(len(codes_emb), 1, -1), codes_emb], 1) + self.pos.weight
+        kv = self.block.cross.keys_values(self.guide(guide)[:, None])  # a memory of one token
+        return self.ln(self.block(x, memory_kv=kv))
+
+    def forward(self, vocab: SemanticVocabulary, token_emb: nn.Embedding, codes: torch.Tensor,
+                guide: torch.Tensor, mask_ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """codes (B, L + 1) behaviour IDs, guide (B, D) -> (reconstruction, recognition) per row, (B,) each."""
+        B, n = codes.shape
+        emb = token_emb(vocab.tokens(codes))  # (B, L + 1, D)
+        masked = torch.rand(B, n, device=codes.device) < mask_ratio
+        masked[torch.arange(B), torch.randint(0, n, (B,), device=codes.device)] |= ~masked.any(1)
+        corrupt = token_emb(vocab.tokens(corrupted(codes, vocab.level_sizes, mask_ratio)))
+        inputs = torch.cat([torch.where(masked[..., None], self.mask.expand_as(emb), emb), emb, corrupt])
+        h = self.states(inputs, guide.repeat(3, 1)).split(B)  # masked, true, corrupted: (B, L + 2, D) each
+        table, offsets = token_emb.weight.detach(), vocab.level_offsets.tolist()
+        recon = torch.zeros(B, device=codes.device)
+        for l, size in enumerate(vocab.level_sizes):
+            logits = h[0][:, l + 1] @ table[offsets[l]:offsets[l] + size].T  # (B, V_l)
+            recon = recon + F.cross_entropy(logits.float(), codes[:, l], reduction="none") * masked[:, l]
+        recon = recon / masked.sum(1)
+        logits = self.judge(torch.cat([h[1][:, 0], h[2][:, 0]]))  # (2B, 1)
+        labels = torch.cat([torch.ones(B, 1), torch.zeros(B, 1)]).to(logits.device)
+        recog = F.binary_cross_entropy_with_logits(logits.float(), labels, reduction="none").reshape(2, B).mean(0)
+        return recon, recog
+
+
+def corrupted(codes: torch.Tensor, level_sizes: list[int], ratio: float) -> torch.Tensor:
+    """codes (B, L + 1) -> a copy where each code of a level with more than one code is replaced,
+    with probability ``ratio`` (at least one per row), by a different code of its level."""
+    sizes = torch.tensor(level_sizes, device=codes.device)
+    can = (sizes > 1).expand_as(codes)
+    if not can.any():
+        raise ValueError(f"STT recognition needs a level with more than one code; level sizes are {level_sizes}")
+    replace = (torch.rand(codes.shape, device=codes.device) < ratio) & can
+    # rows with nothing replaced replace one random eligible code
+    pick = torch.multinomial(can.float(), 1).squeeze(1)  # (B,)
+    replace[torch.arange(len(codes), device=codes.device), pick] |= ~replace.any(1)
+    shift = (torch.rand(codes.shape, device=codes.device) * (sizes - 1)).long() + 1  # 1 .. V - 1
+    return torch.where(replace, (codes + shift) % sizes, codes)
+
+
+class Eager(GenerativeRetriever):
+    """``ids``: {"behavior": IdTable, "semantic": IdTable}; with GCT on, each table carries the
+    vectors its IDs were built from (``IdTable.vectors``). ``vector_dims`` gives their sizes when
+    the vectors are absent (a model rebuilt from a checkpoint for inference); ``trained_items``,
+    the items that have learned ID rows when some were registered after training (default all)."""
+
+    capabilities = Capabilities(id_spaces=SPACES, id_vectors=True, registers_items=True, new_item_spaces=("semantic",))
+
+    def __init__(self, config: EagerConfig, n_items: int, max_len: int, *, ids: dict[str, IdTable] | None = None,
+                 vector_dims: dict[str, int] | None = None, trained_items: int | None = None):
+        self.require_ids(ids)
+        vocabs = {space: SemanticVocabulary(ids[space], n_items, collision_vocab=config.collision_vocab, space=space)
+                  for space in SPACES}
+        super().__init__(n_items, max_len, vocabs)
+        self.config, D = config, config.d_model
+        dims = {space: 0 for space in SPACES} if config.gct == "off" else \
+            {space: vector_dim(ids[space], n_items, space, (vector_dims or {}).get(space)) for space in SPACES}
+        for space in SPACES:
+            vectors = None if config.gct == "off" or ids[space].vectors is None else \
+                F.normalize(torch.as_tensor(ids[space].vectors).float(), dim=-1)
+            self.register_buffer(f"vectors_{space}", vectors, persistent=False)  # training only; not saved
+        self.vector_dims, self.trained_items = dims, n_items if trained_items is None else trained_items
+        require(1 <= self.trained_items <= n_items, f"trained_items={trained_items} must be in 1..{n_items}")
+        self.item_emb = nn.Embedding(self.trained_items + 1, D, padding_idx=0) \
+            if config.encoder_input == "item_ids" else None
+        self.enc_pos = nn.Embedding(max_len, D)
+        self.encoder = nn.ModuleList(Block(D, config.n_heads, config.d_ff, config.dropout)
+                                     for _ in range(config.n_encoder_layers))
+        self.enc_ln, self.drop = nn.LayerNorm(D), nn.Dropout(config.dropout)
+        self.decoders = nn.ModuleDict({space: StreamDecoder(vocabs[space], config, dims[space]) for space in SPACES})
+        self.stt = SemanticGuidedTransfer(config, vocabs["behavior"].n_tokens) if config.stt else None
+        for emb in (self.item_emb, self.enc_pos):
+            if emb is not None:
+                nn.init.normal_(emb.weight, std=0.02)
+        if self.item_emb is not None:
+            self.item_emb.weight.data[0] = 0
+
+    @property
+    def gct_weights(self) -> dict[str, float]:
+        return {"behavior": self.config.gct_weight_behavior, "semantic": self.config.gct_weight_semantic}
+
+    def beam_width(self, k: int) -> int:
+        return max(k, self.config.beam_size)
+
+    def checkpoint_context(self) -> dict[str, Any]:
+        return {**super().checkpoint_context(), "vector_dims": self.vector_dims, "trained_items": self.trained_items}
+
+    @classmethod
+    def context_from_checkpoint(cls, context: dict[str, Any], weights: dict[str, torch.Tensor]) -> dict[str, Any]:
+        recorded = context["id_spaces"]
+        ids = {}
+        for space in SPACES:
+            table = weights[f"vocabs.{space}.item_codes"]
+            if list(table.shape) != list(recorded[space]["shape"]):
+                raise ValueError(f"the {space} ID table has shape {list(table.shape)}, model.json says "
+                                 f"{recorded[space]['shape']}")
+            ids[space] = IdTable(table, recorded[space]["level_sizes"])
+        return {"ids": ids, "vector_dims": context["vector_dims"], "trained_items": context["trained_items"]}
+
+    # --- encoder and decoders -----------------------------------------------------------
+    def encode(self, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """history (B, T) -> memory (B, T, D) and its key mask (B, 1, 1, T)."""
+        B, T = history.shape
+        if T > self.max_len:
+            raise ValueError(f"history length {T} exceeds max_len={self.max_len}")
+        if self.item_emb is None:  # each item as the sum of its code tokens in both spaces
+            x = self.code_inputs(history, SPACES)
+        else:
+            learned = history <= self.trained_items
+            x = self.item_emb(history * learned)  # (B, T, D)
+            if not learned.all():  # registered after training: no learned row, read by its semantic codes
+                x = torch.where(learned[..., None], x, self.code_inputs(history, ("semantic",)))
+        x = self.drop(x + self.enc_pos(torch.arange(self.max_len - T, self.max_len, device=history.device)))
+        valid = history > 0
+        valid[:, -1] |= ~valid.any(1)  # an empty history still has one key (no NaN)
+        mask = valid[:, None, None, :]
+        for block in self.encoder:
+            x = block(x, mask=mask)
+        return self.enc_ln(x), mask
+
+    def code_inputs(self, history: torch.Tensor, spaces: tuple[str, ...]) -> torch.Tensor:
+        """history (B, T) -> (B, T, D): each item as the sum of its code tokens in ``spaces`` (the
+        decoders' input tables); a space where the item has no ID adds nothing."""
+        out = 0
+        for space in spaces:
+            vocab = self.vocabs[space]
+            codes = vocab.item_codes[history]  # (B, T, L + 1)
+            emb = self.decoders[space].token_emb(vocab.tokens(codes.clamp(min=0)))  # (B, T, L + 1, D)
+            out = out + (emb * (codes != ABSENT)[..., None]).sum(2)
+        return out
+
+    def stream_states(self, space: str, history: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing: history (B, T), full IDs (B, L + 1) in ``space`` -> decoder states
+        (B, L + 3, D): positions 0..L predict the codes, the last is the summary."""
+        memory, mask = self.encode(history)
+        decoder = self.decoders[space]
+        return decoder(self.vocabs[space], codes, decoder.memory_kv(memory), mask, summary=True)
+
+    # --- the contract --------------------------------------------------------------------
+    def loss(self, batch: Batch) -> LossOutput:
+        """Target ``targets[:, -1]`` (else ``target``); rows whose target is 0 are ignored."""
+        target = batch.targets[:, -1] if batch.targets is not None else batch.target
+        if target is None:
+            raise ValueError("EAGER's loss needs batch.targets (training windows) or batch.target")
+        keep = (target > 0).float()  # masked, not indexed: the same graph on every DDP rank
+        count = keep.sum().clamp(min=1.0)
+        memory, mask = self.encode(batch.history)
+        parts, summaries, total = {}, {}, 0.0
+        for space in SPACES:
+            decoder, vocab = self.decoders[space], self.vocabs[space]
+            codes = vocab.item_codes[target]  # (B, L + 1)
+            states = decoder(vocab, codes, decoder.memory_kv(memory), mask, summary=True)  # (B, L + 3, D)
+            gen = (-decoder.code_log_probs(states, codes).mean(1) * keep).sum() / count
+            parts[f"gen_{space}"], total = gen, total + gen
+            summaries[space] = states[:, -1]
+            if self.config.gct != "off":
+                gct = (self.gct_loss(space, states[:, -1], target) * keep).sum() / count
+                parts[f"gct_{space}"], total = gct, total + self.config.lambda_gct * self.gct_weights[space] * gct
+        if self.stt is not None:
+            codes = self.vocabs["behavior"].item_codes[target]
+            recon, recog = self.stt(self.vocabs["behavior"], self.decoders["behavior"].token_emb, codes,
+                                    summaries["semantic"].detach(), self.config.stt_mask_ratio)
+            recon, recog = (recon * keep).sum() / count, (recog * keep).sum() / count
+            parts.update(stt=recon + recog, stt_reconstruction=recon, stt_recognition=recog)
+            total = total + self.config.lambda_stt * (recon + recog)
+        return LossOutput(total, {name: value.detach() for name, value in parts.items()})
+
+    def gct_loss(self, space: str, summary: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """summary (B, D) states, target (B,) items -> the GCT loss of each row (B,)."""
+        vectors = self.get_buffer(f"vectors_{space}")
+        if vectors is None:
+            raise ValueError(f"GCT (model.gct={self.config.gct}) needs the {space} stream's item vectors "
+                             "(IdTable.vectors, loaded from its ids run when training); this model was built "
+                             "without them, e.g. from a checkpoint: it can recommend but not train")
+        z = F.normalize(self.decoders[space].project(summary).float(), dim=-1)  # (B, Dv)
+        positive = vectors[target]  # (B, Dv), unit rows
+        if self.config.gct == "smooth_l1":
+            return F.smooth_l1_loss(z, positive, reduction="none").sum(-1)
+        n = min(self.config.gct_negatives, self.n_items)
+        negatives = torch.randperm(self.n_items, device=target.device)[:n] + 1  # (n,) shared by the batch
+        logits = torch.cat([(z * positive).sum(-1, keepdim=True), z @ vectors[negatives].T], 1)  # (B, 1 + n)
+        logits[:, 1:] = logits[:, 1:].masked_fill(negatives[None, :] == target[:, None], float("-inf"))
+        return F.cross_entropy(logits / self.config.gct_temperature,
+                               torch.zeros(len(target), dtype=torch.long, device=target.device), reduction="none")
+
+    def search(self, space: str, memory: torch.Tensor, mask: torch.Tensor, k: int,
+               exclude: torch.Tensor | None) -> BeamResult:
+        """Constrained beam search in one stream over an encoded batch; scores are sums of log-probs."""
+        decoder, vocab = self.decoders[space], self.vocabs[space]
+        kv = decoder.memory_kv(memory)
+
+        def step(prefix: torch.Tensor) -> torch.Tensor:  # (R, t) -> (R, V_t)
+            h = decoder(vocab, prefix, kv, mask)[:, -1]
+            return F.log_softmax(decoder.heads[prefix.shape[1]](h).float(), -1)
+
+        return beam_search(step, vocab.trie, len(memory), k, self.beam_width(k), exclude=exclude)
+
+    def sequence_log_prob(self, space: str, memory: torch.Tensor, mask: torch.Tensor,
+                          items: torch.Tensor) -> torch.Tensor:
+        """items (B, G) -> log p(the item's ID in ``space`` | history), (B, G); -inf where item < 1
+        or the item has no ID in ``space``."""
+        decoder, vocab = self.decoders[space], self.vocabs[space]
+        found = (items >= 1) & vocab.has_id(items.clamp(min=0))
+        codes = vocab.item_codes[items.clamp(min=0)].clamp(min=0).reshape(-1, vocab.n_tokens)  # (B * G, L + 1)
+        states = decoder(vocab, codes[:, :-1], decoder.memory_kv(memory), mask)
+        out = decoder.code_log_probs(states, codes).sum(1).reshape(items.shape)
+        return out.masked_fill(~found, float("-inf"))
+
+    @torch.no_grad()
+    def recommend_streams(self, batch: Batch, k: int, exclude_history: bool = False) -> FusedRecommendation:
+        """The fused top k with the stream that produced each item (``model.fusion``)."""
+        self.check_k(k)
+        memory, mask = self.encode(batch.history)
+        exclude = batch.history if exclude_history else None
+        spaces = [self.config.fusion] if self.config.fusion in SPACES else list(SPACES)
+        found = {s: self.search(s, memory, mask, k, exclude) for s in spaces}
+        if len(spaces) == 1:
+            out = found[spaces[0]]
+            return FusedRecommendation(out.items, out.scores, torch.full_like(out.items, SPACES.index(spaces[0])))
+        items = torch.cat([found[s].items for s in SPACES], 1)  # (B, 2k)
+        streams = torch.arange(2, device=items.device).repeat_interleave(k).expand_as(items)
+        if self.config.fusion == "confidence":
+            scores = torch.cat([found[s].scores / self.vocabs[s].n_tokens for s in SPACES], 1)
+        else:
+            scores = self.summed_log_prob(memory, mask, items)
+        return merge_streams(items, scores, streams, k)
+
+    def summed_log_prob(self, memory: torch.Tensor, mask: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """The released code's fusion score of items (B, G): the sum of both streams' log-probabilities;
+        an item without behaviour codes counts its semantic mean code log-probability for each of the
+        behaviour stream's codes."""
+        semantic = self.sequence_log_prob("semantic", memory, mask, items)
+        behavior = self.sequence_log_prob("behavior", memory, mask, items)
+        lacking = (items >= 1) & ~self.vocabs["behavior"].has_id(items.clamp(min=0))
+        stand_in = semantic / self.vocabs["semantic"].n_tokens * self.vocabs["behavior"].n_tokens
+        return semantic + torch.where(lacking, stand_in, behavior)
+
+    @torch.no_grad()
+    def recommend(self, batch: Batch, k: int, exclude_history: bool = False) -> Recommendation:
+        out = self.recommend_streams(batch, k, exclude_history)
+        return Recommendation(items=out.items, scores=out.scores)
+
+
+def merge_streams(items: torch.Tensor, scores: torch.Tensor, streams: torch.Tensor, k: int) -> FusedRecommendation:
+    """items, scores, streams (B, C) from both streams (-1: no item) -> the best k distinct items;
+    an item found by both keeps its best score and is marked 2 (both)."""
+    scores = scores.masked_fill(items < 1, float("-inf"))
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    items, scores, streams = items.gather(1, order), scores.gather(1, order), streams.gather(1, order)
+    same = (items[:, :, None] == items[:, None, :]) & (items[:, :, None] > 0)  # (B, C, C)
+    earlier = same.tril(-1).any(2)  # a better copy comes first
+    both = (same & (streams[:, :, None] != streams[:, None, :])).any(2)
+    scores = scores.masked_fill(earlier, float("-inf"))
+    top, keep = scores.topk(k, dim=1)
+    return FusedRecommendation(items.gather(1, keep), top, torch.where(both, 2, streams).gather(1, keep))
+
+
+def vector_dim(ids: IdTable, n_items: int, space: str, recorded: int | None) -> int:
+    """The size of a stream's GCT vectors: of ``ids.vectors`` (checked: (n_items + 1, D), row i is
+    item i), else as recorded in the checkpoint."""
+    if ids.vectors is None:
+        if recorded is None:
+            raise ValueError(f"GCT needs the {space} stream's item vectors: give its IdTable the vectors its IDs were "
+                             "built from (IdTable.vectors, (n_items + 1, D)), or set model.gct=off")
+        return int(recorded)
+    shape = tuple(torch.as_tensor(ids.vectors).shape)
+    if len(shape) != 2 or shape[0] != n_items + 1 or shape[1] < 1:
+        raise ValueError(f"the {space} stream's item vectors must be ({n_items + 1}, D) (row i: item i, row 0 "
+                         f"padding), got {shape}")
+    return shape[1]

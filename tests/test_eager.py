@@ -1,0 +1,418 @@
+"""EAGER: shapes, constrained decoding in both streams, beam search against exhaustive scoring,
+each loss part training, both GCT variants against their formulas, STT's corruption, the two
+fusions, checkpoints, and a pipeline run on synthetic data with behaviour and content IDs."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from recsys.models import Batch, Eager, EagerConfig, IdTable
+from recsys.models.eager import corrupted, merge_streams
+from recsys.semantic_ids import SemanticIdIndex
+from recsys.training.checkpoint import load_model, save_checkpoint
+from windows import tiny_windows
+
+N_ITEMS, MAX_LEN, B = 40, 6, 8
+TINY = dict(d_model=32, n_heads=2, n_decoder_layers=1, d_ff=64, dropout=0.0, beam_size=10)
+
+
+def id_table(seed: int, sizes: list[int], dim: int, n_used: int | None = None) -> IdTable:
+    """Random codes (of the first ``n_used`` codes per level: a sparse trie) and random vectors."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, n_used or sizes[0], (N_ITEMS, len(sizes)), generator=g)
+    index = SemanticIdIndex(item_ids=torch.arange(1, N_ITEMS + 1), codes=codes, codebook_sizes=sizes)
+    vectors = torch.cat([torch.zeros(1, dim), torch.randn(N_ITEMS, dim, generator=g)])
+    return IdTable.from_index(index, N_ITEMS)._replace(vectors=vectors)
+
+
+def two_spaces() -> dict[str, IdTable]:
+    # behaviour: 2 levels of 8 codes of which 3 are used; semantic: 3 levels of 4 (+ collision levels)
+    return {"behavior": id_table(0, [8, 8], 12, n_used=3), "semantic": id_table(1, [4, 4, 4], 20)}
+
+
+def make_model(seed: int = 0, **overrides) -> Eager:
+    torch.manual_seed(seed)
+    return Eager(EagerConfig(**{**TINY, **overrides}), N_ITEMS, MAX_LEN, ids=two_spaces())
+
+
+def make_batch(seed: int = 0) -> Batch:
+    return tiny_windows(N_ITEMS, MAX_LEN, B, seed)
+
+
+def test_config_is_validated():
+    for bad, message in [(dict(lambda_gct=-1.0), "model.lambda_gct=-1.0 is out of range"),
+                         (dict(lambda_stt=2000.0), "model.lambda_stt=2000.0 is out of range"),
+                         (dict(gct="l2"), "model.gct"), (dict(fusion="max"), "model.fusion"),
+                         (dict(encoder_input="text"), "model.encoder_input"),
+                         (dict(stt_mask_ratio=0.0), "model.stt_mask_ratio=0.0 is out of range"),
+                         (dict(gct_temperature=0.0), "model.gct_temperature=0.0 is out of range"),
+                         (dict(d_model=30, n_heads=4), "divisible")]:
+        with pytest.raises(ValueError, match=message):
+            EagerConfig(**bad)
+    model = Eager(EagerConfig(), N_ITEMS, MAX_LEN, ids=two_spaces())  # the paper's sizes
+    assert len(model.encoder) == 1 and all(len(d.blocks) == 4 for d in model.decoders.values())
+    assert model.item_emb.weight.shape == (N_ITEMS + 1, 128)
+
+
+def test_ids_and_vectors_are_checked():
+    ids = two_spaces()
+    with pytest.raises(ValueError, match=r"built with the ID spaces \['behavior', 'semantic'\], got \['semantic'\]"):
+        Eager(EagerConfig(**TINY), N_ITEMS, MAX_LEN, ids={"semantic": ids["semantic"]})
+    no_vectors = {**ids, "semantic": ids["semantic"]._replace(vectors=None)}
+    with pytest.raises(ValueError, match="GCT needs the semantic stream's item vectors"):
+        Eager(EagerConfig(**TINY), N_ITEMS, MAX_LEN, ids=no_vectors)
+    wrong = {**ids, "behavior": ids["behavior"]._replace(vectors=torch.zeros(N_ITEMS, 12))}
+    with pytest.raises(ValueError, match=r"behavior stream's item vectors must be \(41, D\)"):
+        Eager(EagerConfig(**TINY), N_ITEMS, MAX_LEN, ids=wrong)
+    model = Eager(EagerConfig(**TINY, gct="off"), N_ITEMS, MAX_LEN, ids=no_vectors)  # no GCT: no vectors needed
+    assert not any(name.startswith("gct") for name in model.loss(make_batch()).parts)
+
+
+def test_shapes_and_loss_parts():
+    model = make_model()
+    batch = make_batch()
+    for space, n_tokens in (("behavior", 3), ("semantic", 4)):
+        codes = model.vocabulary(space).item_codes[batch.target]
+        assert model.stream_states(space, batch.history, codes).shape == (B, n_tokens + 2, 32)  # BOS, codes, summary
+    out = model.loss(batch)
+    assert set(out.parts) == {"gen_behavior", "gen_semantic", "gct_behavior", "gct_semantic", "stt",
+                              "stt_reconstruction", "stt_recognition"}
+    assert out.total.requires_grad and all(not p.requires_grad for p in out.parts.values())
+    parts = out.parts
+    expected = (parts["gen_behavior"] + parts["gen_semantic"] + 1.0 * parts["gct_behavior"]
+                + 10.0 * parts["gct_semantic"] + parts["stt"])
+    torch.testing.assert_close(out.total.detach(), expected)
+    model.eval()
+    rec = model.recommend_streams(Batch(history=batch.history), 5)
+    assert rec.items.shape == rec.scores.shape == rec.streams.shape == (B, 5)
+    assert set(rec.streams.unique().tolist()) <= {0, 1, 2}
+    assert not any(n.startswith("stt") for n in make_model(stt=False).loss(batch).parts)
+
+
+@pytest.mark.parametrize("space", ["behavior", "semantic"])
+def test_each_stream_decodes_only_existing_ids_and_its_beam_equals_exhaustive_scoring(space):
+    model = make_model(beam_size=N_ITEMS)
+    model.eval()
+    history = make_batch().history
+    vocab = model.vocabulary(space)
+    with torch.no_grad():
+        memory, mask = model.encode(history)
+        found = model.search(space, memory, mask, N_ITEMS, None)
+        every = model.sequence_log_prob(space, memory, mask, torch.arange(1, N_ITEMS + 1).expand(B, -1))  # (B, N)
+    assert ((found.items >= 1) & (found.items <= N_ITEMS)).all()
+    assert torch.equal(found.codes, vocab.item_codes[found.items])  # every decoded ID is an item's ID
+    torch.testing.assert_close(found.scores, every.sort(1, descending=True).values, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(found.scores, every.gather(1, found.items - 1), atol=1e-5, rtol=1e-5)
+
+
+def test_each_loss_part_trains():
+    model = make_model()
+    batch = make_batch()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+
+    def parts():
+        torch.manual_seed(7)  # the same negatives and STT masks each time
+        return model.loss(batch).parts
+
+    before = parts()
+    for _ in range(40):
+        loss = model.loss(batch).total
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = parts()
+    for name in before:
+        assert after[name] < 0.9 * before[name], (name, before[name], after[name])
+
+
+def test_gct_infonce_over_every_item_is_a_softmax_over_the_catalogue_and_masks_the_positive():
+    model = make_model(gct_negatives=4096)  # more than the catalogue: every item is drawn, the positive too
+    summary, target = torch.randn(B, 32), torch.randint(1, N_ITEMS + 1, (B,))
+    for space in ("behavior", "semantic"):
+        z = F.normalize(model.decoders[space].project(summary), dim=-1)
+        vectors = F.normalize(model.get_buffer(f"vectors_{space}")[1:], dim=-1)
+        expected = F.cross_entropy(z @ vectors.T / 0.3, target - 1, reduction="none")
+        torch.testing.assert_close(model.gct_loss(space, summary, target), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_gct_infonce_samples_the_configured_number_of_negatives():
+    model = make_model(gct_negatives=5)
+    summary, target = torch.randn(B, 32), torch.randint(1, N_ITEMS + 1, (B,))
+    torch.manual_seed(3)
+    loss = model.gct_loss("semantic", summary, target)
+    torch.manual_seed(3)
+    negatives = torch.randperm(N_ITEMS)[:5] + 1
+    z = F.normalize(model.decoders["semantic"].project(summary), dim=-1)
+    vectors = model.get_buffer("vectors_semantic")
+    logits = torch.cat([(z * vectors[target]).sum(-1, keepdim=True), z @ vectors[negatives].T], 1) / 0.3
+    logits[:, 1:][negatives[None, :] == target[:, None]] = float("-inf")
+    torch.testing.assert_close(loss, -logits.log_softmax(1)[:, 0])
+
+
+def test_gct_smooth_l1_is_the_summed_smooth_l1_between_unit_vectors():
+    model = make_model(gct="smooth_l1")
+    summary, target = torch.randn(B, 32), torch.randint(1, N_ITEMS + 1, (B,))
+    z = F.normalize(model.decoders["behavior"].project(summary), dim=-1)
+    positive = F.normalize(two_spaces()["behavior"].vectors[target], dim=-1)
+    diff = (z - positive).abs()
+    expected = torch.where(diff < 1, 0.5 * diff ** 2, diff - 0.5).sum(-1)
+    torch.testing.assert_close(model.gct_loss("behavior", summary, target), expected)
+    assert set(model.loss(make_batch()).parts) >= {"gct_behavior", "gct_semantic"}
+
+
+def test_stt_corruption_replaces_codes_with_others_of_their_level_at_the_ratio():
+    torch.manual_seed(0)
+    codes = torch.randint(0, 3, (2000, 3))
+    codes[:, 2] = 0  # the last level has one code: it can never be replaced
+    out = corrupted(codes, [3, 5, 1], 0.5)
+    changed = out != codes
+    assert (changed.sum(1) >= 1).all() and not changed[:, 2].any()
+    assert (out[:, 0] < 3).all() and (out[:, 1] < 5).all()
+    assert 0.5 < changed[:, :2].float().mean() < 0.7  # 0.5 each, plus one where none was drawn
+    one = corrupted(codes, [3, 5, 1], 1e-6)  # almost never drawn: exactly one code per row
+    assert ((one != codes).sum(1) == 1).all()
+    with pytest.raises(ValueError, match="needs a level with more than one code"):
+        corrupted(torch.zeros(2, 2, dtype=torch.long), [1, 1], 0.5)
+
+
+def test_merge_keeps_the_best_copy_of_an_item_and_marks_items_both_streams_found():
+    items = torch.tensor([[5, 7, 9, 7, 2, 1]])
+    scores = torch.tensor([[-1.0, -2.0, -3.0, -0.5, -4.0, -9.0]])
+    streams = torch.tensor([[0, 0, 0, 1, 1, 1]])
+    out = merge_streams(items, scores, streams, 4)
+    assert out.items.tolist() == [[7, 5, 9, 2]]
+    assert out.scores.tolist() == [[-0.5, -1.0, -3.0, -4.0]]
+    assert out.streams.tolist() == [[2, 0, 0, 1]]
+
+
+def fused(fusion: str):
+    """A tiny model with ``fusion``, its fused top 5 for the tiny batch, and the encoded batch."""
+    model = make_model(fusion=fusion)
+    model.eval()
+    history = make_batch().history
+    with torch.no_grad():
+        return model, model.recommend_streams(Batch(history=history), 5), *model.encode(history)
+
+
+@pytest.mark.parametrize("fusion", ["confidence", "sum"])
+def test_fusions_rank_by_their_scores(fusion):
+    model, rec, memory, mask = fused(fusion)
+    with torch.no_grad():
+        logp = {s: model.sequence_log_prob(s, memory, mask, rec.items) for s in ("behavior", "semantic")}
+        tops = {s: model.search(s, memory, mask, 5, None).items for s in ("behavior", "semantic")}
+    if fusion == "sum":
+        torch.testing.assert_close(rec.scores, logp["behavior"] + logp["semantic"], atol=1e-5, rtol=1e-5)
+    else:  # the confidence of the stream that found it: its mean code log-probability
+        conf = torch.stack([logp["behavior"] / 3, logp["semantic"] / 4])  # (2, B, k)
+        found = torch.stack([(rec.items[:, :, None] == tops[s][:, None, :]).any(2) for s in ("behavior", "semantic")])
+        torch.testing.assert_close(rec.scores, conf.masked_fill(~found, float("-inf")).max(0).values,
+                                   atol=1e-5, rtol=1e-5)
+    for row in range(B):  # each item comes from the stream(s) it says
+        for item, stream in zip(rec.items[row].tolist(), rec.streams[row].tolist()):
+            in_b, in_s = item in tops["behavior"][row].tolist(), item in tops["semantic"][row].tolist()
+            assert stream == (2 if in_b and in_s else 0 if in_b else 1)
+    assert (rec.scores[:, :-1] >= rec.scores[:, 1:]).all()
+
+
+@pytest.mark.parametrize("space", ["behavior", "semantic"])
+def test_one_stream_fusion_is_that_streams_beam(space):
+    model, rec, memory, mask = fused(space)
+    assert torch.equal(rec.items, model.search(space, memory, mask, 5, None).items)
+    assert (rec.streams == ("behavior", "semantic").index(space)).all()
+
+
+def test_code_token_inputs_read_each_item_by_its_codes_in_both_spaces():
+    model = make_model(encoder_input="codes")
+    assert model.item_emb is None
+    history = make_batch().history
+    model.eval()
+    memory, _ = model.encode(history)
+    twin = history.clone()
+    twin[twin == 1] = 2  # items with other codes read differently
+    assert not torch.allclose(memory, model.encode(twin)[0])
+    assert model.loss(make_batch()).total.isfinite()
+
+
+def test_a_checkpoint_recommends_the_same_and_refuses_to_train_without_its_vectors(tmp_path):
+    model = make_model()
+    model.eval()
+    save_checkpoint(tmp_path / "ckpt", model, "eager")
+    meta = json.loads((tmp_path / "ckpt" / "model.json").read_text())
+    assert meta["context"]["vector_dims"] == {"behavior": 12, "semantic": 20}
+    loaded = load_model(tmp_path / "ckpt")
+    batch = make_batch()
+    assert torch.equal(model.recommend(batch, 10).items, loaded.recommend(batch, 10).items)
+    with pytest.raises(ValueError, match="GCT .* needs the behavior stream's item vectors"):
+        loaded.loss(batch)
+
+
+def test_the_behaviour_source_is_a_config_with_item_vectors_trained_without_validation_targets(tmp_path):
+    from recsys.experiment import behavior_experiment, load_experiment
+
+    def eager(*overrides):
+        return load_experiment(None, ["model.name=eager", f"run.root={tmp_path}", *overrides])
+
+    with pytest.raises(ValueError, match="decodes a behavior ID space: set behavior.config"):
+        behavior_experiment(eager())
+    for name in ("two_tower", "sasrec", "tiger"):
+        (tmp_path / f"{name}.yaml").write_text(f"model:\n  name: {name}\n")
+    assert behavior_experiment(eager(f"behavior.config={tmp_path / 'sasrec.yaml'}")).model_name == "sasrec"
+    source = behavior_experiment(eager(f"behavior.config={tmp_path / 'two_tower.yaml'}",
+                                       "behavior.overrides=[model.d_model=16]"))
+    assert source.model_name == "two_tower" and source.model.d_model == 16 and source.run.root == str(tmp_path)
+    with pytest.raises(ValueError, match="trains model.name='tiger', which exposes no item vectors"):
+        behavior_experiment(eager(f"behavior.config={tmp_path / 'tiger.yaml'}"))
+    with pytest.raises(ValueError, match="is a refit .* would leak them"):
+        behavior_experiment(eager(f"behavior.config={tmp_path / 'sasrec.yaml'}",
+                                  "behavior.overrides=[trainer.selection.refit=true]"))
+
+
+def test_recsys_pipeline_trains_eager_on_behaviour_ids_from_a_two_tower_and_content_ids(tmp_path, monkeypatch,
+                                                                                       capsys):
+    """`recsys pipeline` with model.name=eager, in process: data -> embed -> content IDs, data ->
+    two-tower -> behaviour IDs, -> EAGER -> evaluate. The sentence encoder is stood in for by fixed
+    random content vectors (an embed run of the same shape). Then benchmarks/eager_fusions.py
+    scores the checkpoint under every fusion."""
+    import benchmarks.record
+    import pipelines.stages
+    from benchmarks.eager_fusions import main as fusions
+    from pipelines.cli import main
+    from recsys.runs import mark_complete, read_json, write_json
+    from recsys.text import write_embeddings
+
+    def fake_embed(exp, data_dir, parent):
+        embed_dir = parent / "embed"
+        embed_dir.mkdir()
+        write_embeddings(embed_dir / "embeddings.parquet", np.arange(1, 41),
+                         np.random.default_rng(0).normal(size=(40, 24)).astype(np.float32), "fake",
+                         [str(i) for i in range(40)])
+        write_json(embed_dir / "config.json", {"data_dir": str(data_dir)})
+        (embed_dir / "summary.md").write_text("# embed (stand-in)\n")
+        mark_complete(embed_dir, "embed")
+        return embed_dir
+
+    monkeypatch.setattr(pipelines.stages, "run_embed_stage", fake_embed)
+    common = [f"run.root={tmp_path}", "data.synthetic.n_users=120", "data.synthetic.n_items=40",
+              "data.max_history=6", "trainer.resources.use_ray=false", "trainer.resources.threads=1",
+              "trainer.optim.epochs=1", "trainer.optim.batch_size=32"]
+    (tmp_path / "two-tower.yaml").write_text("model:\n  name: two_tower\n  d_model: 16\n  n_layers: 1\n")
+    tiny_eager = ["model.name=eager", "model.d_model=16", "model.n_heads=2", "model.n_decoder_layers=1",
+                  "model.d_ff=32", "model.beam_size=20", "trainer.optim.epochs=2", "ids.method=hkmeans",
+                  "ids.use_ray=false", "ids.hkmeans.branching=4", "ids.hkmeans.max_levels=2"]
+    assert main(["pipeline", *common, *tiny_eager]) == 2  # no behaviour source: refused before any work
+    assert "set behavior.config" in capsys.readouterr().err and not (tmp_path / "pipeline").exists()
+    assert main(["pipeline", *common, *tiny_eager, f"behavior.config={tmp_path / 'two-tower.yaml'}",
+                 f"behavior.overrides=[{','.join(common)}]"]) == 0
+    (run_dir,) = (tmp_path / "pipeline").iterdir()
+    stages = read_json(run_dir / "metrics.json")["stages"]
+    assert set(stages) == {"data", "embed", "ids", "behavior", "train", "evaluate"}
+    data_dir, train_dir = run_dir / "data", run_dir / "train"
+    behavior, semantic = run_dir / "behavior" / "ids", run_dir / "ids"
+    assert read_json(behavior / "config.json")["train_dir"] == str(run_dir / "behavior" / "train")
+    assert all((Path(d) / "COMPLETE").is_file() and (Path(d) / "summary.md").is_file() for d in stages.values())
+    assert read_json(run_dir / "behavior" / "train" / "config.json")["model"]["name"] == "two_tower"
+    assert read_json(run_dir / "behavior" / "train" / "config.json")["data_dir"] == str(data_dir)
+    assert read_json(train_dir / "config.json")["ids_dirs"] == {"semantic": str(semantic), "behavior": str(behavior)}
+    epochs = [json.loads(line) for line in (train_dir / "epochs.jsonl").read_text().splitlines()]
+    assert {"train_gen_behavior", "train_gct_semantic", "train_stt"} <= set(epochs[-1])
+    model = load_model(train_dir / "checkpoints" / "best")
+    assert model.vector_dims == {"behavior": 16, "semantic": 24}  # the two-tower's d_model, the content dim
+    test = read_json(run_dir / "metrics.json")["test"]
+    monkeypatch.setattr(benchmarks.record, "RESULTS", tmp_path / "results")
+    fusions([str(train_dir / "checkpoints" / "best"), "--data", str(data_dir), "--name", "tiny", "--max-history", "6",
+             "--threads", "1"])
+    records = {f: read_json(tmp_path / "results" / "eager" / "synthetic" / f"tiny-{f}.json")
+               for f in ("confidence", "sum", "behavior", "semantic")}
+    for fusion, record in records.items():
+        assert record["protocol"] == {"history": "kept", "refit": False, "selected_on": "valid"}
+        assert set(record["metrics"]) == {"valid", "test"} and record["config"]["fusion"] == fusion
+        assert sum(record["stream_share"]["test"].values()) == pytest.approx(1.0, abs=1e-3)
+    assert records["behavior"]["stream_share"]["valid"]["behavior"] == 1.0
+    assert records["semantic"]["stream_share"]["valid"]["semantic"] == 1.0
+    assert records["confidence"]["metrics"]["test"] == {k: round(v, 4) for k, v in test.items()}  # as shipped
+    with pytest.raises(ValueError, match=r"give an ids run for \['behavior'\]"):
+        pipelines.stages.run_train(load_experiment_of(train_dir), data_dir=data_dir, ids_dirs={"semantic": semantic})
+
+
+def load_experiment_of(train_dir: Path):
+    from recsys.experiment import experiment_dict_from_run, experiment_from_dict
+    from recsys.runs import read_json
+
+    return experiment_from_dict(experiment_dict_from_run(read_json(train_dir / "config.json")))
+
+
+def test_an_ids_run_built_from_another_item_catalogue_is_refused(tmp_path):
+    import shutil
+
+    import pandas as pd
+
+    from pipelines.stages import run_data
+    from recsys.experiment import load_experiment
+    from recsys.runs import write_json
+    from recsys.training.session import check_ids_catalogue
+
+    data = run_data(load_experiment(None, [f"run.root={tmp_path}", "data.synthetic.n_users=60",
+                                           "data.synthetic.n_items=40"]))
+    twin, other = tmp_path / "twin", tmp_path / "other"
+    shutil.copytree(data, twin)  # another data run of the same catalogue
+    shutil.copytree(data, other)
+    items = pd.read_parquet(other / "items.parquet")
+    items.loc[4, "raw_id"] = "someone-else"
+    items.to_parquet(other / "items.parquet", index=False)
+
+    def ids_run(name: str, source_data: Path | None, key: str) -> Path:
+        source, ids = tmp_path / f"{name}-source", tmp_path / name
+        source.mkdir()
+        ids.mkdir()
+        if source_data is not None:
+            write_json(source / "config.json", {"data_dir": str(source_data)})
+        write_json(ids / "config.json", {key: str(source)})
+        return ids
+
+    check_ids_catalogue({"semantic": ids_run("same", data, "embed_dir"), "behavior": ids_run("from-twin", twin, "train_dir"),
+                         "hand-made": ids_run("unrecorded", None, "embed_dir")}, data)
+    with pytest.raises(ValueError, match=r"behavior ids run .* item catalogue differs .* \(item 5: 'someone-else' there"):
+        check_ids_catalogue({"behavior": ids_run("bad", other, "train_dir")}, data)
+    with pytest.raises(ValueError, match="which is gone"):
+        check_ids_catalogue({"semantic": ids_run("gone", tmp_path / "nowhere", "embed_dir")}, data)
+
+
+def test_a_new_item_joins_with_semantic_codes_only_and_each_fusion_ranks_it_by_its_rule(tmp_path):
+    model = make_model(fusion="sum")
+    model.eval()
+    new = torch.tensor([[3, 3, 3, 15]])  # collision code 15: free (the collision level has 16 tokens)
+    with pytest.raises(ValueError, match=r"registers items with IDs in \['semantic'\] \(and optionally \['behavior'\]\)"):
+        model.register_items(torch.tensor([N_ITEMS + 1]), {"behavior": torch.zeros(1, 3, dtype=torch.long)})
+    model.register_items(torch.tensor([N_ITEMS + 1]), {"semantic": new})
+    item = torch.tensor([N_ITEMS + 1])
+    assert model.n_items == N_ITEMS + 1 and model.trained_items == N_ITEMS
+    assert not model.vocabulary("behavior").has_id(item) and model.vocabulary("semantic").has_id(item)
+    assert model.item_ids("behavior", item).tolist() == [[-1, -1, -1]]
+    history = make_batch().history
+    history[0, -1] = N_ITEMS + 1  # in a history too: read by its semantic codes
+    memory, mask = model.encode(history)
+    assert model.search("behavior", memory, mask, N_ITEMS, None).items.max() <= N_ITEMS  # never decoded there
+    assert (model.search("semantic", memory, mask, N_ITEMS + 1, None).items == N_ITEMS + 1).any(1).all()
+    semantic = model.sequence_log_prob("semantic", memory, mask, item.expand(B, 1))[:, 0]
+    assert model.sequence_log_prob("behavior", memory, mask, item.expand(B, 1)).isinf().all()
+    for fusion, expected in (("sum", semantic + semantic / 4 * 3), ("confidence", semantic / 4)):
+        model.config = EagerConfig(**{**TINY, "fusion": fusion})
+        rec = model.recommend_streams(Batch(history=history), N_ITEMS + 1)
+        assert all(sorted(row) == list(range(1, N_ITEMS + 2)) for row in rec.items.tolist())  # the whole catalogue
+        at = rec.items == N_ITEMS + 1
+        torch.testing.assert_close(rec.scores[at], expected, atol=1e-5, rtol=1e-5)
+        assert (rec.streams[at] == 1).all()  # found by the semantic stream alone
+    # the encoder reads it by its semantic codes: other codes, other memory at that position
+    twin = make_model()
+    twin.eval()
+    twin.register_items(torch.tensor([N_ITEMS + 1]), {"semantic": torch.tensor([[0, 1, 2, 15]])})
+    assert not torch.allclose(model.encode(history)[0][0], twin.encode(history)[0][0])
+    torch.testing.assert_close(model.encode(history)[0][1:], twin.encode(history)[0][1:])
+    save_checkpoint(tmp_path / "ckpt", model, "eager")
+    loaded = load_model(tmp_path / "ckpt")
+    assert loaded.trained_items == N_ITEMS and loaded.n_items == N_ITEMS + 1
+    assert torch.equal(loaded.recommend(Batch(history=history), 10).items, model.recommend(Batch(history=history), 10).items)

@@ -1,0 +1,15 @@
+"""Tiny training windows shared by the generative retrievers' tests (TIGER, EAGER)."""
+
+import torch
+
+from recsys.models import Batch
+
+
+def tiny_windows(n_items: int, max_len: int, rows: int, seed: int = 0) -> Batch:
+    """``rows`` random windows of ``max_len`` items and the next one; the first 3 rows start with 2
+    padding columns. history (rows, max_len), targets (rows, max_len), target (rows,)."""
+    seq = torch.randint(1, n_items + 1, (rows, max_len + 1), generator=torch.Generator().manual_seed(seed))
+    seq[:3, :2] = 0
+    targets = seq[:, 1:].clone()
+    targets[seq[:, :-1] == 0] = 0
+    return Batch(history=seq[:, :-1], targets=targets, target=seq[:, -1])
