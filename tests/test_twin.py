@@ -46,7 +46,8 @@ def reference_alpha(model, b: Batch):
     sim = torch.einsum("bcv,bmv->bcm", torch.nn.functional.normalize(model.item_vectors[b.candidates], dim=-1),
                        torch.nn.functional.normalize(b.long_vectors, dim=-1))
     cross = torch.cat([model.gap_emb(gap)[:, None].expand(-1, query.shape[1], -1, -1), sim[..., None]], -1)
-    alpha = alpha + model.cross(cross)
+    w = torch.cat([model.cross_gap.weight, model.cross_sim.weight], 1)  # (K_c W_c) β as one linear map
+    alpha = alpha + cross @ w.T + model.cross_gap.bias
     if model.config.history == "clusters":
         alpha = alpha + b.long_sizes.clamp(min=1).float().log()[:, None, :, None]
     return alpha, keys, b.long_sizes > 0

@@ -132,11 +132,17 @@ def kmeans_labels(x: np.ndarray, k: int, rng: np.random.Generator, steps: int = 
             break
         labels = new
         counts = np.bincount(labels, minlength=len(c))
-        sums = np.zeros_like(c)
-        np.add.at(sums, labels, x)
+        sums = _member_sums(x, labels, len(c))
         keep = counts > 0  # an emptied centroid stays where it was
         c[keep] = sums[keep] / counts[keep, None]
     return labels
+
+
+def _member_sums(x: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """(k, D) sums of x's rows per label, as one matrix product (np.add.at is ~20x slower)."""
+    onehot = np.zeros((k, len(x)), dtype=x.dtype)
+    onehot[labels, np.arange(len(x))] = 1.0
+    return onehot @ x
 
 
 def _virtual_items(items: np.ndarray, x: np.ndarray, labels: np.ndarray, n_clusters: int) -> VirtualItems:
@@ -147,9 +153,7 @@ def _virtual_items(items: np.ndarray, x: np.ndarray, labels: np.ndarray, n_clust
     rank[np.argsort(first, kind="stable")] = np.arange(n_clusters)
     labels = rank[labels] if n_clusters else labels
     size = np.bincount(labels, minlength=n_clusters).astype(np.int64)  # (C,)
-    sums = np.zeros((n_clusters, x.shape[1]), dtype=np.float64)
-    np.add.at(sums, labels, x)
-    mean = sums / np.maximum(size, 1)[:, None]  # (C, D)
+    mean = _member_sums(x, labels, n_clusters) / np.maximum(size, 1)[:, None]  # (C, D)
     position = np.bincount(labels, weights=np.arange(len(labels), dtype=np.float64), minlength=n_clusters)
     position = position / np.maximum(size, 1)
     dist = ((x - mean[labels]) ** 2).sum(axis=1)  # (L,) each event to its own centroid

@@ -114,7 +114,10 @@ class Twin(Ranker):
         if config.history != "none":
             self.long_attn = TargetAttention(d, config.n_heads)
             self.gap_emb = nn.Embedding(config.gap_buckets + 1, 8)
-            self.cross = nn.Linear(8 + (1 if content_dim else 0), config.n_heads)  # (K_c W_c) β, per head
+            # (K_c W_c) β per head, one linear map split by feature so that the behaviour-only part
+            # (the gap) is computed per behaviour, not per (candidate, behaviour) pair
+            self.cross_gap = nn.Linear(8, config.n_heads)
+            self.cross_sim = nn.Linear(1, config.n_heads, bias=False) if content_dim else None
             long_out = d
         self.rank_emb = nn.Embedding(RANK_BUCKETS + 1, 8)
         self.mlp = nn.Sequential(nn.Linear(3 * d + long_out + 8 + 2, config.mlp_dim), nn.ReLU(),
@@ -187,12 +190,11 @@ class Twin(Ranker):
         length = batch.long_sizes.sum(1, keepdim=True).float()  # (B, 1) events before the target
         gap = (length - batch.long_positions).clamp(min=1)  # (B, M) newest = 1
         bucket = gap.log2().floor().long().clamp(0, self.config.gap_buckets)
-        cross = [self.gap_emb(bucket)[:, None].expand(-1, query.shape[1], -1, -1)]  # (B, C, M, 8)
-        if self.item_vectors is not None:
+        alpha = self.long_attn.logits(query, keys) + self.cross_gap(self.gap_emb(bucket))[:, None]  # (B, C, M, H)
+        if self.cross_sim is not None:  # cosine of the candidate's and the entry's item vectors
             cand_vec = F.normalize(self.item_vectors[batch.candidates], dim=-1)  # (B, C, Dv)
             sim = torch.einsum("bcv,bmv->bcm", cand_vec, F.normalize(batch.long_vectors, dim=-1))
-            cross.append(sim[..., None])
-        alpha = self.long_attn.logits(query, keys) + self.cross(torch.cat(cross, dim=-1))  # (B, C, M, H)
+            alpha = alpha + sim[..., None] * self.cross_sim.weight[:, 0]
         if self.config.history == "clusters":  # TWIN-V2: a cluster of n events counts for ln n more
             alpha = alpha + batch.long_sizes.clamp(min=1).float().log()[:, None, :, None]
         k = min(self.config.top_k, keys.shape[1])
