@@ -225,3 +225,20 @@ def test_rank_verb_trains_the_cascade_and_reports_it_beside_the_retriever(retrie
     full = evaluate(load_model(held / "checkpoints" / "best"), split.test)
     assert alone["recall@10"] == pytest.approx(full["recall@10"]) and alone["ndcg@10"] == pytest.approx(full["ndcg@10"])
     assert (run_dir / "COMPLETE").is_file() and "retriever + ranker" in (run_dir / "summary.md").read_text()
+
+
+def test_a_validation_cache_prepares_each_batch_once_and_scores_the_same():
+    data = generate_synthetic(SyntheticConfig(n_users=20, n_items=N_ITEMS, min_length=10, max_length=30, seed=5))
+    h = leave_one_out(data, max_history=20).full_histories("valid")
+    cands = np.tile(np.arange(1, 9), (len(h), 1))
+    found = CandidateSet(h.user_index, cands, np.zeros(cands.shape, np.float32), h.targets)
+    model = make({"name": "twin_v2", "gamma": 3}).eval()
+    calls = []
+    prepare = model.prepare
+    model.prepare = lambda b: calls.append(1) or prepare(b)
+    cache: dict = {}
+    first = ranker_scores(model, found, h, batch_size=8, cache=cache)
+    again = ranker_scores(model, found, h, batch_size=8, cache=cache)
+    assert len(cache) == 3 and len(calls) == 3 + 2 * 3  # 3 cached prepares; score's own returns at once
+    np.testing.assert_array_equal(first, again)
+    np.testing.assert_allclose(first, ranker_scores(model, found, h, batch_size=8), rtol=1e-6)

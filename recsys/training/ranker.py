@@ -117,6 +117,7 @@ def train_ranker(model: Ranker, train: CandidateSet, train_histories: Histories,
     best: RankerFit | None = None
     history: list[dict] = []
     last = cfg.optim.stop_epoch or cfg.optim.epochs
+    valid_cache: dict = {}  # the validation batches, prepared once
     for epoch in range(last):
         start = time.perf_counter()
         rng = np.random.default_rng([cfg.data.seed, epoch])
@@ -137,7 +138,7 @@ def train_ranker(model: Ranker, train: CandidateSet, train_histories: Histories,
             losses.append(out.total.item())
         record = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "epoch_s": time.perf_counter() - start}
         if (epoch + 1) % cfg.selection.eval_every == 0 or epoch + 1 == last:
-            figures = evaluate_ranker(model, valid, valid_histories)
+            figures = evaluate_ranker(model, valid, valid_histories, cache=valid_cache)
             record.update({f"valid_{k}": v for k, v in figures.items()})
             if best is None or figures[metric] > best.valid[metric]:
                 best = RankerFit(copy.deepcopy(model.state_dict()), epoch + 1, figures)
