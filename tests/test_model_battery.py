@@ -122,10 +122,7 @@ def ranker_batch(seed: int = 0, rows: int = 6, cands: int = 5) -> Batch:
 
 @pytest.mark.parametrize("case", RANKER_CASES, ids=lambda c: c.id)
 def test_ranker_save_load_round_trip_and_padding(case, tmp_path):
-    name, model = make(case)
-    model.eval()
-    save_checkpoint(tmp_path / "ckpt", model, name)
-    loaded = load_model(tmp_path / "ckpt")
+    model, loaded = saved_and_loaded(case, tmp_path)
     batch = ranker_batch()
     batch.candidates[0, -1] = 0
     torch.testing.assert_close(model.score(batch), loaded.score(batch))
@@ -153,6 +150,14 @@ def test_ranker_same_seed_same_result_and_overfits_a_tiny_batch(case):
     model.eval()
     batch = ranker_batch()
     assert (model.score(batch).argmax(1) == batch.labels.argmax(1)).all()  # each row's positive first
+
+
+def saved_and_loaded(case: ModelCase, tmp_path):
+    """The case's model in eval mode, and the same model saved and loaded back."""
+    name, model = make(case)
+    model.eval()
+    save_checkpoint(tmp_path / "ckpt", model, name)
+    return model, load_model(tmp_path / "ckpt")
 
 
 def make(case: ModelCase, seed: int = 0):
@@ -196,10 +201,7 @@ def test_no_position_attends_to_the_future(case):
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_save_load_round_trip_gives_the_same_outputs(case, tmp_path):
-    name, model = make(case)
-    model.eval()
-    save_checkpoint(tmp_path / "ckpt", model, name)
-    loaded = load_model(tmp_path / "ckpt")
+    model, loaded = saved_and_loaded(case, tmp_path)
     batch = tiny_batch()
     torch.testing.assert_close(model.recommend(batch, 10).scores, loaded.recommend(batch, 10).scores)
     assert torch.equal(model.recommend(batch, 10).items, loaded.recommend(batch, 10).items)
