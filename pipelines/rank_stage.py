@@ -34,10 +34,14 @@ from recsys.training.evaluate import ranker_figures, ranker_scores
 from recsys.training.ranker import train_ranker
 
 
-def require_ranker(model_name: str) -> None:
-    role = get_spec(model_name).model_cls.role
+def require_ranker(exp: ExperimentConfig) -> None:
+    role = get_spec(exp.model_name).model_cls.role
     if role != "ranker":
-        raise ValueError(f"model.name={model_name!r} is a {role}; `recsys rank` trains a ranker (e.g. twin, twin_v2)")
+        raise ValueError(f"model.name={exp.model_name!r} is a {role}; `recsys rank` trains a ranker (e.g. twin, "
+                         "twin_v2)")
+    if exp.trainer.resources.use_ray:  # said, not silently ignored
+        raise ValueError("rankers train in-process (Ray Train is not wired for them yet): set "
+                         "trainer.resources.use_ray=false")
 
 
 def retriever_experiment(retriever_dir: Path) -> tuple[ExperimentConfig, dict]:
@@ -66,7 +70,7 @@ def ranker_context(retriever_dir: Path) -> dict:
 
 def run_train_ranker(exp: ExperimentConfig, candidates_dir: Path, parent: Path | None = None) -> Path:
     """Train ``exp``'s ranker on a candidates run; select on validation (no test figure here)."""
-    require_ranker(exp.model_name)
+    require_ranker(exp)
     candidates_dir = require_complete(candidates_dir, "candidates")
     cand_config = read_json(candidates_dir / CONFIG_FILE)
     for name in ("train", "valid"):
@@ -121,7 +125,7 @@ def run_rank(exp: ExperimentConfig, retriever_dir: Path, top_n: int = 100,
     """The cascade: the retriever's candidates, the ranker trained on them, test scored once."""
     from pipelines.stages import run_candidates
 
-    require_ranker(exp.model_name)
+    require_ranker(exp)
     require_holdout(Path(retriever_dir))
     start = time.perf_counter()
     run_dir = stage_run_dir(exp.run.root, "rank", exp.run.name or exp.model_name, parent)

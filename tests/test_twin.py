@@ -206,6 +206,9 @@ def test_rank_verb_trains_the_cascade_and_reports_it_beside_the_retriever(retrie
     args = ["rank", f"run.root={root}", "model.name=twin_v2", "model.gamma=3", "model.d_model=16",
             "model.hard_negatives=10", "model.random_negatives=5", "trainer.optim.epochs=2",
             "trainer.optim.batch_size=32", "trainer.selection.patience=0", "--top-n", "20"]
+    assert main([*args, "--retriever", str(held)]) == 2  # use_ray defaults to true
+    assert "rankers train in-process" in capsys.readouterr().err
+    args.insert(1, "trainer.resources.use_ray=false")
     assert main([*args, "--retriever", str(plain)]) == 2
     assert "trainer.data.ranker_holdout=true" in capsys.readouterr().err
     assert main([*args, "--retriever", str(held)]) == 0
@@ -242,3 +245,19 @@ def test_a_validation_cache_prepares_each_batch_once_and_scores_the_same():
     assert len(cache) == 3 and len(calls) == 3 + 2 * 3  # 3 cached prepares; score's own returns at once
     np.testing.assert_array_equal(first, again)
     np.testing.assert_allclose(first, ranker_scores(model, found, h, batch_size=8), rtol=1e-6)
+
+
+def test_train_verb_trains_a_ranker_from_a_candidates_run(retriever_run):
+    from pipelines.cli import main
+    from pipelines.stages import run_candidates
+
+    root, held, _ = retriever_run
+    cand_dir, _ = run_candidates(held, 20)
+    args = ["train", f"run.root={root}", "run.name=from-candidates", "model.name=twin", "model.d_model=16",
+            "model.hard_negatives=5", "model.random_negatives=3", "trainer.optim.epochs=1",
+            "trainer.resources.use_ray=false", "--candidates", str(cand_dir)]
+    assert main(args) == 0
+    run_dir = next(p for p in (root / "train").iterdir() if p.name.endswith("from-candidates"))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["best_epoch"] == 1 and {"auc", "gauc", "ndcg@10"} <= set(metrics["valid"])
+    assert (run_dir / "checkpoints" / "best" / "model.safetensors").is_file() and (run_dir / "COMPLETE").is_file()
