@@ -90,8 +90,7 @@ def run_train_ranker(exp: ExperimentConfig, candidates_dir: Path, parent: Path |
     load = lambda name: CandidateSet.load(candidates_dir / candidates_file(name))  # noqa: E731
     start = time.perf_counter()
     fit = train_ranker(model, load("train"), split.full_histories("train"), load("valid"),
-                       split.full_histories("valid"), exp.trainer, hard_negatives=exp.model.hard_negatives,
-                       random_negatives_n=exp.model.random_negatives)
+                       split.full_histories("valid"), exp.trainer, random_negatives_n=exp.model.random_negatives)
     wall = time.perf_counter() - start
     save_checkpoint(run_dir / "checkpoints" / "best", model, exp.model_name)
     write_json(run_dir / "epochs.json", fit.history)

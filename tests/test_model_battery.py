@@ -104,6 +104,8 @@ RANKER_CASES = [
     ModelCase("twin-ids-only", {"name": "twin", "d_model": 16, "top_k": 4, "dropout": 0.0}, None),
     ModelCase("twin-v2", {"name": "twin_v2", "d_model": 16, "n_heads": 2, "gamma": 3, "top_k": 3, "dropout": 0.0},
               None, ranker_context),
+    ModelCase("twin-v2-vectors-only", {"name": "twin_v2", "d_model": 16, "gamma": 3, "top_k": 3, "dropout": 0.0,
+                                       "id_embeddings": False}, None, ranker_context),
     ModelCase("twin-short-only", {"name": "twin", "d_model": 16, "history": "none", "dropout": 0.0}, None),
 ]
 

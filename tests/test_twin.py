@@ -151,13 +151,17 @@ def test_clusters_need_item_vectors_and_scores_need_retriever_features():
         model.score(b)
 
 
-def test_training_lists_keep_the_top_and_append_a_missed_target():
-    cands = np.array([[5, 6, 7, 8], [5, 6, 7, 8], [5, 6, 7, 8]])
-    scores = np.array([[4, 3, 2, 1]] * 3, dtype=np.float32)
-    lists = training_lists(CandidateSet(np.arange(3), cands, scores, np.array([6, 8, 9])), hard=2)
-    assert lists.items.tolist() == [[5, 6, 0], [5, 6, 8], [5, 6, 9]]
-    assert lists.ranks.tolist() == [[0, 1, -1], [0, 1, 3], [0, 1, -1]]
-    assert lists.scores[1, 2] == 1 and lists.scores[2, 2] == 0
+def test_training_lists_are_the_whole_list_and_a_missed_target_takes_a_random_place():
+    cands = np.array([[5, 6, 7, 8]] * 40)
+    scores = np.array([[4, 3, 2, 1]] * 40, dtype=np.float32)
+    targets = np.array([6, 8] + [9] * 38)
+    lists = training_lists(CandidateSet(np.arange(40), cands, scores, targets))
+    assert lists.items[:2].tolist() == [[5, 6, 7, 8]] * 2  # found targets stay where the retriever put them
+    assert lists.ranks.tolist() == [[0, 1, 2, 3]] * 40 and lists.scores.tolist() == scores.tolist()
+    assert ((lists.items[2:] == 9).sum(1) == 1).all()  # the missed target replaces one candidate
+    places = (lists.items[2:] == 9).argmax(1)
+    assert len(set(places.tolist())) == 4  # anywhere in the list, not always at its end
+    np.testing.assert_array_equal(lists.items, training_lists(CandidateSet(np.arange(40), cands, scores, targets)).items)
     randoms = random_negatives(np.random.default_rng(0), 12, lists.items, 6)
     for row, taken in zip(randoms, lists.items):
         real = row[row > 0]
@@ -204,7 +208,7 @@ def test_rank_verb_trains_the_cascade_and_reports_it_beside_the_retriever(retrie
 
     root, held, plain = retriever_run
     args = ["rank", f"run.root={root}", "model.name=twin_v2", "model.gamma=3", "model.d_model=16",
-            "model.hard_negatives=10", "model.random_negatives=5", "trainer.optim.epochs=2",
+            "model.random_negatives=5", "trainer.optim.epochs=2",
             "trainer.optim.batch_size=32", "trainer.selection.patience=0", "--top-n", "20"]
     assert main([*args, "--retriever", str(held)]) == 2  # use_ray defaults to true
     assert "rankers train in-process" in capsys.readouterr().err
@@ -254,7 +258,7 @@ def test_train_verb_trains_a_ranker_from_a_candidates_run(retriever_run):
     root, held, _ = retriever_run
     cand_dir, _ = run_candidates(held, 20)
     args = ["train", f"run.root={root}", "run.name=from-candidates", "model.name=twin", "model.d_model=16",
-            "model.hard_negatives=5", "model.random_negatives=3", "trainer.optim.epochs=1",
+            "model.random_negatives=3", "trainer.optim.epochs=1",
             "trainer.resources.use_ray=false", "--candidates", str(cand_dir)]
     assert main(args) == 0
     run_dir = next(p for p in (root / "train").iterdir() if p.name.endswith("from-candidates"))

@@ -25,7 +25,11 @@ Departures from the papers and why:
 - Clustering needs item vectors; without content vectors we use the retriever's frozen item
   embeddings (``recsys rank`` passes them), so clusters group behaviourally similar items.
 - Besides the long-term and short-term interests, the MLP reads the retriever's rank (log2
-  bucket) and per-list standardised score of the candidate and log(1 + history length).
+  bucket) and per-list standardised score of the candidate and log(1 + history length); the same
+  two retriever features also reach the logit directly (a learned bias per rank bucket plus a
+  weight on the score), so the ranker learns a correction to the retriever's order.
+- ``model.id_embeddings=false`` drops the learned ID embedding (items are their item vectors):
+  with one example per user, ID embeddings memorise the training targets.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recsys.config import require_choice, require_range
+from recsys.config import require, require_choice, require_range
 from recsys.history import cluster_history
 from recsys.models.base import Batch, Capabilities, LossOutput, Ranker
 from recsys.models.layers import TargetAttention
@@ -60,9 +64,11 @@ class TwinConfig:
     gap_buckets: int = 16  # log2 buckets of the position gap, a cross feature
     mlp_dim: int = 128
     dropout: float = 0.1
-    hard_negatives: int = 100  # training: the top of the retriever's list per example
     random_negatives: int = 20  # training: uniform random items per example, redrawn every epoch
     cluster_seed: int = 0
+    # false: items are their item vectors alone, no learned ID embedding (with one training example
+    # per user, 1,090 on LastFM, per-item embeddings mostly memorise the training targets)
+    id_embeddings: bool = True
 
     def __post_init__(self):
         require_range("model.d_model", self.d_model, 1, 4096)
@@ -77,9 +83,10 @@ class TwinConfig:
         require_range("model.gap_buckets", self.gap_buckets, 1, 64)
         require_range("model.mlp_dim", self.mlp_dim, 1, 65536)
         require_range("model.dropout", self.dropout, 0.0, 0.95)
-        require_range("model.hard_negatives", self.hard_negatives, 1, 100000)
         require_range("model.random_negatives", self.random_negatives, 0, 100000)
         require_range("model.cluster_seed", self.cluster_seed, 0, 2**31 - 1)
+        require(isinstance(self.id_embeddings, bool), f"model.id_embeddings must be true or false, got "
+                f"{self.id_embeddings!r}")
 
 
 @dataclass
@@ -106,8 +113,10 @@ class Twin(Ranker):
                 raise ValueError("model.history=clusters clusters behaviours by their item vectors; build the "
                                  "ranker with item_vectors (a retriever's item embeddings or content vectors)")
         content_dim = 0 if item_vectors is None else item_vectors.shape[1]
-        self.item_emb = nn.Embedding(n_items + 1, d, padding_idx=0)
-        self.inherent = nn.Linear(d + content_dim, d)  # W_h's shared front: per item, cacheable
+        if not config.id_embeddings and not content_dim:
+            raise ValueError("model.id_embeddings=false leaves items no features without item_vectors")
+        self.item_emb = nn.Embedding(n_items + 1, d, padding_idx=0) if config.id_embeddings else None
+        self.inherent = nn.Linear((d if config.id_embeddings else 0) + content_dim, d)  # W_h's front: per item
         self.short_pos = nn.Embedding(config.short_len, d)
         self.short_attn = TargetAttention(d, config.n_heads)
         long_out = 0
@@ -120,11 +129,21 @@ class Twin(Ranker):
             self.cross_sim = nn.Linear(1, config.n_heads, bias=False) if content_dim else None
             long_out = d
         self.rank_emb = nn.Embedding(RANK_BUCKETS + 1, 8)
+        # The retriever's own ranking as a direct path to the logit, and the MLP's last layer at zero:
+        # an untrained ranker orders the candidates exactly as the retriever did, and training
+        # learns a correction (with one example per user, a randomly initialised MLP never climbed
+        # back to the retriever's order in the LastFM pilot).
+        self.rank_prior = nn.Embedding(RANK_BUCKETS + 1, 1)
+        self.score_weight = nn.Parameter(torch.ones(1))
+        nn.init.zeros_(self.rank_prior.weight)
         self.mlp = nn.Sequential(nn.Linear(3 * d + long_out + 8 + 2, config.mlp_dim), nn.ReLU(),
                                  nn.Dropout(config.dropout), nn.Linear(config.mlp_dim, 1))
-        nn.init.normal_(self.item_emb.weight, std=d ** -0.5)
-        with torch.no_grad():
-            self.item_emb.weight[0].zero_()
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+        if self.item_emb is not None:
+            nn.init.normal_(self.item_emb.weight, std=d ** -0.5)
+            with torch.no_grad():
+                self.item_emb.weight[0].zero_()
 
     @classmethod
     def context_from_checkpoint(cls, context: dict[str, Any], weights: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -178,7 +197,7 @@ class Twin(Ranker):
     def embed(self, items: torch.Tensor, vectors: torch.Tensor | None = None) -> torch.Tensor:
         """Inherent features -> (…, D): the ID embedding and the item vector (the members' mean for
         a cluster, given as ``vectors``), projected once."""
-        parts = [self.item_emb(items)]
+        parts = [] if self.item_emb is None else [self.item_emb(items)]
         if self.item_vectors is not None:
             parts.append(self.item_vectors[items] if vectors is None else vectors)
         return self.inherent(torch.cat(parts, dim=-1))
@@ -234,7 +253,8 @@ class Twin(Ranker):
         length = (batch.history > 0).sum(1).float() if batch.long_sizes is None else batch.long_sizes.sum(1).float()
         user = torch.log1p(length)[:, None, None].expand(-1, query.shape[1], 1)
         parts += [self.rank_emb(bucket), standard[..., None], user]
-        return self.mlp(torch.cat(parts, dim=-1)).squeeze(-1)  # (B, C)
+        prior = self.rank_prior(bucket).squeeze(-1) + self.score_weight * standard  # (B, C)
+        return self.mlp(torch.cat(parts, dim=-1)).squeeze(-1) + prior  # (B, C)
 
     def score(self, batch: Batch) -> torch.Tensor:
         return self.logits(batch).masked_fill(batch.candidates == 0, float("-inf"))

@@ -2,10 +2,16 @@
 
 Examples are each user's last training transition s[:n-3] -> s[n-3] (``full_histories("train")``),
 the one a retriever trained with ``trainer.data.ranker_holdout`` never saw as a target. A
-training list is the top ``hard_negatives`` of the retriever's candidates for it (hard negatives,
-with their ranks and scores), the target appended when the retriever ranked it lower or missed it,
-and ``random_negatives`` uniform random items (rank -1: not proposed), redrawn every epoch. Label:
-candidate == target; loss: the ranker's own (BCE for TWIN).
+training list is the retriever's whole candidate list for it (hard negatives, with their ranks and
+scores, exactly as validation and test present them) and ``random_negatives`` uniform random items
+(rank -1: not proposed), redrawn every epoch. Label: candidate == target; loss: the ranker's own
+(BCE for TWIN). Where the list misses the target (70 % of LastFM's users), the target replaces the
+candidate at a uniformly random position and takes its rank and score: a positive for the
+interest features to learn from, whose retriever features say nothing. Two alternatives failed in
+the LastFM pilot: appending the missed target with rank -1 made "not proposed" the likeliest
+positive and a middling retriever score the best sign (validation NDCG@10 0.006-0.027 against the
+retriever's own 0.041), and a list cut to its top left the ranks past the cut seen only on targets.
+Validation and test never insert the target.
 
 Batches are fixed: users sorted by history length and cut into batches once, each prepared once
 (``Ranker.prepare``: TWIN-V2 clusters the history there), so the clustering is not redone every
@@ -45,22 +51,15 @@ class TrainingLists:
     targets: np.ndarray
 
 
-def training_lists(candidates: CandidateSet, hard: int) -> TrainingLists:
-    """The top ``hard`` of each retriever list, plus the target (at its rank in the list, or -1 when
-    the list misses it) when it is not among them; padded with 0 otherwise."""
-    top = min(hard, candidates.candidates.shape[1])
-    users = len(candidates)
-    items = np.zeros((users, top + 1), dtype=np.int64)
-    ranks = np.full((users, top + 1), -1, dtype=np.int64)
-    scores = np.zeros((users, top + 1), dtype=np.float32)
-    items[:, :top], scores[:, :top] = candidates.candidates[:, :top], candidates.scores[:, :top]
-    ranks[:, :top] = np.arange(top)
-    for row in np.flatnonzero(~(items[:, :top] == candidates.targets[:, None]).any(1)):
-        found = np.flatnonzero(candidates.candidates[row] == candidates.targets[row])
-        items[row, top] = candidates.targets[row]
-        if len(found):
-            ranks[row, top], scores[row, top] = found[0], candidates.scores[row, found[0]]
-    return TrainingLists(items, ranks, scores, candidates.targets.copy())
+def training_lists(candidates: CandidateSet, seed: int = 0) -> TrainingLists:
+    """Each retriever list in its order, with ranks and scores; where it misses the target, the target
+    replaces the candidate at a random position (drawn with ``seed``)."""
+    items = candidates.candidates.copy()
+    ranks = np.broadcast_to(np.arange(items.shape[1]), items.shape).copy()
+    missed = np.flatnonzero(~candidates.target_in_set)
+    at = np.random.default_rng([seed, 2]).integers(items.shape[1], size=len(missed))
+    items[missed, at] = candidates.targets[missed]
+    return TrainingLists(items, ranks, candidates.scores.copy(), candidates.targets.copy())
 
 
 def random_negatives(rng: np.random.Generator, n_items: int, taken: np.ndarray, count: int) -> np.ndarray:
@@ -101,7 +100,7 @@ def fixed_batches(model: Ranker, histories: Histories, batch_size: int) -> list[
 
 
 def train_ranker(model: Ranker, train: CandidateSet, train_histories: Histories, valid: CandidateSet,
-                 valid_histories: Histories, cfg: TrainerConfig, *, hard_negatives: int, random_negatives_n: int,
+                 valid_histories: Histories, cfg: TrainerConfig, *, random_negatives_n: int,
                  log: Callable[[str], None] = print) -> RankerFit:
     """Train ``model`` in place; returns the best epoch's weights (also loaded into ``model``)."""
     if not np.array_equal(train.user_index, train_histories.user_index) or \
@@ -109,7 +108,7 @@ def train_ranker(model: Ranker, train: CandidateSet, train_histories: Histories,
         raise ValueError("the training candidates and histories are not of the same users and targets: make both "
                          "from the same data run (`recsys candidates` over the retriever's split)")
     torch.manual_seed(cfg.data.seed)
-    lists = training_lists(train, hard_negatives)
+    lists = training_lists(train, cfg.data.seed)
     batches = fixed_batches(model, train_histories, cfg.optim.batch_size)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, len(batches) * cfg.optim.epochs)
