@@ -66,8 +66,8 @@ class TwinConfig:
     dropout: float = 0.1
     random_negatives: int = 20  # training: uniform random items per example, redrawn every epoch
     cluster_seed: int = 0
-    # false: items are their item vectors alone, no learned ID embedding (with one training example
-    # per user, 1,090 on LastFM, per-item embeddings mostly memorise the training targets)
+    # false: items are their item vectors alone, no learned ID embedding (a precaution where there is
+    # one training example per user, 1,090 on LastFM, against thousands of items)
     id_embeddings: bool = True
 
     def __post_init__(self):
