@@ -8,6 +8,7 @@
                      [--candidates CANDIDATES_RUN]  (rankers)
     recsys evaluate  TRAIN_RUN [--split test|valid]
     recsys candidates TRAIN_RUN --top-n N [--splits train,valid,test]
+    recsys rank      [CONFIG] [key=value ...] --retriever TRAIN_RUN [--top-n 100]   (the cascade)
     recsys pipeline  [CONFIG] [key=value ...]
     recsys tune      SWEEP_CONFIG [key=value ...] [--embed EMBED_RUN] [--data DATA_RUN]
     recsys tune      --resume SWEEP_RUN
@@ -118,6 +119,16 @@ def cmd_candidates(ns: argparse.Namespace) -> None:
     run_dir, metrics = run_candidates(Path(ns.train_run), ns.top_n, tuple(s for s in ns.splits.split(",") if s))
     print(Path(run_dir / SUMMARY_FILE).read_text())
     print(f"candidates run: {run_dir}")
+
+
+def cmd_rank(ns: argparse.Namespace) -> None:
+    """The cascade: a retriever's candidates, a ranker trained on them, test figures of both."""
+    from pipelines.rank_stage import run_rank
+
+    exp = load_experiment(*split_config_args(ns.config))
+    run_dir, _ = run_rank(exp, Path(ns.retriever), ns.top_n)
+    print(Path(run_dir / SUMMARY_FILE).read_text())
+    print(f"rank run: {run_dir}")
 
 
 def cmd_pipeline(ns: argparse.Namespace) -> None:
@@ -249,6 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
     cd.add_argument("--top-n", type=int, required=True, help="candidates per user (1 .. catalogue size)")
     cd.add_argument("--splits", default="train,valid,test", help="comma-separated splits (default train,valid,test)")
     cd.set_defaults(func=cmd_candidates)
+    rk = verbs.add_parser("rank", help="the cascade: a retriever's top-N re-ranked by a ranker (e.g. twin_v2)")
+    rk.add_argument("config", nargs="*", help="[CONFIG.yaml] [key.subkey=value ...] (model.name: a ranker)")
+    rk.add_argument("--retriever", type=Path, required=True,
+                    help="a complete retriever train run, trained with trainer.data.ranker_holdout=true")
+    rk.add_argument("--top-n", type=int, default=100, help="candidates per user (default 100)")
+    rk.set_defaults(func=cmd_rank)
     sv = verbs.add_parser("serve", help="serve a train run over HTTP (Ray Serve) until Ctrl-C")
     sv.add_argument("train_run", type=Path, help="a train run directory (or a pipeline run)")
     sv.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")

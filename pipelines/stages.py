@@ -101,6 +101,12 @@ def run_train(exp: ExperimentConfig, data_dir: Path | None = None, resume_dir: P
     ranker needs ``candidates_dir``, a candidates run. A resumed run is incomplete (no COMPLETE
     marker) until it finishes again."""
     check_candidates_input(exp.model_name, candidates_dir)
+    if candidates_dir is not None:  # a ranker (check_candidates_input refuses candidates for a retriever)
+        if resume_dir is not None or ids_dirs:
+            raise ValueError("a ranker trains from a candidates run alone; it takes no --resume or --ids")
+        from pipelines.rank_stage import run_train_ranker
+
+        return run_train_ranker(exp, Path(candidates_dir), parent)
     if resume_dir is not None:
         run_dir = Path(resume_dir).resolve()
         saved = read_json(run_dir / CONFIG_FILE)
@@ -146,7 +152,6 @@ def check_candidates_input(model_name: str, candidates_dir: Path | None) -> None
     if role != "ranker":
         raise ValueError(f"model.name={model_name!r} is a {role}; only rankers read --candidates")
     require_complete(candidates_dir, "candidates")
-    raise ValueError("training a ranker on candidate sets is not implemented yet (issue 19, workstream 8c)")
 
 
 IDS_EXECUTION_KEYS = {"use_ray", "num_workers", "cpus_per_task", "checkpoint_every", "max_failures"}

@@ -124,6 +124,74 @@ CASES = [
 ]
 
 
+# Rankers score given candidates: their rows check the ranker's half of the contract.
+def ranker_context() -> dict:
+    return {"item_vectors": torch.randn(N_ITEMS + 1, 6, generator=torch.Generator().manual_seed(0))}
+
+
+RANKER_CASES = [
+    ModelCase("twin", {"name": "twin", "d_model": 16, "n_heads": 2, "top_k": 4, "dropout": 0.0}, None, ranker_context),
+    ModelCase("twin-ids-only", {"name": "twin", "d_model": 16, "top_k": 4, "dropout": 0.0}, None),
+    ModelCase("twin-v2", {"name": "twin_v2", "d_model": 16, "n_heads": 2, "gamma": 3, "top_k": 3, "dropout": 0.0},
+              None, ranker_context),
+    ModelCase("twin-v2-vectors-only", {"name": "twin_v2", "d_model": 16, "gamma": 3, "top_k": 3, "dropout": 0.0,
+                                       "id_embeddings": False}, None, ranker_context),
+    ModelCase("twin-short-only", {"name": "twin", "d_model": 16, "history": "none", "dropout": 0.0}, None),
+]
+
+
+def ranker_batch(seed: int = 0, rows: int = 6, cands: int = 5) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    history = torch.randint(1, N_ITEMS + 1, (rows, 3 * MAX_LEN), generator=g)  # longer than max_len: whole histories
+    history[:2, :7] = 0
+    candidates = torch.randint(1, N_ITEMS + 1, (rows, cands), generator=g)
+    labels = torch.zeros(rows, cands)
+    labels[torch.arange(rows), torch.arange(rows) % cands] = 1
+    return Batch(history=history, candidates=candidates, labels=labels,
+                 candidate_ranks=torch.arange(cands).expand(rows, -1).clone(),
+                 candidate_scores=torch.randn(rows, cands, generator=g))
+
+
+@pytest.mark.parametrize("case", RANKER_CASES, ids=lambda c: c.id)
+def test_ranker_save_load_round_trip_and_padding(case, tmp_path):
+    model, loaded = saved_and_loaded(case, tmp_path)
+    batch = ranker_batch()
+    batch.candidates[0, -1] = 0
+    torch.testing.assert_close(model.score(batch), loaded.score(batch))
+    assert torch.isinf(model.score(batch)[0, -1]) and torch.isfinite(model.score(batch)[1:]).all()
+
+
+@pytest.mark.parametrize("case", RANKER_CASES, ids=lambda c: c.id)
+def test_ranker_same_seed_same_result_and_overfits_a_tiny_batch(case):
+    def run(seed, steps):
+        _, model = make(case, seed)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        batch = model.prepare(ranker_batch())  # once, as training does
+        for _ in range(steps):
+            loss = model.loss(batch).total
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return loss.item(), model
+
+    (l1, _), (l2, _), (l3, _) = run(0, 3), run(0, 3), run(1, 3)
+    assert l1 == l2 and l1 != l3
+    first, _ = run(0, 1)
+    last, model = run(0, 100)
+    assert last < 0.2 * first
+    model.eval()
+    batch = ranker_batch()
+    assert (model.score(batch).argmax(1) == batch.labels.argmax(1)).all()  # each row's positive first
+
+
+def saved_and_loaded(case: ModelCase, tmp_path):
+    """The case's model in eval mode, and the same model saved and loaded back."""
+    name, model = make(case)
+    model.eval()
+    save_checkpoint(tmp_path / "ckpt", model, name)
+    return model, load_model(tmp_path / "ckpt")
+
+
 def make(case: ModelCase, seed: int = 0):
     torch.manual_seed(seed)
     name, cfg = model_config_from_dict(case.config)
@@ -150,7 +218,7 @@ def timed(history: torch.Tensor) -> Batch:
 
 
 def test_every_registered_model_has_a_case():
-    assert {c.config["name"] for c in CASES} == set(model_names())
+    assert {c.config["name"] for c in CASES + RANKER_CASES} == set(model_names())
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
@@ -165,10 +233,7 @@ def test_no_position_attends_to_the_future(case):
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_save_load_round_trip_gives_the_same_outputs(case, tmp_path):
-    name, model = make(case)
-    model.eval()
-    save_checkpoint(tmp_path / "ckpt", model, name)
-    loaded = load_model(tmp_path / "ckpt")
+    model, loaded = saved_and_loaded(case, tmp_path)
     batch = tiny_batch()
     torch.testing.assert_close(model.recommend(batch, 10).scores, loaded.recommend(batch, 10).scores)
     assert torch.equal(model.recommend(batch, 10).items, loaded.recommend(batch, 10).items)
@@ -265,7 +330,7 @@ def test_every_shipped_configs_model_variant_has_a_battery_row():
     from recsys.experiment import load_experiment
 
     rows = set()
-    for case in CASES:
+    for case in CASES + RANKER_CASES:
         name, cfg = model_config_from_dict(case.config)
         rows.add(variant(name, asdict(cfg)))
     configs = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))

@@ -7,6 +7,7 @@ from recsys.models.hstu import HSTU, HSTUConfig
 from recsys.models.registry import build_model, get_spec, model_config_from_dict, model_names, register_model
 from recsys.models.sasrec import SASRec, SASRecConfig
 from recsys.models.tiger import Tiger, TigerConfig
+from recsys.models.twin import Twin, TwinConfig, TwinV2Config
 from recsys.models.two_tower import TwoTower, TwoTowerConfig
 from recsys.models.vocabulary import IdTable, SemanticVocabulary, semantic_id_table
 
@@ -15,10 +16,13 @@ register_model("hstu", HSTUConfig, HSTU)
 register_model("tiger", TigerConfig, Tiger)
 register_model("two_tower", TwoTowerConfig, TwoTower)
 register_model("eager", EagerConfig, Eager)
+register_model("twin", TwinConfig, Twin)  # model.history=behaviours: TWIN
+register_model("twin_v2", TwinV2Config, Twin)  # model.history=clusters: TWIN-V2
 
 __all__ = [
     "AtomicIdModel", "Batch", "Capabilities", "LossOutput", "Ranker", "Recommendation", "Retriever",
     "SequenceModel", "SASRec", "SASRecConfig", "HSTU", "HSTUConfig", "Tiger", "TigerConfig",
-    "Eager", "EagerConfig", "semantic_id_table", "IdTable", "SemanticVocabulary", "GenerativeRetriever",
+    "Eager", "EagerConfig", "Twin", "TwinConfig", "TwinV2Config", "semantic_id_table", "IdTable",
+    "SemanticVocabulary", "GenerativeRetriever",
     "build_model", "get_spec", "model_config_from_dict", "model_names", "register_model",
 ]

@@ -38,6 +38,16 @@ class Batch:
         request's time. Needed by relative time biases that read the next event's time.
     candidates: (B, C) item ids a Ranker scores (0 = padding).
     labels: (B, C) float, 1 where the candidate is the user's next item; ranker training.
+    candidate_ranks: (B, C) the retriever's 0-based rank of each candidate, -1 for an item it did
+        not propose (a random negative in ranker training); candidate_scores: (B, C) its score
+        for it (0 where the rank is -1). Rankers that read retriever features need both.
+    long_items, long_sizes, long_positions, long_vectors: the whole history before the target as
+        M entries per row (0-padded): raw behaviours (size 1 each, TWIN) or clusters of them
+        (TWIN-V2's virtual items, ``recsys.history.cluster_history``). long_items (B, M) the item
+        standing for each entry, long_sizes (B, M) its number of events (0 = padding),
+        long_positions (B, M) float the mean position of its events (0 = oldest), long_vectors
+        (B, M, Dv) float the mean of its events' item vectors. A ranker that reads them derives
+        them from ``history`` when they are absent (``Ranker.prepare``); serving may pass stored ones.
     """
 
     history: torch.Tensor
@@ -48,6 +58,12 @@ class Batch:
     target_time: torch.Tensor | None = None
     candidates: torch.Tensor | None = None
     labels: torch.Tensor | None = None
+    candidate_ranks: torch.Tensor | None = None
+    candidate_scores: torch.Tensor | None = None
+    long_items: torch.Tensor | None = None
+    long_sizes: torch.Tensor | None = None
+    long_positions: torch.Tensor | None = None
+    long_vectors: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> "Batch":
         moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -236,6 +252,12 @@ class Ranker(SequenceModel):
     def score(self, batch: Batch) -> torch.Tensor:
         """batch.candidates (B, C) -> scores (B, C), higher first; padding candidates -inf."""
         raise NotImplementedError(f"{type(self).__name__} must implement score()")
+
+    def prepare(self, batch: Batch) -> Batch:
+        """The batch with whatever the ranker derives from the whole history filled in (TWIN-V2:
+        the clusters), outside autograd. Training calls it once per fixed batch and caches the
+        result; ``score`` and ``loss`` call it too, and it returns a prepared batch unchanged."""
+        return batch
 
 
 class AtomicIdModel(Retriever):

@@ -205,3 +205,53 @@ class RelativeBias(nn.Module):
             raise ValueError("time buckets were given to a RelativeBias built without them")
         return bias + self.time[buckets][:, None]  # (B, 1, T, T)
 
+
+
+class TargetAttention(nn.Module):
+    """Multi-head target attention (DIN, TWIN): every candidate queries a sequence of behaviours.
+
+    ``logits`` gives (K W_k)(q W_q)ᵀ / √d_h per head, to which callers add their own bias (TWIN's
+    cross features, TWIN-V2's ln n) and from which they may select (TWIN's GSU keeps the top k);
+    ``pool`` takes softmax-weighted values over what is left. ``forward`` is the plain case, every
+    behaviour attended. Rows with no valid behaviour pool to zeros, never NaN.
+    """
+
+    def __init__(self, d_model: int, n_heads: int):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
+        self.n_heads, self.head_dim = n_heads, d_model // n_heads
+        self.q = nn.Linear(d_model, d_model)
+        self.k = nn.Linear(d_model, d_model)
+        self.v = nn.Linear(d_model, d_model)
+        self.out = nn.Linear(d_model, d_model)
+
+    def logits(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """query (B, C, D), keys (B, S, D) -> (B, C, S, H)."""
+        B, C, _ = query.shape
+        q = self.q(query).view(B, C, self.n_heads, self.head_dim)  # (B, C, H, hd)
+        k = self.k(keys).view(B, keys.shape[1], self.n_heads, self.head_dim)  # (B, S, H, hd)
+        return torch.einsum("bchd,bshd->bcsh", q, k) / self.head_dim ** 0.5
+
+    def values(self, keys: torch.Tensor) -> torch.Tensor:
+        """keys (B, S, D) -> values (B, S, H, hd)."""
+        return self.v(keys).view(keys.shape[0], keys.shape[1], self.n_heads, self.head_dim)
+
+    def pool(self, logits: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """logits (B, C, S, H); values (B, C, S, H, hd) or (B, S, H, hd) shared by the candidates;
+        valid (B, C, S) or (B, S) bool -> (B, C, D)."""
+        if valid.dim() == 2:
+            valid = valid[:, None, :]
+        logits = logits.masked_fill(~valid[..., None], float("-inf"))
+        weights = torch.softmax(logits, dim=2).nan_to_num(0.0)  # an all-masked row: zeros, not NaN
+        if values.dim() == 4:
+            pooled = torch.einsum("bcsh,bshd->bchd", weights, values)
+        else:
+            pooled = torch.einsum("bcsh,bcshd->bchd", weights, values)
+        return self.out(pooled.flatten(2))  # (B, C, D)
+
+    def forward(self, query: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+        """query (B, C, D), keys (B, S, D), valid (B, S) bool, bias (B, C, S, H) -> (B, C, D)."""
+        logits = self.logits(query, keys)
+        return self.pool(logits if bias is None else logits + bias, self.values(keys), valid)

@@ -49,9 +49,15 @@ class TrainDataConfig:
     bucket: int = 0  # > 0: batch histories of similar length (sorted within runs of this many batches)
     seed: int = 0  # batch order, initialisation and dropout
     precision: str = "fp32"  # fp32 | bf16 (autocast)
+    # true: leave each user's last training transition s[:n-3] -> s[n-3] out of training, so a ranker
+    # can train on the retriever's candidates for it without the retriever having memorised its
+    # target (`recsys rank` requires a retriever trained so)
+    ranker_holdout: bool = False
 
     def __post_init__(self):
         require_choice("trainer.data.samples", self.samples, SAMPLE_MODES)
+        require(isinstance(self.ranker_holdout, bool),
+                f"trainer.data.ranker_holdout must be true or false, got {self.ranker_holdout!r}")
         require_range("trainer.data.bucket", self.bucket, 0, 1 << 20)
         require_choice("trainer.data.precision", self.precision, ("fp32", "bf16"))
 
@@ -103,6 +109,11 @@ class TrainerConfig:
     data: TrainDataConfig = field(default_factory=TrainDataConfig)
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     resources: TrainResourcesConfig = field(default_factory=TrainResourcesConfig)
+
+    def __post_init__(self):
+        require(not (self.data.ranker_holdout and self.selection.refit),
+                "trainer.data.ranker_holdout and trainer.selection.refit exclude each other: a refit trains on "
+                "every transition up to validation, a ranker holdout leaves the last training one out")
 
 
 # The one table of renamed keys: the flat trainer keys (before the sections) -> where they live

@@ -85,7 +85,7 @@ def target_ranks_of(model: SequenceModel, eval_set: EvalSet, *, rows: np.ndarray
 @torch.no_grad()
 def evaluate_ranker(model: Ranker, candidates: CandidateSet | None, histories: Histories, *,
                     batch_size: int = 256, ks: tuple[int, ...] = DEFAULT_KS,
-                    device: torch.device | str = "cpu") -> dict[str, float]:
+                    device: torch.device | str = "cpu", cache: dict | None = None) -> dict[str, float]:
     """A Ranker's figures on a retriever's candidate sets: AUC (pooled), GAUC (per-user AUC
     weighted by candidates; users whose target is not in their set have no positive and are
     counted in ``gauc_excluded_users``), and Recall/NDCG@K after re-ranking (a user whose target
@@ -100,23 +100,48 @@ def evaluate_ranker(model: Ranker, candidates: CandidateSet | None, histories: H
                          "make them with `recsys candidates RETRIEVER_RUN --top-n N` and pass that run")
     if max(ks) > candidates.candidates.shape[1]:
         raise ValueError(f"K={max(ks)} exceeds the {candidates.candidates.shape[1]} candidates per user")
+    scores = ranker_scores(model, candidates, histories, batch_size=batch_size, device=device, cache=cache)
+    return ranker_figures(scores, candidates, ks)
+
+
+@torch.no_grad()
+def ranker_scores(model: Ranker, candidates: CandidateSet, histories: Histories, *, batch_size: int = 256,
+                  device: torch.device | str = "cpu", cache: dict | None = None) -> np.ndarray:
+    """(U, C) the ranker's score of every candidate, each user reading their whole history; the
+    Batch carries the retriever's ranks (the candidates' order) and scores of them.
+
+    cache: a dict kept by the caller across calls with the same candidates, histories and batch
+    size (validation every epoch): each batch's ``Ranker.prepare`` output is kept in it, so what a
+    ranker derives from the histories (TWIN-V2's clusters) is computed once."""
     rows = _history_rows(candidates, histories)
     was_training = model.training
     model.eval()
     scores = np.zeros(candidates.candidates.shape, dtype=np.float64)
+    ranks = np.broadcast_to(np.arange(candidates.candidates.shape[1]), candidates.candidates.shape)
     for start in range(0, len(candidates), batch_size):
         part = np.arange(start, min(start + batch_size, len(candidates)))
         items, times = histories.padded(rows[part])
         target_time = None if histories.target_times is None else torch.from_numpy(histories.target_times[rows[part]])
         batch = Batch(history=torch.from_numpy(items), users=torch.from_numpy(candidates.user_index[part]),
                       timestamps=None if times is None else torch.from_numpy(times), target_time=target_time,
-                      candidates=torch.from_numpy(candidates.candidates[part]))
+                      candidates=torch.from_numpy(candidates.candidates[part]),
+                      candidate_ranks=torch.from_numpy(np.ascontiguousarray(ranks[part])),
+                      candidate_scores=torch.from_numpy(candidates.scores[part]))
+        if cache is not None:
+            if start not in cache:
+                cache[start] = model.prepare(batch)
+            batch = cache[start]
         out = model.score(batch.to(device))  # (B, C)
         if out.shape != batch.candidates.shape:
             raise ValueError(f"{type(model).__name__}.score returned {tuple(out.shape)}, expected "
                              f"{tuple(batch.candidates.shape)} (one score per candidate)")
         scores[part] = out.float().cpu().numpy()
     model.train(was_training)
+    return scores
+
+
+def ranker_figures(scores: np.ndarray, candidates: CandidateSet, ks: tuple[int, ...] = DEFAULT_KS) -> dict[str, float]:
+    """``evaluate_ranker``'s figures from (U, C) scores of the candidates."""
     labels = candidates.candidates == candidates.targets[:, None]  # (U, C)
     valid = candidates.candidates > 0
     ranks = reranked_ranks(torch.from_numpy(scores), torch.from_numpy(candidates.candidates),

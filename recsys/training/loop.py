@@ -146,6 +146,9 @@ class Trainer:
         times = None  # the event times, for models that read them (and data that has them)
         if model.capabilities.reads_timestamps:
             times = split.training_with_validation_times() if cfg.selection.refit else split.train_times
+        if cfg.data.ranker_holdout:  # s[n-3], the ranker's training target, is never a target here
+            train = [s[:-1] for s in train]
+            times = None if times is None else [t[:-1] for t in times]
         windows = training_windows(train, model.max_len, cfg.data.samples, times=times)
         self.inputs, self.targets, self.users = windows.inputs, windows.targets, split.train_users[windows.rows]
         self.times, self.target_times = windows.times, windows.target_times  # None without timestamps

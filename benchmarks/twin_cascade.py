@@ -1,0 +1,73 @@
+"""The cascade table of issue 22: one retriever, re-ranked by TWIN-V2, TWIN and the last-20 target
+attention, beside the retriever alone ("no ranker").
+
+    python benchmarks/twin_cascade.py RETRIEVER_RUN --config configs/lastfm-twin_v2.yaml --name NAME \
+        [--variants twin_v2,twin,last20] [--top-n 100] [key=value ...]
+
+RETRIEVER_RUN: a retriever train run trained with ``trainer.data.ranker_holdout=true``. Each variant
+runs ``recsys rank`` (candidates, ranker training selected on validation, test once) and writes
+``benchmarks/results/<ranker>/<dataset>/<NAME>[-history-none].json``: the cascade's re-ranked
+figures at ``metrics.test`` / ``metrics.valid`` (Recall/NDCG@5/10/20, AUC, GAUC), the retriever alone
+on the same candidates at ``metrics.retriever``, the slice of users with more than the retriever's
+20 prior items, and the paired standard error of the per-user NDCG@10 gain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.record import QUALITY_KEYS, RANKER_KEYS, protocol, run_dataset, write_record  # noqa: E402
+from recsys.experiment import load_experiment  # noqa: E402
+from recsys.runs import read_json  # noqa: E402
+
+VARIANTS = {"twin_v2": ["model.name=twin_v2"], "twin": ["model.name=twin"],
+            "last20": ["model.name=twin", "model.history=none"]}
+
+
+def figures(metrics: dict) -> dict:
+    return {k: metrics[k] for k in QUALITY_KEYS + RANKER_KEYS}
+
+
+def main(argv: list[str] | None = None) -> None:
+    from pipelines.rank_stage import run_rank
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("retriever", type=Path)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--top-n", type=int, default=100)
+    parser.add_argument("--note", default="", help="said in every record (e.g. pilot, one seed, machine shared)")
+    ns, overrides = parser.parse_known_args(argv)
+    retriever_config = read_json(ns.retriever / "config.json")
+    dataset = run_dataset(Path(retriever_config["data_dir"]))
+    for variant in ns.variants.split(","):
+        if variant not in VARIANTS:
+            raise SystemExit(f"--variants: {variant!r} is not one of {list(VARIANTS)}")
+        exp = load_experiment(ns.config, [*overrides, *VARIANTS[variant], f"run.name={ns.name}-{variant}"])
+        start = time.perf_counter()
+        run_dir, metrics = run_rank(exp, ns.retriever, ns.top_n)
+        history_none = exp.model.history == "none"
+        path = write_record(
+            f"{ns.name}-history-none" if history_none else ns.name, model=exp.model_name, dataset=dataset,
+            config=exp.to_dict(), wall_s=time.perf_counter() - start, protocol=protocol(exclude_history=False),
+            metrics={"test": figures(metrics["test"]), "valid": figures(metrics["valid"]),
+                     "retriever": {split: figures(metrics["retriever"][split]) for split in ("valid", "test")},
+                     "target_in_set": {split: metrics["candidates"][split]["target_in_set"] for split in ("valid", "test")},
+                     "test_long_history": {"users": metrics["test_long_history"]["users"],
+                                           "ranker": figures(metrics["test_long_history"]["ranker"]),
+                                           "retriever": figures(metrics["test_long_history"]["retriever"])},
+                     "test_ndcg@10_gain": metrics["test_ndcg@10_gain"]},
+            extra={"variant": variant, "retriever_run": str(ns.retriever), "retriever_config": retriever_config,
+                   "rank_run": str(run_dir), "top_n": ns.top_n, "note": ns.note})
+        print(f"{variant}: test ndcg@10 {metrics['test']['ndcg@10']:.4f} (retriever {metrics['retriever']['test']['ndcg@10']:.4f}), "
+              f"auc {metrics['test']['auc']:.4f}, gauc {metrics['test']['gauc']:.4f} -> {path}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""The ranking stage: train a Ranker on a retriever's candidate sets (``recsys train --candidates``)
+and the cascade ``recsys rank --retriever RUN`` (candidates -> ranker -> test once).
+
+The retriever must have been trained with ``trainer.data.ranker_holdout=true``: the ranker
+trains on each user's last training transition, and a retriever that learned that transition's
+target would hand the ranker candidate lists in which the target sits on top, teaching it to trust
+the retriever blindly. Figures: the re-ranked Recall/NDCG@K, AUC and GAUC of the ranker beside
+the same retriever alone on the same candidates (its own order and scores), on every test user
+and on users with more than ``max_history`` prior items; the paired standard error of the
+per-user NDCG@10 difference.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from recsys.candidates import CandidateSet, candidates_file
+from recsys.data import InteractionData
+from recsys.data.split import leave_one_out
+from recsys.experiment import ExperimentConfig, experiment_dict_from_run, experiment_from_dict
+from recsys.metrics import reranked_ranks
+from recsys.models import build_model, get_spec
+from recsys.reporting import results_table
+from recsys.runs import (
+    CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, mark_complete, read_json, require_complete, stage_run_dir, write_json,
+    write_text,
+)
+from recsys.training.checkpoint import load_model, save_checkpoint
+from recsys.training.evaluate import ranker_figures, ranker_scores
+from recsys.training.ranker import train_ranker
+
+
+def require_ranker(exp: ExperimentConfig) -> None:
+    role = get_spec(exp.model_name).model_cls.role
+    if role != "ranker":
+        raise ValueError(f"model.name={exp.model_name!r} is a {role}; `recsys rank` trains a ranker (e.g. twin, "
+                         "twin_v2)")
+    if exp.trainer.resources.use_ray:  # said, not silently ignored
+        raise ValueError("rankers train in-process (Ray Train is not wired for them yet): set "
+                         "trainer.resources.use_ray=false")
+
+
+def retriever_experiment(retriever_dir: Path) -> tuple[ExperimentConfig, dict]:
+    saved = read_json(require_complete(retriever_dir, "train") / CONFIG_FILE)
+    return experiment_from_dict(experiment_dict_from_run(saved)), saved
+
+
+def require_holdout(retriever_dir: Path) -> None:
+    rexp, _ = retriever_experiment(retriever_dir)
+    if not rexp.trainer.data.ranker_holdout:
+        raise ValueError(f"the retriever {retriever_dir} trained on every training transition, including the one a "
+                         "ranker trains on (each user's last, s[n-3]); retrain it with "
+                         "trainer.data.ranker_holdout=true")
+
+
+def ranker_context(retriever_dir: Path) -> dict:
+    """The retriever's item embeddings (row 0: padding) as the ranker's frozen item vectors, when
+    it declares item vectors; else none (the ranker reads item IDs only)."""
+    retriever = load_model(Path(retriever_dir) / "checkpoints" / "best")
+    if not retriever.capabilities.item_vectors:
+        return {}
+    with torch.no_grad():
+        table = retriever.item_embeddings().float().cpu()  # (N, D)
+    return {"item_vectors": torch.cat([torch.zeros(1, table.shape[1]), table])}
+
+
+def run_train_ranker(exp: ExperimentConfig, candidates_dir: Path, parent: Path | None = None) -> Path:
+    """Train ``exp``'s ranker on a candidates run; select on validation (no test figure here)."""
+    require_ranker(exp)
+    candidates_dir = require_complete(candidates_dir, "candidates")
+    cand_config = read_json(candidates_dir / CONFIG_FILE)
+    for name in ("train", "valid"):
+        if name not in cand_config["splits"]:
+            raise ValueError(f"{candidates_dir} has no {name} candidates; make them with --splits train,valid,test")
+    retriever_dir = Path(cand_config["train_dir"])
+    require_holdout(retriever_dir)
+    split = leave_one_out(InteractionData.load(cand_config["data_dir"]), cand_config["max_history"])
+    run_dir = stage_run_dir(exp.run.root, "train", exp.run.name or exp.model_name, parent)
+    write_json(run_dir / CONFIG_FILE, {**exp.to_dict(), "data_dir": cand_config["data_dir"],
+                                       "candidates_dir": str(candidates_dir), "retriever_dir": str(retriever_dir)})
+    if exp.trainer.resources.threads:
+        torch.set_num_threads(exp.trainer.resources.threads)
+    torch.manual_seed(exp.trainer.data.seed)
+    model = build_model(exp.model_name, exp.model, n_items=split.n_items, max_len=cand_config["max_history"],
+                        **ranker_context(retriever_dir))
+    load = lambda name: CandidateSet.load(candidates_dir / candidates_file(name))  # noqa: E731
+    start = time.perf_counter()
+    fit = train_ranker(model, load("train"), split.full_histories("train"), load("valid"),
+                       split.full_histories("valid"), exp.trainer, random_negatives_n=exp.model.random_negatives)
+    wall = time.perf_counter() - start
+    save_checkpoint(run_dir / "checkpoints" / "best", model, exp.model_name)
+    write_json(run_dir / "epochs.json", fit.history)
+    write_json(run_dir / METRICS_FILE, {"valid": fit.valid, "best_epoch": fit.best_epoch,
+                                         "epochs_run": fit.history[-1]["epoch"], "wall_s": round(wall, 2)})
+    write_text(run_dir / SUMMARY_FILE, f"# train ranker: {exp.model_name}\n\n- selected epoch {fit.best_epoch} of "
+               f"{fit.history[-1]['epoch']} on validation {exp.trainer.selection.select_metric}; {wall:.0f} s\n\n"
+               + results_table({"valid": fit.valid}) + "\n")
+    mark_complete(run_dir, "train")
+    return run_dir
+
+
+def retriever_alone(candidates: CandidateSet) -> dict:
+    """The retriever's own figures on its candidates: its order, its scores as the ranking scores."""
+    return ranker_figures(candidates.scores.astype(np.float64), candidates)
+
+
+def per_user_ndcg10(scores: np.ndarray, candidates: CandidateSet) -> np.ndarray:
+    ranks = reranked_ranks(torch.from_numpy(scores), torch.from_numpy(candidates.candidates),
+                           torch.from_numpy(candidates.targets)).numpy()
+    return np.where((ranks >= 0) & (ranks < 10), 1.0 / np.log2(np.maximum(ranks, 0) + 2.0), 0.0)
+
+
+def subset(candidates: CandidateSet, rows: np.ndarray) -> CandidateSet:
+    return CandidateSet(candidates.user_index[rows], candidates.candidates[rows], candidates.scores[rows],
+                        candidates.targets[rows])
+
+
+def run_rank(exp: ExperimentConfig, retriever_dir: Path, top_n: int = 100,
+             parent: Path | None = None) -> tuple[Path, dict]:
+    """The cascade: the retriever's candidates, the ranker trained on them, test scored once."""
+    from pipelines.stages import run_candidates
+
+    require_ranker(exp)
+    require_holdout(Path(retriever_dir))
+    start = time.perf_counter()
+    run_dir = stage_run_dir(exp.run.root, "rank", exp.run.name or exp.model_name, parent)
+    cand_dir, cand_metrics = run_candidates(Path(retriever_dir), top_n, parent=run_dir)
+    train_dir = run_train_ranker(exp, cand_dir, parent=run_dir)
+    cand_config = read_json(cand_dir / CONFIG_FILE)
+    split = leave_one_out(InteractionData.load(cand_config["data_dir"]), cand_config["max_history"])
+    model = load_model(train_dir / "checkpoints" / "best")
+    test, histories = CandidateSet.load(cand_dir / candidates_file("test")), split.full_histories("test")
+    scores = ranker_scores(model, test, histories)
+    length = {int(u): len(h) for u, h in zip(histories.user_index, histories.items)}
+    long_rows = np.flatnonzero([length[int(u)] > cand_config["max_history"] for u in test.user_index])
+    base = test.scores.astype(np.float64)
+    diff = per_user_ndcg10(scores, test) - per_user_ndcg10(base, test)
+    metrics = {
+        "valid": read_json(train_dir / METRICS_FILE)["valid"],
+        "test": ranker_figures(scores, test),
+        "retriever": {"valid": retriever_alone(CandidateSet.load(cand_dir / candidates_file("valid"))),
+                      "test": retriever_alone(test)},
+        "test_long_history": {"users": int(len(long_rows)),
+                              "ranker": ranker_figures(scores[long_rows], subset(test, long_rows)),
+                              "retriever": retriever_alone(subset(test, long_rows))},
+        "test_ndcg@10_gain": {"mean": float(diff.mean()), "paired_se": float(diff.std(ddof=1) / np.sqrt(len(diff)))},
+        "candidates": cand_metrics, "top_n": top_n, "wall_s": round(time.perf_counter() - start, 2),
+    }
+    write_json(run_dir / CONFIG_FILE, {**exp.to_dict(), "retriever_dir": str(retriever_dir), "top_n": top_n,
+                                       "candidates_dir": str(cand_dir), "train_dir": str(train_dir)})
+    write_json(run_dir / METRICS_FILE, metrics)
+    write_text(run_dir / SUMMARY_FILE, "\n".join([
+        f"# rank: {exp.model_name} over the top {top_n} of {Path(retriever_dir).name}", "",
+        results_table({"retriever alone (test)": metrics["retriever"]["test"],
+                       "retriever + ranker (test)": metrics["test"]}),
+        "", f"- test NDCG@10 gain {diff.mean():+.4f} (paired SE {metrics['test_ndcg@10_gain']['paired_se']:.4f})",
+        f"- AUC {metrics['test']['auc']:.4f} / GAUC {metrics['test']['gauc']:.4f} (retriever's scores: "
+        f"{metrics['retriever']['test']['auc']:.4f} / {metrics['retriever']['test']['gauc']:.4f})",
+        f"- users with more than {cand_config['max_history']} prior items: {len(long_rows)}", ""]))
+    mark_complete(run_dir, "rank")
+    return run_dir, metrics

@@ -1,0 +1,267 @@
+"""TWIN / TWIN-V2 ranker: GSU/ESU against references, no leakage of the target, the training
+lists, the retriever holdout, and `recsys rank` end to end on a tiny synthetic run."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from recsys.candidates import CandidateSet
+from recsys.data import SyntheticConfig, generate_synthetic
+from recsys.data.split import leave_one_out
+from recsys.models import Batch, build_model, model_config_from_dict
+from recsys.training.evaluate import ranker_scores
+from recsys.training.ranker import random_negatives, training_lists
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+N_ITEMS = 50
+
+
+def make(config: dict, vectors: bool = True, seed: int = 0):
+    torch.manual_seed(seed)
+    name, cfg = model_config_from_dict(config)
+    item_vectors = torch.randn(N_ITEMS + 1, 6, generator=torch.Generator().manual_seed(1)) if vectors else None
+    return build_model(name, cfg, n_items=N_ITEMS, max_len=20, **({"item_vectors": item_vectors} if vectors else {}))
+
+
+def batch(rows: int = 3, length: int = 40, cands: int = 6, seed: int = 0) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    history = torch.randint(1, N_ITEMS + 1, (rows, length), generator=g)
+    history[0, :length // 2] = 0  # a shorter history
+    candidates = torch.randint(1, N_ITEMS + 1, (rows, cands), generator=g)
+    return Batch(history=history, candidates=candidates, candidate_ranks=torch.arange(cands).expand(rows, -1),
+                 candidate_scores=torch.randn(rows, cands, generator=g))
+
+
+def reference_alpha(model, b: Batch):
+    """TWIN's alpha (B, C, M, H) written out from its parts, and the entries' keys and validity."""
+    b = model.prepare(b)
+    query = model.embed(b.candidates)
+    keys = model.embed(b.long_items, b.long_vectors)
+    alpha = model.long_attn.logits(query, keys)
+    length = b.long_sizes.sum(1, keepdim=True).float()
+    gap = (length - b.long_positions).clamp(min=1).log2().floor().long().clamp(0, model.config.gap_buckets)
+    sim = torch.einsum("bcv,bmv->bcm", torch.nn.functional.normalize(model.item_vectors[b.candidates], dim=-1),
+                       torch.nn.functional.normalize(b.long_vectors, dim=-1))
+    cross = torch.cat([model.gap_emb(gap)[:, None].expand(-1, query.shape[1], -1, -1), sim[..., None]], -1)
+    w = torch.cat([model.cross_gap.weight, model.cross_sim.weight], 1)  # (K_c W_c) β as one linear map
+    alpha = alpha + cross @ w.T + model.cross_gap.bias
+    if model.config.history == "clusters":
+        alpha = alpha + b.long_sizes.clamp(min=1).float().log()[:, None, :, None]
+    return alpha, keys, b.long_sizes > 0
+
+
+def full_attention_reference(model, b: Batch) -> torch.Tensor:
+    """ESU over every entry (no GSU)."""
+    alpha, keys, valid = reference_alpha(model, b)
+    return model.long_attn.pool(alpha, model.long_attn.values(keys), valid)
+
+
+@pytest.mark.parametrize("name", ["twin", "twin_v2"])
+def test_gsu_keeping_everything_equals_full_target_attention(name):
+    model = make({"name": name, "top_k": 1000, "gamma": 4}).eval()
+    b = model.prepare(batch())
+    with torch.no_grad():
+        torch.testing.assert_close(model.long_interest(b, model.embed(b.candidates)), full_attention_reference(model, b))
+
+
+def test_gsu_keeps_the_most_relevant_entries():
+    model = make({"name": "twin", "top_k": 1}).eval()
+    b = model.prepare(batch())
+    with torch.no_grad():
+        one = model.long_interest(b, model.embed(b.candidates))  # (B, C, D)
+        alpha, keys, valid = reference_alpha(model, b)
+        best = alpha.mean(-1).masked_fill(~valid[:, None], float("-inf")).argmax(-1)  # (B, C)
+        values = model.long_attn.values(keys)  # (B, M, H, hd)
+        for row in range(len(b.history)):
+            for c in range(b.candidates.shape[1]):  # one entry kept: its softmax weight is 1
+                expected = model.long_attn.out(values[row, best[row, c]].flatten())
+                torch.testing.assert_close(one[row, c], expected)
+        model.config.top_k = 5
+        assert not torch.allclose(model.long_interest(b, model.embed(b.candidates)), one)
+
+
+def test_twin_v2_adds_ln_n_to_the_relevance_of_a_cluster():
+    v2 = make({"name": "twin_v2", "gamma": 5, "top_k": 1000}).eval()
+    b = v2.prepare(batch())
+    assert (b.long_sizes > 1).any()
+    twin = make({"name": "twin", "top_k": 1000}).eval()
+    twin.load_state_dict(v2.state_dict())
+    with torch.no_grad():
+        with_ln_n, _, _ = reference_alpha(v2, b)
+        without, _, _ = reference_alpha(twin, b)  # the same clusters, scored as TWIN would
+        ln_n = b.long_sizes.clamp(min=1).float().log()[:, None, :, None]
+        torch.testing.assert_close(with_ln_n - without, ln_n.expand_as(without))
+        assert not torch.allclose(v2.long_interest(b, v2.embed(b.candidates)),
+                                  twin.long_interest(b, twin.embed(b.candidates)))
+
+
+def test_clusters_are_of_the_events_before_the_target_only():
+    """No leakage: the clusters (and scores) for a validation example depend on s[:n-2] only."""
+    data = generate_synthetic(SyntheticConfig(n_users=30, n_items=N_ITEMS, min_length=25, max_length=40, seed=2))
+    split = leave_one_out(data, max_history=20)
+    seqs = data.item_sequences()
+    changed = data.sequences.copy()
+    changed["item_ids"] = [np.concatenate([s[:-2], [(s[-2] % N_ITEMS) + 1, (s[-1] % N_ITEMS) + 1]]) for s in seqs]
+    other = leave_one_out(type(data)(data.items, changed, data.stats), max_history=20)
+    model = make({"name": "twin_v2", "gamma": 4}).eval()
+    for split_ in (split, other):
+        h = split_.full_histories("valid")
+        assert [len(x) for x in h.items] == [len(s) - 2 for s in seqs]
+    h, h2 = split.full_histories("valid"), other.full_histories("valid")
+    prepared = model.prepare(Batch(history=torch.from_numpy(h.padded(np.arange(len(h)))[0])))
+    assert prepared.long_sizes.sum(1).tolist() == [len(s) - 2 for s in seqs]
+    members = set(prepared.long_items[prepared.long_sizes > 0].tolist())
+    assert members <= set(np.concatenate(h.items).tolist())
+    cands = np.tile(np.arange(1, 11), (len(h), 1))
+    s1 = ranker_scores(model, CandidateSet(h.user_index, cands, np.zeros(cands.shape, np.float32), h.targets), h)
+    s2 = ranker_scores(model, CandidateSet(h2.user_index, cands, np.zeros(cands.shape, np.float32), h2.targets), h2)
+    np.testing.assert_array_equal(s1, s2)  # the valid and test targets changed; the scores did not
+
+
+def test_prepared_batches_score_like_raw_ones_and_padding_is_minus_inf():
+    model = make({"name": "twin_v2", "gamma": 3}).eval()
+    b = batch()
+    b.candidates[1, -2:] = 0
+    with torch.no_grad():
+        raw, prepared = model.score(b), model.score(model.prepare(b))
+    torch.testing.assert_close(raw, prepared)
+    assert torch.isinf(raw[1, -2:]).all() and torch.isfinite(raw[0]).all()
+
+
+@pytest.mark.parametrize("config,match", [
+    ({"name": "twin_v2", "gamma": 1}, "model.gamma"),
+    ({"name": "twin", "history": "all"}, "model.history"),
+    ({"name": "twin", "d_model": 30, "n_heads": 4}, "divisible"),
+])
+def test_bad_settings_name_their_key(config, match):
+    with pytest.raises(ValueError, match=match):
+        model_config_from_dict(config)
+
+
+def test_clusters_need_item_vectors_and_scores_need_retriever_features():
+    with pytest.raises(ValueError, match="model.history=clusters clusters behaviours by their item vectors"):
+        make({"name": "twin_v2"}, vectors=False)
+    model = make({"name": "twin"}, vectors=False)  # TWIN on IDs alone is allowed
+    b = batch()
+    b.candidate_ranks = None
+    with pytest.raises(ValueError, match="candidate_ranks"):
+        model.score(b)
+
+
+def test_training_lists_are_the_whole_list_and_a_missed_target_takes_a_random_place():
+    cands = np.array([[5, 6, 7, 8]] * 40)
+    scores = np.array([[4, 3, 2, 1]] * 40, dtype=np.float32)
+    targets = np.array([6, 8] + [9] * 38)
+    lists = training_lists(CandidateSet(np.arange(40), cands, scores, targets))
+    assert lists.items[:2].tolist() == [[5, 6, 7, 8]] * 2  # found targets stay where the retriever put them
+    assert lists.ranks.tolist() == [[0, 1, 2, 3]] * 40 and lists.scores.tolist() == scores.tolist()
+    assert ((lists.items[2:] == 9).sum(1) == 1).all()  # the missed target replaces one candidate
+    places = (lists.items[2:] == 9).argmax(1)
+    assert len(set(places.tolist())) == 4  # anywhere in the list, not always at its end
+    np.testing.assert_array_equal(lists.items, training_lists(CandidateSet(np.arange(40), cands, scores, targets)).items)
+    randoms = random_negatives(np.random.default_rng(0), 12, lists.items, 6)
+    for row, taken in zip(randoms, lists.items):
+        real = row[row > 0]
+        assert len(set(real)) == len(real) and not set(real) & set(taken) and (real <= 12).all()
+
+
+def test_ranker_holdout_never_trains_on_the_rankers_transition():
+    from recsys.experiment import load_experiment
+    from recsys.training.loop import Trainer
+
+    data = generate_synthetic(SyntheticConfig(n_users=40, n_items=N_ITEMS, min_length=6, max_length=12, seed=3))
+    split = leave_one_out(data, max_history=20)
+    exp = load_experiment(None, ["trainer.data.ranker_holdout=true", "trainer.data.samples=sliding"])
+    model = build_model("sasrec", exp.model, n_items=N_ITEMS, max_len=20)
+    trainer = Trainer(model, split, exp.trainer, exp.eval)
+    for row, seq in enumerate(split.train):
+        targets = trainer.targets[trainer.users == split.train_users[row]]
+        assert sorted(targets[targets > 0].tolist()) == sorted(seq[1:-1].tolist())  # s[n-3] never a target
+    with pytest.raises(ValueError, match="ranker_holdout and trainer.selection.refit exclude each other"):
+        load_experiment(None, ["trainer.data.ranker_holdout=true", "trainer.selection.refit=true"])
+
+
+@pytest.fixture(scope="module")
+def retriever_run(tmp_path_factory):
+    from pipelines.stages import run_train
+    from recsys.experiment import load_experiment
+
+    root = tmp_path_factory.mktemp("runs")
+    common = [f"run.root={root}", "data.synthetic.n_users=120", "data.synthetic.n_items=40",
+              "data.synthetic.min_length=8", "data.synthetic.max_length=40", "data.max_history=10",
+              "model.d_model=16", "model.n_layers=1", "model.d_ff=32", "trainer.optim.epochs=2",
+              "trainer.selection.patience=0", "trainer.resources.use_ray=false"]
+    held = run_train(load_experiment(None, [*common, "trainer.data.ranker_holdout=true"]))
+    plain = root / "plain"  # the same run, as if trained on every transition
+    shutil.copytree(held, plain)
+    config = json.loads((plain / "config.json").read_text())
+    config["trainer"]["data"]["ranker_holdout"] = False
+    (plain / "config.json").write_text(json.dumps(config))
+    return root, held, plain
+
+
+def test_rank_verb_trains_the_cascade_and_reports_it_beside_the_retriever(retriever_run, capsys):
+    from pipelines.cli import main
+
+    root, held, plain = retriever_run
+    args = ["rank", f"run.root={root}", "model.name=twin_v2", "model.gamma=3", "model.d_model=16",
+            "model.random_negatives=5", "trainer.optim.epochs=2",
+            "trainer.optim.batch_size=32", "trainer.selection.patience=0", "--top-n", "20"]
+    assert main([*args, "--retriever", str(held)]) == 2  # use_ray defaults to true
+    assert "rankers train in-process" in capsys.readouterr().err
+    args.insert(1, "trainer.resources.use_ray=false")
+    assert main([*args, "--retriever", str(plain)]) == 2
+    assert "trainer.data.ranker_holdout=true" in capsys.readouterr().err
+    assert main([*args, "--retriever", str(held)]) == 0
+    run_dir = next((root / "rank").iterdir())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    test, alone = metrics["test"], metrics["retriever"]["test"]
+    assert {"auc", "gauc", "recall@10", "ndcg@10"} <= set(test) and set(test) == set(alone)
+    assert test["target_in_set"] == alone["target_in_set"] == metrics["candidates"]["test"]["target_in_set"]
+    assert test["recall@20"] == pytest.approx(alone["recall@20"])  # top-20 of 20 candidates: only order changes
+    # the retriever alone on its own candidates = its full-catalogue figures (top-10 of the top-20)
+    from recsys.training.checkpoint import load_model
+    from recsys.training.evaluate import evaluate
+    from recsys.data import InteractionData
+
+    saved = json.loads((held / "config.json").read_text())
+    split = leave_one_out(InteractionData.load(saved["data_dir"]), 10)
+    full = evaluate(load_model(held / "checkpoints" / "best"), split.test)
+    assert alone["recall@10"] == pytest.approx(full["recall@10"]) and alone["ndcg@10"] == pytest.approx(full["ndcg@10"])
+    assert (run_dir / "COMPLETE").is_file() and "retriever + ranker" in (run_dir / "summary.md").read_text()
+
+
+def test_a_validation_cache_prepares_each_batch_once_and_scores_the_same():
+    data = generate_synthetic(SyntheticConfig(n_users=20, n_items=N_ITEMS, min_length=10, max_length=30, seed=5))
+    h = leave_one_out(data, max_history=20).full_histories("valid")
+    cands = np.tile(np.arange(1, 9), (len(h), 1))
+    found = CandidateSet(h.user_index, cands, np.zeros(cands.shape, np.float32), h.targets)
+    model = make({"name": "twin_v2", "gamma": 3}).eval()
+    calls = []
+    prepare = model.prepare
+    model.prepare = lambda b: calls.append(1) or prepare(b)
+    cache: dict = {}
+    first = ranker_scores(model, found, h, batch_size=8, cache=cache)
+    again = ranker_scores(model, found, h, batch_size=8, cache=cache)
+    assert len(cache) == 3 and len(calls) == 3 + 2 * 3  # 3 cached prepares; score's own returns at once
+    np.testing.assert_array_equal(first, again)
+    np.testing.assert_allclose(first, ranker_scores(model, found, h, batch_size=8), rtol=1e-6)
+
+
+def test_train_verb_trains_a_ranker_from_a_candidates_run(retriever_run):
+    from pipelines.cli import main
+    from pipelines.stages import run_candidates
+
+    root, held, _ = retriever_run
+    cand_dir, _ = run_candidates(held, 20)
+    args = ["train", f"run.root={root}", "run.name=from-candidates", "model.name=twin", "model.d_model=16",
+            "model.random_negatives=3", "trainer.optim.epochs=1",
+            "trainer.resources.use_ray=false", "--candidates", str(cand_dir)]
+    assert main(args) == 0
+    run_dir = next(p for p in (root / "train").iterdir() if p.name.endswith("from-candidates"))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["best_epoch"] == 1 and {"auc", "gauc", "ndcg@10"} <= set(metrics["valid"])
+    assert (run_dir / "checkpoints" / "best" / "model.safetensors").is_file() and (run_dir / "COMPLETE").is_file()
