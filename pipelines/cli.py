@@ -8,6 +8,7 @@
                      [--candidates CANDIDATES_RUN]  (rankers)
     recsys evaluate  TRAIN_RUN [--split test|valid]
     recsys candidates TRAIN_RUN --top-n N [--splits train,valid,test]
+    recsys history   [CONFIG] [key=value ...] [--data DATA_RUN] [--embed EMBED_RUN]   (a new store: store.path)
     recsys pipeline  [CONFIG] [key=value ...]
     recsys tune      SWEEP_CONFIG [key=value ...] [--embed EMBED_RUN] [--data DATA_RUN]
     recsys tune      --resume SWEEP_RUN
@@ -120,6 +121,21 @@ def cmd_candidates(ns: argparse.Namespace) -> None:
     print(f"candidates run: {run_dir}")
 
 
+def cmd_history(ns: argparse.Namespace) -> None:
+    """Every user's whole history clustered into virtual items (history.gamma), with the user's
+    events, into a new store (store.path; default <run>/state.sqlite) that `recsys serve --store` reads."""
+    from pipelines.history_job import run_history
+    from pipelines.stages import run_embed_stage
+
+    exp = load_experiment(*split_config_args(ns.config))
+    if ns.embed is None:  # embed first (and prepare the data when no data run is given)
+        ns.embed = run_embed_stage(exp, data_dir=ns.data)
+    data_dir = ns.data if ns.data is not None else read_json(Path(ns.embed) / CONFIG_FILE)["data_dir"]
+    run_dir = run_history(exp, Path(data_dir), Path(ns.embed))
+    print(Path(run_dir / SUMMARY_FILE).read_text())
+    print(f"history run: {run_dir}")
+
+
 def cmd_pipeline(ns: argparse.Namespace) -> None:
     """data -> [embed -> ids ->] train -> evaluate, each stage a subdirectory of one pipeline run."""
     from pipelines.stages import run_data, run_evaluate, run_train
@@ -208,12 +224,17 @@ def build_parser() -> argparse.ArgumentParser:
                                   ("embed", cmd_embed, "embed item texts with a sentence encoder (Ray Data)"),
                                   ("ids", cmd_ids, "semantic IDs: RQ-VAE (Ray Train) or hierarchical k-means (Ray tasks)"),
                                   ("train", cmd_train, "train a model (Ray Train)"),
+                                  ("history", cmd_history, "cluster every user's whole history into a new store "
+                                   "(Ray Data)"),
                                   ("pipeline", cmd_pipeline, "data -> train -> evaluate")]:
         sub = verbs.add_parser(name, help=help_text)
         sub.add_argument("config", nargs="*", help="[CONFIG.yaml] [key.subkey=value ...]")
         sub.set_defaults(func=func)
-        if name in ("embed", "ids", "train"):
+        if name in ("embed", "ids", "train", "history"):
             sub.add_argument("--data", type=Path, help="a `recsys data` run directory (default: prepare it)")
+        if name == "history":
+            sub.add_argument("--embed", type=Path, help="a `recsys embed` run: the items' content vectors (default: "
+                             "embed first)")
         if name == "ids":
             sub.add_argument("--method", choices=("rqvae", "hkmeans"), help="shorthand for ids.method=")
             sub.add_argument("--embed", type=Path, help="a `recsys embed` run directory (default: embed first)")

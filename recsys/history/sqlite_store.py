@@ -14,7 +14,6 @@ event ids unique), ``clusters`` (per user and label: a set of virtual items, see
 
 from __future__ import annotations
 
-import io
 import json
 import sqlite3
 import threading
@@ -22,14 +21,15 @@ import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from recsys.history.clustering import VirtualItems, cluster_history
+from recsys.history.clustering import cluster_history
 from recsys.history.incremental import add_event
 from recsys.history.store import (CLUSTER_LABELS, SCHEMA_VERSION, AppendResult, ClusterSet, Event, EventError,
-                                  HistoryStore, ItemRecord, StoredEvent, StoreError, catalogue_digest)
+                                  HistoryStore, ItemRecord, StoredEvent, StoreError, catalogue_digest,
+                                  clusters_from_bytes, clusters_to_bytes)
 
 SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -41,18 +41,6 @@ CREATE TABLE events (user_id TEXT NOT NULL, position INTEGER NOT NULL, event_id 
 CREATE TABLE clusters (user_id TEXT NOT NULL, label TEXT NOT NULL, cutoff INTEGER NOT NULL, gamma INTEGER NOT NULL,
                        data BLOB NOT NULL, PRIMARY KEY (user_id, label));
 """
-
-
-def _clusters_blob(v: VirtualItems) -> bytes:
-    out = io.BytesIO()
-    np.savez(out, item=v.item, size=v.size, vector=v.vector, position=v.position, members=v.members)
-    return out.getvalue()
-
-
-def _clusters_from(blob: bytes) -> VirtualItems:
-    with np.load(io.BytesIO(blob), allow_pickle=False) as f:
-        return VirtualItems(item=f["item"], size=f["size"], vector=f["vector"], position=f["position"],
-                            members=f["members"])
 
 
 def _vector_blob(vector: np.ndarray | None) -> bytes | None:
@@ -172,15 +160,29 @@ class SqliteStore(HistoryStore):
     # --- events ---------------------------------------------------------------------------
     def append_events(self, user_id: str, events: Sequence[Event]) -> AppendResult:
         with self._write():
-            new, duplicates = self._check_events(user_id, events)
-            (n,) = self.conn.execute("SELECT COUNT(*) FROM events WHERE user_id = ?", (user_id,)).fetchone()
-            stored = [StoredEvent(n + k, e.event_id, e.item, internal, e.time) for k, (e, internal) in enumerate(new)]
-            self.conn.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?)",
-                                  [(user_id, s.position, s.event_id, s.internal_id, s.time) for s in stored])
+            n, stored, duplicates = self._insert_events(user_id, events)
             gamma = self.get_meta("history_gamma")
             if stored and gamma:
                 self._update_serve_clusters(user_id, n + len(stored), int(gamma), int(self.get_meta("history_seed")))
         return AppendResult([s.event_id for s in stored], duplicates, n + len(stored))
+
+    def _insert_events(self, user_id: str, events: Sequence[Event]) -> tuple[int, list[StoredEvent], list[str]]:
+        """Inside a transaction: the user's event count before, the events written, the duplicates."""
+        new, duplicates = self._check_events(user_id, events)
+        (n,) = self.conn.execute("SELECT COUNT(*) FROM events WHERE user_id = ?", (user_id,)).fetchone()
+        stored = [StoredEvent(n + k, e.event_id, e.item, internal, e.time) for k, (e, internal) in enumerate(new)]
+        self.conn.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?)",
+                              [(user_id, s.position, s.event_id, s.internal_id, s.time) for s in stored])
+        return n, stored, duplicates
+
+    def import_histories(self, users: Iterable[tuple[str, Sequence[Event], Sequence[ClusterSet]]]) -> int:
+        count = 0
+        with self._write():
+            for user_id, events, sets in users:
+                self._insert_events(user_id, events)
+                self._put_clusters(user_id, sets)
+                count += 1
+        return count
 
     def _check_events(self, user_id: str, events: Sequence[Event]) -> tuple[list[tuple[Event, int]], list[str]]:
         """The batch's new events with their internal ids, and the ids of those already recorded;
@@ -259,14 +261,14 @@ class SqliteStore(HistoryStore):
                 raise ValueError(f"user {user_id!r}: {s.label} clusters cover {len(s.clusters.members)} events with "
                                  f"cutoff {s.cutoff}, but the user has {n} (serve clusters cover them all)")
         self.conn.executemany("INSERT OR REPLACE INTO clusters VALUES (?, ?, ?, ?, ?)",
-                              [(user_id, s.label, s.cutoff, s.gamma, _clusters_blob(s.clusters)) for s in sets])
+                              [(user_id, s.label, s.cutoff, s.gamma, clusters_to_bytes(s.clusters)) for s in sets])
 
     def clusters(self, user_id: str, label: str) -> ClusterSet:
         row = self.conn.execute("SELECT cutoff, gamma, data FROM clusters WHERE user_id = ? AND label = ?",
                                 (user_id, label)).fetchone()
         if row is None:
             raise KeyError(f"user {user_id!r} has no {label} clusters in store {self.path}")
-        return ClusterSet(label, row[0], row[1], _clusters_from(row[2]))
+        return ClusterSet(label, row[0], row[1], clusters_from_bytes(row[2]))
 
     def _update_serve_clusters(self, user_id: str, n: int, gamma: int, seed: int) -> None:
         """Inside an append's transaction: bring the user's serve clusters up to its ``n`` events."""

@@ -26,10 +26,11 @@ Rules every implementation keeps (``tests/test_history_store.py`` checks the SQL
 from __future__ import annotations
 
 import hashlib
+import io
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Iterable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -115,6 +116,19 @@ class ClusterSet(NamedTuple):
 CLUSTER_LABELS = ("train", "valid", "test", "serve")
 
 
+def clusters_to_bytes(v: VirtualItems) -> bytes:
+    """Virtual items as one .npz blob (arrays only: read back with allow_pickle=False)."""
+    out = io.BytesIO()
+    np.savez(out, item=v.item, size=v.size, vector=v.vector, position=v.position, members=v.members)
+    return out.getvalue()
+
+
+def clusters_from_bytes(blob: bytes) -> VirtualItems:
+    with np.load(io.BytesIO(blob), allow_pickle=False) as f:
+        return VirtualItems(item=f["item"], size=f["size"], vector=f["vector"], position=f["position"],
+                            members=f["members"])
+
+
 def catalogue_digest(raw_ids: Sequence[str]) -> str:
     """A trained catalogue's identity: its item ids in internal-id order."""
     return hashlib.sha256("\n".join(str(r) for r in raw_ids).encode()).hexdigest()
@@ -156,6 +170,11 @@ class HistoryStore(ABC):
     @abstractmethod
     def users(self) -> list[str]:
         """Every user with events, sorted."""
+
+    @abstractmethod
+    def import_histories(self, users: Iterable[tuple[str, Sequence[Event], Sequence[ClusterSet]]]) -> int:
+        """Fill a new store: each user's events and cluster sets, all in one transaction, under the
+        same checks as ``append_events``; returns the number of users."""
 
     @abstractmethod
     def enable_clusters(self, gamma: int, seed: int) -> None:
