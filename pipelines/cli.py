@@ -13,6 +13,7 @@
     recsys tune      SWEEP_CONFIG [key=value ...] [--embed EMBED_RUN] [--data DATA_RUN]
     recsys tune      --resume SWEEP_RUN
     recsys serve     TRAIN_RUN [--host 127.0.0.1] [--port 8000] [--replicas N] [--api-key-env VAR] [--ann]
+                     [--store STORE [--create-store]]
 
 CONFIG is a YAML file; without one the embedded defaults run (the synthetic dataset, offline).
 """
@@ -204,8 +205,12 @@ def cmd_serve(ns: argparse.Namespace) -> None:
     from pipelines.ray_env import init_ray
     from serve.launch import prepare, serve_until_interrupted
 
+    if ns.create_store and ns.store is None:
+        raise ValueError("--create-store needs --store PATH: the file of the new store")
+    store = None if ns.store is None else {"kind": "sqlite", "path": str(ns.store), "create": ns.create_store}
     app = prepare({"run_dir": str(ns.train_run), "num_replicas": ns.replicas, "max_batch_size": ns.max_batch_size,
-                   "api_key_env": ns.api_key_env, "retrieval": "ann" if ns.ann else "model"}, host=ns.host)
+                   "api_key_env": ns.api_key_env, "retrieval": "ann" if ns.ann else "model", "store": store},
+                  host=ns.host)
     key = f" -H \"X-API-Key: ${ns.api_key_env}\"" if ns.api_key_env else ""
 
     def ready(url: str) -> None:
@@ -272,6 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "must then send it in X-API-Key")
     sv.add_argument("--ann", action="store_true", help="serve the ANN baseline (user embedding + faiss index) "
                     "instead of the model's own recommend; for sasrec runs")
+    sv.add_argument("--store", type=Path, help="the serving state (an SQLite store, e.g. made by `recsys history`): "
+                    "registered items and events are written there before they are acknowledged; without it the "
+                    "app registers no items and records no events")
+    sv.add_argument("--create-store", action="store_true", help="make a new, empty store at --store if none is there "
+                    "(without it a missing store is an error)")
     sv.set_defaults(func=cmd_serve)
     return parser
 
