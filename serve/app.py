@@ -379,13 +379,18 @@ def ingress_deployment(api: FastAPI, retries: int) -> serve.Deployment:
             result = await self.registry.item.remote(item_id)
             return reply(result) if "status" in result else result["item"]
 
-        @api.post("/events", response_model=EventsResponse, responses=error_responses(400, 401, 409, 413, 422))
+        @api.post("/events", response_model=EventsResponse, responses=error_responses(400, 401, 409, 413, 422, 503))
         async def events(self, body: EventsRequest) -> Any:
             """Append a user's events, durably (written and fsync'd before the answer); a retry with the
             same event ids appends nothing twice. Unknown items, or times before the user's last event,
             refuse the whole batch: nothing is recorded."""
-            result = await self.registry.append_events.remote(body.user_id,
-                                                              [e.model_dump() for e in body.events])
+            try:
+                result = await self.registry.append_events.remote(body.user_id,
+                                                                  [e.model_dump() for e in body.events])
+            except RayActorError as err:  # the writer died mid-call: the batch may or may not be in
+                return JSONResponse(error_body(503, f"the store's writer failed ({type(err).__name__}); retry with "
+                                               "the same event ids: what was recorded is not recorded twice"),
+                                    status_code=503)
             return reply(result)
 
         @api.get("/users/{user_id}", response_model=UserHistory, responses=error_responses(401, 404, 422))

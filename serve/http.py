@@ -107,7 +107,7 @@ ERRORS = {
     413: "request body over the server's max_body_bytes",
     422: "a field has the wrong type or value, an unknown field, an unknown item id in a history or in events, "
          "an event time before the user's last, or an application without a store asked to keep state",
-    503: "no model replica could answer; retry later",
+    503: "no model replica (or the store's writer) could answer; retry later (events: with the same event ids)",
 }
 
 

@@ -574,6 +574,60 @@ def test_ann_baseline_app_answers_with_sasrec_and_faiss(serve_urls, runs, raw_id
     assert r.status_code == 422 and "'NOPE'" in r.json()["error"]
 
 
+def test_sigkill_of_the_store_writer_during_a_stream_of_events_loses_and_duplicates_nothing(server, raw_ids):
+    """A client streams POST /events, one event per call, retrying each (same event id) until it is
+    acknowledged. The Registry replica, the one process that owns the store, is killed with SIGKILL
+    mid-stream; Serve starts another, which reopens the store. The user's stored events are then
+    exactly the acknowledged ones, in order, none lost and none twice."""
+    import ray
+    from ray.util.state import list_actors
+
+    acked, failures, stop = [], [], threading.Event()
+
+    def client() -> None:
+        session, i = requests.Session(), 0
+        while not stop.is_set():
+            body = {"user_id": "STREAM", "events": [{"event_id": f"s-{i}", "item": raw_ids[1 + i % N_ITEMS]}]}
+            try:
+                r = post(server, "/events", body, session=session)
+            except requests.RequestException as err:
+                failures.append(type(err).__name__)
+                continue
+            if r.status_code != 200:
+                failures.append(r.status_code)
+                time.sleep(0.1)
+                continue
+            acked.append(f"s-{i}")
+            i += 1
+
+    def wait_for(n: int, timeout_s: float) -> None:
+        deadline = time.time() + timeout_s
+        while len(acked) < n:
+            assert time.time() < deadline, f"only {len(acked)} events acknowledged; failures {failures[-5:]}"
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    try:
+        wait_for(20, 60)
+        (writer,) = list_actors(address=ray.get_runtime_context().gcs_address, detail=True,  # this session's Ray
+                                filters=[("class_name", "=", "ServeReplica:retriever:Registry"), ("state", "=", "ALIVE")])
+        os.kill(writer.pid, signal.SIGKILL)
+        at_kill = len(acked)
+        wait_for(at_kill + 20, 180)  # the stream goes on with the new writer
+        (new_writer,) = list_actors(address=ray.get_runtime_context().gcs_address, detail=True, filters=[
+            ("class_name", "=", "ServeReplica:retriever:Registry"), ("state", "=", "ALIVE")])
+    finally:
+        stop.set()
+        thread.join()
+    # The call in flight when the writer died either failed (503 or a dropped connection: the client
+    # retried it) or was retried by Serve on the new replica; either way the store's idempotency
+    # by event id is what keeps it from being recorded twice.
+    assert new_writer.pid != writer.pid and at_kill >= 20
+    stored = [e["event_id"] for e in get(server, "/users/STREAM").json()["events"]]
+    assert stored == acked
+
+
 def test_a_restarted_application_keeps_everything_it_acknowledged(serve_urls, runs, store_path, raw_ids, sequences):
     """Runs last: the app is deleted and started again over the same store. Every registered item
     (these tests registered them, each acknowledged with a 201) and every recorded event is back,
