@@ -12,6 +12,7 @@ from the catalogue at random. Writes benchmarks/results/history/synthetic/<name>
 from __future__ import annotations
 
 import argparse
+import copy
 import tempfile
 import time
 from pathlib import Path
@@ -41,7 +42,7 @@ def one_length(length: int, vectors: np.ndarray, args: argparse.Namespace, rng: 
     start = time.perf_counter()
     clusters = cluster_history(history[:length], vectors[history[:length] - 1], args.gamma)
     offline_s = time.perf_counter() - start
-    base = clusters
+    base = copy.deepcopy(clusters)  # add_event updates rows in place
     memory_ms = []
     for end in range(length + 1, length + args.events + 1):
         t = time.perf_counter()

@@ -26,27 +26,30 @@ def add_event(clusters: VirtualItems, history: np.ndarray, vector: np.ndarray, g
               vectors_of: Callable[[np.ndarray], np.ndarray], seed: int = 0) -> VirtualItems:
     """``clusters`` of ``history[:-1]`` -> the clusters of ``history`` (L,), whose last item is
     the new event with content ``vector`` (D,). ``vectors_of(items) -> (n, D)`` gives member
-    vectors (only the joined cluster's are read)."""
+    vectors (only the joined cluster's are read).
+
+    For speed on long histories the joined cluster's row is updated in place in the arrays of
+    ``clusters`` (no copy of the (C, D) vectors per event): keep using the returned value only."""
     position = len(history) - 1
     if len(clusters.members) != position:
         raise ValueError(f"clusters cover {len(clusters.members)} events but the history before the new event "
                          f"holds {position}")
     if len(clusters.item) == 0:
         return cluster_history(history, vectors_of(history), gamma, seed=seed)
-    v = np.asarray(vector, dtype=np.float64)
-    dist = ((clusters.vector.astype(np.float64) - v) ** 2).sum(axis=1)  # (C,)
+    vec = clusters.vector  # (C, D) float32
+    v = np.asarray(vector, dtype=vec.dtype)
+    dist = np.einsum("ij,ij->i", vec, vec) - 2 * (vec @ v)  # (C,) squared distance less ||v||^2
     c = int(dist.argmin())
     n = int(clusters.size[c])
-    size, vec, pos = clusters.size.copy(), clusters.vector.copy(), clusters.position.copy()
-    size[c] = n + 1
-    vec[c] = (clusters.vector[c].astype(np.float64) * n + v) / (n + 1)
-    pos[c] = (float(clusters.position[c]) * n + position) / (n + 1)
+    clusters.size[c] = n + 1
+    vec[c] = (vec[c].astype(np.float64) * n + v) / (n + 1)
+    clusters.position[c] = (float(clusters.position[c]) * n + position) / (n + 1)
     members = np.append(clusters.members, c)  # (L,)
     rows = np.flatnonzero(members == c)
     x = vectors_of(history[rows]).astype(np.float64)  # (n + 1, D)
-    item = clusters.item.copy()
-    item[c] = history[rows[int(((x - vec[c]) ** 2).sum(axis=1).argmin())]]
-    grown = VirtualItems(item=item, size=size, vector=vec.astype(np.float32), position=pos, members=members)
+    clusters.item[c] = history[rows[int(((x - vec[c]) ** 2).sum(axis=1).argmin())]]
+    grown = VirtualItems(item=clusters.item, size=clusters.size, vector=vec, position=clusters.position,
+                         members=members)
     return grown if n + 1 <= gamma else _split(grown, c, rows, history, x, gamma, seed)
 
 

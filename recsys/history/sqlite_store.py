@@ -9,7 +9,12 @@ that would leave the schema, the uniqueness of event ids and the ordering checks
 
 Tables: ``meta`` (schema version, store id, catalogue digest, clustering settings), ``items``
 (trained and registered items with their content vectors), ``events`` (per user, by position;
-event ids unique), ``clusters`` (per user and label: a set of virtual items, see ``put_clusters``).
+event ids unique; ``cluster``: the event's serve cluster), ``clusters`` (per user and label: cutoff,
+gamma and, for the offline labels, the virtual items as one blob) and ``serve_clusters`` (the serve
+set, one row per cluster). The serve set is kept in rows because every append changes it: an
+append rewrites only the clusters it touched and the events whose cluster changed, never the
+whole set, and the writer keeps recently updated users' sets in memory (it is the only writer,
+so its copy is current; a failed transaction drops it).
 """
 
 from __future__ import annotations
@@ -19,13 +24,14 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from recsys.history.clustering import cluster_history
+from recsys.history.clustering import VirtualItems, cluster_history
 from recsys.history.incremental import add_event
 from recsys.history.store import (CLUSTER_LABELS, SCHEMA_VERSION, AppendResult, ClusterSet, Event, EventError,
                                   HistoryStore, ItemRecord, StoredEvent, StoreError, catalogue_digest,
@@ -36,10 +42,12 @@ CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE items (internal_id INTEGER PRIMARY KEY, raw_id TEXT NOT NULL UNIQUE, version INTEGER UNIQUE,
                     semantic_id TEXT, fields TEXT, vector BLOB);
 CREATE TABLE events (user_id TEXT NOT NULL, position INTEGER NOT NULL, event_id TEXT NOT NULL UNIQUE,
-                     internal_id INTEGER NOT NULL REFERENCES items(internal_id), time INTEGER,
+                     internal_id INTEGER NOT NULL REFERENCES items(internal_id), time INTEGER, cluster INTEGER,
                      PRIMARY KEY (user_id, position));
 CREATE TABLE clusters (user_id TEXT NOT NULL, label TEXT NOT NULL, cutoff INTEGER NOT NULL, gamma INTEGER NOT NULL,
-                       data BLOB NOT NULL, PRIMARY KEY (user_id, label));
+                       data BLOB, PRIMARY KEY (user_id, label));
+CREATE TABLE serve_clusters (user_id TEXT NOT NULL, idx INTEGER NOT NULL, item INTEGER NOT NULL, size INTEGER NOT NULL,
+                             position REAL NOT NULL, vector BLOB NOT NULL, PRIMARY KEY (user_id, idx));
 """
 
 
@@ -48,8 +56,11 @@ def _vector_blob(vector: np.ndarray | None) -> bytes | None:
 
 
 class SqliteStore(HistoryStore):
+    CACHED_USERS = 4096  # serve sets the writer keeps in memory
+
     def __init__(self, path: Path, conn: sqlite3.Connection, readonly: bool):
         self.path, self.conn, self.readonly = path, conn, readonly
+        self._serve: OrderedDict[str, tuple[np.ndarray, VirtualItems]] = OrderedDict()  # user -> (history, set)
         self.lock = threading.Lock()  # one connection, used from the writer's thread pool in turns
         self.store_id = self.get_meta("store_id") or ""
 
@@ -72,7 +83,7 @@ class SqliteStore(HistoryStore):
             if status != "ok":
                 raise sqlite3.DatabaseError(status)
             tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            if not {"meta", "items", "events", "clusters"} <= tables:
+            if not {"meta", "items", "events", "clusters", "serve_clusters"} <= tables:
                 raise sqlite3.DatabaseError(f"tables {sorted(tables)} are not a store's")
             version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         except sqlite3.DatabaseError as err:
@@ -159,11 +170,15 @@ class SqliteStore(HistoryStore):
 
     # --- events ---------------------------------------------------------------------------
     def append_events(self, user_id: str, events: Sequence[Event]) -> AppendResult:
-        with self._write():
-            n, stored, duplicates = self._insert_events(user_id, events)
-            gamma = self.get_meta("history_gamma")
-            if stored and gamma:
-                self._update_serve_clusters(user_id, n + len(stored), int(gamma), int(self.get_meta("history_seed")))
+        try:
+            with self._write():
+                n, stored, duplicates = self._insert_events(user_id, events)
+                gamma = self.get_meta("history_gamma")
+                if stored and gamma:
+                    self._update_serve_clusters(user_id, n, stored, int(gamma), int(self.get_meta("history_seed")))
+        except BaseException:
+            self._serve.pop(user_id, None)  # its in-memory set may be ahead of what was committed
+            raise
         return AppendResult([s.event_id for s in stored], duplicates, n + len(stored))
 
     def _insert_events(self, user_id: str, events: Sequence[Event]) -> tuple[int, list[StoredEvent], list[str]]:
@@ -171,7 +186,7 @@ class SqliteStore(HistoryStore):
         new, duplicates = self._check_events(user_id, events)
         (n,) = self.conn.execute("SELECT COUNT(*) FROM events WHERE user_id = ?", (user_id,)).fetchone()
         stored = [StoredEvent(n + k, e.event_id, e.item, internal, e.time) for k, (e, internal) in enumerate(new)]
-        self.conn.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?)",
+        self.conn.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, NULL)",
                               [(user_id, s.position, s.event_id, s.internal_id, s.time) for s in stored])
         return n, stored, duplicates
 
@@ -260,28 +275,72 @@ class SqliteStore(HistoryStore):
             if s.cutoff != len(s.clusters.members) or s.cutoff > n or (s.label == "serve" and s.cutoff != n):
                 raise ValueError(f"user {user_id!r}: {s.label} clusters cover {len(s.clusters.members)} events with "
                                  f"cutoff {s.cutoff}, but the user has {n} (serve clusters cover them all)")
-        self.conn.executemany("INSERT OR REPLACE INTO clusters VALUES (?, ?, ?, ?, ?)",
-                              [(user_id, s.label, s.cutoff, s.gamma, clusters_to_bytes(s.clusters)) for s in sets])
+        for s in sets:
+            blob = None if s.label == "serve" else clusters_to_bytes(s.clusters)
+            self.conn.execute("INSERT OR REPLACE INTO clusters VALUES (?, ?, ?, ?, ?)",
+                              (user_id, s.label, s.cutoff, s.gamma, blob))
+            if s.label == "serve":
+                self._serve.pop(user_id, None)
+                self.conn.execute("DELETE FROM serve_clusters WHERE user_id = ?", (user_id,))
+                self._write_serve_rows(user_id, s.clusters, np.arange(len(s.clusters.item)),
+                                       np.arange(len(s.clusters.members)))
+
+    def _write_serve_rows(self, user_id: str, v: VirtualItems, clusters: np.ndarray, positions: np.ndarray) -> None:
+        """The serve set's rows ``clusters`` and the cluster of the events at ``positions``."""
+        self.conn.executemany("INSERT OR REPLACE INTO serve_clusters VALUES (?, ?, ?, ?, ?, ?)", [
+            (user_id, int(c), int(v.item[c]), int(v.size[c]), float(v.position[c]), _vector_blob(v.vector[c]))
+            for c in clusters])
+        self.conn.executemany("UPDATE events SET cluster = ? WHERE user_id = ? AND position = ?",
+                              [(int(v.members[p]), user_id, int(p)) for p in positions])
 
     def clusters(self, user_id: str, label: str) -> ClusterSet:
         row = self.conn.execute("SELECT cutoff, gamma, data FROM clusters WHERE user_id = ? AND label = ?",
                                 (user_id, label)).fetchone()
         if row is None:
             raise KeyError(f"user {user_id!r} has no {label} clusters in store {self.path}")
-        return ClusterSet(label, row[0], row[1], clusters_from_bytes(row[2]))
+        if label != "serve":
+            return ClusterSet(label, row[0], row[1], clusters_from_bytes(row[2]))
+        rows = self.conn.execute("SELECT item, size, position, vector FROM serve_clusters WHERE user_id = ? "
+                                 "ORDER BY idx", (user_id,)).fetchall()
+        members = [r[0] for r in self.conn.execute("SELECT cluster FROM events WHERE user_id = ? AND position < ? "
+                                                   "ORDER BY position", (user_id, row[0]))]
+        v = VirtualItems(item=np.array([r[0] for r in rows], dtype=np.int64),
+                         size=np.array([r[1] for r in rows], dtype=np.int64),
+                         vector=np.stack([np.frombuffer(r[3], dtype="<f4") for r in rows]).astype(np.float32),
+                         position=np.array([r[2] for r in rows], dtype=np.float32),
+                         members=np.array(members, dtype=np.int64))
+        return ClusterSet(label, row[0], row[1], v)
 
-    def _update_serve_clusters(self, user_id: str, n: int, gamma: int, seed: int) -> None:
-        """Inside an append's transaction: bring the user's serve clusters up to its ``n`` events."""
-        history = np.array([r[0] for r in self.conn.execute(
-            "SELECT internal_id FROM events WHERE user_id = ? ORDER BY position", (user_id,))], dtype=np.int64)
-        try:
-            current = self.clusters(user_id, "serve").clusters
-        except KeyError:  # a new user: cluster the whole (short) history at once
+    def _update_serve_clusters(self, user_id: str, n: int, new: list[StoredEvent], gamma: int, seed: int) -> None:
+        """Inside an append's transaction: bring the user's serve set from its ``n`` events to
+        ``n + len(new)``, writing only the clusters and event rows that changed."""
+        cached = self._serve.pop(user_id, None)
+        if cached is None and n > 0:
+            history = np.array([r[0] for r in self.conn.execute(
+                "SELECT internal_id FROM events WHERE user_id = ? AND position < ? ORDER BY position",
+                (user_id, n))], dtype=np.int64)
+            cached = (history, self.clusters(user_id, "serve").clusters)
+        history = np.concatenate([cached[0] if cached else np.zeros(0, np.int64),
+                                  np.array([e.internal_id for e in new], dtype=np.int64)])
+        if cached is None:  # a new user: cluster the whole (short) history at once
             current = cluster_history(history, self.item_vectors(history), gamma, seed=seed)
-        for end in range(len(current.members) + 1, n + 1):
-            vector = self.item_vectors(history[end - 1:end])[0]
-            current = add_event(current, history[:end], vector, gamma, self.item_vectors, seed)
-        self._put_clusters(user_id, [ClusterSet("serve", n, gamma, current)])
+            self._put_clusters(user_id, [ClusterSet("serve", len(history), gamma, current)])
+        else:
+            current = cached[1]
+            old_members, old_count = current.members.copy(), len(current.item)
+            for end in range(n + 1, len(history) + 1):
+                vector = self.item_vectors(history[end - 1:end])[0]
+                current = add_event(current, history[:end], vector, gamma, self.item_vectors, seed)
+            moved = np.flatnonzero(current.members[:n] != old_members)  # events of split clusters
+            positions = np.concatenate([moved, np.arange(n, len(history))])
+            dirty = np.union1d(np.union1d(old_members[moved], current.members[positions]),
+                               np.arange(old_count, len(current.item)))
+            self._write_serve_rows(user_id, current, dirty, positions)
+            self.conn.execute("UPDATE clusters SET cutoff = ? WHERE user_id = ? AND label = 'serve'",
+                              (len(history), user_id))
+        self._serve[user_id] = (history, current)
+        while len(self._serve) > self.CACHED_USERS:
+            self._serve.popitem(last=False)
 
     # --- plumbing -------------------------------------------------------------------------
     @contextmanager
