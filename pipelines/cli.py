@@ -9,10 +9,12 @@
     recsys evaluate  TRAIN_RUN [--split test|valid]
     recsys candidates TRAIN_RUN --top-n N [--splits train,valid,test]
     recsys rank      [CONFIG] [key=value ...] --retriever TRAIN_RUN [--top-n 100]   (the cascade)
+    recsys history   [CONFIG] [key=value ...] [--data DATA_RUN] [--embed EMBED_RUN]   (a new store: store.path)
     recsys pipeline  [CONFIG] [key=value ...]
     recsys tune      SWEEP_CONFIG [key=value ...] [--embed EMBED_RUN] [--data DATA_RUN]
     recsys tune      --resume SWEEP_RUN
     recsys serve     TRAIN_RUN [--host 127.0.0.1] [--port 8000] [--replicas N] [--api-key-env VAR] [--ann]
+                     [--store STORE [--create-store]]
 
 CONFIG is a YAML file; without one the embedded defaults run (the synthetic dataset, offline).
 """
@@ -131,6 +133,21 @@ def cmd_rank(ns: argparse.Namespace) -> None:
     print(f"rank run: {run_dir}")
 
 
+def cmd_history(ns: argparse.Namespace) -> None:
+    """Every user's whole history clustered into virtual items (history.gamma), with the user's
+    events, into a new store (store.path; default <run>/state.sqlite) that `recsys serve --store` reads."""
+    from pipelines.history_job import run_history
+    from pipelines.stages import run_embed_stage
+
+    exp = load_experiment(*split_config_args(ns.config))
+    if ns.embed is None:  # embed first (and prepare the data when no data run is given)
+        ns.embed = run_embed_stage(exp, data_dir=ns.data)
+    data_dir = ns.data if ns.data is not None else read_json(Path(ns.embed) / CONFIG_FILE)["data_dir"]
+    run_dir = run_history(exp, Path(data_dir), Path(ns.embed))
+    print(Path(run_dir / SUMMARY_FILE).read_text())
+    print(f"history run: {run_dir}")
+
+
 def cmd_pipeline(ns: argparse.Namespace) -> None:
     """data -> [embed -> ids ->] [behaviour model -> ids ->] train -> evaluate, each stage a
     subdirectory of one pipeline run."""
@@ -207,8 +224,12 @@ def cmd_serve(ns: argparse.Namespace) -> None:
     from pipelines.ray_env import init_ray
     from serve.launch import prepare, serve_until_interrupted
 
+    if ns.create_store and ns.store is None:
+        raise ValueError("--create-store needs --store PATH: the file of the new store")
+    store = None if ns.store is None else {"kind": "sqlite", "path": str(ns.store), "create": ns.create_store}
     app = prepare({"run_dir": str(ns.train_run), "num_replicas": ns.replicas, "max_batch_size": ns.max_batch_size,
-                   "api_key_env": ns.api_key_env, "retrieval": "ann" if ns.ann else "model"}, host=ns.host)
+                   "api_key_env": ns.api_key_env, "retrieval": "ann" if ns.ann else "model", "store": store},
+                  host=ns.host)
     key = f" -H \"X-API-Key: ${ns.api_key_env}\"" if ns.api_key_env else ""
 
     def ready(url: str) -> None:
@@ -227,12 +248,17 @@ def build_parser() -> argparse.ArgumentParser:
                                   ("embed", cmd_embed, "embed item texts with a sentence encoder (Ray Data)"),
                                   ("ids", cmd_ids, "semantic IDs: RQ-VAE (Ray Train) or hierarchical k-means (Ray tasks)"),
                                   ("train", cmd_train, "train a model (Ray Train)"),
+                                  ("history", cmd_history, "cluster every user's whole history into a new store "
+                                   "(Ray Data)"),
                                   ("pipeline", cmd_pipeline, "data -> train -> evaluate")]:
         sub = verbs.add_parser(name, help=help_text)
         sub.add_argument("config", nargs="*", help="[CONFIG.yaml] [key.subkey=value ...]")
         sub.set_defaults(func=func)
-        if name in ("embed", "ids", "train"):
+        if name in ("embed", "ids", "train", "history"):
             sub.add_argument("--data", type=Path, help="a `recsys data` run directory (default: prepare it)")
+        if name == "history":
+            sub.add_argument("--embed", type=Path, help="a `recsys embed` run: the items' content vectors (default: "
+                             "embed first)")
         if name == "ids":
             sub.add_argument("--method", choices=("rqvae", "hkmeans"), help="shorthand for ids.method=")
             sub.add_argument("--embed", type=Path, help="a `recsys embed` run directory (default: embed first)")
@@ -276,6 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "must then send it in X-API-Key")
     sv.add_argument("--ann", action="store_true", help="serve the ANN baseline (user embedding + faiss index) "
                     "instead of the model's own recommend; for sasrec runs")
+    sv.add_argument("--store", type=Path, help="the serving state (an SQLite store, e.g. made by `recsys history`): "
+                    "registered items and events are written there before they are acknowledged; without it the "
+                    "app registers no items and records no events")
+    sv.add_argument("--create-store", action="store_true", help="make a new, empty store at --store if none is there "
+                    "(without it a missing store is an error)")
     sv.set_defaults(func=cmd_serve)
     return parser
 

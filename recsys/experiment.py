@@ -17,6 +17,8 @@ from recsys.config import (
     deep_merge, from_dict, load_yaml_chain, parse_overrides, rename_key, rename_keys, require, to_dict,
 )
 from recsys.data.config import DataConfig
+from recsys.history.build import HistoryConfig
+from recsys.history.store import StoreConfig
 from recsys.models import get_spec, model_config_from_dict, model_names
 from recsys.semantic_ids.build import IdsConfig
 from recsys.text import EmbedConfig
@@ -79,6 +81,8 @@ class ExperimentConfig:
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     ids: IdsConfig = field(default_factory=IdsConfig)
     behavior: BehaviorSection = field(default_factory=BehaviorSection)
+    history: HistoryConfig = field(default_factory=HistoryConfig)  # recsys history: the clusters of whole histories
+    store: StoreConfig = field(default_factory=StoreConfig)  # where recsys history writes the serving state
     run: RunSection = field(default_factory=RunSection)
 
     def __post_init__(self):

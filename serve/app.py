@@ -1,17 +1,31 @@
 """The generative retriever as a Ray Serve application built from one train run directory.
 
     Ingress (FastAPI, HTTP)  ->  Retriever (the model, N replicas, @serve.batch)
-                             ->  Registry  (one replica: the single writer of new items)
+                             ->  Registry  (one replica: the single writer of the store)
 
-Consistency of ``POST /items``: the Registry is the only writer. It embeds the item's content,
-gives it the next semantic ID and internal id, and appends the registration to a versioned log
-before the call returns. Every Retriever replica asks the Registry for log entries newer than
-its own version before it checks each request, and applies them in one synchronous step (see
+The application's state (registered items, users' events and their history clusters) lives in
+a store (``recsys.history.store``; ``args.store``), never only in memory. The Registry is its
+single writer, whatever the number of model replicas: ``POST /items`` and ``POST /events`` are
+committed there (SQLite, fsync'd) before they answer, so a restart loses nothing acknowledged.
+Without a store the app registers no items and records no events (422): it could not keep them.
+
+Consistency of ``POST /items``: the Registry embeds the item's content, gives it the next semantic
+ID and internal id, and writes the registration to the store and its in-memory log before the
+call returns. Every Retriever replica asks the Registry for log entries newer than its own
+version before it checks each request, and applies them in one synchronous step (see
 ``apply_registrations``). So once ``POST /items`` has answered, every later ``/recommend``, on
 any replica, can return the item and accept it in a history (read-your-writes, across replicas).
-A replica that starts later replays the log. The log lives in the Registry's memory: a restart
-of the Registry forgets registered items, and replicas that had applied them reload the trained
-model so that all replicas agree again (the Registry's ``epoch`` tells them).
+A Registry that restarts replays the store's registrations into its log, in order; the log's
+``epoch`` is the store's id, so replicas keep what they applied. A replica that starts later
+replays the log. (Should the epoch change, i.e. another store, replicas reload the trained model
+and replay the new log.)
+
+``user_id`` in ``/recommend``: a replica reads the user's events from the store (read-only; WAL
+readers never block the writer) and puts them before the request's ``history``. An unknown
+``user_id`` is a 404: sending the request's items alone would silently recommend from a
+different history than the client meant (a mistyped id). A new user either sends no ``user_id``
+or records events first. ``user_id`` is the dataset's user id; the model's ``user`` index (TIGER's
+user token) is that user's row in the data run, derived from ``user_id`` when the user is in it.
 
 ``retrieval="ann"`` serves the ANN baseline instead (``recsys.ann``: a SASRec user embedding
 searched in a faiss index over its item embeddings) behind the same API; it cannot register items.
@@ -23,7 +37,9 @@ import asyncio
 import logging
 import os
 import threading
+import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,12 +51,15 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
+from recsys.history.store import Event, EventError, ItemRecord, StoreConfig, open_store
 from recsys.models import get_spec
 from serve.http import error_body, error_responses, key_digest, make_api, reply
 from serve.run import open_run
-from serve.schemas import ItemInfo, NewItem, RecommendRequest, RecommendResponse, ServeArgs
+from serve.run import user_rows
+from serve.schemas import (EventsRequest, EventsResponse, ItemInfo, NewItem, RecommendRequest, RecommendResponse,
+                           ServeArgs, UserHistory)
 from serve.state import (ItemIds, Query, Registration, RequestError, apply_registrations, check_history, check_k,
-                         check_required_inputs, check_times, run_queries)
+                         check_required_inputs, check_times, join_history, run_queries, user_index)
 
 log = logging.getLogger("ray.serve")
 HEALTH_TIMEOUT_S = 2.0
@@ -50,11 +69,14 @@ HEALTH_TIMEOUT_S = 2.0
 class Registry:
     """The single writer: new items get their semantic ID and internal id here, in log order."""
 
-    def __init__(self, run_dir: str):
+    def __init__(self, run_dir: str, store: dict | None = None):
         run = open_run(run_dir)
-        self.run, self.epoch = run, uuid.uuid4().hex  # a new epoch = a fresh log (see Retriever._sync)
+        self.run = run
         self.ids = ItemIds(run.items["raw_id"].astype(str).tolist())
         self.log: list[Registration] = []
+        self.store = None if store is None else open_store(StoreConfig(**store), run.items["raw_id"].astype(str).tolist())
+        # the log's epoch is the store's: a Registry that restarts over the same store keeps it
+        self.epoch = uuid.uuid4().hex if self.store is None else self.store.store_id
         # Serve runs sync methods in a thread pool: registrations and reads take turns here.
         self.lock = threading.Lock()
         self.index, self.model = None, run.load_model()
@@ -70,6 +92,23 @@ class Registry:
             self.index = SemanticIdIndex.load(run.ids_dirs["semantic"] / "index")
             self.vocabulary = self.model.vocabulary("semantic")  # what the model has tokens for
             self.encoder = load_encoder(self.enc_cfg)
+        if self.store is not None:
+            self._replay()
+
+    def _replay(self) -> None:
+        """The store's registrations, in order, into the index, the id map and the log."""
+        for record in self.store.registered_items():
+            if self.index is None or record.internal_id != len(self.ids) + 1:
+                raise RuntimeError(f"store {self.store.path} holds registration {record.version} (internal id "
+                                   f"{record.internal_id}) that this application cannot replay; serve the store with "
+                                   "the run it was made for")
+            full = self.index.add(record.internal_id, record.semantic_id[:-1])
+            if full != record.semantic_id:
+                raise RuntimeError(f"store {self.store.path}: item {record.raw_id!r} was registered with semantic ID "
+                                   f"{list(record.semantic_id)}, but this run's index gives {list(full)}")
+            self.ids.add(record.raw_id)
+            self.log.append(Registration(record.version, record.internal_id, record.raw_id, record.semantic_id,
+                                         record.fields))
 
     def ready(self) -> int:
         return len(self.log)
@@ -98,6 +137,9 @@ class Registry:
         unknown = sorted(set(fields) - set(self.run.content_fields))
         if unknown:
             raise RequestError(422, f"unknown content field(s) {unknown}; allowed: {self.run.content_fields}")
+        if self.store is None:
+            raise RequestError(422, "this application was started without a store (args.store), so it cannot keep a "
+                               "registration it would acknowledge; it registers none")
         internal = len(self.ids) + 1
         raw_id = raw_id if raw_id is not None else f"new-{internal}"
         if raw_id in self.ids:
@@ -114,12 +156,47 @@ class Registry:
         if not self.vocabulary.fits(full):
             raise RequestError(409, f"semantic ID {list(full)} does not fit the model's vocabulary "
                                f"{self.vocabulary.level_sizes}: its content tuple has no free collision code left")
-        # nothing has changed so far; from here on nothing can fail
+        # durable first (fsync'd): if the write fails, nothing has changed; after it nothing can fail
+        record = self.store.register_item(ItemRecord(internal, raw_id, semantic_id=tuple(int(c) for c in full),
+                                                     fields=dict(fields), vector=vector[0]))
+        if record.version != len(self.log) + 1:
+            raise RuntimeError(f"store {self.store.path} gave registration version {record.version} after "
+                               f"{len(self.log)}: another process writes to it")
         self.index.add(internal, codes)
         self.ids.add(raw_id)
-        entry = Registration(len(self.log) + 1, internal, raw_id, tuple(full), dict(fields))
+        entry = Registration(record.version, internal, raw_id, record.semantic_id, dict(fields))
         self.log.append(entry)
         return entry
+
+    def append_events(self, user_id: str, events: list[dict]) -> dict:
+        """Durably append a user's events (idempotent by event id; the store's checks)."""
+        if self.store is None:
+            return error_body(422, "this application was started without a store (args.store), so it cannot keep "
+                              "events it would acknowledge; it records none")
+        now = int(time.time())
+        batch = [Event(e["event_id"], e["item"], now if e.get("time") is None else e["time"]) for e in events]
+        with self.lock:
+            try:
+                result = self.store.append_events(user_id, batch)
+            except EventError as err:
+                return error_body(err.status, err.message)
+        return {"user_id": user_id, "appended": result.appended, "duplicates": result.duplicates,
+                "history_length": result.history_length, "clusters": self._clusters(user_id)}
+
+    def user_history(self, user_id: str) -> dict:
+        if self.store is None:
+            return error_body(422, "this application was started without a store (args.store): it keeps no users")
+        with self.lock:
+            if not self.store.has_user(user_id):
+                return error_body(404, f"unknown user_id {user_id!r}: the store has no events for it")
+            events = self.store.events(user_id)
+            return {"user_id": user_id, "events": [{"event_id": e.event_id, "item": e.item, "time": e.time}
+                                                   for e in events], "clusters": self._clusters(user_id)}
+
+    def _clusters(self, user_id: str) -> int | None:
+        if self.store.get_meta("history_gamma") is None:
+            return None
+        return len(self.store.clusters(user_id, "serve").clusters.item)
 
     def item(self, raw_id: str) -> dict:
         with self.lock:
@@ -159,13 +236,16 @@ class Retriever:
 
     def __init__(self, run_dir: str, registry: DeploymentHandle, max_k: int, max_history: int | None,
                  max_batch_size: int, batch_wait_timeout_s: float, torch_threads: int, retrieval: str = "model",
-                 ann_index: str = "HNSW32", ann_ef_search: int = 128):
+                 ann_index: str = "HNSW32", ann_ef_search: int = 128, store: dict | None = None):
         torch.set_num_threads(torch_threads)
         self.run, self.registry, self.max_k = open_run(run_dir), registry, max_k
         self.retrieval, self.ann = retrieval, (ann_index, ann_ef_search)
         self._load()
         self.max_history = min(max_history or self.model.max_len, self.model.max_len)
         self.uses_users = self.model.users_required
+        self.user_rows = user_rows(self.run) if self.uses_users else {}
+        # a reader of the store (WAL: it never blocks the Registry, the one writer)
+        self.store = None if store is None else open_store(StoreConfig(**store), readonly=True)
         self._batched.set_max_batch_size(max_batch_size)
         self._batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
@@ -197,16 +277,19 @@ class Retriever:
 
     async def recommend(self, request: dict) -> dict:
         await self._sync()
+        timed = self.model.capabilities.reads_timestamps  # other models ignore the times
         try:
             check_history(request["history"], self.max_history)
             check_k(request["k"], self.model.n_items, self.max_k)
-            history = self.ids.internal(request["history"])
-            user, timestamps = request.get("user"), request.get("timestamps")
+            raw, timestamps = request["history"], request.get("timestamps")
+            if request.get("user_id") is not None:
+                raw, timestamps = self._with_stored(request["user_id"], raw, timestamps, timed)
+            history = self.ids.internal(raw)
+            user = user_index(request.get("user_id"), request.get("user"), self.user_rows)
             check_required_inputs(self.model, user, timestamps)
             now = check_times(len(history), timestamps, request.get("time"))
         except RequestError as err:
             return error_body(err.status, err.message)
-        timed = self.model.capabilities.reads_timestamps  # other models ignore the times
         query = Query(history, request["k"], request["exclude_history"], user if self.uses_users else None,
                       timestamps if timed else None, now if timed else None)
         items, scores = await self._batched(query)
@@ -218,6 +301,20 @@ class Retriever:
                           for row, (i, s) in enumerate(zip(items, scores))],
                 "catalogue_size": self.model.n_items, "index_version": self.version,
                 "replica": serve.get_replica_context().replica_id.unique_id}
+
+    def _with_stored(self, user_id: str, history: list[str], timestamps: list[int] | None,
+                     timed: bool) -> tuple[list[str], list[int] | None]:
+        """The user's stored events, then the request's history (see ``join_history``)."""
+        if self.store is None:
+            raise RequestError(422, "user_id needs a store, and this application was started without one "
+                               "(args.store); send the history alone")
+        try:
+            stored = self.store.events(user_id)
+        except KeyError:
+            raise RequestError(404, f"unknown user_id {user_id!r}: the store has no events for it; send the history "
+                               "without user_id, or record the user's events first (POST /events)") from None
+        return join_history([e.item for e in stored], [e.time for e in stored], history, timestamps,
+                            self.model.max_len, timed)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def _batched(self, queries: list[Query]) -> list[tuple[list[int], list[float]]]:
@@ -249,7 +346,7 @@ def ingress_deployment(api: FastAPI, retries: int) -> serve.Deployment:
             await self.retriever.ready.remote()
 
         @api.post("/recommend", response_model=RecommendResponse,
-                  responses=error_responses(400, 401, 413, 422, 503))
+                  responses=error_responses(400, 401, 404, 413, 422, 503))
         async def recommend(self, body: RecommendRequest) -> Any:
             # A replica that dies mid-request (crash, OOM, node loss) fails the call; a recommendation
             # has no side effect, so it is retried on another replica. X-Retries says how often.
@@ -284,6 +381,25 @@ def ingress_deployment(api: FastAPI, retries: int) -> serve.Deployment:
             result = await self.registry.item.remote(item_id)
             return reply(result) if "status" in result else result["item"]
 
+        @api.post("/events", response_model=EventsResponse, responses=error_responses(400, 401, 409, 413, 422, 503))
+        async def events(self, body: EventsRequest) -> Any:
+            """Append a user's events, durably (written and fsync'd before the answer); a retry with the
+            same event ids appends nothing twice. Unknown items, or times before the user's last event,
+            refuse the whole batch: nothing is recorded."""
+            try:
+                result = await self.registry.append_events.remote(body.user_id,
+                                                                  [e.model_dump() for e in body.events])
+            except RayActorError as err:  # the writer died mid-call: the batch may or may not be in
+                return JSONResponse(error_body(503, f"the store's writer failed ({type(err).__name__}); retry with "
+                                               "the same event ids: what was recorded is not recorded twice"),
+                                    status_code=503)
+            return reply(result)
+
+        @api.get("/users/{user_id}", response_model=UserHistory, responses=error_responses(401, 404, 422))
+        async def user(self, user_id: str) -> Any:
+            """A user's stored events, oldest first, and the number of their virtual items."""
+            return reply(await self.registry.user_history.remote(user_id))
+
     return Ingress
 
 
@@ -305,13 +421,19 @@ def build_app(args: dict) -> serve.Application:
         from recsys.ann import AnnRetriever
 
         AnnRetriever(run.load_model(), cfg.ann_index, cfg.ann_ef_search)  # refuses models without embeddings
-    registry = Registry.bind(str(run.run_dir))
+    store = None
+    if cfg.store is not None:  # opened (or created, if asked) here: a missing or corrupt store fails the start
+        store_cfg = StoreConfig(**cfg.store)
+        store_cfg.path = str(Path(store_cfg.path).resolve())
+        open_store(store_cfg, run.items["raw_id"].astype(str).tolist()).close()
+        store = {**store_cfg.__dict__, "create": False}
+    registry = Registry.bind(str(run.run_dir), store)
     scale = ({"autoscaling_config": cfg.autoscaling_config} if cfg.autoscaling_config is not None
              else {"num_replicas": cfg.num_replicas})
     retriever = Retriever.options(
         ray_actor_options={"num_cpus": cfg.replica_cpus},
         max_ongoing_requests=max(32, 2 * cfg.max_batch_size), **scale,
     ).bind(str(run.run_dir), registry, cfg.max_k, cfg.max_history, cfg.max_batch_size, cfg.batch_wait_timeout_s,
-           cfg.torch_threads, cfg.retrieval, cfg.ann_index, cfg.ann_ef_search)
+           cfg.torch_threads, cfg.retrieval, cfg.ann_index, cfg.ann_ef_search, store)
     api = make_api(key_sha256=key_hash, max_body_bytes=cfg.max_body_bytes)
     return ingress_deployment(api, cfg.replica_failure_retries).bind(retriever, registry)

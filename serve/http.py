@@ -101,11 +101,13 @@ async def http_error(request: Request, exc: StarletteHTTPException) -> JSONRespo
 ERRORS = {
     400: "malformed JSON body",
     401: f"missing or wrong {API_KEY_HEADER} header (when the server has an API key)",
-    404: "unknown item id",
-    409: "the item id exists, or the item's content tuple has no free collision code left",
+    404: "unknown item id, or a user_id the store has no events for",
+    409: "the item id exists, the item's content tuple has no free collision code left, or an event id is "
+         "already recorded for another user or item",
     413: "request body over the server's max_body_bytes",
-    422: "a field has the wrong type or value, an unknown field, or an unknown item id in a history",
-    503: "no model replica could answer; retry later",
+    422: "a field has the wrong type or value, an unknown field, an unknown item id in a history or in events, "
+         "an event time before the user's last, or an application without a store asked to keep state",
+    503: "no model replica (or the store's writer) could answer; retry later (events: with the same event ids)",
 }
 
 

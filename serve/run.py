@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from recsys.data import InteractionData
+from recsys.data.schema import SEQUENCES_FILE
 from recsys.experiment import ExperimentConfig, experiment_dict_from_run, experiment_from_dict, ids_runs_of
 from recsys.models.base import SequenceModel
 from recsys.runs import CONFIG_FILE, read_json, require_complete
@@ -40,6 +41,14 @@ class ServingRun:
     def content_fields(self) -> list[str]:
         """Columns a registered item may give: the items table's, less the ids."""
         return [c for c in self.items.columns if c not in ("item_id", "raw_id")]
+
+
+def user_rows(run: ServingRun) -> dict[str, int]:
+    """The data run's user ids -> their row in its sequences: the ``user`` index models with user
+    tokens read (``LeaveOneOutSplit.train_users`` counts the same rows)."""
+    data_dir = read_json(run.run_dir / CONFIG_FILE)["data_dir"]
+    ids = pd.read_parquet(Path(data_dir) / SEQUENCES_FILE, columns=["user_id"])["user_id"].astype(str)
+    return {u: row for row, u in enumerate(ids)}
 
 
 def open_run(run_dir: str | Path) -> ServingRun:

@@ -23,6 +23,11 @@ class RecommendRequest(BaseModel):
                                                "that read timestamps")
     time: StrictInt | None = Field(None, description="the request's time in seconds (default: now); at or after "
                                    "the last history timestamp")
+    user_id: StrictStr | None = Field(None, min_length=1, max_length=200,
+                                      description="the dataset's user id (the store's key, not the model's `user` "
+                                      "index): the user's stored events come first and `history` (this session's "
+                                      "items) is appended; the model reads the last max_len of them. A user the "
+                                      "store does not know is a 404, never an empty history")
 
 
 class ErrorBody(BaseModel):
@@ -58,6 +63,44 @@ class NewItem(BaseModel):
                                                 "title, brand; at least one")
 
 
+class EventIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    event_id: StrictStr = Field(min_length=1, max_length=200, description="the client's id of this event, unique "
+                                "across users: a retried call with the same ids appends nothing twice")
+    item: StrictStr = Field(description="the item's id (the dataset's, or one registered with POST /items)")
+    time: StrictInt | None = Field(None, ge=0, description="event time in seconds (default: now); not before the "
+                                   "user's last event")
+
+
+class EventsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: StrictStr = Field(min_length=1, max_length=200, description="the dataset's user id; a new id starts "
+                               "a new user")
+    events: list[EventIn] = Field(min_length=1, max_length=1000, description="oldest first")
+
+
+class EventsResponse(BaseModel):
+    user_id: str
+    appended: list[str] = Field(description="event ids recorded by this call, durably (fsync'd) before it answered")
+    duplicates: list[str] = Field(description="event ids recorded before (a retry): skipped, the first record stands")
+    history_length: int = Field(description="the user's events now")
+    clusters: int | None = Field(description="the user's virtual items now (null: the store keeps no clusters)")
+
+
+class StoredEventOut(BaseModel):
+    event_id: str
+    item: str
+    time: int | None
+
+
+class UserHistory(BaseModel):
+    user_id: str
+    events: list[StoredEventOut] = Field(description="oldest first")
+    clusters: int | None = Field(description="the user's virtual items (null: the store keeps no clusters)")
+
+
 class ItemInfo(BaseModel):
     id: str
     internal_id: int
@@ -90,6 +133,10 @@ class ServeArgs(BaseModel):
                                                "models with user/item embeddings such as sasrec")
     ann_index: str = Field("HNSW32", description="retrieval=ann: faiss index, 'Flat' (exact) or 'HNSW<M>'")
     ann_ef_search: int = Field(128, ge=1, description="retrieval=ann: HNSW search breadth")
+    store: dict | None = Field(None, description="the serving state (recsys.history.store.StoreConfig): {kind: "
+                               "sqlite, path: FILE, create: false}, e.g. the store `recsys history` made. Registered "
+                               "items and events are written there before they are acknowledged. Without one the app "
+                               "registers no items and records no events (it could not keep them)")
     replica_failure_retries: int = Field(2, ge=0, le=10, description="times a /recommend is retried on another "
                                          "replica when its replica dies mid-request")
 
@@ -105,4 +152,11 @@ class ServeArgs(BaseModel):
                                  f"{sorted(AutoscalingConfig.model_fields)}")
             AutoscalingConfig(**self.autoscaling_config)
             self.num_replicas = None
+        if self.store is not None:
+            from recsys.history.store import StoreConfig
+
+            unknown = sorted(set(self.store) - set(StoreConfig.__dataclass_fields__))
+            if unknown:
+                raise ValueError(f"store has unknown key(s) {unknown}; allowed: {sorted(StoreConfig.__dataclass_fields__)}")
+            StoreConfig(**self.store)
         return self

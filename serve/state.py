@@ -148,6 +148,40 @@ def check_times(n_history: int, timestamps: Sequence[int] | None, time: int | No
     return time
 
 
+def user_index(user_id: str | None, user: int | None, rows: dict[str, int]) -> int | None:
+    """The model's ``user`` index for a request. ``user_id`` is the dataset's user id (the store's
+    key); ``user`` is the row of that user in the data run's sequences, which models with user
+    tokens (TIGER's ``model.user_tokens``) hash. With a ``user_id`` the training data knows
+    (``rows``), the index is derived from it and a ``user`` that disagrees is an error; a user
+    who is not in the training data has no index of its own, so ``user`` stays as given."""
+    if user_id is None or user_id not in rows:
+        return user
+    if user is not None and user != rows[user_id]:
+        raise RequestError(422, f"user={user} disagrees with user_id={user_id!r}, whose index in the training data "
+                           f"is {rows[user_id]}; give one of them")
+    return rows[user_id]
+
+
+def join_history(stored: Sequence[str], stored_times: Sequence[int | None], history: Sequence[str],
+                 timestamps: Sequence[int] | None, max_len: int, timed: bool) -> tuple[list[str], list[int] | None]:
+    """A user's stored events, then the request's items, truncated to the model's last ``max_len``.
+    For a model that reads times (``timed``) the stored events need times, and the request's
+    ``timestamps`` must be given and follow them."""
+    items = [*stored, *history][-max_len:]
+    if not timed:
+        return items, None
+    if any(t is None for t in stored_times):
+        raise RequestError(422, "this model reads event times, but the user's stored events have none (the dataset "
+                           "had no timestamps); send the history without user_id")
+    if timestamps is None:
+        raise RequestError(422, "this model reads event times (model.time_bias=on): give `timestamps`, one per "
+                           "history item")
+    if stored_times and timestamps and timestamps[0] < stored_times[-1]:
+        raise RequestError(422, f"timestamps start at {timestamps[0]}, before the user's last stored event "
+                           f"({stored_times[-1]})")
+    return items, [*stored_times, *timestamps][-max_len:]
+
+
 class Query(NamedTuple):
     """One checked request: internal history ids (oldest first), k, exclusion, user (or None), and
     for models that read timestamps the history's times and the request's time (else None)."""

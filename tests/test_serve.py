@@ -32,7 +32,7 @@ from recsys.runs import read_json
 pytestmark = pytest.mark.ray
 
 KEY_ENV, KEY = "RECSYS_TEST_SERVE_KEY", "test-key-7f3a"
-MAX_HISTORY, MAX_BODY, N_ITEMS = 8, 4096, 60
+MAX_HISTORY, MAX_BODY, N_ITEMS, GAMMA = 8, 4096, 60, 3
 
 
 def free_port() -> int:
@@ -60,7 +60,7 @@ def runs(ray_session, tmp_path_factory) -> dict[str, Path]:
                  "model.d_ff=32", "trainer.optim.epochs=1", "trainer.optim.batch_size=128", "trainer.resources.use_ray=false",
                  "--data", read_json(tiger / "config.json")["data_dir"]]) == 0
     (sasrec,) = (root / "train").iterdir()
-    return {"tiger": tiger, "sasrec": sasrec}
+    return {"tiger": tiger, "sasrec": sasrec, "data": pipeline / "data", "embed": pipeline / "embed"}
 
 
 def lan_address() -> str | None:
@@ -171,9 +171,25 @@ def wait_ready(url: str, timeout_s: float = 120) -> None:
 
 
 @pytest.fixture(scope="module")
-def serve_urls(runs):
-    """Two apps on one Serve instance: the TIGER retriever at / (2 replicas, API key) and the ANN
-    baseline (SASRec + exact faiss index) at /ann."""
+def store_path(runs, tmp_path_factory) -> Path:
+    """The store `recsys history` makes from the TIGER pipeline's data and embed runs: every user's
+    events and clusters (gamma = GAMMA); the app registers items and records events into it."""
+    path = tmp_path_factory.mktemp("state") / "state.sqlite"
+    assert main(["history", f"run.root={path.parent / 'runs'}", f"history.gamma={GAMMA}", "history.use_ray=false",
+                 f"store.path={path}", "--data", str(runs["data"]), "--embed", str(runs["embed"])]) == 0
+    return path
+
+
+def tiger_args(runs, store_path) -> dict:
+    return {"run_dir": str(runs["tiger"]), "num_replicas": 2, "replica_cpus": 0.25, "max_batch_size": 8,
+            "batch_wait_timeout_s": 0.02, "max_history": MAX_HISTORY, "max_body_bytes": MAX_BODY,
+            "api_key_env": KEY_ENV, "store": {"path": str(store_path)}}
+
+
+@pytest.fixture(scope="module")
+def serve_urls(runs, store_path):
+    """Two apps on one Serve instance: the TIGER retriever at / (2 replicas, API key, the store) and
+    the ANN baseline (SASRec + exact faiss index, no store) at /ann."""
     from ray import serve
 
     from serve.app import build_app
@@ -182,9 +198,7 @@ def serve_urls(runs):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}"
-    tiger = build_app({"run_dir": str(runs["tiger"]), "num_replicas": 2, "replica_cpus": 0.25, "max_batch_size": 8,
-                       "batch_wait_timeout_s": 0.02, "max_history": MAX_HISTORY, "max_body_bytes": MAX_BODY,
-                       "api_key_env": KEY_ENV})
+    tiger = build_app(tiger_args(runs, store_path))
     ann = build_app({"run_dir": str(runs["sasrec"]), "num_replicas": 1, "replica_cpus": 0.25,
                      "retrieval": "ann", "ann_index": "Flat"})
     serve.run(tiger, name="retriever", route_prefix="/", blocking=False)
@@ -243,7 +257,7 @@ def test_recommend_answers_with_dataset_ids_scores_and_semantic_ids(server, mode
     assert requests.get(f"{server}/healthz", timeout=10).json() == {"status": "ok"}
     assert requests.get(f"{server}/docs", timeout=10).status_code == 200  # OpenAPI, no key needed
     spec = requests.get(f"{server}/openapi.json", timeout=10).json()
-    assert {"/recommend", "/items", "/items/{item_id}", "/healthz"} <= set(spec["paths"])
+    assert {"/recommend", "/items", "/items/{item_id}", "/events", "/users/{user_id}", "/healthz"} <= set(spec["paths"])
 
 
 def test_concurrent_requests_with_different_k_and_exclusion_are_answered_exactly(server, model, raw_ids):
@@ -298,10 +312,11 @@ def test_bad_requests_get_a_4xx_json_error_that_says_what_is_wrong(server, name,
 
 # Two statuses beyond schemathesis' defaults, each a documented answer: a body the schema admits can
 # still name items this catalogue does not hold (422, which names them), and any body over the
-# server's max_body_bytes is refused before it is parsed (413). Every check runs.
+# server's max_body_bytes is refused before it is parsed (413), also a schema-valid one (a batch of
+# 1000 events is over this test's 4096 bytes). Every check runs.
 SCHEMATHESIS_CONFIG = """
 [checks.positive_data_acceptance]
-expected-statuses = ["2xx", "401", "403", "404", "409", "422"]
+expected-statuses = ["2xx", "401", "403", "404", "409", "413", "422"]
 
 [checks.negative_data_rejection]
 expected-statuses = ["400", "401", "403", "404", "405", "406", "409", "413", "415", "422", "428", "429"]
@@ -362,6 +377,72 @@ def test_item_lookup_gives_content_and_semantic_id(server, model, raw_ids):
     assert item["semantic_id"] == model.item_codes[2].tolist() and item["ids"] == {"semantic": item["semantic_id"]}
     r = get(server, "/items/NO-SUCH-ITEM")
     assert r.status_code == 404 and "unknown item id 'NO-SUCH-ITEM'" in r.json()["error"]
+
+
+@pytest.fixture(scope="module")
+def sequences(runs) -> dict[str, list[int]]:
+    import pandas as pd
+
+    seqs = pd.read_parquet(runs["data"] / "sequences.parquet")
+    return dict(zip(seqs["user_id"].astype(str), seqs["item_ids"].map(lambda s: [int(i) for i in s])))
+
+
+def test_events_are_recorded_once_and_a_user_id_brings_the_stored_history(server, model, raw_ids, sequences,
+                                                                          store_path):
+    from recsys.history.store import StoreConfig, open_store
+
+    events = [{"event_id": "n1-a", "item": raw_ids[3], "time": 100}, {"event_id": "n1-b", "item": raw_ids[7]}]
+    r = post(server, "/events", {"user_id": "NEW-USER-1", "events": events})
+    assert r.status_code == 200, r.text
+    assert r.json() == {"user_id": "NEW-USER-1", "appended": ["n1-a", "n1-b"], "duplicates": [], "history_length": 2,
+                        "clusters": 1}
+    retry = post(server, "/events", {"user_id": "NEW-USER-1", "events": events})
+    assert retry.status_code == 200 and retry.json()["appended"] == [] and retry.json()["duplicates"] == ["n1-a", "n1-b"]
+    stored = get(server, "/users/NEW-USER-1").json()
+    assert [(e["event_id"], e["item"]) for e in stored["events"]] == [("n1-a", raw_ids[3]), ("n1-b", raw_ids[7])]
+    assert stored["events"][0]["time"] == 100 and stored["events"][1]["time"] >= 100  # default: the server's now
+    # user_id: the stored events come first, the request's history after them
+    r = post(server, "/recommend", {"history": [raw_ids[9]], "user_id": "NEW-USER-1", "k": 5})
+    assert r.status_code == 200, r.text
+    expected = model.recommend(Batch(history=torch.tensor([[3, 7, 9]])), 5)
+    assert [it["internal_id"] for it in r.json()["items"]] == expected.items[0].tolist()
+    # a user of the training data: the whole stored history, of which the model reads its last max_len
+    user, seq = max(sequences.items(), key=lambda kv: len(kv[1]))
+    assert len(seq) + 1 > model.max_len
+    r = post(server, "/recommend", {"history": [raw_ids[1]], "user_id": user, "k": 5})
+    expected = model.recommend(Batch(history=torch.tensor([(seq + [1])[-model.max_len:]])), 5)
+    assert [it["internal_id"] for it in r.json()["items"]] == expected.items[0].tolist()
+    # the user's clusters follow every append (one transaction with the events)
+    for i in range(4):
+        r = post(server, "/events", {"user_id": user, "events": [{"event_id": f"{user}-live-{i}", "item": raw_ids[2 + i]}]})
+        assert r.status_code == 200 and r.json()["history_length"] == len(seq) + i + 1, r.text
+    store = open_store(StoreConfig(path=str(store_path)), readonly=True)
+    served = store.clusters(user, "serve")
+    assert served.cutoff == len(seq) + 4 and (served.clusters.size <= GAMMA).all()
+    assert len(served.clusters.item) == r.json()["clusters"]
+    assert store.clusters(user, "test").cutoff == len(seq) - 1  # the offline examples' sets do not move
+    store.close()
+
+
+def test_bad_events_and_unknown_users_are_4xx_and_record_nothing(server, raw_ids):
+    before = get(server, "/users/NEW-USER-1").json()["events"]
+    cases = [([{"event_id": "n1-c", "item": raw_ids[1], "time": 200}, {"event_id": "n1-d", "item": "NOPE"}], 422,
+              "unknown item id(s) in events: 'NOPE'"),
+             ([{"event_id": "n1-c", "item": raw_ids[1], "time": 50}], 422, "before the user's last event time"),
+             ([{"event_id": "n1-a", "item": raw_ids[4]}], 409, "event id 'n1-a' is already recorded"),
+             ([{"event_id": "n1-c", "item": raw_ids[1]}] * 2, 422, "appear more than once in one batch"),
+             ([], 422, "body.events"), ([{"event_id": "", "item": raw_ids[1]}], 422, "body.events.0.event_id"),
+             ([{"event_id": "x", "item": raw_ids[1], "time": -1}], 422, "body.events.0.time")]
+    for events, status, message in cases:
+        r = post(server, "/events", {"user_id": "NEW-USER-1", "events": events})
+        assert r.status_code == status and message in r.json()["error"], (events, r.text)
+    assert post(server, "/events", {"user_id": "OTHER", "events": [{"event_id": "n1-a", "item": raw_ids[3]}]}
+                ).status_code == 409  # event ids are unique across users
+    assert get(server, "/users/NEW-USER-1").json()["events"] == before
+    r = get(server, "/users/OTHER")
+    assert r.status_code == 404 and "unknown user_id 'OTHER'" in r.json()["error"]
+    r = post(server, "/recommend", {"history": [raw_ids[1]], "user_id": "NO-SUCH-USER", "k": 3})
+    assert r.status_code == 404 and "unknown user_id 'NO-SUCH-USER'" in r.json()["error"]
 
 
 def test_item_registered_with_an_items_content_is_recommended_beside_it(server, model, raw_ids):
@@ -484,6 +565,114 @@ def test_ann_baseline_app_answers_with_sasrec_and_faiss(serve_urls, runs, raw_id
     assert all(it["semantic_id"] is None and it["ids"] == {} for it in r.json()["items"])
     r = post(url, "/items", {"fields": {"title": "x"}}, key=None)
     assert r.status_code == 422 and "cannot register new items" in r.json()["error"]
+    r = post(url, "/events", {"user_id": "u1", "events": [{"event_id": "a", "item": raw_ids[3]}]}, key=None)
+    assert r.status_code == 422 and "started without a store" in r.json()["error"]  # it could not keep them
+    r = post(url, "/recommend", {"history": [raw_ids[3]], "user_id": "u1"}, key=None)
+    assert r.status_code == 422 and "user_id needs a store" in r.json()["error"]
     assert get(url, f"/items/{raw_ids[3]}", key=None).json()["semantic_id"] is None
     r = post(url, "/recommend", {"history": ["NOPE"], "k": 3}, key=None)
     assert r.status_code == 422 and "'NOPE'" in r.json()["error"]
+
+
+def test_sigkill_of_the_store_writer_during_a_stream_of_events_loses_and_duplicates_nothing(server, raw_ids):
+    """A client streams POST /events, one event per call, retrying each (same event id) until it is
+    acknowledged. The Registry replica, the one process that owns the store, is killed with SIGKILL
+    mid-stream; Serve starts another, which reopens the store. The user's stored events are then
+    exactly the acknowledged ones, in order, none lost and none twice."""
+    import ray
+    from ray.util.state import list_actors
+
+    acked, failures, stop = [], [], threading.Event()
+
+    def client() -> None:
+        session, i = requests.Session(), 0
+        while not stop.is_set():
+            body = {"user_id": "STREAM", "events": [{"event_id": f"s-{i}", "item": raw_ids[1 + i % N_ITEMS]}]}
+            try:
+                r = post(server, "/events", body, session=session)
+            except requests.RequestException as err:
+                failures.append(type(err).__name__)
+                continue
+            if r.status_code != 200:
+                failures.append(r.status_code)
+                time.sleep(0.1)
+                continue
+            acked.append(f"s-{i}")
+            i += 1
+
+    def wait_for(n: int, timeout_s: float) -> None:
+        deadline = time.time() + timeout_s
+        while len(acked) < n:
+            assert time.time() < deadline, f"only {len(acked)} events acknowledged; failures {failures[-5:]}"
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    try:
+        wait_for(20, 60)
+        (writer,) = list_actors(address=ray.get_runtime_context().gcs_address, detail=True,  # this session's Ray
+                                filters=[("class_name", "=", "ServeReplica:retriever:Registry"), ("state", "=", "ALIVE")])
+        os.kill(writer.pid, signal.SIGKILL)
+        at_kill = len(acked)
+        wait_for(at_kill + 20, 180)  # the stream goes on with the new writer
+        (new_writer,) = list_actors(address=ray.get_runtime_context().gcs_address, detail=True, filters=[
+            ("class_name", "=", "ServeReplica:retriever:Registry"), ("state", "=", "ALIVE")])
+    finally:
+        stop.set()
+        thread.join()
+    # The call in flight when the writer died either failed (503 or a dropped connection: the client
+    # retried it) or was retried by Serve on the new replica; either way the store's idempotency
+    # by event id is what keeps it from being recorded twice.
+    assert new_writer.pid != writer.pid and at_kill >= 20
+    stored = [e["event_id"] for e in get(server, "/users/STREAM").json()["events"]]
+    assert stored == acked
+
+
+def test_a_restarted_application_keeps_everything_it_acknowledged(serve_urls, runs, store_path, raw_ids, sequences):
+    """Runs last: the app is deleted and started again over the same store. Every registered item
+    (these tests registered them, each acknowledged with a 201) and every recorded event is back,
+    with the same ids and versions, and answers are the same as before."""
+    from recsys.history.store import StoreConfig, open_store
+    from serve.app import build_app
+
+    server = serve_urls["tiger"]
+    store = open_store(StoreConfig(path=str(store_path)), readonly=True)
+    registered = [r.raw_id for r in store.registered_items()]
+    store.close()
+    assert {"TWIN-1", *(f"LIVE-{i}" for i in range(5))} <= set(registered)
+    items = {raw: get(server, f"/items/{raw}").json() for raw in registered}
+    user = max(sequences, key=lambda u: len(sequences[u]))
+    users = {u: get(server, f"/users/{u}").json() for u in ("NEW-USER-1", user)}
+    question = {"history": ["TWIN-1", "LIVE-3"], "user_id": "NEW-USER-1", "k": 10}
+    before = post(server, "/recommend", question).json()
+
+    serve.delete("retriever")
+    assert requests.get(f"{server}/healthz", timeout=10).status_code == 404  # gone
+    serve.run(build_app(tiger_args(runs, store_path)), name="retriever", route_prefix="/", blocking=False)
+    wait_ready(server)
+
+    assert {raw: get(server, f"/items/{raw}").json() for raw in registered} == items
+    assert {u: get(server, f"/users/{u}").json() for u in users} == users
+    after = post(server, "/recommend", question).json()
+    assert [it["id"] for it in after["items"]] == [it["id"] for it in before["items"]]
+    assert [it["score"] for it in after["items"]] == pytest.approx([it["score"] for it in before["items"]], abs=1e-5)
+    assert (after["index_version"], after["catalogue_size"]) == (len(registered), N_ITEMS + len(registered))
+    r = post(server, "/items", {"id": "AFTER-RESTART", "fields": {"title": "registered after the restart"}})
+    assert r.status_code == 201 and r.json()["index_version"] == len(registered) + 1
+    assert r.json()["internal_id"] == N_ITEMS + len(registered) + 1
+
+
+def test_a_missing_or_corrupt_store_fails_the_start_with_a_clear_error(runs, store_path, tmp_path):
+    from recsys.history.store import StoreError
+    from serve.app import build_app
+
+    args = {**tiger_args(runs, store_path), "api_key_env": None}
+    with pytest.raises(StoreError, match="does not exist; create it with `recsys history`"):
+        build_app({**args, "store": {"path": str(tmp_path / "missing.sqlite")}})
+    (tmp_path / "bad.sqlite").write_bytes(b"not a database" * 200)
+    with pytest.raises(StoreError, match="is not a readable store"):
+        build_app({**args, "store": {"path": str(tmp_path / "bad.sqlite")}})
+    with pytest.raises(ValueError, match="store has unknown key"):
+        build_app({**args, "store": {"path": str(store_path), "file": "x"}})
+    build_app({**args, "store": {"path": str(tmp_path / "new.sqlite"), "create": True}})  # explicit: made, empty
+    assert (tmp_path / "new.sqlite").is_file()

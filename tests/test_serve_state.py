@@ -90,3 +90,27 @@ def test_registrations_apply_in_order_once_and_refuse_gaps(model, index):
     with pytest.raises(RuntimeError, match="do not follow"):
         apply_registrations(model, ids, 2, [Registration(3, 40, "C", (1, 1, 0))])
     assert model.n_items == 32 and len(ids) == 32  # nothing changed by the refused ones
+
+
+def test_user_id_gives_the_models_user_index_when_the_training_data_knows_the_user():
+    from serve.state import user_index
+
+    rows = {"u1": 0, "u7": 6}
+    assert user_index("u7", None, rows) == 6 and user_index("u7", 6, rows) == 6
+    assert user_index(None, 3, rows) == 3 and user_index("new-user", 4, rows) == 4  # no index of its own
+    assert user_index("new-user", None, rows) is None
+    with pytest.raises(RequestError, match="user=2 disagrees with user_id='u7', whose index in the training data is 6"):
+        user_index("u7", 2, rows)
+
+
+def test_a_users_stored_history_comes_before_the_requests_and_is_cut_to_max_len():
+    from serve.state import join_history
+
+    assert join_history(["a", "b", "c"], [None] * 3, ["d"], None, 3, timed=False) == (["b", "c", "d"], None)
+    assert join_history(["a"], [5], ["b"], [7], 5, timed=True) == (["a", "b"], [5, 7])
+    with pytest.raises(RequestError, match="stored events have none"):
+        join_history(["a"], [None], ["b"], [7], 5, timed=True)
+    with pytest.raises(RequestError, match="before the user's last stored event"):
+        join_history(["a"], [9], ["b"], [7], 5, timed=True)
+    with pytest.raises(RequestError, match="give `timestamps`"):
+        join_history(["a"], [9], ["b"], None, 5, timed=True)
