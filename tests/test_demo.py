@@ -55,6 +55,24 @@ def test_local_ray_chooses_token_auth_and_no_preemption_watcher_a_cluster_keeps_
         assert actor_restarts() == {"max_restarts": 0}
 
 
+def test_only_the_restart_arguments_deprecation_is_kept_quiet_and_only_around_that_call(monkeypatch):
+    import warnings
+
+    from ray.util.annotations import RayDeprecationWarning
+
+    from pipelines.embed_job import actor_restart_args
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with actor_restart_args() as restarts:
+            warnings.warn("`ray_remote_args` is deprecated and will be removed", RayDeprecationWarning)
+            warnings.warn("`concurrency` is deprecated", RayDeprecationWarning)
+        warnings.warn("`ray_remote_args` is deprecated and will be removed", RayDeprecationWarning)
+    assert restarts == {"max_restarts": 0}
+    assert [str(w.message)[:16] for w in seen] == ["`concurrency` is", "`ray_remote_args"]
+
+
 def test_a_users_setting_wins_over_the_quiet_defaults(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1")
@@ -101,15 +119,18 @@ def test_stage_clock_prints_one_line_per_stage_after_it_ends():
 
 
 def test_table_puts_the_baseline_beside_the_model_and_the_note_says_when_it_trails():
-    behind = {"tiger": {"valid": FIGURES, "test": FIGURES}, "sasrec": {"valid": FIGURES,
-                                                                      "test": {**FIGURES, "recall@10": 0.5}}}
+    behind = {"tiger": {"valid": FIGURES, "test": FIGURES, "best_epoch": 4, "epochs_run": 4},
+              "sasrec": {"valid": FIGURES, "test": {**FIGURES, "recall@10": 0.5}, "best_epoch": 9, "epochs_run": 20}}
     table = demo_table(behind).splitlines()
     assert table[0].startswith("| model, split | recall@5 |")
     assert [row.split("|")[1].strip() for row in table[2:]] == [
         "tiger, valid (selected)", "tiger, test", "sasrec, valid (selected)", "sasrec, test"]
     note = comparison_note("tiger", "sasrec", behind)
-    assert note.startswith("note: tiger trails sasrec on test recall@10 (0.3000 against 0.5000)") and "\n" not in note
-    level = {**behind, "sasrec": {"valid": FIGURES, "test": FIGURES}}
+    assert note.startswith("note: tiger trails sasrec on test recall@10 (0.3000 against 0.5000): it was still "
+                           "improving on validation at its last epoch (4)") and "\n" not in note
+    peaked = {**behind, "tiger": {**behind["tiger"], "best_epoch": 2}}
+    assert "it peaked on validation at epoch 2 of 4" in comparison_note("tiger", "sasrec", peaked)
+    level = {**behind, "sasrec": {**behind["sasrec"], "test": FIGURES}}
     assert comparison_note("tiger", "sasrec", level) == ""
 
 
