@@ -31,7 +31,9 @@ from recsys.experiment import (
 )
 from recsys.models import get_spec
 from recsys.reporting import results_table
-from recsys.runs import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, mark_complete, new_run_dir, read_json, write_json, write_text
+from recsys.runs import (
+    CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, mark_complete, new_run_dir, read_json, write_json, write_text,
+)
 
 BASELINE_PREFIX = "baseline."
 SHARED_SECTIONS = ("data", "run")  # the baseline trains on the demo's data run, inside the demo's run
@@ -146,8 +148,9 @@ def train_and_test(exp: ExperimentConfig, data_dir: Path, ids_dirs: dict[str, Pa
     with clock.stage(f"train {exp.model_name}") as note:
         train_dir = run_train(exp, data_dir=data_dir, ids_dirs={s: ids_dirs[s] for s in declared}, parent=model_dir)
         m = read_json(train_dir / METRICS_FILE)
+        where = "Ray Train" if exp.trainer.resources.use_ray else "in-process"
         note.append(f"selected epoch {m['best_epoch']} of {m['epochs_run']} on valid "
-                    f"{exp.trainer.selection.select_metric}, {'Ray Train' if exp.trainer.resources.use_ray else 'in-process'}")
+                    f"{exp.trainer.selection.select_metric}, {where}")
     with clock.stage(f"test {exp.model_name}") as note:
         _, test = run_evaluate(train_dir, "test", parent=model_dir)
         note.append(f"whole catalogue; recall@10 {test['recall@10']:.4f}, ndcg@10 {test['ndcg@10']:.4f}")
