@@ -166,3 +166,12 @@ def test_a_baseline_config_with_its_own_data_is_refused(tmp_path):
     with pytest.raises(ValueError, match="baseline.data"):
         load_demo(ROOT / "configs" / "demo.yaml", ROOT / "configs" / "demo-sasrec.yaml",
                   ["baseline.data.synthetic.seed=1"])
+
+
+def test_make_demo_args_reach_the_demo_after_the_baseline_option():
+    from pipelines.cli import build_parser, parse_args
+
+    ns = parse_args(build_parser(), ["demo", "configs/demo.yaml", "--baseline", "configs/demo-sasrec.yaml",
+                                     "data.synthetic.seed=1", "baseline.trainer.optim.epochs=3"])
+    assert ns.config == ["configs/demo.yaml", "data.synthetic.seed=1", "baseline.trainer.optim.epochs=3"]
+    assert ns.baseline == Path("configs/demo-sasrec.yaml")
