@@ -155,14 +155,15 @@ def train_and_test(exp: ExperimentConfig, data_dir: Path, ids_dirs: dict[str, Pa
         _, test = run_evaluate(train_dir, "test", parent=model_dir)
         note.append(f"whole catalogue; recall@10 {test['recall@10']:.4f}, ndcg@10 {test['ndcg@10']:.4f}")
     return {"valid": m["valid"], "test": test, "best_epoch": m["best_epoch"], "epochs_run": m["epochs_run"],
-            "train_s": m["wall_s"]}
+            "validated_users": m["validated_users"], "train_s": m["wall_s"]}
 
 
 def demo_table(results: dict[str, dict]) -> str:
     """Both models, validation (the selected epoch) and test, in one table."""
     rows = {}
     for name, r in results.items():
-        rows[f"{name}, valid (selected)"] = r["valid"]
+        users = f", {r['validated_users']:,} users" if r.get("validated_users") else ""
+        rows[f"{name}, valid (selected{users})"] = r["valid"]
         rows[f"{name}, test"] = r["test"]
     return results_table(rows).replace("| split |", "| model, split |", 1)
 

@@ -120,12 +120,12 @@ def test_stage_clock_prints_one_line_per_stage_after_it_ends():
 
 
 def test_table_puts_the_baseline_beside_the_model_and_the_note_says_when_it_trails():
-    behind = {"tiger": {"valid": FIGURES, "test": FIGURES, "best_epoch": 4, "epochs_run": 4},
+    behind = {"tiger": {"valid": FIGURES, "test": FIGURES, "best_epoch": 4, "epochs_run": 4, "validated_users": 500},
               "sasrec": {"valid": FIGURES, "test": {**FIGURES, "recall@10": 0.5}, "best_epoch": 9, "epochs_run": 20}}
     table = demo_table(behind).splitlines()
     assert table[0].startswith("| model, split | recall@5 |")
     assert [row.split("|")[1].strip() for row in table[2:]] == [
-        "tiger, valid (selected)", "tiger, test", "sasrec, valid (selected)", "sasrec, test"]
+        "tiger, valid (selected, 500 users)", "tiger, test", "sasrec, valid (selected)", "sasrec, test"]
     note = comparison_note("tiger", "sasrec", behind)
     assert note.startswith("note: tiger trails sasrec on test recall@10 (0.3000 against 0.5000): it was still "
                            "improving on validation at its last epoch (4)") and "\n" not in note
