@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/recsys pipeline configs/demo.yaml $(ARGS)
+	$(BIN)/recsys demo configs/demo.yaml --baseline configs/demo-sasrec.yaml $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -11,6 +11,7 @@
     recsys rank      [CONFIG] [key=value ...] --retriever TRAIN_RUN [--top-n 100]   (the cascade)
     recsys history   [CONFIG] [key=value ...] [--data DATA_RUN] [--embed EMBED_RUN]   (a new store: store.path)
     recsys pipeline  [CONFIG] [key=value ...]
+    recsys demo      [CONFIG] --baseline BASELINE_CONFIG [key=value ...] [baseline.key=value ...]
     recsys tune      SWEEP_CONFIG [key=value ...] [--embed EMBED_RUN] [--data DATA_RUN]
     recsys tune      --resume SWEEP_RUN
     recsys serve     TRAIN_RUN [--host 127.0.0.1] [--port 8000] [--replicas N] [--api-key-env VAR] [--ann]
@@ -197,6 +198,15 @@ def cmd_pipeline(ns: argparse.Namespace) -> None:
     print(f"\npipeline run: {run_dir}")
 
 
+def cmd_demo(ns: argparse.Namespace) -> None:
+    """The tour behind `make demo` (pipelines/demo.py): both models, the table, one served request."""
+    from pipelines.demo import load_demo, run_demo
+
+    path, overrides = split_config_args(ns.config)
+    exp, baseline = load_demo(path, ns.baseline, overrides)  # both validated before any work
+    run_demo(exp, baseline)
+
+
 def cmd_tune(ns: argparse.Namespace) -> int:
     """A Ray Tune sweep (tune/): trials ranked on validation, the winner tested once."""
     from recsys.sweep import load_sweep
@@ -271,6 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
                              help="a `recsys ids` run per ID space the model declares, e.g. --ids semantic=RUN "
                                   "--ids behavior=RUN; a bare RUN is the model's one space")
             sub.add_argument("--candidates", type=Path, help="a `recsys candidates` run, for rankers")
+    dm = verbs.add_parser("demo", help="the demo: generative model and baseline on one data run, the results "
+                          "table, one request to the served model")
+    dm.add_argument("config", nargs="*", help="[CONFIG.yaml] [key.subkey=value ...] [baseline.key.subkey=value ...]")
+    dm.add_argument("--baseline", type=Path, required=True, help="the baseline's config (model, trainer, eval; "
+                    "data and run come from CONFIG), e.g. configs/demo-sasrec.yaml")
+    dm.set_defaults(func=cmd_demo)
     tn = verbs.add_parser("tune", help="Ray Tune sweep (ASHA) over config keys; ranked on validation")
     tn.add_argument("config", nargs="*", help="SWEEP.yaml [key.subkey=value ...]")
     tn.add_argument("--resume", type=Path, help="a `recsys tune` run directory to continue")

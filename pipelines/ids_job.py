@@ -22,7 +22,8 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.data import ExecutionOptions
+from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.train.v2.api.config import LoggingConfig
 from tqdm.auto import tqdm
@@ -55,6 +56,15 @@ def ray_map(num_cpus: float) -> Callable:
 
 def _stack_vectors(batch: dict) -> dict:
     return {"x": np.stack(batch["vector"]).astype(np.float32)}  # list<float> column -> (B, D)
+
+
+def quiet_epochs(dataset: ray.data.Dataset) -> None:
+    """Every epoch streams the shard again, through a split coordinator actor. By default that actor
+    draws a Ray tqdm bar per epoch, forwarded to the driver (hundreds of lines for an RQ-VAE). Set
+    on the dataset's own context, which the coordinator runs with: without Ray tqdm it logs its
+    progress at INFO, below RAY_DATA_LOG_LEVEL=WARNING. (Turning progress bars off instead makes
+    Ray Data warn that they are off.)"""
+    dataset.context.use_ray_tqdm = False
 
 
 def rqvae_loop_per_worker(config: dict) -> None:
@@ -107,8 +117,7 @@ def fit_rqvae_with_ray(cfg: IdsConfig, embeddings_path: Path, embeddings: np.nda
     # 2-CPU node) Ray Data's read/map tasks could never be scheduled and the run would hang.
     dataset = ray.data.read_parquet(str(embeddings_path)).map_batches(_stack_vectors, batch_format="numpy")
     dataset = dataset.materialize()
-    # Each epoch re-reads the shard; a Ray Data progress bar per epoch would drown the log.
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    quiet_epochs(dataset)
     trainer = TorchTrainer(
         rqvae_loop_per_worker,
         train_loop_config={"rqvae": dataclasses.asdict(rq), "input_dim": embeddings.shape[1],
@@ -119,6 +128,9 @@ def fit_rqvae_with_ray(cfg: IdsConfig, embeddings_path: Path, embeddings: np.nda
                              failure_config=FailureConfig(max_failures=cfg.max_failures),
                              logging_config=LoggingConfig(log_level="WARNING")),
         datasets={"train": dataset},
+        # Our own options, not Ray Train's default ingest options: those copy the deprecated
+        # ``exclude_resources`` into new ExecutionOptions, and Ray Data warns about it in every fit.
+        dataset_config=DataConfig(execution_options=ExecutionOptions(verbose_progress=False)),
     )
     result = trainer.fit()
     if result.error:

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import re
 
-import faiss
 import numpy as np
 import torch
 
+from recsys.faiss_lib import faiss
 from recsys.models.base import Batch, Recommendation, Retriever
 
 _HNSW = re.compile(r"^HNSW(\d+)$")

@@ -253,7 +253,7 @@ class Retriever:
         """The trained state: the checkpoint's model and the data run's ids, registration log version 0."""
         model = self.run.load_model()
         if self.retrieval == "ann":
-            import faiss
+            from recsys.faiss_lib import faiss
 
             from recsys.ann import AnnRetriever
 

@@ -36,11 +36,14 @@ def prepare(args: dict, host: str = "127.0.0.1") -> serve.Application:
     return app
 
 
-def start(app: serve.Application, host: str = "127.0.0.1", port: int = 8000, name: str = "retriever") -> str:
+def start(app: serve.Application, host: str = "127.0.0.1", port: int = 8000, name: str = "retriever",
+          logging_config: dict | None = None) -> str:
     """Start Serve's HTTP proxy on host:port and run ``app``; returns the base URL once the app is
-    ready. Initialise Ray first (``pipelines.ray_env.init_ray``), or Serve starts it with defaults."""
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(app, name=name, route_prefix="/", blocking=False)
+    ready. Initialise Ray first (``pipelines.ray_env.init_ray``), or Serve starts it with defaults.
+    ``logging_config``: Serve's ``LoggingConfig`` for its controller, proxy and the app's replicas
+    (None: Serve's default, INFO with an access log line per request)."""
+    serve.start(http_options={"host": host, "port": port}, logging_config=logging_config)
+    serve.run(app, name=name, route_prefix="/", blocking=False, logging_config=logging_config)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     return f"http://{shown}:{port}"
 

@@ -1,12 +1,12 @@
 """The README's two commands are real: they are Makefile targets that build the venv with the
-pinned torch first, CI calls the test command, and the demo target runs the pipeline on the
-config it names (the pipeline itself runs end to end in test_e2e_ray.py)."""
+pinned torch first, CI calls the test command, and the demo target runs `recsys demo` on the
+configs it names (the pipeline runs end to end in test_e2e_ray.py; the demo's parts in test_demo.py)."""
 
 import re
 import subprocess
 from pathlib import Path
 
-from recsys.experiment import load_experiment
+from pipelines.demo import load_demo
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,11 +37,13 @@ def test_both_commands_install_pinned_torch_before_the_package():
         assert any("-m venv .venv" in s for s in steps)
 
 
-def test_demo_runs_the_pipeline_on_a_config_that_loads_offline():
+def test_demo_runs_the_demo_on_configs_that_load_offline():
     steps = make_dry_run("demo").splitlines()
-    (run,) = [s for s in steps if "recsys pipeline" in s]
-    config = run.split("recsys pipeline", 1)[1].split()[0]
-    exp = load_experiment(ROOT / config)
+    (run,) = [s for s in steps if "recsys demo" in s]
+    words = run.split("recsys demo", 1)[1].split()
+    config, baseline = words[0], words[words.index("--baseline") + 1]
+    exp, base = load_demo(ROOT / config, ROOT / baseline)
     assert exp.data.format == "synthetic" and exp.data.path is None  # embedded, needs no download
-    assert exp.trainer.resources.use_ray
+    assert base.data == exp.data  # the baseline trains on the demo's data run
+    assert (exp.model_name, base.model_name) == ("tiger", "sasrec")
     assert "python -m pytest" in make_dry_run("test")

@@ -43,7 +43,7 @@ def trial_dir_name(trial) -> str:
 def run_trial(config: dict, state: dict) -> None:
     """Tune's function trainable. ``config``: the sampled ``{dotted key: value}``; ``state``: the
     sweep's resolved config.json (the sweep, its run directory and the shared data/embed runs)."""
-    import faiss
+    from recsys.faiss_lib import faiss
     import torch
 
     started = time.perf_counter()

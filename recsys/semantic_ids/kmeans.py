@@ -12,8 +12,9 @@ from __future__ import annotations
 import hashlib
 import math
 
-import faiss
 import numpy as np
+
+from recsys.faiss_lib import faiss
 
 
 def node_seed(seed: int, path: tuple[int, ...]) -> int:

@@ -291,6 +291,10 @@ def load_encoder(cfg: EncoderConfig, model_path: Path | None = None) -> Sentence
     from sentence_transformers import SentenceTransformer
 
     path = Path(model_path) if model_path is not None else resolve_model(cfg)
+    if not sys.stderr.isatty():  # transformers' "Loading weights" bar, in a log or a Ray actor's forwarded stderr
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     model = SentenceTransformer(str(path), device=resolve_device(cfg), local_files_only=True, trust_remote_code=False)
     if cfg.precision == "bf16":
         from recsys import hardware
