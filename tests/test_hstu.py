@@ -216,3 +216,59 @@ def test_the_trainer_feeds_times_and_query_times_to_hstu(monkeypatch):
     assert seen and all(b.timestamps is not None and b.target_time is not None for b in seen)
     # the query time at the last position is the target's: never before the history's newest event
     assert all((b.target_time >= b.timestamps[:, -1]).all() for b in seen)
+
+
+def test_query_time_last_event_never_reads_the_target_time():
+    """last_event: position i's query time is its own event's, so the target's time (and any later
+    time) never reaches it; next_event reads the next event's time."""
+    m, b = model(time_bias="on", query_time="last_event"), batch(pad=0)
+    out = m.encode(b)
+    for target_time in (b.target_time + 10 ** 9, b.target_time * 0, None):
+        torch.testing.assert_close(m.encode(Batch(history=b.history, timestamps=b.timestamps,
+                                                  target_time=target_time)), out)
+    j = 4
+    moved = b.timestamps.clone()
+    moved[:, j:] += 10 ** 8
+    changed = m.encode(Batch(history=b.history, timestamps=moved))
+    torch.testing.assert_close(changed[:, :j], out[:, :j])  # position j - 1 no longer reads ts[j]
+    assert not torch.allclose(changed[:, j:], out[:, j:])
+    # the same weights with the official query time: a different output, and target_time required
+    nxt = model(time_bias="on", query_time="next_event")
+    nxt.load_state_dict(m.state_dict())
+    assert not torch.allclose(nxt.encode(b), out)
+    with pytest.raises(ValueError, match="model.query_time=last_event does not read it"):
+        nxt.encode(Batch(history=b.history, timestamps=b.timestamps))
+
+
+def test_position_bias_off_drops_the_position_term_and_with_time_off_there_is_no_rab():
+    plain = model(time_bias="off", position_bias=False)
+    assert all(blk.rab.position is None and blk.rab.time is None for blk in plain.blocks)
+    assert not [n for n, _ in plain.named_parameters() if ".rab." in n]
+    zeroed = model(time_bias="off")  # the same weights, its position terms set to 0
+    zeroed.load_state_dict(plain.state_dict(), strict=False)
+    for blk in zeroed.blocks:
+        torch.nn.init.zeros_(blk.rab.position)
+    b = batch()
+    torch.testing.assert_close(plain.encode(b), zeroed.encode(b))
+    timed = model(time_bias="on", position_bias=False)  # rab^t alone: the time term still counts
+    assert timed.blocks[0].rab.time is not None
+    torch.testing.assert_close(timed.encode(Batch(history=b.history, timestamps=b.timestamps + 5,
+                                                  target_time=b.target_time + 5)), timed.encode(b))
+    assert not torch.allclose(timed.encode(Batch(history=b.history, timestamps=b.timestamps * 50,
+                                                 target_time=b.target_time * 50)), timed.encode(b))
+
+
+def test_query_time_and_position_bias_are_validated_and_saved_with_the_checkpoint(tmp_path):
+    from recsys.training.checkpoint import load_model, save_checkpoint
+
+    with pytest.raises(ValueError, match=r"model.query_time='target' is not allowed; choose one of"):
+        HSTUConfig(query_time="target")
+    with pytest.raises(ValueError, match="model.position_bias must be true or false, got 'no'"):
+        HSTUConfig(position_bias="no")
+    with pytest.raises(ValueError, match="model.position_bias must be true or false"):
+        model_config_from_dict({"name": "hstu", "position_bias": "off"})
+    m = model(time_bias="on", query_time="last_event", position_bias=False)
+    save_checkpoint(tmp_path / "ckpt", m, "hstu")
+    loaded = load_model(tmp_path / "ckpt")
+    assert (loaded.config.query_time, loaded.config.position_bias) == ("last_event", False)
+    torch.testing.assert_close(loaded.eval().encode(batch()), m.encode(batch()))
