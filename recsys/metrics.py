@@ -61,15 +61,21 @@ def metric_names(ks: tuple[int, ...] = DEFAULT_KS) -> list[str]:
 
 def ranks_to_sums(ranks: np.ndarray, ks: tuple[int, ...] = DEFAULT_KS) -> dict[str, float]:
     """Per-metric sums over users given 0-based target ranks (-1 = not retrieved)."""
+    return {name: float(values.sum()) for name, values in per_user_metrics(ranks, ks).items()}
+
+
+def per_user_metrics(ranks: np.ndarray, ks: tuple[int, ...] = DEFAULT_KS) -> dict[str, np.ndarray]:
+    """Each user's Recall@K and NDCG@K, (U,) float arrays, from 0-based target ranks (-1 = not
+    retrieved); their means are the reported figures."""
     ranks = np.asarray(ranks)
     found = ranks >= 0
     gains = np.where(found, 1.0 / np.log2(np.maximum(ranks, 0) + 2.0), 0.0)
-    sums = {}
+    values = {}
     for k in ks:
         in_top = found & (ranks < k)
-        sums[f"recall@{k}"] = float(in_top.sum())
-        sums[f"ndcg@{k}"] = float(gains[in_top].sum())
-    return sums
+        values[f"recall@{k}"] = in_top.astype(np.float64)
+        values[f"ndcg@{k}"] = np.where(in_top, gains, 0.0)
+    return {name: values[name] for name in metric_names(ks)}
 
 
 # --- ranking metrics: a Ranker's scores over given candidates -------------------------------

@@ -9,7 +9,8 @@ import torch.distributed as dist
 
 from recsys.candidates import CandidateSet
 from recsys.data.split import EvalSet, Histories
-from recsys.metrics import DEFAULT_KS, RankingMetrics, gauc, metric_names, pooled_auc, ranks_to_sums, reranked_ranks
+from recsys.metrics import (DEFAULT_KS, RankingMetrics, gauc, metric_names, pooled_auc, ranks_to_sums,
+                            reranked_ranks, target_ranks)
 from recsys.models import Batch, Ranker, SequenceModel
 from recsys.training.batching import trim_padding
 
@@ -32,28 +33,11 @@ def evaluate(
     With ``world_size > 1`` each rank scores rows ``rank::world_size`` and the sums are
     all-reduced, so every rank returns the same figures for all users.
     """
-    was_training = model.training
-    model.eval()
     metrics = RankingMetrics(ks)
-    histories = torch.tensor(eval_set.histories)  # a copy: arrays from the object store are read-only
-    targets = torch.tensor(eval_set.targets)
-    users = torch.tensor(eval_set.user_index)
-    timed = eval_set.timestamps is not None
-    if timed:
-        times, target_times = torch.tensor(eval_set.timestamps), torch.tensor(eval_set.target_times)
     rows = torch.arange(rank, len(eval_set), world_size)
-    rows = rows[torch.argsort((histories[rows] > 0).sum(1), stable=True)]  # similar lengths batch together
-    for start in range(0, len(rows), batch_size):
-        idx = rows[start:start + batch_size]
-        if timed:
-            history, stamps = trim_padding(histories[idx], times[idx])
-            batch = Batch(history=history, target=targets[idx], users=users[idx], timestamps=stamps,
-                          target_time=target_times[idx]).to(device)
-        else:
-            batch = Batch(history=trim_padding(histories[idx])[0], target=targets[idx], users=users[idx]).to(device)
-        top = model.recommend(batch, k=max(ks), exclude_history=exclude_history)
-        metrics.update(top.items, batch.target)
-    model.train(was_training)
+    ranks = target_ranks_of(model, eval_set, rows, batch_size=batch_size, exclude_history=exclude_history,
+                            k=max(ks), device=device)
+    metrics.merge_sums(ranks_to_sums(ranks, ks), len(ranks))
     if world_size > 1:
         names = metric_names(ks)
         totals = torch.tensor([metrics.sums.get(n, 0.0) for n in names] + [metrics.count], dtype=torch.float64)
@@ -61,6 +45,39 @@ def evaluate(
         metrics = RankingMetrics(ks)
         metrics.merge_sums(dict(zip(names, totals[:-1].tolist())), int(totals[-1]))
     return metrics.summary()
+
+
+@torch.no_grad()
+def target_ranks_of(model: SequenceModel, eval_set: EvalSet, rows: torch.Tensor | None = None, *,
+                    batch_size: int = 1024, exclude_history: bool = False, k: int = max(DEFAULT_KS),
+                    device: torch.device | str = "cpu") -> np.ndarray:
+    """The 0-based rank of each user's target in the model's top ``k`` (-1 when absent), for
+    ``rows`` of ``eval_set`` (default: all), in that order: (len(rows),) int64. Per-user figures
+    (``recsys.metrics.per_user_metrics``) and paired comparisons of two models read these."""
+    was_training = model.training
+    model.eval()
+    histories = torch.tensor(eval_set.histories)  # a copy: arrays from the object store are read-only
+    targets = torch.tensor(eval_set.targets)
+    users = torch.tensor(eval_set.user_index)
+    timed = eval_set.timestamps is not None
+    if timed:
+        times, target_times = torch.tensor(eval_set.timestamps), torch.tensor(eval_set.target_times)
+    rows = torch.arange(len(eval_set)) if rows is None else torch.as_tensor(rows)
+    order = torch.argsort((histories[rows] > 0).sum(1), stable=True)  # similar lengths batch together
+    ranks = np.empty(len(rows), dtype=np.int64)
+    for start in range(0, len(rows), batch_size):
+        at = order[start:start + batch_size]
+        idx = rows[at]
+        if timed:
+            history, stamps = trim_padding(histories[idx], times[idx])
+            batch = Batch(history=history, target=targets[idx], users=users[idx], timestamps=stamps,
+                          target_time=target_times[idx]).to(device)
+        else:
+            batch = Batch(history=trim_padding(histories[idx])[0], target=targets[idx], users=users[idx]).to(device)
+        top = model.recommend(batch, k=k, exclude_history=exclude_history)
+        ranks[at.numpy()] = target_ranks(top.items, batch.target).cpu().numpy()
+    model.train(was_training)
+    return ranks
 
 
 @torch.no_grad()
