@@ -272,3 +272,50 @@ def test_query_time_and_position_bias_are_validated_and_saved_with_the_checkpoin
     loaded = load_model(tmp_path / "ckpt")
     assert (loaded.config.query_time, loaded.config.position_bias) == ("last_event", False)
     torch.testing.assert_close(loaded.eval().encode(batch()), m.encode(batch()))
+
+
+def test_movielens_timestamps_reach_hstu(tmp_path, monkeypatch):
+    """A tiny ML-1M-format directory (ratings.dat out of time order, movies.dat): the times HSTU
+    reads in training and evaluation are the files' own, in time order, and the query time of the
+    last position is the target's."""
+    from recsys.data.readers import load_dataset
+    from recsys.data.split import leave_one_out
+    from recsys.experiment import load_experiment
+    from recsys.training.evaluate import evaluate
+    from recsys.training.session import build_trainer
+
+    rng = torch.Generator().manual_seed(0)
+    lines, when = [], {}
+    for user in range(1, 7):
+        movies = (torch.randperm(8, generator=rng)[:6] + 1).tolist()
+        for step, movie in enumerate(movies):
+            when[user, movie * 10] = 978_300_000 + user * 10 ** 6 + step * 3_600 * (step + 1)
+            lines.append(f"{user}::{movie * 10}::{1 + step % 5}::{when[user, movie * 10]}")
+    order = torch.randperm(len(lines), generator=rng).tolist()  # the file is not in time order
+    (tmp_path / "ratings.dat").write_text("\n".join(lines[i] for i in order) + "\n", encoding="latin-1")
+    (tmp_path / "movies.dat").write_text("".join(f"{m * 10}::Movie {m} (2000)::Drama|Comedy\n" for m in range(1, 9)),
+                                         encoding="latin-1")
+    exp = load_experiment(None, ["model.name=hstu", "model.d_model=8", "model.n_layers=1", "model.time_bias=on",
+                                 "model.loss=ce", "data.format=movielens", f"data.path={tmp_path}",
+                                 "data.min_interactions=1", "data.max_history=5", "trainer.optim.batch_size=4",
+                                 "trainer.data.samples=sliding"])
+    data = load_dataset(exp.data)
+    raw = dict(zip(data.items["item_id"], data.items["raw_id"].astype(int)))
+    user_of = data.sequences["user_id"].astype(int).tolist()
+    split = leave_one_out(data, exp.data.max_history)
+    trainer = build_trainer(exp, split)
+    seen = []
+    original = HSTU.time_buckets
+    monkeypatch.setattr(HSTU, "time_buckets", lambda self, b: seen.append(b) or original(self, b))
+    trainer.train_epoch(0)
+    evaluate(trainer.model, split.test, ks=(1,))
+    assert len(seen) > 2
+    for b in seen:
+        for row in range(len(b.history)):
+            items, times = b.history[row], b.timestamps[row]
+            user = (int(times[-1]) - 978_300_000) // 10 ** 6  # each user's times lie in their own range
+            assert user in user_of
+            assert [when[user, raw[int(i)]] for i in items[items > 0]] == times[items > 0].tolist()
+            assert (times[items > 0].diff() > 0).all()  # sorted by time, though the file was not
+            nxt = b.targets[row, -1] if b.targets is not None else b.target[row]
+            assert int(b.target_time[row]) == when[user, raw[int(nxt)]]
