@@ -175,6 +175,8 @@ def test_both_losses_train(loss):
 def test_bad_input_is_refused_with_the_key_named():
     with pytest.raises(ValueError, match="model.temperature=0"):
         HSTUConfig(temperature=0)
+    with pytest.raises(ValueError, match=r"model.temperature=-0.5 is out of range; allowed: > 0"):
+        HSTUConfig(temperature=-0.5)
     with pytest.raises(ValueError, match="model.time_bias='sometimes' is not allowed"):
         HSTUConfig(time_bias="sometimes")
     with pytest.raises(ValueError, match="model.loss"):
@@ -319,3 +321,20 @@ def test_movielens_timestamps_reach_hstu(tmp_path, monkeypatch):
             assert (times[items > 0].diff() > 0).all()  # sorted by time, though the file was not
             nxt = b.targets[row, -1] if b.targets is not None else b.target[row]
             assert int(b.target_time[row]) == when[user, raw[int(nxt)]]
+
+
+def test_time_bias_on_with_data_without_timestamps_fails_before_training():
+    """The trainer refuses at once, naming the setting, rather than at the first batch (or, under
+    Ray Train, in a worker)."""
+    from recsys.data import SyntheticConfig, generate_synthetic
+    from recsys.data.split import leave_one_out
+    from recsys.experiment import load_experiment
+    from recsys.training.session import build_trainer
+
+    data = generate_synthetic(SyntheticConfig(n_users=30, n_items=40, n_topics=4))
+    data.sequences = data.sequences.drop(columns="timestamps")  # as Beauty's S3-Rec files
+    split = leave_one_out(data, 8)
+    settings = ["model.name=hstu", "model.d_model=8", "model.loss=ce", "trainer.resources.use_ray=false"]
+    with pytest.raises(ValueError, match=r"require event times \(e.g. HSTU's model.time_bias=on\), but the data has no"):
+        build_trainer(load_experiment(None, [*settings, "model.time_bias=on"]), split)
+    build_trainer(load_experiment(None, [*settings, "model.time_bias=auto"]), split)  # position-only, as documented
