@@ -52,14 +52,19 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, score: str = "s
         raise ValueError(f"attention score {score!r} is not allowed; choose one of {list(SCORES)}")
     if norm is None or norm <= 0:
         raise ValueError(f"pointwise attention needs norm > 0 (the padded length), got {norm}")
-    scores = q @ k.transpose(-2, -1)  # (B, H, T, S)
+    # Two (B, H, T, S) tensors per call, both kept for the backward pass (SiLU's input, the
+    # weights that multiply v): the bias and the mask are applied in place, and 1/n scales the
+    # (T, d) output rather than the (T, S) weights.
+    scores = q @ k.transpose(-2, -1)  # (B, H, T, S); its backward needs q and k, not it
     if bias is not None:
-        scores = scores + bias
-    weights = F.silu(scores) / norm
+        scores += bias
+    weights = F.silu(scores)  # (B, H, T, S); SiLU's backward reads its input, not this
     allowed = _combined(mask, causal, q.shape[-2], k.shape[-2], q.device)
     if allowed is not None:
-        weights = weights.masked_fill(~allowed, 0.0)
-    return F.dropout(weights, dropout) @ v
+        weights.mul_(allowed)  # 0 where not allowed (SiLU of finite scores is finite)
+    if dropout:
+        weights = F.dropout(weights, dropout)
+    return (weights @ v) / norm  # (B, H, T, d)
 
 
 def _combined(mask: torch.Tensor | None, causal: bool, T: int, S: int, device: torch.device) -> torch.Tensor | None:
@@ -208,5 +213,5 @@ class RelativeBias(nn.Module):
             buckets = self.buckets(timestamps, query_time)
         elif self.time is None:
             raise ValueError("time buckets were given to a RelativeBias built without them")
-        time = self.time[buckets][:, None]  # (B, 1, T, T)
-        return time if bias is None else bias + time
+        time = self.time[buckets][:, None]  # (B, 1, T, T), a new tensor: the position term is added in place
+        return time if bias is None else time.add_(bias)
