@@ -345,28 +345,11 @@ def test_a_layer_materialises_only_the_attention_tensors_its_backward_needs():
     buckets (the position term is added into it), q kᵀ (the bias is added in place) and SiLU of
     it (masked in place); 1/n scales the output. Fewer would need a fused kernel: autograd keeps
     SiLU's input and the weights that multiply v."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from benchmarks.hstu_throughput import square_tensors_made
 
     B, T = 3, 7
     block = HSTUBlock(8, 2, 4, dropout=0.1, max_len=T, time_buckets=128).train()
     ts = torch.arange(1, T + 1).repeat(B, 1) * 1000
     buckets = block.rab.buckets(ts, ts + 10)
-
-    class NewSquareTensors(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.made = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            inputs = [a for a in (*args, *(kwargs or {}).values()) if isinstance(a, torch.Tensor)]
-            for t in out if isinstance(out, (tuple, list)) else [out]:
-                shares = any(a.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for a in inputs)
-                if isinstance(t, torch.Tensor) and t.dim() >= 3 and t.shape[-2:] == (T, T) and not shares:
-                    self.made.append(func.overloadpacket.__name__)
-            return out
-
     x, mask = torch.randn(B, T, 8), causal_mask(torch.ones(B, T, dtype=torch.bool))
-    with NewSquareTensors() as mode:
-        block(x, mask, float(T), buckets)
-    assert mode.made == ["index", "bmm", "silu"]
+    assert square_tensors_made(lambda: block(x, mask, float(T), buckets), T) == ["index", "bmm", "silu"]
