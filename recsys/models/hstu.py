@@ -11,7 +11,8 @@ event's time (``Batch.target_time`` at the last position) standing for the query
 
 ``model.query_time: last_event`` makes each position's query time its own event's, ``ts[i]``, so the
 target's time is never read (the official code has only the next event's time); the ablation
-compares the two. ``model.position_bias: false`` drops the position term (with ``time_bias: off``,
+compares the two. Served, the request's ``time`` (default: now) is the last position's query time
+under ``next_event``; under ``last_event`` the newest history timestamp is, and ``time`` is unused. ``model.position_bias: false`` drops the position term (with ``time_bias: off``,
 no rab at all).
 
 Departures from the official code:
