@@ -3,7 +3,8 @@
 fp32 and bf16 autocast, in-process, one configuration per child process.
 
     python benchmarks/hstu_throughput.py [--steps 200] [--warmup 10] [--threads 1,2] \
-        [--models sasrec-ce,hstu-ce,hstu-sampled-softmax,sasrec-sampled-softmax] [--precisions fp32,bf16]
+        [--models sasrec-ce,hstu-ce,hstu-sampled-softmax,sasrec-sampled-softmax] [--precisions fp32,bf16] \
+        [--name throughput]
 
 A last child times one layer of each at length 200 (B 32, 1 thread, CPU time) and lists the
 (T, T) tensors its forward makes. Each child builds the trainer (``configs/beauty-*.yaml``'s model on the synthetic data), runs
@@ -11,7 +12,7 @@ A last child times one layer of each at length 200 (B 32, 1 thread, CPU time) an
 over last-item windows, cycling through the epoch's batches. Memory: the child's peak resident
 set (VmHWM) and its growth over the resident set after the warm-up's first step, which is what
 training adds beyond the weights, optimiser state and data. Writes
-benchmarks/results/hstu/synthetic-12k/throughput.json.
+benchmarks/results/hstu/synthetic-12k/<--name>.json.
 """
 
 from __future__ import annotations
@@ -147,6 +148,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--precisions", default="fp32,bf16")
+    parser.add_argument("--name", default="throughput", help="the record's name (default throughput)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     ns = parser.parse_args(argv)
     if ns.child:
@@ -182,7 +184,7 @@ def main(argv: list[str]) -> None:
         raise RuntimeError(f"the layer cost failed:\n{out.stderr[-3000:]}")
     layer = json.loads(out.stdout.strip().splitlines()[-1])
     print("one layer at T=200:", json.dumps(layer), flush=True)
-    write_record("throughput", model="hstu", dataset="synthetic-12k", config={"data": DATA, "models": MODELS},
+    write_record(ns.name, model="hstu", dataset="synthetic-12k", config={"data": DATA, "models": MODELS},
                  wall_s=time.perf_counter() - start, metrics={"training": [
                      {k: v for k, v in r.items() if k != "model_config"} for r in results], "layer_T200": layer},
                  extra={"model_configs": {r["model"]: r["model_config"] for r in results},
