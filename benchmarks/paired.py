@@ -1,113 +1,35 @@
-"""Paired per-user comparison of models on one split of one data run: each model's Recall/NDCG@K, and
-each model against the first as the mean of the per-user differences with its standard error.
+"""Paired comparisons of two models on the same users: the mean per-user difference of a metric
+and its standard error.
 
-    python benchmarks/paired.py LABEL=SPEC LABEL=SPEC ... --data DATA_RUN [--split test] \
-        [--history kept|excluded] [--name NAME] [--threads 2]
-
-SPEC is a checkpoint directory (``runs/train/<id>/checkpoints/best``) or ``counts``: the last-item
-transition counts fitted on the training prefixes (``benchmarks/split_baselines.py``). The first model
-is the reference. A difference is a finding only when it is larger than its standard error
-(``std(d) / sqrt(users)``, d the per-user differences). With ``--name`` it writes
-``benchmarks/results/<model>/<dataset>/paired-<NAME>-history-<kept|excluded>.json``, ``model`` being the
-last SPEC's model; the figures are those of the checkpoints as given (select them on validation).
+Both models rank the same users' targets, so the per-user difference d_u = m_B(u) - m_A(u) cancels
+what makes a user easy or hard; its standard error, sd(d) / sqrt(U), is far smaller than that of
+two independent means. With several training seeds each user's figure is first averaged over the
+seeds (the seeds are paired by the same users), so the error reflects users, not seeds; the spread
+between seeds is reported beside it (``seed_differences``).
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
-import time
-from pathlib import Path
-
 import numpy as np
-import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.record import checkpoint_model, protocol, run_dataset, write_record  # noqa: E402
-from benchmarks.split_baselines import (drop_history, popular_items, popularity_counts, rank_transition,  # noqa: E402
-                                        transition_counts)
-from recsys.data.schema import InteractionData  # noqa: E402
-from recsys.data.split import EvalSet, LeaveOneOutSplit, leave_one_out  # noqa: E402
-from recsys.metrics import DEFAULT_KS, metric_names, paired_difference, per_user_metrics, target_ranks  # noqa: E402
-from recsys.training.checkpoint import load_model  # noqa: E402
-from recsys.training.evaluate import target_ranks_of  # noqa: E402
-
-TOP = max(DEFAULT_KS)
 
 
-def counts_ranks(split: LeaveOneOutSplit, es: EvalSet, exclude_history: bool) -> np.ndarray:
-    """Per-user target ranks of the last-item transition counts (fitted on training prefixes)."""
-    popular = popular_items(popularity_counts(split))
-    table = transition_counts(split)
-    if exclude_history:
-        top = drop_history(rank_transition(es, table, popular, TOP + es.histories.shape[1]), es)
-    else:
-        top = rank_transition(es, table, popular)
-    return target_ranks(torch.from_numpy(top), torch.from_numpy(es.targets)).numpy()
-
-
-def parse_spec(text: str) -> tuple[str, str]:
-    label, sep, spec = text.partition("=")
-    if not sep or not label or not spec:
-        raise ValueError(f"expected LABEL=SPEC (SPEC a checkpoint directory or 'counts'), got {text!r}")
-    if spec != "counts" and not (Path(spec) / "model.json").is_file():
-        raise ValueError(f"{label}: {spec} is not a checkpoint directory (no model.json) and not 'counts'")
-    return label, spec
-
-
-def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("models", nargs="+", help="LABEL=SPEC; the first is the reference")
-    parser.add_argument("--data", type=Path, required=True, help="the `recsys data` run the models were trained on")
-    parser.add_argument("--split", default="test", choices=("valid", "test"))
-    parser.add_argument("--history", default="kept", choices=("kept", "excluded"))
-    parser.add_argument("--max-history", type=int, default=20)
-    parser.add_argument("--name", help="write a record paired-<NAME>-history-<kept|excluded>.json")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    args = parser.parse_args(argv)
-    if len(args.models) < 2:
-        parser.error("give at least two models: a reference and one to compare with it")
-    try:
-        specs = [parse_spec(m) for m in args.models]
-    except ValueError as exc:
-        parser.error(str(exc))
-    torch.set_num_threads(args.threads)
-    start = time.perf_counter()
-    exclude = args.history == "excluded"
-    split = leave_one_out(InteractionData.load(args.data), args.max_history)
-    es = split.eval_set(args.split)
-    ranks: dict[str, np.ndarray] = {}
-    for label, spec in specs:
-        ranks[label] = (counts_ranks(split, es, exclude) if spec == "counts"
-                        else target_ranks_of(load_model(Path(spec)), es, exclude_history=exclude))
-    names = metric_names()
-    means = {label: {n: round(float(v.mean()), 4) for n, v in per_user_metrics(r).items()} for label, r in ranks.items()}
-    reference = specs[0][0]
-    paired = {label: {n: {k: round(v, 5) for k, v in d.items()}
-                      for n, d in paired_difference(ranks[reference], ranks[label]).items()}
-              for label, _ in specs[1:]}
-    print(f"{args.split}, history {args.history}, {len(es)} users; differences against {reference!r} "
-          "(mean of per-user differences ± its standard error)\n")
-    print("| model | " + " | ".join(names) + " |")
-    print("|---" * (len(names) + 1) + "|")
-    for label, _ in specs:
-        cells = [f"{means[label][n]:.4f}" + ("" if label == reference else
-                 f" ({paired[label][n]['diff']:+.4f} ± {paired[label][n]['se']:.4f})") for n in names]
-        print(f"| {label} | " + " | ".join(cells) + " |")
-    if args.name:
-        last = specs[-1][1]
-        model = "baselines" if last == "counts" else checkpoint_model(Path(last))
-        path = write_record(
-            f"paired-{args.name}-history-{args.history}", model=model, dataset=run_dataset(args.data),
-            config={"models": dict(specs), "data_run": str(args.data), "split": args.split,
-                    "max_history": args.max_history, "threads": args.threads},
-            wall_s=time.perf_counter() - start, metrics={},
-            protocol=protocol(exclude_history=exclude),
-            extra={"users": len(es), "split": args.split, "reference": reference, "means": means,
-                   "paired_against_reference": paired})
-        print(f"\nrecord: {path}")
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
+def paired_difference(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """a, b: metric -> per-user values, (U,) or (seeds, U) (averaged over seeds first), the same
+    users in the same order. Returns metric -> {"diff": mean(b - a), "se": sd(b - a) / sqrt(U),
+    "z": diff / se (0 when both are 0), "seed_differences": [mean(b_s - a_s) per seed]}."""
+    if set(a) != set(b):
+        raise ValueError(f"the two models have different metrics: {sorted(a)} against {sorted(b)}")
+    out = {}
+    for name in a:
+        va, vb = np.atleast_2d(np.asarray(a[name], dtype=np.float64)), np.atleast_2d(np.asarray(b[name], dtype=np.float64))
+        if va.shape != vb.shape:
+            raise ValueError(f"{name}: per-user values of shape {va.shape} against {vb.shape}; pair the same "
+                             "seeds and users")
+        users = va.shape[1]
+        if users < 2:
+            raise ValueError(f"{name}: a paired standard error needs at least 2 users, got {users}")
+        d = (vb - va).mean(0)  # (U,) per-user difference, averaged over seeds
+        diff, se = float(d.mean()), float(d.std(ddof=1) / np.sqrt(users))
+        out[name] = {"diff": diff, "se": se, "z": diff / se if se > 0 else 0.0,
+                     "seed_differences": [float(x) for x in (vb - va).mean(1)]}
+    return out

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +36,19 @@ def git_commit() -> str:
         return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def machine_note(threads: int) -> dict:
+    """What a speed or wall-time figure was measured on, beyond ``machine_description``: the CPU's
+    model name, whether it runs bf16 natively, the torch threads used and the load average (this
+    project's machines are shared, so a figure is an upper bound on the time a quiet one takes)."""
+    from recsys.hardware import cpu_supports_bf16
+
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), "unknown") if Path("/proc/cpuinfo").is_file() else "unknown"
+    return {"cpu": model, "native_bf16": cpu_supports_bf16(), "cpus": os.cpu_count(), "torch_threads": threads,
+            "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
+            "shared": "the machine was shared with other jobs while this ran"}
 
 
 def save_figure(fig, path: Path, dpi: int = 110) -> Path:

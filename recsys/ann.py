@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from recsys.faiss_lib import faiss
-from recsys.models.base import Batch, Recommendation, Retriever
+from recsys.models.base import Batch, Capabilities, Recommendation, Retriever
 
 _HNSW = re.compile(r"^HNSW(\d+)$")
 
@@ -43,6 +43,10 @@ class AnnRetriever(Retriever):
             raise ValueError(f"ef_search={ef_search} is out of range; allowed: >= 1")
         super().__init__(model.n_items, model.max_len)
         self.model, self.index_name, self.ef_search = model.eval(), index, ef_search
+        # What the wrapped model reads, so that Serve passes a request's times and user on to it
+        # (a time-aware HSTU would otherwise be served without its times).
+        self.capabilities = Capabilities(reads_users=model.capabilities.reads_users,
+                                         reads_timestamps=model.capabilities.reads_timestamps)
         with torch.no_grad():
             items = model.item_embeddings().detach().float().cpu().numpy()  # (N, D)
         if len(items) != model.n_items:
@@ -55,6 +59,14 @@ class AnnRetriever(Retriever):
             items = np.hstack([items, np.sqrt(np.maximum(norms.max() ** 2 - norms ** 2, 0.0))])  # (N, D + 1)
             self.index = faiss.index_factory(items.shape[1], index, faiss.METRIC_L2)
         self.index.add(np.ascontiguousarray(items, dtype=np.float32))  # faiss row i is item i + 1
+
+    @property
+    def timestamps_required(self) -> bool:
+        return self.model.timestamps_required
+
+    @property
+    def users_required(self) -> bool:
+        return self.model.users_required
 
     @torch.no_grad()
     def recommend(self, batch: Batch, k: int, exclude_history: bool = False) -> Recommendation:

@@ -77,24 +77,6 @@ def ranks_to_sums(ranks: np.ndarray, ks: tuple[int, ...] = DEFAULT_KS) -> dict[s
     return {name: float(values.sum()) for name, values in per_user_metrics(ranks, ks).items()}
 
 
-def paired_difference(ranks_a: np.ndarray, ranks_b: np.ndarray,
-                      ks: tuple[int, ...] = DEFAULT_KS) -> dict[str, dict[str, float]]:
-    """B against A on the same users: per metric, both means, the mean of the per-user differences
-    (B - A) and its standard error ``std(d, ddof=1) / sqrt(U)``. A difference is a finding only when
-    it is larger than its standard error."""
-    ranks_a, ranks_b = np.asarray(ranks_a), np.asarray(ranks_b)
-    if ranks_a.shape != ranks_b.shape or ranks_a.ndim != 1 or len(ranks_a) < 2:
-        raise ValueError(f"paired ranks must be two 1-d arrays over the same >= 2 users, got shapes "
-                         f"{ranks_a.shape} and {ranks_b.shape}")
-    a, b = per_user_metrics(ranks_a, ks), per_user_metrics(ranks_b, ks)
-    out = {}
-    for name in a:
-        d = b[name] - a[name]
-        out[name] = {"a": float(a[name].mean()), "b": float(b[name].mean()), "diff": float(d.mean()),
-                     "se": float(d.std(ddof=1) / np.sqrt(len(d)))}
-    return out
-
-
 # --- ranking metrics: a Ranker's scores over given candidates -------------------------------
 # scores (U, C) float, labels (U, C) bool (True = positive), valid (U, C) bool (False = padding).
 # Ties between a positive and a negative count 1/2, as in the Mann-Whitney form of AUC.

@@ -22,7 +22,9 @@ class RecommendRequest(BaseModel):
                                                "same length as history, non-decreasing; read only by models "
                                                "that read timestamps")
     time: StrictInt | None = Field(None, description="the request's time in seconds (default: now); at or after "
-                                   "the last history timestamp")
+                                   "the last history timestamp. A time-aware HSTU reads it as the query time "
+                                   "(model.query_time=next_event); with model.query_time=last_event the newest "
+                                   "history timestamp is the query time and this is not read")
     user_id: StrictStr | None = Field(None, min_length=1, max_length=200,
                                       description="the dataset's user id (the store's key, not the model's `user` "
                                       "index): the user's stored events come first and `history` (this session's "

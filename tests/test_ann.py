@@ -62,3 +62,26 @@ def test_models_without_embeddings_and_unknown_indexes_are_refused(sasrec):
         AnnRetriever(sasrec, index="IVF4096,PQ8")
     with pytest.raises(ValueError, match="k=301 is out of range"):
         AnnRetriever(sasrec, index="Flat").recommend(Batch(history=torch.ones(1, 2, dtype=torch.long)), 301)
+
+
+def test_a_time_aware_hstu_is_served_by_the_index_with_its_times():
+    """The ANN path passes a request's times to HSTU as the model's own path does, and asks for
+    them when the model requires them (model.time_bias=on)."""
+    from serve.state import Query, RequestError, check_required_inputs, run_queries
+
+    torch.manual_seed(0)
+    config = get_spec("hstu").config_cls(d_model=16, n_layers=1, n_heads=2, loss="ce", time_bias="on")
+    hstu = build_model("hstu", config, n_items=N_ITEMS, max_len=MAX_LEN).eval()
+    ann = AnnRetriever(hstu, index="Flat")
+    assert ann.capabilities.reads_timestamps and ann.timestamps_required and not ann.users_required
+    with pytest.raises(RequestError, match="give `timestamps`"):
+        check_required_inputs(ann, None, None)
+    hour = 3600
+    queries = [Query([5, 9, 2], 10, False, None, [0, hour, 5 * hour], 6 * hour),
+               Query([7], 10, True, None, [100 * hour], 900 * hour)]
+    got, want = run_queries(ann, queries), run_queries(hstu, queries)
+    assert [items for items, _ in got] == [items for items, _ in want]
+    for (_, a), (_, b) in zip(got, want):
+        assert a == pytest.approx(b, abs=1e-5)
+    later = run_queries(ann, [queries[0]._replace(time=60 * 24 * hour)])  # the request's time is the query time
+    assert later[0][1] != pytest.approx(got[0][1], abs=1e-5)

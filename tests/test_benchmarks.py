@@ -312,3 +312,48 @@ def test_every_committed_record_with_quality_figures_names_its_protocol_at_model
                 assert split not in metrics or (set(metrics[split]) - set(benchmarks.record.RANKER_KEYS)
                                                 == set(benchmarks.record.QUALITY_KEYS)), path
     assert quality >= 30  # the move kept them all
+
+
+def test_paired_difference_averages_seeds_per_user_and_uses_the_per_user_spread():
+    from benchmarks.paired import paired_difference
+
+    a = {"ndcg@10": np.array([[0.0, 1.0, 0.5, 0.2], [0.2, 1.0, 0.5, 0.0]])}  # 2 seeds, 4 users
+    b = {"ndcg@10": np.array([[0.5, 1.0, 0.5, 0.6], [0.3, 1.0, 0.9, 0.2]])}
+    got = paired_difference(a, b)["ndcg@10"]
+    d = np.array([0.3, 0.0, 0.2, 0.3])  # per user, averaged over the seeds
+    assert got["diff"] == pytest.approx(d.mean())
+    assert got["se"] == pytest.approx(d.std(ddof=1) / 2)
+    assert got["seed_differences"] == pytest.approx([0.225, 0.175])
+    # a constant shift has no spread: the difference is certain
+    same = paired_difference({"r": np.array([0.1, 0.2])}, {"r": np.array([0.2, 0.3])})["r"]
+    assert same["diff"] == pytest.approx(0.1) and same["se"] == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="pair the same seeds and users"):
+        paired_difference({"r": np.zeros((2, 3))}, {"r": np.zeros((1, 3))})
+
+
+def test_hstu_time_ablation_writes_both_protocols_per_variant_and_paired_differences(tmp_path, monkeypatch):
+    from benchmarks.hstu_time_ablation import main
+
+    monkeypatch.setattr(benchmarks.record, "RESULTS", tmp_path / "results")
+    main(["--seeds", "0,1", "--variants", "rab-p,rab-pt-last-event", "data.synthetic.n_users=60",
+          "data.synthetic.n_items=40", "data.synthetic.n_topics=4", "model.d_model=16", "model.n_negatives=8",
+          "trainer.optim.epochs=2", "trainer.optim.batch_size=64"])
+    folder = tmp_path / "results" / "hstu" / "synthetic-time"
+    for variant in ("rab-p", "rab-pt-last-event"):
+        for kind in ("kept", "excluded"):
+            record = json.loads((folder / f"{variant}-history-{kind}.json").read_text())
+            assert record["protocol"]["history"] == kind and record["seeds"] == [0, 1]
+            assert record["config"]["model"]["time_bias"] == ("off" if variant == "rab-p" else "on")
+            seeds = record["per_seed"]
+            assert [s["seed"] for s in seeds] == [0, 1] and all(1 <= s["best_epoch"] <= 2 for s in seeds)
+            for split in ("test", "valid"):  # the record's figure is the mean over the seeds
+                for metric, value in record["metrics"][split].items():
+                    assert value == pytest.approx(np.mean([s[split][metric] for s in seeds]), abs=1e-4)
+    paired = json.loads((folder / "ablation-paired.json").read_text())["metrics"]["test_paired_differences"]
+    assert set(paired) == {"rab-pt-last-event - rab-p"}
+    kept, excluded = (paired["rab-pt-last-event - rab-p"][k]["ndcg@10"] for k in ("kept", "excluded"))
+    kept_a = json.loads((folder / "rab-p-history-kept.json").read_text())["metrics"]["test"]["ndcg@10"]
+    kept_b = json.loads((folder / "rab-pt-last-event-history-kept.json").read_text())["metrics"]["test"]["ndcg@10"]
+    assert kept["diff"] == pytest.approx(kept_b - kept_a, abs=1e-4) and kept["se"] > 0
+    assert np.mean(kept["seed_differences"]) == pytest.approx(kept["diff"])
+    assert excluded["se"] >= 0

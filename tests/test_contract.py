@@ -83,6 +83,24 @@ def test_sampled_softmax_matches_the_formula_masks_the_positive_and_corrects_by_
     assert out.total.item() == pytest.approx(want, rel=1e-5)
 
 
+@pytest.mark.parametrize("rows", [3, 50])
+def test_normalized_rows_is_the_same_whether_it_normalises_the_table_or_the_gathered_rows(rows):
+    """The sampled softmax normalises the whole table when it has fewer rows than the gather:
+    the same values and gradients as normalising what was gathered."""
+    from recsys.models.losses import normalized_rows
+
+    torch.manual_seed(0)
+    table = torch.randn(rows, 6, requires_grad=True)
+    index = torch.randint(0, rows, (4, 5))  # 20 rows gathered: the table path for 3 rows, the gather's for 50
+    got = normalized_rows(table, index)
+    (got * torch.arange(6.0)).sum().backward()
+    want_table = table.detach().clone().requires_grad_()
+    want = torch.nn.functional.normalize(want_table[index], dim=-1)
+    (want * torch.arange(6.0)).sum().backward()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(table.grad, want_table.grad)
+
+
 def test_a_popularity_sampler_draws_by_its_probabilities():
     probs = torch.tensor([0.0, 0.7, 0.2, 0.1])
     loss_fn = SampledSoftmaxLoss(n_negatives=1000, item_log_q=probs.clamp(min=1e-12).log())

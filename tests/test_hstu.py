@@ -175,6 +175,8 @@ def test_both_losses_train(loss):
 def test_bad_input_is_refused_with_the_key_named():
     with pytest.raises(ValueError, match="model.temperature=0"):
         HSTUConfig(temperature=0)
+    with pytest.raises(ValueError, match=r"model.temperature=-0.5 is out of range; allowed: > 0"):
+        HSTUConfig(temperature=-0.5)
     with pytest.raises(ValueError, match="model.time_bias='sometimes' is not allowed"):
         HSTUConfig(time_bias="sometimes")
     with pytest.raises(ValueError, match="model.loss"):
@@ -216,3 +218,138 @@ def test_the_trainer_feeds_times_and_query_times_to_hstu(monkeypatch):
     assert seen and all(b.timestamps is not None and b.target_time is not None for b in seen)
     # the query time at the last position is the target's: never before the history's newest event
     assert all((b.target_time >= b.timestamps[:, -1]).all() for b in seen)
+
+
+def test_query_time_last_event_never_reads_the_target_time():
+    """last_event: position i's query time is its own event's, so the target's time (and any later
+    time) never reaches it; next_event reads the next event's time."""
+    m, b = model(time_bias="on", query_time="last_event"), batch(pad=0)
+    out = m.encode(b)
+    for target_time in (b.target_time + 10 ** 9, b.target_time * 0, None):
+        torch.testing.assert_close(m.encode(Batch(history=b.history, timestamps=b.timestamps,
+                                                  target_time=target_time)), out)
+    j = 4
+    moved = b.timestamps.clone()
+    moved[:, j:] += 10 ** 8
+    changed = m.encode(Batch(history=b.history, timestamps=moved))
+    torch.testing.assert_close(changed[:, :j], out[:, :j])  # position j - 1 no longer reads ts[j]
+    assert not torch.allclose(changed[:, j:], out[:, j:])
+    # the same weights with the official query time: a different output, and target_time required
+    nxt = model(time_bias="on", query_time="next_event")
+    nxt.load_state_dict(m.state_dict())
+    assert not torch.allclose(nxt.encode(b), out)
+    with pytest.raises(ValueError, match="model.query_time=last_event does not read it"):
+        nxt.encode(Batch(history=b.history, timestamps=b.timestamps))
+
+
+def test_position_bias_off_drops_the_position_term_and_with_time_off_there_is_no_rab():
+    plain = model(time_bias="off", position_bias=False)
+    assert all(blk.rab.position is None and blk.rab.time is None for blk in plain.blocks)
+    assert not [n for n, _ in plain.named_parameters() if ".rab." in n]
+    zeroed = model(time_bias="off")  # the same weights, its position terms set to 0
+    zeroed.load_state_dict(plain.state_dict(), strict=False)
+    for blk in zeroed.blocks:
+        torch.nn.init.zeros_(blk.rab.position)
+    b = batch()
+    torch.testing.assert_close(plain.encode(b), zeroed.encode(b))
+    timed = model(time_bias="on", position_bias=False)  # rab^t alone: the time term still counts
+    assert timed.blocks[0].rab.time is not None
+    torch.testing.assert_close(timed.encode(Batch(history=b.history, timestamps=b.timestamps + 5,
+                                                  target_time=b.target_time + 5)), timed.encode(b))
+    assert not torch.allclose(timed.encode(Batch(history=b.history, timestamps=b.timestamps * 50,
+                                                 target_time=b.target_time * 50)), timed.encode(b))
+
+
+def test_query_time_and_position_bias_are_validated_and_saved_with_the_checkpoint(tmp_path):
+    from recsys.training.checkpoint import load_model, save_checkpoint
+
+    with pytest.raises(ValueError, match=r"model.query_time='target' is not allowed; choose one of"):
+        HSTUConfig(query_time="target")
+    with pytest.raises(ValueError, match="model.position_bias must be true or false, got 'no'"):
+        HSTUConfig(position_bias="no")
+    with pytest.raises(ValueError, match="model.position_bias must be true or false"):
+        model_config_from_dict({"name": "hstu", "position_bias": "off"})
+    m = model(time_bias="on", query_time="last_event", position_bias=False)
+    save_checkpoint(tmp_path / "ckpt", m, "hstu")
+    loaded = load_model(tmp_path / "ckpt")
+    assert (loaded.config.query_time, loaded.config.position_bias) == ("last_event", False)
+    torch.testing.assert_close(loaded.eval().encode(batch()), m.encode(batch()))
+
+
+def test_movielens_timestamps_reach_hstu(tmp_path, monkeypatch):
+    """A tiny ML-1M-format directory (ratings.dat out of time order, movies.dat): the times HSTU
+    reads in training and evaluation are the files' own, in time order, and the query time of the
+    last position is the target's."""
+    from recsys.data.readers import load_dataset
+    from recsys.data.split import leave_one_out
+    from recsys.experiment import load_experiment
+    from recsys.training.evaluate import evaluate
+    from recsys.training.session import build_trainer
+
+    rng = torch.Generator().manual_seed(0)
+    lines, when = [], {}
+    for user in range(1, 7):
+        movies = (torch.randperm(8, generator=rng)[:6] + 1).tolist()
+        for step, movie in enumerate(movies):
+            when[user, movie * 10] = 978_300_000 + user * 10 ** 6 + step * 3_600 * (step + 1)
+            lines.append(f"{user}::{movie * 10}::{1 + step % 5}::{when[user, movie * 10]}")
+    order = torch.randperm(len(lines), generator=rng).tolist()  # the file is not in time order
+    (tmp_path / "ratings.dat").write_text("\n".join(lines[i] for i in order) + "\n", encoding="latin-1")
+    (tmp_path / "movies.dat").write_text("".join(f"{m * 10}::Movie {m} (2000)::Drama|Comedy\n" for m in range(1, 9)),
+                                         encoding="latin-1")
+    exp = load_experiment(None, ["model.name=hstu", "model.d_model=8", "model.n_layers=1", "model.time_bias=on",
+                                 "model.loss=ce", "data.format=movielens", f"data.path={tmp_path}",
+                                 "data.min_interactions=1", "data.max_history=5", "trainer.optim.batch_size=4",
+                                 "trainer.data.samples=sliding"])
+    data = load_dataset(exp.data)
+    raw = dict(zip(data.items["item_id"], data.items["raw_id"].astype(int)))
+    user_of = data.sequences["user_id"].astype(int).tolist()
+    split = leave_one_out(data, exp.data.max_history)
+    trainer = build_trainer(exp, split)
+    seen = []
+    original = HSTU.time_buckets
+    monkeypatch.setattr(HSTU, "time_buckets", lambda self, b: seen.append(b) or original(self, b))
+    trainer.train_epoch(0)
+    evaluate(trainer.model, split.test, ks=(1,))
+    assert len(seen) > 2
+    for b in seen:
+        for row in range(len(b.history)):
+            items, times = b.history[row], b.timestamps[row]
+            user = (int(times[-1]) - 978_300_000) // 10 ** 6  # each user's times lie in their own range
+            assert user in user_of
+            assert [when[user, raw[int(i)]] for i in items[items > 0]] == times[items > 0].tolist()
+            assert (times[items > 0].diff() > 0).all()  # sorted by time, though the file was not
+            nxt = b.targets[row, -1] if b.targets is not None else b.target[row]
+            assert int(b.target_time[row]) == when[user, raw[int(nxt)]]
+
+
+def test_time_bias_on_with_data_without_timestamps_fails_before_training():
+    """The trainer refuses at once, naming the setting, rather than at the first batch (or, under
+    Ray Train, in a worker)."""
+    from recsys.data import SyntheticConfig, generate_synthetic
+    from recsys.data.split import leave_one_out
+    from recsys.experiment import load_experiment
+    from recsys.training.session import build_trainer
+
+    data = generate_synthetic(SyntheticConfig(n_users=30, n_items=40, n_topics=4))
+    data.sequences = data.sequences.drop(columns="timestamps")  # as Beauty's S3-Rec files
+    split = leave_one_out(data, 8)
+    settings = ["model.name=hstu", "model.d_model=8", "model.loss=ce", "trainer.resources.use_ray=false"]
+    with pytest.raises(ValueError, match=r"require event times \(e.g. HSTU's model.time_bias=on\), but the data has no"):
+        build_trainer(load_experiment(None, [*settings, "model.time_bias=on"]), split)
+    build_trainer(load_experiment(None, [*settings, "model.time_bias=auto"]), split)  # position-only, as documented
+
+
+def test_a_layer_materialises_only_the_attention_tensors_its_backward_needs():
+    """One HSTU layer's forward creates three (.., T, T) tensors: the time bias gathered from its
+    buckets (the position term is added into it), q kᵀ (the bias is added in place) and SiLU of
+    it (masked in place); 1/n scales the output. Fewer would need a fused kernel: autograd keeps
+    SiLU's input and the weights that multiply v."""
+    from benchmarks.hstu_throughput import square_tensors_made
+
+    B, T = 3, 7
+    block = HSTUBlock(8, 2, 4, dropout=0.1, max_len=T, time_buckets=128).train()
+    ts = torch.arange(1, T + 1).repeat(B, 1) * 1000
+    buckets = block.rab.buckets(ts, ts + 10)
+    x, mask = torch.randn(B, T, 8), causal_mask(torch.ones(B, T, dtype=torch.bool))
+    assert square_tensors_made(lambda: block(x, mask, float(T), buckets), T) == ["index", "bmm", "silu"]

@@ -55,22 +55,3 @@ def test_too_short_ranking_and_empty_are_errors():
     with pytest.raises(ValueError, match="no users"):
         m.summary()
 
-
-def test_paired_difference_is_the_mean_and_standard_error_of_per_user_differences():
-    from recsys.metrics import paired_difference
-
-    a = np.array([0, 3, -1, 12])  # hits at ranks 0, 3; a miss; rank 12 (outside 10)
-    b = np.array([1, -1, 2, 4])
-    out = paired_difference(a, b, ks=(10,))
-    d = np.array([0, -1, 1, 1], dtype=float)  # Recall@10 of B minus A, per user
-    assert out["recall@10"]["a"] == pytest.approx(0.5)
-    assert out["recall@10"]["b"] == pytest.approx(0.75)
-    assert out["recall@10"]["diff"] == pytest.approx(0.25)
-    assert out["recall@10"]["se"] == pytest.approx(d.std(ddof=1) / 2)
-    gain = lambda r: 1 / math.log2(r + 2)  # noqa: E731
-    nd = np.array([gain(1) - gain(0), -gain(3), gain(2), gain(4)])
-    assert out["ndcg@10"]["diff"] == pytest.approx(nd.mean())
-    assert out["ndcg@10"]["se"] == pytest.approx(nd.std(ddof=1) / 2)
-    with pytest.raises(ValueError, match="same"):
-        paired_difference(a, b[:3])
-

@@ -92,3 +92,21 @@ def test_a_model_that_requires_times_or_users_says_so_in_a_422():
     auto = build_model("hstu", load_experiment(None, ["model.name=hstu", "model.d_model=8", "model.loss=ce"]).model,
                        n_items=20, max_len=5)
     check_required_inputs(auto, None, None)  # time_bias=auto runs without times
+
+
+@pytest.mark.parametrize("query_time", ["next_event", "last_event"])
+def test_the_request_time_is_hstus_query_time_only_with_next_event(query_time):
+    from recsys.experiment import load_experiment
+    from recsys.models import build_model
+
+    torch.manual_seed(0)
+    exp = load_experiment(None, ["model.name=hstu", "model.d_model=8", "model.time_bias=on", "model.loss=ce",
+                                 f"model.query_time={query_time}"])
+    hstu = build_model("hstu", exp.model, n_items=20, max_len=5).eval()
+    day = 86_400
+    asked = [run_queries(hstu, [Query([3, 8, 1], 20, False, None, [0, day, 2 * day], time)])[0][1]
+             for time in (2 * day + 60, 90 * day)]
+    if query_time == "next_event":
+        assert asked[0] != pytest.approx(asked[1], abs=1e-6)
+    else:  # the newest history time is the query time: the request's time changes nothing
+        assert asked[0] == asked[1]

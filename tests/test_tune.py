@@ -184,6 +184,11 @@ def test_the_shipped_sweep_configs_load():
     assert {s.key for s in beauty.config.specs} >= {"ids.rqvae.codebook_size", "ids.rqvae.n_levels", "ids.rqvae.beta"}
     small = load_sweep(REPO / "configs" / "tune-beauty-small.yaml", ["data.path=/data/beauty"])
     assert small.config.n_trials == 6 and small.base_experiment().ids.rqvae.codebook_size == 256  # default in grid
+    hstu = load_sweep(REPO / "configs" / "tune-beauty-hstu.yaml", ["data.path=/data/beauty"])
+    assert hstu.config.n_trials == 8 and hstu.base_experiment().model_name == "hstu"
+    trial = hstu.trial_experiment({"model.loss": "ce", "model.dropout": 0.2, "trainer.optim.lr": 2e-3})
+    assert (trial.model.loss, trial.model.dropout, trial.trainer.optim.lr, trial.trainer.resources.use_ray) == \
+        ("ce", 0.2, 2e-3, False)
 
 
 def test_trials_rank_on_validation_and_say_why_they_ended():

@@ -9,6 +9,12 @@ with LN over all heads at once as in the official code; no FFN. ``rab`` is learn
 shared by the heads: a term per j - i plus a term per ``time_bucket(ts[i + 1] - ts[j])``, the next
 event's time (``Batch.target_time`` at the last position) standing for the query time.
 
+``model.query_time: last_event`` makes each position's query time its own event's, ``ts[i]``, so the
+target's time is never read (the official code has only the next event's time); the ablation
+compares the two. Served, the request's ``time`` (default: now) is the last position's query time
+under ``next_event``; under ``last_event`` the newest history timestamp is, and ``time`` is unused. ``model.position_bias: false`` drops the position term (with ``time_bias: off``,
+no rab at all).
+
 Departures from the official code:
 - Positions are right-aligned (the newest item always has the last position embedding), as in our
   SASRec, so trimming left padding changes nothing; the official code counts from the oldest item.
@@ -39,6 +45,9 @@ from recsys.models.losses import FullSoftmaxLoss, SampledSoftmaxLoss
 
 LOSSES = ("sampled_softmax", "ce")
 TIME_BIAS = ("auto", "on", "off")
+# The time each position's query stands for: the next event's (the official code; at the last
+# position the target's, Batch.target_time) or the position's own event's (reads nothing later).
+QUERY_TIME = ("next_event", "last_event")
 EPS = 1e-6  # the official LayerNorm epsilon
 
 
@@ -61,6 +70,8 @@ class HSTUConfig:
     # auto: rab^t when the batch has timestamps; on: require them; off: never read them
     time_bias: str = field(default="auto", metadata={"from_dict": _time_bias})
     time_buckets: int = 128  # buckets of ln|Δt| / 0.301
+    query_time: str = "next_event"  # next_event: ts[i + 1], the target's time last; last_event: ts[i]
+    position_bias: bool = True  # the rab term per j - i; false with time_bias off = no rab
 
     def __post_init__(self):
         require_range("model.d_model", self.d_model, 1, 4096)
@@ -77,17 +88,21 @@ class HSTUConfig:
         require(self.temperature > 0, f"model.temperature={self.temperature} is out of range; allowed: > 0")
         require_choice("model.time_bias", self.time_bias, TIME_BIAS)
         require_range("model.time_buckets", self.time_buckets, 1, 1024)
+        require_choice("model.query_time", self.query_time, QUERY_TIME)
+        require(isinstance(self.position_bias, bool),
+                f"model.position_bias must be true or false, got {self.position_bias!r}")
 
 
 class HSTUBlock(nn.Module):
     """One HSTU layer with its own relative bias. (B, T, D) -> (B, T, D)."""
 
-    def __init__(self, d_model: int, n_heads: int, head_dim: int, dropout: float, max_len: int, time_buckets: int):
+    def __init__(self, d_model: int, n_heads: int, head_dim: int, dropout: float, max_len: int, time_buckets: int,
+                 position_bias: bool = True):
         super().__init__()
         self.n_heads, self.head_dim = n_heads, head_dim
         self.uvqk = nn.Linear(d_model, 4 * n_heads * head_dim, bias=False)
         self.out = nn.Linear(n_heads * head_dim, d_model)
-        self.rab = RelativeBias(max_len, time_buckets)
+        self.rab = RelativeBias(max_len, time_buckets, positions=position_bias)
         self.drop = nn.Dropout(dropout)
         nn.init.normal_(self.uvqk.weight, std=0.02)  # the official initialisation
         nn.init.xavier_uniform_(self.out.weight)
@@ -97,9 +112,9 @@ class HSTUBlock(nn.Module):
         time buckets or None (position-only)."""
         B, T, D = x.shape
         u, v, q, k = F.silu(self.uvqk(F.layer_norm(x, (D,), eps=EPS))).chunk(4, dim=-1)  # each (B, T, H * hd)
-        bias = self.rab(T, buckets=buckets)  # (1 or B, 1, T, T): one per layer, broadcast over heads
-        if buckets is None and self.rab.time is not None:
-            bias = bias + 0.0 * self.rab.time.sum()  # every parameter gets a gradient, as DDP requires
+        bias = self.rab(T, buckets=buckets)  # (1 or B, 1, T, T) or None: one per layer, broadcast over heads
+        if buckets is None and self.rab.time is not None:  # every parameter gets a gradient, as DDP requires
+            bias = 0.0 * self.rab.time.sum() + (0.0 if bias is None else bias)
         heads = [t.reshape(B, T, self.n_heads, self.head_dim).transpose(1, 2) for t in (q, k, v)]  # (B, H, T, hd)
         a = attend(*heads, score="pointwise", mask=mask, bias=bias, norm=norm)  # (B, H, T, hd)
         a = a.transpose(1, 2).reshape(B, T, -1)  # (B, T, H * hd)
@@ -126,8 +141,8 @@ class HSTU(AtomicIdModel):
         self.item_emb = nn.Embedding(n_items + 1, d, padding_idx=0)
         self.pos_emb = nn.Embedding(max_len, d)
         self.emb_drop = nn.Dropout(config.emb_dropout)
-        self.blocks = nn.ModuleList(HSTUBlock(d, config.n_heads, head_dim, config.dropout, max_len, time_buckets)
-                                    for _ in range(config.n_layers))
+        self.blocks = nn.ModuleList(HSTUBlock(d, config.n_heads, head_dim, config.dropout, max_len, time_buckets,
+                                              config.position_bias) for _ in range(config.n_layers))
         self.loss_fn = (SampledSoftmaxLoss(config.n_negatives, config.temperature) if config.loss == "sampled_softmax"
                         else FullSoftmaxLoss(config.temperature))
         nn.init.trunc_normal_(self.item_emb.weight, std=0.02)  # as the official embedding module
@@ -137,9 +152,11 @@ class HSTU(AtomicIdModel):
         self._warned_no_times = False
 
     def time_buckets(self, batch: Batch) -> torch.Tensor | None:
-        """(B, T, T) time buckets of (query i, key j), or None to run position-only. The query time
-        of position i is the next event's time, ``timestamps[:, i + 1]``, and at the last position
-        ``batch.target_time`` (the target's time in training, the request's time when serving)."""
+        """(B, T, T) time buckets of (query i, key j), or None to run position-only. With
+        ``query_time: next_event`` the query time of position i is the next event's time,
+        ``timestamps[:, i + 1]``, and at the last position ``batch.target_time`` (the target's time
+        in training, the request's time when serving); with ``last_event`` it is position i's own
+        time, ``timestamps[:, i]``, and ``target_time`` is never read."""
         mode = self.config.time_bias
         if mode == "off":
             return None
@@ -152,9 +169,12 @@ class HSTU(AtomicIdModel):
                               "time bias is off and HSTU runs position-only", RuntimeWarning, stacklevel=3)
                 self._warned_no_times = True
             return None
+        if self.config.query_time == "last_event":
+            return self.blocks[0].rab.buckets(batch.timestamps, batch.timestamps)  # shared by every layer
         if batch.target_time is None:
-            raise ValueError(f"HSTU (model.time_bias={mode}) reads Batch.target_time, the query time of the last "
-                             "position, whenever the batch has timestamps; it is missing")
+            raise ValueError(f"HSTU (model.time_bias={mode}, model.query_time=next_event) reads Batch.target_time, "
+                             "the query time of the last position, whenever the batch has timestamps; it is missing "
+                             "(model.query_time=last_event does not read it)")
         query = torch.cat([batch.timestamps[:, 1:], batch.target_time[:, None].to(batch.timestamps)], 1)  # (B, T)
         return self.blocks[0].rab.buckets(batch.timestamps, query)  # shared by every layer
 

@@ -52,14 +52,19 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, score: str = "s
         raise ValueError(f"attention score {score!r} is not allowed; choose one of {list(SCORES)}")
     if norm is None or norm <= 0:
         raise ValueError(f"pointwise attention needs norm > 0 (the padded length), got {norm}")
-    scores = q @ k.transpose(-2, -1)  # (B, H, T, S)
+    # Two (B, H, T, S) tensors per call, both kept for the backward pass (SiLU's input, the
+    # weights that multiply v): the bias and the mask are applied in place, and 1/n scales the
+    # (T, d) output rather than the (T, S) weights.
+    scores = q @ k.transpose(-2, -1)  # (B, H, T, S); its backward needs q and k, not it
     if bias is not None:
-        scores = scores + bias
-    weights = F.silu(scores) / norm
+        scores += bias
+    weights = F.silu(scores)  # (B, H, T, S); SiLU's backward reads its input, not this
     allowed = _combined(mask, causal, q.shape[-2], k.shape[-2], q.device)
     if allowed is not None:
-        weights = weights.masked_fill(~allowed, 0.0)
-    return F.dropout(weights, dropout) @ v
+        weights.mul_(allowed)  # 0 where not allowed (SiLU of finite scores is finite)
+    if dropout:
+        weights = F.dropout(weights, dropout)
+    return (weights @ v) / norm  # (B, H, T, d)
 
 
 def _combined(mask: torch.Tensor | None, causal: bool, T: int, S: int, device: torch.device) -> torch.Tensor | None:
@@ -167,16 +172,18 @@ def time_bucket(gaps: torch.Tensor, n_buckets: int = 128) -> torch.Tensor:
 
 
 class RelativeBias(nn.Module):
-    """A learned attention bias, shared across heads: a term per relative position j - i, plus,
-    when timestamps are given, a term per ``time_bucket(query_time[i] - ts[j])``. -> (B, 1, T, T).
+    """A learned attention bias, shared across heads: a term per relative position j - i (unless
+    ``positions=False``), plus, when timestamps are given, a term per
+    ``time_bucket(query_time[i] - ts[j])``. -> (B, 1, T, T), or None when it has no term to add.
 
     ``query_time`` (B, T) is the time each position's query stands for: in HSTU's official code the
     next event's time (``ts[i + 1]``; the target's time at the last position)."""
 
-    def __init__(self, max_len: int, time_buckets: int = 0):
+    def __init__(self, max_len: int, time_buckets: int = 0, positions: bool = True):
         super().__init__()
         self.max_len = max_len
-        self.position = nn.Parameter(torch.zeros(2 * max_len - 1))  # index (j - i) + max_len - 1
+        # index (j - i) + max_len - 1
+        self.position = nn.Parameter(torch.zeros(2 * max_len - 1)) if positions else None
         self.time = nn.Parameter(torch.zeros(time_buckets + 1)) if time_buckets else None
         for p in self.parameters():
             nn.init.normal_(p, std=0.02)
@@ -190,21 +197,24 @@ class RelativeBias(nn.Module):
         return time_bucket(gaps, len(self.time) - 1)
 
     def forward(self, T: int, timestamps: torch.Tensor | None = None, query_time: torch.Tensor | None = None,
-                *, buckets: torch.Tensor | None = None) -> torch.Tensor:
+                *, buckets: torch.Tensor | None = None) -> torch.Tensor | None:
         """-> (1, 1, T, T) from positions alone, or (B, 1, T, T) with the time term, read from
-        ``timestamps`` and ``query_time`` or from precomputed ``buckets`` (B, T, T)."""
+        ``timestamps`` and ``query_time`` or from precomputed ``buckets`` (B, T, T); None when
+        built without positions and given no times."""
         if T > self.max_len:
             raise ValueError(f"sequence length {T} exceeds the bias's max_len={self.max_len}")
-        pos = torch.arange(T, device=self.position.device)
-        bias = self.position[pos[None, :] - pos[:, None] + self.max_len - 1][None, None]  # (1, 1, T, T)
+        bias = None
+        if self.position is not None:
+            pos = torch.arange(T, device=self.position.device)
+            bias = self.position[pos[None, :] - pos[:, None] + self.max_len - 1][None, None]  # (1, 1, T, T)
         if buckets is None and timestamps is None:
             return bias
         if buckets is None:
             buckets = self.buckets(timestamps, query_time)
         elif self.time is None:
             raise ValueError("time buckets were given to a RelativeBias built without them")
-        return bias + self.time[buckets][:, None]  # (B, 1, T, T)
-
+        time = self.time[buckets][:, None]  # (B, 1, T, T), a new tensor: the position term is added in place
+        return time if bias is None else time.add_(bias)
 
 
 class TargetAttention(nn.Module):

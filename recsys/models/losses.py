@@ -59,6 +59,16 @@ class SampledBCELoss(nn.Module):
         return LossOutput(pos_loss + neg_loss, {"bce_pos": pos_loss.detach(), "bce_neg": neg_loss.detach()})
 
 
+def normalized_rows(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """L2-normalised rows ``table[index]`` in fp32, (*index.shape, D). Normalises the whole table
+    and gathers when it has fewer rows than the gather (a catalogue of 10^4 items against
+    P * (1 + n) ~ 3 * 10^5 sampled rows: 3x faster a step on CPU, forward and backward), else
+    the gathered rows; the values are the same either way."""
+    if table.shape[0] <= index.numel():
+        return F.normalize(table.float(), dim=-1)[index]
+    return F.normalize(table[index].float(), dim=-1)
+
+
 class SampledSoftmaxLoss(nn.Module):
     """Softmax over [positive, negatives] of cos(h, item) / temperature, per position.
 
@@ -88,8 +98,8 @@ class SampledSoftmaxLoss(nn.Module):
         negatives = self.sample(len(targets), n_items, h.device)  # (P, n)
         candidates = torch.cat([targets[:, None], negatives], 1)  # (P, 1 + n): the positive first
         user = F.normalize(h.float(), dim=-1)  # (P, D)
-        vectors = F.normalize(items(candidates).float(), dim=-1)  # (P, 1 + n, D)
-        logits = torch.einsum("pd,pcd->pc", user, vectors) / self.temperature  # (P, 1 + n)
+        logits = torch.einsum("pd,pcd->pc", user, normalized_rows(items.weight, candidates)) / self.temperature
+        # logits (P, 1 + n)
         if self.item_log_q is not None:
             logits = logits - self.item_log_q[candidates]
         logits[:, 1:] = logits[:, 1:].masked_fill(negatives == targets[:, None], float("-inf"))

@@ -48,12 +48,12 @@ def evaluate(
 
 
 @torch.no_grad()
-def target_ranks_of(model: SequenceModel, eval_set: EvalSet, *, rows: np.ndarray | None = None,
+def target_ranks_of(model: SequenceModel, eval_set: EvalSet, rows: np.ndarray | None = None, *,
                     batch_size: int = 1024, exclude_history: bool = False, k: int = max(DEFAULT_KS),
                     device: torch.device | str = "cpu") -> np.ndarray:
     """The 0-based rank of each user's target in the model's top ``k`` over the whole catalogue
     (-1 when it is not there), for ``rows`` of ``eval_set`` (default: all), in that order. Per-user
-    ranks are what a paired comparison of two models needs (``recsys.metrics.paired_difference``)."""
+    ranks are what a paired comparison of two models needs (``benchmarks/paired.py``)."""
     was_training = model.training
     model.eval()
     rows = np.arange(len(eval_set)) if rows is None else np.asarray(rows, dtype=np.int64)

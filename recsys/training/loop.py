@@ -149,6 +149,11 @@ class Trainer:
         if cfg.data.ranker_holdout:  # s[n-3], the ranker's training target, is never a target here
             train = [s[:-1] for s in train]
             times = None if times is None else [t[:-1] for t in times]
+        if model.timestamps_required and times is None:  # before any step, not at the first batch
+            raise ValueError(f"{type(model).__name__} is configured to require event times (e.g. HSTU's "
+                             "model.time_bias=on), but the data has no timestamps (Beauty's S3-Rec files carry "
+                             "none); use data with timestamps, or a setting that does not read them "
+                             "(model.time_bias=auto or off)")
         windows = training_windows(train, model.max_len, cfg.data.samples, times=times)
         self.inputs, self.targets, self.users = windows.inputs, windows.targets, split.train_users[windows.rows]
         self.times, self.target_times = windows.times, windows.target_times  # None without timestamps

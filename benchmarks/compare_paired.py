@@ -1,0 +1,115 @@
+"""Paired per-user comparison of models on one split of one data run: each model's Recall/NDCG@K, and
+each model against the first as the mean of the per-user differences with its standard error.
+
+    python benchmarks/compare_paired.py LABEL=SPEC LABEL=SPEC ... --data DATA_RUN [--split test] \
+        [--history kept|excluded] [--name NAME] [--threads 2]
+
+SPEC is a checkpoint directory (``runs/train/<id>/checkpoints/best``) or ``counts``: the last-item
+transition counts fitted on the training prefixes (``benchmarks/split_baselines.py``). The first model
+is the reference. A difference is a finding only when it is larger than its standard error
+(``std(d) / sqrt(users)``, d the per-user differences). With ``--name`` it writes
+``benchmarks/results/<model>/<dataset>/paired-<NAME>-history-<kept|excluded>.json``, ``model`` being the
+last SPEC's model; the figures are those of the checkpoints as given (select them on validation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.record import checkpoint_model, protocol, run_dataset, write_record  # noqa: E402
+from benchmarks.split_baselines import (drop_history, popular_items, popularity_counts, rank_transition,  # noqa: E402
+                                        transition_counts)
+from recsys.data.schema import InteractionData  # noqa: E402
+from recsys.data.split import EvalSet, LeaveOneOutSplit, leave_one_out  # noqa: E402
+from benchmarks.paired import paired_difference  # noqa: E402
+from recsys.metrics import DEFAULT_KS, metric_names, per_user_metrics, target_ranks  # noqa: E402
+from recsys.training.checkpoint import load_model  # noqa: E402
+from recsys.training.evaluate import target_ranks_of  # noqa: E402
+
+TOP = max(DEFAULT_KS)
+
+
+def counts_ranks(split: LeaveOneOutSplit, es: EvalSet, exclude_history: bool) -> np.ndarray:
+    """Per-user target ranks of the last-item transition counts (fitted on training prefixes)."""
+    popular = popular_items(popularity_counts(split))
+    table = transition_counts(split)
+    if exclude_history:
+        top = drop_history(rank_transition(es, table, popular, TOP + es.histories.shape[1]), es)
+    else:
+        top = rank_transition(es, table, popular)
+    return target_ranks(torch.from_numpy(top), torch.from_numpy(es.targets)).numpy()
+
+
+def parse_spec(text: str) -> tuple[str, str]:
+    label, sep, spec = text.partition("=")
+    if not sep or not label or not spec:
+        raise ValueError(f"expected LABEL=SPEC (SPEC a checkpoint directory or 'counts'), got {text!r}")
+    if spec != "counts" and not (Path(spec) / "model.json").is_file():
+        raise ValueError(f"{label}: {spec} is not a checkpoint directory (no model.json) and not 'counts'")
+    return label, spec
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("models", nargs="+", help="LABEL=SPEC; the first is the reference")
+    parser.add_argument("--data", type=Path, required=True, help="the `recsys data` run the models were trained on")
+    parser.add_argument("--split", default="test", choices=("valid", "test"))
+    parser.add_argument("--history", default="kept", choices=("kept", "excluded"))
+    parser.add_argument("--max-history", type=int, default=20)
+    parser.add_argument("--name", help="write a record paired-<NAME>-history-<kept|excluded>.json")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args(argv)
+    if len(args.models) < 2:
+        parser.error("give at least two models: a reference and one to compare with it")
+    try:
+        specs = [parse_spec(m) for m in args.models]
+    except ValueError as exc:
+        parser.error(str(exc))
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    exclude = args.history == "excluded"
+    split = leave_one_out(InteractionData.load(args.data), args.max_history)
+    es = split.eval_set(args.split)
+    ranks: dict[str, np.ndarray] = {}
+    for label, spec in specs:
+        ranks[label] = (counts_ranks(split, es, exclude) if spec == "counts"
+                        else target_ranks_of(load_model(Path(spec)), es, exclude_history=exclude))
+    names = metric_names()
+    means = {label: {n: round(float(v.mean()), 4) for n, v in per_user_metrics(r).items()} for label, r in ranks.items()}
+    reference = specs[0][0]
+    per_user = {label: per_user_metrics(r) for label, r in ranks.items()}
+    paired = {label: {n: {k: round(d[k], 5) for k in ("diff", "se", "z")}
+                      for n, d in paired_difference(per_user[reference], per_user[label]).items()}
+              for label, _ in specs[1:]}
+    print(f"{args.split}, history {args.history}, {len(es)} users; differences against {reference!r} "
+          "(mean of per-user differences ± its standard error)\n")
+    print("| model | " + " | ".join(names) + " |")
+    print("|---" * (len(names) + 1) + "|")
+    for label, _ in specs:
+        cells = [f"{means[label][n]:.4f}" + ("" if label == reference else
+                 f" ({paired[label][n]['diff']:+.4f} ± {paired[label][n]['se']:.4f})") for n in names]
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    if args.name:
+        last = specs[-1][1]
+        model = "baselines" if last == "counts" else checkpoint_model(Path(last))
+        path = write_record(
+            f"paired-{args.name}-history-{args.history}", model=model, dataset=run_dataset(args.data),
+            config={"models": dict(specs), "data_run": str(args.data), "split": args.split,
+                    "max_history": args.max_history, "threads": args.threads},
+            wall_s=time.perf_counter() - start, metrics={},
+            protocol=protocol(exclude_history=exclude),
+            extra={"users": len(es), "split": args.split, "reference": reference, "means": means,
+                   "paired_against_reference": paired})
+        print(f"\nrecord: {path}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
