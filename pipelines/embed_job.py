@@ -1,8 +1,9 @@
-"""The embed stage: item texts -> sentence-encoder vectors with Ray Data -> ``runs/embed/<run-id>/``.
+"""The embed stage: item texts -> sentence-encoder vectors -> ``runs/embed/<run-id>/``.
 
-Texts are built on the driver (cheap). Vectors of earlier embed runs under the same run root are
-reused when the encoder identity and the text hash match, so only new or changed texts are
-encoded; when nothing is new, Ray is not started at all.
+The texts are encoded in this process on one node, or by a Ray Data actor pool on a cluster
+(``embed.encoder.use_ray``; recsys.execution). Texts are built on the driver (cheap). Vectors of
+earlier embed runs under the same run root are reused when the encoder identity and the text hash
+match, so only new or changed texts are encoded.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from recsys.data import InteractionData
+from recsys.execution import ClusterView, Placement, choose_path
 from recsys.runs import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, mark_complete, stage_run_dir, write_json, write_text
 from recsys.text import EMBEDDINGS_FILE, EncoderConfig, ItemTextConfig, build_texts, text_hash, write_embeddings
-from recsys.text.encoder import encode, load_encoder, locate_model
+from recsys.text.encoder import encode, load_encoder, locate_model, resolve_device, resolve_precision
 from recsys.text.store import vectors_from_column
 
 log = logging.getLogger(__name__)
@@ -33,7 +35,11 @@ class ItemEncoder:
     """Ray Data callable class: loads the encoder once per actor, encodes one batch per call."""
 
     def __init__(self, model_path: str, encoder: dict):
+        import torch
+
         self.cfg = EncoderConfig(**encoder)
+        if self.cfg.device == "cpu":  # one torch thread per CPU the actor holds, not per core of the node
+            torch.set_num_threads(max(1, round(self.cfg.cpus_per_actor)))
         self.model = load_encoder(self.cfg, Path(model_path))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -44,24 +50,32 @@ class ItemEncoder:
 def run_embed(data_dir: Path, text_cfg: ItemTextConfig, enc_cfg: EncoderConfig, run_root: str | Path,
               name: str = "", progress: bool | None = None, parent: Path | None = None) -> Path:
     """Embed the items of a ``recsys data`` run; returns the new ``<run_root>/embed/<run-id>/``
-    (``parent/embed`` inside a pipeline run). Vectors of earlier runs under ``run_root`` with the
-    same encoder and text are reused. ``progress`` None = Ray Data progress bars only when stdout
-    is a terminal."""
+    (``parent/embed`` inside a pipeline run). In this process or on a Ray Data actor pool
+    (``embed.encoder.use_ray``, recsys.execution). Vectors of earlier runs under ``run_root`` with
+    the same encoder and text are reused. ``progress`` None = Ray Data progress bars only when
+    stdout is a terminal."""
     start = time.perf_counter()
     data_dir = Path(data_dir).resolve()
     items = InteractionData.load(data_dir).items
     texts = build_texts(items, text_cfg)
     hashes = [text_hash(t) for t in texts]
+    placement = embed_placement(enc_cfg, len(texts))
+    print(placement.line("embed"), flush=True)
+    enc_cfg = ray_encoder(enc_cfg) if placement.use_ray else local_encoder(enc_cfg)  # device, precision, pool
     identity = enc_cfg.identity()
     known = previous_vectors(Path(run_root), identity)
     todo = pd.DataFrame({"text_hash": hashes, "text": texts})
     todo = todo[~todo["text_hash"].isin(known)].drop_duplicates("text_hash", ignore_index=True)
-    route, encode_s, device = "none (all reused)", 0.0, "none"
+    route, encode_s = "none (all reused)", 0.0
     if len(todo):
         location = locate_model(enc_cfg)  # once, on the driver: actors get the local path
         route = location.route
         enc_start = time.perf_counter()
-        new, device = encode_with_ray(todo, location.path, enc_cfg, progress)
+        if placement.use_ray:
+            new = encode_with_ray(todo, location.path, enc_cfg, progress)
+        else:
+            new = dict(zip(todo["text_hash"], encode(load_encoder(enc_cfg, location.path), todo["text"].tolist(),
+                                                     enc_cfg)))
         encode_s = time.perf_counter() - enc_start
         known.update(new)
     rows = [known[h] for h in hashes]
@@ -79,7 +93,9 @@ def run_embed(data_dir: Path, text_cfg: ItemTextConfig, enc_cfg: EncoderConfig, 
         "reused": n_reused, "encoded_unique_texts": len(todo),
         "items_per_s": round(len(todo) / encode_s, 1) if encode_s > 0 else None,
         "encode_s": round(encode_s, 2), "wall_s": round(time.perf_counter() - start, 2),
-        "route": route, "device": device, "num_actors": enc_cfg.num_actors, "encoder": identity,
+        "route": route, "device": enc_cfg.device, "precision": enc_cfg.precision, "use_ray": placement.use_ray,
+        "placement": placement.reason, "num_actors": enc_cfg.num_actors if placement.use_ray else 0,
+        "encoder": identity,
     }
     write_json(run_dir / CONFIG_FILE, {"data_dir": str(data_dir), "text": asdict(text_cfg), "encoder": asdict(enc_cfg)})
     write_json(run_dir / METRICS_FILE, metrics)
@@ -88,21 +104,47 @@ def run_embed(data_dir: Path, text_cfg: ItemTextConfig, enc_cfg: EncoderConfig, 
     return run_dir
 
 
-def encode_with_ray(todo: pd.DataFrame, model_path: Path, cfg: EncoderConfig,
-                    progress: bool | None = None) -> tuple[dict[str, np.ndarray], str]:
-    """Encode ``todo`` (columns text_hash, text; unique hashes) on a Ray Data actor pool.
-    Returns {text_hash: vector (D,)} and the device used."""
+def embed_placement(cfg: EncoderConfig, n_texts: int) -> Placement:
+    """Where the texts are encoded (``embed.encoder.use_ray``; see recsys.execution)."""
+    from pipelines.ray_env import cluster_view
+
+    cluster = cluster_view() if cfg.use_ray == "auto" else ClusterView()
+    return choose_path("embed.encoder.use_ray", cfg.use_ray, cluster, f"{n_texts} texts")
+
+
+def local_encoder(cfg: EncoderConfig) -> EncoderConfig:
+    """``cfg`` with the device and precision this process will use."""
+    device = resolve_device(cfg)
+    return replace(cfg, device=device, precision=resolve_precision(cfg.precision, device))
+
+
+def ray_encoder(cfg: EncoderConfig) -> EncoderConfig:
+    """``cfg`` with the device, precision and pool size for the Ray cluster (started or joined
+    here). A pool of 0 actors means one per GPU, else the cluster's CPUs / cpus_per_actor."""
     import ray
-    from ray.data import ActorPoolStrategy, DataContext
 
     from pipelines.ray_env import init_ray
 
     init_ray()
-    gpus = ray.cluster_resources().get("GPU", 0)
+    resources = ray.cluster_resources()
+    gpus = resources.get("GPU", 0)
     if cfg.device == "cuda" and gpus == 0:  # Ray Data would wait forever for a GPU actor slot
         raise ValueError("embed.encoder.device=cuda but the Ray cluster has no GPU; use auto or cpu")
-    use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0)
-    device = "cuda" if use_gpu else "cpu"  # decided here: a CPU-only actor must not pick up a GPU by itself
+    # decided here: a CPU-only actor must not pick up a GPU by itself
+    device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and gpus > 0) else "cpu"
+    actors = cfg.num_actors or (int(gpus) if device == "cuda" else
+                                max(1, int(resources.get("CPU", 1) // cfg.cpus_per_actor)))
+    return replace(cfg, device=device, precision=resolve_precision(cfg.precision, device), num_actors=actors)
+
+
+def encode_with_ray(todo: pd.DataFrame, model_path: Path, cfg: EncoderConfig,
+                    progress: bool | None = None) -> dict[str, np.ndarray]:
+    """Encode ``todo`` (columns text_hash, text; unique hashes) on a Ray Data actor pool; ``cfg``
+    as ``ray_encoder`` resolved it. Returns {text_hash: vector (D,)}."""
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    use_gpu = cfg.device == "cuda"
     ctx = DataContext.get_current()
     old_progress = ctx.enable_progress_bars
     if progress is not None:
@@ -121,7 +163,7 @@ def encode_with_ray(todo: pd.DataFrame, model_path: Path, cfg: EncoderConfig,
         with actor_restart_args() as restarts:
             ds = ray.data.from_pandas(blocks).map_batches(
                 ItemEncoder,
-                fn_constructor_kwargs={"model_path": str(model_path), "encoder": asdict(replace(cfg, device=device))},
+                fn_constructor_kwargs={"model_path": str(model_path), "encoder": asdict(cfg)},
                 # min_size=1 (not size=N): a fixed pool of N one-CPU actors on an N-CPU node holds every
                 # CPU, so a task that feeds it (a read_parquet read) is never scheduled and the job hangs
                 # (RAY-NOTES). Starting at one actor leaves room for such tasks; the pool grows as CPUs
@@ -139,7 +181,7 @@ def encode_with_ray(todo: pd.DataFrame, model_path: Path, cfg: EncoderConfig,
     missing = set(todo["text_hash"]) - set(out)
     if missing:
         raise RuntimeError(f"Ray Data returned no vector for {len(missing)} text(s)")
-    return out, device
+    return out
 
 
 def actor_restarts() -> dict:
@@ -195,6 +237,8 @@ def _summary(m: dict, data_dir: Path, texts: list[str]) -> str:
         f"- items: {m['n_items']} from {data_dir}, vector dim {m['dim']}",
         f"- encoded {m['encoded']} item(s) ({m['encoded_unique_texts']} distinct texts), reused {m['reused']} "
         "from earlier embed runs",
-        f"- model route: {m['route']}; device {m['device']}; {m['num_actors']} actor(s) max; {speed}",
+        f"- {'on Ray' if m['use_ray'] else 'in-process'} ({m['placement']})",
+        f"- model route: {m['route']}; device {m['device']}, {m['precision']}"
+        + (f"; {m['num_actors']} actor(s) max" if m["use_ray"] else "") + f"; {speed}",
         f"- wall time {m['wall_s']} s", "",
         "Example text:", "", f"> {texts[0]}", ""])

@@ -30,9 +30,10 @@ from tqdm.auto import tqdm
 
 from recsys.config import from_dict
 from recsys.semantic_ids import (
-    RQVAEConfig, RQVAETokenizer, init_codebooks, load_tokenizer, reseed_dead_codes_synced, rqvae_epoch,
+    RQVAEConfig, RQVAETokenizer, load_tokenizer, reseed_dead_codes_synced, rqvae_epoch, shuffled_batches,
 )
 from recsys.semantic_ids.rqvae import build_optimizer as build_rqvae_optimizer
+from recsys.semantic_ids.rqvae import training_generators
 from recsys.semantic_ids.build import IdsConfig
 
 EPOCH_FILE = "epoch.json"
@@ -55,7 +56,19 @@ def ray_map(num_cpus: float) -> Callable:
 
 
 def _stack_vectors(batch: dict) -> dict:
-    return {"x": np.stack(batch["vector"]).astype(np.float32)}  # list<float> column -> (B, D)
+    return {"item_id": batch["item_id"], "x": np.stack(batch["vector"]).astype(np.float32)}  # list<float> -> (B, D)
+
+
+def local_rows(shard) -> torch.Tensor:
+    """This worker's whole shard as (n, D) float32 in item-id order. Read once: an RQ-VAE's
+    input (one vector per item) fits a worker, and a Ray Data pass per epoch cost more than the
+    epoch's training at catalogue scale. The order makes a one-worker run equal the in-process one."""
+    ids, xs = [], []
+    for batch in shard.iter_batches(batch_size=8192, batch_format="numpy"):
+        ids.append(batch["item_id"])
+        xs.append(batch["x"])
+    order = np.argsort(np.concatenate(ids), kind="stable")
+    return torch.from_numpy(np.ascontiguousarray(np.concatenate(xs)[order], dtype=np.float32))
 
 
 def quiet_epochs(dataset: ray.data.Dataset) -> None:
@@ -78,18 +91,16 @@ def rqvae_loop_per_worker(config: dict) -> None:
             tokenizer = load_tokenizer(directory)
             start = json.loads((Path(directory) / EPOCH_FILE).read_text())["epoch"]
         model = tokenizer.model
-    else:
+    else:  # the driver's initialised network (seeded weights, k-means codebooks), as in-process
         model = tokenizer.build_model(config["input_dim"])
-        init_codebooks(model, ray.get(config["init_sample"]), tokenizer.config)
+        model.load_state_dict(ray.get(config["initial_state"]))
     ddp = ray.train.torch.prepare_model(model)  # DDP broadcasts rank 0's weights
     optimizer = build_rqvae_optimizer(ddp, cfg)
-    generator = torch.Generator().manual_seed(cfg.seed + start)  # same on every rank
-    shard = ray.train.get_dataset_shard("train")
+    shuffle, reseed = training_generators(cfg.seed, start, rank)  # reseed: the same on every rank
+    x = local_rows(ray.train.get_dataset_shard("train"))  # (n, D)
     for epoch in range(start, cfg.epochs):
-        batches = (b["x"] for b in shard.iter_torch_batches(batch_size=cfg.batch_size, dtypes=torch.float32,
-                                                           local_shuffle_buffer_size=4 * cfg.batch_size))
-        stats = rqvae_epoch(ddp, optimizer, batches, dead_code_threshold=0)
-        reseeded = reseed_dead_codes_synced(ddp, optimizer, stats, cfg.dead_code_threshold, generator)
+        stats = rqvae_epoch(ddp, optimizer, shuffled_batches(x, cfg.batch_size, shuffle), dead_code_threshold=0)
+        reseeded = reseed_dead_codes_synced(ddp, optimizer, stats, cfg.dead_code_threshold, reseed)
         metrics = {"epoch": epoch + 1, "loss": stats.loss, "reconstruction_loss": stats.reconstruction_loss,
                    "quantize_loss": stats.quantize_loss, "reseeded": int(reseeded.sum())}
         if (epoch + 1) % config["checkpoint_every"] and epoch + 1 != cfg.epochs:
@@ -110,18 +121,16 @@ def rqvae_loop_per_worker(config: dict) -> None:
 def fit_rqvae_with_ray(cfg: IdsConfig, embeddings_path: Path, embeddings: np.ndarray, run_dir: Path) -> RQVAETokenizer:
     """Train the RQ-VAE with Ray Train over the Ray Data embeddings; return the final tokenizer."""
     rq = cfg.rqvae
-    rng = np.random.default_rng(rq.seed)
-    n = min(len(embeddings), rq.kmeans_init_samples)
-    sample = embeddings[np.sort(rng.choice(len(embeddings), n, replace=False))]
+    initial = RQVAETokenizer(config=rq).initialise(embeddings)  # as RQVAETokenizer.fit starts
     # Materialised before fit(): once the Train workers hold every CPU (2 workers x 1 CPU on a
     # 2-CPU node) Ray Data's read/map tasks could never be scheduled and the run would hang.
     dataset = ray.data.read_parquet(str(embeddings_path)).map_batches(_stack_vectors, batch_format="numpy")
     dataset = dataset.materialize()
-    quiet_epochs(dataset)
+    quiet_epochs(dataset)  # each worker reads its shard once (local_rows)
     trainer = TorchTrainer(
         rqvae_loop_per_worker,
         train_loop_config={"rqvae": dataclasses.asdict(rq), "input_dim": embeddings.shape[1],
-                           "init_sample": ray.put(sample), "checkpoint_every": cfg.checkpoint_every},
+                           "initial_state": ray.put(initial.state_dict()), "checkpoint_every": cfg.checkpoint_every},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, resources_per_worker={"CPU": cfg.cpus_per_task}),
         run_config=RunConfig(name="ray-train", storage_path=str(run_dir.resolve()),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),

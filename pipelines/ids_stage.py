@@ -10,10 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
+from recsys.execution import ClusterView, Placement, choose_path
 from recsys.experiment import ExperimentConfig, experiment_dict_from_run, experiment_from_dict
 from recsys.runs import (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, mark_complete, read_json, require_complete,
                          stage_run_dir, write_json, write_text)
-from recsys.semantic_ids.build import build_index, fit_in_process, fitted_codes
+from recsys.semantic_ids.build import IdsConfig, build_index, fit_in_process, fitted_codes
 from recsys.semantic_ids.report import write_report
 from recsys.text import EMBEDDINGS_FILE, load_embeddings
 from recsys.text.store import write_embeddings
@@ -22,9 +23,18 @@ TOKENIZER_DIR = "tokenizer"
 INDEX_DIR = "index"
 
 
-def fit_tokenizer(exp: ExperimentConfig, embed_dir: Path, embeddings: np.ndarray, run_dir: Path):
-    cfg = exp.ids
-    if not cfg.use_ray:
+def ids_placement(cfg: IdsConfig, n_items: int) -> Placement:
+    """Where the tokenizer is fitted (``ids.use_ray``; see recsys.execution)."""
+    from pipelines.ray_env import cluster_view
+
+    work = (f"{n_items} vectors x {cfg.rqvae.epochs} RQ-VAE epochs" if cfg.method == "rqvae"
+            else f"hierarchical k-means of {n_items} vectors")
+    cluster = cluster_view() if cfg.use_ray == "auto" and not cfg.ray_only else ClusterView()
+    return choose_path("ids.use_ray", cfg.use_ray, cluster, work, cfg.ray_only)
+
+
+def fit_tokenizer(cfg: IdsConfig, embed_dir: Path, embeddings: np.ndarray, run_dir: Path, use_ray: bool):
+    if not use_ray:
         return fit_in_process(cfg, embeddings)
     from pipelines.ray_env import init_ray
 
@@ -78,8 +88,10 @@ def run_ids(exp: ExperimentConfig, embed_dir: Path | None = None, parent: Path |
         source = {"embed_dir": str(embed_dir)}
     item_ids, embeddings = load_embeddings(embed_dir)
     write_json(run_dir / CONFIG_FILE, {"ids": exp.to_dict()["ids"], **source})
+    placement = ids_placement(exp.ids, len(item_ids))
+    print(placement.line("ids"), flush=True)
     start = time.perf_counter()
-    tokenizer = fit_tokenizer(exp, embed_dir, embeddings, run_dir)
+    tokenizer = fit_tokenizer(exp.ids, embed_dir, embeddings, run_dir, placement.use_ray)
     fit_s = time.perf_counter() - start
     codes = fitted_codes(tokenizer, embeddings)  # (N, L) content codes, before the collision level
     reconstruction = float(((tokenizer.decode(codes).numpy() - embeddings) ** 2).sum(axis=1).mean())
@@ -91,6 +103,7 @@ def run_ids(exp: ExperimentConfig, embed_dir: Path | None = None, parent: Path |
                "levels": tokenizer.n_levels, "codebook_sizes": tokenizer.codebook_sizes,
                "collision_rate": index.collision_rate, "max_items_per_tuple": index.max_collision_depth,
                "reconstruction_sq_error": reconstruction, "fit_s": round(fit_s, 2),
+               "use_ray": placement.use_ray, "placement": placement.reason,
                "wall_s": round(time.perf_counter() - start, 2)}
     write_json(run_dir / METRICS_FILE, metrics)
     write_text(run_dir / SUMMARY_FILE, "\n".join([
@@ -98,7 +111,8 @@ def run_ids(exp: ExperimentConfig, embed_dir: Path | None = None, parent: Path |
         f"- {len(item_ids)} items, {tokenizer.n_levels} levels of {tokenizer.codebook_sizes} codes + a collision level",
         f"- collision rate before the collision level: {index.collision_rate:.4f}; "
         f"at most {index.max_collision_depth} item(s) share one content tuple",
-        f"- reconstruction error (mean squared distance): {reconstruction:.4f}; fit {fit_s:.1f} s",
+        f"- reconstruction error (mean squared distance): {reconstruction:.4f}; fit {fit_s:.1f} s, "
+        f"{placement.line('fitted')}",
         "- id_quality.json, code_usage.png, tokenizer/, index/", "", table, ""]))
     mark_complete(run_dir, "ids")
     return run_dir

@@ -50,12 +50,11 @@ def run_data(exp: ExperimentConfig, parent: Path | None = None) -> Path:
 
 
 def run_embed_stage(exp: ExperimentConfig, data_dir: Path | None = None, parent: Path | None = None) -> Path:
-    """Embed item texts with the sentence encoder on Ray Data; prepares the data run if none is given."""
+    """Embed item texts with the sentence encoder (in-process or on Ray Data: embed.encoder.use_ray);
+    prepares the data run if none is given."""
     from pipelines.embed_job import run_embed
-    from pipelines.ray_env import init_ray
 
     data_dir = require_complete(data_dir, "data") if data_dir else run_data(exp, parent)
-    init_ray()
     return run_embed(data_dir, exp.embed.text, exp.embed.encoder, exp.run.root, name=exp.run.name, parent=parent)
 
 

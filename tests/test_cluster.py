@@ -319,7 +319,10 @@ def test_pipeline_runs_as_a_ray_job_on_two_nodes(two_node_cluster, tmp_path):
     # Which `pipelines` does the job import? Asked from / so that only PYTHONPATH can answer, as it does
     # for the `recsys` script: the uploaded tree must win over the copy installed in the venv.
     where = shlex.join(["python", "-c", "import pipelines; print('code from', pipelines.__file__)"])
-    entrypoint = f"(cd / && {where}) && " + shlex.join(["recsys", "pipeline", f"run.root={run_root}", *TINY_PIPELINE])
+    # What a stage with use_ray=auto sees inside the job: both nodes, so it takes the Ray path.
+    view = shlex.join(["python", "-c", "from pipelines.ray_env import cluster_view; print('cluster:', cluster_view())"])
+    entrypoint = (f"(cd / && {where}) && {view} && "
+                  + shlex.join(["recsys", "pipeline", f"run.root={run_root}", *TINY_PIPELINE]))
     job = client.submit_job(entrypoint=entrypoint, runtime_env={
         "working_dir": str(ROOT),
         "excludes": [".venv", "runs", ".git", ".pytest_cache", "**/__pycache__", "docs"],
@@ -342,6 +345,7 @@ def test_pipeline_runs_as_a_ray_job_on_two_nodes(two_node_cluster, tmp_path):
 
     logs = client.get_job_logs(job)
     assert re.search(r"code from \S*working_dir_files\S*/pipelines/__init__\.py", logs)  # the uploaded tree ran
+    assert "cluster: ClusterView(nodes=2, remote_address='')" in logs  # auto stages go to Ray here
     (pipeline_dir,) = (run_root / "pipeline").iterdir()
     assert f"pipeline run: {pipeline_dir}" in logs
     assert "| test |" in logs and "recall@10" in logs  # the results table

@@ -1,6 +1,7 @@
 """The embed stage end to end under the shared local Ray instance, with the real default model."""
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.embed_job import previous_vectors, run_embed
+from pipelines.embed_job import local_encoder, previous_vectors, run_embed
 from recsys.data import InteractionData, SyntheticConfig, generate_synthetic
 from recsys.runs import read_json
 from recsys.text import (EMBEDDINGS_FILE, EncoderConfig, ItemTextConfig, build_texts, load_embeddings, text_hash,
@@ -35,12 +36,13 @@ def data_dir(tmp_path) -> Path:
 
 def test_embed_writes_vectors_and_reuses_them(ray_session, data_dir, encoder_cfg, tmp_path):
     runs, text_cfg = tmp_path / "runs", ItemTextConfig()
-    first = run_embed(data_dir, text_cfg, encoder_cfg, runs)
+    first = run_embed(data_dir, text_cfg, replace(encoder_cfg, use_ray=True), runs)
     assert first.parent == runs.resolve() / "embed"
     table = pq.read_table(first / EMBEDDINGS_FILE)
     assert table.schema.field("item_id").type == pa.int64()
     assert table.schema.field("vector").type == pa.list_(pa.float32())
-    assert table.column("encoder").to_pylist() == [encoder_cfg.identity()] * N_ITEMS
+    resolved = local_encoder(encoder_cfg)  # the precision auto resolves to on this CPU
+    assert table.column("encoder").to_pylist() == [resolved.identity()] * N_ITEMS
     texts = build_texts(InteractionData.load(data_dir).items, text_cfg)
     assert table.column("text_hash").to_pylist() == [text_hash(t) for t in texts]
     ids, vectors = load_embeddings(first)
@@ -50,9 +52,11 @@ def test_embed_writes_vectors_and_reuses_them(ray_session, data_dir, encoder_cfg
     metrics = read_json(first / "metrics.json")
     assert metrics["encoded"] == N_ITEMS and metrics["reused"] == 0 and metrics["dim"] == 384
     assert metrics["route"] in {"pypi-cache", "pypi-download", "hf-cache", "hf-hub"}
-    assert (first / "config.json").is_file() and "embed:" in (first / "summary.md").read_text()
+    assert (metrics["use_ray"], metrics["precision"]) == (True, resolved.precision)
+    assert read_json(first / "config.json")["encoder"]["precision"] == resolved.precision  # never "auto"
+    assert "embed:" in (first / "summary.md").read_text()
 
-    # The same items again: everything reused, Ray Data not run at all.
+    # The same items again (auto on this one node: in-process): everything reused, nothing encoded.
     second = run_embed(data_dir, text_cfg, encoder_cfg, runs)
     metrics = read_json(second / "metrics.json")
     assert (metrics["encoded"], metrics["reused"], metrics["route"]) == (0, N_ITEMS, "none (all reused)")
@@ -74,7 +78,7 @@ def test_embed_writes_vectors_and_reuses_them(ray_session, data_dir, encoder_cfg
 
 def test_reuse_matches_encoder_identity_and_skips_bad_rows(tmp_path):
     """No Ray: earlier vectors count only under the same encoder identity, and NaN rows are not reused."""
-    a, b = EncoderConfig(), EncoderConfig(normalize=False)
+    a, b = EncoderConfig(precision="fp32"), EncoderConfig(normalize=False, precision="fp32")
     assert a.identity() != b.identity() != EncoderConfig(precision="bf16").identity()
     (tmp_path / "embed" / "r1").mkdir(parents=True)
     vectors = np.array([[1, 0], [np.nan, 0]], dtype=np.float32)
@@ -105,9 +109,26 @@ def test_two_one_cpu_actors_on_two_cpus_finish(ray_session, data_dir, encoder_cf
         return real(**kwargs)
     monkeypatch.setattr(ray.data, "ActorPoolStrategy", spy)
     assert ray_session.cluster_resources()["CPU"] == 2
-    cfg = EncoderConfig(**{**encoder_cfg.__dict__, "num_actors": 2, "cpus_per_actor": 1.0})
+    cfg = replace(encoder_cfg, num_actors=2, cpus_per_actor=1.0, use_ray=True)
     run_dir = run_embed(data_dir, ItemTextConfig(), cfg, tmp_path / "runs")
     assert pools == [{"min_size": 1, "max_size": 2}]
     metrics = read_json(run_dir / "metrics.json")
     assert metrics["encoded"] == N_ITEMS and metrics["num_actors"] == 2
     assert load_embeddings(run_dir)[1].shape == (N_ITEMS, 384)
+
+
+def test_both_paths_give_the_same_vectors_and_ids(ray_session, data_dir, encoder_cfg, tmp_path, capsys):
+    """In-process (auto on this one node) and a Ray Data pool (forced): the same fp32 vectors up to
+    padding round-off, and the same hierarchical k-means IDs built from them."""
+    from recsys.semantic_ids import HierarchicalKMeans
+
+    cfg = replace(encoder_cfg, precision="fp32")
+    local = run_embed(data_dir, ItemTextConfig(), cfg, tmp_path / "a")
+    assert "embed: in-process (auto: one node, 40 texts;" in capsys.readouterr().out
+    on_ray = run_embed(data_dir, ItemTextConfig(), replace(cfg, use_ray=True, num_actors=1), tmp_path / "b")
+    assert capsys.readouterr().out.startswith("embed: on Ray (embed.encoder.use_ray=true)")
+    assert (read_json(local / "metrics.json")["use_ray"], read_json(on_ray / "metrics.json")["use_ray"]) == (False, True)
+    x, y = load_embeddings(local)[1], load_embeddings(on_ray)[1]
+    np.testing.assert_allclose(x, y, atol=2e-6)
+    codes = [HierarchicalKMeans(branching=4, max_levels=3).fit(v).fit_codes for v in (x, y)]
+    assert np.array_equal(codes[0].numpy(), codes[1].numpy())

@@ -54,16 +54,44 @@ def test_ids_stage_in_process(embed_dir, tmp_path, method):
 @pytest.mark.ray
 def test_hkmeans_on_ray_tasks_equals_in_process(ray_session, embed_dir, tmp_path):
     local, _ = check_run(run_ids(small(tmp_path / "a", "ids.method=hkmeans", "ids.use_ray=false"), embed_dir))
-    on_ray, _ = check_run(run_ids(small(tmp_path / "b", "ids.method=hkmeans", "ids.cpus_per_task=0.5"), embed_dir))
+    on_ray, metrics = check_run(run_ids(small(tmp_path / "b", "ids.method=hkmeans", "ids.cpus_per_task=0.5",
+                                              "ids.use_ray=true"), embed_dir))
+    assert metrics["use_ray"] and metrics["placement"] == "ids.use_ray=true"
     items = np.arange(1, 601)
     assert torch.equal(local.ids_for(items), on_ray.ids_for(items))
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(240)
+def test_rqvae_on_one_ray_train_worker_equals_in_process(ray_session, one_thread, embed_dir, tmp_path):
+    """Same seed, same IDs on either path: the Ray Train worker starts from the driver's
+    initialised network and shuffles and re-seeds codes from the same generators. One thread on
+    both sides (a Ray worker with 1 CPU runs one), so no sum is split differently."""
+    overrides = ["ids.method=rqvae", "ids.rqvae.epochs=5", "ids.rqvae.dead_code_threshold=30"]
+    local, local_metrics = check_run(run_ids(small(tmp_path / "a", *overrides, "ids.use_ray=false"), embed_dir))
+    on_ray, _ = check_run(run_ids(small(tmp_path / "b", *overrides, "ids.use_ray=true", "ids.num_workers=1",
+                                      "ids.checkpoint_every=2"), embed_dir))
+    items = np.arange(1, 601)
+    assert torch.equal(local.ids_for(items), on_ray.ids_for(items))
+    assert not local_metrics["use_ray"]
+
+
+@pytest.mark.ray
+def test_auto_fits_in_process_on_one_node_and_says_why_once(ray_session, embed_dir, tmp_path, capsys):
+    run_dir = run_ids(small(tmp_path, "ids.method=hkmeans"), embed_dir)  # ids.use_ray=auto, the default
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("ids: ")]
+    assert lines == ["ids: in-process (auto: one node, hierarchical k-means of 600 vectors; Ray would run the same "
+                     "work on the same cores plus its start-up and per-task overhead; ids.use_ray=true forces Ray)"]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["use_ray"] is False and metrics["placement"].startswith("auto: one node")
+    assert not (run_dir / "ray-train").exists()
 
 
 @pytest.mark.ray
 @pytest.mark.timeout(240)  # regression: with lazy Ray Data this hung when the 2 workers held both CPUs
 def test_rqvae_trains_on_ray_train_with_two_workers(ray_session, embed_dir, tmp_path):
     run_dir = run_ids(small(tmp_path, "ids.method=rqvae", "ids.num_workers=2", "ids.rqvae.epochs=6",
-                            "ids.checkpoint_every=3"), embed_dir)
+                            "ids.checkpoint_every=3", "ids.use_ray=true"), embed_dir)
     _, metrics = check_run(run_dir)
     # 12 clusters, 16 codes at level 0: the content codes must separate most items
     quality = json.loads((run_dir / "id_quality.json").read_text())

@@ -214,9 +214,21 @@ def test_encode_rejects_non_finite_vectors(real_encoder, monkeypatch):
 
 def test_encoder_config_validation():
     for kwargs, match in [({"device": "tpu"}, "device"), ({"precision": "fp16"}, "precision"),
-                          ({"num_actors": 0}, "num_actors"), ({"cpus_per_actor": 0}, "cpus_per_actor")]:
+                          ({"num_actors": -1}, "num_actors"), ({"cpus_per_actor": 0}, "cpus_per_actor"),
+                          ({"use_ray": "yes"}, "embed.encoder.use_ray='yes'"), ({"use_ray": 1}, "use_ray")]:
         with pytest.raises(ValueError, match=match):
             EncoderConfig(**kwargs)
+    with pytest.raises(ValueError, match="precision=auto must be resolved"):
+        EncoderConfig().identity()  # reuse must never match vectors of an unknown precision
+
+
+def test_auto_precision_is_bf16_only_where_native(monkeypatch):
+    from recsys import hardware
+
+    for native, expected in [(True, "bf16"), (False, "fp32"), (None, "fp32")]:
+        monkeypatch.setattr(hardware, "cpu_supports_bf16", lambda native=native: native)
+        assert enc.resolve_precision("auto", "cpu") == expected
+        assert enc.resolve_precision("fp32", "cpu") == "fp32" and enc.resolve_precision("bf16", "cpu") == "bf16"
 
 
 # ---------------------------------------------------------------- embedding store

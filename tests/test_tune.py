@@ -234,7 +234,7 @@ def test_winner_config_round_trips_through_load_experiment(tmp_path):
     path = write_winner_config(tmp_path / "winner.yaml", sweep.winner_experiment(params), ["winner of a test"])
     exp = load_experiment(path)
     assert (exp.trainer.optim.lr, exp.ids.hkmeans.branching) == (0.0012345, 8)
-    assert exp.trainer.resources.use_ray and exp.ids.use_ray  # as the base has them, not the trials' in-process settings
+    assert exp.trainer.resources.use_ray and exp.ids.use_ray == "auto"  # as the base has them, not the trials' in-process settings
     assert exp.to_dict() == sweep.winner_experiment(params).to_dict()
 
 

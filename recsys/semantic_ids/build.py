@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from recsys.config import require_choice, require_range
+from recsys.execution import check_use_ray
 from recsys.semantic_ids.base import SemanticIdTokenizer
 from recsys.semantic_ids.hkmeans import HierarchicalKMeans, HKMeansConfig
 from recsys.semantic_ids.index import SemanticIdIndex
@@ -23,7 +24,9 @@ class IdsConfig:
     method: str = "rqvae"  # rqvae (TIGER) | hkmeans (EAGER)
     rqvae: RQVAEConfig = field(default_factory=RQVAEConfig)
     hkmeans: HKMeansConfig = field(default_factory=HKMeansConfig)
-    use_ray: bool = True  # False fits in this process (tests, a GPU box without Ray)
+    # auto: Ray on a cluster (or for hkmeans_top=blocks), in this process on one node, where Ray
+    # only adds overhead (recsys.execution); true / false force a path.
+    use_ray: bool | str = "auto"
     num_workers: int = 1  # Ray Train workers for the RQ-VAE (DDP)
     cpus_per_task: float = 1.0  # per Ray Train worker / per hierarchical k-means subtree task
     checkpoint_every: int = 20  # RQ-VAE epochs between Ray Train checkpoints
@@ -34,6 +37,7 @@ class IdsConfig:
 
     def __post_init__(self):
         require_choice("ids.method", self.method, METHODS)
+        check_use_ray("ids.use_ray", self.use_ray)
         require_range("ids.num_workers", self.num_workers, 1, 4096)
         require_range("ids.cpus_per_task", self.cpus_per_task, 0.01, 1024)
         require_range("ids.checkpoint_every", self.checkpoint_every, 1)
@@ -41,6 +45,14 @@ class IdsConfig:
         require_choice("ids.hkmeans_top", self.hkmeans_top, ("driver", "blocks"))
         require_range("ids.top_sample", self.top_sample, 2)
         require_range("ids.top_refine_iters", self.top_refine_iters, 0, 1000)
+
+
+    @property
+    def ray_only(self) -> str:
+        """Why this configuration has no in-process path ("" when it has one)."""
+        if self.method == "hkmeans" and self.hkmeans_top == "blocks":
+            return "ids.hkmeans_top=blocks reads the table block by block with Ray Data"
+        return ""
 
 
 def make_tokenizer(cfg: IdsConfig) -> SemanticIdTokenizer:

