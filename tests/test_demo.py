@@ -46,7 +46,9 @@ def test_local_ray_chooses_token_auth_and_no_preemption_watcher_a_cluster_keeps_
         monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
     else:
         monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setattr(ray_env.ray, "is_initialized", lambda: True)  # the env is set before any start
+    import ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)  # the env is set before any start
     ray_env.init_ray()
     if cluster:
         assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in os.environ
@@ -77,7 +79,9 @@ def test_only_the_restart_arguments_deprecation_is_kept_quiet_and_only_around_th
 def test_a_users_setting_wins_over_the_quiet_defaults(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1")
-    monkeypatch.setattr(ray_env.ray, "is_initialized", lambda: True)
+    import ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
     ray_env.init_ray()
     assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "1"
 
