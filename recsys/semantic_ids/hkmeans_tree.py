@@ -141,13 +141,11 @@ def assemble_tree(root: NodeSplit, results: list[SubtreeResult], embeddings: np.
         leaves.extend(result.leaves)
     depth = max_levels or max(len(path) for path, _ in leaves)
     codes = np.full((len(embeddings), depth), -1, dtype=np.int64)
-    if leaves:  # one assignment for all leaves: their paths padded with code 0, a row per item
-        padded = np.array([path + (0,) * (depth - len(path)) for path, _ in leaves], dtype=np.int64)  # (n_leaves, L)
-        codes[np.concatenate([items for _, items in leaves])] = np.repeat(
-            padded, [len(items) for _, items in leaves], axis=0)
     zero = np.zeros(1, np.int64)
     for path, items in leaves:
-        if len(path) < depth:  # only single items stop early: their padding is a chain of their vector
+        codes[items, :len(path)] = path
+        if len(path) < depth:  # only single items stop early: pad with code 0 and chain their vector
+            codes[items, len(path):] = 0
             vector = embeddings[items[0]][None]  # (1, D)
             nodes.extend(TreeNode(path + (0,) * d, zero, vector) for d in range(depth - len(path)))
     if (codes < 0).any():
@@ -179,7 +177,7 @@ def _flatten(nodes: list[TreeNode], codes: np.ndarray) -> FlatTree:
     child_offset = np.zeros(n_nodes, dtype=np.int64)
     n_children = np.zeros(n_nodes, dtype=np.int64)
     child_offset[parents], n_children[parents] = offsets, counts
-    tokens = np.concatenate([node.codes for node in nodes], dtype=np.int64)
-    centroids = np.concatenate([node.centroids for node in nodes], dtype=np.float32)  # (R, D), one copy
+    tokens = np.concatenate([node.codes for node in nodes]).astype(np.int64)
+    centroids = np.concatenate([node.centroids for node in nodes]).astype(np.float32)  # (R, D)
     parent = np.repeat(np.asarray(parents, dtype=np.int64), counts)
     return FlatTree(centroids, tokens, parent, child_offset, n_children, codes)
