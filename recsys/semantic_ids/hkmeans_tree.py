@@ -141,43 +141,34 @@ def assemble_tree(root: NodeSplit, results: list[SubtreeResult], embeddings: np.
         leaves.extend(result.leaves)
     depth = max_levels or max(len(path) for path, _ in leaves)
     codes = np.full((len(embeddings), depth), -1, dtype=np.int64)
-    zero = np.zeros(1, np.int64)
     for path, items in leaves:
-        codes[items, :len(path)] = path
-        if len(path) < depth:  # only single items stop early: pad with code 0 and chain their vector
-            codes[items, len(path):] = 0
-            vector = embeddings[items[0]][None]  # (1, D)
-            nodes.extend(TreeNode(path + (0,) * d, zero, vector) for d in range(depth - len(path)))
+        codes[items] = list(path) + [0] * (depth - len(path))
+        for d in range(len(path), depth):
+            nodes.append(TreeNode(path + (0,) * (d - len(path)), np.zeros(1, np.int64), embeddings[items[:1]]))
     if (codes < 0).any():
         missing = np.flatnonzero((codes < 0).any(axis=1))
         raise ValueError(f"{len(missing)} item(s) reached no leaf (missing subtree results?), "
                          f"rows {missing[:10].tolist()}")
-    nodes.sort(key=lambda node: (len(node.path), node.path))
-    return _flatten(nodes, codes)
+    return _flatten(sorted(nodes, key=lambda node: (len(node.path), node.path)), codes)
 
 
 def _flatten(nodes: list[TreeNode], codes: np.ndarray) -> FlatTree:
-    """Nodes sorted by (depth, path) -> flat table; parents precede their children. A node's
-    children take consecutive rows, so a child's row is its parent's offset plus its rank."""
-    first_row: dict[Path_, tuple[int, np.ndarray]] = {}  # split node path -> (first child row, codes)
-    offsets, counts, parents = [], [], []
-    rows = 0
+    """Nodes sorted by (depth, path) -> flat table; parents precede their children."""
+    node_id = {(): 0}
+    centroids, tokens, parent = [], [], []
+    offsets, counts = {}, {}
     for node in nodes:
-        if node.path:
-            start, siblings = first_row[node.path[:-1]]
-            me = start + int(np.searchsorted(siblings, node.path[-1])) + 1
-        else:
-            me = 0
-        first_row[node.path] = (rows, node.codes)
-        offsets.append(rows)
-        counts.append(len(node.codes))
-        parents.append(me)
-        rows += len(node.codes)
-    n_nodes = rows + 1
+        me = node_id[node.path]
+        offsets[me], counts[me] = len(tokens), len(node.codes)
+        for code, centroid in zip(node.codes.tolist(), node.centroids):
+            node_id[node.path + (code,)] = len(tokens) + 1
+            tokens.append(code)
+            parent.append(me)
+            centroids.append(centroid)
+    n_nodes = len(tokens) + 1
     child_offset = np.zeros(n_nodes, dtype=np.int64)
     n_children = np.zeros(n_nodes, dtype=np.int64)
-    child_offset[parents], n_children[parents] = offsets, counts
-    tokens = np.concatenate([node.codes for node in nodes]).astype(np.int64)
-    centroids = np.concatenate([node.centroids for node in nodes]).astype(np.float32)  # (R, D)
-    parent = np.repeat(np.asarray(parents, dtype=np.int64), counts)
-    return FlatTree(centroids, tokens, parent, child_offset, n_children, codes)
+    for me, offset in offsets.items():
+        child_offset[me], n_children[me] = offset, counts[me]
+    return FlatTree(np.stack(centroids).astype(np.float32), np.asarray(tokens, dtype=np.int64),
+                    np.asarray(parent, dtype=np.int64), child_offset, n_children, codes)
