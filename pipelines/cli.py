@@ -14,7 +14,7 @@
     recsys demo      [CONFIG] --baseline BASELINE_CONFIG [key=value ...] [baseline.key=value ...]
     recsys tune      SWEEP_CONFIG [key=value ...] [--embed EMBED_RUN] [--data DATA_RUN]
     recsys tune      --resume SWEEP_RUN
-    recsys serve     TRAIN_RUN [--host 127.0.0.1] [--port 8000] [--replicas N] [--api-key-env VAR] [--ann]
+    recsys serve     RUN [--host 127.0.0.1] [--port 8000] [--replicas N] [--api-key-env VAR] [--ann] [--top-n N]
                      [--store STORE [--create-store]]
 
 CONFIG is a YAML file; without one the embedded defaults run (the synthetic dataset, offline).
@@ -238,7 +238,8 @@ def cmd_serve(ns: argparse.Namespace) -> None:
         raise ValueError("--create-store needs --store PATH: the file of the new store")
     store = None if ns.store is None else {"kind": "sqlite", "path": str(ns.store), "create": ns.create_store}
     app = prepare({"run_dir": str(ns.train_run), "num_replicas": ns.replicas, "max_batch_size": ns.max_batch_size,
-                   "api_key_env": ns.api_key_env, "retrieval": "ann" if ns.ann else "model", "store": store},
+                   "api_key_env": ns.api_key_env, "retrieval": "ann" if ns.ann else "model", "store": store,
+                   "ranker_dir": None if ns.ranker is None else str(ns.ranker), "cascade_top_n": ns.top_n},
                   host=ns.host)
     key = f" -H \"X-API-Key: ${ns.api_key_env}\"" if ns.api_key_env else ""
 
@@ -308,8 +309,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a complete retriever train run, trained with trainer.data.ranker_holdout=true")
     rk.add_argument("--top-n", type=int, default=100, help="candidates per user (default 100)")
     rk.set_defaults(func=cmd_rank)
-    sv = verbs.add_parser("serve", help="serve a train run over HTTP (Ray Serve) until Ctrl-C")
-    sv.add_argument("train_run", type=Path, help="a train run directory (or a pipeline run)")
+    sv = verbs.add_parser("serve", help="serve a retriever, or a retriever -> ranker cascade, over HTTP (Ray Serve) "
+                          "until Ctrl-C")
+    sv.add_argument("train_run", type=Path, help="a retriever's train run (or a pipeline run), or a `recsys rank` run: "
+                    "its retriever's top-N re-ranked by its ranker")
+    sv.add_argument("--ranker", type=Path, help="a ranker's train run: serve the cascade of the retriever given as "
+                    "RUN and this ranker (trained on the retriever's candidates)")
+    sv.add_argument("--top-n", type=int, help="cascade: the retriever's top items the ranker re-ranks (default: the "
+                    "rank run's N, else 100)")
     sv.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--replicas", type=int, default=1, help="model replicas (default 1)")

@@ -27,6 +27,16 @@ different history than the client meant (a mistyped id). A new user either sends
 or records events first. ``user_id`` is the dataset's user id; the model's ``user`` index (TIGER's
 user token) is that user's row in the data run, derived from ``user_id`` when the user is in it.
 
+The cascade: given a ranker (a ``recsys rank`` run as ``run_dir``, or ``args.ranker_dir``), the
+replica re-ranks the retriever's top ``cascade_top_n`` (default the rank run's N, else 100) by the
+ranker, which reads the user's whole history (the stored events, then the request's items, at
+most ``ranker_max_history``), and returns the best k with each item's rank in the retriever's
+list. The ranker recomputes what it derives from the history (TWIN-V2's clusters, over its own
+item vectors, exactly as in training) for each request; the store's ``serve`` clusters are over
+content vectors and are not read. A cascade registers no new items: its ranker has no features
+for an item it never saw (422), and a store that already holds registrations fails the start.
+``exclude_history`` excludes the retriever's window of the history, as without a ranker.
+
 ``retrieval="ann"`` serves the ANN baseline instead (``recsys.ann``: a SASRec user embedding
 searched in a faiss index over its item embeddings) behind the same API; it cannot register items.
 """
@@ -54,12 +64,11 @@ from ray.serve.handle import DeploymentHandle
 from recsys.history.store import Event, EventError, ItemRecord, StoreConfig, open_store
 from recsys.models import get_spec
 from serve.http import error_body, error_responses, key_digest, make_api, reply
-from serve.run import open_run
-from serve.run import user_rows
+from serve.run import Cascade, open_run, open_serving, user_rows
 from serve.schemas import (EventsRequest, EventsResponse, ItemInfo, NewItem, RecommendRequest, RecommendResponse,
                            ServeArgs, UserHistory)
-from serve.state import (ItemIds, Query, Registration, RequestError, apply_registrations, check_history, check_k,
-                         check_required_inputs, check_times, join_history, run_queries, user_index)
+from serve.state import (ItemIds, Query, Registration, Request, RequestError, answer, apply_registrations,
+                         check_history, check_k, check_required_inputs, check_times, join_history, user_index)
 
 log = logging.getLogger("ray.serve")
 HEALTH_TIMEOUT_S = 2.0
@@ -69,9 +78,9 @@ HEALTH_TIMEOUT_S = 2.0
 class Registry:
     """The single writer: new items get their semantic ID and internal id here, in log order."""
 
-    def __init__(self, run_dir: str, store: dict | None = None):
+    def __init__(self, run_dir: str, store: dict | None = None, cascade: bool = False):
         run = open_run(run_dir)
-        self.run = run
+        self.run, self.cascade = run, cascade
         self.ids = ItemIds(run.items["raw_id"].astype(str).tolist())
         self.log: list[Registration] = []
         self.store = None if store is None else open_store(StoreConfig(**store), run.items["raw_id"].astype(str).tolist())
@@ -130,6 +139,10 @@ class Registry:
         from recsys.text import build_texts
         from recsys.text.encoder import encode
 
+        if self.cascade:
+            raise RequestError(422, "this application serves a cascade, whose ranker has no features for an item it "
+                               "was not trained on; register new items on an application that serves the retriever "
+                               "alone")
         if self.index is None:
             raise RequestError(422, f"this application serves a {self.run.exp.model_name} model, which cannot register "
                                "new items from their content alone (a generative retriever that registers them with "
@@ -236,12 +249,19 @@ class Retriever:
 
     def __init__(self, run_dir: str, registry: DeploymentHandle, max_k: int, max_history: int | None,
                  max_batch_size: int, batch_wait_timeout_s: float, torch_threads: int, retrieval: str = "model",
-                 ann_index: str = "HNSW32", ann_ef_search: int = 128, store: dict | None = None):
+                 ann_index: str = "HNSW32", ann_ef_search: int = 128, store: dict | None = None,
+                 cascade: dict | None = None):
         torch.set_num_threads(torch_threads)
         self.run, self.registry, self.max_k = open_run(run_dir), registry, max_k
         self.retrieval, self.ann = retrieval, (ann_index, ann_ef_search)
         self._load()
-        self.max_history = min(max_history or self.model.max_len, self.model.max_len)
+        # cascade: {ranker_dir, top_n, max_history}; the ranker reads up to max_history events
+        self.ranker, self.top_n, self.window = None, None, self.model.max_len
+        if cascade is not None:
+            self.ranker = Cascade(Path(cascade["ranker_dir"]), cascade["top_n"]).load_ranker(self.run)
+            self.top_n = min(cascade["top_n"], self.model.n_items)
+            self.window = max(cascade["max_history"], self.model.max_len)
+        self.max_history = min(max_history or self.window, self.window)
         self.uses_users = self.model.users_required
         self.user_rows = user_rows(self.run) if self.uses_users else {}
         # a reader of the store (WAL: it never blocks the Registry, the one writer)
@@ -278,26 +298,34 @@ class Retriever:
     async def recommend(self, request: dict) -> dict:
         await self._sync()
         timed = self.model.capabilities.reads_timestamps  # other models ignore the times
+        k = request["k"]
         try:
             check_history(request["history"], self.max_history)
-            check_k(request["k"], self.model.n_items, self.max_k)
+            check_k(k, self.model.n_items, self.max_k)
+            if self.ranker is not None and k > self.top_n:
+                raise RequestError(422, f"k={k} is more than the cascade re-ranks: the ranker orders the retriever's "
+                                   f"top {self.top_n} (cascade_top_n); allowed: 1 <= k <= {self.top_n}")
             raw, timestamps = request["history"], request.get("timestamps")
             if request.get("user_id") is not None:
                 raw, timestamps = self._with_stored(request["user_id"], raw, timestamps, timed)
+            long_history = None if self.ranker is None else self.ids.internal(raw)  # the ranker's whole window
+            raw = raw[-self.model.max_len:]  # the retriever's
+            timestamps = None if timestamps is None else timestamps[-self.model.max_len:]
             history = self.ids.internal(raw)
             user = user_index(request.get("user_id"), request.get("user"), self.user_rows)
             check_required_inputs(self.model, user, timestamps)
             now = check_times(len(history), timestamps, request.get("time"))
         except RequestError as err:
             return error_body(err.status, err.message)
-        query = Query(history, request["k"], request["exclude_history"], user if self.uses_users else None,
-                      timestamps if timed else None, now if timed else None)
-        items, scores = await self._batched(query)
+        query = Query(history, k if self.ranker is None else self.top_n, request["exclude_history"],
+                      user if self.uses_users else None, timestamps if timed else None, now if timed else None)
+        items, scores, ranks = await self._batched(Request(query, k, long_history))
         spaces = self.model.capabilities.id_spaces
         codes = {space: self.model.item_ids(space, torch.tensor(items)).tolist() for space in spaces}
         return {"items": [{"id": self.ids.raw(i), "internal_id": i, "score": s,
                            "semantic_id": codes["semantic"][row] if "semantic" in codes else None,
-                           "ids": {space: codes[space][row] for space in spaces if min(codes[space][row]) >= 0}}
+                           "ids": {space: codes[space][row] for space in spaces if min(codes[space][row]) >= 0},
+                           "retriever_rank": None if ranks is None else ranks[row]}
                           for row, (i, s) in enumerate(zip(items, scores))],
                 "catalogue_size": self.model.n_items, "index_version": self.version,
                 "replica": serve.get_replica_context().replica_id.unique_id}
@@ -314,11 +342,11 @@ class Retriever:
             raise RequestError(404, f"unknown user_id {user_id!r}: the store has no events for it; send the history "
                                "without user_id, or record the user's events first (POST /events)") from None
         return join_history([e.item for e in stored], [e.time for e in stored], history, timestamps,
-                            self.model.max_len, timed)
+                            self.window, timed)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def _batched(self, queries: list[Query]) -> list[tuple[list[int], list[float]]]:
-        return run_queries(self.model, queries)
+    async def _batched(self, requests: list[Request]) -> list[tuple[list[int], list[float], list[int] | None]]:
+        return answer(self.model, self.ranker, requests)
 
 
 def ingress_deployment(api: FastAPI, retries: int) -> serve.Deployment:
@@ -412,11 +440,13 @@ def build_app(args: dict) -> serve.Application:
         if not key:
             raise ValueError(f"api_key_env={cfg.api_key_env!r} but that environment variable is unset or empty")
         key_hash = key_digest(key)  # only the hash reaches the replicas
-    run = open_run(cfg.run_dir)  # fail here, with a clear message, rather than in every replica
+    # fail here, with a clear message, rather than in every replica
+    run, cascade = open_serving(cfg.run_dir, cfg.ranker_dir, cfg.cascade_top_n)
     role = get_spec(run.exp.model_name).model_cls.role
     if role != "retriever":
         raise ValueError(f"{run.run_dir} holds a {role} ({run.exp.model_name}); this application serves a "
-                         "retriever, which recommends from the whole catalogue")
+                         "retriever, which recommends from the whole catalogue, optionally re-ranked by a ranker: "
+                         "give the retriever's run with ranker_dir, or the `recsys rank` run")
     if cfg.retrieval == "ann":
         from recsys.ann import AnnRetriever
 
@@ -425,15 +455,23 @@ def build_app(args: dict) -> serve.Application:
     if cfg.store is not None:  # opened (or created, if asked) here: a missing or corrupt store fails the start
         store_cfg = StoreConfig(**cfg.store)
         store_cfg.path = str(Path(store_cfg.path).resolve())
-        open_store(store_cfg, run.items["raw_id"].astype(str).tolist()).close()
+        opened = open_store(store_cfg, run.items["raw_id"].astype(str).tolist())
+        registered = len(opened.registered_items())
+        opened.close()
+        if cascade is not None and registered:
+            raise ValueError(f"store {store_cfg.path} holds {registered} registered item(s), which the cascade's ranker "
+                             f"({cascade.ranker_dir}) has no features for; serve it without the ranker, or give the "
+                             "cascade a store without registrations")
         store = {**store_cfg.__dict__, "create": False}
-    registry = Registry.bind(str(run.run_dir), store)
+    registry = Registry.bind(str(run.run_dir), store, cascade is not None)
+    cascade_args = None if cascade is None else {"ranker_dir": str(cascade.ranker_dir), "top_n": cascade.top_n,
+                                                 "max_history": cfg.ranker_max_history}
     scale = ({"autoscaling_config": cfg.autoscaling_config} if cfg.autoscaling_config is not None
              else {"num_replicas": cfg.num_replicas})
     retriever = Retriever.options(
         ray_actor_options={"num_cpus": cfg.replica_cpus},
         max_ongoing_requests=max(32, 2 * cfg.max_batch_size), **scale,
     ).bind(str(run.run_dir), registry, cfg.max_k, cfg.max_history, cfg.max_batch_size, cfg.batch_wait_timeout_s,
-           cfg.torch_threads, cfg.retrieval, cfg.ann_index, cfg.ann_ef_search, store)
+           cfg.torch_threads, cfg.retrieval, cfg.ann_index, cfg.ann_ef_search, store, cascade_args)
     api = make_api(key_sha256=key_hash, max_body_bytes=cfg.max_body_bytes)
     return ingress_deployment(api, cfg.replica_failure_retries).bind(retriever, registry)

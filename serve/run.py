@@ -1,4 +1,5 @@
-"""What the server loads from ONE train run directory, without Ray.
+"""What the server loads from run directories, without Ray: one retriever train run, and for a
+cascade the ranker trained on its candidates.
 
 A train run's ``config.json`` names its data run (``data_dir``: the items table, i.e. the
 dataset's item ids and content fields) and, for a generative retriever, its ids run
@@ -16,8 +17,8 @@ import pandas as pd
 from recsys.data import InteractionData
 from recsys.data.schema import SEQUENCES_FILE
 from recsys.experiment import ExperimentConfig, experiment_dict_from_run, experiment_from_dict, ids_runs_of
-from recsys.models.base import SequenceModel
-from recsys.runs import CONFIG_FILE, read_json, require_complete
+from recsys.models.base import Ranker, SequenceModel
+from recsys.runs import COMPLETE_FILE, CONFIG_FILE, read_json, require_complete
 from recsys.training.checkpoint import load_model
 
 CHECKPOINT = Path("checkpoints") / "best"
@@ -66,3 +67,64 @@ def open_run(run_dir: str | Path) -> ServingRun:
     items = InteractionData.load(saved["data_dir"]).items.sort_values("item_id", ignore_index=True)
     ids_dirs = {space: Path(d) for space, d in ids_runs_of(saved).items()}
     return ServingRun(run_dir, exp, items, ids_dirs)
+
+
+@dataclass
+class Cascade:
+    """The ranking step of a served cascade: the ranker's train run and how many of the retriever's
+    top items it re-ranks (``top_n``)."""
+
+    ranker_dir: Path
+    top_n: int
+
+    def load_ranker(self, retriever: ServingRun) -> Ranker:
+        """The ranker, checked against the retriever's catalogue (a ranker trained on another
+        catalogue would score other items under the same ids)."""
+        model = load_model(self.ranker_dir / CHECKPOINT)
+        if not isinstance(model, Ranker):
+            raise ValueError(f"{self.ranker_dir} holds a {type(model).__name__}, not a ranker")
+        if model.n_items != len(retriever.items):
+            raise ValueError(f"the ranker {self.ranker_dir} was trained on a catalogue of {model.n_items} items but the "
+                             f"retriever {retriever.run_dir} on one of {len(retriever.items)}; train the ranker on "
+                             "this retriever's candidates (`recsys rank --retriever`)")
+        return model
+
+
+def ranker_catalogue_check(ranker_dir: Path, retriever: ServingRun) -> None:
+    """Both runs must read the same items table: the same dataset ids in the same internal order."""
+    saved = read_json(ranker_dir / CONFIG_FILE)
+    if "data_dir" not in saved:
+        raise ValueError(f"{ranker_dir / CONFIG_FILE} has no data_dir: not a ranker train run directory")
+    items = InteractionData.load(saved["data_dir"]).items.sort_values("item_id", ignore_index=True)
+    if items["raw_id"].astype(str).tolist() != retriever.items["raw_id"].astype(str).tolist():
+        raise ValueError(f"the ranker {ranker_dir} and the retriever {retriever.run_dir} were trained on different "
+                         f"catalogues ({saved['data_dir']} against the retriever's data run): their item ids differ")
+
+
+def open_serving(run_dir: str | Path, ranker_dir: str | Path | None = None,
+                 top_n: int | None = None) -> tuple[ServingRun, Cascade | None]:
+    """What a ``run_dir`` serves: a train run (a retriever alone, or with the ranker of
+    ``ranker_dir``), or a ``recsys rank`` run, which names its retriever, its ranker and the top-N
+    it was evaluated with. ``top_n`` overrides that N (default 100 with an explicit ranker)."""
+    run_dir = Path(run_dir).resolve()
+    marker = run_dir / COMPLETE_FILE
+    if not marker.is_file() or read_json(marker).get("stage") != "rank":
+        retriever_dir, rank_n = run_dir, None
+    else:  # a `recsys rank` run
+        saved = read_json(run_dir / CONFIG_FILE)
+        if ranker_dir is not None:
+            raise ValueError(f"{run_dir} is a rank run, which names its ranker ({saved['train_dir']}); give either the "
+                             "rank run or a retriever run with ranker_dir, not both")
+        retriever_dir, ranker_dir, rank_n = Path(saved["retriever_dir"]), Path(saved["train_dir"]), saved["top_n"]
+    retriever = open_run(retriever_dir)
+    if ranker_dir is None:
+        if top_n is not None:
+            raise ValueError(f"cascade_top_n={top_n} but there is no ranker: give a rank run or ranker_dir")
+        return retriever, None
+    ranker_dir = require_complete(ranker_dir, "train")
+    if not (ranker_dir / CHECKPOINT).is_dir():
+        raise FileNotFoundError(f"{ranker_dir / CHECKPOINT} is missing; train the ranker to completion first")
+    ranker_catalogue_check(ranker_dir, retriever)
+    cascade = Cascade(ranker_dir, top_n or rank_n or 100)
+    cascade.load_ranker(retriever)  # fails here, once, rather than in every replica
+    return retriever, cascade

@@ -43,11 +43,13 @@ class ErrorBody(BaseModel):
 class RecommendedItem(BaseModel):
     id: str
     internal_id: int
-    score: float
+    score: float = Field(description="higher first: the retriever's score, or in a cascade the ranker's logit")
     semantic_id: list[int] | None = Field(description="the item's semantic ID; null for atomic-id models")
     ids: dict[str, list[int]] = Field(default_factory=dict,
                                       description="the item's codes in each ID space the model declares "
                                                   "(e.g. semantic, behavior); empty for atomic-id models")
+    retriever_rank: int | None = Field(None, description="cascade: the item's 0-based rank in the retriever's list "
+                                       "before the ranker re-ranked it; null without a ranker")
 
 
 class RecommendResponse(BaseModel):
@@ -141,6 +143,13 @@ class ServeArgs(BaseModel):
                                "registers no items and records no events (it could not keep them)")
     replica_failure_retries: int = Field(2, ge=0, le=10, description="times a /recommend is retried on another "
                                          "replica when its replica dies mid-request")
+    ranker_dir: str | None = Field(None, description="a ranker's train run (e.g. twin_v2, trained by `recsys rank` on "
+                                   "this retriever's candidates): /recommend then re-ranks the retriever's top "
+                                   "cascade_top_n by it. A `recsys rank` run given as run_dir names its ranker itself")
+    cascade_top_n: int | None = Field(None, ge=1, le=10000, description="cascade: the retriever's top items the ranker "
+                                      "re-ranks (default: the rank run's top-N, else 100); k <= cascade_top_n")
+    ranker_max_history: int = Field(5000, ge=1, le=10**6, description="cascade: the ranker reads at most the user's "
+                                    "last this many events (stored, then the request's)")
 
     @model_validator(mode="after")
     def _check(self) -> "ServeArgs":

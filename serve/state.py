@@ -15,7 +15,8 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from recsys.models.base import Batch, Retriever
+from recsys.cascade import rerank
+from recsys.models.base import Batch, Ranker, Retriever
 
 
 class RequestError(ValueError):
@@ -164,9 +165,9 @@ def user_index(user_id: str | None, user: int | None, rows: dict[str, int]) -> i
 
 def join_history(stored: Sequence[str], stored_times: Sequence[int | None], history: Sequence[str],
                  timestamps: Sequence[int] | None, max_len: int, timed: bool) -> tuple[list[str], list[int] | None]:
-    """A user's stored events, then the request's items, truncated to the model's last ``max_len``.
-    For a model that reads times (``timed``) the stored events need times, and the request's
-    ``timestamps`` must be given and follow them."""
+    """A user's stored events, then the request's items, truncated to the last ``max_len`` (the
+    retriever's window, or the ranker's longer one). For a model that reads times (``timed``) the
+    stored events need times, and the request's ``timestamps`` must be given and follow them."""
     items = [*stored, *history][-max_len:]
     if not timed:
         return items, None
@@ -231,3 +232,26 @@ def run_queries(model: Retriever, queries: Sequence[Query]) -> list[tuple[list[i
         for row, (i, q) in enumerate(zip(rows, group)):
             out[i] = (rec.items[row, : q.k].tolist(), rec.scores[row, : q.k].tolist())
     return out  # type: ignore[return-value]
+
+
+class Request(NamedTuple):
+    """A checked request: what the retriever answers (``query``; its k is the cascade's top-N when
+    a ranker re-ranks), the k the client asked for, and in a cascade the whole history the ranker
+    reads (internal ids, oldest first; else None)."""
+
+    query: Query
+    k: int
+    long_history: list[int] | None = None
+
+
+def answer(model: Retriever, ranker: Ranker | None, requests: Sequence[Request],
+           ) -> list[tuple[list[int], list[float], list[int] | None]]:
+    """Per request: items best first, their scores (the ranker's in a cascade) and, in a cascade,
+    each item's rank in the retriever's list (else None). One retriever call per group of
+    compatible queries (``run_queries``), then one ranker call for the batch."""
+    found = run_queries(model, [r.query for r in requests])
+    if ranker is None:
+        return [(items, scores, None) for items, scores in found]
+    reranked = rerank(ranker, [r.long_history for r in requests], [f[0] for f in found], [f[1] for f in found],
+                      [r.k for r in requests])
+    return [(a.items, a.scores, a.retriever_ranks) for a in reranked]

@@ -574,6 +574,110 @@ def test_ann_baseline_app_answers_with_sasrec_and_faiss(serve_urls, runs, raw_id
     assert r.status_code == 422 and "'NOPE'" in r.json()["error"]
 
 
+@pytest.fixture(scope="module")
+def cascade_runs(runs, tmp_path_factory) -> dict[str, Path]:
+    """A cascade on the TIGER pipeline's data: a SASRec trained with the ranker's transition held
+    out, TWIN-V2 trained on its top 20 by `recsys rank`, and a store of its own."""
+    root = tmp_path_factory.mktemp("cascade")
+    data_dir = read_json(runs["tiger"] / "config.json")["data_dir"]
+    assert main(["train", f"run.root={root}", "model.name=sasrec", "model.d_model=16", "model.n_layers=1",
+                 "model.d_ff=32", "trainer.optim.epochs=1", "trainer.optim.batch_size=128",
+                 "trainer.resources.use_ray=false", "trainer.data.ranker_holdout=true", "--data", data_dir]) == 0
+    (retriever,) = (root / "train").iterdir()
+    assert main(["rank", f"run.root={root}", "trainer.resources.use_ray=false", "model.name=twin_v2",
+                 f"model.gamma={GAMMA}", "model.d_model=16", "model.random_negatives=5", "trainer.optim.epochs=2",
+                 "trainer.optim.batch_size=64", "trainer.selection.patience=0", "--top-n", "20",
+                 "--retriever", str(retriever)]) == 0
+    (rank,) = (root / "rank").iterdir()
+    store = root / "state.sqlite"
+    assert main(["history", f"run.root={root / 'runs'}", f"history.gamma={GAMMA}", "history.use_ray=false",
+                 f"store.path={store}", "--data", str(runs["data"]), "--embed", str(runs["embed"])]) == 0
+    return {"retriever": retriever, "rank": rank, "ranker": Path(read_json(rank / "config.json")["train_dir"]),
+            "store": store}
+
+
+def test_a_cascade_reranks_the_retrievers_top_n_over_the_users_whole_history(serve_urls, cascade_runs, raw_ids,
+                                                                             sequences):
+    from recsys.cascade import rerank
+    from recsys.training.checkpoint import load_model
+    from serve.app import build_app
+
+    retriever = load_model(cascade_runs["retriever"] / "checkpoints" / "best")
+    ranker = load_model(cascade_runs["ranker"] / "checkpoints" / "best")
+
+    def expected(whole: list[int], k: int):
+        top = retriever.recommend(Batch(history=torch.tensor([whole[-retriever.max_len:]])), 20)
+        return rerank(ranker, [whole], [top.items[0].tolist()], [top.scores[0].tolist()], [k])[0]
+
+    # The session's Ray has 2 CPUs, which the TIGER and ANN apps hold; the ANN app's tests are done.
+    serve.delete("ann")
+    app = build_app({"run_dir": str(cascade_runs["rank"]), "num_replicas": 1, "replica_cpus": 0.25,
+                     "store": {"path": str(cascade_runs["store"])}})
+    serve.run(app, name="cascade", route_prefix="/cascade", blocking=False)
+    url = f"{serve_urls['tiger']}/cascade"
+    wait_ready(url)
+    try:
+        r = post(url, "/recommend", {"history": [raw_ids[i] for i in (3, 7, 9)], "k": 5}, key=None)
+        assert r.status_code == 200, r.text
+        want = expected([3, 7, 9], 5)
+        items = r.json()["items"]
+        assert [it["internal_id"] for it in items] == want.items
+        assert [it["retriever_rank"] for it in items] == want.retriever_ranks
+        assert [it["score"] for it in items] == pytest.approx(want.scores, abs=1e-4)
+        # a stored user: the ranker reads the whole stored history and the request's item, the
+        # retriever its last max_len of them
+        user, seq = max(sequences.items(), key=lambda kv: len(kv[1]))
+        assert len(seq) + 1 > retriever.max_len
+        r = post(url, "/recommend", {"history": [raw_ids[1]], "user_id": user, "k": 20}, key=None)
+        assert [it["internal_id"] for it in r.json()["items"]] == expected(seq + [1], 20).items
+        # an event recorded through the cascade reaches the ranker's history at once
+        r = post(url, "/events", {"user_id": user, "events": [{"event_id": "cascade-1", "item": raw_ids[4]}]}, key=None)
+        assert r.status_code == 200 and r.json()["history_length"] == len(seq) + 1, r.text
+        r = post(url, "/recommend", {"history": [raw_ids[1]], "user_id": user, "k": 20}, key=None)
+        assert [it["internal_id"] for it in r.json()["items"]] == expected(seq + [4, 1], 20).items
+        # what a cascade refuses
+        r = post(url, "/recommend", {"history": [raw_ids[3]], "k": 21}, key=None)
+        assert r.status_code == 422 and "cascade_top_n" in r.json()["error"], r.text
+        r = post(url, "/items", {"fields": {"title": "x"}}, key=None)
+        assert r.status_code == 422 and "serves a cascade" in r.json()["error"]
+    finally:
+        serve.delete("cascade")
+
+
+def test_a_cascade_that_cannot_work_fails_the_start(cascade_runs, tmp_path):
+    import shutil
+
+    from serve.app import build_app
+
+    with pytest.raises(ValueError, match="is a rank run, which names its ranker"):
+        build_app({"run_dir": str(cascade_runs["rank"]), "ranker_dir": str(cascade_runs["ranker"])})
+    with pytest.raises(ValueError, match="cascade_top_n=5 but there is no ranker"):
+        build_app({"run_dir": str(cascade_runs["retriever"]), "cascade_top_n": 5})
+    with pytest.raises(ValueError, match="holds a ranker .twin_v2.; this application serves a retriever"):
+        build_app({"run_dir": str(cascade_runs["ranker"])})
+    # a store that holds a registered item: no ranker knows it
+    from recsys.history.store import ItemRecord, StoreConfig, open_store
+
+    registered = tmp_path / "registered.sqlite"
+    shutil.copy(cascade_runs["store"], registered)
+    store = open_store(StoreConfig(path=str(registered)))
+    store.register_item(ItemRecord(N_ITEMS + 1, "REGISTERED-1", semantic_id=(0, 0), fields={"title": "x"}))
+    store.close()
+    with pytest.raises(ValueError, match=r"holds 1 registered item\(s\), which the cascade's ranker"):
+        build_app({"run_dir": str(cascade_runs["rank"]), "store": {"path": str(registered)}})
+    # a ranker trained on another catalogue
+    assert main(["data", f"run.root={tmp_path}", "data.synthetic.n_users=50", "data.synthetic.n_items=30"]) == 0
+    (other,) = (tmp_path / "data").iterdir()
+    moved = tmp_path / "ranker"
+    shutil.copytree(cascade_runs["ranker"], moved)
+    config = read_json(moved / "config.json")
+    (moved / "config.json").write_text(json.dumps({**config, "data_dir": str(other)}))
+    with pytest.raises(ValueError, match="were trained on different catalogues"):
+        build_app({"run_dir": str(cascade_runs["retriever"]), "ranker_dir": str(moved)})
+    assert isinstance(build_app({"run_dir": str(cascade_runs["retriever"]), "ranker_dir": str(cascade_runs["ranker"]),
+                                 "cascade_top_n": 10}), serve.Application)
+
+
 def test_sigkill_of_the_store_writer_during_a_stream_of_events_loses_and_duplicates_nothing(server, raw_ids):
     """A client streams POST /events, one event per call, retrying each (same event id) until it is
     acknowledged. The Registry replica, the one process that owns the store, is killed with SIGKILL
