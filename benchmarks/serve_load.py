@@ -149,6 +149,33 @@ def wait_healthy(url: str, timeout_s: float = 300) -> None:
     raise TimeoutError(f"{url}/healthz did not answer 200 in {timeout_s} s")
 
 
+def start_serve(port: int) -> str:
+    """Ray (``init_ray``) and Serve's HTTP proxy on 127.0.0.1:``port``; returns the base URL."""
+    from ray import serve
+
+    from pipelines.ray_env import init_ray
+
+    init_ray()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return f"http://127.0.0.1:{port}"
+
+
+def load_systems(systems: dict[str, tuple[dict, list[list[str]]]], url: str, ns: argparse.Namespace) -> dict:
+    """Each system (its ``ServeArgs`` and its request histories) deployed alone at ``url``, loaded
+    at every concurrency level (``load_levels``), then deleted; results by system."""
+    from ray import serve
+
+    results = {}
+    for name, (args, histories) in systems.items():
+        t = time.perf_counter()
+        deploy(name, args)
+        wait_healthy(url)
+        print(f"{name}: deployed in {time.perf_counter() - t:.1f} s", flush=True)
+        results[name] = load_levels(name, url, histories, ns)
+        serve.delete(name)
+    return results
+
+
 def load_levels(name: str, url: str, histories: list[list[str]], ns: argparse.Namespace) -> dict:
     asyncio.run(drive(url, histories, ns.k, 8, ns.warmup))  # warm-up: first calls, batching, caches
     results = {}
@@ -286,7 +313,6 @@ def parse(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> dict:
     from ray import serve
 
-    from pipelines.ray_env import init_ray
     from serve.run import open_run
 
     ns = parse(argv)
@@ -306,17 +332,9 @@ def main(argv: list[str]) -> dict:
     if sasrec is not None:
         results["ann_recall_at_k"] = ann_recall(sasrec, histories, ns.k, ns.ann_index)
         print(f"ANN index {ns.ann_index}: recall@{ns.k} of the exact ranking {results['ann_recall_at_k']}")
-    init_ray()
-    serve.start(http_options={"host": "127.0.0.1", "port": ns.port})
-    url = f"http://127.0.0.1:{ns.port}"
+    url = start_serve(ns.port)
     start = time.perf_counter()
-    for name, args in systems.items():
-        t = time.perf_counter()
-        deploy(name, args)
-        wait_healthy(url)
-        print(f"{name}: deployed in {time.perf_counter() - t:.1f} s", flush=True)
-        results[name] = load_levels(name, url, histories, ns)
-        serve.delete(name)
+    results.update(load_systems({name: (args, histories) for name, args in systems.items()}, url, ns))
     for retries in ns.fault_retries:
         deploy("tiger", {**systems["tiger"], "replica_failure_retries": retries})
         wait_healthy(url)
