@@ -353,3 +353,23 @@ def test_a_layer_materialises_only_the_attention_tensors_its_backward_needs():
     buckets = block.rab.buckets(ts, ts + 10)
     x, mask = torch.randn(B, T, 8), causal_mask(torch.ones(B, T, dtype=torch.bool))
     assert square_tensors_made(lambda: block(x, mask, float(T), buckets), T) == ["index", "bmm", "silu"]
+
+
+def test_separate_output_embeddings_score_and_train_with_their_own_table(tmp_path):
+    from recsys.training.checkpoint import load_model, save_checkpoint
+
+    shared, separate = model(time_bias="on"), model(time_bias="on", output_embeddings="separate")
+    assert shared.out_emb is None and shared.output_table is shared.item_emb
+    b = batch()
+    user, items = separate.user_embedding(b), separate.item_embeddings()
+    torch.testing.assert_close(items, F.normalize(separate.out_emb.weight[1:], dim=-1))
+    torch.testing.assert_close(separate.score_items(b)[:, 1:], user @ items.T)  # the ANN contract holds
+    separate.train()
+    separate.loss(b).total.backward()
+    assert separate.out_emb.weight.grad.abs().sum() > 0 and separate.item_emb.weight.grad.abs().sum() > 0
+    save_checkpoint(tmp_path / "ckpt", separate.eval(), "hstu")
+    loaded = load_model(tmp_path / "ckpt").eval()
+    assert loaded.config.output_embeddings == "separate"
+    torch.testing.assert_close(loaded.score_items(b), separate.score_items(b))
+    with pytest.raises(ValueError, match=r"model.output_embeddings='tied' is not allowed"):
+        HSTUConfig(output_embeddings="tied")

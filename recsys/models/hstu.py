@@ -48,6 +48,7 @@ TIME_BIAS = ("auto", "on", "off")
 # The time each position's query stands for: the next event's (the official code; at the last
 # position the target's, Batch.target_time) or the position's own event's (reads nothing later).
 QUERY_TIME = ("next_event", "last_event")
+OUTPUT_EMBEDDINGS = ("shared", "separate")
 EPS = 1e-6  # the official LayerNorm epsilon
 
 
@@ -72,6 +73,9 @@ class HSTUConfig:
     time_buckets: int = 128  # buckets of ln|Δt| / 0.301
     query_time: str = "next_event"  # next_event: ts[i + 1], the target's time last; last_event: ts[i]
     position_bias: bool = True  # the rab term per j - i; false with time_bias off = no rab
+    # shared: one item table reads the history and scores the next item (the official code);
+    # separate: a second table scores, so "bought" and "bought next" need not be the same direction
+    output_embeddings: str = "shared"
 
     def __post_init__(self):
         require_range("model.d_model", self.d_model, 1, 4096)
@@ -91,6 +95,7 @@ class HSTUConfig:
         require_choice("model.query_time", self.query_time, QUERY_TIME)
         require(isinstance(self.position_bias, bool),
                 f"model.position_bias must be true or false, got {self.position_bias!r}")
+        require_choice("model.output_embeddings", self.output_embeddings, OUTPUT_EMBEDDINGS)
 
 
 class HSTUBlock(nn.Module):
@@ -145,10 +150,14 @@ class HSTU(AtomicIdModel):
                                               config.position_bias) for _ in range(config.n_layers))
         self.loss_fn = (SampledSoftmaxLoss(config.n_negatives, config.temperature) if config.loss == "sampled_softmax"
                         else FullSoftmaxLoss(config.temperature))
-        nn.init.trunc_normal_(self.item_emb.weight, std=0.02)  # as the official embedding module
+        # output_embeddings=separate: a table of its own scores items (else the input table does)
+        self.out_emb = nn.Embedding(n_items + 1, d, padding_idx=0) if config.output_embeddings == "separate" else None
+        for table in (self.item_emb, self.out_emb):
+            if table is not None:
+                nn.init.trunc_normal_(table.weight, std=0.02)  # as the official embedding module
+                with torch.no_grad():
+                    table.weight[0].zero_()
         nn.init.trunc_normal_(self.pos_emb.weight, std=d**-0.5)
-        with torch.no_grad():
-            self.item_emb.weight[0].zero_()
         self._warned_no_times = False
 
     def time_buckets(self, batch: Batch) -> torch.Tensor | None:
@@ -194,6 +203,11 @@ class HSTU(AtomicIdModel):
             x = block(x, mask, float(self.max_len), buckets)
         return x
 
+    @property
+    def output_table(self) -> nn.Embedding:
+        """The table whose rows score items (``model.output_embeddings``)."""
+        return self.item_emb if self.out_emb is None else self.out_emb
+
     def user_embedding(self, batch: Batch) -> torch.Tensor:
         """-> (B, D): the newest position's state, L2-normalised. Scores are its inner products with
         ``item_embeddings()``, so a maximum-inner-product index ranks the same."""
@@ -201,13 +215,13 @@ class HSTU(AtomicIdModel):
 
     def item_embeddings(self) -> torch.Tensor:
         """(N, D): L2-normalised; row i - 1 is item i (the padding row 0 is left out)."""
-        return F.normalize(self.item_emb.weight[1:], dim=-1)
+        return F.normalize(self.output_table.weight[1:], dim=-1)
 
     def score_items(self, batch: Batch) -> torch.Tensor:
-        return self.user_embedding(batch) @ F.normalize(self.item_emb.weight, dim=-1).T  # (B, N + 1); column 0 is 0
+        return self.user_embedding(batch) @ F.normalize(self.output_table.weight, dim=-1).T  # (B, N + 1); column 0 is 0
 
     def loss(self, batch: Batch) -> LossOutput:
         """The configured loss at every position that has a target (autoregressive training)."""
         h = self.encode(batch)  # (B, T, D)
         keep = batch.targets > 0  # (B, T)
-        return self.loss_fn(h[keep], batch.targets[keep], self.item_emb)  # (P, D), (P,)
+        return self.loss_fn(h[keep], batch.targets[keep], self.output_table)  # (P, D), (P,)
