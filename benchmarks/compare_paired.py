@@ -4,8 +4,10 @@ each model against the first as the mean of the per-user differences with its st
     python benchmarks/compare_paired.py LABEL=SPEC LABEL=SPEC ... --data DATA_RUN [--split test] \
         [--history kept|excluded] [--name NAME] [--threads 2]
 
-SPEC is a checkpoint directory (``runs/train/<id>/checkpoints/best``) or ``counts``: the last-item
-transition counts fitted on the training prefixes (``benchmarks/split_baselines.py``). The first model
+SPEC is a checkpoint directory (``runs/train/<id>/checkpoints/best``), several separated by commas (the
+same config's training seeds: each user's figure is averaged over them, ``benchmarks.paired``), or
+``counts``: the last-item transition counts fitted on the training prefixes
+(``benchmarks/split_baselines.py``). The first model
 is the reference. A difference is a finding only when it is larger than its standard error
 (``std(d) / sqrt(users)``, d the per-user differences). With ``--name`` it writes
 ``benchmarks/results/<model>/<dataset>/paired-<NAME>-history-<kept|excluded>.json``, ``model`` being the
@@ -52,9 +54,20 @@ def parse_spec(text: str) -> tuple[str, str]:
     label, sep, spec = text.partition("=")
     if not sep or not label or not spec:
         raise ValueError(f"expected LABEL=SPEC (SPEC a checkpoint directory or 'counts'), got {text!r}")
-    if spec != "counts" and not (Path(spec) / "model.json").is_file():
-        raise ValueError(f"{label}: {spec} is not a checkpoint directory (no model.json) and not 'counts'")
+    for part in spec.split(","):
+        if part != "counts" and not (Path(part) / "model.json").is_file():
+            raise ValueError(f"{label}: {part} is not a checkpoint directory (no model.json) and not 'counts'")
     return label, spec
+
+
+def seed_rows(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-user values (seeds, U) of two models; a deterministic one (1 row) is repeated to pair
+    with each seed of the other."""
+    if len(a) == 1 and len(b) > 1:
+        a = np.repeat(a, len(b), axis=0)
+    elif len(b) == 1 and len(a) > 1:
+        b = np.repeat(b, len(a), axis=0)
+    return a, b
 
 
 def main(argv: list[str]) -> None:
@@ -78,16 +91,23 @@ def main(argv: list[str]) -> None:
     exclude = args.history == "excluded"
     split = leave_one_out(InteractionData.load(args.data), args.max_history)
     es = split.eval_set(args.split)
-    ranks: dict[str, np.ndarray] = {}
-    for label, spec in specs:
-        ranks[label] = (counts_ranks(split, es, exclude) if spec == "counts"
-                        else target_ranks_of(load_model(Path(spec)), es, exclude_history=exclude))
     names = metric_names()
-    means = {label: {n: round(float(v.mean()), 4) for n, v in per_user_metrics(r).items()} for label, r in ranks.items()}
+    per_user: dict[str, dict[str, np.ndarray]] = {}  # label -> metric -> (seeds, U)
+    for label, spec in specs:
+        runs = [counts_ranks(split, es, exclude) if part == "counts"
+                else target_ranks_of(load_model(Path(part)), es, exclude_history=exclude) for part in spec.split(",")]
+        metrics = [per_user_metrics(r) for r in runs]
+        per_user[label] = {n: np.stack([m[n] for m in metrics]) for n in names}
+    means = {label: {n: round(float(v.mean()), 4) for n, v in pu.items()} for label, pu in per_user.items()}
     reference = specs[0][0]
-    per_user = {label: per_user_metrics(r) for label, r in ranks.items()}
-    paired = {label: {n: {k: round(d[k], 5) for k in ("diff", "se", "z")}
-                      for n, d in paired_difference(per_user[reference], per_user[label]).items()}
+
+    def against_reference(label: str) -> dict:
+        pairs = {n: seed_rows(per_user[reference][n], per_user[label][n]) for n in names}
+        return paired_difference({n: a for n, (a, _) in pairs.items()}, {n: b for n, (_, b) in pairs.items()})
+
+    paired = {label: {n: {k: (round(d[k], 5) if k != "seed_differences" else [round(x, 5) for x in d[k]])
+                          for k in ("diff", "se", "z", "seed_differences")}
+                      for n, d in against_reference(label).items()}
               for label, _ in specs[1:]}
     print(f"{args.split}, history {args.history}, {len(es)} users; differences against {reference!r} "
           "(mean of per-user differences ± its standard error)\n")
@@ -99,6 +119,7 @@ def main(argv: list[str]) -> None:
         print(f"| {label} | " + " | ".join(cells) + " |")
     if args.name:
         last = specs[-1][1]
+        last = last.split(",")[0]
         model = "baselines" if last == "counts" else checkpoint_model(Path(last))
         path = write_record(
             f"paired-{args.name}-history-{args.history}", model=model, dataset=run_dataset(args.data),
@@ -107,6 +128,7 @@ def main(argv: list[str]) -> None:
             wall_s=time.perf_counter() - start, metrics={},
             protocol=protocol(exclude_history=exclude),
             extra={"users": len(es), "split": args.split, "reference": reference, "means": means,
+                   "seeds": {label: len(spec.split(",")) for label, spec in specs},
                    "paired_against_reference": paired})
         print(f"\nrecord: {path}")
 

@@ -357,3 +357,18 @@ def test_hstu_time_ablation_writes_both_protocols_per_variant_and_paired_differe
     assert kept["diff"] == pytest.approx(kept_b - kept_a, abs=1e-4) and kept["se"] > 0
     assert np.mean(kept["seed_differences"]) == pytest.approx(kept["diff"])
     assert excluded["se"] >= 0
+
+
+def test_a_deterministic_reference_pairs_with_every_seed_of_the_other_model():
+    from benchmarks.compare_paired import seed_rows
+    from benchmarks.paired import paired_difference
+
+    counts = np.array([[0.0, 1.0, 0.5, 0.0]])  # one row: no seeds
+    seeds = np.array([[1.0, 1.0, 0.0, 0.0], [0.0, 1.0, 1.0, 1.0]])
+    a, b = seed_rows(counts, seeds)
+    assert a.shape == b.shape == (2, 4) and (a == counts).all()
+    out = paired_difference({"m": a}, {"m": b})["m"]
+    d = seeds.mean(0) - counts[0]  # per user, averaged over the seeds
+    assert out["diff"] == pytest.approx(d.mean()) and out["se"] == pytest.approx(d.std(ddof=1) / 2)
+    assert out["seed_differences"] == pytest.approx([(seeds[0] - counts[0]).mean(), (seeds[1] - counts[0]).mean()])
+    assert [x.shape for x in seed_rows(seeds, counts)] == [(2, 4), (2, 4)]
