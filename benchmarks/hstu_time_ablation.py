@@ -4,7 +4,7 @@ position set to the target's time (``model.query_time=next_event``, the official
 last history event's time (``last_event``, which reads nothing about the target).
 
     python benchmarks/hstu_time_ablation.py [--seeds 0,1] [--threads 1] [--variants a,b] \
-        [CONFIG] [key=value ...]
+        [--dataset synthetic-time] [CONFIG] [key=value ...]
 
 CONFIG defaults to configs/synthetic-time-hstu.yaml. Each variant trains in-process once per
 seed (the data is the same for all: the generator's seed is the config's), is selected on
@@ -85,6 +85,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--seeds", default="0,1", help="training seeds, comma-separated (default 0,1)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {list(VARIANTS)}")
+    parser.add_argument("--dataset", default=DATASET, help="the records' dataset folder: benchmarks/results/hstu/"
+                        f"<DATASET>/ (default {DATASET}; e.g. synthetic-pace with data.synthetic.time_signal_kind=pace)")
     parser.add_argument("args", nargs="*", help="[CONFIG] key=value ...")
     ns = parser.parse_args(argv)
     seeds = [int(s) for s in ns.seeds.split(",") if s]
@@ -122,7 +124,7 @@ def main(argv: list[str]) -> None:
             per_seed = [{"seed": seed, "best_epoch": r["best_epoch"], "epochs": r["epochs"], "train_s": r["train_s"],
                          **{name: mean_figures(per_user_metrics(r["ranks"][name, kind])) for name in ("test", "valid")}}
                         for seed, r in zip(seeds, rs)]
-            path = write_record(f"{variant}-history-{kind}", model="hstu", dataset=DATASET, config=exp.to_dict(),
+            path = write_record(f"{variant}-history-{kind}", model="hstu", dataset=ns.dataset, config=exp.to_dict(),
                                 wall_s=wall_s, metrics=metrics, protocol=protocol(exclude_history=exclude),
                                 extra={"variant_overrides": VARIANTS[variant], "seeds": seeds, "per_seed": per_seed,
                                        "machine_note": note, "other_protocol": f"{variant}-history-{other}.json",
@@ -136,7 +138,7 @@ def main(argv: list[str]) -> None:
         for kind, diffs in by_protocol.items():
             d = diffs["ndcg@10"]
             print(f"{label:45s} history {kind:8s} ndcg@10 {d['diff']:+.4f} ± {d['se']:.4f} (z {d['z']:+.1f})")
-    path = write_record("ablation-paired", model="hstu", dataset=DATASET, config=base.to_dict(), wall_s=wall_s,
+    path = write_record("ablation-paired", model="hstu", dataset=ns.dataset, config=base.to_dict(), wall_s=wall_s,
                         metrics={"test_paired_differences": comparisons},
                         extra={"seeds": seeds, "users": int(len(split.test)), "variants": {v: VARIANTS[v] for v in runs},
                                "machine_note": note,

@@ -158,3 +158,29 @@ def test_time_signal_short_gaps_stay_in_the_topic_and_long_gaps_switch():
         for a, b, gap in zip(seq[:-1], seq[1:], np.diff(times)):
             rates.setdefault(gap < 15 * 86_400, []).append(topic[a] == topic[b])
     assert abs(np.mean(rates[True]) - np.mean(rates[False])) < 0.05
+
+
+def test_pace_signal_the_gap_before_the_last_event_predicts_the_next_move():
+    """time_signal_kind=pace: the gap *before* an event (known at query time without the target's
+    time) predicts whether the next item stays in the topic; the gap-kind data does not."""
+    def stay_after(kind: str) -> dict[bool, float]:
+        data = generate_synthetic(SyntheticConfig(n_users=400, n_items=200, time_signal=True,
+                                                  time_signal_kind=kind, seed=1))
+        topic = dict(zip(data.items["item_id"], (c[0] for c in data.items["categories"])))
+        rates: dict[bool, list] = {}
+        for seq, times in zip(data.item_sequences(), data.time_sequences()):
+            gaps = np.diff(times)
+            for i in range(1, len(seq) - 1):  # the gap before item i, then the move from i to i + 1
+                rates.setdefault(bool(gaps[i - 1] < 86_400), []).append(topic[seq[i]] == topic[seq[i + 1]])
+        return {short: float(np.mean(v)) for short, v in rates.items()}
+
+    pace, gap = stay_after("pace"), stay_after("gap")
+    assert pace[True] > 0.9 and pace[False] < 0.75, pace  # persistent modes: the last gap tells the next move
+    assert abs(gap[True] - gap[False]) < 0.05, gap  # gap kind: each gap tells only its own step
+    overall = generate_synthetic(SyntheticConfig(n_users=400, n_items=200, time_signal=True, time_signal_kind="pace",
+                                                 seed=1))
+    topic = dict(zip(overall.items["item_id"], (c[0] for c in overall.items["categories"])))
+    moves = [topic[a] == topic[b] for seq in overall.item_sequences() for a, b in zip(seq[:-1], seq[1:])]
+    assert 0.7 < np.mean(moves) < 0.9  # about stay_probability (0.8), as without time
+    with pytest.raises(ValueError, match="synthetic.time_signal_kind='rhythm' is not allowed"):
+        SyntheticConfig(time_signal_kind="rhythm")

@@ -23,6 +23,10 @@ class SyntheticConfig:
     # Opt-in: the gap before each event says whether the user stays in the topic (short gap) or
     # switches (long gap); see ``recsys.data.synthetic``. Off keeps the data exactly as before.
     time_signal: bool = False
+    # Which signal: "gap" (the gap before an event says that step's move: only the target's own
+    # time tells the next move) or "pace" (a user's persistent mode, focused or browsing, sets
+    # both the gaps and the moves: the gaps between past events predict the next move)
+    time_signal_kind: str = "gap"
 
     def __post_init__(self) -> None:
         require_range("synthetic.n_users", self.n_users, 10)
@@ -34,6 +38,7 @@ class SyntheticConfig:
         require_range("synthetic.stay_probability", self.stay_probability, 0.0, 1.0)
         require(isinstance(self.time_signal, bool),
                 f"synthetic.time_signal must be true or false, got {self.time_signal!r}")
+        require_choice("synthetic.time_signal_kind", self.time_signal_kind, ("gap", "pace"))
 
 
 @dataclass

@@ -15,6 +15,14 @@ another topic drawn from their preferences. The fraction of steps that stay is u
 time-blind model sees the same chain as before, while a model that reads the gap before the
 next event (``Batch.target_time - timestamps[:, -1]``) knows whether the next item stays in the
 topic. (The gaps between history events tell the model how this user's stays and switches look.)
+
+With ``time_signal_kind: pace`` the signal is one a model can use without the target's time: each
+user is in a mode, *focused* or *browsing*, that persists from one step to the next with
+probability 0.9. Focused steps come after a short gap and stay in the subtopic; browsing steps come
+after a long gap and switch to another preferred topic with probability 2 (1 - stay_probability)
+(else stay in the topic), so the share of steps that stay is still about ``stay_probability``. The
+gaps before the last history events give the current mode, hence how likely the next item stays;
+the items alone tell it only when the user just switched.
 """
 
 from __future__ import annotations
@@ -72,6 +80,7 @@ _NO_BRAND = 0.15  # share of items without a brand, as in real catalogues
 _MAX_TRIES = 8  # rejection-sampling attempts before falling back to the most popular unseen item
 _SHORT_GAP_S = (60, 86_400)  # time_signal: the gap before a step that stays in the topic
 _LONG_GAP_S = (7 * 86_400, 60 * 86_400)  # ... and before one that switches topic
+_PACE_PERSISTENCE = 0.9  # time_signal_kind pace: probability that the user's mode carries over a step
 
 
 @dataclass
@@ -195,23 +204,33 @@ def _preferences(n_users: int, n_topics: int, rng: np.random.Generator) -> list[
 
 
 def _sequence(length: int, prefs: list[float], catalog: _Catalog, stay: float, u: _Uniforms,
-              timed: bool = False) -> tuple[list[int], list[int]]:
+              timed: bool = False, pace: bool = False) -> tuple[list[int], list[int]]:
     """One user's items: a topic/subtopic Markov chain with Zipf popularity and no repeats.
 
     ``timed`` (the time signal) also draws the gap before each item (the first: the user's start
     offset): a short gap when the step stays in the topic, a long one when it switches to another
-    preferred topic. Without it the draws are exactly the original generator's, and no gaps."""
+    preferred topic. Without it the draws are exactly the original generator's, and no gaps.
+    ``pace`` (with ``timed``): the gap and the move follow the user's persistent mode instead (see
+    the module's docstring)."""
     seen: set[int] = set()
     items, gaps = [], []
     topic = sub = -1
+    focused = pace and u() < 0.5  # no draw without pace: the other data stay exactly as they were
     for _ in range(length):
-        stays = topic >= 0 and u() < stay
+        if pace:
+            focused = focused if u() < _PACE_PERSISTENCE else not focused
+            stays = topic >= 0 and (focused or u() >= 2 * (1 - stay))
+            short = focused
+        else:
+            stays = short = topic >= 0 and u() < stay
         if timed:
-            low, high = _SHORT_GAP_S if stays else _LONG_GAP_S
+            low, high = _SHORT_GAP_S if short else _LONG_GAP_S
             gaps.append(int(low * (high / low) ** u()))  # log-uniform in [low, high)
         if not stays:
             topic = _other_topic(prefs, topic, u) if timed else _draw(prefs, u())
             sub = catalog.topic_subs[topic][_draw(catalog.topic_sub_cdf[topic], u())]
+        elif pace and focused:
+            pass  # a focused step stays in the subtopic
         elif u() >= _SAME_SUBTOPIC:
             sub = catalog.topic_subs[topic][_draw(catalog.topic_sub_cdf[topic], u())]
         item = _unseen_item(sub, topic, catalog, seen, u)
@@ -263,7 +282,7 @@ def generate_synthetic(cfg: SyntheticConfig) -> InteractionData:
     sequences, timestamps = [], []
     for user in range(cfg.n_users):
         seq, gaps = _sequence(int(lengths[user]), prefs[user], catalog, cfg.stay_probability, uniforms,
-                              timed=cfg.time_signal)
+                              timed=cfg.time_signal, pace=cfg.time_signal_kind == "pace")
         if not cfg.time_signal:  # the original draws, in the original order: the data is exactly as before
             gaps = rng.integers(600, 30 * 86_400, size=len(seq))  # strictly positive: times increase
         sequences.append(np.asarray(seq, dtype=np.int64) + 1)  # item index -> 1-based item id
