@@ -183,15 +183,15 @@ def test_every_shipped_config_resolves_as_before(name):
             resolved = {"base": sweep.base_experiment().to_dict(), "sweep": sweep.to_dict()["sweep"]}
         else:
             resolved = load_experiment(CONFIGS / name).to_dict()
-    assert only_added_defaults(json.loads(json.dumps(resolved)), expected[name]) == expected[name]
+    model = (resolved["base"] if "base" in resolved else resolved)["model"]["name"]
+    defaults = load_experiment(None, [f"model.name={model}"]).to_dict()  # that model's own defaults
+    assert only_added_defaults(json.loads(json.dumps(resolved)), expected[name], defaults) == expected[name]
 
 
-def only_added_defaults(resolved: dict, expected: dict, where: str = "") -> dict:
-    """``resolved`` less the keys the pin predates, each of which must hold its field's default
-    (a key added later, such as data.synthetic.time_signal, must not change a shipped config)."""
-    from recsys.experiment import ExperimentConfig
-
-    defaults = ExperimentConfig().to_dict()
+def only_added_defaults(resolved: dict, expected: dict, defaults: dict, where: str = "") -> dict:
+    """``resolved`` less the keys the pin predates, each of which must hold its field's default in
+    ``defaults`` (an experiment with the same model): a key added later, such as
+    data.synthetic.time_signal or a model's new option, must not change a shipped config."""
     out = {}
     for key, value in resolved.items():
         path = f"{where}.{key}" if where else key
@@ -201,6 +201,6 @@ def only_added_defaults(resolved: dict, expected: dict, where: str = "") -> dict
                 default = default.get(part, {}) if isinstance(default, dict) else {}
             assert value == default, f"{path}={value!r} is new and not its default {default!r}"
             continue
-        out[key] = only_added_defaults(value, expected[key], path) \
+        out[key] = only_added_defaults(value, expected[key], defaults, path) \
             if isinstance(value, dict) and isinstance(expected[key], dict) else value
     return out

@@ -678,6 +678,45 @@ def test_a_cascade_that_cannot_work_fails_the_start(cascade_runs, tmp_path):
                                  "cascade_top_n": 10}), serve.Application)
 
 
+def test_a_time_aware_hstu_is_served_and_reads_the_requests_times(serve_urls, runs, raw_ids, tmp_path):
+    """HSTU with rab^{p,t} (time_bias=on) on the synthetic data's timestamps, over HTTP: the answer
+    is the model's own for the request's timestamps and query time, and the time changes it."""
+    from recsys.training.checkpoint import load_model
+    from serve.app import build_app
+
+    data_dir = read_json(runs["tiger"] / "config.json")["data_dir"]
+    assert main(["train", f"run.root={tmp_path}", "model.name=hstu", "model.d_model=16", "model.n_heads=1",
+                 "model.time_bias=on", "model.loss=ce", "model.dropout=0", "model.emb_dropout=0",
+                 "trainer.optim.epochs=1", "trainer.optim.batch_size=64", "trainer.resources.use_ray=false",
+                 "--data", data_dir]) == 0
+    (run,) = (tmp_path / "train").iterdir()
+    hstu = load_model(run / "checkpoints" / "best").eval()
+    # the cascade test freed the ANN app's CPUs; this app takes them
+    serve.run(build_app({"run_dir": str(run), "num_replicas": 1, "replica_cpus": 0.25}), name="hstu",
+              route_prefix="/hstu", blocking=False)
+    url = f"{serve_urls['tiger']}/hstu"
+    wait_ready(url)
+    try:
+        history, times = [3, 7, 9], [1_500_000_000, 1_500_000_600, 1_500_086_400]
+        answers = []
+        for when in (1_500_090_000, 1_520_000_000):
+            r = post(url, "/recommend", {"history": [raw_ids[i] for i in history], "timestamps": times, "time": when,
+                                         "k": 5}, key=None)
+            assert r.status_code == 200, r.text
+            expected = hstu.recommend(Batch(history=torch.tensor([history]), timestamps=torch.tensor([times]),
+                                            target_time=torch.tensor([when])), 5)
+            assert [it["internal_id"] for it in r.json()["items"]] == expected.items[0].tolist()
+            assert [it["score"] for it in r.json()["items"]] == pytest.approx(expected.scores[0].tolist(), abs=1e-4)
+            answers.append([it["score"] for it in r.json()["items"]])
+        assert answers[0] != pytest.approx(answers[1], abs=1e-6)  # the request's time is the query time
+        r = post(url, "/recommend", {"history": [raw_ids[3]], "k": 5}, key=None)
+        assert r.status_code == 422 and "give `timestamps`" in r.json()["error"]
+        r = post(url, "/recommend", {"history": [raw_ids[3], raw_ids[4]], "timestamps": [5, 4], "k": 5}, key=None)
+        assert r.status_code == 422 and "timestamps decrease at position 1" in r.json()["error"]
+    finally:
+        serve.delete("hstu")
+
+
 def test_sigkill_of_the_store_writer_during_a_stream_of_events_loses_and_duplicates_nothing(server, raw_ids):
     """A client streams POST /events, one event per call, retrying each (same event id) until it is
     acknowledged. The Registry replica, the one process that owns the store, is killed with SIGKILL
