@@ -7,7 +7,8 @@ Departures from the paper:
   cross-entropy over the whole catalogue (``loss: ce``, the default), which public
   re-implementations found clearly stronger on Amazon Beauty, and a sampled softmax on
   normalised vectors (``loss: sampled_softmax``; ``recsys.models.losses``).
-Input and output item embeddings are shared, as in the paper.
+Input and output item embeddings are shared, as in the paper (``output_embeddings: shared``);
+``separate`` scores items with a table of their own (as HSTU's option of the same name).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from recsys.models.layers import CausalEncoder
 from recsys.models.losses import FullSoftmaxLoss, SampledBCELoss, SampledSoftmaxLoss
 
 LOSSES = ("ce", "bce", "sampled_softmax")
+OUTPUT_EMBEDDINGS = ("shared", "separate")
 
 
 @dataclass
@@ -36,6 +38,7 @@ class SASRecConfig:
     loss: str = "ce"  # ce: softmax over all items; bce: the paper's sampled negatives; sampled_softmax
     n_negatives: int = 1  # bce and sampled_softmax: negatives per position
     temperature: float = 0.05  # sampled_softmax only
+    output_embeddings: str = "shared"  # separate: a second item table scores the next item
 
     def __post_init__(self):
         require_range("model.d_model", self.d_model, 1, 4096)
@@ -49,6 +52,7 @@ class SASRecConfig:
         require_choice("model.loss", self.loss, LOSSES)
         require_range("model.n_negatives", self.n_negatives, 1, 10000)
         require(self.temperature > 0, f"model.temperature={self.temperature} is out of range; allowed: > 0")
+        require_choice("model.output_embeddings", self.output_embeddings, OUTPUT_EMBEDDINGS)
 
 
 def build_loss(cfg: SASRecConfig) -> nn.Module:
@@ -94,6 +98,17 @@ class SASRec(SelfAttentiveModel):
                          n_layers=config.n_layers, dropout=config.dropout, emb_dropout=config.emb_dropout)
         self.config = config
         self.loss_fn = build_loss(config)
+        self.out_emb = None  # output_embeddings=shared: item_emb scores items too
+        if config.output_embeddings == "separate":
+            self.out_emb = nn.Embedding(n_items + 1, config.d_model, padding_idx=0)
+            nn.init.normal_(self.out_emb.weight, std=config.d_model**-0.5)
+            with torch.no_grad():
+                self.out_emb.weight[0].zero_()
+
+    @property
+    def output_table(self) -> nn.Embedding:
+        """The table whose rows score items (``model.output_embeddings``)."""
+        return self.item_emb if self.out_emb is None else self.out_emb
 
     @classmethod
     def upgrade_state(cls, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -115,13 +130,13 @@ class SASRec(SelfAttentiveModel):
 
     def item_embeddings(self) -> torch.Tensor:
         """(N, D): row i - 1 is item i (the padding row 0 is left out)."""
-        return self.item_emb.weight[1:]
+        return self.output_table.weight[1:]
 
     def score_items(self, batch: Batch) -> torch.Tensor:
-        return self.user_embedding(batch) @ self.item_emb.weight.T  # (B, N + 1)
+        return self.user_embedding(batch) @ self.output_table.weight.T  # (B, N + 1)
 
     def loss(self, batch: Batch) -> LossOutput:
         """The configured loss at every position that has a target (autoregressive training)."""
         h = self.encode(batch.history)  # (B, T, D)
         keep = batch.targets > 0  # (B, T)
-        return self.loss_fn(h[keep], batch.targets[keep], self.item_emb)  # (P, D), (P,)
+        return self.loss_fn(h[keep], batch.targets[keep], self.output_table)  # (P, D), (P,)
