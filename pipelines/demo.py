@@ -111,13 +111,14 @@ def run_demo(exp: ExperimentConfig, baseline: ExperimentConfig, serve_k: int = 1
     with clock.stage("embed") as note:
         embed_dir = run_embed_stage(exp, data_dir, run_dir)
         m = read_json(embed_dir / METRICS_FILE)
-        note.append(f"{m['n_items']:,} item texts -> {m['dim']}-d vectors with Ray Data "
+        note.append(f"{m['n_items']:,} item texts -> {m['dim']}-d vectors "
+                    f"{'with Ray Data' if m['use_ray'] else 'in-process'} "
                     f"({m['encoded']:,} encoded, {m['reused']:,} reused from earlier runs)")
     with clock.stage("ids") as note:
         ids_dir = run_ids_stage(exp, embed_dir=embed_dir, parent=run_dir)
         m = read_json(ids_dir / METRICS_FILE)
         note.append(f"{m['method']}: {m['levels']} levels of {m['codebook_sizes']} codes + a collision level, "
-                    f"{'on Ray' if exp.ids.use_ray else 'in-process'}; collision rate {m['collision_rate']:.3f}")
+                    f"{'on Ray' if m['use_ray'] else 'in-process'}; collision rate {m['collision_rate']:.3f}")
     results: dict[str, dict] = {}
     for e in (exp, baseline):
         results[e.model_name] = train_and_test(e, data_dir, {"semantic": ids_dir}, run_dir / e.model_name, clock)
