@@ -308,10 +308,10 @@ class Retriever:
             raw, timestamps = request["history"], request.get("timestamps")
             if request.get("user_id") is not None:
                 raw, timestamps = self._with_stored(request["user_id"], raw, timestamps, timed)
-            long_history = None if self.ranker is None else self.ids.internal(raw)  # the ranker's whole window
-            raw = raw[-self.model.max_len:]  # the retriever's
+            internal = self.ids.internal(raw)  # the whole window: what a ranker reads
+            long_history = None if self.ranker is None else internal
+            history = internal[-self.model.max_len:]  # the retriever's
             timestamps = None if timestamps is None else timestamps[-self.model.max_len:]
-            history = self.ids.internal(raw)
             user = user_index(request.get("user_id"), request.get("user"), self.user_rows)
             check_required_inputs(self.model, user, timestamps)
             now = check_times(len(history), timestamps, request.get("time"))
