@@ -374,6 +374,41 @@ def test_prefix_outputs_score_registered_items_by_their_codes_and_survive_a_chec
     assert N_ITEMS + 1 in model.recommend(batch, N_ITEMS + 1).items  # decodable
 
 
+def test_separate_prefix_output_table_scores_children_while_the_encoder_reads_the_shared_one(tmp_path):
+    with pytest.raises(ValueError, match="model.prefix_output_table=separate .* needs model.prefix_outputs=true"):
+        TigerConfig(prefix_embeddings=True, prefix_output_table="separate")
+    with pytest.raises(ValueError, match="model.prefix_output_table"):
+        TigerConfig(prefix_embeddings=True, prefix_outputs=True, prefix_output_table="tied")
+    shared, batch = make_output_model(dropout=0.0), make_batch()
+    assert shared.out_node_emb is None and shared.output_nodes is shared.node_emb
+    model = make_output_model(prefix_output_table="separate", dropout=0.0)
+    assert model.output_nodes is model.out_node_emb and model.out_node_emb.weight.shape == model.node_emb.weight.shape
+    torch.testing.assert_close(model.out_node_emb.weight[0], torch.zeros(model.config.d_model))  # no node: no term
+    with torch.no_grad():
+        model.out_node_emb.weight.mul_(50)
+    codes, nodes = model.item_codes, model.vocab.item_nodes
+    h = model.decoder_states(batch.history, codes[batch.target])
+    for level in range(model.n_tokens):
+        prefix = codes[1, :level].expand(B, level)
+        token, node = int(codes[1, level]), int(nodes[1, level])
+        extra = model.logits(h[:, level], prefix)[:, token] - model.heads[level](h[:, level])[:, token]
+        torch.testing.assert_close(extra, h[:, level] @ model.out_node_emb.weight[node])
+    # the encoder still reads node_emb: changing the output table leaves the memory as it was
+    memory = model.encode(batch.history)[0]
+    with torch.no_grad():
+        model.out_node_emb.weight.add_(1.0)
+    torch.testing.assert_close(model.encode(batch.history)[0], memory)
+    model.train()
+    model.loss(batch).total.backward()
+    assert model.out_node_emb.weight.grad.abs().sum() > 0 and model.node_emb.weight.grad.abs().sum() > 0
+    model.eval()
+    save_checkpoint(tmp_path / "ckpt", model, "tiger")
+    loaded = load_model(tmp_path / "ckpt")
+    a, b = model.recommend(batch, 8), loaded.recommend(batch, 8)
+    assert torch.equal(a.items, b.items)
+    torch.testing.assert_close(a.scores, b.scores)
+
+
 def test_prefix_output_dropout_leaves_the_code_heads_alone_in_training_only():
     batch = make_batch()
     model = make_output_model(prefix_output_dropout=1.0, dropout=0.0, prefix_dropout=0.0)

@@ -184,3 +184,27 @@ def test_pace_signal_the_gap_before_the_last_event_predicts_the_next_move():
     assert 0.7 < np.mean(moves) < 0.9  # about stay_probability (0.8), as without time
     with pytest.raises(ValueError, match="synthetic.time_signal_kind='rhythm' is not allowed"):
         SyntheticConfig(time_signal_kind="rhythm")
+
+
+def test_decay_signal_the_gaps_between_past_events_say_which_of_them_the_next_item_returns_to():
+    """time_signal_kind=decay: after two items of different subtopics, the next item returns to the
+    older one's subtopic far more often when little time separates the two (its pull has not faded);
+    the items alone cannot show that gap, and the gaps themselves are drawn independently of them."""
+    data = generate_synthetic(SyntheticConfig(n_users=400, n_items=200, time_signal=True, time_signal_kind="decay",
+                                              seed=1))
+    sub = dict(zip(data.items["item_id"], (tuple(c[:2]) for c in data.items["categories"])))
+    back: dict[str, list] = {"close": [], "far": []}
+    gaps = []
+    for seq, times in zip(data.item_sequences(), data.time_sequences()):
+        gaps.extend(np.diff(times))
+        for i in range(1, len(seq) - 1):
+            older, newer, nxt = sub[seq[i - 1]], sub[seq[i]], sub[seq[i + 1]]
+            if older != newer:
+                gap = times[i] - times[i - 1]
+                if gap < 3_600 or gap > 7 * 86_400:
+                    back["close" if gap < 3_600 else "far"].append(nxt == older)
+    close, far = np.mean(back["close"]), np.mean(back["far"])
+    assert close > 0.18 and far < 0.08, (close, far)
+    assert 60 <= min(gaps) and max(gaps) <= 60 * 86_400  # log-uniform, 1 minute to 60 days
+    with pytest.raises(ValueError, match=r"time_signal_kind='fade' is not allowed; choose one of \['gap', 'pace', 'decay'\]"):
+        SyntheticConfig(time_signal_kind="fade")

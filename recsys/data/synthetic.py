@@ -23,6 +23,14 @@ after a long gap and switch to another preferred topic with probability 2 (1 - s
 (else stay in the topic), so the share of steps that stay is still about ``stay_probability``. The
 gaps before the last history events give the current mode, hence how likely the next item stays;
 the items alone tell it only when the user just switched.
+
+With ``time_signal_kind: decay`` interest fades with time, not with position: the gaps are drawn
+independently of the items (log-uniform, 1 minute to 60 days), and with probability
+``stay_probability`` the next item returns to the subtopic of an earlier item drawn with weight
+exp(-age / 1 day), its age counted to the next event (else a topic from the user's preferences).
+Which past items still count depends on the gaps between them, which the items do not show; and
+since every age shifts by the same gap before the next event, the weights are the same counted
+from the last history event, so the signal needs nothing of the target's time.
 """
 
 from __future__ import annotations
@@ -81,6 +89,8 @@ _MAX_TRIES = 8  # rejection-sampling attempts before falling back to the most po
 _SHORT_GAP_S = (60, 86_400)  # time_signal: the gap before a step that stays in the topic
 _LONG_GAP_S = (7 * 86_400, 60 * 86_400)  # ... and before one that switches topic
 _PACE_PERSISTENCE = 0.9  # time_signal_kind pace: probability that the user's mode carries over a step
+_DECAY_GAP_S = (60, 60 * 86_400)  # time_signal_kind decay: every gap, independent of the items
+_DECAY_S = 86_400  # ... and the time constant of an earlier item's pull on the next one
 
 
 @dataclass
@@ -241,6 +251,31 @@ def _sequence(length: int, prefs: list[float], catalog: _Catalog, stay: float, u
     return items, gaps
 
 
+def _decaying_sequence(length: int, prefs: list[float], catalog: _Catalog, stay: float, u: _Uniforms
+                       ) -> tuple[list[int], list[int]]:
+    """One user's items and gaps under ``time_signal_kind: decay`` (see the module's docstring)."""
+    seen: set[int] = set()
+    items, gaps, times = [], [], []
+    now = 0
+    low, high = _DECAY_GAP_S
+    for _ in range(length):
+        gaps.append(int(low * (high / low) ** u()))
+        now += gaps[-1]
+        if items and u() < stay:
+            # weights relative to the newest item (its weight 1): the gap before now cancels out
+            cdf = np.cumsum(np.exp((np.asarray(times) - times[-1]) / _DECAY_S)).tolist()
+            anchor = items[_draw(cdf, u())]
+            topic, sub = int(catalog.item_topic[anchor]), _global_sub(catalog, anchor)
+        else:
+            topic = _draw(prefs, u())
+            sub = catalog.topic_subs[topic][_draw(catalog.topic_sub_cdf[topic], u())]
+        item = _unseen_item(sub, topic, catalog, seen, u)
+        seen.add(item)
+        items.append(item)
+        times.append(now)
+    return items, gaps
+
+
 def _other_topic(prefs: list[float], current: int, u: _Uniforms) -> int:
     """A topic from the user's preferences other than ``current`` (a few tries, then any)."""
     topic = _draw(prefs, u())
@@ -281,8 +316,11 @@ def generate_synthetic(cfg: SyntheticConfig) -> InteractionData:
     uniforms = _Uniforms(rng)
     sequences, timestamps = [], []
     for user in range(cfg.n_users):
-        seq, gaps = _sequence(int(lengths[user]), prefs[user], catalog, cfg.stay_probability, uniforms,
-                              timed=cfg.time_signal, pace=cfg.time_signal_kind == "pace")
+        if cfg.time_signal and cfg.time_signal_kind == "decay":
+            seq, gaps = _decaying_sequence(int(lengths[user]), prefs[user], catalog, cfg.stay_probability, uniforms)
+        else:
+            seq, gaps = _sequence(int(lengths[user]), prefs[user], catalog, cfg.stay_probability, uniforms,
+                                  timed=cfg.time_signal, pace=cfg.time_signal_kind == "pace")
         if not cfg.time_signal:  # the original draws, in the original order: the data is exactly as before
             gaps = rng.integers(600, 30 * 86_400, size=len(seq))  # strictly positive: times increase
         sequences.append(np.asarray(seq, dtype=np.int64) + 1)  # item index -> 1-based item id

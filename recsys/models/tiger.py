@@ -29,6 +29,10 @@ Departures from the paper:
   reads (tied), so every child of a prefix is scored by a vector of its own, not only by a code
   vector shared by all parents (the per-item output embeddings of SASRec, within the trie).
   Items registered later have no node of their own (zero row) and score by their code alone.
+  ``prefix_output_table: separate`` scores with a second node table instead of the one the encoder
+  reads: with one table, the decoder state that has just read a history item sits near that item's
+  own nodes, so history items crowd the top of the list (HSTU's and SASRec's
+  ``output_embeddings: separate`` is the same lever).
 - Cold start: ``register_items`` extends the ID table and trie after training (no retraining),
   as long as the codes fit the level vocabularies (``collision_vocab``: room in the collision level).
 The decoder reads the encoder's per-level token embeddings (one vocabulary, as in T5); output
@@ -70,6 +74,7 @@ class TigerConfig:
     prefix_dropout: float = 0.0  # training: drop an item's prefix embeddings, so codes alone also read
     prefix_outputs: bool = False  # score each child of the decoded prefix by its (tied) node embedding too
     prefix_output_dropout: float = 0.0  # training: drop that term per row, so the code heads alone also rank
+    prefix_output_table: str = "shared"  # separate: score children by a node table of their own
 
     def __post_init__(self):
         require_range("model.d_model", self.d_model, 1, 4096)
@@ -91,6 +96,10 @@ class TigerConfig:
                 "model.prefix_outputs=true scores children by their prefix embeddings: it needs "
                 "model.prefix_embeddings=true")
         require_range("model.prefix_output_dropout", self.prefix_output_dropout, 0.0, 1.0)
+        require_choice("model.prefix_output_table", self.prefix_output_table, ("shared", "separate"))
+        require(self.prefix_outputs or self.prefix_output_table == "shared",
+                "model.prefix_output_table=separate is the table of the prefix outputs: it needs "
+                "model.prefix_outputs=true")
 
 
 def user_buckets(users: torch.Tensor, n_buckets: int) -> torch.Tensor:
@@ -119,6 +128,9 @@ class Tiger(GenerativeRetriever):
         self.user_emb = nn.Embedding(config.user_tokens, D) if config.user_tokens else None
         # node 0 (no node: a prefix first seen after training) is the zero padding row
         self.node_emb = nn.Embedding(vocab.n_nodes, D, padding_idx=0) if config.prefix_embeddings else None
+        # prefix_output_table=separate: the prefix outputs score by a node table of their own
+        self.out_node_emb = nn.Embedding(vocab.n_nodes, D, padding_idx=0) \
+            if config.prefix_output_table == "separate" else None
         self.bos = nn.Parameter(torch.zeros(D))
         self.drop = nn.Dropout(config.dropout)
         block = dict(d_model=D, n_heads=config.n_heads, d_ff=config.d_ff, dropout=config.dropout,
@@ -127,16 +139,22 @@ class Tiger(GenerativeRetriever):
         self.decoder = nn.ModuleList(Block(**block, cross=True) for _ in range(config.n_decoder_layers))
         self.enc_ln, self.dec_ln = nn.LayerNorm(D), nn.LayerNorm(D)
         self.heads = nn.ModuleList(nn.Linear(D, v) for v in vocab.level_sizes)
-        for emb in (self.token_emb, self.enc_pos, self.dec_pos, self.user_emb, self.node_emb):
+        for emb in (self.token_emb, self.enc_pos, self.dec_pos, self.user_emb, self.node_emb, self.out_node_emb):
             if emb is not None:
                 nn.init.normal_(emb.weight, std=0.02)
-        if self.node_emb is not None:
-            self.node_emb.weight.data[0] = 0
+        for emb in (self.node_emb, self.out_node_emb):
+            if emb is not None:
+                emb.weight.data[0] = 0
         nn.init.normal_(self.bos, std=0.02)
 
     @property
     def vocab(self) -> SemanticVocabulary:
         return self.vocabs["semantic"]
+
+    @property
+    def output_nodes(self) -> nn.Embedding:
+        """The node table the prefix outputs score by (``model.prefix_output_table``)."""
+        return self.node_emb if self.out_node_emb is None else self.out_node_emb
 
     @property
     def item_codes(self) -> torch.Tensor:
@@ -249,7 +267,7 @@ class Tiger(GenerativeRetriever):
         if drop_nodes is not None:
             child = child * ~drop_nodes[:, None]
         step = max(1, (1 << 23) // (child.shape[1] * h.shape[1]))  # bound the (rows, V, D) gather
-        bias = torch.cat([torch.einsum("rvd,rd->rv", self.node_emb(child[i:i + step]).to(h.dtype), h[i:i + step])
+        bias = torch.cat([torch.einsum("rvd,rd->rv", self.output_nodes(child[i:i + step]).to(h.dtype), h[i:i + step])
                           for i in range(0, len(h), step)])
         return torch.cat([out[:, :bias.shape[1]] + bias, out[:, bias.shape[1]:]], 1)
 
