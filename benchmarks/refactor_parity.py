@@ -35,8 +35,9 @@ CASES: dict[str, list[str]] = {
                    "model.n_heads=2", "model.head_dim=16", "model.d_ff=64", "model.beam_size=20",
                    "model.prefix_embeddings=true", "model.prefix_outputs=true", "model.user_tokens=7"],
 }
-TRAINER = ["trainer.use_ray=false", "trainer.epochs=2", "trainer.batch_size=64", "trainer.lr=0.003",
-           "trainer.patience=0", "trainer.samples=prefixes", "trainer.select_metric=recall@10", "trainer.seed=0"]
+TRAINER = ["trainer.resources.use_ray=false", "trainer.optim.epochs=2", "trainer.optim.batch_size=64",
+           "trainer.optim.lr=0.003", "trainer.selection.patience=0", "trainer.data.samples=prefixes",
+           "trainer.selection.select_metric=recall@10", "trainer.data.seed=0"]
 N_ITEMS, MAX_HISTORY = 80, 10
 CHECKPOINT = "tests/fixtures/tiger-small"
 

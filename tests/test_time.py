@@ -206,5 +206,26 @@ def test_decay_signal_the_gaps_between_past_events_say_which_of_them_the_next_it
     close, far = np.mean(back["close"]), np.mean(back["far"])
     assert close > 0.18 and far < 0.08, (close, far)
     assert 60 <= min(gaps) and max(gaps) <= 60 * 86_400  # log-uniform, 1 minute to 60 days
-    with pytest.raises(ValueError, match=r"time_signal_kind='fade' is not allowed; choose one of \['gap', 'pace', 'decay'\]"):
+    with pytest.raises(ValueError, match=r"time_signal_kind='fade' is not allowed; choose one of \['gap', 'pace', 'decay', 'session'\]"):
         SyntheticConfig(time_signal_kind="fade")
+
+
+def test_session_signal_the_gap_before_the_last_event_says_whether_a_move_away_returns():
+    """time_signal_kind=session: after A then B of another topic, the next item returns to A's
+    subtopic when B came after a short gap (a detour) and stays in B's when it came after a long one
+    (a new session's interest). The gaps are drawn independently of the items."""
+    data = generate_synthetic(SyntheticConfig(n_users=400, n_items=200, time_signal=True, time_signal_kind="session",
+                                              seed=1))
+    cats = dict(zip(data.items["item_id"], (tuple(c[:2]) for c in data.items["categories"])))
+    moves: dict[bool, list] = {True: [], False: []}
+    for seq, times in zip(data.item_sequences(), data.time_sequences()):
+        gaps = np.diff(times)
+        assert ((60 <= gaps) & (gaps <= 3_600) | (86_400 <= gaps) & (gaps <= 30 * 86_400)).all()
+        for i in range(1, len(seq) - 1):
+            a, b, nxt = cats[seq[i - 1]], cats[seq[i]], cats[seq[i + 1]]
+            if a[0] != b[0]:
+                moves[bool(gaps[i - 1] >= 86_400)].append((nxt == a, nxt == b))
+    short, long = np.mean(moves[False], 0), np.mean(moves[True], 0)
+    assert short[0] > 0.45 and short[1] < 0.35, short  # a detour: back to A
+    assert long[0] < 0.1 and long[1] > 0.7, long  # a new interest: on in B
+    assert 0.4 < len(moves[True]) / (len(moves[True]) + len(moves[False])) < 0.6  # half the gaps are long

@@ -27,7 +27,9 @@ class SyntheticConfig:
     # time tells the next move) or "pace" (a user's persistent mode, focused or browsing, sets
     # both the gaps and the moves: the gaps between past events predict the next move) or "decay"
     # (the next item returns to an earlier item's subtopic with a pull that fades with its age in
-    # time: which past items count depends on the gaps between them, not on their positions)
+    # time: which past items count depends on the gaps between them, not on their positions) or
+    # "session" (a move to another topic after a short gap is a detour the user returns from, after
+    # a long gap a new interest that goes on: the gap before the last event says which)
     time_signal_kind: str = "gap"
 
     def __post_init__(self) -> None:
@@ -40,7 +42,7 @@ class SyntheticConfig:
         require_range("synthetic.stay_probability", self.stay_probability, 0.0, 1.0)
         require(isinstance(self.time_signal, bool),
                 f"synthetic.time_signal must be true or false, got {self.time_signal!r}")
-        require_choice("synthetic.time_signal_kind", self.time_signal_kind, ("gap", "pace", "decay"))
+        require_choice("synthetic.time_signal_kind", self.time_signal_kind, ("gap", "pace", "decay", "session"))
 
 
 @dataclass

@@ -31,6 +31,15 @@ exp(-age / 1 day), its age counted to the next event (else a topic from the user
 Which past items still count depends on the gaps between them, which the items do not show; and
 since every age shifts by the same gap before the next event, the weights are the same counted
 from the last history event, so the signal needs nothing of the target's time.
+
+With ``time_signal_kind: session`` a detour within a session returns, and a new session starts a
+new interest: each gap is short (1 minute to 1 hour) or long (1 to 30 days) with probability 1/2,
+drawn independently of the items. With probability ``stay_probability`` the next item is in the
+user's current interest (a subtopic); otherwise it is in another preferred topic, and that item
+becomes the interest only when it came after a long gap (a new session), else it is a detour and
+the interest stays. After ``A A B`` the next item is in B's subtopic when the gap before B was
+long and back in A's when it was short: the items cannot tell which, the gap before the last
+history event can, and nothing of the target's time is needed.
 """
 
 from __future__ import annotations
@@ -91,6 +100,7 @@ _LONG_GAP_S = (7 * 86_400, 60 * 86_400)  # ... and before one that switches topi
 _PACE_PERSISTENCE = 0.9  # time_signal_kind pace: probability that the user's mode carries over a step
 _DECAY_GAP_S = (60, 60 * 86_400)  # time_signal_kind decay: every gap, independent of the items
 _DECAY_S = 86_400  # ... and the time constant of an earlier item's pull on the next one
+_SESSION_GAP_S = {False: (60, 3_600), True: (86_400, 30 * 86_400)}  # time_signal_kind session: short, long
 
 
 @dataclass
@@ -276,6 +286,29 @@ def _decaying_sequence(length: int, prefs: list[float], catalog: _Catalog, stay:
     return items, gaps
 
 
+def _session_sequence(length: int, prefs: list[float], catalog: _Catalog, stay: float, u: _Uniforms
+                      ) -> tuple[list[int], list[int]]:
+    """One user's items and gaps under ``time_signal_kind: session`` (see the module's docstring)."""
+    seen: set[int] = set()
+    items, gaps = [], []
+    interest: tuple[int, int] | None = None  # (topic, subtopic)
+    for _ in range(length):
+        long_gap = u() < 0.5
+        low, high = _SESSION_GAP_S[long_gap]
+        gaps.append(int(low * (high / low) ** u()))
+        if interest is not None and u() < stay:
+            topic, sub = interest
+        else:
+            topic = _other_topic(prefs, -1 if interest is None else interest[0], u)
+            sub = catalog.topic_subs[topic][_draw(catalog.topic_sub_cdf[topic], u())]
+            if interest is None or long_gap:  # a new session's first move sets the interest; else a detour
+                interest = topic, sub
+        item = _unseen_item(sub, topic, catalog, seen, u)
+        seen.add(item)
+        items.append(item)
+    return items, gaps
+
+
 def _other_topic(prefs: list[float], current: int, u: _Uniforms) -> int:
     """A topic from the user's preferences other than ``current`` (a few tries, then any)."""
     topic = _draw(prefs, u())
@@ -304,6 +337,9 @@ def _global_sub(catalog: _Catalog, item: int) -> int:
     return catalog.topic_subs[int(catalog.item_topic[item])][int(catalog.item_sub[item])]
 
 
+_KINDS = {"decay": _decaying_sequence, "session": _session_sequence}  # the time signals with a generator of their own
+
+
 def generate_synthetic(cfg: SyntheticConfig) -> InteractionData:
     """Items (title, brand, categories) and users' sequences, deterministic given ``cfg.seed``."""
     rng = np.random.default_rng(cfg.seed)
@@ -316,8 +352,9 @@ def generate_synthetic(cfg: SyntheticConfig) -> InteractionData:
     uniforms = _Uniforms(rng)
     sequences, timestamps = [], []
     for user in range(cfg.n_users):
-        if cfg.time_signal and cfg.time_signal_kind == "decay":
-            seq, gaps = _decaying_sequence(int(lengths[user]), prefs[user], catalog, cfg.stay_probability, uniforms)
+        if cfg.time_signal and cfg.time_signal_kind in _KINDS:
+            seq, gaps = _KINDS[cfg.time_signal_kind](int(lengths[user]), prefs[user], catalog, cfg.stay_probability,
+                                                     uniforms)
         else:
             seq, gaps = _sequence(int(lengths[user]), prefs[user], catalog, cfg.stay_probability, uniforms,
                                   timed=cfg.time_signal, pace=cfg.time_signal_kind == "pace")
