@@ -74,12 +74,14 @@ def main(argv: list[str]) -> None:
     config = {"checkpoint": str(args.checkpoint), "data_run": str(args.data), "max_history": args.max_history,
               "threads": args.threads}
     wall_s = time.perf_counter() - start  # both protocols' evaluations, as one run
+    training = records.training_time(args.checkpoint.parent.parent)  # runs/train/<id>/checkpoints/<name>
     for kind, exclude in PROTOCOLS.items():
         other = records.record_path(model_name, dataset, names[next(p for p in PROTOCOLS if p != kind)])
         path = write_record(
             names[kind], model=model_name, dataset=dataset, config=config, wall_s=wall_s, metrics=results[kind],
             protocol=protocol(exclude_history=exclude, refit=refit),
-            extra={"source_checkpoint": str(args.checkpoint),
+            extra={"source_checkpoint": str(args.checkpoint), "training": training,
+                   "machine_note": records.machine_note(args.threads),
                    "eval_wall_s": {k: v for k, v in wall.items() if k.startswith(f"{kind}/")},
                    "other_protocol": str(other.relative_to(records.RESULTS))},
         )

@@ -162,6 +162,14 @@ def test_protocols_writes_one_record_per_protocol(tiny_overrides, tmp_path, monk
     assert set(excluded_record["eval_wall_s"]) == {"history_excluded/valid", "history_excluded/test"}
     # synthetic users revisit topics, so their histories' items rank high; excluding them changes the figures
     assert kept["test"] != excluded["test"]
+    training = kept_record["training"]  # what the checkpoint's run took to its selected epoch
+    epochs = [json.loads(line) for line in (train_dir / "epochs.jsonl").read_text().splitlines()]
+    best = json.loads((train_dir / "metrics.json").read_text())["best_epoch"]
+    assert training["selected_epoch"] == best and training["epochs_run"] == 2
+    assert training["train_steps_s_to_selected"] == pytest.approx(sum(e["epoch_s"] for e in epochs[:best]), abs=0.1)
+    assert training["wall_s_to_selected_estimate"] >= training["train_steps_s_to_selected"]
+    assert training["trained_with"]["model"]["name"] == "sasrec"
+    assert set(kept_record["machine_note"]) >= {"cpu", "native_bf16", "torch_threads"}
     with pytest.raises(SystemExit):
         protocols([str(train_dir / "checkpoints" / "best"), "--data", str(data_dir), "--name", "x", "--splits", "train"])
 
