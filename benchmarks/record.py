@@ -53,26 +53,29 @@ def machine_note(threads: int) -> dict:
 
 def training_time(run_dir: Path) -> dict | None:
     """What a train run took to its selected epoch, from its ``epochs.jsonl`` and ``metrics.json``
-    (None when they are missing): the seconds of training steps to that epoch, and an estimate of
+    (None without ``epochs.jsonl``; a run stopped by hand has no ``metrics.json``): the seconds of training steps to that epoch, and an estimate of
     the wall time with validation, taken as the steps plus, per epoch, the median time between two
     consecutive epochs' ends less the later one's steps (so a pause between a stop and a resume
     counts nothing). Also the run's selected epoch and the config it trained with."""
     run_dir = Path(run_dir)
-    if not (run_dir / "epochs.jsonl").is_file() or not (run_dir / "metrics.json").is_file():
+    if not (run_dir / "epochs.jsonl").is_file():
         return None
     epochs = [json.loads(line) for line in (run_dir / "epochs.jsonl").read_text().splitlines() if line.strip()]
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    best = int(metrics["best_epoch"])
+    metrics = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
+    if metrics.get("epochs_run") != epochs[-1]["epoch"]:
+        metrics = {}  # written by an earlier invocation (a stop_epoch before a resume): not this run's end
+    best = int(epochs[-1]["best_epoch"])
     steps = [e["epoch_s"] for e in epochs if e["epoch"] <= best]
     between = sorted(b["finished_at"] - a["finished_at"] - b["epoch_s"]
                      for a, b in zip(epochs, epochs[1:]) if b["epoch"] == a["epoch"] + 1)
     other = between[len(between) // 2] if between else 0.0
-    return {"run": str(run_dir), "selected_epoch": best, "epochs_run": int(metrics["epochs_run"]),
+    return {"run": str(run_dir), "selected_epoch": best, "epochs_run": int(epochs[-1]["epoch"]),
+            "finished": bool(metrics),
             "train_steps_s_to_selected": round(sum(steps), 1),
             "wall_s_to_selected_estimate": round(sum(steps) + other * len(steps), 1),
             "validation_and_checkpoint_s_per_epoch_median": round(other, 1),
-            "samples_per_s": metrics.get("samples_per_s"),
-            "resumed_from_epochs": metrics.get("resumed_from_epochs", []),
+            "samples_per_s": round(sum(e["samples_per_s"] for e in epochs) / len(epochs), 1),
+            "resumed_from_epochs": metrics.get("resumed_from_epochs"),  # None: unknown, the run did not finish
             "trained_with": json.loads((run_dir / "config.json").read_text())
             if (run_dir / "config.json").is_file() else None}
 
