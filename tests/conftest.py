@@ -17,16 +17,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def pytest_collection_modifyitems(config, items):
-    """``make test`` runs on two pytest-xdist workers with ``--dist loadgroup``: every test that uses
-    Ray (marked ``ray``, or using ``ray_session``) goes to one worker, so the session's one local Ray
-    instance starts once and never shares the 2 cores with a second; the other tests spread over
-    both workers. Without xdist the mark does nothing."""
-    for item in items:
-        if item.get_closest_marker("ray") or "ray_session" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("ray"))
-
-
 @pytest.fixture(scope="session")
 def ray_session():
     import ray
