@@ -30,9 +30,9 @@ Departures from the paper:
   vector shared by all parents (the per-item output embeddings of SASRec, within the trie).
   Items registered later have no node of their own (zero row) and score by their code alone.
   ``prefix_output_table: separate`` scores with a second node table instead of the one the encoder
-  reads: with one table, the decoder state that has just read a history item sits near that item's
-  own nodes, so history items crowd the top of the list (HSTU's and SASRec's
-  ``output_embeddings: separate`` is the same lever).
+  reads (HSTU's and SASRec's ``output_embeddings: separate``, which keeps history items off the top
+  there). On Beauty it raised validation but not test, and the gap between history kept and
+  excluded stayed as with one table (docs/experiments/tiger.md, 2026-12-04); off by default.
 - Cold start: ``register_items`` extends the ID table and trie after training (no retraining),
   as long as the codes fit the level vocabularies (``collision_vocab``: room in the collision level).
 The decoder reads the encoder's per-level token embeddings (one vocabulary, as in T5); output
