@@ -37,7 +37,8 @@ CASES: dict[str, list[str]] = {
 }
 TRAINER = ["trainer.resources.use_ray=false", "trainer.optim.epochs=2", "trainer.optim.batch_size=64",
            "trainer.optim.lr=0.003", "trainer.selection.patience=0", "trainer.data.samples=prefixes",
-           "trainer.selection.select_metric=recall@10", "trainer.data.seed=0"]
+           "trainer.selection.select_metric=recall@10", "trainer.data.seed=0",
+           "trainer.data.precision=fp32"]  # the fixtures were written in fp32 (the default is now auto)
 N_ITEMS, MAX_HISTORY = 80, 10
 CHECKPOINT = "tests/fixtures/tiger-small"
 

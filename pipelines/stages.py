@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from recsys.candidates import SPLITS, candidate_metrics, candidates_file, check_top_n, retrieve, retriever_inputs
@@ -21,6 +22,7 @@ from recsys.runs import (
     require_complete, stage_run_dir, write_json, write_text,
 )
 from recsys.training.checkpoint import load_model
+from recsys.training.config import with_resolved_precision
 from recsys.training.evaluate import evaluate
 from recsys.training.session import (
     EPOCH_LOG, check_id_spaces, check_ids_catalogue, model_context, train_in_process,
@@ -117,6 +119,7 @@ def run_train(exp: ExperimentConfig, data_dir: Path | None = None, resume_dir: P
         ids_dirs = {space: str(require_complete(d, "ids")) for space, d in (ids_dirs or {}).items()}
         check_ids_catalogue(ids_dirs, data_dir)
         run_dir = stage_run_dir(exp.run.root, "train", exp.run.name or exp.model_name, parent)
+        exp = replace(exp, trainer=with_resolved_precision(exp.trainer))  # auto -> what this run uses
     record = exp.to_dict()
     if "semantic" in ids_dirs:  # record the settings of the IDs this run decodes, not the config file's
         record["ids"] = ids_settings(record["ids"], Path(ids_dirs["semantic"]))

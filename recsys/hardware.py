@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import torch
+# torch is imported inside the functions: importing this module (the encoder does) costs nothing
 
 
 def cpu_supports_bf16() -> bool | None:
     """Whether this CPU runs bf16 natively (AVX-512 BF16 or AMX, as oneDNN sees it); None if this
     torch cannot tell. Without it, bf16 is emulated: on an AVX2-only EPYC a TIGER training step's
     backward took 10.3 s under bf16 autocast against 0.6 s in fp32 (docs/BENCHMARKS.md)."""
+    import torch
+
     probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
     return None if probe is None else bool(probe())
 
@@ -16,3 +18,16 @@ def cpu_supports_bf16() -> bool | None:
 def emulated_bf16_warning(setting: str) -> str:
     return (f"{setting}=bf16 on a CPU without native bf16 (no AVX-512 BF16 or AMX): it is emulated and "
             f"can be many times slower than fp32; set {setting}=fp32 on this machine")
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """``auto`` -> bf16 where ``device`` (cpu or cuda) runs it natively, else fp32; fp32 and bf16 are
+    kept. On a CPU whose bf16 support torch cannot tell, fp32. Used for the encoder's weights and for
+    training's autocast alike, and resolved where a stage starts, so a run records what it used."""
+    if precision != "auto":
+        return precision
+    if device == "cuda":
+        import torch
+
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_supports_bf16() is True else "fp32"

@@ -30,7 +30,7 @@ def test_defaults_need_no_file():
 
 @pytest.mark.parametrize("override, message", [
     ("trainer.optim.epochs=0", r"trainer.optim.epochs=0 is out of range; allowed: 1 <= trainer.optim.epochs"),
-    ("trainer.data.precision=fp8", r"trainer.data.precision='fp8' is not allowed; choose one of \['fp32', 'bf16'\]"),
+    ("trainer.data.precision=fp8", r"trainer.data.precision='fp8' is not allowed; choose one of \['auto', 'fp32', 'bf16'\]"),
     ("model.dropout=1.5", r"model.dropout=1.5 is out of range"),
     ("model.name=gpt", r"model.name='gpt' is not allowed; choose one of \['eager', 'hstu', 'sasrec'"),
     ("trainer.epoch=3", r"unknown config key\(s\) \['trainer.epoch'\]"),

@@ -147,6 +147,46 @@ def test_bf16_on_a_cpu_without_native_bf16_warns_and_names_the_fix(split, monkey
         build_trainer(exp_for("trainer.data.precision=fp32", "trainer.optim.epochs=1"), split)  # fp32: nothing to say
 
 
+@pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp32"), (None, "fp32")])
+def test_auto_precision_autocasts_to_bf16_only_where_native_and_the_run_records_what_it_used(
+        split, monkeypatch, tmp_path, native, expected):
+    from recsys import hardware
+    from recsys.training import loop
+    from recsys.training.config import with_resolved_precision
+
+    monkeypatch.setattr(hardware, "cpu_supports_bf16", lambda: native)
+    exp = exp_for("trainer.optim.epochs=1")
+    assert exp.trainer.data.precision == "auto"  # the default
+    assert with_resolved_precision(exp.trainer).data.precision == expected
+    assert with_resolved_precision(exp_for("trainer.data.precision=fp32").trainer).data.precision == "fp32"
+    seen = []
+    real = torch.autocast
+
+    def autocast(device_type, dtype=None, enabled=True, **kwargs):
+        seen.append((dtype, enabled))
+        return real(device_type, dtype=dtype, enabled=enabled, **kwargs)
+
+    monkeypatch.setattr(loop.torch, "autocast", autocast)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # auto never picks an emulated bf16, so never warns
+        train_in_process(exp, split, tmp_path)
+    assert seen and set(seen) == {(torch.bfloat16, expected == "bf16")}
+
+
+def test_a_train_run_records_auto_precision_resolved_and_resumes_with_it(monkeypatch, tiny_overrides, tmp_path):
+    from pipelines.cli import main
+    from recsys import hardware
+    from recsys.runs import read_json
+
+    monkeypatch.setattr(hardware, "cpu_supports_bf16", lambda: True)
+    assert main(["train", *tiny_overrides, "trainer.resources.use_ray=false", "trainer.optim.epochs=1"]) == 0
+    (run_dir,) = (tmp_path / "runs" / "train").iterdir()
+    assert read_json(run_dir / "config.json")["trainer"]["data"]["precision"] == "bf16"
+    monkeypatch.setattr(hardware, "cpu_supports_bf16", lambda: False)  # resumed elsewhere: what it trained in
+    assert main(["train", "--resume", str(run_dir), "trainer.optim.epochs=2"]) == 0
+    assert read_json(run_dir / "config.json")["trainer"]["data"]["precision"] == "bf16"
+
+
 def test_weight_average_follows_the_decay_and_swaps_back():
     from recsys.training.loop import WeightAverage
 

@@ -34,6 +34,7 @@ import numpy as np
 
 from recsys.config import require, require_choice, require_range
 from recsys.execution import check_use_ray
+from recsys.hardware import resolve_precision  # noqa: F401  (re-exported: the stage and benchmarks use it)
 
 if TYPE_CHECKING:  # importing sentence-transformers costs seconds; only load_encoder needs it
     from sentence_transformers import SentenceTransformer
@@ -292,20 +293,6 @@ def resolve_device(cfg: EncoderConfig) -> str:
     if cfg.device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return cfg.device
-
-
-def resolve_precision(precision: str, device: str) -> str:
-    """``auto`` -> bf16 where ``device`` (cpu or cuda, as resolved) runs it natively, else fp32;
-    fp32 and bf16 are kept. On a CPU whose bf16 support torch cannot tell, fp32."""
-    if precision != "auto":
-        return precision
-    if device == "cuda":
-        import torch
-
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
-    from recsys import hardware
-
-    return "bf16" if hardware.cpu_supports_bf16() is True else "fp32"
 
 
 def load_encoder(cfg: EncoderConfig, model_path: Path | None = None) -> SentenceTransformer:

@@ -48,7 +48,9 @@ class TrainDataConfig:
     samples: str = "last"  # how training windows are cut from histories: last | sliding | prefixes
     bucket: int = 0  # > 0: batch histories of similar length (sorted within runs of this many batches)
     seed: int = 0  # batch order, initialisation and dropout
-    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    # fp32 | bf16 (autocast) | auto = bf16 where the device runs it natively (AVX-512 BF16 or AMX,
+    # a GPU with bf16), else fp32; resolved where the run starts and recorded resolved
+    precision: str = "auto"
     # true: leave each user's last training transition s[:n-3] -> s[n-3] out of training, so a ranker
     # can train on the retriever's candidates for it without the retriever having memorised its
     # target (`recsys rank` requires a retriever trained so)
@@ -59,7 +61,7 @@ class TrainDataConfig:
         require(isinstance(self.ranker_holdout, bool),
                 f"trainer.data.ranker_holdout must be true or false, got {self.ranker_holdout!r}")
         require_range("trainer.data.bucket", self.bucket, 0, 1 << 20)
-        require_choice("trainer.data.precision", self.precision, ("fp32", "bf16"))
+        require_choice("trainer.data.precision", self.precision, ("auto", "fp32", "bf16"))
 
 
 @dataclass
@@ -147,6 +149,18 @@ RENAMED_TRAINER_KEYS: dict[str, str] = {
     "trainer.keep_checkpoints": "trainer.resources.keep_checkpoints",
     "trainer.max_failures": "trainer.resources.max_failures",
 }
+
+
+def with_resolved_precision(cfg: TrainerConfig) -> TrainerConfig:
+    """``cfg`` with ``trainer.data.precision=auto`` made concrete for the device the run trains on
+    (a GPU with ``trainer.resources.use_gpu``, else this machine's CPU), so the run's config.json
+    says what it used and a resume uses the same."""
+    from dataclasses import replace
+
+    from recsys.hardware import resolve_precision
+
+    device = "cuda" if cfg.resources.use_gpu else "cpu"
+    return replace(cfg, data=replace(cfg.data, precision=resolve_precision(cfg.data.precision, device)))
 
 
 @dataclass

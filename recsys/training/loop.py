@@ -139,7 +139,8 @@ class Trainer:
         self.model, self.split, self.cfg, self.eval_cfg = model, split, cfg, eval_cfg
         self.train_model = train_model or model
         self.device, self.rank, self.world_size = torch.device(device), rank, world_size
-        if cfg.data.precision == "bf16" and self.device.type == "cpu" and hardware.cpu_supports_bf16() is False \
+        self.precision = hardware.resolve_precision(cfg.data.precision, self.device.type)  # auto -> fp32 | bf16
+        if self.precision == "bf16" and self.device.type == "cpu" and hardware.cpu_supports_bf16() is False \
                 and rank == 0:
             warnings.warn(hardware.emulated_bf16_warning("trainer.data.precision"), RuntimeWarning, stacklevel=2)
         train = split.training_with_validation() if cfg.selection.refit else split.train
@@ -174,7 +175,7 @@ class Trainer:
     def train_step(self, batch: Batch) -> dict[str, float]:
         """One optimiser step; returns the loss and its named parts, e.g. {"loss": .., "ce": ..}."""
         batch = batch.to(self.device)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.data.precision == "bf16"):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             out = self.train_model(batch)
         self.optimizer.zero_grad(set_to_none=True)
         out.total.backward()
