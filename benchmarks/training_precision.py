@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.paired import paired_difference  # noqa: E402
-from benchmarks.record import machine_note, protocol, run_dataset, write_record  # noqa: E402
+from benchmarks.record import dataset_name, machine_note, protocol, run_dataset, write_record  # noqa: E402
 from pipelines.cli import ids_runs_by_space, split_config_args  # noqa: E402
 from recsys.data.schema import InteractionData  # noqa: E402
 from recsys.data.split import leave_one_out  # noqa: E402
@@ -75,7 +75,7 @@ def flops_per_sample(exp, split, context: dict) -> float:
     return counter.get_total_flops() / len(batch.history)
 
 
-def train_and_test(exp, split, context: dict) -> tuple[dict, dict[str, dict[str, np.ndarray]]]:
+def train_and_test(exp, split, context: dict, protocols: list[str]) -> tuple[dict, dict[str, dict[str, np.ndarray]]]:
     """Train with the config's selection; the selected weights' test figures, per user, per protocol."""
     trainer = build_trainer(exp, split, context=context)
     best: dict = {}
@@ -91,8 +91,8 @@ def train_and_test(exp, split, context: dict) -> tuple[dict, dict[str, dict[str,
     if "state" in best:
         trainer.model.load_state_dict(best["state"])
     per_user = {}
-    for label, exclude in (("kept", False), ("excluded", True)):
-        ranks = target_ranks_of(trainer.model, split.test, batch_size=exp.eval.batch_size, exclude_history=exclude)
+    for label in protocols:
+        ranks = target_ranks_of(trainer.model, split.test, batch_size=exp.eval.batch_size, exclude_history=label == "excluded")
         per_user[label] = per_user_metrics(ranks)
     steps = list(history)
     row = {
@@ -115,10 +115,15 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--matmul-size", type=int, default=2048)
+    parser.add_argument("--protocols", default="kept,excluded",
+                        help="test protocols: kept (the headline), excluded, or both")
     parser.add_argument("--name", default="", help="record name suffix (precision-<NAME>.json)")
     parser.add_argument("--note", default="", help="stored in the record, e.g. what else ran")
     args, rest = parser.parse_known_args(argv)
     config, overrides = split_config_args(rest)
+    protocols = args.protocols.split(",")
+    if not protocols or set(protocols) - {"kept", "excluded"}:
+        parser.error(f"--protocols takes kept, excluded or both, got {args.protocols!r}")
     common = [*overrides, "trainer.resources.use_ray=false", f"trainer.resources.threads={args.threads}",
               f"trainer.optim.epochs={args.epochs}"]
     base = load_experiment(config, common)
@@ -132,16 +137,17 @@ def main(argv: list[str]) -> None:
     for precision in PRECISIONS:
         exp = load_experiment(config, [*common, f"trainer.data.precision={precision}"])
         flops = flops_per_sample(exp, split, context)
-        row, per_user[precision] = train_and_test(exp, split, context)
+        row, per_user[precision] = train_and_test(exp, split, context, protocols)
         achieved = flops * row["samples_per_s"] / 1e9
         row.update(gflop_per_sample=round(flops / 1e9, 4), achieved_gflop_s=round(achieved, 2),
                    fraction_of_matmul_limit=round(achieved / limit[precision], 4))
         results[precision] = row
         print(precision, row, flush=True)
-    paired = {label: paired_difference(per_user["fp32"][label], per_user["bf16"][label]) for label in ("kept", "excluded")}
+    paired = {label: paired_difference(per_user["fp32"][label], per_user["bf16"][label]) for label in protocols}
     speedup = round(results["bf16"]["samples_per_s"] / results["fp32"]["samples_per_s"], 3)
-    metrics = {"test": {p: results[p]["test"]["kept"] for p in PRECISIONS},
-               "valid": {p: results[p]["valid"] for p in PRECISIONS},
+    # keyed by precision (metrics.test/valid are one model's figures; this record holds two)
+    metrics = {"test_by_precision": {p: results[p]["test"][protocols[0]] for p in PRECISIONS},
+               "valid_by_precision": {p: results[p]["valid"] for p in PRECISIONS},
                "samples_per_s": {p: results[p]["samples_per_s"] for p in PRECISIONS}, "bf16_speedup": speedup,
                "fraction_of_matmul_limit": {p: results[p]["fraction_of_matmul_limit"] for p in PRECISIONS},
                "matmul_limit_gflop_s": {k: round(v, 1) for k, v in limit.items()},
@@ -150,8 +156,10 @@ def main(argv: list[str]) -> None:
                                         for label, d in paired.items()}}
     print(metrics, flush=True)
     name = f"precision-{args.name}" if args.name else "precision"
-    path = write_record(name, model=base.model_name, dataset=run_dataset(args.data),
-                        protocol=protocol(exclude_history=False, selected_on="valid"),
+    dataset = run_dataset(args.data)  # a `recsys data` run names it; a bare saved dataset has no config
+    dataset = dataset_name(base.to_dict()["data"]) if dataset == "unknown" else dataset
+    path = write_record(name, model=base.model_name, dataset=dataset,
+                        protocol=protocol(exclude_history=protocols[0] == "excluded", selected_on="valid"),
                         config=base.to_dict(), wall_s=time.perf_counter() - start, metrics=metrics,
                         extra={"details": results, "epochs": args.epochs, "threads": args.threads,
                                "data_run": str(args.data), "ids_runs": args.ids or [],

@@ -380,3 +380,26 @@ def test_a_deterministic_reference_pairs_with_every_seed_of_the_other_model():
     assert out["diff"] == pytest.approx(d.mean()) and out["se"] == pytest.approx(d.std(ddof=1) / 2)
     assert out["seed_differences"] == pytest.approx([(seeds[0] - counts[0]).mean(), (seeds[1] - counts[0]).mean()])
     assert [x.shape for x in seed_rows(seeds, counts)] == [(2, 4), (2, 4)]
+
+
+def test_training_precision_pairs_fp32_and_bf16_on_the_selected_weights(data_and_embed, tmp_path, monkeypatch):
+    from benchmarks.training_precision import main as training_precision
+
+    monkeypatch.setattr(benchmarks.record, "RESULTS", tmp_path / "results")
+    data_dir, _ = data_and_embed
+    training_precision(["--data", str(data_dir), "--epochs", "2", "--threads", "1", "--matmul-size", "256",
+                        "--name", "tiny", "model.name=sasrec", "model.d_model=32", "model.n_layers=1",
+                        "model.d_ff=64", "trainer.optim.batch_size=64", "data.max_history=10"])
+    record = json.loads((tmp_path / "results" / "sasrec" / "synthetic" / "precision-tiny.json").read_text())
+    assert record["protocol"] == {"history": "kept", "refit": False, "selected_on": "valid"}
+    metrics, details = record["metrics"], record["details"]
+    for precision in ("fp32", "bf16"):
+        row = details[precision]
+        assert row["epochs"] == 2 and row["selected_epoch"] in (1, 2) and row["valid"]
+        assert set(row["test"]) == {"kept", "excluded"} and 0 <= row["test"]["kept"]["recall@10"] <= 1
+        assert row["gflop_per_sample"] > 0 and 0 < row["fraction_of_matmul_limit"] < 1
+        assert metrics["test_by_precision"][precision] == row["test"]["kept"]
+    diff = metrics["bf16_minus_fp32_test"]["kept"]["recall@10"]
+    assert diff["diff"] == pytest.approx(details["bf16"]["test"]["kept"]["recall@10"]
+                                         - details["fp32"]["test"]["kept"]["recall@10"], abs=1e-5)
+    assert diff["se"] >= 0 and set(metrics["matmul_limit_gflop_s"]) == {"fp32", "bf16"}
