@@ -182,8 +182,9 @@ def test_a_train_run_records_auto_precision_resolved_and_resumes_with_it(monkeyp
     assert main(["train", *tiny_overrides, "trainer.resources.use_ray=false", "trainer.optim.epochs=1"]) == 0
     (run_dir,) = (tmp_path / "runs" / "train").iterdir()
     assert read_json(run_dir / "config.json")["trainer"]["data"]["precision"] == "bf16"
-    monkeypatch.setattr(hardware, "cpu_supports_bf16", lambda: False)  # resumed elsewhere: what it trained in
-    assert main(["train", "--resume", str(run_dir), "trainer.optim.epochs=2"]) == 0
+    monkeypatch.setattr(hardware, "cpu_supports_bf16", lambda: False)  # resumed elsewhere: what it trained in,
+    with pytest.warns(RuntimeWarning, match="emulated"):  # saying that bf16 is emulated there
+        assert main(["train", "--resume", str(run_dir), "trainer.optim.epochs=2"]) == 0
     assert read_json(run_dir / "config.json")["trainer"]["data"]["precision"] == "bf16"
 
 
