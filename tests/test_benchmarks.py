@@ -403,3 +403,13 @@ def test_training_precision_pairs_fp32_and_bf16_on_the_selected_weights(data_and
     assert diff["diff"] == pytest.approx(details["bf16"]["test"]["kept"]["recall@10"]
                                          - details["fp32"]["test"]["kept"]["recall@10"], abs=1e-5)
     assert diff["se"] >= 0 and set(metrics["matmul_limit_gflop_s"]) == {"fp32", "bf16"}
+
+
+def test_valid_test_gap_slices_users_by_whether_training_holds_their_transition():
+    from types import SimpleNamespace
+
+    from benchmarks.valid_test_gap import slice_of_users
+
+    table = {5: (np.array([7, 8]), np.array([3, 1])), 6: (np.array([9]), np.array([2]))}
+    es = SimpleNamespace(histories=np.array([[1, 5], [2, 5], [0, 6], [3, 4]]), targets=np.array([8, 9, 9, 7]))
+    assert slice_of_users(es, table).tolist() == ["seen", "unseen-known", "seen", "unseen-new"]
