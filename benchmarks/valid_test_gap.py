@@ -39,7 +39,7 @@ SLICES = ("seen", "unseen-known", "unseen-new")
 
 def slice_of_users(es: EvalSet, table: dict) -> np.ndarray:
     """(U,) slice name of each user (see the module docstring)."""
-    out = np.empty(len(es), dtype=object)
+    out = np.empty(len(es.targets), dtype=object)
     for row, (history, target) in enumerate(zip(es.histories, es.targets)):
         successors = table.get(int(history[-1]))
         if successors is None:
