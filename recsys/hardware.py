@@ -1,4 +1,5 @@
-"""What the machine can do natively, for warnings where a setting would run emulated."""
+"""What the machine can do natively: which precision ``auto`` means here, and warnings where a
+setting would run emulated."""
 
 from __future__ import annotations
 

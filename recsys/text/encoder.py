@@ -34,7 +34,7 @@ import numpy as np
 
 from recsys.config import require, require_choice, require_range
 from recsys.execution import check_use_ray
-from recsys.hardware import resolve_precision  # noqa: F401  (re-exported: the stage and benchmarks use it)
+from recsys.hardware import resolve_precision
 
 if TYPE_CHECKING:  # importing sentence-transformers costs seconds; only load_encoder needs it
     from sentence_transformers import SentenceTransformer
