@@ -2,7 +2,8 @@
 split's users are sliced by whether the training data holds the transition (last history item ->
 target), and each slice's NDCG@10 and Recall@10 are given for the model and the counts.
 
-    python benchmarks/valid_test_gap.py CHECKPOINT --data DATA_RUN [--history kept|excluded] [--threads 2]
+    python benchmarks/valid_test_gap.py CHECKPOINT --data DATA_RUN [--history kept|excluded] \
+        [--splits valid,test] [--threads 2]
 
 Slices (fixed from training transitions alone, before any scoring):
 - ``seen``: the pair (last history item, target) occurs in the training sequences;
@@ -56,6 +57,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--history", default="kept", choices=("kept", "excluded"))
     parser.add_argument("--max-history", type=int, default=20)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--splits", default="valid,test", help="valid, test or both (a pilot reads valid only)")
     parser.add_argument("--name", help="write a record gap-<NAME>.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -65,7 +67,10 @@ def main(argv: list[str]) -> None:
     table = transition_counts(split)
     model = load_model(args.checkpoint)
     figures: dict = {}
-    for name in ("valid", "test"):
+    splits = args.splits.split(",")
+    if not splits or set(splits) - {"valid", "test"}:
+        parser.error(f"--splits takes valid, test or both, got {args.splits!r}")
+    for name in splits:
         es = split.eval_set(name)
         slices = slice_of_users(es, table)
         per_model = {"model": per_user_metrics(target_ranks_of(model, es, exclude_history=exclude)),
@@ -77,18 +82,18 @@ def main(argv: list[str]) -> None:
                 label: {k: round(float(m[k][rows].mean()), 4) if rows.any() else None for k in ("recall@10", "ndcg@10")}
                 for label, m in per_model.items()}}
     print(f"history {args.history}; NDCG@10 (Recall@10), model / counts")
-    print("| slice | valid users | valid model | valid counts | test users | test model | test counts |")
-    print("|---|---|---|---|---|---|---|")
+    print("| slice | " + " | ".join(f"{n} users | {n} model | {n} counts" for n in splits) + " |")
+    print("|---" * (1 + 3 * len(splits)) + "|")
     for part in ("all", *SLICES):
         cells = []
-        for name in ("valid", "test"):
+        for name in splits:
             f = figures[name][part]
             cells += [f"{f['users']}"] + [f"{f[label]['ndcg@10']} ({f[label]['recall@10']})" for label in ("model", "counts")]
         print(f"| {part} | " + " | ".join(cells) + " |")
     if args.name:
         path = write_record(f"gap-{args.name}", model=checkpoint_model(args.checkpoint), dataset=run_dataset(args.data),
                             config={"checkpoint": str(args.checkpoint), "data_run": str(args.data),
-                                    "history": args.history, "max_history": args.max_history},
+                                    "history": args.history, "max_history": args.max_history, "splits": splits},
                             wall_s=time.perf_counter() - start, metrics={},
                             protocol=protocol(exclude_history=exclude), extra={"slices": figures})
         print(f"record: {path}")
