@@ -418,3 +418,31 @@ def test_prefix_output_dropout_leaves_the_code_heads_alone_in_training_only():
     torch.testing.assert_close(model.loss(batch).total, heads_only.loss(batch).total)
     model.eval(), heads_only.eval()
     assert not torch.allclose(model.loss(batch).total, heads_only.loss(batch).total)
+
+
+def test_last_item_start_adds_the_newest_items_own_embedding_to_the_decoder_start():
+    with pytest.raises(ValueError, match="model.last_item_start must be true or false"):
+        TigerConfig(last_item_start="yes")
+    plain = make_model(prefix_embeddings=True, dropout=0.0)
+    assert plain.last_item_proj is None
+    torch.testing.assert_close(plain.start(make_batch().history), plain.bos.expand(B, -1))
+    model, batch = make_model(prefix_embeddings=True, prefix_dropout=1.0, last_item_start=True, dropout=0.0,
+                              beam_size=N_ITEMS), make_batch()
+    history = batch.history.clone()
+    history[0] = 0  # an empty history starts from BOS alone
+    start = model.start(history)
+    torch.testing.assert_close(start[0], model.bos)
+    last, codes, nodes = history[1, -1], model.item_codes, model.vocab.item_nodes
+    item = model.token_emb(model.vocab.tokens(codes[last])).sum(0) + model.node_emb(nodes[last]).sum(0)
+    torch.testing.assert_close(start[1], model.bos + model.last_item_proj(item))
+    # only the newest item enters the start token; older items reach the decoder through the memory alone
+    older = history.clone()
+    older[:, :-1] = torch.roll(history[:, :-1], 1, dims=0)
+    torch.testing.assert_close(model.start(older)[1:], start[1:])
+    # training: prefix dropout drops the encoder's node embeddings, never the start token's
+    model.train()
+    torch.testing.assert_close(model.start(history), start)
+    model.loss(batch).total.backward()
+    assert model.last_item_proj.weight.grad.abs().sum() > 0
+    model.eval()
+    assert_beam_is_exhaustive_scoring(model, batch, 15)

@@ -33,6 +33,12 @@ Departures from the paper:
   reads (HSTU's and SASRec's ``output_embeddings: separate``, which keeps history items off the top
   there). On Beauty it raised validation but not test, and the gap between history kept and
   excluded stayed as with one table (docs/experiments/tiger.md, 2026-12-04); off by default.
+- Optional last-item start (``last_item_start``, off by default): the decoder's start token adds a
+  projection of the newest history item's own embedding (its token and node embeddings, never
+  dropped), a first-order path from the last item to the next ID beside the encoder's memory, as
+  FPMC adds a Markov term to matrix factorisation (Rendle et al. 2010). It targets the
+  transitions seen in training, which the count baseline and the ID models reproduce and TIGER
+  did not (docs/experiments/tiger.md, 2026-12-04).
 - Cold start: ``register_items`` extends the ID table and trie after training (no retraining),
   as long as the codes fit the level vocabularies (``collision_vocab``: room in the collision level).
 The decoder reads the encoder's per-level token embeddings (one vocabulary, as in T5); output
@@ -75,6 +81,9 @@ class TigerConfig:
     prefix_outputs: bool = False  # score each child of the decoded prefix by its (tied) node embedding too
     prefix_output_dropout: float = 0.0  # training: drop that term per row, so the code heads alone also rank
     prefix_output_table: str = "shared"  # separate: score children by a node table of their own
+    # the decoder's start token adds a projection of the last history item's own embedding (its
+    # tokens and nodes, never dropped): a first-order path from the last item to the next ID
+    last_item_start: bool = False
 
     def __post_init__(self):
         require_range("model.d_model", self.d_model, 1, 4096)
@@ -88,7 +97,7 @@ class TigerConfig:
         require_range("model.collision_vocab", self.collision_vocab, 1, 1 << 20)
         require_choice("model.collision_scoring", self.collision_scoring, ("learned", "content"))
         require_range("model.user_tokens", self.user_tokens, 0, 1 << 24)
-        for flag in ("prefix_embeddings", "prefix_outputs"):
+        for flag in ("prefix_embeddings", "prefix_outputs", "last_item_start"):
             value = getattr(self, flag)
             require(isinstance(value, bool), f"model.{flag} must be true or false, got {value!r}")
         require_range("model.prefix_dropout", self.prefix_dropout, 0.0, 1.0)
@@ -132,6 +141,7 @@ class Tiger(GenerativeRetriever):
         self.out_node_emb = nn.Embedding(vocab.n_nodes, D, padding_idx=0) \
             if config.prefix_output_table == "separate" else None
         self.bos = nn.Parameter(torch.zeros(D))
+        self.last_item_proj = nn.Linear(D, D) if config.last_item_start else None
         self.drop = nn.Dropout(config.dropout)
         block = dict(d_model=D, n_heads=config.n_heads, d_ff=config.d_ff, dropout=config.dropout,
                      head_dim=config.head_dim, activation="relu")
@@ -238,12 +248,28 @@ class Tiger(GenerativeRetriever):
         """Cross-attention keys/values per decoder layer, computed once per batch."""
         return [block.cross.keys_values(memory) for block in self.decoder]
 
-    def decode(self, prefix: torch.Tensor, memory_kv: list, memory_mask: torch.Tensor) -> torch.Tensor:
-        """prefix (R, t) tokens of levels < t, R = B * G batch-major -> hidden states (R, t + 1, D).
-        Position j has read BOS and prefix[:, :j] and predicts level j."""
+    def start(self, history: torch.Tensor) -> torch.Tensor:
+        """history (B, T) -> the decoder's start token (B, D): BOS, plus with ``last_item_start`` a
+        projection of the last history item's embedding (the sum of its token and node embeddings,
+        without positions or prefix dropout; 0 for an empty history)."""
+        B = len(history)
+        if self.last_item_proj is None:
+            return self.bos.expand(B, -1)
+        last = history[:, -1]  # left padding: the last column is the newest item
+        item = self.token_emb(self.vocab.tokens(self.item_codes[last])).sum(1)  # (B, D)
+        if self.node_emb is not None:
+            item = item + self.node_emb(self.vocab.item_nodes[last]).sum(1)
+        return self.bos + self.last_item_proj(item) * (last > 0)[:, None]
+
+    def decode(self, prefix: torch.Tensor, memory_kv: list, memory_mask: torch.Tensor,
+               start: torch.Tensor) -> torch.Tensor:
+        """prefix (R, t) tokens of levels < t, R = B * G batch-major, start (B, D) from ``start`` ->
+        hidden states (R, t + 1, D). Position j has read the start token and prefix[:, :j] and
+        predicts level j."""
         R, t = prefix.shape
         tokens = self.token_emb(self.vocab.tokens(prefix))  # (R, t, D)
-        x = torch.cat([self.bos.expand(R, 1, -1), tokens], 1) + self.dec_pos.weight[: t + 1]  # (R, t + 1, D)
+        first = start.repeat_interleave(R // len(start), dim=0)[:, None]  # (R, 1, D)
+        x = torch.cat([first.to(tokens.dtype), tokens], 1) + self.dec_pos.weight[: t + 1]  # (R, t + 1, D)
         x = self.drop(x)
         for block, kv in zip(self.decoder, memory_kv):
             x = block(x, causal=True, memory_kv=kv, memory_mask=memory_mask)
@@ -253,7 +279,7 @@ class Tiger(GenerativeRetriever):
                        ) -> torch.Tensor:
         """Teacher forcing: history (B, T), target IDs (B, L + 1) -> hidden states (B, L + 1, D)."""
         memory, mask = self.encode(history, users)
-        return self.decode(codes[:, :-1], self.memory_kv(memory), mask)
+        return self.decode(codes[:, :-1], self.memory_kv(memory), mask, self.start(history))
 
     def logits(self, h: torch.Tensor, prefix: torch.Tensor, drop_nodes: torch.Tensor | None = None) -> torch.Tensor:
         """h (R, D) decoder states for level t = prefix.shape[1], prefix (R, t) -> logits (R, V_t):
@@ -302,7 +328,7 @@ class Tiger(GenerativeRetriever):
         """Constrained beam search with max(k, beam_size) beams; scores are log-probabilities."""
         self.check_k(k)
         memory, mask = self.encode(batch.history, batch.users)
-        kv = self.memory_kv(memory)
+        kv, start = self.memory_kv(memory), self.start(batch.history)
 
         last = self.n_tokens - 1
 
@@ -310,7 +336,7 @@ class Tiger(GenerativeRetriever):
             level = prefix.shape[1]
             if level == last and self.config.collision_scoring == "content":
                 return torch.zeros(len(prefix), self.level_sizes[last], device=prefix.device)
-            h = self.decode(prefix, kv, mask)[:, -1]
+            h = self.decode(prefix, kv, mask, start)[:, -1]
             return F.log_softmax(self.logits(h, prefix).float(), dim=-1)
 
         out = beam_search(step, self.vocab.trie, len(batch.history), k, self.beam_width(k),
