@@ -38,17 +38,27 @@ def git_commit() -> str:
         return "unknown"
 
 
+# the instruction sets that decide a CPU's speed here: vector width, native bf16, AMX
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
 def machine_note(threads: int) -> dict:
     """What a speed or wall-time figure was measured on, beyond ``machine_description``: the CPU's
-    model name, whether it runs bf16 natively, the torch threads used and the load average (this
-    project's machines are shared, so a figure is an upper bound on the time a quiet one takes)."""
+    model name and its ISA flags among ``ISA_FLAGS``, whether it runs bf16 natively, the torch
+    threads used and the load average. When the 1-minute load is above the CPU count, other jobs
+    shared the machine, and the note says so: the figure is an upper bound on a quiet machine's."""
     from recsys.hardware import cpu_supports_bf16
 
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), "unknown") if Path("/proc/cpuinfo").is_file() else "unknown"
-    return {"cpu": model, "native_bf16": cpu_supports_bf16(), "cpus": os.cpu_count(), "torch_threads": threads,
-            "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
-            "shared": "the machine was shared with other jobs while this ran"}
+    info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
+    model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), "unknown")
+    flags = next((set(line.split(":", 1)[1].split()) for line in info if line.startswith("flags")), set())
+    load = [round(x, 2) for x in os.getloadavg()]
+    cpus = os.cpu_count() or 1
+    note = {"cpu": model, "cpu_flags": [f for f in ISA_FLAGS if f in flags], "native_bf16": cpu_supports_bf16(),
+            "cpus": cpus, "torch_threads": threads, "load_average_1_5_15": load}
+    if load[0] > cpus:
+        note["shared"] = f"1-minute load {load[0]} on {cpus} CPUs when written: other jobs shared the machine"
+    return note
 
 
 def training_time(run_dir: Path) -> dict | None:

@@ -169,7 +169,8 @@ def test_protocols_writes_one_record_per_protocol(tiny_overrides, tmp_path, monk
     assert training["train_steps_s_to_selected"] == pytest.approx(sum(e["epoch_s"] for e in epochs[:best]), abs=0.1)
     assert training["wall_s_to_selected_estimate"] >= training["train_steps_s_to_selected"]
     assert training["trained_with"]["model"]["name"] == "sasrec"
-    assert set(kept_record["machine_note"]) >= {"cpu", "native_bf16", "torch_threads"}
+    assert set(kept_record["machine_note"]) >= {"cpu", "cpu_flags", "native_bf16", "torch_threads"}
+    assert set(kept_record["machine_note"]["cpu_flags"]) <= set(benchmarks.record.ISA_FLAGS)
     with pytest.raises(SystemExit):
         protocols([str(train_dir / "checkpoints" / "best"), "--data", str(data_dir), "--name", "x", "--splits", "train"])
 
