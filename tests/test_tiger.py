@@ -425,24 +425,63 @@ def test_last_item_start_adds_the_newest_items_own_embedding_to_the_decoder_star
         TigerConfig(last_item_start="yes")
     plain = make_model(prefix_embeddings=True, dropout=0.0)
     assert plain.last_item_proj is None
-    torch.testing.assert_close(plain.start(make_batch().history), plain.bos.expand(B, -1))
+    torch.testing.assert_close(plain.start(make_batch().history).token, plain.bos.expand(B, -1))
+    assert plain.start(make_batch().history).output is None
     model, batch = make_model(prefix_embeddings=True, prefix_dropout=1.0, last_item_start=True, dropout=0.0,
                               beam_size=N_ITEMS), make_batch()
     history = batch.history.clone()
     history[0] = 0  # an empty history starts from BOS alone
-    start = model.start(history)
+    start = model.start(history).token
     torch.testing.assert_close(start[0], model.bos)
-    last, codes, nodes = history[1, -1], model.item_codes, model.vocab.item_nodes
-    item = model.token_emb(model.vocab.tokens(codes[last])).sum(0) + model.node_emb(nodes[last]).sum(0)
-    torch.testing.assert_close(start[1], model.bos + model.last_item_proj(item))
+    torch.testing.assert_close(start[1], model.bos + model.last_item_proj(last_item_embedding(model, history[1, -1])))
     # only the newest item enters the start token; older items reach the decoder through the memory alone
     older = history.clone()
     older[:, :-1] = torch.roll(history[:, :-1], 1, dims=0)
-    torch.testing.assert_close(model.start(older)[1:], start[1:])
+    torch.testing.assert_close(model.start(older).token[1:], start[1:])
     # training: prefix dropout drops the encoder's node embeddings, never the start token's
     model.train()
-    torch.testing.assert_close(model.start(history), start)
+    torch.testing.assert_close(model.start(history).token, start)
     model.loss(batch).total.backward()
     assert model.last_item_proj.weight.grad.abs().sum() > 0
+    model.eval()
+    assert_beam_is_exhaustive_scoring(model, batch, 15)
+
+
+def last_item_embedding(model, item):
+    """The sum of an item's token and node embeddings, as the last-item paths read it."""
+    codes, nodes = model.item_codes[item], model.vocab.item_nodes[item]
+    return model.token_emb(model.vocab.tokens(codes)).sum(0) + model.node_emb(nodes).sum(0)
+
+
+def test_last_item_output_adds_a_zero_initialised_projection_to_every_output_state():
+    with pytest.raises(ValueError, match="model.last_item_output must be true or false"):
+        TigerConfig(last_item_output=1)
+    plain = make_model(prefix_embeddings=True, prefix_outputs=True, dropout=0.0, beam_size=N_ITEMS)
+    model = make_model(prefix_embeddings=True, prefix_outputs=True, last_item_output=True, dropout=0.0,
+                       beam_size=N_ITEMS)
+    # the same weights but the new projection, which starts at zero: the same states as without it
+    missing = model.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == ["last_item_out.bias", "last_item_out.weight"]
+    batch = make_batch()
+    model.eval(), plain.eval()
+    codes = model.item_codes[batch.target]
+    torch.testing.assert_close(model.decoder_states(batch.history, codes), plain.decoder_states(batch.history, codes))
+    with torch.no_grad():
+        model.last_item_out.weight.normal_(0, 0.1)
+        model.last_item_out.bias.normal_(0, 0.1)
+    history = batch.history.clone()
+    history[0] = 0  # an empty history adds nothing
+    skip = model.start(history).output
+    torch.testing.assert_close(skip[0], torch.zeros_like(skip[0]))
+    torch.testing.assert_close(skip[1], model.last_item_out(last_item_embedding(model, history[1, -1])))
+    # every level's output state gains it (the start token does not: last_item_start is off)
+    base = model.decoder_states(history, codes) - skip[:, None]
+    torch.testing.assert_close(model.start(history).token, model.bos.expand(len(history), -1))
+    model.last_item_out.weight.data.zero_(), model.last_item_out.bias.data.zero_()
+    torch.testing.assert_close(base, model.decoder_states(history, codes))
+    model.last_item_out.weight.data.normal_(0, 0.1)
+    model.train()
+    model.loss(batch).total.backward()
+    assert model.last_item_out.weight.grad.abs().sum() > 0
     model.eval()
     assert_beam_is_exhaustive_scoring(model, batch, 15)

@@ -39,6 +39,11 @@ Departures from the paper:
   FPMC adds a Markov term to matrix factorisation (Rendle et al. 2010). It targets the
   transitions seen in training, which the count baseline and the ID models reproduce and TIGER
   did not (docs/experiments/tiger.md, 2026-12-04).
+- Optional last-item output (``last_item_output``, off by default): a second projection of the same
+  embedding is added to the decoder's output state at every level, after the decoder, so each
+  logit gains a bilinear term between the last item and the scored code (and node): FPMC's
+  factorised transition, straight into the scores rather than through the decoder. Its projection
+  starts at zero, so an untrained model scores as without it.
 - Cold start: ``register_items`` extends the ID table and trie after training (no retraining),
   as long as the codes fit the level vocabularies (``collision_vocab``: room in the collision level).
 The decoder reads the encoder's per-level token embeddings (one vocabulary, as in T5); output
@@ -48,7 +53,7 @@ heads are separate per level. The paper's sizes are the defaults.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +89,9 @@ class TigerConfig:
     # the decoder's start token adds a projection of the last history item's own embedding (its
     # tokens and nodes, never dropped): a first-order path from the last item to the next ID
     last_item_start: bool = False
+    # the decoder's output states add a second projection of that embedding (zero at init): a
+    # bilinear last item x next code term in every level's logits, past the decoder
+    last_item_output: bool = False
 
     def __post_init__(self):
         require_range("model.d_model", self.d_model, 1, 4096)
@@ -97,7 +105,7 @@ class TigerConfig:
         require_range("model.collision_vocab", self.collision_vocab, 1, 1 << 20)
         require_choice("model.collision_scoring", self.collision_scoring, ("learned", "content"))
         require_range("model.user_tokens", self.user_tokens, 0, 1 << 24)
-        for flag in ("prefix_embeddings", "prefix_outputs", "last_item_start"):
+        for flag in ("prefix_embeddings", "prefix_outputs", "last_item_start", "last_item_output"):
             value = getattr(self, flag)
             require(isinstance(value, bool), f"model.{flag} must be true or false, got {value!r}")
         require_range("model.prefix_dropout", self.prefix_dropout, 0.0, 1.0)
@@ -109,6 +117,13 @@ class TigerConfig:
         require(self.prefix_outputs or self.prefix_output_table == "shared",
                 "model.prefix_output_table=separate is the table of the prefix outputs: it needs "
                 "model.prefix_outputs=true")
+
+
+class DecoderStart(NamedTuple):
+    """What ``Tiger.decode`` starts from, per batch row: the start token (B, D), and the vector added
+    to every output state (B, D), or None."""
+    token: torch.Tensor
+    output: torch.Tensor | None
 
 
 def user_buckets(users: torch.Tensor, n_buckets: int) -> torch.Tensor:
@@ -142,6 +157,10 @@ class Tiger(GenerativeRetriever):
             if config.prefix_output_table == "separate" else None
         self.bos = nn.Parameter(torch.zeros(D))
         self.last_item_proj = nn.Linear(D, D) if config.last_item_start else None
+        self.last_item_out = nn.Linear(D, D) if config.last_item_output else None
+        if self.last_item_out is not None:  # starts as a model without it
+            nn.init.zeros_(self.last_item_out.weight)
+            nn.init.zeros_(self.last_item_out.bias)
         self.drop = nn.Dropout(config.dropout)
         block = dict(d_model=D, n_heads=config.n_heads, d_ff=config.d_ff, dropout=config.dropout,
                      head_dim=config.head_dim, activation="relu")
@@ -248,32 +267,41 @@ class Tiger(GenerativeRetriever):
         """Cross-attention keys/values per decoder layer, computed once per batch."""
         return [block.cross.keys_values(memory) for block in self.decoder]
 
-    def start(self, history: torch.Tensor) -> torch.Tensor:
-        """history (B, T) -> the decoder's start token (B, D): BOS, plus with ``last_item_start`` a
-        projection of the last history item's embedding (the sum of its token and node embeddings,
-        without positions or prefix dropout; 0 for an empty history)."""
+    def start(self, history: torch.Tensor) -> DecoderStart:
+        """history (B, T) -> what the decoder starts from: the start token (B, D), BOS plus with
+        ``last_item_start`` a projection of the last history item's embedding (the sum of its token
+        and node embeddings, without positions or prefix dropout; 0 for an empty history), and with
+        ``last_item_output`` a second projection of it for the output states (else None)."""
         B = len(history)
-        if self.last_item_proj is None:
-            return self.bos.expand(B, -1)
+        if self.last_item_proj is None and self.last_item_out is None:
+            return DecoderStart(self.bos.expand(B, -1), None)
         last = history[:, -1]  # left padding: the last column is the newest item
         item = self.token_emb(self.vocab.tokens(self.item_codes[last])).sum(1)  # (B, D)
         if self.node_emb is not None:
             item = item + self.node_emb(self.vocab.item_nodes[last]).sum(1)
-        return self.bos + self.last_item_proj(item) * (last > 0)[:, None]
+        present = (last > 0)[:, None]
+        token = self.bos + self.last_item_proj(item) * present if self.last_item_proj is not None \
+            else self.bos.expand(B, -1)
+        output = self.last_item_out(item) * present if self.last_item_out is not None else None
+        return DecoderStart(token, output)
 
     def decode(self, prefix: torch.Tensor, memory_kv: list, memory_mask: torch.Tensor,
-               start: torch.Tensor) -> torch.Tensor:
-        """prefix (R, t) tokens of levels < t, R = B * G batch-major, start (B, D) from ``start`` ->
-        hidden states (R, t + 1, D). Position j has read the start token and prefix[:, :j] and
+               start: DecoderStart) -> torch.Tensor:
+        """prefix (R, t) tokens of levels < t, R = B * G batch-major, start from ``start`` (B rows)
+        -> hidden states (R, t + 1, D). Position j has read the start token and prefix[:, :j] and
         predicts level j."""
         R, t = prefix.shape
+        G = R // len(start.token)
         tokens = self.token_emb(self.vocab.tokens(prefix))  # (R, t, D)
-        first = start.repeat_interleave(R // len(start), dim=0)[:, None]  # (R, 1, D)
+        first = start.token.repeat_interleave(G, dim=0)[:, None]  # (R, 1, D)
         x = torch.cat([first.to(tokens.dtype), tokens], 1) + self.dec_pos.weight[: t + 1]  # (R, t + 1, D)
         x = self.drop(x)
         for block, kv in zip(self.decoder, memory_kv):
             x = block(x, causal=True, memory_kv=kv, memory_mask=memory_mask)
-        return self.dec_ln(x)
+        x = self.dec_ln(x)
+        if start.output is None:
+            return x
+        return x + start.output.repeat_interleave(G, dim=0)[:, None].to(x.dtype)
 
     def decoder_states(self, history: torch.Tensor, codes: torch.Tensor, users: torch.Tensor | None = None
                        ) -> torch.Tensor:
