@@ -42,19 +42,33 @@ def git_commit() -> str:
 ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 
 
+def cpu_fields(cpuinfo: str) -> dict[str, str]:
+    """The first processor's fields of a ``/proc/cpuinfo`` text (every processor repeats them)."""
+    field: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            field.setdefault(key.strip(), value.strip())
+    return field
+
+
 def machine_note(threads: int) -> dict:
     """What a speed or wall-time figure was measured on, beyond ``machine_description``: the CPU's
-    model name and its ISA flags among ``ISA_FLAGS``, whether it runs bf16 natively, the torch
-    threads used and the load average. When the 1-minute load is above the CPU count, other jobs
-    shared the machine, and the note says so: the figure is an upper bound on a quiet machine's."""
+    model name, family and model number (a virtual machine may name only "AMD EPYC", and two of its
+    generations differ ~1.5x in speed here), its ISA flags among ``ISA_FLAGS``, whether it runs
+    bf16 natively, the torch threads used and the load average. When the 1-minute load is above the
+    CPU count, other jobs shared the machine, and the note says so: the figure is an upper bound on
+    a quiet machine's."""
     from recsys.hardware import cpu_supports_bf16
 
-    info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
-    model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), "unknown")
-    flags = next((set(line.split(":", 1)[1].split()) for line in info if line.startswith("flags")), set())
+    cpuinfo = Path("/proc/cpuinfo")
+    field = cpu_fields(cpuinfo.read_text() if cpuinfo.is_file() else "")
+    flags = set(field.get("flags", "").split())
     load = [round(x, 2) for x in os.getloadavg()]
     cpus = os.cpu_count() or 1
-    note = {"cpu": model, "cpu_flags": [f for f in ISA_FLAGS if f in flags], "native_bf16": cpu_supports_bf16(),
+    note = {"cpu": field.get("model name", "unknown"),
+            "cpu_family_model": f"{field.get('cpu family', '?')}/{field.get('model', '?')}",
+            "cpu_flags": [f for f in ISA_FLAGS if f in flags], "native_bf16": cpu_supports_bf16(),
             "cpus": cpus, "torch_threads": threads, "load_average_1_5_15": load}
     if load[0] > cpus:
         note["shared"] = f"1-minute load {load[0]} on {cpus} CPUs when written: other jobs shared the machine"

@@ -1,6 +1,7 @@
 """Benchmark scripts whose logic goes beyond timing, run on tiny synthetic inputs."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -169,10 +170,23 @@ def test_protocols_writes_one_record_per_protocol(tiny_overrides, tmp_path, monk
     assert training["train_steps_s_to_selected"] == pytest.approx(sum(e["epoch_s"] for e in epochs[:best]), abs=0.1)
     assert training["wall_s_to_selected_estimate"] >= training["train_steps_s_to_selected"]
     assert training["trained_with"]["model"]["name"] == "sasrec"
-    assert set(kept_record["machine_note"]) >= {"cpu", "cpu_flags", "native_bf16", "torch_threads"}
+    assert set(kept_record["machine_note"]) >= {"cpu", "cpu_family_model", "cpu_flags", "native_bf16", "torch_threads"}
     assert set(kept_record["machine_note"]["cpu_flags"]) <= set(benchmarks.record.ISA_FLAGS)
     with pytest.raises(SystemExit):
         protocols([str(train_dir / "checkpoints" / "best"), "--data", str(data_dir), "--name", "x", "--splits", "train"])
+
+
+def test_cpu_fields_read_the_first_processor_and_the_note_says_shared_only_under_load(monkeypatch):
+    text = ("processor\t: 0\nmodel name\t: AMD EPYC\ncpu family\t: 26\nmodel\t\t: 2\n"
+            "flags\t\t: fpu avx2 avx512f avx512_bf16\n\nprocessor\t: 1\nmodel name\t: other\n")
+    field = benchmarks.record.cpu_fields(text)
+    assert (field["model name"], field["cpu family"], field["model"]) == ("AMD EPYC", "26", "2")
+    assert field["flags"].split() == ["fpu", "avx2", "avx512f", "avx512_bf16"]
+    cpus = os.cpu_count() or 1
+    monkeypatch.setattr(os, "getloadavg", lambda: (cpus - 0.5, 0.0, 0.0))
+    assert "shared" not in benchmarks.record.machine_note(1)
+    monkeypatch.setattr(os, "getloadavg", lambda: (cpus + 1.0, 0.0, 0.0))
+    assert str(cpus + 1.0) in benchmarks.record.machine_note(1)["shared"]
 
 
 def test_validation_curves_compare_runs_on_validation_only(tmp_path, monkeypatch):
