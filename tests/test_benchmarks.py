@@ -428,3 +428,27 @@ def test_valid_test_gap_slices_users_by_whether_training_holds_their_transition(
     table = {5: (np.array([7, 8]), np.array([3, 1])), 6: (np.array([9]), np.array([2]))}
     es = SimpleNamespace(histories=np.array([[1, 5], [2, 5], [0, 6], [3, 4]]), targets=np.array([8, 9, 9, 7]))
     assert slice_of_users(es, table).tolist() == ["seen", "unseen-known", "seen", "unseen-new"]
+
+
+def test_twin_scale_times_each_stage_and_measures_the_memory_of_one_request(tmp_path, monkeypatch):
+    from benchmarks.twin_scale import main
+
+    monkeypatch.setattr(benchmarks.record, "RESULTS", tmp_path / "results")
+    plot = tmp_path / "scale.png"
+    main(["--lengths", "60", "2000", "--items", "500", "--dim", "8", "--min-s", "0", "--offline-lengths",
+          "--name", "tiny", "--plot", str(plot)])
+    record = json.loads((tmp_path / "results" / "twin_v2" / "synthetic" / "tiny.json").read_text())
+    rows = {(r["variant"], r["length"]): r for r in record["metrics"]["per_request"]}
+    top_k = record["config"]["model"]["top_k"]
+    for length in (60, 2000):
+        full, twin, v2 = rows["full", length], rows["twin", length], rows["twin_v2", length]
+        assert full["entries"] == full["gsu_keeps"] == twin["entries"] == length  # raw behaviours
+        assert twin["gsu_keeps"] == top_k
+        assert v2["entries"] < length and v2["compression"] == round(length / v2["entries"], 2)
+        for r in (full, twin, v2):
+            assert r["gsu_ms"] > 0 and r["esu_ms"] > 0 and r["total_ms"] > 0 and r["peak_mib"] >= 0
+    # full attention's (C, M, H) relevance (1.6 MB at M = 2000) grows with the history; TWIN-V2's
+    # entries grow less
+    assert rows["full", 2000]["peak_mib"] > rows["full", 60]["peak_mib"] + 1
+    assert rows["twin_v2", 2000]["entries"] < rows["twin", 2000]["entries"] / 2
+    assert record["metrics"]["offline"] == {} and plot.stat().st_size > 10_000

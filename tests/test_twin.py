@@ -65,6 +65,11 @@ def test_gsu_keeping_everything_equals_full_target_attention(name):
     b = model.prepare(batch())
     with torch.no_grad():
         torch.testing.assert_close(model.long_interest(b, model.embed(b.candidates)), full_attention_reference(model, b))
+        keys, alpha, top = model.gsu(b, model.embed(b.candidates))
+        assert top is None  # k covers every entry: ESU attends them in place
+        B, C, M, _ = alpha.shape
+        every = torch.arange(M).expand(B, C, M)  # the gathered path, keeping all M
+        torch.testing.assert_close(model.esu(b, keys, alpha, every), model.esu(b, keys, alpha, None))
 
 
 def test_gsu_keeps_the_most_relevant_entries():

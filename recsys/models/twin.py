@@ -204,8 +204,15 @@ class Twin(Ranker):
 
     def long_interest(self, batch: Batch, query: torch.Tensor) -> torch.Tensor:
         """GSU then ESU over the long history -> (B, C, D)."""
+        keys, alpha, top = self.gsu(batch, query)
+        return self.esu(batch, keys, alpha, top)
+
+    def gsu(self, batch: Batch, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The general search unit: the relevance α of every entry of the long history to every
+        candidate (α' = α + ln n for clusters), and the top-k entries kept per candidate.
+        -> keys (B, M, D), alpha (B, C, M, H), top (B, C, k) indices into M, or None when k covers
+        all M entries (every entry kept: full target attention)."""
         keys = self.embed(batch.long_items, batch.long_vectors)  # (B, M, D)
-        valid = batch.long_sizes > 0  # (B, M)
         length = batch.long_sizes.sum(1, keepdim=True).float()  # (B, 1) events before the target
         gap = (length - batch.long_positions).clamp(min=1)  # (B, M) newest = 1
         bucket = gap.log2().floor().long().clamp(0, self.config.gap_buckets)
@@ -216,15 +223,26 @@ class Twin(Ranker):
             alpha = alpha + sim[..., None] * self.cross_sim.weight[:, 0]
         if self.config.history == "clusters":  # TWIN-V2: a cluster of n events counts for ln n more
             alpha = alpha + batch.long_sizes.clamp(min=1).float().log()[:, None, :, None]
-        k = min(self.config.top_k, keys.shape[1])
+        if self.config.top_k >= keys.shape[1]:
+            return keys, alpha, None
+        valid = batch.long_sizes > 0  # (B, M)
         relevance = alpha.mean(-1).masked_fill(~valid[:, None, :], float("-inf"))  # (B, C, M)
-        top = relevance.topk(k, dim=2).indices  # (B, C, k) GSU
-        B, C, M, H = alpha.shape
-        kept = alpha.gather(2, top[..., None].expand(B, C, k, H))  # (B, C, k, H)
+        return keys, alpha, relevance.topk(self.config.top_k, dim=2).indices
+
+    def esu(self, batch: Batch, keys: torch.Tensor, alpha: torch.Tensor, top: torch.Tensor | None) -> torch.Tensor:
+        """The exact search unit: multi-head target attention over the entries GSU kept, with their
+        α as its logits -> (B, C, D). ``top`` None attends every entry in place, without gathering
+        a (B, C, M, H, hd) copy of the values."""
+        valid = batch.long_sizes > 0  # (B, M)
         values = self.long_attn.values(keys)  # (B, M, H, hd)
+        if top is None:
+            return self.long_attn.pool(alpha, values, valid)
+        B, C, M, H = alpha.shape
+        k = top.shape[2]
+        kept = alpha.gather(2, top[..., None].expand(B, C, k, H))  # (B, C, k, H)
         values = values[:, None].expand(B, C, M, H, -1).gather(
             2, top[..., None, None].expand(B, C, k, H, values.shape[-1]))  # (B, C, k, H, hd)
-        return self.long_attn.pool(kept, values, valid[:, None].expand(B, C, M).gather(2, top))  # ESU
+        return self.long_attn.pool(kept, values, valid[:, None].expand(B, C, M).gather(2, top))
 
     def logits(self, batch: Batch) -> torch.Tensor:
         """-> (B, C) one logit per candidate (padding candidates included; callers mask them)."""
