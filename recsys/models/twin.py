@@ -234,14 +234,14 @@ class Twin(Ranker):
         α as its logits -> (B, C, D). ``top`` None attends every entry in place, without gathering
         a (B, C, M, H, hd) copy of the values."""
         valid = batch.long_sizes > 0  # (B, M)
-        values = self.long_attn.values(keys)  # (B, M, H, hd)
         if top is None:
-            return self.long_attn.pool(alpha, values, valid)
+            return self.long_attn.pool(alpha, self.long_attn.values(keys), valid)
         B, C, M, H = alpha.shape
-        k = top.shape[2]
+        k, D = top.shape[2], keys.shape[-1]
         kept = alpha.gather(2, top[..., None].expand(B, C, k, H))  # (B, C, k, H)
-        values = values[:, None].expand(B, C, M, H, -1).gather(
-            2, top[..., None, None].expand(B, C, k, H, values.shape[-1]))  # (B, C, k, H, hd)
+        # the values of the kept entries only: ESU's cost does not grow with the history
+        kept_keys = keys[:, None].expand(B, C, M, D).gather(2, top[..., None].expand(B, C, k, D))  # (B, C, k, D)
+        values = self.long_attn.values(kept_keys.reshape(B, C * k, D)).view(B, C, k, H, -1)  # (B, C, k, H, hd)
         return self.long_attn.pool(kept, values, valid[:, None].expand(B, C, M).gather(2, top))
 
     def logits(self, batch: Batch) -> torch.Tensor:
