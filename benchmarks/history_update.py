@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.record import write_record
+from benchmarks.record import machine_note, write_record
 from recsys.history.clustering import cluster_history
 from recsys.history.incremental import add_event
 from recsys.history.store import ClusterSet, Event, StoreConfig, open_store
@@ -89,7 +90,8 @@ def main(argv: list[str] | None = None) -> None:
               f"ms/event (p95 {r['store_append']['p95_ms']:.3f})", flush=True)
     path = write_record(args.name, model="history", dataset="synthetic", wall_s=round(time.perf_counter() - start, 1),
                         config=vars(args), metrics={"per_length": rows},
-                        extra={"note": "machine shared with other jobs (2 cores); numpy, OMP_NUM_THREADS=1"})
+                        extra={"machine_note": machine_note(1),
+                               "note": f"numpy; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"})
     print(f"record: {path}")
 
 
