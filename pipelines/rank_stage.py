@@ -90,7 +90,8 @@ def run_train_ranker(exp: ExperimentConfig, candidates_dir: Path, parent: Path |
     load = lambda name: CandidateSet.load(candidates_dir / candidates_file(name))  # noqa: E731
     start = time.perf_counter()
     fit = train_ranker(model, load("train"), split.full_histories("train"), load("valid"),
-                       split.full_histories("valid"), exp.trainer, random_negatives_n=exp.model.random_negatives)
+                       split.full_histories("valid"), exp.trainer, random_negatives_n=exp.model.random_negatives,
+                       missed_targets=exp.model.missed_targets)
     wall = time.perf_counter() - start
     save_checkpoint(run_dir / "checkpoints" / "best", model, exp.model_name)
     write_json(run_dir / "epochs.json", fit.history)
@@ -112,11 +113,6 @@ def per_user_ndcg10(scores: np.ndarray, candidates: CandidateSet) -> np.ndarray:
     ranks = reranked_ranks(torch.from_numpy(scores), torch.from_numpy(candidates.candidates),
                            torch.from_numpy(candidates.targets)).numpy()
     return np.where((ranks >= 0) & (ranks < 10), 1.0 / np.log2(np.maximum(ranks, 0) + 2.0), 0.0)
-
-
-def subset(candidates: CandidateSet, rows: np.ndarray) -> CandidateSet:
-    return CandidateSet(candidates.user_index[rows], candidates.candidates[rows], candidates.scores[rows],
-                        candidates.targets[rows])
 
 
 def run_rank(exp: ExperimentConfig, retriever_dir: Path, top_n: int = 100,
@@ -145,8 +141,8 @@ def run_rank(exp: ExperimentConfig, retriever_dir: Path, top_n: int = 100,
         "retriever": {"valid": retriever_alone(CandidateSet.load(cand_dir / candidates_file("valid"))),
                       "test": retriever_alone(test)},
         "test_long_history": {"users": int(len(long_rows)),
-                              "ranker": ranker_figures(scores[long_rows], subset(test, long_rows)),
-                              "retriever": retriever_alone(subset(test, long_rows))},
+                              "ranker": ranker_figures(scores[long_rows], test.subset(long_rows)),
+                              "retriever": retriever_alone(test.subset(long_rows))},
         "test_ndcg@10_gain": {"mean": float(diff.mean()), "paired_se": float(diff.std(ddof=1) / np.sqrt(len(diff)))},
         "candidates": cand_metrics, "top_n": top_n, "wall_s": round(time.perf_counter() - start, 2),
     }

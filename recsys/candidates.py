@@ -48,6 +48,9 @@ class CandidateSet:
     def target_in_set(self) -> np.ndarray:
         return (self.candidates == self.targets[:, None]).any(1)
 
+    def subset(self, rows: np.ndarray) -> "CandidateSet":
+        return CandidateSet(self.user_index[rows], self.candidates[rows], self.scores[rows], self.targets[rows])
+
     def save(self, path: str | Path) -> None:
         pd.DataFrame({"user_index": self.user_index, "candidates": list(self.candidates),
                       "scores": list(self.scores.astype(np.float32)), "target": self.targets,

@@ -173,6 +173,40 @@ def test_training_lists_are_the_whole_list_and_a_missed_target_takes_a_random_pl
         assert len(set(real)) == len(real) and not set(real) & set(taken) and (real <= 12).all()
 
 
+def test_skipping_missed_targets_trains_only_on_the_lists_that_hold_their_target(monkeypatch):
+    import recsys.training.ranker as ranker
+    from recsys.experiment import load_experiment
+
+    data = generate_synthetic(SyntheticConfig(n_users=30, n_items=N_ITEMS, min_length=6, max_length=12, seed=4))
+    split = leave_one_out(data, max_history=20)
+    train_h, valid_h = split.full_histories("train"), split.full_histories("valid")
+
+    def lists(h, holds):  # 20 candidates per row, the target among them only where ``holds``
+        rows = []
+        for i, target in enumerate(h.targets):
+            others = [x for x in range(1, N_ITEMS + 1) if x != target][i % 5:][:20]
+            rows.append([target, *others[:19]] if holds(i) else others)
+        return CandidateSet(h.user_index, np.array(rows), np.zeros((len(h), 20), np.float32), h.targets)
+
+    train, valid = lists(train_h, lambda i: i % 3 == 0), lists(valid_h, lambda i: True)
+    cfg = load_experiment(None, ["trainer.optim.epochs=1", "trainer.optim.batch_size=8"]).trainer
+    seen = []
+    real = ranker.fixed_batches
+    monkeypatch.setattr(ranker, "fixed_batches", lambda model, h, size: seen.append(h) or real(model, h, size))
+    for missed in ("skip", "insert"):
+        ranker.train_ranker(make({"name": "twin"}), train, train_h, valid, valid_h, cfg, random_negatives_n=2,
+                            missed_targets=missed, log=lambda line: None)
+    held = train_h.user_index[train.target_in_set]
+    assert 0 < len(held) < len(train_h)
+    assert sorted(seen[0].user_index.tolist()) == sorted(held.tolist())  # skip: the lists that hold it
+    assert sorted(seen[1].user_index.tolist()) == sorted(train_h.user_index.tolist())  # insert: every list
+    with pytest.raises(ValueError, match="missed_targets"):
+        ranker.train_ranker(make({"name": "twin"}), train, train_h, valid, valid_h, cfg, random_negatives_n=2,
+                            missed_targets="drop")
+    with pytest.raises(ValueError, match="model.missed_targets"):
+        model_config_from_dict({"name": "twin", "missed_targets": "drop"})
+
+
 def test_ranker_holdout_never_trains_on_the_rankers_transition():
     from recsys.experiment import load_experiment
     from recsys.training.loop import Trainer

@@ -62,6 +62,11 @@ class Histories(NamedTuple):
     def __len__(self) -> int:
         return len(self.targets)
 
+    def subset(self, rows: np.ndarray) -> "Histories":
+        return Histories(self.user_index[rows], [self.items[r] for r in rows],
+                         None if self.times is None else [self.times[r] for r in rows], self.targets[rows],
+                         None if self.target_times is None else self.target_times[rows])
+
     def padded(self, rows: np.ndarray | list[int]) -> tuple[np.ndarray, np.ndarray | None]:
         """Rows -> (len(rows), longest of them) left-padded items, and times (0 at padding) or None."""
         width = max(1, max(len(self.items[r]) for r in rows))

@@ -49,6 +49,7 @@ from recsys.models.base import Batch, Capabilities, LossOutput, Ranker
 from recsys.models.layers import TargetAttention
 
 HISTORIES = ("behaviours", "clusters", "none")
+MISSED_TARGETS = ("insert", "skip")
 RANK_BUCKETS = 12  # log2 buckets of the retriever's rank, 0..2^11; the last one: not proposed by it
 
 
@@ -65,6 +66,12 @@ class TwinConfig:
     mlp_dim: int = 128
     dropout: float = 0.1
     random_negatives: int = 20  # training: uniform random items per example, redrawn every epoch
+    # training lists that miss the target: skip them (train only on lists like those validation and
+    # test can score), or insert the target at a random position, taking that candidate's rank and
+    # score. On Beauty, inserting taught the ranker that the retriever's rank says little (most
+    # positives sat at random ranks): validation NDCG@10 0.0366 against 0.0500 skipping, and the
+    # retriever alone 0.0433 (docs/experiments/twin.md, 2026-12-04 evening)
+    missed_targets: str = "skip"
     cluster_seed: int = 0
     # false: items are their item vectors alone, no learned ID embedding (a precaution where there is
     # one training example per user, 1,090 on LastFM, against thousands of items)
@@ -84,6 +91,7 @@ class TwinConfig:
         require_range("model.mlp_dim", self.mlp_dim, 1, 65536)
         require_range("model.dropout", self.dropout, 0.0, 0.95)
         require_range("model.random_negatives", self.random_negatives, 0, 100000)
+        require_choice("model.missed_targets", self.missed_targets, MISSED_TARGETS)
         require_range("model.cluster_seed", self.cluster_seed, 0, 2**31 - 1)
         require(isinstance(self.id_embeddings, bool), f"model.id_embeddings must be true or false, got "
                 f"{self.id_embeddings!r}")
