@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.offline_lengths else {}
     if args.plot:
         plot(rows, args.plot)
-    model_cfg = {k: v for k, v in dataclasses.asdict(models["twin_v2"].config).items()}
+    model_cfg = dataclasses.asdict(models["twin_v2"].config)
     path = write_record(args.name, model="twin_v2", dataset="synthetic", wall_s=round(time.perf_counter() - start, 1),
                         config={**vars(args), "plot": str(args.plot) if args.plot else None, "model": model_cfg,
                                 "candidates": CANDIDATES, "short_len": SHORT},
