@@ -28,11 +28,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import yaml
 
 from benchmarks.history_update import catalogue_vectors
 from benchmarks.record import machine_note, write_record
 from pipelines.history_job import cluster_all
+from recsys.experiment import load_experiment
 from recsys.history.build import HistoryConfig
 from recsys.models import Batch, build_model, model_config_from_dict
 
@@ -203,7 +203,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     allocator_returns_memory()
-    config = {k: v for k, v in yaml.safe_load(Path(args.config).read_text())["model"].items() if k != "name"}
+    # the config as the project resolves it (base_config chains, defaults filled in)
+    config = dataclasses.asdict(load_experiment(args.config).model)
     rng = np.random.default_rng(0)
     vectors = catalogue_vectors(args.items, args.dim, 32, rng)
     models = rankers(config, args.items, vectors, max(args.lengths))
