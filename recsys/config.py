@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import types
 import typing
 import warnings
@@ -18,6 +19,24 @@ from typing import Any, Callable, TypeVar
 import yaml
 
 T = TypeVar("T")
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """YAML 1.2's booleans: only ``true``/``false`` are booleans. PyYAML follows YAML 1.1, where
+    ``off``, ``on``, ``yes`` and ``no`` are too, so ``model.log_q=off`` would arrive as ``False``
+    and fail a choice that names ``"off"``."""
+
+
+ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                   list("tTfF"))
+
+
+def parse_yaml(text: str) -> Any:
+    """A YAML document or scalar with YAML 1.2's booleans (``ConfigLoader``)."""
+    return yaml.load(text, Loader=ConfigLoader)
 
 
 def require(condition: bool, message: str) -> None:
@@ -51,7 +70,7 @@ def parse_overrides(overrides: typing.Sequence[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r} conflicts with an earlier override of {part!r}")
-        node[parts[-1]] = yaml.safe_load(raw) if raw else ""
+        node[parts[-1]] = parse_yaml(raw) if raw else ""
     return tree
 
 
@@ -82,7 +101,7 @@ def load_yaml(path: str | Path) -> dict:
         raise FileNotFoundError(f"config file {path} does not exist")
     with path.open() as fh:
         try:
-            data = yaml.safe_load(fh) or {}
+            data = parse_yaml(fh) or {}
         except yaml.YAMLError as err:
             raise ValueError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(data, dict):

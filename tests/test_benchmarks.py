@@ -452,3 +452,46 @@ def test_twin_scale_times_each_stage_and_measures_the_memory_of_one_request(tmp_
     assert rows["full", 2000]["peak_mib"] > rows["full", 60]["peak_mib"] + 1
     assert rows["twin_v2", 2000]["entries"] < rows["twin", 2000]["entries"] / 2
     assert record["metrics"]["offline"] == {} and plot.stat().st_size > 10_000
+
+
+def test_two_tower_log_q_buckets_targets_by_training_counts_and_pairs_with_and_without(tiny_overrides, tmp_path,
+                                                                                       monkeypatch):
+    from benchmarks.two_tower_logq import main as logq, popularity_buckets
+    from pipelines.cli import main as cli
+    from recsys.data.schema import InteractionData
+    from recsys.data.split import leave_one_out
+
+    monkeypatch.setattr(benchmarks.record, "RESULTS", tmp_path / "results")
+    common = [*tiny_overrides, "model.name=two_tower", "trainer.resources.use_ray=false", "trainer.optim.epochs=2"]
+    assert cli(["data", *tiny_overrides]) == 0
+    data_dir = next((tmp_path / "runs" / "data").iterdir())
+    for log_q in ("streaming", "off"):
+        assert cli(["train", *common, f"model.log_q={log_q}", f"run.name=tt-{log_q}", "--data", str(data_dir)]) == 0
+    runs = {p.name.split("-tt-")[1]: p / "checkpoints" / "best" for p in (tmp_path / "runs" / "train").iterdir()}
+    logq(["--with", str(runs["streaming"]), "--without", str(runs["off"]), "--data", str(data_dir), "--name", "tiny",
+          "--latency-users", "5", "--threads", "1"])
+    record = json.loads((tmp_path / "results" / "two_tower" / "synthetic" / "tiny.json").read_text())
+    assert record["protocol"] == {"history": "kept", "refit": False, "selected_on": "valid"}
+    table, users = record["by_target_popularity"], record["users"]
+    assert table["popular"]["users"] + table["tail"]["users"] == table["all"]["users"] == users
+    assert table["popular"]["users"] > 0 and table["tail"]["users"] > 0
+    for side in ("with_log_q", "without_log_q"):  # the buckets partition the users
+        mixed = (table["popular"][side]["recall@10"] * table["popular"]["users"]
+                 + table["tail"][side]["recall@10"] * table["tail"]["users"]) / users
+        assert mixed == pytest.approx(table["all"][side]["recall@10"], abs=2e-4)
+    diff = table["all"]["paired_with_minus_without"]["recall@10"]["diff"]
+    assert diff == pytest.approx(table["all"]["with_log_q"]["recall@10"] - table["all"]["without_log_q"]["recall@10"],
+                                 abs=2e-4)
+    assert record["metrics"]["test"]["recall@10"] == table["all"]["with_log_q"]["recall@10"]
+    # exact faiss search over the model's vectors is the model's own full scoring
+    assert record["ann"]["recall@10_exact"] == pytest.approx(record["metrics"]["test"]["recall@10"], abs=1e-4)
+    assert 0 < record["ann"]["share_of_exact_top10_found"] <= 1
+    split = leave_one_out(InteractionData.load(data_dir), 20)
+    popular, buckets = popularity_buckets(split, 0.25)
+    counts = np.bincount(np.concatenate(split.train), minlength=split.n_items + 1)
+    assert popular.sum() == buckets["popular_items"] == 20 and not popular[0]
+    assert counts[popular].min() >= counts[1:][~popular[1:]].max()  # the head holds the most-trained items
+    with pytest.raises(ValueError, match="head-share"):
+        popularity_buckets(split, 1.0)
+    with pytest.raises(SystemExit):  # a checkpoint of another model is refused
+        logq(["--with", str(runs["streaming"]), "--without", str(data_dir), "--data", str(data_dir)])

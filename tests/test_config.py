@@ -65,3 +65,16 @@ def test_shipped_configs_load():
     assert configs, "configs/ should ship at least one YAML"
     for path in configs:
         load_experiment(path)
+
+
+def test_on_off_yes_no_are_words_and_only_true_false_are_booleans(tmp_path):
+    """YAML 1.1 would read off/on/yes/no as booleans, so a choice named "off" could not be given."""
+    assert parse_overrides(["a=off", "b=on", "c=yes", "d=no", "e=true", "f=False"]) == {
+        "a": "off", "b": "on", "c": "yes", "d": "no", "e": True, "f": False}
+    exp = load_experiment(write(tmp_path, "model:\n  name: two_tower\n  log_q: off\n"))
+    assert exp.model.log_q == "off"
+    exp = load_experiment(None, ["model.name=eager", "model.gct=off", "trainer.resources.use_ray=false"])
+    assert exp.model.gct == "off" and exp.trainer.resources.use_ray is False
+    assert load_experiment(None, ["model.name=hstu", "model.time_bias=on"]).model.time_bias == "on"
+    with pytest.raises(ValueError, match="trainer.resources.use_ray must be true or false"):
+        load_experiment(None, ["trainer.resources.use_ray=off"])

@@ -32,7 +32,7 @@ Departures from the official code:
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -52,11 +52,6 @@ OUTPUT_EMBEDDINGS = ("shared", "separate")
 EPS = 1e-6  # the official LayerNorm epsilon
 
 
-def _time_bias(value: object, where: str) -> object:
-    """YAML 1.1 reads a bare ``on``/``off`` (``model.time_bias=off`` on the command line) as a boolean."""
-    return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
-
-
 @dataclass
 class HSTUConfig:
     d_model: int = 50
@@ -69,7 +64,7 @@ class HSTUConfig:
     n_negatives: int = 128  # sampled_softmax only; must be < the catalogue size
     temperature: float = 0.05  # both losses divide cosines by it
     # auto: rab^t when the batch has timestamps; on: require them; off: never read them
-    time_bias: str = field(default="auto", metadata={"from_dict": _time_bias})
+    time_bias: str = "auto"
     time_buckets: int = 128  # buckets of ln|Δt| / 0.301
     query_time: str = "next_event"  # next_event: ts[i + 1], the target's time last; last_event: ts[i]
     position_bias: bool = True  # the rab term per j - i; false with time_bias off = no rab
