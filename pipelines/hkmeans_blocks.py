@@ -43,7 +43,10 @@ def _fit_group(group: dict, cfg: HKMeansConfig) -> dict:
     order = np.argsort(group["row"])
     rows, x = group["row"][order], group["x"][order]
     result = fit_subtree(SubtreeTask((int(group["label"][0]),), rows, x, cfg))
-    singles = {int(items[0]): x[np.searchsorted(rows, items[0])] for path, items in result.leaves if len(items) == 1}
+    singles = {}  # items alone in their leaf: a chain below a shallow leaf is centred on the item's vector
+    for block in result.leaves:
+        alone = block.items[np.bincount(block.codes)[block.codes] == 1]
+        singles.update(zip(alone.tolist(), x[np.searchsorted(rows, alone)]))
     return {"label": group["label"][:1], "result": np.array([pickle.dumps((result, singles))], dtype=object)}
 
 

@@ -50,10 +50,19 @@ class SubtreeTask(NamedTuple):
     config: "HKMeansConfig"
 
 
+class LeafBlock(NamedTuple):
+    """Items that end in leaves just below one node: item ``items[i]``'s leaf is ``parent +
+    (codes[i],)``. One block per node holds all of its leaf children (of one or many items each)."""
+
+    parent: Path_
+    codes: np.ndarray  # (m,) int64
+    items: np.ndarray  # (m,) int64 rows of the full embedding matrix
+
+
 class SubtreeResult(NamedTuple):
     path: Path_
     nodes: list[TreeNode]  # every split node inside the subtree, its root included
-    leaves: list[tuple[Path_, np.ndarray]]  # (leaf path, item indices held there)
+    leaves: list[LeafBlock]
 
 
 class FlatTree(NamedTuple):
@@ -92,9 +101,11 @@ def split_node(vectors: np.ndarray, item_index: np.ndarray, path: Path_, cfg: "H
 def _children(split: NodeSplit, item_index: np.ndarray, vectors: np.ndarray):
     """Yield (child path, item_index, vectors) per child; items keep their order."""
     order = np.argsort(split.labels, kind="stable")
-    bounds = np.searchsorted(split.labels[order], split.codes, side="left").tolist() + [len(order)]
-    for i, code in enumerate(split.codes.tolist()):
-        members = order[bounds[i]:bounds[i + 1]]
+    ordered = split.labels[order]
+    starts = np.searchsorted(ordered, split.codes, side="left").tolist()
+    ends = np.searchsorted(ordered, split.codes, side="right").tolist()
+    for code, start, end in zip(split.codes.tolist(), starts, ends):
+        members = order[start:end]
         yield split.path + (code,), item_index[members], vectors[members]
 
 
@@ -105,18 +116,30 @@ def _is_leaf(path: Path_, n: int, cfg: "HKMeansConfig") -> bool:
 
 
 def fit_subtree(task: SubtreeTask) -> SubtreeResult:
-    """Cluster one subtree depth first. Top-level and picklable: Ray can run it as a task."""
+    """Cluster one subtree depth first. Top-level and picklable: Ray can run it as a task.
+    The leaf children of a split are kept as one block (most leaves are single items under a
+    node that took direct codes), so no per-item work follows them."""
     nodes: list[TreeNode] = []
-    leaves: list[tuple[Path_, np.ndarray]] = []
-    stack = [(task.path, np.asarray(task.item_index, dtype=np.int64), task.vectors)]
+    leaves: list[LeafBlock] = []
+    item_index = np.asarray(task.item_index, dtype=np.int64)
+    if _is_leaf(task.path, len(item_index), task.config):
+        return SubtreeResult(task.path, [], [LeafBlock(task.path[:-1], np.full(len(item_index), task.path[-1]), item_index)])
+    stack = [(task.path, item_index, task.vectors)]
     while stack:
         path, item_index, vectors = stack.pop()
-        if _is_leaf(path, len(item_index), task.config):
-            leaves.append((path, item_index))
-            continue
+        _is_leaf(path, len(item_index), task.config)  # never true here; raises past MAX_DEPTH
         split = split_node(vectors, item_index, path, task.config)
         nodes.append(TreeNode(path, split.codes, split.centroids))
-        stack.extend(reversed(list(_children(split, item_index, vectors))))
+        sizes = np.bincount(split.labels)
+        if len(path) + 1 == task.config.max_levels:  # every child is a leaf
+            leaves.append(LeafBlock(path, split.labels, item_index))
+            continue
+        single = sizes[split.labels] == 1
+        if single.any():
+            leaves.append(LeafBlock(path, split.labels[single], item_index[single]))
+        if not single.all():
+            inner = NodeSplit(path, split.codes[sizes[split.codes] > 1], split.centroids, split.labels)
+            stack.extend(reversed(list(_children(inner, item_index, vectors))))
     return SubtreeResult(task.path, nodes, leaves)
 
 
@@ -135,40 +158,61 @@ def assemble_tree(root: NodeSplit, results: list[SubtreeResult], embeddings: np.
     shallower than L continues as a chain of code-0 nodes centred on its own vector.
     """
     nodes = [TreeNode(root.path, root.codes, root.centroids)]
-    leaves: list[tuple[Path_, np.ndarray]] = []
+    blocks: list[LeafBlock] = []
     for result in results:
         nodes.extend(result.nodes)
-        leaves.extend(result.leaves)
-    depth = max_levels or max(len(path) for path, _ in leaves)
-    codes = np.full((len(embeddings), depth), -1, dtype=np.int64)
-    for path, items in leaves:
-        codes[items] = list(path) + [0] * (depth - len(path))
-        for d in range(len(path), depth):
-            nodes.append(TreeNode(path + (0,) * (d - len(path)), np.zeros(1, np.int64), embeddings[items[:1]]))
-    if (codes < 0).any():
-        missing = np.flatnonzero((codes < 0).any(axis=1))
+        blocks.extend(result.leaves)
+    depth = max_levels or max(len(block.parent) + 1 for block in blocks)
+    codes = np.zeros((len(embeddings), depth), dtype=np.int64)  # a chain below a shallow leaf is code 0
+    leaf_depth = np.full(len(embeddings), -1, dtype=np.int64)
+    for block in blocks:
+        d = len(block.parent)
+        if d:
+            codes[block.items, :d] = block.parent
+        codes[block.items, d] = block.codes
+        leaf_depth[block.items] = d + 1
+    if (leaf_depth < 0).any():
+        missing = np.flatnonzero(leaf_depth < 0)
         raise ValueError(f"{len(missing)} item(s) reached no leaf (missing subtree results?), "
                          f"rows {missing[:10].tolist()}")
-    return _flatten(sorted(nodes, key=lambda node: (len(node.path), node.path)), codes)
+    return _flatten(sorted(nodes, key=lambda node: (len(node.path), node.path)), codes, leaf_depth, embeddings)
 
 
-def _flatten(nodes: list[TreeNode], codes: np.ndarray) -> FlatTree:
-    """Nodes sorted by (depth, path) -> flat table; parents precede their children."""
-    node_id = {(): 0}
-    centroids, tokens, parent = [], [], []
-    offsets, counts = {}, {}
-    for node in nodes:
-        me = node_id[node.path]
-        offsets[me], counts[me] = len(tokens), len(node.codes)
-        for code, centroid in zip(node.codes.tolist(), node.centroids):
-            node_id[node.path + (code,)] = len(tokens) + 1
-            tokens.append(code)
-            parent.append(me)
-            centroids.append(centroid)
-    n_nodes = len(tokens) + 1
-    child_offset = np.zeros(n_nodes, dtype=np.int64)
-    n_children = np.zeros(n_nodes, dtype=np.int64)
-    for me, offset in offsets.items():
-        child_offset[me], n_children[me] = offset, counts[me]
-    return FlatTree(np.stack(centroids).astype(np.float32), np.asarray(tokens, dtype=np.int64),
-                    np.asarray(parent, dtype=np.int64), child_offset, n_children, codes)
+def _flatten(nodes: list[TreeNode], codes: np.ndarray, leaf_depth: np.ndarray, embeddings: np.ndarray) -> FlatTree:
+    """Split nodes sorted by (depth, path), the items' codes (N, L) and leaf depths (N,) -> flat
+    table; parents precede their children.
+
+    Vectorised over levels: the nodes at depth d are the distinct (parent node, code) pairs of the
+    items, and since parents are numbered in path order, sorting the pairs gives the (depth, path)
+    order of the rows. The rows that are not chain rows are the split nodes' children, node by
+    node in that same order, so each split node's centroid table fills a run of rows.
+    """
+    tokens, parent, first_item, row_depth = [], [], [], []
+    node_of_item = np.zeros(len(codes), dtype=np.int64)  # depth 0: every item is under the root
+    stride = int(codes.max()) + 1
+    n_rows = 0
+    for d in range(1, codes.shape[1] + 1):
+        keys, first, inverse = np.unique(node_of_item * stride + codes[:, d - 1], return_index=True,
+                                         return_inverse=True)
+        tokens.append(codes[first, d - 1])
+        parent.append(node_of_item[first])
+        first_item.append(first)
+        row_depth.append(np.full(len(keys), d))
+        node_of_item = n_rows + 1 + inverse.reshape(-1)
+        n_rows += len(keys)
+    tokens, parent = np.concatenate(tokens), np.concatenate(parent)
+    first_item, row_depth = np.concatenate(first_item), np.concatenate(row_depth)
+    chain = leaf_depth[first_item] < row_depth  # below a lone item's leaf: code 0, its own vector
+    split_rows = np.flatnonzero(~chain)
+    sizes = [len(node.codes) for node in nodes]
+    if len(split_rows) != sum(sizes) or not np.array_equal(tokens[split_rows], np.concatenate([n.codes for n in nodes])):
+        raise RuntimeError("hierarchical k-means: the split nodes' codes do not match the items' codes")
+    centroids = np.empty((n_rows, nodes[0].centroids.shape[1]), dtype=np.float32)
+    starts = split_rows[np.cumsum([0] + sizes[:-1])].tolist()  # a split node's children are consecutive rows
+    for node, start in zip(nodes, starts):
+        centroids[start:start + len(node.codes)] = node.centroids
+    if chain.any():  # embeddings may be a table that holds only these rows (pipelines.hkmeans_blocks)
+        centroids[chain] = embeddings[first_item[chain]]
+    n_children = np.bincount(parent, minlength=n_rows + 1)
+    child_offset = np.where(n_children > 0, np.searchsorted(parent, np.arange(n_rows + 1)), 0)
+    return FlatTree(centroids, tokens, parent, child_offset, n_children, codes)
