@@ -4,7 +4,10 @@ attention, beside the retriever alone ("no ranker").
     python benchmarks/twin_cascade.py RETRIEVER_RUN --config configs/lastfm-twin_v2.yaml --name NAME \
         [--variants twin_v2,twin,last20] [--top-n 100] [key=value ...]
 
-RETRIEVER_RUN: a retriever train run trained with ``trainer.data.ranker_holdout=true``. Each variant
+RETRIEVER_RUN: a retriever train run trained with ``trainer.data.ranker_holdout=true``; or, with
+``--folds K [--fold-examples M]``, one trained on every training transition, and the ranker's
+examples come from K fold retrievers trained once and shared by all variants
+(``pipelines.rank_stage``). Each variant
 runs ``recsys rank`` (candidates, ranker training selected on validation, test once) and writes
 ``benchmarks/results/<ranker>/<dataset>/<NAME>[-history-none].json``: the cascade's re-ranked
 figures at ``metrics.test`` / ``metrics.valid`` (Recall/NDCG@5/10/20, AUC, GAUC), the retriever alone
@@ -23,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.record import QUALITY_KEYS, RANKER_KEYS, protocol, run_dataset, write_record  # noqa: E402
 from recsys.experiment import load_experiment  # noqa: E402
-from recsys.runs import read_json  # noqa: E402
+from recsys.runs import new_run_dir, read_json  # noqa: E402
 
 VARIANTS = {"twin_v2": ["model.name=twin_v2"], "twin": ["model.name=twin"],
             "last20": ["model.name=twin", "model.history=none"]}
@@ -42,16 +45,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", required=True)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--top-n", type=int, default=100)
+    parser.add_argument("--folds", type=int, default=0, help="K >= 2: ranker examples from K fold retrievers")
+    parser.add_argument("--fold-examples", type=int, default=5, help="with --folds: last M training transitions per user")
     parser.add_argument("--note", default="", help="said in every record (e.g. pilot, one seed, machine shared)")
     ns, overrides = parser.parse_known_args(argv)
     retriever_config = read_json(ns.retriever / "config.json")
     dataset = run_dataset(Path(retriever_config["data_dir"]))
+    candidates_dir = None
+    if ns.folds:  # the fold retrievers and their candidates, once for every variant
+        from pipelines.rank_stage import run_fold_candidates, run_fold_retrievers
+
+        first = load_experiment(ns.config, overrides)
+        parent = new_run_dir(first.run.root, "rank", f"{ns.name}-folds")
+        fold_dirs = run_fold_retrievers(ns.retriever, ns.folds, parent=parent)
+        candidates_dir, _ = run_fold_candidates(ns.retriever, fold_dirs, ns.fold_examples, ns.top_n, parent=parent)
     for variant in ns.variants.split(","):
         if variant not in VARIANTS:
             raise SystemExit(f"--variants: {variant!r} is not one of {list(VARIANTS)}")
         exp = load_experiment(ns.config, [*overrides, *VARIANTS[variant], f"run.name={ns.name}-{variant}"])
         start = time.perf_counter()
-        run_dir, metrics = run_rank(exp, ns.retriever, ns.top_n)
+        run_dir, metrics = run_rank(exp, ns.retriever, ns.top_n, candidates_dir=candidates_dir)
         history_none = exp.model.history == "none"
         path = write_record(
             f"{ns.name}-history-none" if history_none else ns.name, model=exp.model_name, dataset=dataset,
@@ -64,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
                                            "retriever": figures(metrics["test_long_history"]["retriever"])},
                      "test_ndcg@10_gain": metrics["test_ndcg@10_gain"]},
             extra={"variant": variant, "retriever_run": str(ns.retriever), "retriever_config": retriever_config,
+                   "ranker_examples": read_json(run_dir / "config.json")["ranker_examples"],
                    "rank_run": str(run_dir), "top_n": ns.top_n, "note": ns.note})
         print(f"{variant}: test ndcg@10 {metrics['test']['ndcg@10']:.4f} (retriever {metrics['retriever']['test']['ndcg@10']:.4f}), "
               f"auc {metrics['test']['auc']:.4f}, gauc {metrics['test']['gauc']:.4f} -> {path}", flush=True)

@@ -8,7 +8,7 @@
                      [--candidates CANDIDATES_RUN]  (rankers)
     recsys evaluate  TRAIN_RUN [--split test|valid]
     recsys candidates TRAIN_RUN --top-n N [--splits train,valid,test]
-    recsys rank      [CONFIG] [key=value ...] --retriever TRAIN_RUN [--top-n 100]   (the cascade)
+    recsys rank      [CONFIG] [key=value ...] --retriever TRAIN_RUN [--top-n 100] [--folds K]   (the cascade)
     recsys history   [CONFIG] [key=value ...] [--data DATA_RUN] [--embed EMBED_RUN]   (a new store: store.path)
     recsys pipeline  [CONFIG] [key=value ...]
     recsys demo      [CONFIG] --baseline BASELINE_CONFIG [key=value ...] [baseline.key=value ...]
@@ -129,7 +129,7 @@ def cmd_rank(ns: argparse.Namespace) -> None:
     from pipelines.rank_stage import run_rank
 
     exp = load_experiment(*split_config_args(ns.config))
-    run_dir, _ = run_rank(exp, Path(ns.retriever), ns.top_n)
+    run_dir, _ = run_rank(exp, Path(ns.retriever), ns.top_n, folds=ns.folds, fold_examples=ns.fold_examples)
     print(Path(run_dir / SUMMARY_FILE).read_text())
     print(f"rank run: {run_dir}")
 
@@ -306,8 +306,14 @@ def build_parser() -> argparse.ArgumentParser:
     rk = verbs.add_parser("rank", help="the cascade: a retriever's top-N re-ranked by a ranker (e.g. twin_v2)")
     rk.add_argument("config", nargs="*", help="[CONFIG.yaml] [key.subkey=value ...] (model.name: a ranker)")
     rk.add_argument("--retriever", type=Path, required=True,
-                    help="a complete retriever train run, trained with trainer.data.ranker_holdout=true")
+                    help="a complete retriever train run: trained with trainer.data.ranker_holdout=true, or on every "
+                    "training transition with --folds")
     rk.add_argument("--top-n", type=int, default=100, help="candidates per user (default 100)")
+    rk.add_argument("--folds", type=int, default=0,
+                    help="K >= 2: train K retrievers as RUN was, each without one user fold, and take the ranker's "
+                    "examples from them (RUN keeps every transition); 0 (default): RUN's ranker holdout")
+    rk.add_argument("--fold-examples", type=int, default=5,
+                    help="with --folds: each user's last M training transitions are ranker examples (default 5)")
     rk.set_defaults(func=cmd_rank)
     sv = verbs.add_parser("serve", help="serve a retriever, or a retriever -> ranker cascade, over HTTP (Ray Serve) "
                           "until Ctrl-C")

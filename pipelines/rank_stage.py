@@ -1,10 +1,19 @@
 """The ranking stage: train a Ranker on a retriever's candidate sets (``recsys train --candidates``)
 and the cascade ``recsys rank --retriever RUN`` (candidates -> ranker -> test once).
 
-The retriever must have been trained with ``trainer.data.ranker_holdout=true``: the ranker
-trains on each user's last training transition, and a retriever that learned that transition's
-target would hand the ranker candidate lists in which the target sits on top, teaching it to trust
-the retriever blindly. Figures: the re-ranked Recall/NDCG@K, AUC and GAUC of the ranker beside
+The ranker's training examples must be transitions the retriever that scored them never trained
+on: a retriever that learned a transition's target hands the ranker lists in which the target
+sits on top, teaching it to trust the retriever blindly. Two ways:
+- **holdout** (default): the retriever was trained with ``trainer.data.ranker_holdout=true``, and
+  the ranker trains on each user's last training transition. The served retriever then lacks
+  those transitions (on Beauty that cost more than the ranker gained).
+- **folds** (``--folds K``): K more retrievers, each trained as RUN was but without one user fold
+  (``trainer.data.folds``); each fold's users' last ``--fold-examples`` training transitions are
+  scored by the retriever that never saw those users. RUN itself (trained on every training
+  transition) gives the validation and test candidates and is what the cascade serves, so nothing
+  is held out of it, and the ranker gets up to M examples per user instead of one. The ranker's
+  frozen item vectors still come from RUN, which trained on those transitions: a similarity
+  feature can look better on training examples than at test. Figures: the re-ranked Recall/NDCG@K, AUC and GAUC of the ranker beside
 the same retriever alone on the same candidates (its own order and scores), on every test user
 and on users with more than ``max_history`` prior items; the paired standard error of the
 per-user NDCG@10 difference.
@@ -18,9 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from recsys.candidates import CandidateSet, candidates_file
+from dataclasses import replace
+
+from recsys.candidates import CandidateSet, candidate_metrics, candidates_file, histories_inputs, retrieve
 from recsys.data import InteractionData
-from recsys.data.split import leave_one_out
+from recsys.data.split import leave_one_out, user_folds
 from recsys.experiment import ExperimentConfig, experiment_dict_from_run, experiment_from_dict
 from recsys.metrics import reranked_ranks
 from recsys.models import build_model, get_spec
@@ -77,8 +88,12 @@ def run_train_ranker(exp: ExperimentConfig, candidates_dir: Path, parent: Path |
         if name not in cand_config["splits"]:
             raise ValueError(f"{candidates_dir} has no {name} candidates; make them with --splits train,valid,test")
     retriever_dir = Path(cand_config["train_dir"])
-    require_holdout(retriever_dir)
+    examples = cand_config.get("train_examples")  # None: each user's last training transition (holdout)
+    if examples is None:
+        require_holdout(retriever_dir)
     split = leave_one_out(InteractionData.load(cand_config["data_dir"]), cand_config["max_history"])
+    train_histories = split.full_histories("train") if examples is None else \
+        split.training_transitions(examples["last"])
     run_dir = stage_run_dir(exp.run.root, "train", exp.run.name or exp.model_name, parent)
     write_json(run_dir / CONFIG_FILE, {**exp.to_dict(), "data_dir": cand_config["data_dir"],
                                        "candidates_dir": str(candidates_dir), "retriever_dir": str(retriever_dir)})
@@ -89,7 +104,7 @@ def run_train_ranker(exp: ExperimentConfig, candidates_dir: Path, parent: Path |
                         **ranker_context(retriever_dir))
     load = lambda name: CandidateSet.load(candidates_dir / candidates_file(name))  # noqa: E731
     start = time.perf_counter()
-    fit = train_ranker(model, load("train"), split.full_histories("train"), load("valid"),
+    fit = train_ranker(model, load("train"), train_histories, load("valid"),
                        split.full_histories("valid"), exp.trainer, random_negatives_n=exp.model.random_negatives,
                        missed_targets=exp.model.missed_targets)
     wall = time.perf_counter() - start
@@ -115,16 +130,96 @@ def per_user_ndcg10(scores: np.ndarray, candidates: CandidateSet) -> np.ndarray:
     return np.where((ranks >= 0) & (ranks < 10), 1.0 / np.log2(np.maximum(ranks, 0) + 2.0), 0.0)
 
 
+def run_fold_retrievers(retriever_dir: Path, folds: int, parent: Path | None = None) -> list[Path]:
+    """One retriever per user fold, each trained as ``retriever_dir`` was (its saved config, data
+    and ID runs) without that fold's users."""
+    from pipelines.stages import run_train
+    from recsys.experiment import ids_runs_of
+
+    rexp, saved = retriever_experiment(retriever_dir)
+    if rexp.trainer.selection.refit:
+        raise ValueError(f"the retriever {retriever_dir} is a refit (trained on validation targets too); fold "
+                         "retrievers train on training transitions only: give a retriever selected on validation")
+    dirs = []
+    for fold in range(folds):
+        data = replace(rexp.trainer.data, folds=folds, fold=fold, ranker_holdout=False)
+        fexp = replace(rexp, trainer=replace(rexp.trainer, data=data),
+                       run=replace(rexp.run, name=f"{rexp.run.name or rexp.model_name}-fold{fold}of{folds}"))
+        home = None
+        if parent is not None:  # a stage directory per fold: each holds its own train/
+            home = Path(parent) / f"fold{fold}"
+            home.mkdir()
+        dirs.append(run_train(fexp, data_dir=Path(saved["data_dir"]), ids_dirs=ids_runs_of(saved), parent=home))
+    return dirs
+
+
+def run_fold_candidates(retriever_dir: Path, fold_dirs: list[Path], last: int, top_n: int,
+                        parent: Path | None = None) -> tuple[Path, dict]:
+    """A candidates run whose valid and test sets come from ``retriever_dir`` and whose train set
+    holds each user's last ``last`` training transitions, each scored by the fold retriever that
+    never saw the user (``fold_dirs[f]`` left fold f out)."""
+    from pipelines.stages import run_candidates
+
+    cand_dir, metrics = run_candidates(Path(retriever_dir), top_n, splits=("valid", "test"), parent=parent)
+    config = read_json(cand_dir / CONFIG_FILE)
+    split = leave_one_out(InteractionData.load(config["data_dir"]), config["max_history"])
+    examples = split.training_transitions(last)
+    fold = user_folds(examples.user_index, len(fold_dirs))
+    items = np.zeros((len(examples), top_n), dtype=np.int64)
+    scores = np.zeros((len(examples), top_n), dtype=np.float32)
+    for f, fold_dir in enumerate(fold_dirs):
+        rows = np.flatnonzero(fold == f)
+        trained = read_json(Path(fold_dir) / CONFIG_FILE)["trainer"]["data"]
+        if (trained["folds"], trained["fold"]) != (len(fold_dirs), f):
+            raise ValueError(f"{fold_dir} left out fold {trained['fold']} of {trained['folds']}, not fold {f} of "
+                             f"{len(fold_dirs)}")
+        found = retrieve(load_model(Path(fold_dir) / "checkpoints" / "best"),
+                         histories_inputs(examples.subset(rows), config["max_history"]), top_n,
+                         exclude_history=config["exclude_history"])
+        items[rows], scores[rows] = found.candidates, found.scores
+    train = CandidateSet(examples.user_index, items, scores, examples.targets)
+    train.save(cand_dir / candidates_file("train"))
+    metrics["train"] = candidate_metrics(train, top_n)
+    write_json(cand_dir / CONFIG_FILE, {**config, "splits": ["train", *config["splits"]],
+                                        "train_examples": {"folds": len(fold_dirs), "last": last,
+                                                           "fold_train_dirs": [str(d) for d in fold_dirs]}})
+    write_json(cand_dir / METRICS_FILE, {**read_json(cand_dir / METRICS_FILE), "train": metrics["train"]})
+    return cand_dir, metrics
+
+
 def run_rank(exp: ExperimentConfig, retriever_dir: Path, top_n: int = 100,
-             parent: Path | None = None) -> tuple[Path, dict]:
-    """The cascade: the retriever's candidates, the ranker trained on them, test scored once."""
+             parent: Path | None = None, folds: int = 0, fold_examples: int = 5,
+             candidates_dir: Path | None = None) -> tuple[Path, dict]:
+    """The cascade: the retriever's candidates, the ranker trained on them, test scored once.
+    ``folds`` >= 2: the ranker's examples come from fold retrievers (see the module docstring).
+    ``candidates_dir``: a candidates run of this retriever made before (e.g. by
+    ``run_fold_candidates``), shared by several rankers; its own train examples then apply."""
     from pipelines.stages import run_candidates
 
     require_ranker(exp)
-    require_holdout(Path(retriever_dir))
+    if folds and folds < 2:
+        raise ValueError(f"--folds {folds} is out of range; allowed: 0 (holdout) or >= 2")
+    if folds and fold_examples < 1:
+        raise ValueError(f"--fold-examples {fold_examples} is out of range; allowed: >= 1 transitions per user")
+    if candidates_dir is not None:
+        cand_config = read_json(require_complete(Path(candidates_dir), "candidates") / CONFIG_FILE)
+        if Path(cand_config["train_dir"]).resolve() != Path(retriever_dir).resolve() or cand_config["top_n"] != top_n:
+            raise ValueError(f"{candidates_dir} holds the top {cand_config['top_n']} of {cand_config['train_dir']}, "
+                             f"not the top {top_n} of {retriever_dir}")
+        examples = cand_config.get("train_examples")
+        folds, fold_examples = (examples["folds"], examples["last"]) if examples else (0, fold_examples)
+    if not folds:
+        require_holdout(Path(retriever_dir))
     start = time.perf_counter()
     run_dir = stage_run_dir(exp.run.root, "rank", exp.run.name or exp.model_name, parent)
-    cand_dir, cand_metrics = run_candidates(Path(retriever_dir), top_n, parent=run_dir)
+    if candidates_dir is not None:
+        cand_dir, cand_metrics = Path(candidates_dir), read_json(Path(candidates_dir) / METRICS_FILE)
+    elif folds:
+        fold_dirs = run_fold_retrievers(Path(retriever_dir), folds, parent=run_dir)
+        cand_dir, cand_metrics = run_fold_candidates(Path(retriever_dir), fold_dirs, fold_examples, top_n,
+                                                     parent=run_dir)
+    else:
+        cand_dir, cand_metrics = run_candidates(Path(retriever_dir), top_n, parent=run_dir)
     train_dir = run_train_ranker(exp, cand_dir, parent=run_dir)
     cand_config = read_json(cand_dir / CONFIG_FILE)
     split = leave_one_out(InteractionData.load(cand_config["data_dir"]), cand_config["max_history"])
@@ -147,7 +242,9 @@ def run_rank(exp: ExperimentConfig, retriever_dir: Path, top_n: int = 100,
         "candidates": cand_metrics, "top_n": top_n, "wall_s": round(time.perf_counter() - start, 2),
     }
     write_json(run_dir / CONFIG_FILE, {**exp.to_dict(), "retriever_dir": str(retriever_dir), "top_n": top_n,
-                                       "candidates_dir": str(cand_dir), "train_dir": str(train_dir)})
+                                       "candidates_dir": str(cand_dir), "train_dir": str(train_dir),
+                                       "ranker_examples": {"folds": folds, "last": fold_examples} if folds
+                                       else "holdout"})
     write_json(run_dir / METRICS_FILE, metrics)
     write_text(run_dir / SUMMARY_FILE, "\n".join([
         f"# rank: {exp.model_name} over the top {top_n} of {Path(retriever_dir).name}", "",

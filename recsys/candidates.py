@@ -78,9 +78,13 @@ def retriever_inputs(split: LeaveOneOutSplit, split_name: str) -> EvalSet:
         return split.eval_set(split_name)
     if split_name != "train":
         raise ValueError(f"split must be one of {list(SPLITS)}, got {split_name!r}")
-    h: Histories = split.full_histories("train")
-    times = None if h.times is None else pad_left(h.times, split.max_history)
-    return EvalSet(h.user_index, pad_left(h.items, split.max_history), h.targets, times, h.target_times)
+    return histories_inputs(split.full_histories("train"), split.max_history)
+
+
+def histories_inputs(h: Histories, max_history: int) -> EvalSet:
+    """Whole histories cut to what a retriever reads: the last ``max_history`` items, left-padded."""
+    times = None if h.times is None else pad_left(h.times, max_history)
+    return EvalSet(h.user_index, pad_left(h.items, max_history), h.targets, times, h.target_times)
 
 
 @torch.no_grad()

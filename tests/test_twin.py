@@ -3,6 +3,7 @@ lists, the retriever holdout, and `recsys rank` end to end on a tiny synthetic r
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -304,3 +305,85 @@ def test_train_verb_trains_a_ranker_from_a_candidates_run(retriever_run):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["best_epoch"] == 1 and {"auc", "gauc", "ndcg@10"} <= set(metrics["valid"])
     assert (run_dir / "checkpoints" / "best" / "model.safetensors").is_file() and (run_dir / "COMPLETE").is_file()
+
+
+def test_user_folds_hash_ids_alone_and_fold_retrievers_never_train_on_their_folds_users():
+    from recsys.data.split import user_folds
+    from recsys.experiment import load_experiment
+    from recsys.training.loop import Trainer
+
+    folds = user_folds(np.arange(3000), 3)
+    assert set(folds.tolist()) == {0, 1, 2} and np.bincount(folds).min() > 900
+    np.testing.assert_array_equal(user_folds(np.array([2999, 7, 7]), 3), folds[[2999, 7, 7]])  # the id alone
+    data = generate_synthetic(SyntheticConfig(n_users=40, n_items=N_ITEMS, min_length=6, max_length=12, seed=3))
+    split = leave_one_out(data, max_history=20)
+    fold_of = dict(zip(split.train_users.tolist(), user_folds(split.train_users, 2).tolist()))
+    for fold in (0, 1):
+        exp = load_experiment(None, ["trainer.data.folds=2", f"trainer.data.fold={fold}", "trainer.data.samples=sliding"])
+        trainer = Trainer(build_model("sasrec", exp.model, n_items=N_ITEMS, max_len=20), split, exp.trainer, exp.eval)
+        trained = set(trainer.users.tolist())
+        assert trained == {u for u, f in fold_of.items() if f != fold}  # every other user, none of this fold
+        for row, seq in enumerate(split.train):  # the kept users' every training transition
+            if fold_of[int(split.train_users[row])] != fold:
+                targets = trainer.targets[trainer.users == split.train_users[row]]
+                assert sorted(targets[targets > 0].tolist()) == sorted(seq[1:].tolist())
+    for bad, message in ((["trainer.data.folds=1"], "trainer.data.folds=1 is out of range"),
+                         (["trainer.data.folds=3", "trainer.data.fold=3"], "trainer.data.fold=3 is out of range"),
+                         (["trainer.data.folds=2", "trainer.data.ranker_holdout=true"], "exclude each other"),
+                         (["trainer.data.folds=2", "trainer.selection.refit=true"], "exclude each other")):
+        with pytest.raises(ValueError, match=message):
+            load_experiment(None, bad)
+
+
+def test_training_transitions_are_each_users_last_ones_before_validation():
+    data = generate_synthetic(SyntheticConfig(n_users=12, n_items=N_ITEMS, min_length=4, max_length=9, seed=2))
+    split = leave_one_out(data, max_history=20)
+    h = split.training_transitions(3)
+    last = split.full_histories("train")
+    row = 0
+    for user, seq in zip(split.train_users, split.train):
+        for j in range(max(1, len(seq) - 3), len(seq)):
+            assert h.user_index[row] == user and h.targets[row] == seq[j]
+            np.testing.assert_array_equal(h.items[row], seq[:j])
+            row += 1
+    assert row == len(h)
+    ends = np.flatnonzero(np.append(h.user_index[1:] != h.user_index[:-1], True))  # each user's last row
+    np.testing.assert_array_equal(h.targets[ends], last.targets)  # = the holdout's one example
+    with pytest.raises(ValueError, match="last=0"):
+        split.training_transitions(0)
+
+
+def test_rank_with_folds_scores_each_users_examples_by_the_retriever_that_never_saw_them(retriever_run):
+    from pipelines.rank_stage import run_rank
+    from recsys.candidates import CandidateSet, candidates_file, histories_inputs, retrieve
+    from recsys.data import InteractionData
+    from recsys.data.split import user_folds
+    from recsys.experiment import load_experiment
+    from recsys.training.checkpoint import load_model
+
+    root, held, plain = retriever_run
+    exp = load_experiment(None, [f"run.root={root}", "trainer.resources.use_ray=false", "model.name=twin_v2",
+                                 "model.gamma=3", "model.d_model=16", "model.random_negatives=3",
+                                 "trainer.optim.epochs=1", "trainer.optim.batch_size=32", "run.name=folds"])
+    with pytest.raises(ValueError, match="--folds 1 is out of range"):
+        run_rank(exp, plain, 20, folds=1)
+    run_dir, metrics = run_rank(exp, plain, 20, folds=2, fold_examples=3)  # plain: every transition trained
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["ranker_examples"] == {"folds": 2, "last": 3}
+    cand_config = json.loads((run_dir / "candidates" / "config.json").read_text())
+    fold_dirs = [Path(d) for d in cand_config["train_examples"]["fold_train_dirs"]]
+    assert [json.loads((d / "config.json").read_text())["trainer"]["data"]["fold"] for d in fold_dirs] == [0, 1]
+    split = leave_one_out(InteractionData.load(cand_config["data_dir"]), 10)
+    examples = split.training_transitions(3)
+    train = CandidateSet.load(run_dir / "candidates" / candidates_file("train"))
+    np.testing.assert_array_equal(train.user_index, examples.user_index)
+    assert len(train) > len(split.train)  # more than one example per user
+    fold = user_folds(train.user_index, 2)
+    for f, fold_dir in enumerate(fold_dirs):
+        rows = np.flatnonzero(fold == f)
+        again = retrieve(load_model(fold_dir / "checkpoints" / "best"), histories_inputs(examples.subset(rows), 10), 20)
+        np.testing.assert_array_equal(train.candidates[rows], again.candidates)
+    test = CandidateSet.load(run_dir / "candidates" / candidates_file("test"))
+    again = retrieve(load_model(plain / "checkpoints" / "best"), split.eval_set("test"), 20)
+    np.testing.assert_array_equal(test.candidates, again.candidates)  # test lists: the retriever served
+    assert metrics["candidates"]["train"]["users"] == len(train) and "ndcg@10" in metrics["test"]

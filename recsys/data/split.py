@@ -120,10 +120,49 @@ class LeaveOneOutSplit:
         target = self.eval_set(name)
         return Histories(target.user_index, items, times, target.targets, target.target_times)
 
+    def training_transitions(self, last: int, rows: np.ndarray | None = None) -> Histories:
+        """Each training user's last ``last`` training transitions s[:j] -> s[j] (j >= 1, up to
+        s[n-3]), whole histories, for ``rows`` of ``train`` (default: all). Rows of one user are
+        consecutive and in time order; a user may appear up to ``last`` times."""
+        if last < 1:
+            raise ValueError(f"last={last} is out of range; allowed: >= 1 transitions per user")
+        rows = np.arange(len(self.train)) if rows is None else np.asarray(rows, dtype=np.int64)
+        users, items, times, targets, target_times = [], [], [], [], []
+        for r in rows.tolist():
+            seq = self.train[r]
+            stamps = None if self.train_times is None else self.train_times[r]
+            for j in range(max(1, len(seq) - last), len(seq)):
+                users.append(self.train_users[r])
+                items.append(seq[:j])
+                targets.append(seq[j])
+                if stamps is not None:
+                    times.append(stamps[:j])
+                    target_times.append(stamps[j])
+        timed = self.train_times is not None
+        return Histories(np.asarray(users, dtype=np.int64), items, times if timed else None,
+                         np.asarray(targets, dtype=np.int64), np.asarray(target_times, dtype=np.int64) if timed else None)
+
     def eval_set(self, name: str) -> EvalSet:
         if name not in ("valid", "test"):
             raise ValueError(f"split must be 'valid' or 'test', got {name!r}")
         return self.valid if name == "valid" else self.test
+
+
+FOLD_SEED = 0x5EED_F01D  # fixed: every retriever of a cascade and its rank stage see the same folds
+
+
+def user_folds(users: np.ndarray, folds: int) -> np.ndarray:
+    """The fold (0..folds-1) of each user id: a hash of the id alone (splitmix64's finaliser), so
+    a user's fold never depends on which other users are asked about. Folds are of random sizes,
+    binomially close to equal."""
+    if folds < 2:
+        raise ValueError(f"folds={folds} is out of range; allowed: >= 2")
+    x = np.asarray(users, dtype=np.uint64) ^ np.uint64(FOLD_SEED)
+    with np.errstate(over="ignore"):  # wrap-around multiplication is the hash
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return (x % np.uint64(folds)).astype(np.int64)
 
 
 def pad_left(sequences: list[np.ndarray], length: int) -> np.ndarray:

@@ -55,11 +55,23 @@ class TrainDataConfig:
     # can train on the retriever's candidates for it without the retriever having memorised its
     # target (`recsys rank` requires a retriever trained so)
     ranker_holdout: bool = False
+    # folds > 0: leave fold ``fold`` of ``folds`` user folds (recsys.data.split.user_folds) out of
+    # training; `recsys rank --folds` trains one retriever per fold, and each fold's users' training
+    # transitions become ranker examples scored by the retriever that never saw those users
+    folds: int = 0
+    fold: int = 0
 
     def __post_init__(self):
         require_choice("trainer.data.samples", self.samples, SAMPLE_MODES)
         require(isinstance(self.ranker_holdout, bool),
                 f"trainer.data.ranker_holdout must be true or false, got {self.ranker_holdout!r}")
+        require(self.folds == 0 or 2 <= self.folds <= 100,
+                f"trainer.data.folds={self.folds} is out of range; allowed: 0 (no folds) or 2 <= folds <= 100")
+        require(self.folds == 0 or 0 <= self.fold < self.folds,
+                f"trainer.data.fold={self.fold} is out of range; allowed: 0 <= fold < trainer.data.folds ({self.folds})")
+        require(not (self.folds and self.ranker_holdout),
+                "trainer.data.folds and trainer.data.ranker_holdout exclude each other: folds leave users out, "
+                "the holdout leaves each user's last training transition out")
         require_range("trainer.data.bucket", self.bucket, 0, 1 << 20)
         require_choice("trainer.data.precision", self.precision, ("auto", "fp32", "bf16"))
 
@@ -116,6 +128,9 @@ class TrainerConfig:
         require(not (self.data.ranker_holdout and self.selection.refit),
                 "trainer.data.ranker_holdout and trainer.selection.refit exclude each other: a refit trains on "
                 "every transition up to validation, a ranker holdout leaves the last training one out")
+        require(not (self.data.folds and self.selection.refit),
+                "trainer.data.folds and trainer.selection.refit exclude each other: a fold retriever trains on "
+                "training transitions only")
 
 
 # The one table of renamed keys: the flat trainer keys (before the sections) -> where they live

@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from recsys import hardware
-from recsys.data.split import LeaveOneOutSplit, training_windows
+from recsys.data.split import LeaveOneOutSplit, training_windows, user_folds
 from recsys.models import Batch, SequenceModel
 from recsys.training.config import EvalConfig, TrainerConfig
 from recsys.training.batching import epoch_batches
@@ -147,16 +147,21 @@ class Trainer:
         times = None  # the event times, for models that read them (and data that has them)
         if model.capabilities.reads_timestamps:
             times = split.training_with_validation_times() if cfg.selection.refit else split.train_times
+        train_users = split.train_users
         if cfg.data.ranker_holdout:  # s[n-3], the ranker's training target, is never a target here
             train = [s[:-1] for s in train]
             times = None if times is None else [t[:-1] for t in times]
+        if cfg.data.folds:  # one fold's users are left out: their transitions are a ranker's examples
+            kept = np.flatnonzero(user_folds(train_users, cfg.data.folds) != cfg.data.fold)
+            train, train_users = [train[i] for i in kept], train_users[kept]
+            times = None if times is None else [times[i] for i in kept]
         if model.timestamps_required and times is None:  # before any step, not at the first batch
             raise ValueError(f"{type(model).__name__} is configured to require event times (e.g. HSTU's "
                              "model.time_bias=on), but the data has no timestamps (Beauty's S3-Rec files carry "
                              "none); use data with timestamps, or a setting that does not read them "
                              "(model.time_bias=auto or off)")
         windows = training_windows(train, model.max_len, cfg.data.samples, times=times)
-        self.inputs, self.targets, self.users = windows.inputs, windows.targets, split.train_users[windows.rows]
+        self.inputs, self.targets, self.users = windows.inputs, windows.targets, train_users[windows.rows]
         self.times, self.target_times = windows.times, windows.target_times  # None without timestamps
         if len(self.inputs) < world_size:
             raise ValueError(f"only {len(self.inputs)} training windows for {world_size} workers")
