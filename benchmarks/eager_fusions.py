@@ -9,6 +9,10 @@ Writes ``benchmarks/results/eager/<dataset>/<NAME>-<fusion>.json`` per fusion, w
 its figures under ``metrics.valid`` / ``metrics.test``, and ``stream_share``: per split, the share
 of the top 10 that came from the behaviour stream only, the semantic stream only, or both. Pick
 the shipped fusion on validation; the test column is reported once, beside it.
+
+``latency``: per fusion, one user per call (``model.recommend``, k = 10, in this process, no HTTP),
+over the first ``--latency-users`` validation users: p50/p95 in ms. ``behavior`` and ``semantic``
+are each stream's beam search alone; ``confidence`` and ``sum`` run both and merge.
 """
 
 from __future__ import annotations
@@ -50,6 +54,22 @@ def stream_share(model: Eager, eval_set: EvalSet, k: int, exclude_history: bool,
     return {name: round(float(c / counts.sum()), 4) for name, c in zip(STREAMS, counts)}
 
 
+@torch.no_grad()
+def one_user_latency(model: Eager, eval_set: EvalSet, users: int, exclude_history: bool) -> dict:
+    """p50/p95 ms of ``recommend`` for one user at a time (k = 10), after one warm-up call."""
+    histories = torch.tensor(eval_set.histories[:max(1, users)])
+    model.recommend(Batch(history=trim_padding(histories[:1])[0]), 10, exclude_history)
+    times = []
+    for row in range(len(histories)):
+        batch = Batch(history=trim_padding(histories[row:row + 1])[0])
+        start = time.perf_counter()
+        model.recommend(batch, 10, exclude_history)
+        times.append((time.perf_counter() - start) * 1000)
+    ordered = sorted(times)
+    return {"users": len(times), "p50_ms": round(ordered[len(ordered) // 2], 2),
+            "p95_ms": round(ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))], 2)}
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path)
@@ -59,6 +79,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--fusions", default=",".join(FUSIONS), help=f"comma-separated, of {', '.join(FUSIONS)}")
     parser.add_argument("--exclude-history", action="store_true", help="the second protocol: history items removed")
     parser.add_argument("--max-history", type=int, default=20)
+    parser.add_argument("--latency-users", type=int, default=200, help="one-user calls timed per fusion (0: none)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args(argv)
     splits, fusions = [s for s in args.splits.split(",") if s], [f for f in args.fusions.split(",") if f]
@@ -83,12 +104,17 @@ def main(argv: list[str]) -> None:
             share[name] = stream_share(model, eval_set, 10, args.exclude_history)
             print(f"{fusion:10s} {name:5s} " + "  ".join(f"{k} {v:.4f}" for k, v in figures.items())
                   + f"  top-10 from {share[name]}", flush=True)
+        latency = one_user_latency(model, split.eval_set("valid"), args.latency_users, args.exclude_history) \
+            if args.latency_users else None
+        if latency:
+            print(f"{fusion:10s} one user per call: p50 {latency['p50_ms']} ms, p95 {latency['p95_ms']} ms", flush=True)
         path = write_record(f"{args.name}-{fusion}", model="eager", dataset=dataset,
                             config={"checkpoint": str(args.checkpoint), "data_run": str(args.data), "fusion": fusion,
                                     "max_history": args.max_history, "threads": args.threads},
                             wall_s=time.perf_counter() - start, metrics=metrics,
                             protocol=protocol(exclude_history=args.exclude_history, refit=refit),
-                            extra={"stream_share": share, "source_checkpoint": str(args.checkpoint)})
+                            extra={"stream_share": share, "source_checkpoint": str(args.checkpoint),
+                                   "latency_one_user": latency})
         print(f"record: {path}")
 
 
