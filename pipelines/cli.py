@@ -5,7 +5,7 @@
     recsys ids       [CONFIG] [key=value ...] [--method rqvae|hkmeans] [--embed EMBED_RUN] [--data DATA_RUN]
     recsys ids       [CONFIG] [key=value ...] --from-train TRAIN_RUN     (IDs from a model's item embeddings)
     recsys train     [CONFIG] [key=value ...] [--data DATA_RUN] [--ids [SPACE=]IDS_RUN ...] [--resume TRAIN_RUN]
-                     [--candidates CANDIDATES_RUN]  (rankers)
+                     [--candidates CANDIDATES_RUN]  (rankers)  [--embed EMBED_RUN]  (content vectors)
     recsys evaluate  TRAIN_RUN [--split test|valid]
     recsys candidates TRAIN_RUN --top-n N [--splits train,valid,test]
     recsys rank      [CONFIG] [key=value ...] --retriever TRAIN_RUN [--top-n 100] [--folds K]   (the cascade)
@@ -93,16 +93,16 @@ def cmd_train(ns: argparse.Namespace) -> None:
 
     if ns.resume:
         path, overrides = split_config_args(ns.config)
-        if path is not None or ns.data:
+        if path is not None or ns.data or ns.embed:
             raise ValueError("--resume continues a run with its saved config and data; give only overrides "
-                             f"(key=value), not {path or '--data'}")
+                             f"(key=value), not {path or ('--data' if ns.data else '--embed')}")
         saved = read_json(Path(ns.resume) / CONFIG_FILE)
         exp = resumed_experiment(saved, overrides)
         run_dir = run_train(exp, resume_dir=Path(ns.resume))
     else:
         exp = load_experiment(*split_config_args(ns.config))
         run_dir = run_train(exp, data_dir=ns.data, ids_dirs=ids_runs_by_space(exp.model_name, ns.ids),
-                            candidates_dir=ns.candidates)
+                            candidates_dir=ns.candidates, embed_dir=ns.embed)
     print(Path(run_dir / SUMMARY_FILE).read_text())
     print(f"train run: {run_dir}")
 
@@ -282,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
                              help="a `recsys ids` run per ID space the model declares, e.g. --ids semantic=RUN "
                                   "--ids behavior=RUN; a bare RUN is the model's one space")
             sub.add_argument("--candidates", type=Path, help="a `recsys candidates` run, for rankers")
+            sub.add_argument("--embed", type=Path, help="a `recsys embed` run over the same data: each item's content "
+                             "vector, for a model that reads them (two_tower with model.content=true)")
     dm = verbs.add_parser("demo", help="the demo: generative model and baseline on one data run, the results "
                           "table, one request to the served model")
     dm.add_argument("config", nargs="*", help="[CONFIG.yaml] [key.subkey=value ...] [baseline.key.subkey=value ...]")

@@ -25,7 +25,7 @@ from recsys.training.checkpoint import load_model
 from recsys.training.config import with_resolved_precision
 from recsys.training.evaluate import evaluate
 from recsys.training.session import (
-    EPOCH_LOG, check_id_spaces, check_ids_catalogue, model_context, train_in_process,
+    EPOCH_LOG, check_embed_catalogue, check_id_spaces, check_ids_catalogue, model_context, train_in_process,
 )
 
 
@@ -96,15 +96,16 @@ def run_behavior_ids(exp: ExperimentConfig, data_dir: Path, parent: Path | None 
 
 def run_train(exp: ExperimentConfig, data_dir: Path | None = None, resume_dir: Path | None = None,
               ids_dirs: dict[str, Path] | None = None, parent: Path | None = None,
-              candidates_dir: Path | None = None) -> Path:
+              candidates_dir: Path | None = None, embed_dir: Path | None = None) -> Path:
     """Train with Ray Train (or in-process when ``trainer.resources.use_ray`` is false); select on validation.
     A model with ID spaces also needs ``ids_dirs``, an ids run over the same data per space; a
-    ranker needs ``candidates_dir``, a candidates run. A resumed run is incomplete (no COMPLETE
-    marker) until it finishes again."""
+    ranker needs ``candidates_dir``, a candidates run; a model that reads content vectors takes
+    them from ``embed_dir``, an embed run over the same data. A resumed run is incomplete (no
+    COMPLETE marker) until it finishes again."""
     check_candidates_input(exp.model_name, candidates_dir)
     if candidates_dir is not None:  # a ranker (check_candidates_input refuses candidates for a retriever)
-        if resume_dir is not None or ids_dirs:
-            raise ValueError("a ranker trains from a candidates run alone; it takes no --resume or --ids")
+        if resume_dir is not None or ids_dirs or embed_dir is not None:
+            raise ValueError("a ranker trains from a candidates run alone; it takes no --resume, --ids or --embed")
         from pipelines.rank_stage import run_train_ranker
 
         return run_train_ranker(exp, Path(candidates_dir), parent)
@@ -112,20 +113,25 @@ def run_train(exp: ExperimentConfig, data_dir: Path | None = None, resume_dir: P
         run_dir = Path(resume_dir).resolve()
         saved = read_json(run_dir / CONFIG_FILE)
         data_dir, ids_dirs = Path(saved["data_dir"]), ids_runs_of(saved)
+        embed_dir = saved.get("embed_dir")
         clear_complete(run_dir)
     else:
         check_id_spaces(exp.model_name, ids_dirs or {})  # before any work
         data_dir = require_complete(data_dir, "data") if data_dir else run_data(exp, parent)
         ids_dirs = {space: str(require_complete(d, "ids")) for space, d in (ids_dirs or {}).items()}
         check_ids_catalogue(ids_dirs, data_dir)
+        if embed_dir is not None:
+            embed_dir = str(require_complete(Path(embed_dir), "embed"))
+            check_embed_catalogue(embed_dir, data_dir)
         run_dir = stage_run_dir(exp.run.root, "train", exp.run.name or exp.model_name, parent)
         exp = replace(exp, trainer=with_resolved_precision(exp.trainer))  # auto -> what this run uses
     record = exp.to_dict()
     if "semantic" in ids_dirs:  # record the settings of the IDs this run decodes, not the config file's
         record["ids"] = ids_settings(record["ids"], Path(ids_dirs["semantic"]))
-    write_json(run_dir / CONFIG_FILE, {**record, "data_dir": str(data_dir), "ids_dirs": ids_dirs})
+    write_json(run_dir / CONFIG_FILE, {**record, "data_dir": str(data_dir), "ids_dirs": ids_dirs,
+                                       **({"embed_dir": str(embed_dir)} if embed_dir is not None else {})})
     split = leave_one_out(InteractionData.load(data_dir), exp.data.max_history)
-    context = model_context(exp, split.n_items, ids_dirs)
+    context = model_context(exp, split.n_items, ids_dirs, embed_dir)
     start = time.perf_counter()
     if exp.trainer.resources.use_ray:
         from pipelines.ray_env import init_ray

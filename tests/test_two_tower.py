@@ -15,10 +15,11 @@ from recsys.training.checkpoint import load_model, save_checkpoint
 N_ITEMS, MAX_LEN = 12, 6
 
 
-def make(**config):
+def make(content_vectors=None, **config):
     torch.manual_seed(0)
     name, cfg = model_config_from_dict({"name": "two_tower", "d_model": 16, "n_layers": 1, "d_ff": 32, **config})
-    return build_model(name, cfg, n_items=N_ITEMS, max_len=MAX_LEN)
+    context = {} if content_vectors is None else {"content_vectors": content_vectors}
+    return build_model(name, cfg, n_items=N_ITEMS, max_len=MAX_LEN, **context)
 
 
 def masked_batch(seed: int = 1) -> Batch:
@@ -191,3 +192,60 @@ def test_trains_in_process_and_its_item_vectors_give_behaviour_ids(tmp_path):
     best = load_model(train_dir / "checkpoints" / "best")
     _, vectors = load_embeddings(ids_dir)  # the ids run holds the vectors it was fitted on
     np.testing.assert_allclose(vectors, best.item_embeddings().detach().numpy(), atol=1e-6)
+
+
+def test_the_item_tower_adds_a_projection_of_the_content_vector_and_the_checkpoint_keeps_it(tmp_path):
+    content = torch.cat([torch.zeros(1, 5), torch.randn(N_ITEMS, 5, generator=torch.Generator().manual_seed(1))])
+    model = make(content=True, content_vectors=content)
+    plain = make()
+    torch.testing.assert_close(model.item_tower()[0], torch.zeros(16))  # padding stays 0
+    items = torch.tensor([3, 7])
+    expected = model.item_emb(items) + content[items] @ model.content_proj.weight.T
+    torch.testing.assert_close(model.item_tower(items), expected)
+    batch = masked_batch()
+    model.eval()  # no dropout: the two calls see the same user vector
+    user = model.user_embedding(batch)
+    torch.testing.assert_close(model.score_items(batch)[:, 1:], user @ model.item_embeddings().T)
+    model.train()
+    model.loss(batch).total.backward()  # the projection learns from the in-batch softmax
+    assert model.content_proj.weight.grad.abs().sum() > 0
+    save_checkpoint(tmp_path / "ckpt", model, "two_tower")
+    again = load_model(tmp_path / "ckpt")
+    torch.testing.assert_close(again.content_vectors, content)
+    torch.testing.assert_close(again.item_embeddings(), model.eval().item_embeddings())
+    assert plain.content_proj is None and "content_vectors" not in plain.state_dict()
+    with pytest.raises(ValueError, match="train with --embed"):
+        make(content=True)
+    with pytest.raises(ValueError, match="model.content=false"):
+        make(content_vectors=content)
+    with pytest.raises(ValueError, match=r"content_vectors must be \(n_items \+ 1, Dc\)"):
+        make(content=True, content_vectors=content[1:])
+
+
+def test_train_with_embed_reads_the_embed_runs_vectors_and_refuses_them_where_unread(tmp_path):
+    from pipelines.stages import run_data, run_train
+    from recsys.experiment import load_experiment
+    from recsys.runs import mark_complete, write_json
+    from recsys.text import load_embeddings, write_embeddings
+
+    common = [f"run.root={tmp_path}", "data.synthetic.n_users=80", "data.synthetic.n_items=30",
+              "data.max_history=6", "model.d_model=16", "model.n_layers=1", "model.d_ff=32",
+              "trainer.resources.use_ray=false", "trainer.optim.epochs=1", "trainer.optim.batch_size=32",
+              "trainer.resources.threads=1"]
+    exp = load_experiment(None, [*common, "model.name=two_tower", "model.content=true"])
+    data_dir = run_data(exp)
+    embed_dir = tmp_path / "embed"
+    embed_dir.mkdir()
+    write_embeddings(embed_dir / "embeddings.parquet", np.arange(1, 31),
+                     np.random.default_rng(0).normal(size=(30, 8)).astype(np.float32), "fake", [str(i) for i in range(30)])
+    write_json(embed_dir / "config.json", {"data_dir": str(data_dir)})
+    mark_complete(embed_dir, "embed")
+    train_dir = run_train(exp, data_dir=data_dir, embed_dir=embed_dir)
+    model = load_model(train_dir / "checkpoints" / "best")
+    _, vectors = load_embeddings(embed_dir)
+    np.testing.assert_allclose(model.content_vectors[1:].numpy(), vectors)
+    assert json.loads((train_dir / "config.json").read_text())["embed_dir"] == str(embed_dir)
+    with pytest.raises(ValueError, match="train with --embed"):
+        run_train(exp, data_dir=data_dir)
+    with pytest.raises(ValueError, match="reads none"):
+        run_train(load_experiment(None, [*common, "model.name=sasrec"]), data_dir=data_dir, embed_dir=embed_dir)

@@ -98,6 +98,8 @@ class Capabilities:
         (``IdTable.vectors``; EAGER's GCT distils towards them).
     new_item_spaces: with ``registers_items``, the spaces an item registered after training has IDs
         in (None: every declared space). EAGER: ("semantic",), as a new item has no behaviour yet.
+    content_vectors: it can read each item's content vector (an embed run's, ``recsys train
+        --embed``) as the build context ``content_vectors`` (n_items + 1, Dc), row 0 for padding.
     """
 
     id_spaces: tuple[str, ...] = ()
@@ -107,6 +109,7 @@ class Capabilities:
     item_vectors: bool = False
     id_vectors: bool = False
     new_item_spaces: tuple[str, ...] | None = None
+    content_vectors: bool = False
 
     @property
     def registration_spaces(self) -> tuple[str, ...]:

@@ -37,13 +37,21 @@ def check_id_spaces(model_name: str, ids_dirs: dict[str, Any]) -> None:
                          f"for {missing} (--ids RUN when it has one space, --ids SPACE=RUN per space)")
 
 
-def model_context(exp: ExperimentConfig, n_items: int, ids_dirs: dict[str, str | Path]) -> dict:
+def model_context(exp: ExperimentConfig, n_items: int, ids_dirs: dict[str, str | Path],
+                  embed_dir: str | Path | None = None) -> dict:
     """What ``build_model`` needs beyond the config: for a model with ID spaces, each space's
     table from its ids run (``<run>/index``), with the run's per-level vocabulary sizes, and,
-    for a model that declares ``id_vectors``, the vectors those IDs were built from."""
+    for a model that declares ``id_vectors``, the vectors those IDs were built from; for a model
+    that declares ``content_vectors``, the embed run's item vectors when ``embed_dir`` is given."""
     check_id_spaces(exp.model_name, ids_dirs)
+    context: dict = {}
+    if embed_dir is not None:
+        if not get_spec(exp.model_name).model_cls.capabilities.content_vectors:
+            raise ValueError(f"--embed gives content vectors, and model.name={exp.model_name!r} reads none (the "
+                             "two-tower does, with model.content=true)")
+        context["content_vectors"] = embed_run_vectors(embed_dir, n_items, "--embed")
     if not ids_dirs:
-        return {}
+        return context
     from recsys.models import IdTable
     from recsys.semantic_ids import SemanticIdIndex
 
@@ -56,7 +64,7 @@ def model_context(exp: ExperimentConfig, n_items: int, ids_dirs: dict[str, str |
         tables[space] = IdTable.from_index(index, n_items)
         if get_spec(exp.model_name).model_cls.capabilities.id_vectors:
             tables[space] = tables[space]._replace(vectors=ids_run_vectors(ids_dir, n_items, space))
-    return {"ids": tables}
+    return {**context, "ids": tables}
 
 
 def ids_source_data_run(ids_dir: str | Path) -> Path | None:
@@ -73,40 +81,58 @@ def ids_source_data_run(ids_dir: str | Path) -> Path | None:
 def check_ids_catalogue(ids_dirs: dict[str, str | Path], data_dir: str | Path) -> None:
     """Refuse an ids run built from a data run whose item catalogue (raw item id by internal id)
     differs from ``data_dir``'s: its IDs would name other items."""
+    for space, ids_dir in ids_dirs.items():
+        check_same_catalogue(ids_source_data_run(ids_dir), data_dir, f"the {space} ids run {ids_dir}", "IDs")
+
+
+def check_embed_catalogue(embed_dir: str | Path, data_dir: str | Path) -> None:
+    """Refuse an embed run over a data run whose item catalogue differs from ``data_dir``'s."""
+    saved = read_json(Path(embed_dir) / CONFIG_FILE) if (Path(embed_dir) / CONFIG_FILE).is_file() else {}
+    source = Path(saved["data_dir"]) if saved.get("data_dir") else None
+    check_same_catalogue(source, data_dir, f"the embed run {embed_dir}", "vectors")
+
+
+def check_same_catalogue(source: Path | None, data_dir: str | Path, what: str, holds: str) -> None:
+    """``what`` was built from the data run ``source`` (None: unknown, not checked); raise unless
+    its item catalogue begins with ``data_dir``'s."""
     import pandas as pd
 
     from recsys.data.schema import ITEMS_FILE
 
+    if source is None or source.resolve() == Path(data_dir).resolve():
+        return
+    if not (source / ITEMS_FILE).is_file():
+        raise ValueError(f"{what} was built from the data run {source}, which is gone: its item catalogue cannot be "
+                         f"checked against {data_dir}'s")
+
     def catalogue(directory: Path) -> list[str]:
         return pd.read_parquet(directory / ITEMS_FILE, columns=["raw_id"])["raw_id"].astype(str).tolist()
 
-    ours = None
-    for space, ids_dir in ids_dirs.items():
-        source = ids_source_data_run(ids_dir)
-        if source is None or source.resolve() == Path(data_dir).resolve():
-            continue
-        if not (source / ITEMS_FILE).is_file():
-            raise ValueError(f"the {space} ids run {ids_dir} was built from the data run {source}, which is gone: "
-                             f"its item catalogue cannot be checked against {data_dir}'s")
-        ours = catalogue(Path(data_dir)) if ours is None else ours
-        theirs = catalogue(source)
-        if theirs[:len(ours)] != ours:
-            first = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
-            raise ValueError(f"the {space} ids run {ids_dir} was built from the data run {source}, whose item catalogue "
-                             f"differs from {data_dir}'s (item {first + 1}: {theirs[first] if first < len(theirs) else None!r} "
-                             f"there, {ours[first] if first < len(ours) else None!r} here): its IDs would name other items")
+    ours, theirs = catalogue(Path(data_dir)), catalogue(source)
+    if theirs[:len(ours)] != ours:
+        first = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+        raise ValueError(f"{what} was built from the data run {source}, whose item catalogue differs from "
+                         f"{data_dir}'s (item {first + 1}: {theirs[first] if first < len(theirs) else None!r} there, "
+                         f"{ours[first] if first < len(ours) else None!r} here): its {holds} would name other items")
 
 
 def ids_run_vectors(ids_dir: str | Path, n_items: int, space: str) -> torch.Tensor:
     """The item vectors an ids run's IDs were built from, (n_items + 1, D) with row 0 zeros: its
     embed run's (content IDs), or those it wrote from a train run (``recsys ids --from-train``)."""
+    saved = read_json(Path(ids_dir) / CONFIG_FILE)
+    return embed_run_vectors(saved["embed_dir"] if saved.get("embed_dir") else ids_dir, n_items,
+                             f"the {space} ids run {ids_dir}")
+
+
+def embed_run_vectors(directory: str | Path, n_items: int, what: str) -> torch.Tensor:
+    """The item vectors a run wrote (``embeddings.parquet``, item ids 1..N in order), as
+    (n_items + 1, D) with row 0 zeros for padding."""
     from recsys.text import load_embeddings
 
-    saved = read_json(Path(ids_dir) / CONFIG_FILE)
-    _, vectors = load_embeddings(saved["embed_dir"] if saved.get("embed_dir") else ids_dir)
+    _, vectors = load_embeddings(directory)  # item ids 1..N in order, checked there
     if len(vectors) < n_items:
-        raise ValueError(f"the {space} ids run {ids_dir} was built from vectors of {len(vectors)} items, the data has "
-                         f"{n_items}: it was built from another dataset")
+        raise ValueError(f"{what}: {directory} holds vectors of {len(vectors)} items, the data has {n_items}: it was "
+                         "built from another dataset")
     table = torch.from_numpy(vectors[:n_items]).float()
     return torch.cat([table.new_zeros(1, table.shape[1]), table])
 
