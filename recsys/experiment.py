@@ -86,7 +86,12 @@ class ExperimentConfig:
     run: RunSection = field(default_factory=RunSection)
 
     def __post_init__(self):
-        model_name_of(self.model)  # fails now, not mid-pipeline, if model is not a registered config
+        name = model_name_of(self.model)  # fails now, not mid-pipeline, if model is not a registered config
+        least = get_spec(name).model_cls.capabilities.min_batch_size
+        require(self.trainer.optim.batch_size >= least,
+                f"trainer.optim.batch_size={self.trainer.optim.batch_size} is too small for model.name={name!r}: "
+                f"its loss needs at least {least} examples per batch (in-batch negatives are the other rows' "
+                "targets)")
 
     @property
     def model_name(self) -> str:

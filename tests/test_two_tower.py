@@ -249,3 +249,13 @@ def test_train_with_embed_reads_the_embed_runs_vectors_and_refuses_them_where_un
         run_train(exp, data_dir=data_dir)
     with pytest.raises(ValueError, match="reads none"):
         run_train(load_experiment(None, [*common, "model.name=sasrec"]), data_dir=data_dir, embed_dir=embed_dir)
+
+
+def test_a_batch_of_one_is_refused_with_the_minimum_named():
+    from recsys.experiment import load_experiment
+
+    with pytest.raises(ValueError, match=r"trainer.optim.batch_size=1 is too small for model.name='two_tower': its "
+                                         r"loss needs at least 2 examples per batch"):
+        load_experiment(None, ["model.name=two_tower", "trainer.optim.batch_size=1"])
+    assert load_experiment(None, ["model.name=two_tower", "trainer.optim.batch_size=2"]).trainer.optim.batch_size == 2
+    assert load_experiment(None, ["model.name=sasrec", "trainer.optim.batch_size=1"]).trainer.optim.batch_size == 1

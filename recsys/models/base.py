@@ -98,6 +98,8 @@ class Capabilities:
         (``IdTable.vectors``; EAGER's GCT distils towards them).
     new_item_spaces: with ``registers_items``, the spaces an item registered after training has IDs
         in (None: every declared space). EAGER: ("semantic",), as a new item has no behaviour yet.
+    min_batch_size: the fewest training examples per batch its loss works with (2 for in-batch
+        negatives: one row's negatives are the other rows' targets).
     content_vectors: it can read each item's content vector (an embed run's, ``recsys train
         --embed``) as the build context ``content_vectors`` (n_items + 1, Dc), row 0 for padding.
     """
@@ -110,6 +112,7 @@ class Capabilities:
     id_vectors: bool = False
     new_item_spaces: tuple[str, ...] | None = None
     content_vectors: bool = False
+    min_batch_size: int = 1
 
     @property
     def registration_spaces(self) -> tuple[str, ...]:

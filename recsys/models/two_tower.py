@@ -73,7 +73,7 @@ class TwoTower(SelfAttentiveModel):
     """The user tower is SASRec's encoder (``encode``: states not normalised); the item tower is the
     item table it reads, so each row learns from both roles."""
 
-    capabilities = Capabilities(item_vectors=True, content_vectors=True)
+    capabilities = Capabilities(item_vectors=True, content_vectors=True, min_batch_size=2)
 
     def __init__(self, config: TwoTowerConfig, n_items: int, max_len: int,
                  content_vectors: torch.Tensor | None = None):
