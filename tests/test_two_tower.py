@@ -218,7 +218,7 @@ def test_the_item_tower_adds_a_projection_of_the_content_vector_and_the_checkpoi
         make(content=True)
     with pytest.raises(ValueError, match="model.content=false"):
         make(content_vectors=content)
-    with pytest.raises(ValueError, match=r"content_vectors must be \(n_items \+ 1, Dc\)"):
+    with pytest.raises(ValueError, match=r"content_vectors must be \(n_items \+ 1, D\)"):
         make(content=True, content_vectors=content[1:])
 
 

@@ -282,3 +282,13 @@ class AtomicIdModel(Retriever):
             scores.scatter_(1, batch.history, float("-inf"))  # padding 0 is already -inf
         top = torch.topk(scores, k, dim=1)
         return Recommendation(items=top.indices, scores=top.values)
+
+
+def item_vector_table(vectors: Any, n_items: int, name: str) -> torch.Tensor:
+    """A frozen per-item table given as build context -> float32 (n_items + 1, D), row 0 for
+    padding; a ValueError naming ``name`` when its shape is not that."""
+    table = torch.as_tensor(vectors, dtype=torch.float32)
+    if table.dim() != 2 or len(table) != n_items + 1:
+        raise ValueError(f"{name} must be (n_items + 1, D) = ({n_items + 1}, D) with row 0 for padding, got "
+                         f"{tuple(table.shape)}")
+    return table

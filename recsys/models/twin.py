@@ -45,7 +45,7 @@ from torch import nn
 
 from recsys.config import require, require_choice, require_range
 from recsys.history import cluster_history
-from recsys.models.base import Batch, Capabilities, LossOutput, Ranker
+from recsys.models.base import Batch, Capabilities, LossOutput, Ranker, item_vector_table
 from recsys.models.layers import TargetAttention
 
 HISTORIES = ("behaviours", "clusters", "none")
@@ -110,10 +110,7 @@ class Twin(Ranker):
         self.config = config
         d = config.d_model
         if item_vectors is not None:
-            item_vectors = torch.as_tensor(item_vectors, dtype=torch.float32)
-            if item_vectors.dim() != 2 or len(item_vectors) != n_items + 1:
-                raise ValueError(f"item_vectors must be (n_items + 1, Dv) = ({n_items + 1}, Dv) with row 0 for "
-                                 f"padding, got {tuple(item_vectors.shape)}")
+            item_vectors = item_vector_table(item_vectors, n_items, "item_vectors")
             self.register_buffer("item_vectors", item_vectors)
         else:
             self.item_vectors = None

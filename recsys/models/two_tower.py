@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recsys.config import require, require_choice, require_range
-from recsys.models.base import Batch, Capabilities, LossOutput
+from recsys.models.base import Batch, Capabilities, LossOutput, item_vector_table
 from recsys.models.losses import InBatchSoftmaxLoss, ItemFrequency, seen_in_history
 from recsys.models.sasrec import SelfAttentiveModel
 
@@ -90,10 +90,7 @@ class TwoTower(SelfAttentiveModel):
                              "to use them, or leave --embed out")
         self.content_proj = None
         if content_vectors is not None:
-            content_vectors = torch.as_tensor(content_vectors, dtype=torch.float32)
-            if content_vectors.dim() != 2 or len(content_vectors) != n_items + 1:
-                raise ValueError(f"content_vectors must be (n_items + 1, Dc) = ({n_items + 1}, Dc) with row 0 for "
-                                 f"padding, got {tuple(content_vectors.shape)}")
+            content_vectors = item_vector_table(content_vectors, n_items, "content_vectors")
             self.register_buffer("content_vectors", content_vectors)
             self.content_proj = nn.Linear(content_vectors.shape[1], config.d_model, bias=False)
 
