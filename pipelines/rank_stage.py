@@ -13,21 +13,21 @@ sits on top, teaching it to trust the retriever blindly. Two ways:
   transition) gives the validation and test candidates and is what the cascade serves, so nothing
   is held out of it, and the ranker gets up to M examples per user instead of one. The ranker's
   frozen item vectors still come from RUN, which trained on those transitions: a similarity
-  feature can look better on training examples than at test. Figures: the re-ranked Recall/NDCG@K, AUC and GAUC of the ranker beside
-the same retriever alone on the same candidates (its own order and scores), on every test user
-and on users with more than ``max_history`` prior items; the paired standard error of the
-per-user NDCG@10 difference.
+  feature can look better on training examples than at test.
+
+Figures: the re-ranked Recall/NDCG@K, AUC and GAUC of the ranker beside the same retriever alone
+on the same candidates (its own order and scores), on every test user and on users with more than
+``max_history`` prior items; the paired standard error of the per-user NDCG@10 difference.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
-
-from dataclasses import replace
 
 from recsys.candidates import CandidateSet, candidate_metrics, candidates_file, histories_inputs, retrieve
 from recsys.data import InteractionData

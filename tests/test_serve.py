@@ -717,6 +717,56 @@ def test_a_time_aware_hstu_is_served_and_reads_the_requests_times(serve_urls, ru
         serve.delete("hstu")
 
 
+@pytest.fixture(scope="module")
+def eager_run(runs) -> Path:
+    """A tiny EAGER on the TIGER pipeline's data: content IDs from its ids run, behaviour IDs
+    from the SASRec run's item table."""
+    root = runs["tiger"].parent.parent.parent  # runs/pipeline/<id>/train -> runs
+    assert main(["ids", f"run.root={root}", "ids.method=hkmeans", "ids.use_ray=false", "ids.hkmeans.branching=6",
+                 "--from-train", str(runs["sasrec"])]) == 0
+    (behavior,) = (root / "ids").iterdir()
+    assert main(["train", f"run.root={root}", "run.name=eager", "model.name=eager", "model.d_model=16",
+                 "model.n_heads=2", "model.n_decoder_layers=1", "model.d_ff=32", "model.beam_size=10",
+                 "trainer.data.samples=prefixes", "trainer.optim.epochs=1", "trainer.optim.batch_size=128",
+                 "trainer.resources.use_ray=false", "--data", str(runs["data"]),
+                 "--ids", f"behavior={behavior}", "--ids", f"semantic={runs['tiger'].parent / 'ids'}"]) == 0
+    return next((root / "train").glob("*-eager"))
+
+
+def test_an_eager_run_registers_an_item_from_content_alone_and_reads_it_in_a_history(serve_urls, eager_run, raw_ids,
+                                                                                      tmp_path):
+    """POST /items on an EAGER run: the new item gets semantic codes only (no behaviour yet), the
+    served answers are the model's own after the same registration, and a history holding the new
+    item is read by its semantic code tokens."""
+    from recsys.training.checkpoint import load_model
+    from serve.app import build_app
+
+    # the CPUs the ANN app held (freed by the cascade test) and the HSTU app held, are free again
+    url = serve_urls["tiger"].removesuffix("/") + "/eager"
+    serve.run(build_app({"run_dir": str(eager_run), "num_replicas": 1, "replica_cpus": 0.25,
+                         "store": {"path": str(tmp_path / "eager.sqlite"), "create": True}}), name="eager", route_prefix="/eager",
+              blocking=False)
+    try:
+        wait_ready(url)
+        history = [raw_ids[i] for i in (2, 5, 11)]
+        top = post(url, "/recommend", {"history": history, "k": 1}, key=None).json()["items"][0]
+        fields = get(url, f"/items/{top['id']}", key=None).json()["fields"]
+        r = post(url, "/items", {"id": "EAGER-NEW", "fields": fields}, key=None)
+        assert r.status_code == 201, r.text
+        new = r.json()
+        assert new["internal_id"] == N_ITEMS + 1 and new["semantic_id"][:-1] == top["semantic_id"][:-1]
+        model = load_model(eager_run / "checkpoints" / "best")
+        model.register_items([N_ITEMS + 1], {"semantic": [new["semantic_id"]]})
+        for ids, names in (([2, 5, 11], history), ([2, 5, 11, N_ITEMS + 1], [*history, "EAGER-NEW"])):
+            r = post(url, "/recommend", {"history": names, "k": 10}, key=None)
+            assert r.status_code == 200, r.text
+            expected = model.recommend(Batch(history=torch.tensor([ids])), 10)
+            assert [it["internal_id"] for it in r.json()["items"]] == expected.items[0].tolist()
+            assert [it["score"] for it in r.json()["items"]] == pytest.approx(expected.scores[0].tolist(), abs=1e-4)
+    finally:
+        serve.delete("eager")
+
+
 def test_sigkill_of_the_store_writer_during_a_stream_of_events_loses_and_duplicates_nothing(server, raw_ids):
     """A client streams POST /events, one event per call, retrying each (same event id) until it is
     acknowledged. The Registry replica, the one process that owns the store, is killed with SIGKILL
