@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -80,6 +81,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--exclude-history", action="store_true", help="the second protocol: history items removed")
     parser.add_argument("--max-history", type=int, default=20)
     parser.add_argument("--latency-users", type=int, default=200, help="one-user calls timed per fusion (0: none)")
+    parser.add_argument("--valid-users", type=int, default=0,
+                        help="> 0: score validation on this fixed random sample of users (the sample training "
+                             "selects on with trainer.selection.valid_users and seed 0); test always on all")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args(argv)
     splits, fusions = [s for s in args.splits.split(",") if s], [f for f in args.fusions.split(",") if f]
@@ -99,6 +103,9 @@ def main(argv: list[str]) -> None:
         metrics, share = {}, {}
         for name in splits:
             eval_set = split.eval_set(name)
+            if name == "valid" and 0 < args.valid_users < len(eval_set):  # as recsys.training.loop draws it
+                rows = np.random.default_rng([0, 1]).choice(len(eval_set), args.valid_users, replace=False)
+                eval_set = eval_set.subset(np.sort(rows))
             figures = evaluate(model, eval_set, batch_size=512, exclude_history=args.exclude_history)
             metrics[name] = {k: round(v, 4) for k, v in figures.items()}
             share[name] = stream_share(model, eval_set, 10, args.exclude_history)
@@ -110,7 +117,8 @@ def main(argv: list[str]) -> None:
             print(f"{fusion:10s} one user per call: p50 {latency['p50_ms']} ms, p95 {latency['p95_ms']} ms", flush=True)
         path = write_record(f"{args.name}-{fusion}", model="eager", dataset=dataset,
                             config={"checkpoint": str(args.checkpoint), "data_run": str(args.data), "fusion": fusion,
-                                    "max_history": args.max_history, "threads": args.threads},
+                                    "max_history": args.max_history, "threads": args.threads,
+                                    "valid_users": args.valid_users or "all"},
                             wall_s=time.perf_counter() - start, metrics=metrics,
                             protocol=protocol(exclude_history=args.exclude_history, refit=refit),
                             extra={"stream_share": share, "source_checkpoint": str(args.checkpoint),

@@ -324,13 +324,14 @@ def test_recsys_pipeline_trains_eager_on_behaviour_ids_from_a_two_tower_and_cont
     test = read_json(run_dir / "metrics.json")["test"]
     monkeypatch.setattr(benchmarks.record, "RESULTS", tmp_path / "results")
     fusions([str(train_dir / "checkpoints" / "best"), "--data", str(data_dir), "--name", "tiny", "--max-history", "6",
-             "--threads", "1", "--latency-users", "5"])
+             "--threads", "1", "--latency-users", "5", "--valid-users", "30"])
     records = {f: read_json(tmp_path / "results" / "eager" / "synthetic" / f"tiny-{f}.json")
                for f in ("confidence", "sum", "behavior", "semantic")}
     for fusion, record in records.items():
         assert record["protocol"] == {"history": "kept", "refit": False, "selected_on": "valid"}
         assert set(record["metrics"]) == {"valid", "test"} and record["config"]["fusion"] == fusion
         assert sum(record["stream_share"]["test"].values()) == pytest.approx(1.0, abs=1e-3)
+        assert record["config"]["valid_users"] == 30
         latency = record["latency_one_user"]
         assert latency["users"] == 5 and 0 < latency["p50_ms"] <= latency["p95_ms"]
     assert records["behavior"]["stream_share"]["valid"]["behavior"] == 1.0
