@@ -109,9 +109,13 @@ def _children(split: NodeSplit, item_index: np.ndarray, vectors: np.ndarray):
         yield split.path + (code,), item_index[members], vectors[members]
 
 
-def _is_leaf(path: Path_, n: int, cfg: "HKMeansConfig") -> bool:
+def _check_depth(path: Path_) -> None:
     if len(path) >= MAX_DEPTH:
         raise RuntimeError(f"hierarchical k-means reached depth {MAX_DEPTH} at path {path[:8]}...")
+
+
+def _is_leaf(path: Path_, n: int, cfg: "HKMeansConfig") -> bool:
+    _check_depth(path)
     return n == 1 or (cfg.max_levels > 0 and len(path) == cfg.max_levels)
 
 
@@ -127,7 +131,7 @@ def fit_subtree(task: SubtreeTask) -> SubtreeResult:
     stack = [(task.path, item_index, task.vectors)]
     while stack:
         path, item_index, vectors = stack.pop()
-        _is_leaf(path, len(item_index), task.config)  # never true here; raises past MAX_DEPTH
+        _check_depth(path)  # a pushed child is never a leaf, but the recursion must narrow
         split = split_node(vectors, item_index, path, task.config)
         nodes.append(TreeNode(path, split.codes, split.centroids))
         sizes = np.bincount(split.labels)
@@ -137,9 +141,10 @@ def fit_subtree(task: SubtreeTask) -> SubtreeResult:
         single = sizes[split.labels] == 1
         if single.any():
             leaves.append(LeafBlock(path, split.labels[single], item_index[single]))
-        if not single.all():
-            inner = NodeSplit(path, split.codes[sizes[split.codes] > 1], split.centroids, split.labels)
-            stack.extend(reversed(list(_children(inner, item_index, vectors))))
+        inner = sizes[split.codes] > 1  # children that split again
+        if inner.any():
+            deeper = split._replace(codes=split.codes[inner], centroids=split.centroids[inner])
+            stack.extend(reversed(list(_children(deeper, item_index, vectors))))
     return SubtreeResult(task.path, nodes, leaves)
 
 
