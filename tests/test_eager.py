@@ -34,9 +34,18 @@ def two_spaces() -> dict[str, IdTable]:
     return {"behavior": id_table(0, [8, 8], 12, n_used=3), "semantic": id_table(1, [4, 4, 4], 20)}
 
 
+LAST_ITEM = dict(last_item_start=True, last_item_output=True)
+
+
 def make_model(seed: int = 0, **overrides) -> Eager:
+    """A tiny EAGER; with the last-item output on, its projections are made non-zero (they start at
+    zero), so the tests see the path act."""
     torch.manual_seed(seed)
-    return Eager(EagerConfig(**{**TINY, **overrides}), N_ITEMS, MAX_LEN, ids=two_spaces())
+    model = Eager(EagerConfig(**{**TINY, **overrides}), N_ITEMS, MAX_LEN, ids=two_spaces())
+    for decoder in model.decoders.values():
+        if decoder.last_output is not None:
+            torch.nn.init.normal_(decoder.last_output.weight, std=0.5)
+    return model
 
 
 def make_batch(seed: int = 0) -> Batch:
@@ -93,16 +102,18 @@ def test_shapes_and_loss_parts():
     assert not any(n.startswith("stt") for n in make_model(stt=False).loss(batch).parts)
 
 
+@pytest.mark.parametrize("last_item", [False, True])
 @pytest.mark.parametrize("space", ["behavior", "semantic"])
-def test_each_stream_decodes_only_existing_ids_and_its_beam_equals_exhaustive_scoring(space):
-    model = make_model(beam_size=N_ITEMS)
+def test_each_stream_decodes_only_existing_ids_and_its_beam_equals_exhaustive_scoring(space, last_item):
+    model = make_model(beam_size=N_ITEMS, **(LAST_ITEM if last_item else {}))
     model.eval()
     history = make_batch().history
     vocab = model.vocabulary(space)
     with torch.no_grad():
         memory, mask = model.encode(history)
-        found = model.search(space, memory, mask, N_ITEMS, None)
-        every = model.sequence_log_prob(space, memory, mask, torch.arange(1, N_ITEMS + 1).expand(B, -1))  # (B, N)
+        start = model.starts(history)[space]
+        found = model.search(space, memory, mask, start, N_ITEMS, None)
+        every = model.sequence_log_prob(space, memory, mask, start, torch.arange(1, N_ITEMS + 1).expand(B, -1))
     assert ((found.items >= 1) & (found.items <= N_ITEMS)).all()
     assert torch.equal(found.codes, vocab.item_codes[found.items])  # every decoded ID is an item's ID
     torch.testing.assert_close(found.scores, every.sort(1, descending=True).values, atol=1e-5, rtol=1e-5)
@@ -189,21 +200,23 @@ def test_merge_keeps_the_best_copy_of_an_item_and_marks_items_both_streams_found
     assert out.streams.tolist() == [[2, 0, 0, 1]]
 
 
-def fused(fusion: str):
-    """A tiny model with ``fusion``, its fused top 5 for the tiny batch, and the encoded batch."""
-    model = make_model(fusion=fusion)
+def fused(fusion: str, **overrides):
+    """A tiny model with ``fusion``, its fused top 5 for the tiny batch, the encoded batch and each
+    stream's decoder start."""
+    model = make_model(fusion=fusion, **overrides)
     model.eval()
     history = make_batch().history
     with torch.no_grad():
-        return model, model.recommend_streams(Batch(history=history), 5), *model.encode(history)
+        return model, model.recommend_streams(Batch(history=history), 5), *model.encode(history), model.starts(history)
 
 
+@pytest.mark.parametrize("last_item", [False, True])
 @pytest.mark.parametrize("fusion", ["confidence", "sum"])
-def test_fusions_rank_by_their_scores(fusion):
-    model, rec, memory, mask = fused(fusion)
+def test_fusions_rank_by_their_scores(fusion, last_item):
+    model, rec, memory, mask, starts = fused(fusion, **(LAST_ITEM if last_item else {}))
     with torch.no_grad():
-        logp = {s: model.sequence_log_prob(s, memory, mask, rec.items) for s in ("behavior", "semantic")}
-        tops = {s: model.search(s, memory, mask, 5, None).items for s in ("behavior", "semantic")}
+        logp = {s: model.sequence_log_prob(s, memory, mask, starts[s], rec.items) for s in ("behavior", "semantic")}
+        tops = {s: model.search(s, memory, mask, starts[s], 5, None).items for s in ("behavior", "semantic")}
     if fusion == "sum":
         torch.testing.assert_close(rec.scores, logp["behavior"] + logp["semantic"], atol=1e-5, rtol=1e-5)
     else:  # the confidence of the stream that found it: its mean code log-probability
@@ -220,8 +233,8 @@ def test_fusions_rank_by_their_scores(fusion):
 
 @pytest.mark.parametrize("space", ["behavior", "semantic"])
 def test_one_stream_fusion_is_that_streams_beam(space):
-    model, rec, memory, mask = fused(space)
-    assert torch.equal(rec.items, model.search(space, memory, mask, 5, None).items)
+    model, rec, memory, mask, starts = fused(space)
+    assert torch.equal(rec.items, model.search(space, memory, mask, starts[space], 5, None).items)
     assert (rec.streams == ("behavior", "semantic").index(space)).all()
 
 
@@ -237,8 +250,39 @@ def test_code_token_inputs_read_each_item_by_its_codes_in_both_spaces():
     assert model.loss(make_batch()).total.isfinite()
 
 
-def test_a_checkpoint_recommends_the_same_and_refuses_to_train_without_its_vectors(tmp_path):
-    model = make_model()
+def test_the_last_item_path_starts_each_decoder_from_the_newest_item_and_is_off_for_an_empty_history():
+    model = make_model(**LAST_ITEM)
+    model.eval()
+    history = make_batch().history
+    with torch.no_grad():
+        starts = model.starts(history)
+        item = model.item_inputs(history[:, -1:])[:, 0]  # the newest item as the encoder reads it
+        for space, decoder in model.decoders.items():
+            torch.testing.assert_close(starts[space].token, decoder.bos + decoder.last_start(item))
+            torch.testing.assert_close(starts[space].output, decoder.last_output(item))
+        other = history.clone()
+        other[:, -1] = other[:, -1] % N_ITEMS + 1  # another newest item, the rest alike
+        assert not torch.allclose(starts["semantic"].token, model.starts(other)["semantic"].token)
+        empty = model.starts(torch.zeros(2, MAX_LEN, dtype=torch.long))
+        for space, decoder in model.decoders.items():  # nothing to read: BOS, no output term
+            torch.testing.assert_close(empty[space].token, decoder.bos.expand(2, -1))
+            assert not empty[space].output.any()
+    # the output projection starts at zero: an untrained path scores as a model without it
+    fresh, plain = Eager(EagerConfig(**TINY, last_item_output=True), N_ITEMS, MAX_LEN, ids=two_spaces()), make_model()
+    fresh.load_state_dict(plain.state_dict(), strict=False)
+    fresh.eval(), plain.eval()
+    batch = make_batch()
+    torch.testing.assert_close(fresh.recommend(batch, 5).scores, plain.recommend(batch, 5).scores)
+    assert plain.decoders["semantic"].last_start is None and plain.decoders["semantic"].last_output is None
+    model.train()
+    model.loss(batch).total.backward()  # both projections of both streams learn from the loss
+    for decoder in model.decoders.values():
+        assert decoder.last_start.weight.grad.abs().sum() > 0 and decoder.last_output.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("last_item", [False, True])
+def test_a_checkpoint_recommends_the_same_and_refuses_to_train_without_its_vectors(tmp_path, last_item):
+    model = make_model(**(LAST_ITEM if last_item else {}))
     model.eval()
     save_checkpoint(tmp_path / "ckpt", model, "eager")
     meta = json.loads((tmp_path / "ckpt" / "model.json").read_text())
@@ -398,10 +442,12 @@ def test_a_new_item_joins_with_semantic_codes_only_and_each_fusion_ranks_it_by_i
     history = make_batch().history
     history[0, -1] = N_ITEMS + 1  # in a history too: read by its semantic codes
     memory, mask = model.encode(history)
-    assert model.search("behavior", memory, mask, N_ITEMS, None).items.max() <= N_ITEMS  # never decoded there
-    assert (model.search("semantic", memory, mask, N_ITEMS + 1, None).items == N_ITEMS + 1).any(1).all()
-    semantic = model.sequence_log_prob("semantic", memory, mask, item.expand(B, 1))[:, 0]
-    assert model.sequence_log_prob("behavior", memory, mask, item.expand(B, 1)).isinf().all()
+    starts = model.starts(history)
+    assert model.search("behavior", memory, mask, starts["behavior"], N_ITEMS, None).items.max() <= N_ITEMS  # never
+    assert (model.search("semantic", memory, mask, starts["semantic"], N_ITEMS + 1, None).items
+            == N_ITEMS + 1).any(1).all()
+    semantic = model.sequence_log_prob("semantic", memory, mask, starts["semantic"], item.expand(B, 1))[:, 0]
+    assert model.sequence_log_prob("behavior", memory, mask, starts["behavior"], item.expand(B, 1)).isinf().all()
     for fusion, expected in (("sum", semantic + semantic / 4 * 3), ("confidence", semantic / 4)):
         model.config = EagerConfig(**{**TINY, "fusion": fusion})
         rec = model.recommend_streams(Batch(history=history), N_ITEMS + 1)

@@ -37,6 +37,11 @@ Departures from the paper and the official code:
 - Decoders have a linear head per level over that level's codes (as our TIGER), where the
   official code ties outputs to input embeddings and numbers level-2 tokens per parent.
 - IDs carry our collision level (L codes + 1), so each stream decodes L + 1 tokens.
+- Optional last-item path (``last_item_start``, ``last_item_output``; neither paper nor code has
+  it): each decoder's start token adds a projection of the newest history item as the encoder
+  reads it, and its output states a second projection (zero at init), as our TIGER's. It targets
+  the transitions seen in training, which the ID models and the last-item counts reproduce and the
+  encoder's memory alone does not (docs/experiments/eager.md).
 
 Cold start: an item registered after training (``register_items``) has semantic codes only (no
 behaviour yet: it gets behaviour codes from a later behaviour ids run and a model trained with it;
@@ -61,7 +66,7 @@ from torch import nn
 from recsys.config import require, require_choice, require_range
 from recsys.generation.beam import BeamResult, beam_search
 from recsys.models.base import Batch, Capabilities, GenerativeRetriever, LossOutput, Recommendation
-from recsys.models.layers import Block
+from recsys.models.layers import Block, DecoderStart, decoder_start, last_item_linears
 from recsys.models.vocabulary import ABSENT, IdTable, SemanticVocabulary
 
 SPACES = ("behavior", "semantic")  # stream ids 0 and 1 in FusedRecommendation.streams; 2 = both
@@ -91,6 +96,12 @@ class EagerConfig:
     lambda_stt: float = 1.0  # lambda_2
     stt_mask_ratio: float = 0.5  # share of behaviour codes masked (reconstruction) and replaced (recognition)
     fusion: str = "confidence"  # confidence (paper) | sum (released code) | behavior | semantic
+    # each decoder's start token adds a projection of the newest history item as the encoder reads
+    # it (before positions and dropout): a first-order path from the last item to the next ID
+    last_item_start: bool = False
+    # each decoder's output states add a second projection of it (zero at init): a bilinear last
+    # item x next code term in every level's logits, past the decoder
+    last_item_output: bool = False
 
     def __post_init__(self):
         require_range("model.d_model", self.d_model, 1, 4096)
@@ -113,6 +124,8 @@ class EagerConfig:
         require(0.0 < self.stt_mask_ratio <= 1.0,
                 f"model.stt_mask_ratio={self.stt_mask_ratio} is out of range; allowed: 0 < ratio <= 1")
         require_choice("model.fusion", self.fusion, FUSIONS)
+        for flag in ("last_item_start", "last_item_output"):
+            require(isinstance(getattr(self, flag), bool), f"model.{flag} must be true or false, got {getattr(self, flag)!r}")
 
 
 class FusedRecommendation(NamedTuple):
@@ -123,8 +136,9 @@ class FusedRecommendation(NamedTuple):
 
 class StreamDecoder(nn.Module):
     """One stream's decoder over its vocabulary (passed to each call, held by the model): token
-    embeddings, BOS, the summary token, causal blocks with cross-attention, a head per level, and
-    the GCT projection to the stream's vector size (``vector_dim``; 0: none)."""
+    embeddings, BOS, the summary token, causal blocks with cross-attention, a head per level, the
+    GCT projection to the stream's vector size (``vector_dim``; 0: none), and the last-item path's
+    projections (``last_item_start``/``last_item_output``; None when off)."""
 
     def __init__(self, vocab: SemanticVocabulary, config: EagerConfig, vector_dim: int):
         super().__init__()
@@ -137,26 +151,37 @@ class StreamDecoder(nn.Module):
         self.ln, self.drop = nn.LayerNorm(D), nn.Dropout(config.dropout)
         self.heads = nn.ModuleList(nn.Linear(D, v) for v in vocab.level_sizes)
         self.project = nn.Linear(D, vector_dim) if vector_dim else None
+        self.last_start, self.last_output = last_item_linears(D, config.last_item_start, config.last_item_output)
         for p in (self.token_emb.weight, self.pos.weight, self.bos, self.summary):
             nn.init.normal_(p, std=0.02)
 
     def memory_kv(self, memory: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [block.cross.keys_values(memory) for block in self.blocks]
 
+    def start(self, item: torch.Tensor, present: torch.Tensor) -> DecoderStart:
+        """item (B, D) the newest history item's encoder input, present (B, 1) -> this stream's start."""
+        return decoder_start(self.bos, item, present, self.last_start, self.last_output)
+
     def forward(self, vocab: SemanticVocabulary, prefix: torch.Tensor, memory_kv: list, memory_mask: torch.Tensor,
-                summary: bool = False) -> torch.Tensor:
-        """prefix (R, t) codes of levels < t, R = B * G batch-major -> states (R, t + 1 [+ 1], D);
-        position j has read BOS and prefix[:, :j] and predicts level j; with ``summary`` the last
-        position is the summary token, which reads them all."""
+                start: DecoderStart, summary: bool = False) -> torch.Tensor:
+        """prefix (R, t) codes of levels < t, R = B * G batch-major, ``start`` of the B rows -> states
+        (R, t + 1 [+ 1], D); position j has read the start token and prefix[:, :j] and predicts level
+        j; with ``summary`` the last position is the summary token, which reads them all (the
+        last-item output vector is added to the code positions only)."""
         R, t = prefix.shape
-        parts = [self.bos.expand(R, 1, -1), self.token_emb(vocab.tokens(prefix))]
+        G = R // len(start.token)
+        parts = [start.token.repeat_interleave(G, dim=0)[:, None], self.token_emb(vocab.tokens(prefix))]
         if summary:
             parts.append(self.summary.expand(R, 1, -1))
-        x = torch.cat(parts, 1)
+        x = torch.cat([part.to(parts[1].dtype) for part in parts], 1)
         x = self.drop(x + self.pos.weight[: x.shape[1]])  # (R, t + 1 [+ 1], D)
         for block, kv in zip(self.blocks, memory_kv):
             x = block(x, causal=True, memory_kv=kv, memory_mask=memory_mask)
-        return self.ln(x)
+        x = self.ln(x)
+        if start.output is None:
+            return x
+        codes = x[:, :t + 1] + start.output.repeat_interleave(G, dim=0)[:, None].to(x.dtype)
+        return torch.cat([codes, x[:, t + 1:]], 1)
 
     def code_log_probs(self, states: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """states (R, >= L + 1, D) from a prefix of the full ``codes`` (R, L + 1) -> log p of each
@@ -288,20 +313,32 @@ class Eager(GenerativeRetriever):
         B, T = history.shape
         if T > self.max_len:
             raise ValueError(f"history length {T} exceeds max_len={self.max_len}")
-        if self.item_emb is None:  # each item as the sum of its code tokens in both spaces
-            x = self.code_inputs(history, SPACES)
-        else:
-            learned = history <= self.trained_items
-            x = self.item_emb(history * learned)  # (B, T, D)
-            if not learned.all():  # registered after training: no learned row, read by its semantic codes
-                x = torch.where(learned[..., None], x, self.code_inputs(history, ("semantic",)))
-        x = self.drop(x + self.enc_pos(torch.arange(self.max_len - T, self.max_len, device=history.device)))
+        x = self.drop(self.item_inputs(history) + self.enc_pos(torch.arange(self.max_len - T, self.max_len, device=history.device)))
         valid = history > 0
         valid[:, -1] |= ~valid.any(1)  # an empty history still has one key (no NaN)
         mask = valid[:, None, None, :]
         for block in self.encoder:
             x = block(x, mask=mask)
         return self.enc_ln(x), mask
+
+    def item_inputs(self, history: torch.Tensor) -> torch.Tensor:
+        """history (B, T) -> (B, T, D): each item as the encoder reads it, before positions."""
+        if self.item_emb is None:  # each item as the sum of its code tokens in both spaces
+            return self.code_inputs(history, SPACES)
+        learned = history <= self.trained_items
+        x = self.item_emb(history * learned)  # (B, T, D)
+        if not learned.all():  # registered after training: no learned row, read by its semantic codes
+            x = torch.where(learned[..., None], x, self.code_inputs(history, ("semantic",)))
+        return x
+
+    def starts(self, history: torch.Tensor) -> dict[str, DecoderStart]:
+        """history (B, T) -> each stream's decoder start: BOS, plus with the last-item path a
+        projection of the newest history item as the encoder reads it (0 for an empty history)."""
+        if not (self.config.last_item_start or self.config.last_item_output):
+            return {space: DecoderStart(self.decoders[space].bos.expand(len(history), -1), None) for space in SPACES}
+        last = history[:, -1:]  # left padding: the last column is the newest item
+        item, present = self.item_inputs(last)[:, 0], last > 0
+        return {space: self.decoders[space].start(item, present) for space in SPACES}
 
     def code_inputs(self, history: torch.Tensor, spaces: tuple[str, ...]) -> torch.Tensor:
         """history (B, T) -> (B, T, D): each item as the sum of its code tokens in ``spaces`` (the
@@ -319,7 +356,8 @@ class Eager(GenerativeRetriever):
         (B, L + 3, D): positions 0..L predict the codes, the last is the summary."""
         memory, mask = self.encode(history)
         decoder = self.decoders[space]
-        return decoder(self.vocabs[space], codes, decoder.memory_kv(memory), mask, summary=True)
+        return decoder(self.vocabs[space], codes, decoder.memory_kv(memory), mask, self.starts(history)[space],
+                       summary=True)
 
     # --- the contract --------------------------------------------------------------------
     def loss(self, batch: Batch) -> LossOutput:
@@ -330,11 +368,12 @@ class Eager(GenerativeRetriever):
         keep = (target > 0).float()  # masked, not indexed: the same graph on every DDP rank
         count = keep.sum().clamp(min=1.0)
         memory, mask = self.encode(batch.history)
+        starts = self.starts(batch.history)
         parts, summaries, total = {}, {}, 0.0
         for space in SPACES:
             decoder, vocab = self.decoders[space], self.vocabs[space]
             codes = vocab.item_codes[target]  # (B, L + 1)
-            states = decoder(vocab, codes, decoder.memory_kv(memory), mask, summary=True)  # (B, L + 3, D)
+            states = decoder(vocab, codes, decoder.memory_kv(memory), mask, starts[space], summary=True)  # (B, L+3, D)
             gen = (-decoder.code_log_probs(states, codes).mean(1) * keep).sum() / count
             parts[f"gen_{space}"], total = gen, total + gen
             summaries[space] = states[:, -1]
@@ -368,26 +407,26 @@ class Eager(GenerativeRetriever):
         return F.cross_entropy(logits / self.config.gct_temperature,
                                torch.zeros(len(target), dtype=torch.long, device=target.device), reduction="none")
 
-    def search(self, space: str, memory: torch.Tensor, mask: torch.Tensor, k: int,
+    def search(self, space: str, memory: torch.Tensor, mask: torch.Tensor, start: DecoderStart, k: int,
                exclude: torch.Tensor | None) -> BeamResult:
         """Constrained beam search in one stream over an encoded batch; scores are sums of log-probs."""
         decoder, vocab = self.decoders[space], self.vocabs[space]
         kv = decoder.memory_kv(memory)
 
         def step(prefix: torch.Tensor) -> torch.Tensor:  # (R, t) -> (R, V_t)
-            h = decoder(vocab, prefix, kv, mask)[:, -1]
+            h = decoder(vocab, prefix, kv, mask, start)[:, -1]
             return F.log_softmax(decoder.heads[prefix.shape[1]](h).float(), -1)
 
         return beam_search(step, vocab.trie, len(memory), k, self.beam_width(k), exclude=exclude)
 
-    def sequence_log_prob(self, space: str, memory: torch.Tensor, mask: torch.Tensor,
+    def sequence_log_prob(self, space: str, memory: torch.Tensor, mask: torch.Tensor, start: DecoderStart,
                           items: torch.Tensor) -> torch.Tensor:
         """items (B, G) -> log p(the item's ID in ``space`` | history), (B, G); -inf where item < 1
         or the item has no ID in ``space``."""
         decoder, vocab = self.decoders[space], self.vocabs[space]
         found = (items >= 1) & vocab.has_id(items.clamp(min=0))
         codes = vocab.item_codes[items.clamp(min=0)].clamp(min=0).reshape(-1, vocab.n_tokens)  # (B * G, L + 1)
-        states = decoder(vocab, codes[:, :-1], decoder.memory_kv(memory), mask)
+        states = decoder(vocab, codes[:, :-1], decoder.memory_kv(memory), mask, start)
         out = decoder.code_log_probs(states, codes).sum(1).reshape(items.shape)
         return out.masked_fill(~found, float("-inf"))
 
@@ -396,9 +435,10 @@ class Eager(GenerativeRetriever):
         """The fused top k with the stream that produced each item (``model.fusion``)."""
         self.check_k(k)
         memory, mask = self.encode(batch.history)
+        starts = self.starts(batch.history)
         exclude = batch.history if exclude_history else None
         spaces = [self.config.fusion] if self.config.fusion in SPACES else list(SPACES)
-        found = {s: self.search(s, memory, mask, k, exclude) for s in spaces}
+        found = {s: self.search(s, memory, mask, starts[s], k, exclude) for s in spaces}
         if len(spaces) == 1:
             out = found[spaces[0]]
             return FusedRecommendation(out.items, out.scores, torch.full_like(out.items, SPACES.index(spaces[0])))
@@ -407,15 +447,16 @@ class Eager(GenerativeRetriever):
         if self.config.fusion == "confidence":
             scores = torch.cat([found[s].scores / self.vocabs[s].n_tokens for s in SPACES], 1)
         else:
-            scores = self.summed_log_prob(memory, mask, items)
+            scores = self.summed_log_prob(memory, mask, starts, items)
         return merge_streams(items, scores, streams, k)
 
-    def summed_log_prob(self, memory: torch.Tensor, mask: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    def summed_log_prob(self, memory: torch.Tensor, mask: torch.Tensor, starts: dict[str, DecoderStart],
+                        items: torch.Tensor) -> torch.Tensor:
         """The released code's fusion score of items (B, G): the sum of both streams' log-probabilities;
         an item without behaviour codes counts its semantic mean code log-probability for each of the
         behaviour stream's codes."""
-        semantic = self.sequence_log_prob("semantic", memory, mask, items)
-        behavior = self.sequence_log_prob("behavior", memory, mask, items)
+        semantic = self.sequence_log_prob("semantic", memory, mask, starts["semantic"], items)
+        behavior = self.sequence_log_prob("behavior", memory, mask, starts["behavior"], items)
         lacking = (items >= 1) & ~self.vocabs["behavior"].has_id(items.clamp(min=0))
         stand_in = semantic / self.vocabs["semantic"].n_tokens * self.vocabs["behavior"].n_tokens
         return semantic + torch.where(lacking, stand_in, behavior)

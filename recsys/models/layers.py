@@ -8,9 +8,13 @@ relative position/time bias.
 Masks are boolean, True = may attend, broadcast to (B, H, T, S): causal, padding, or cross
 (queries over an encoder's memory). ``Attention`` projects queries, keys and values around it;
 ``Block`` is the pre-norm transformer block SASRec and TIGER's encoder and decoder are built of.
+``last_item_linears`` and ``decoder_start`` are the generative decoders' first-order path from the
+newest history item (TIGER and EAGER).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -265,3 +269,31 @@ class TargetAttention(nn.Module):
         """query (B, C, D), keys (B, S, D), valid (B, S) bool, bias (B, C, S, H) -> (B, C, D)."""
         logits = self.logits(query, keys)
         return self.pool(logits if bias is None else logits + bias, self.values(keys), valid)
+
+
+class DecoderStart(NamedTuple):
+    """What a generative decoder starts from, per batch row: the start token (B, D), and the vector
+    added to every output state (B, D), or None."""
+    token: torch.Tensor
+    output: torch.Tensor | None
+
+
+def last_item_linears(d_model: int, start: bool, output: bool) -> tuple[nn.Linear | None, nn.Linear | None]:
+    """The two projections of the last-item path (each None when off). The output projection starts
+    at zero, so an untrained model scores as without it."""
+    out = nn.Linear(d_model, d_model) if output else None
+    if out is not None:
+        nn.init.zeros_(out.weight)
+        nn.init.zeros_(out.bias)
+    return (nn.Linear(d_model, d_model) if start else None), out
+
+
+def decoder_start(bos: torch.Tensor, item: torch.Tensor, present: torch.Tensor,
+                  start: nn.Linear | None, output: nn.Linear | None) -> DecoderStart:
+    """A first-order path from the newest history item into a decoder, as FPMC adds a Markov term to
+    matrix factorisation (Rendle et al. 2010): ``item`` (B, D) is that item's own embedding,
+    ``present`` (B, 1) False where the history is empty. The start token is ``bos`` (D,) plus
+    ``start(item)``; the output vector, added to every state after the decoder, is ``output(item)``
+    (a bilinear last item x scored code term in every logit). Either projection may be None (off)."""
+    token = bos + start(item) * present if start is not None else bos.expand(len(item), -1)
+    return DecoderStart(token, output(item) * present if output is not None else None)

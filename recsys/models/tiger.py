@@ -53,7 +53,7 @@ heads are separate per level. The paper's sizes are the defaults.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -62,7 +62,7 @@ from torch import nn
 from recsys.config import require, require_choice, require_range
 from recsys.generation.beam import beam_search
 from recsys.models.base import Batch, Capabilities, GenerativeRetriever, LossOutput, Recommendation
-from recsys.models.layers import Block
+from recsys.models.layers import Block, DecoderStart, decoder_start, last_item_linears
 from recsys.models.vocabulary import IdTable, SemanticVocabulary
 
 
@@ -119,13 +119,6 @@ class TigerConfig:
                 "model.prefix_outputs=true")
 
 
-class DecoderStart(NamedTuple):
-    """What ``Tiger.decode`` starts from, per batch row: the start token (B, D), and the vector added
-    to every output state (B, D), or None."""
-    token: torch.Tensor
-    output: torch.Tensor | None
-
-
 def user_buckets(users: torch.Tensor, n_buckets: int) -> torch.Tensor:
     """Hash user indices (>= 0) into ``n_buckets`` (Knuth's multiplicative hash), so neighbouring
     indices scatter and collisions are random, as with the paper's hashed user ids."""
@@ -156,11 +149,7 @@ class Tiger(GenerativeRetriever):
         self.out_node_emb = nn.Embedding(vocab.n_nodes, D, padding_idx=0) \
             if config.prefix_output_table == "separate" else None
         self.bos = nn.Parameter(torch.zeros(D))
-        self.last_item_proj = nn.Linear(D, D) if config.last_item_start else None
-        self.last_item_out = nn.Linear(D, D) if config.last_item_output else None
-        if self.last_item_out is not None:  # starts as a model without it
-            nn.init.zeros_(self.last_item_out.weight)
-            nn.init.zeros_(self.last_item_out.bias)
+        self.last_item_proj, self.last_item_out = last_item_linears(D, config.last_item_start, config.last_item_output)
         self.drop = nn.Dropout(config.dropout)
         block = dict(d_model=D, n_heads=config.n_heads, d_ff=config.d_ff, dropout=config.dropout,
                      head_dim=config.head_dim, activation="relu")
@@ -279,11 +268,7 @@ class Tiger(GenerativeRetriever):
         item = self.token_emb(self.vocab.tokens(self.item_codes[last])).sum(1)  # (B, D)
         if self.node_emb is not None:
             item = item + self.node_emb(self.vocab.item_nodes[last]).sum(1)
-        present = (last > 0)[:, None]
-        token = self.bos + self.last_item_proj(item) * present if self.last_item_proj is not None \
-            else self.bos.expand(B, -1)
-        output = self.last_item_out(item) * present if self.last_item_out is not None else None
-        return DecoderStart(token, output)
+        return decoder_start(self.bos, item, (last > 0)[:, None], self.last_item_proj, self.last_item_out)
 
     def decode(self, prefix: torch.Tensor, memory_kv: list, memory_mask: torch.Tensor,
                start: DecoderStart) -> torch.Tensor:
