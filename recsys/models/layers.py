@@ -281,11 +281,12 @@ class DecoderStart(NamedTuple):
 def last_item_linears(d_model: int, start: bool, output: bool) -> tuple[nn.Linear | None, nn.Linear | None]:
     """The two projections of the last-item path (each None when off). The output projection starts
     at zero, so an untrained model scores as without it."""
+    first = nn.Linear(d_model, d_model) if start else None  # built in this order: seeded inits stay as they were
     out = nn.Linear(d_model, d_model) if output else None
     if out is not None:
         nn.init.zeros_(out.weight)
         nn.init.zeros_(out.bias)
-    return (nn.Linear(d_model, d_model) if start else None), out
+    return first, out
 
 
 def decoder_start(bos: torch.Tensor, item: torch.Tensor, present: torch.Tensor,
