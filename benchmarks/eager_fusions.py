@@ -10,6 +10,10 @@ its figures under ``metrics.valid`` / ``metrics.test``, and ``stream_share``: pe
 of the top 10 that came from the behaviour stream only, the semantic stream only, or both. Pick
 the shipped fusion on validation; the test column is reported once, beside it.
 
+``paired``: each fusion against the first one named (``--fusions``; default ``confidence``), per
+split and metric, the mean per-user difference with its standard error (the same users, so the
+difference is a finding when it exceeds about two of them).
+
 ``latency``: per fusion, one user per call (``model.recommend``, k = 10, in this process, no HTTP),
 over the first ``--latency-users`` validation users: p50/p95 in ms. ``behavior`` and ``semantic``
 are each stream's beam search alone; ``confidence`` and ``sum`` run both and merge.
@@ -36,7 +40,8 @@ from recsys.models import Batch, Eager  # noqa: E402
 from recsys.models.eager import FUSIONS, SPACES  # noqa: E402
 from recsys.training.batching import trim_padding  # noqa: E402
 from recsys.training.checkpoint import load_model  # noqa: E402
-from recsys.training.evaluate import evaluate  # noqa: E402
+from recsys.metrics import per_user_metrics  # noqa: E402
+from recsys.training.evaluate import target_ranks_of  # noqa: E402
 
 STREAMS = (*SPACES, "both")  # FusedRecommendation.streams: 0, 1, 2
 
@@ -97,17 +102,26 @@ def main(argv: list[str]) -> None:
         parser.error(f"{args.checkpoint} holds a {type(model).__name__}, not an EAGER model")
     split = leave_one_out(InteractionData.load(args.data), args.max_history)
     dataset, refit = run_dataset(args.data), trained_with_refit(args.checkpoint)
+    reference: dict[str, dict[str, np.ndarray]] = {}  # the first fusion's per-user figures, per split
     for fusion in fusions:
         model.config = dataclasses.replace(model.config, fusion=fusion)
         start = time.perf_counter()
-        metrics, share = {}, {}
+        metrics, share, paired = {}, {}, {}
         for name in splits:
             eval_set = split.eval_set(name)
             if name == "valid" and 0 < args.valid_users < len(eval_set):  # as recsys.training.loop draws it
                 rows = np.random.default_rng([0, 1]).choice(len(eval_set), args.valid_users, replace=False)
                 eval_set = eval_set.subset(np.sort(rows))
-            figures = evaluate(model, eval_set, batch_size=512, exclude_history=args.exclude_history)
+            per_user = per_user_metrics(target_ranks_of(model, eval_set, batch_size=512,
+                                                        exclude_history=args.exclude_history))
+            figures = {k: float(v.mean()) for k, v in per_user.items()}
             metrics[name] = {k: round(v, 4) for k, v in figures.items()}
+            reference.setdefault(name, per_user)
+            if fusion != fusions[0]:
+                paired[name] = {k: {"mean": round(float(d.mean()), 4), "se": round(float(d.std(ddof=1) / np.sqrt(len(d))), 4)}
+                                for k in ("recall@10", "ndcg@10") for d in [per_user[k] - reference[name][k]]}
+                print(f"{fusion:10s} {name:5s} minus {fusions[0]}: " + "  ".join(
+                    f"{k} {v['mean']:+.4f} ± {v['se']:.4f}" for k, v in paired[name].items()), flush=True)
             share[name] = stream_share(model, eval_set, 10, args.exclude_history)
             print(f"{fusion:10s} {name:5s} " + "  ".join(f"{k} {v:.4f}" for k, v in figures.items())
                   + f"  top-10 from {share[name]}", flush=True)
@@ -122,7 +136,8 @@ def main(argv: list[str]) -> None:
                             wall_s=time.perf_counter() - start, metrics=metrics,
                             protocol=protocol(exclude_history=args.exclude_history, refit=refit),
                             extra={"stream_share": share, "source_checkpoint": str(args.checkpoint),
-                                   "latency_one_user": latency})
+                                   "latency_one_user": latency,
+                                   "paired": {"against": fusions[0], **paired} if paired else None})
         print(f"record: {path}")
 
 

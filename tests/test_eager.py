@@ -381,6 +381,14 @@ def test_recsys_pipeline_trains_eager_on_behaviour_ids_from_a_two_tower_and_cont
     assert records["behavior"]["stream_share"]["valid"]["behavior"] == 1.0
     assert records["semantic"]["stream_share"]["valid"]["semantic"] == 1.0
     assert records["confidence"]["metrics"]["test"] == {k: round(v, 4) for k, v in test.items()}  # as shipped
+    assert records["confidence"]["paired"] is None  # the reference
+    for fusion in ("sum", "behavior", "semantic"):  # paired against it: the difference of the means, with an SE
+        paired = records[fusion]["paired"]
+        assert paired["against"] == "confidence"
+        for split in ("valid", "test"):
+            for k in ("recall@10", "ndcg@10"):
+                difference = records[fusion]["metrics"][split][k] - records["confidence"]["metrics"][split][k]
+                assert paired[split][k]["mean"] == pytest.approx(difference, abs=2e-4) and paired[split][k]["se"] >= 0
     with pytest.raises(ValueError, match=r"give an ids run for \['behavior'\]"):
         pipelines.stages.run_train(load_experiment_of(train_dir), data_dir=data_dir, ids_dirs={"semantic": semantic})
 
