@@ -2,7 +2,7 @@
 split, with the history as the protocol gives it and with its newest item dropped, against the same
 target. Paired per user, so the gain comes with its standard error.
 
-    python benchmarks/newest_item_gain.py CKPT[,CKPT...] --data DATA_RUN [--users 4000] [--name NAME]
+    python benchmarks/newest_item_gain.py CKPT[,CKPT...] --data DATA_RUN [--users 4000] [--names N[,N...]]
 
 - ``valid``: history 1..n-2 -> n-1, against 1..n-3 -> n-1 (the newest item, n-2, ended the user's
   training sequence);
@@ -11,9 +11,8 @@ target. Paired per user, so the gain comes with its standard error.
 Users with at least 4 items (so the shortened valid history keeps one item), sampled once with
 ``--seed``; history kept in the ranking. A model that gains much less from the newest item than
 SASRec does, or much less at test than at validation, loses the first-order transitions that the
-ID models and the last-item counts exploit. ``--name`` writes
-benchmarks/results/<model>/<dataset>/newest-<NAME>.json per checkpoint (first checkpoint's model
-names the folder when several are given).
+ID models and the last-item counts exploit. ``--names`` (one per checkpoint) writes
+benchmarks/results/<model>/<dataset>/newest-<NAME>.json for each.
 """
 
 from __future__ import annotations
@@ -58,8 +57,12 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-history", type=int, default=20)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--name", help="write records newest-<NAME>.json")
+    parser.add_argument("--names", help="comma-separated, one per checkpoint: write records newest-<NAME>.json")
     args = parser.parse_args(argv)
+    checkpoints = args.checkpoints.split(",")
+    names = args.names.split(",") if args.names else [None] * len(checkpoints)
+    if len(names) != len(checkpoints):
+        parser.error(f"--names gives {len(names)} names for {len(checkpoints)} checkpoints")
     torch.set_num_threads(args.threads)
     sequences = InteractionData.load(args.data).item_sequences()
     eligible = np.array([u for u, s in enumerate(sequences) if len(s) >= 4], dtype=np.int64)
@@ -69,7 +72,7 @@ def main(argv: list[str]) -> None:
         np.sort(np.random.default_rng(args.seed).choice(eligible, size=args.users, replace=False))
     sets = eval_sets(sequences, users, args.max_history)
     print(f"{len(users)} users; history kept; Recall@10 / NDCG@10; gain = full - without newest (paired SE)")
-    for checkpoint in args.checkpoints.split(","):
+    for checkpoint, name in zip(checkpoints, names):
         start = time.perf_counter()
         model = load_model(Path(checkpoint))
         figures: dict = {}
@@ -86,8 +89,8 @@ def main(argv: list[str]) -> None:
                   f"without newest {f['without newest']['recall@10']:.4f} / {f['without newest']['ndcg@10']:.4f}   "
                   f"gain {g['recall@10']['mean']:+.4f} ± {g['recall@10']['se']:.4f} / "
                   f"{g['ndcg@10']['mean']:+.4f} ± {g['ndcg@10']['se']:.4f}", flush=True)
-        if args.name:
-            path = write_record(f"newest-{args.name}", model=checkpoint_model(Path(checkpoint)),
+        if name:
+            path = write_record(f"newest-{name}", model=checkpoint_model(Path(checkpoint)),
                                 dataset=run_dataset(args.data),
                                 config={"checkpoint": checkpoint, "data_run": str(args.data), "users": len(users),
                                         "seed": args.seed, "max_history": args.max_history, "threads": args.threads},
