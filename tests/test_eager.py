@@ -238,6 +238,41 @@ def test_one_stream_fusion_is_that_streams_beam(space):
     assert (rec.streams == ("behavior", "semantic").index(space)).all()
 
 
+def test_one_stream_alone_trains_and_recommends_without_the_other_decoder(tmp_path):
+    for bad, message in [(dict(streams="both_and_more"), "model.streams"),
+                         (dict(streams="semantic", fusion="semantic"), "STT needs both .* set model.stt=false"),
+                         (dict(streams="semantic", stt=False), "set model.fusion=semantic")]:
+        with pytest.raises(ValueError, match=message):
+            EagerConfig(**bad)
+    batch = make_batch()
+    for space, other in (("semantic", "behavior"), ("behavior", "semantic")):
+        for encoder_input in ("item_ids", "codes"):
+            model = make_model(streams=space, stt=False, fusion=space, encoder_input=encoder_input, **LAST_ITEM)
+            assert set(model.decoders) == {space} and model.stt is None
+            assert set(model.loss(batch).parts) == {f"gen_{space}", f"gct_{space}"}
+            assert model.vector_dims[other] == 0  # no GCT projection for the stream it lacks
+            opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+            first = model.loss(batch).total.item()
+            for _ in range(8):
+                loss = model.loss(batch).total
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            assert model.loss(batch).total.item() < 0.95 * first
+            model.eval()
+            rec = model.recommend_streams(Batch(history=batch.history), 5)
+            assert (rec.streams == ("behavior", "semantic").index(space)).all()
+            save_checkpoint(tmp_path / f"{space}-{encoder_input}", model, "eager")
+            loaded = load_model(tmp_path / f"{space}-{encoder_input}")
+            assert torch.equal(loaded.recommend(batch, 5).items, rec.items)
+    new = torch.tensor([[3, 3, 3, 15]])
+    make_model(streams="semantic", stt=False, fusion="semantic").register_items(torch.tensor([N_ITEMS + 1]),
+                                                                                {"semantic": new})
+    with pytest.raises(ValueError, match="trained its behavior stream alone .* semantic codes only"):
+        make_model(streams="behavior", stt=False, fusion="behavior").register_items(torch.tensor([N_ITEMS + 1]),
+                                                                                    {"semantic": new})
+
+
 def test_code_token_inputs_read_each_item_by_its_codes_in_both_spaces():
     model = make_model(encoder_input="codes")
     assert model.item_emb is None

@@ -28,6 +28,9 @@ in a summary token that reads the whole target ID (causally, so decoding never s
   by the sum of both streams' teacher-forced log-probabilities. ``behavior`` / ``semantic``: one
   stream alone (an ablation of inference; both still train). ``recommend_streams`` says which
   stream produced each item.
+- ``streams: behavior`` or ``semantic`` builds and trains that stream's decoder alone (the
+  training side of the ablation; STT off and the fusion that stream, both required). A
+  behaviour-only model refuses to register items (they would have semantic codes only).
 
 Departures from the paper and the official code:
 - The encoder reads learned item-ID embeddings (``encoder_input: item_ids``, as the official
@@ -73,6 +76,7 @@ SPACES = ("behavior", "semantic")  # stream ids 0 and 1 in FusedRecommendation.s
 ENCODER_INPUTS = ("item_ids", "codes")
 GCT_LOSSES = ("infonce", "smooth_l1", "off")
 FUSIONS = ("confidence", "sum", "behavior", "semantic")
+TRAINED_STREAMS = ("both", *SPACES)
 
 
 @dataclass
@@ -96,6 +100,9 @@ class EagerConfig:
     lambda_stt: float = 1.0  # lambda_2
     stt_mask_ratio: float = 0.5  # share of behaviour codes masked (reconstruction) and replaced (recognition)
     fusion: str = "confidence"  # confidence (paper) | sum (released code) | behavior | semantic
+    # the decoders built and trained: both (EAGER), or one stream alone (the training-side ablation;
+    # needs stt=false and fusion=that stream)
+    streams: str = "both"
     # each decoder's start token adds a projection of the newest history item as the encoder reads
     # it (before positions and dropout): a first-order path from the last item to the next ID
     last_item_start: bool = False
@@ -124,6 +131,16 @@ class EagerConfig:
         require(0.0 < self.stt_mask_ratio <= 1.0,
                 f"model.stt_mask_ratio={self.stt_mask_ratio} is out of range; allowed: 0 < ratio <= 1")
         require_choice("model.fusion", self.fusion, FUSIONS)
+        require_choice("model.streams", self.streams, TRAINED_STREAMS)
+        if self.streams != "both":
+            require(not self.stt, f"model.streams={self.streams} trains one stream, and STT needs both (it reads the "
+                                  "behaviour codes with cross-attention to the semantic summary): set model.stt=false")
+            require(self.fusion == self.streams, f"model.streams={self.streams} trains one stream, which model.fusion="
+                                                 f"{self.fusion} cannot fuse: set model.fusion={self.streams}")
+
+    @property
+    def trained_streams(self) -> tuple[str, ...]:
+        return SPACES if self.streams == "both" else (self.streams,)
         for flag in ("last_item_start", "last_item_output"):
             require(isinstance(getattr(self, flag), bool), f"model.{flag} must be true or false, got {getattr(self, flag)!r}")
 
@@ -263,8 +280,9 @@ class Eager(GenerativeRetriever):
                   for space in SPACES}
         super().__init__(n_items, max_len, vocabs)
         self.config, D = config, config.d_model
-        dims = {space: 0 for space in SPACES} if config.gct == "off" else \
-            {space: vector_dim(ids[space], n_items, space, (vector_dims or {}).get(space)) for space in SPACES}
+        streams = config.trained_streams
+        dims = {space: 0 if config.gct == "off" or space not in streams else
+                vector_dim(ids[space], n_items, space, (vector_dims or {}).get(space)) for space in SPACES}
         for space in SPACES:
             vectors = None if config.gct == "off" or ids[space].vectors is None else \
                 F.normalize(torch.as_tensor(ids[space].vectors).float(), dim=-1)
@@ -277,7 +295,7 @@ class Eager(GenerativeRetriever):
         self.encoder = nn.ModuleList(Block(D, config.n_heads, config.d_ff, config.dropout)
                                      for _ in range(config.n_encoder_layers))
         self.enc_ln, self.drop = nn.LayerNorm(D), nn.Dropout(config.dropout)
-        self.decoders = nn.ModuleDict({space: StreamDecoder(vocabs[space], config, dims[space]) for space in SPACES})
+        self.decoders = nn.ModuleDict({space: StreamDecoder(vocabs[space], config, dims[space]) for space in streams})
         self.stt = SemanticGuidedTransfer(config, vocabs["behavior"].n_tokens) if config.stt else None
         for emb in (self.item_emb, self.enc_pos):
             if emb is not None:
@@ -324,7 +342,7 @@ class Eager(GenerativeRetriever):
     def item_inputs(self, history: torch.Tensor) -> torch.Tensor:
         """history (B, T) -> (B, T, D): each item as the encoder reads it, before positions."""
         if self.item_emb is None:  # each item as the sum of its code tokens in both spaces
-            return self.code_inputs(history, SPACES)
+            return self.code_inputs(history, tuple(self.decoders))
         learned = history <= self.trained_items
         x = self.item_emb(history * learned)  # (B, T, D)
         if not learned.all():  # registered after training: no learned row, read by its semantic codes
@@ -335,10 +353,11 @@ class Eager(GenerativeRetriever):
         """history (B, T) -> each stream's decoder start: BOS, plus with the last-item path a
         projection of the newest history item as the encoder reads it (0 for an empty history)."""
         if not (self.config.last_item_start or self.config.last_item_output):
-            return {space: DecoderStart(self.decoders[space].bos.expand(len(history), -1), None) for space in SPACES}
+            return {space: DecoderStart(decoder.bos.expand(len(history), -1), None)
+                    for space, decoder in self.decoders.items()}
         last = history[:, -1:]  # left padding: the last column is the newest item
         item, present = self.item_inputs(last)[:, 0], last > 0
-        return {space: self.decoders[space].start(item, present) for space in SPACES}
+        return {space: decoder.start(item, present) for space, decoder in self.decoders.items()}
 
     def code_inputs(self, history: torch.Tensor, spaces: tuple[str, ...]) -> torch.Tensor:
         """history (B, T) -> (B, T, D): each item as the sum of its code tokens in ``spaces`` (the
@@ -370,8 +389,8 @@ class Eager(GenerativeRetriever):
         memory, mask = self.encode(batch.history)
         starts = self.starts(batch.history)
         parts, summaries, total = {}, {}, 0.0
-        for space in SPACES:
-            decoder, vocab = self.decoders[space], self.vocabs[space]
+        for space, decoder in self.decoders.items():
+            vocab = self.vocabs[space]
             codes = vocab.item_codes[target]  # (B, L + 1)
             states = decoder(vocab, codes, decoder.memory_kv(memory), mask, starts[space], summary=True)  # (B, L+3, D)
             gen = (-decoder.code_log_probs(states, codes).mean(1) * keep).sum() / count
@@ -465,6 +484,15 @@ class Eager(GenerativeRetriever):
     def recommend(self, batch: Batch, k: int, exclude_history: bool = False) -> Recommendation:
         out = self.recommend_streams(batch, k, exclude_history)
         return Recommendation(items=out.items, scores=out.scores)
+
+    def register_items(self, item_ids: Any, ids: dict[str, Any]) -> None:
+        """As every generative retriever; refused by a model that trained its behaviour stream alone,
+        which can neither decode nor read an item that has semantic codes only."""
+        if "semantic" not in self.decoders:
+            raise ValueError("this EAGER trained its behavior stream alone (model.streams=behavior): an item "
+                             "registered after training has semantic codes only, which it can neither decode nor "
+                             "read in a history; register new items with a model that has the semantic stream")
+        super().register_items(item_ids, ids)
 
 
 def merge_streams(items: torch.Tensor, scores: torch.Tensor, streams: torch.Tensor, k: int) -> FusedRecommendation:
