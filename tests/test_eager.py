@@ -14,7 +14,7 @@ from recsys.models import Batch, Eager, EagerConfig, IdTable
 from recsys.models.eager import corrupted, merge_streams
 from recsys.semantic_ids import SemanticIdIndex
 from recsys.training.checkpoint import load_model, save_checkpoint
-from windows import tiny_windows
+from windows import fit, tiny_windows
 
 N_ITEMS, MAX_LEN, B = 40, 6, 8
 TINY = dict(d_model=32, n_heads=2, n_decoder_layers=1, d_ff=64, dropout=0.0, beam_size=10)
@@ -123,18 +123,13 @@ def test_each_stream_decodes_only_existing_ids_and_its_beam_equals_exhaustive_sc
 def test_each_loss_part_trains():
     model = make_model()
     batch = make_batch()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
 
     def parts():
         torch.manual_seed(7)  # the same negatives and STT masks each time
         return model.loss(batch).parts
 
     before = parts()
-    for _ in range(40):
-        loss = model.loss(batch).total
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    fit(model, batch, 40, 3e-3)
     after = parts()
     for name in before:
         assert after[name] < 0.9 * before[name], (name, before[name], after[name])
@@ -251,13 +246,8 @@ def test_one_stream_alone_trains_and_recommends_without_the_other_decoder(tmp_pa
             assert set(model.decoders) == {space} and model.stt is None
             assert set(model.loss(batch).parts) == {f"gen_{space}", f"gct_{space}"}
             assert model.vector_dims[other] == 0  # no GCT projection for the stream it lacks
-            opt = torch.optim.Adam(model.parameters(), lr=3e-3)
             first = model.loss(batch).total.item()
-            for _ in range(8):
-                loss = model.loss(batch).total
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+            fit(model, batch, 8, 3e-3)
             assert model.loss(batch).total.item() < 0.95 * first
             model.eval()
             rec = model.recommend_streams(Batch(history=batch.history), 5)

@@ -13,6 +13,7 @@ import torch
 from recsys.models import Batch, IdTable, build_model, model_config_from_dict, model_names
 from recsys.semantic_ids import SemanticIdIndex
 from recsys.training.checkpoint import load_model, save_checkpoint
+from windows import fit
 
 N_ITEMS, MAX_LEN = 40, 8
 
@@ -281,14 +282,8 @@ def test_same_seed_same_result(case):
 def test_a_tiny_batch_can_be_overfit(case):
     _, model = make(case)
     batch = tiny_batch()
-    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
     first = model.loss(batch).total.item()
-    for _ in range(300):
-        loss = model.loss(batch).total
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert loss.item() < 0.2 * first
+    assert fit(model, batch, 300, 5e-3).item() < 0.2 * first
     model.eval()
     # memorised: the next item of every training row is ranked in its top 3
     top = model.recommend(Batch(history=batch.history, users=batch.users, timestamps=batch.timestamps,

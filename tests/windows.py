@@ -13,3 +13,14 @@ def tiny_windows(n_items: int, max_len: int, rows: int, seed: int = 0) -> Batch:
     targets = seq[:, 1:].clone()
     targets[seq[:, :-1] == 0] = 0
     return Batch(history=seq[:, :-1], targets=targets, target=seq[:, -1])
+
+
+def fit(model: torch.nn.Module, batch: Batch, steps: int, lr: float) -> torch.Tensor:
+    """``steps`` Adam steps of ``model.loss(batch)``; returns the last step's loss (before its update)."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(steps):
+        loss = model.loss(batch).total
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return loss.detach()
