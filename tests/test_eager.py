@@ -405,7 +405,7 @@ def test_recsys_pipeline_trains_eager_on_behaviour_ids_from_a_two_tower_and_cont
         assert latency["users"] == 5 and 0 < latency["p50_ms"] <= latency["p95_ms"]
     assert records["behavior"]["stream_share"]["valid"]["behavior"] == 1.0
     assert records["semantic"]["stream_share"]["valid"]["semantic"] == 1.0
-    assert records["confidence"]["metrics"]["test"] == {k: round(v, 4) for k, v in test.items()}  # as shipped
+    assert records["sum"]["metrics"]["test"] == {k: round(v, 4) for k, v in test.items()}  # as shipped
     assert records["confidence"]["paired"] is None  # the reference
     for fusion in ("sum", "behavior", "semantic"):  # paired against it: the difference of the means, with an SE
         paired = records[fusion]["paired"]
