@@ -32,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.paired import paired_difference  # noqa: E402
 from benchmarks.protocols import trained_with_refit  # noqa: E402
 from benchmarks.record import protocol, run_dataset, write_record  # noqa: E402
 from recsys.data.schema import InteractionData  # noqa: E402
@@ -118,8 +119,9 @@ def main(argv: list[str]) -> None:
             metrics[name] = {k: round(v, 4) for k, v in figures.items()}
             reference.setdefault(name, per_user)
             if fusion != fusions[0]:
-                paired[name] = {k: {"mean": round(float(d.mean()), 4), "se": round(float(d.std(ddof=1) / np.sqrt(len(d))), 4)}
-                                for k in ("recall@10", "ndcg@10") for d in [per_user[k] - reference[name][k]]}
+                keys = ("recall@10", "ndcg@10")
+                difference = paired_difference({k: reference[name][k] for k in keys}, {k: per_user[k] for k in keys})
+                paired[name] = {k: {"mean": round(d["diff"], 4), "se": round(d["se"], 4)} for k, d in difference.items()}
                 print(f"{fusion:10s} {name:5s} minus {fusions[0]}: " + "  ".join(
                     f"{k} {v['mean']:+.4f} ± {v['se']:.4f}" for k, v in paired[name].items()), flush=True)
             share[name] = stream_share(model, eval_set, 10, args.exclude_history)

@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.paired import paired_difference  # noqa: E402
 from benchmarks.record import checkpoint_model, protocol, run_dataset, write_record  # noqa: E402
 from recsys.data.schema import InteractionData  # noqa: E402
 from recsys.data.split import EvalSet, pad_left  # noqa: E402
@@ -79,9 +80,8 @@ def main(argv: list[str]) -> None:
         for split, pair in sets.items():
             per = {name: per_user_metrics(target_ranks_of(model, es)) for name, es in pair.items()}
             figures[split] = {name: {k: round(float(m[k].mean()), 4) for k in KEYS} for name, m in per.items()}
-            diff = {k: per["full"][k] - per["without newest"][k] for k in KEYS}
-            figures[split]["gain"] = {k: {"mean": round(float(d.mean()), 4),
-                                          "se": round(float(d.std(ddof=1) / np.sqrt(len(d))), 4)} for k, d in diff.items()}
+            gain = paired_difference({k: per["without newest"][k] for k in KEYS}, {k: per["full"][k] for k in KEYS})
+            figures[split]["gain"] = {k: {"mean": round(d["diff"], 4), "se": round(d["se"], 4)} for k, d in gain.items()}
         print(checkpoint)
         for split, f in figures.items():
             g = f["gain"]

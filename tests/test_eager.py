@@ -57,6 +57,8 @@ def test_config_is_validated():
                          (dict(lambda_stt=2000.0), "model.lambda_stt=2000.0 is out of range"),
                          (dict(gct="l2"), "model.gct"), (dict(fusion="max"), "model.fusion"),
                          (dict(encoder_input="text"), "model.encoder_input"),
+                         (dict(last_item_start="yes"), "model.last_item_start must be true or false"),
+                         (dict(last_item_output=1), "model.last_item_output must be true or false"),
                          (dict(stt_mask_ratio=0.0), "model.stt_mask_ratio=0.0 is out of range"),
                          (dict(gct_temperature=0.0), "model.gct_temperature=0.0 is out of range"),
                          (dict(d_model=30, n_heads=4), "divisible")]:
@@ -406,6 +408,14 @@ def test_recsys_pipeline_trains_eager_on_behaviour_ids_from_a_two_tower_and_cont
     assert records["behavior"]["stream_share"]["valid"]["behavior"] == 1.0
     assert records["semantic"]["stream_share"]["valid"]["semantic"] == 1.0
     assert records["sum"]["metrics"]["test"] == {k: round(v, 4) for k, v in test.items()}  # as shipped
+    from benchmarks.newest_item_gain import main as newest
+    newest([str(train_dir / "checkpoints" / "best"), "--data", str(data_dir), "--users", "40", "--max-history", "6",
+            "--threads", "1", "--names", "tiny"])
+    gains = read_json(tmp_path / "results" / "eager" / "synthetic" / "newest-tiny.json")["newest_item"]
+    for split in ("valid", "test"):  # each gain is the paired difference of the two scorings
+        for k in ("recall@10", "ndcg@10"):
+            f = gains[split]
+            assert f["gain"][k]["mean"] == pytest.approx(f["full"][k] - f["without newest"][k], abs=2e-4)
     assert records["confidence"]["paired"] is None  # the reference
     for fusion in ("sum", "behavior", "semantic"):  # paired against it: the difference of the means, with an SE
         paired = records[fusion]["paired"]

@@ -134,6 +134,9 @@ class EagerConfig:
         require(0.0 < self.stt_mask_ratio <= 1.0,
                 f"model.stt_mask_ratio={self.stt_mask_ratio} is out of range; allowed: 0 < ratio <= 1")
         require_choice("model.fusion", self.fusion, FUSIONS)
+        for flag in ("last_item_start", "last_item_output"):
+            value = getattr(self, flag)
+            require(isinstance(value, bool), f"model.{flag} must be true or false, got {value!r}")
         require_choice("model.streams", self.streams, TRAINED_STREAMS)
         if self.streams != "both":
             require(not self.stt, f"model.streams={self.streams} trains one stream, and STT needs both (it reads the "
@@ -144,8 +147,6 @@ class EagerConfig:
     @property
     def trained_streams(self) -> tuple[str, ...]:
         return SPACES if self.streams == "both" else (self.streams,)
-        for flag in ("last_item_start", "last_item_output"):
-            require(isinstance(getattr(self, flag), bool), f"model.{flag} must be true or false, got {getattr(self, flag)!r}")
 
 
 class FusedRecommendation(NamedTuple):
@@ -334,7 +335,8 @@ class Eager(GenerativeRetriever):
         B, T = history.shape
         if T > self.max_len:
             raise ValueError(f"history length {T} exceeds max_len={self.max_len}")
-        x = self.drop(self.item_inputs(history) + self.enc_pos(torch.arange(self.max_len - T, self.max_len, device=history.device)))
+        positions = torch.arange(self.max_len - T, self.max_len, device=history.device)  # right-aligned
+        x = self.drop(self.item_inputs(history) + self.enc_pos(positions))
         valid = history > 0
         valid[:, -1] |= ~valid.any(1)  # an empty history still has one key (no NaN)
         mask = valid[:, None, None, :]
