@@ -1,14 +1,16 @@
 """Load on the Serve application over real HTTP: the generative retriever (TIGER, beam search)
 and the ANN baseline (SASRec user embedding + a faiss index over its item embeddings), served
-the same way, then a fault run that kills a model replica's process under load.
+the same way, and EAGER once per fusion (each stream alone, then both fused; Serve's ``inference``
+setting), then a fault run that kills a model replica's process under load.
 
     python benchmarks/serve_load.py --tiger TRAIN_RUN [--sasrec TRAIN_RUN] [--name beauty]
         [--concurrency 1,8,32] [--duration 15] [--replicas 2] [--fault-retries 0,2]
+    python benchmarks/serve_load.py --eager TRAIN_RUN --name beauty --record load-eager --fault-retries ''
 
 Each system is deployed alone (same replicas, CPUs and batching), warmed up, then driven by
 closed-loop clients (asyncio + aiohttp, each sends its next request when the last one answered)
-for ``--duration`` s per concurrency level. Requests are test-split histories of the TIGER run's
-data (dataset item ids, at most max_history items), k = ``--k``. Reported: p50/p95/p99 latency,
+for ``--duration`` s per concurrency level. Requests are test-split histories of the data of the first run
+given (dataset item ids, at most max_history items), k = ``--k``. Reported: p50/p95/p99 latency,
 throughput (answers with status 200 per second) and errors by kind.
 
 Fault run (per value of ``--fault-retries``, the ingress's retries on a dead replica): the same
@@ -262,10 +264,10 @@ def fault_run(app: str, url: str, histories: list[list[str]], retries: int, ns: 
     return out
 
 
-def markdown(results: dict) -> str:
+def markdown(results: dict, systems: list[str]) -> str:
     lines = ["| system | concurrency | p50 ms | p95 ms | p99 ms | throughput req/s | errors |",
              "|---|---|---|---|---|---|---|"]
-    for system in ("tiger", "ann"):
+    for system in systems:
         for level, s in results.get(system, {}).items():
             lines.append(f"| {system} | {level[1:]} | {s['p50_ms']} | {s['p95_ms']} | {s['p99_ms']} | "
                          f"{s['throughput_rps']} | {s['errors']} |")
@@ -288,9 +290,14 @@ def markdown(results: dict) -> str:
 def parse(argv: list[str]) -> argparse.Namespace:
     ints = lambda s: [int(x) for x in s.split(",") if x != ""]  # noqa: E731
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tiger", type=Path, required=True, help="TIGER train run (or pipeline run)")
+    p.add_argument("--tiger", type=Path, help="TIGER train run (or pipeline run); the fault runs need it")
     p.add_argument("--sasrec", type=Path, help="SASRec train run for the ANN baseline (same dataset)")
-    p.add_argument("--name", default="synthetic", help="dataset name of the record: serve/<name>/load.json")
+    p.add_argument("--eager", type=Path, help="EAGER train run: served once per --eager-fusions (Serve's inference "
+                   "setting), i.e. each stream alone and fused")
+    p.add_argument("--eager-fusions", default="behavior,semantic,sum,confidence",
+                   help="comma-separated EAGER fusions, each deployed as system eager-<fusion>")
+    p.add_argument("--name", default="synthetic", help="dataset name of the record: serve/<name>/<record>.json")
+    p.add_argument("--record", default="load", help="record name: serve/<name>/<record>.json")
     p.add_argument("--concurrency", type=ints, default=[1, 8, 32])
     p.add_argument("--duration", type=float, default=15.0, help="seconds per concurrency level")
     p.add_argument("--warmup", type=float, default=3.0)
@@ -316,18 +323,29 @@ def main(argv: list[str]) -> dict:
     from serve.run import open_run
 
     ns = parse(argv)
-    tiger, sasrec = open_run(ns.tiger), open_run(ns.sasrec) if ns.sasrec else None
-    histories = test_histories(tiger, ns.histories, ns.seed)
-    if sasrec is not None:
-        missing = {i for h in histories for i in h} - set(sasrec.items["raw_id"].astype(str))
+    runs = {name: open_run(path) for name, path in (("tiger", ns.tiger), ("ann", ns.sasrec), ("eager", ns.eager))
+            if path is not None}
+    if not runs:
+        raise SystemExit("serve_load.py: give at least one of --tiger, --sasrec, --eager")
+    (first, first_run), *others = runs.items()
+    histories = test_histories(first_run, ns.histories, ns.seed)
+    for name, run in others:
+        missing = {i for h in histories for i in h} - set(run.items["raw_id"].astype(str))
         if missing:
-            raise ValueError(f"{len(missing)} item ids of the TIGER run's histories are not in the SASRec run's "
+            raise ValueError(f"{len(missing)} item ids of the {first} run's histories are not in the {name} run's "
                              f"catalogue (e.g. {sorted(missing)[:3]}): the runs must share a dataset")
     common = {"num_replicas": ns.replicas, "replica_cpus": ns.replica_cpus, "max_batch_size": ns.max_batch_size,
               "batch_wait_timeout_s": ns.batch_wait_ms / 1000, "torch_threads": 1}
-    systems = {"tiger": {"run_dir": str(tiger.run_dir), **common}}
-    if sasrec is not None:
-        systems["ann"] = {"run_dir": str(sasrec.run_dir), "retrieval": "ann", "ann_index": ns.ann_index, **common}
+    systems = {}
+    if ns.tiger is not None:
+        systems["tiger"] = {"run_dir": str(runs["tiger"].run_dir), **common}
+    if ns.sasrec is not None:
+        systems["ann"] = {"run_dir": str(runs["ann"].run_dir), "retrieval": "ann", "ann_index": ns.ann_index, **common}
+    for fusion in [f for f in ns.eager_fusions.split(",") if f] if ns.eager is not None else []:
+        systems[f"eager-{fusion}"] = {"run_dir": str(runs["eager"].run_dir), "inference": {"fusion": fusion}, **common}
+    sasrec = runs.get("ann")
+    if ns.fault_retries and ns.tiger is None:
+        raise SystemExit("serve_load.py: the fault runs kill a TIGER replica: give --tiger, or --fault-retries ''")
     results: dict = {"fault": []}
     if sasrec is not None:
         results["ann_recall_at_k"] = ann_recall(sasrec, histories, ns.k, ns.ann_index)
@@ -341,9 +359,9 @@ def main(argv: list[str]) -> dict:
         results["fault"].append(fault_run("tiger", url, histories, retries, ns))
         serve.delete("tiger")
     serve.shutdown()
-    table = markdown(results)
+    table = markdown(results, list(systems))
     print("\n" + table)
-    write_record("load", model="serve", dataset=ns.name, config={"args": {k: str(v) for k, v in vars(ns).items()},
+    write_record(ns.record, model="serve", dataset=ns.name, config={"args": {k: str(v) for k, v in vars(ns).items()},
                                                     "systems": systems},
                  wall_s=time.perf_counter() - start, metrics=results,
                  extra={"requests": {"k": ns.k, "histories": len(histories), "mean_history_len":

@@ -228,6 +228,17 @@ def cmd_tune(ns: argparse.Namespace) -> int:
     return 0
 
 
+def inference_settings(pairs: list[str]) -> dict[str, str]:
+    """``["fusion=behavior", "beam_size=50"]`` -> a dict; the model's config types the values."""
+    settings = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key or not value:
+            raise ValueError(f"--inference {pair!r} must be KEY=VALUE, e.g. --inference fusion=behavior")
+        settings[key] = value
+    return settings
+
+
 def cmd_serve(ns: argparse.Namespace) -> None:
     """Serve a train run over HTTP until Ctrl-C (Ray Serve on a local Ray instance, or the cluster
     in RAY_ADDRESS)."""
@@ -239,7 +250,8 @@ def cmd_serve(ns: argparse.Namespace) -> None:
     store = None if ns.store is None else {"kind": "sqlite", "path": str(ns.store), "create": ns.create_store}
     app = prepare({"run_dir": str(ns.train_run), "num_replicas": ns.replicas, "max_batch_size": ns.max_batch_size,
                    "api_key_env": ns.api_key_env, "retrieval": "ann" if ns.ann else "model", "store": store,
-                   "ranker_dir": None if ns.ranker is None else str(ns.ranker), "cascade_top_n": ns.top_n},
+                   "ranker_dir": None if ns.ranker is None else str(ns.ranker), "cascade_top_n": ns.top_n,
+                   "inference": inference_settings(ns.inference)},
                   host=ns.host)
     key = f" -H \"X-API-Key: ${ns.api_key_env}\"" if ns.api_key_env else ""
 
@@ -338,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "app registers no items and records no events")
     sv.add_argument("--create-store", action="store_true", help="make a new, empty store at --store if none is there "
                     "(without it a missing store is an error)")
+    sv.add_argument("--inference", action="append", default=[], metavar="KEY=VALUE",
+                    help="change one of the model's inference settings from its checkpoint's (repeatable), e.g. "
+                    "--inference fusion=behavior (EAGER: the behaviour stream alone) or --inference beam_size=50")
     sv.set_defaults(func=cmd_serve)
     return parser
 

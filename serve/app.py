@@ -82,8 +82,8 @@ SHUTDOWN_POLL_S = 0.2
 class Registry:
     """The single writer: new items get their semantic ID and internal id here, in log order."""
 
-    def __init__(self, run_dir: str, store: dict | None = None, cascade: bool = False):
-        run = open_run(run_dir)
+    def __init__(self, run_dir: str, store: dict | None = None, cascade: bool = False, inference: dict | None = None):
+        run = open_run(run_dir, inference)
         self.run, self.cascade = run, cascade
         self.ids = ItemIds(run.items["raw_id"].astype(str).tolist())
         self.log: list[Registration] = []
@@ -254,9 +254,9 @@ class Retriever:
     def __init__(self, run_dir: str, registry: DeploymentHandle, max_k: int, max_history: int | None,
                  max_batch_size: int, batch_wait_timeout_s: float, torch_threads: int, retrieval: str = "model",
                  ann_index: str = "HNSW32", ann_ef_search: int = 128, store: dict | None = None,
-                 cascade: dict | None = None):
+                 cascade: dict | None = None, inference: dict | None = None):
         torch.set_num_threads(torch_threads)
-        self.run, self.registry, self.max_k = open_run(run_dir), registry, max_k
+        self.run, self.registry, self.max_k = open_run(run_dir, inference), registry, max_k
         self.retrieval, self.ann = retrieval, (ann_index, ann_ef_search)
         self._load()
         # cascade: {ranker_dir, top_n, max_history}; the ranker reads up to max_history events
@@ -446,7 +446,7 @@ def build_app(args: dict) -> serve.Application:
             raise ValueError(f"api_key_env={cfg.api_key_env!r} but that environment variable is unset or empty")
         key_hash = key_digest(key)  # only the hash reaches the replicas
     # fail here, with a clear message, rather than in every replica
-    run, cascade = open_serving(cfg.run_dir, cfg.ranker_dir, cfg.cascade_top_n)
+    run, cascade = open_serving(cfg.run_dir, cfg.ranker_dir, cfg.cascade_top_n, cfg.inference)
     role = get_spec(run.exp.model_name).model_cls.role
     if role != "retriever":
         raise ValueError(f"{run.run_dir} holds a {role} ({run.exp.model_name}); this application serves a "
@@ -468,7 +468,7 @@ def build_app(args: dict) -> serve.Application:
                              f"({cascade.ranker_dir}) has no features for; serve it without the ranker, or give the "
                              "cascade a store without registrations")
         store = {**store_cfg.__dict__, "create": False}
-    registry = Registry.bind(str(run.run_dir), store, cascade is not None)
+    registry = Registry.bind(str(run.run_dir), store, cascade is not None, cfg.inference)
     cascade_args = None if cascade is None else {"ranker_dir": str(cascade.ranker_dir), "top_n": cascade.top_n,
                                                  "max_history": cfg.ranker_max_history}
     scale = ({"autoscaling_config": cfg.autoscaling_config} if cfg.autoscaling_config is not None
@@ -477,6 +477,6 @@ def build_app(args: dict) -> serve.Application:
         ray_actor_options={"num_cpus": cfg.replica_cpus},
         max_ongoing_requests=max(32, 2 * cfg.max_batch_size), **scale,
     ).bind(str(run.run_dir), registry, cfg.max_k, cfg.max_history, cfg.max_batch_size, cfg.batch_wait_timeout_s,
-           cfg.torch_threads, cfg.retrieval, cfg.ann_index, cfg.ann_ef_search, store, cascade_args)
+           cfg.torch_threads, cfg.retrieval, cfg.ann_index, cfg.ann_ef_search, store, cascade_args, cfg.inference)
     api = make_api(key_sha256=key_hash, max_body_bytes=cfg.max_body_bytes)
     return ingress_deployment(api, cfg.replica_failure_retries).bind(retriever, registry)

@@ -9,7 +9,7 @@ dataset's item ids and content fields) and, for a generative retriever, its ids 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -17,6 +17,8 @@ import pandas as pd
 from recsys.data import InteractionData
 from recsys.data.schema import SEQUENCES_FILE
 from recsys.experiment import ExperimentConfig, experiment_dict_from_run, experiment_from_dict, ids_runs_of
+from recsys.config import to_dict
+from recsys.models import with_inference_settings
 from recsys.models.base import Ranker, SequenceModel
 from recsys.runs import COMPLETE_FILE, CONFIG_FILE, read_json, require_complete
 from recsys.training.checkpoint import load_model
@@ -30,9 +32,11 @@ class ServingRun:
     exp: ExperimentConfig
     items: pd.DataFrame  # the data run's items table: item_id (1..N), raw_id, content fields
     ids_dirs: dict[str, Path]  # the ids run (tokenizer/, index/) per ID space; empty for atomic-id models
+    # inference settings changed from the checkpoint's (``Capabilities.inference_settings``)
+    inference: dict = field(default_factory=dict)
 
     def load_model(self) -> SequenceModel:
-        model = load_model(self.run_dir / CHECKPOINT)
+        model = load_model(self.run_dir / CHECKPOINT, inference=self.inference)
         if model.n_items != len(self.items):
             raise ValueError(f"{self.run_dir / CHECKPOINT} holds {model.n_items} items but the data run's items "
                              f"table has {len(self.items)}; the run directory is inconsistent")
@@ -52,8 +56,10 @@ def user_rows(run: ServingRun) -> dict[str, int]:
     return {u: row for row, u in enumerate(ids)}
 
 
-def open_run(run_dir: str | Path) -> ServingRun:
-    """Read a finished train run directory (``recsys train`` or ``<pipeline run>/train``)."""
+def open_run(run_dir: str | Path, inference: dict | None = None) -> ServingRun:
+    """Read a finished train run directory (``recsys train`` or ``<pipeline run>/train``).
+    ``inference``: some of its model's inference settings changed (e.g. EAGER's ``fusion``), checked
+    here against what that model allows."""
     run_dir = Path(run_dir).resolve()
     if (run_dir / "train" / CONFIG_FILE).is_file():
         run_dir = run_dir / "train"  # a pipeline run: serve its train stage
@@ -66,7 +72,9 @@ def open_run(run_dir: str | Path) -> ServingRun:
     exp = experiment_from_dict(experiment_dict_from_run(saved))
     items = InteractionData.load(saved["data_dir"]).items.sort_values("item_id", ignore_index=True)
     ids_dirs = {space: Path(d) for space, d in ids_runs_of(saved).items()}
-    return ServingRun(run_dir, exp, items, ids_dirs)
+    inference = dict(inference or {})
+    with_inference_settings({"name": exp.model_name, **to_dict(exp.model)}, inference, "inference")
+    return ServingRun(run_dir, exp, items, ids_dirs, inference)
 
 
 @dataclass
@@ -101,8 +109,8 @@ def ranker_catalogue_check(ranker_dir: Path, retriever: ServingRun) -> None:
                          f"catalogues ({saved['data_dir']} against the retriever's data run): their item ids differ")
 
 
-def open_serving(run_dir: str | Path, ranker_dir: str | Path | None = None,
-                 top_n: int | None = None) -> tuple[ServingRun, Cascade | None]:
+def open_serving(run_dir: str | Path, ranker_dir: str | Path | None = None, top_n: int | None = None,
+                 inference: dict | None = None) -> tuple[ServingRun, Cascade | None]:
     """What a ``run_dir`` serves: a train run (a retriever alone, or with the ranker of
     ``ranker_dir``), or a ``recsys rank`` run, which names its retriever, its ranker and the top-N
     it was evaluated with. ``top_n`` overrides that N (default 100 with an explicit ranker)."""
@@ -116,7 +124,7 @@ def open_serving(run_dir: str | Path, ranker_dir: str | Path | None = None,
             raise ValueError(f"{run_dir} is a rank run, which names its ranker ({saved['train_dir']}); give either the "
                              "rank run or a retriever run with ranker_dir, not both")
         retriever_dir, ranker_dir, rank_n = Path(saved["retriever_dir"]), Path(saved["train_dir"]), saved["top_n"]
-    retriever = open_run(retriever_dir)
+    retriever = open_run(retriever_dir, inference)
     if ranker_dir is None:
         if top_n is not None:
             raise ValueError(f"cascade_top_n={top_n} but there is no ranker: give a rank run or ranker_dir")

@@ -148,6 +148,9 @@ class ServeArgs(BaseModel):
                                    "cascade_top_n by it. A `recsys rank` run given as run_dir names its ranker itself")
     cascade_top_n: int | None = Field(None, ge=1, le=10000, description="cascade: the retriever's top items the ranker "
                                       "re-ranks (default: the rank run's top-N, else 100); k <= cascade_top_n")
+    inference: dict[str, Any] = Field(default_factory=dict, description="the model's inference settings changed from "
+                                      "its checkpoint's, e.g. {fusion: behavior} (EAGER: one stream alone) or "
+                                      "{beam_size: 50}; only the keys the model names (Capabilities.inference_settings)")
     ranker_max_history: int = Field(5000, ge=1, le=10**6, description="cascade: the ranker reads at most the user's "
                                     "last this many events (stored, then the request's)")
 

@@ -51,6 +51,41 @@ def test_cold_start_slice_holds_items_out_and_scores_them_after_registration(dat
     assert record["metrics"]["tiger_content"]["cold"]["recall@20"] > 0
 
 
+def test_eager_cold_start_keeps_held_out_items_out_of_both_id_fits_and_finds_them_only_through_content(
+        data_and_embed, tmp_path, monkeypatch):
+    from benchmarks.eager_cold_start import main
+
+    monkeypatch.setattr(benchmarks.record, "RESULTS", tmp_path / "results")
+    data_dir, embed_dir = data_and_embed
+    (tmp_path / "tt.yaml").write_text("model:\n  name: two_tower\n  d_model: 16\n  n_heads: 2\n  d_ff: 32\n"
+                                      "trainer:\n  optim:\n    epochs: 2\n    batch_size: 64\n")
+    main(["--data", str(data_dir), "--embed", str(embed_dir), "--fraction", "0.1", "--warm-users", "50",
+          f"run.root={tmp_path / 'runs'}", "data.max_history=10", "ids.method=hkmeans", "ids.hkmeans.branching=4",
+          f"behavior.config={tmp_path / 'tt.yaml'}", "model.name=eager", "model.d_model=16", "model.n_heads=2",
+          "model.n_decoder_layers=1", "model.d_ff=32", "model.gct_negatives=16", "trainer.data.samples=prefixes",
+          "trainer.optim.epochs=3", "trainer.optim.batch_size=128", "trainer.optim.lr=3e-3",
+          "trainer.optim.warmup_steps=0", "trainer.selection.patience=0"])
+    record = json.loads((tmp_path / "results" / "eager" / "synthetic" / "cold-start.json").read_text())
+    assert record["protocol"] == {"history": "kept", "refit": False, "selected_on": "valid"}
+    assert record["held_out_items"] == 8 and record["cold_test_users"] > 0 and record["warm_users_scored"] == 50
+    (run,) = (tmp_path / "runs" / "train").glob("*-eager-cold-start")
+    assert len(json.loads((run / "config.json").read_text())["held_out"]) == 8
+    # the behaviour model and EAGER were built on the 72 warm items only
+    from recsys.training.checkpoint import load_model
+    assert load_model(run / "behavior" / "checkpoints" / "best").n_items == 72
+    assert load_model(run / "eager" / "checkpoints" / "best").n_items == 72
+    metrics = record["metrics"]
+    assert set(metrics) == {f"eager_{f}_{c}" for f in ("confidence", "sum", "behavior", "semantic")
+                            for c in ("learned", "content")} | {"content_knn"}
+    # a held-out item has no behaviour codes: the behaviour stream alone can never return it ...
+    assert metrics["eager_behavior_content"]["cold"]["recall@20"] == 0.0
+    # ... the semantic stream, and the fusions through it, find some from content alone
+    assert metrics["eager_semantic_content"]["cold"]["recall@20"] > 0
+    assert metrics["eager_sum_content"]["cold"]["recall@20"] > 0
+    for slices in metrics.values():
+        assert 0.0 <= slices["warm"]["recall@20"] <= 1.0
+
+
 def test_serve_load_summary_counts_errors_by_kind_and_times_only_answers():
     from benchmarks.serve_load import markdown, summarise
 
@@ -65,8 +100,9 @@ def test_serve_load_summary_counts_errors_by_kind_and_times_only_answers():
     assert s["throughput_rps"] == 10.0
     assert s["p50_ms"] == 50.5 and s["p99_ms"] == 99.0 and s["max_ms"] == 100.0  # failures are not timed
     assert summarise([], 1.0)["p50_ms"] is None
-    table = markdown({"tiger": {"c8": s}, "ann": {"c8": s}, "fault": []})
-    assert "| tiger | 8 | 50.5 |" in table and "| ann | 8 |" in table
+    table = markdown({"tiger": {"c8": s}, "ann": {"c8": s}, "eager-behavior": {"c8": s}, "fault": []},
+                     ["tiger", "ann", "eager-behavior"])
+    assert "| tiger | 8 | 50.5 |" in table and "| ann | 8 |" in table and "| eager-behavior | 8 |" in table
 
 
 def test_split_baselines_rank_training_successors_of_the_last_item_then_popular_items():

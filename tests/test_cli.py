@@ -45,3 +45,14 @@ def test_a_train_run_records_the_ids_runs_settings_and_notes_where_the_config_di
     out = capsys.readouterr().out
     assert "ids.hkmeans.max_levels" in out and "use_ray" not in out  # how they were computed is no note
     assert ids_settings(built, tmp_path) == built and capsys.readouterr().out == ""
+
+
+def test_serve_takes_inference_settings_as_key_value_pairs_and_names_a_malformed_one():
+    from pipelines.cli import inference_settings
+
+    ns = parse_args(build_parser(), ["serve", "RUN", "--inference", "fusion=behavior", "--inference", "beam_size=50"])
+    assert inference_settings(ns.inference) == {"fusion": "behavior", "beam_size": "50"}
+    assert inference_settings([]) == {}
+    for bad in ("fusion", "=behavior", "fusion="):
+        with pytest.raises(ValueError, match=f"--inference '{bad}' must be KEY=VALUE"):
+            inference_settings([bad])

@@ -2,6 +2,7 @@
 each loss part training, both GCT variants against their formulas, STT's corruption, the two
 fusions, checkpoints, and a pipeline run on synthetic data with behaviour and content IDs."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -321,6 +322,28 @@ def test_a_checkpoint_recommends_the_same_and_refuses_to_train_without_its_vecto
         loaded.loss(batch)
 
 
+def test_a_checkpoint_loads_with_another_fusion_or_beam_and_refuses_any_other_change(tmp_path):
+    """Inference settings (``Capabilities.inference_settings``) may change at load, as Serve's
+    ``inference`` does; a key that would change what the weights mean may not."""
+    model = make_model()
+    model.eval()
+    save_checkpoint(tmp_path / "ckpt", model, "eager")
+    batch = make_batch()
+    for fusion in ("behavior", "semantic", "confidence"):
+        loaded = load_model(tmp_path / "ckpt", inference={"fusion": fusion, "beam_size": "12"})
+        assert loaded.config.fusion == fusion and loaded.config.beam_size == 12
+        model.config = dataclasses.replace(model.config, fusion=fusion, beam_size=12)
+        assert torch.equal(model.recommend(batch, 10).items, loaded.recommend(batch, 10).items)
+    with pytest.raises(ValueError, match=r"\['d_model'\] cannot change once model.name='eager' is trained; its "
+                                         r"inference settings are \['beam_size', 'fusion', 'collision_scoring'\]"):
+        load_model(tmp_path / "ckpt", inference={"d_model": 8})
+    with pytest.raises(ValueError, match="model.fusion"):
+        load_model(tmp_path / "ckpt", inference={"fusion": "both"})
+    save_checkpoint(tmp_path / "behaviour", make_model(streams="behavior", fusion="behavior", stt=False), "eager")
+    with pytest.raises(ValueError, match="model.streams=behavior trains one stream"):
+        load_model(tmp_path / "behaviour", inference={"fusion": "sum"})
+
+
 def test_the_behaviour_source_is_a_config_with_item_vectors_trained_without_validation_targets(tmp_path):
     from recsys.experiment import behavior_experiment, load_experiment
 
@@ -508,3 +531,35 @@ def test_a_new_item_joins_with_semantic_codes_only_and_each_fusion_ranks_it_by_i
     loaded = load_model(tmp_path / "ckpt")
     assert loaded.trained_items == N_ITEMS and loaded.n_items == N_ITEMS + 1
     assert torch.equal(loaded.recommend(Batch(history=history), 10).items, model.recommend(Batch(history=history), 10).items)
+
+
+def test_content_collision_scoring_ranks_a_registered_item_beside_the_item_whose_tuple_it_shares():
+    """A new item on a taken content tuple takes an untrained collision token. Under
+    ``collision_scoring=content`` that token scores 0 in both streams, so the new item ties with
+    its sibling in the semantic stream and in every fusion's score of it."""
+    model = make_model(collision_scoring="content")
+    model.eval()
+    sibling = 1
+    codes = model.item_ids("semantic", torch.tensor([sibling]))[0].tolist()
+    new_id, new = N_ITEMS + 1, torch.tensor([[*codes[:-1], 15]])
+    model.register_items(torch.tensor([new_id]), {"semantic": new})
+    history = make_batch().history
+    memory, mask = model.encode(history)
+    starts = model.starts(history)
+    pair = torch.tensor([sibling, new_id]).expand(B, 2)
+    content = model.sequence_log_prob("semantic", memory, mask, starts["semantic"], pair)
+    torch.testing.assert_close(content[:, 0], content[:, 1])  # the same content codes, the collision token ignored
+    found = model.search("semantic", memory, mask, starts["semantic"], N_ITEMS + 1, None)
+    at = lambda item: found.scores[found.items == item]  # noqa: E731
+    torch.testing.assert_close(at(new_id), at(sibling))
+    torch.testing.assert_close(at(new_id), content[:, 1])
+    # learned: the collision token's head scores it, and 15 was never a target
+    model.config = dataclasses.replace(model.config, collision_scoring="learned")
+    learned = model.sequence_log_prob("semantic", memory, mask, starts["semantic"], pair)
+    assert (learned < content).all() and not torch.allclose(learned[:, 0], learned[:, 1])
+    # sum: the stand-in for the behaviour stream counts the codes that carry a score (3 of 4, 2 of 3)
+    model.config = dataclasses.replace(model.config, collision_scoring="content", fusion="sum")
+    rec = model.recommend_streams(Batch(history=history), N_ITEMS + 1)
+    torch.testing.assert_close(rec.scores[rec.items == new_id], content[:, 1] + content[:, 1] / 3 * 2)
+    with pytest.raises(ValueError, match="model.collision_scoring"):
+        EagerConfig(**{**TINY, "collision_scoring": "uniform"})

@@ -767,6 +767,35 @@ def test_an_eager_run_registers_an_item_from_content_alone_and_reads_it_in_a_his
         serve.delete("eager")
 
 
+def test_an_eager_run_serves_one_stream_alone_when_its_inference_settings_say_so(serve_urls, eager_run, raw_ids):
+    """``inference: {fusion: behavior}`` serves the behaviour stream alone (the per-stream rows of the
+    serving benchmark); a setting that would change what the weights mean fails the build, before
+    any replica starts."""
+    from recsys.training.checkpoint import load_model
+    from serve.app import build_app
+
+    with pytest.raises(ValueError, match=r"inference: \['d_model'\] cannot change once model.name='eager' is trained"):
+        build_app({"run_dir": str(eager_run), "inference": {"d_model": 8}})
+    url = serve_urls["tiger"].removesuffix("/") + "/eager-behaviour"
+    serve.run(build_app({"run_dir": str(eager_run), "num_replicas": 1, "replica_cpus": 0.25,
+                         "inference": {"fusion": "behavior"}}), name="eager-behaviour", route_prefix="/eager-behaviour",
+              blocking=False)
+    try:
+        wait_ready(url)
+        fused, alone = load_model(eager_run / "checkpoints" / "best"), load_model(
+            eager_run / "checkpoints" / "best", inference={"fusion": "behavior"})
+        ids = [2, 5, 11]
+        r = post(url, "/recommend", {"history": [raw_ids[i] for i in ids], "k": 10}, key=None)
+        assert r.status_code == 200, r.text
+        expected = alone.recommend(Batch(history=torch.tensor([ids])), 10)
+        assert [it["internal_id"] for it in r.json()["items"]] == expected.items[0].tolist()
+        assert [it["score"] for it in r.json()["items"]] == pytest.approx(expected.scores[0].tolist(), abs=1e-4)
+        both = fused.recommend(Batch(history=torch.tensor([ids])), 10)  # sum: both streams' log-probabilities
+        assert not torch.allclose(both.scores, expected.scores)
+    finally:
+        serve.delete("eager-behaviour")
+
+
 def test_sigkill_of_the_store_writer_during_a_stream_of_events_loses_and_duplicates_nothing(server, raw_ids):
     """A client streams POST /events, one event per call, retrying each (same event id) until it is
     acknowledged. The Registry replica, the one process that owns the store, is killed with SIGKILL

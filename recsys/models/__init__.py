@@ -4,7 +4,8 @@ from recsys.models.base import (AtomicIdModel, Batch, Capabilities, GenerativeRe
                                 Recommendation, Retriever, SequenceModel)
 from recsys.models.eager import Eager, EagerConfig
 from recsys.models.hstu import HSTU, HSTUConfig
-from recsys.models.registry import build_model, get_spec, model_config_from_dict, model_names, register_model
+from recsys.models.registry import (build_model, get_spec, model_config_from_dict, model_names, register_model,
+                                    with_inference_settings)
 from recsys.models.sasrec import SASRec, SASRecConfig
 from recsys.models.tiger import Tiger, TigerConfig
 from recsys.models.twin import Twin, TwinConfig, TwinV2Config
@@ -24,5 +25,5 @@ __all__ = [
     "SequenceModel", "SASRec", "SASRecConfig", "HSTU", "HSTUConfig", "Tiger", "TigerConfig",
     "Eager", "EagerConfig", "Twin", "TwinConfig", "TwinV2Config", "semantic_id_table", "IdTable",
     "SemanticVocabulary", "GenerativeRetriever",
-    "build_model", "get_spec", "model_config_from_dict", "model_names", "register_model",
+    "build_model", "get_spec", "model_config_from_dict", "model_names", "register_model", "with_inference_settings",
 ]

@@ -102,6 +102,9 @@ class Capabilities:
         negatives: one row's negatives are the other rows' targets).
     content_vectors: it can read each item's content vector (an embed run's, ``recsys train
         --embed``) as the build context ``content_vectors`` (n_items + 1, Dc), row 0 for padding.
+    inference_settings: the config keys that change only how a trained model answers, never its
+        weights (e.g. a beam width, EAGER's fusion): a checkpoint may be loaded with them changed
+        (``load_model(..., inference=)``, Serve's ``inference``).
     """
 
     id_spaces: tuple[str, ...] = ()
@@ -113,6 +116,7 @@ class Capabilities:
     new_item_spaces: tuple[str, ...] | None = None
     content_vectors: bool = False
     min_batch_size: int = 1
+    inference_settings: tuple[str, ...] = ()
 
     @property
     def registration_spaces(self) -> tuple[str, ...]:

@@ -56,6 +56,11 @@ registration never changes an existing ID). The behaviour beam never returns it;
 - in a history, the encoder reads it as the sum of its semantic code tokens (the semantic decoder's
   input table): it has no learned ID row (``encoder_input: codes`` reads every item that way, and an
   item without behaviour codes by its semantic ones alone).
+- its semantic ID ends in a collision token that was never a target (hierarchical k-means gives
+  warm items unique tuples, collision token 0; a new item shares its nearest tuple and takes the
+  next free token), so under ``collision_scoring: learned`` its last token scores low and the
+  beams rarely keep it; ``content`` scores every collision token 0, so it ranks beside the item
+  whose tuple it shares (``benchmarks/eager_cold_start.py`` measures both).
 """
 
 from __future__ import annotations
@@ -91,6 +96,10 @@ class EagerConfig:
     encoder_input: str = "item_ids"  # item_ids (official) | codes
     beam_size: int = 20  # each stream searches with max(k, beam_size) beams
     collision_vocab: int = 16
+    # as TIGER's: "learned" scores the collision token by its head; "content" scores it 0 in both
+    # streams, so an item registered after training (whose collision token was never a target)
+    # ranks beside the siblings it shares a content tuple with. An inference setting.
+    collision_scoring: str = "learned"
     gct: str = "infonce"  # infonce (official) | smooth_l1 (paper) | off
     lambda_gct: float = 1.0  # lambda_1
     gct_weight_behavior: float = 1.0  # official per-stream weights
@@ -125,6 +134,7 @@ class EagerConfig:
         require_choice("model.encoder_input", self.encoder_input, ENCODER_INPUTS)
         require_range("model.beam_size", self.beam_size, 1, 100000)
         require_range("model.collision_vocab", self.collision_vocab, 1, 1 << 20)
+        require_choice("model.collision_scoring", self.collision_scoring, ("learned", "content"))
         require_choice("model.gct", self.gct, GCT_LOSSES)
         for key in ("lambda_gct", "gct_weight_behavior", "gct_weight_semantic", "lambda_stt"):
             require_range(f"model.{key}", getattr(self, key), 0.0, 1000.0)
@@ -275,7 +285,8 @@ class Eager(GenerativeRetriever):
     the vectors are absent (a model rebuilt from a checkpoint for inference); ``trained_items``,
     the items that have learned ID rows when some were registered after training (default all)."""
 
-    capabilities = Capabilities(id_spaces=SPACES, id_vectors=True, registers_items=True, new_item_spaces=("semantic",))
+    capabilities = Capabilities(id_spaces=SPACES, id_vectors=True, registers_items=True, new_item_spaces=("semantic",),
+                                inference_settings=("beam_size", "fusion", "collision_scoring"))
 
     def __init__(self, config: EagerConfig, n_items: int, max_len: int, *, ids: dict[str, IdTable] | None = None,
                  vector_dims: dict[str, int] | None = None, trained_items: int | None = None):
@@ -436,12 +447,20 @@ class Eager(GenerativeRetriever):
         """Constrained beam search in one stream over an encoded batch; scores are sums of log-probs."""
         decoder, vocab = self.decoders[space], self.vocabs[space]
         kv = decoder.memory_kv(memory)
+        last = vocab.n_tokens - 1
 
         def step(prefix: torch.Tensor) -> torch.Tensor:  # (R, t) -> (R, V_t)
+            if prefix.shape[1] == last and self.config.collision_scoring == "content":
+                return torch.zeros(len(prefix), vocab.level_sizes[last], device=prefix.device)
             h = decoder(vocab, prefix, kv, mask, start)[:, -1]
             return F.log_softmax(decoder.heads[prefix.shape[1]](h).float(), -1)
 
         return beam_search(step, vocab.trie, len(memory), k, self.beam_width(k), exclude=exclude)
+
+    def scored_codes(self, space: str) -> int:
+        """How many of an ID's codes carry a score in ``space``: all L + 1, or L when
+        ``collision_scoring`` is content (the collision token then scores 0)."""
+        return self.vocabs[space].n_tokens - (self.config.collision_scoring == "content")
 
     def sequence_log_prob(self, space: str, memory: torch.Tensor, mask: torch.Tensor, start: DecoderStart,
                           items: torch.Tensor) -> torch.Tensor:
@@ -451,7 +470,10 @@ class Eager(GenerativeRetriever):
         found = (items >= 1) & vocab.has_id(items.clamp(min=0))
         codes = vocab.item_codes[items.clamp(min=0)].clamp(min=0).reshape(-1, vocab.n_tokens)  # (B * G, L + 1)
         states = decoder(vocab, codes[:, :-1], decoder.memory_kv(memory), mask, start)
-        out = decoder.code_log_probs(states, codes).sum(1).reshape(items.shape)
+        per_code = decoder.code_log_probs(states, codes)  # (B * G, L + 1)
+        if self.config.collision_scoring == "content":
+            per_code = per_code[:, :-1]
+        out = per_code.sum(1).reshape(items.shape)
         return out.masked_fill(~found, float("-inf"))
 
     @torch.no_grad()
@@ -469,7 +491,7 @@ class Eager(GenerativeRetriever):
         items = torch.cat([found[s].items for s in SPACES], 1)  # (B, 2k)
         streams = torch.arange(2, device=items.device).repeat_interleave(k).expand_as(items)
         if self.config.fusion == "confidence":
-            scores = torch.cat([found[s].scores / self.vocabs[s].n_tokens for s in SPACES], 1)
+            scores = torch.cat([found[s].scores / self.scored_codes(s) for s in SPACES], 1)
         else:
             scores = self.summed_log_prob(memory, mask, starts, items)
         return merge_streams(items, scores, streams, k)
@@ -482,7 +504,7 @@ class Eager(GenerativeRetriever):
         semantic = self.sequence_log_prob("semantic", memory, mask, starts["semantic"], items)
         behavior = self.sequence_log_prob("behavior", memory, mask, starts["behavior"], items)
         lacking = (items >= 1) & ~self.vocabs["behavior"].has_id(items.clamp(min=0))
-        stand_in = semantic / self.vocabs["semantic"].n_tokens * self.vocabs["behavior"].n_tokens
+        stand_in = semantic / self.scored_codes("semantic") * self.scored_codes("behavior")
         return semantic + torch.where(lacking, stand_in, behavior)
 
     @torch.no_grad()

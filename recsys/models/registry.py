@@ -44,6 +44,22 @@ def model_config_from_dict(section: dict[str, Any]) -> tuple[str, Any]:
     return name, from_dict(get_spec(name).config_cls, section, "model")
 
 
+def with_inference_settings(section: dict[str, Any], settings: dict[str, Any] | None,
+                            where: str = "inference") -> tuple[str, Any]:
+    """A trained model's config section with some of its inference settings changed (the keys its
+    class names in ``capabilities.inference_settings``), validated as any config is. Any other key
+    would change what the weights mean, so it is refused, naming ``where``."""
+    section = dict(section)
+    name = section.get("name")
+    allowed = get_spec(name).model_cls.capabilities.inference_settings if name in _MODELS else ()
+    settings = dict(settings or {})
+    wrong = sorted(set(settings) - set(allowed))
+    if wrong:
+        raise ValueError(f"{where}: {wrong} cannot change once model.name={name!r} is trained; its inference settings "
+                         f"are {list(allowed) or 'none'}")
+    return model_config_from_dict({**section, **settings})
+
+
 def build_model(name: str, config: Any, n_items: int, max_len: int, **context: Any) -> SequenceModel:
     """``context``: data a model needs besides its config, passed as keyword arguments, e.g.
     TIGER's ``semantic_ids`` table. Atomic-ID models take none."""

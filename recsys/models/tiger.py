@@ -131,7 +131,8 @@ class Tiger(GenerativeRetriever):
     """``ids``: {"semantic": IdTable}, the item -> semantic ID table of an ids run (pass the
     codebook sizes as its level sizes, and room in the collision level, to admit cold-start items)."""
 
-    capabilities = Capabilities(id_spaces=("semantic",), registers_items=True, reads_users=True)
+    capabilities = Capabilities(id_spaces=("semantic",), registers_items=True, reads_users=True,
+                                inference_settings=("beam_size", "collision_scoring"))
 
     def __init__(self, config: TigerConfig, n_items: int, max_len: int, *, ids: dict[str, IdTable] | None = None):
         self.require_ids(ids)

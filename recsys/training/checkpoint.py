@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from recsys.models import SequenceModel, build_model, get_spec, model_config_from_dict
+from recsys.models import SequenceModel, build_model, get_spec, with_inference_settings
 
 WEIGHTS = "model.safetensors"
 MODEL_META = "model.json"
@@ -49,14 +49,17 @@ def save_checkpoint(directory: str | Path, model: SequenceModel, model_name: str
     return directory
 
 
-def load_model(directory: str | Path, device: str | torch.device = "cpu") -> SequenceModel:
-    """Rebuild a model from its checkpoint directory alone."""
+def load_model(directory: str | Path, device: str | torch.device = "cpu",
+               inference: dict[str, Any] | None = None) -> SequenceModel:
+    """Rebuild a model from its checkpoint directory alone. ``inference``: some of the model's
+    inference settings (``Capabilities.inference_settings``, e.g. ``{"fusion": "behavior"}``)
+    changed from the checkpoint's; any other key is refused."""
     directory = Path(directory)
     for name in (WEIGHTS, MODEL_META):
         if not (directory / name).is_file():
             raise FileNotFoundError(f"{directory / name} is missing; not a model checkpoint directory")
     meta = json.loads((directory / MODEL_META).read_text())
-    name, config = model_config_from_dict({"name": meta["name"], **meta["config"]})
+    name, config = with_inference_settings({"name": meta["name"], **meta["config"]}, inference)
     try:  # safetensors holds tensors only: nothing in it is ever executed on load (no pickle)
         weights = load_file(str(directory / WEIGHTS), device=str(device))
     except Exception as err:  # SafetensorError is not exported under a stable name
