@@ -42,17 +42,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.record import dataset_name, protocol, write_record  # noqa: E402
-from benchmarks.tiger_cold_start import content_knn  # noqa: E402
+from benchmarks.tiger_cold_start import content_knn, hold_out  # noqa: E402
 from pipelines.cli import split_config_args  # noqa: E402
-from recsys.data.schema import InteractionData  # noqa: E402
-from recsys.data.split import EvalSet, cold_start_split  # noqa: E402
+from recsys.data.split import EvalSet  # noqa: E402
 from recsys.experiment import behavior_experiment, load_experiment  # noqa: E402
 from recsys.models import IdTable  # noqa: E402
 from recsys.models.eager import FUSIONS  # noqa: E402
 from recsys.reporting import results_table  # noqa: E402
 from recsys.runs import new_run_dir, write_json  # noqa: E402
 from recsys.semantic_ids.build import build_index, fit_in_process  # noqa: E402
-from recsys.text.store import load_embeddings  # noqa: E402
 from recsys.training.checkpoint import load_model  # noqa: E402
 from recsys.training.evaluate import evaluate  # noqa: E402
 from recsys.training.session import train_in_process  # noqa: E402
@@ -92,18 +90,8 @@ def main(argv: list[str]) -> None:
     source.trainer.resources.use_ray = False
     start = time.perf_counter()
 
-    data = InteractionData.load(ns.data)
-    item_ids, vectors = load_embeddings(ns.embed)  # ids 1..N in order
-    if len(item_ids) != data.n_items:
-        raise ValueError(f"{ns.embed} has {len(item_ids)} items, {ns.data} has {data.n_items}")
-    rng = np.random.default_rng(ns.seed)
-    held = np.sort(rng.choice(np.arange(1, data.n_items + 1), round(ns.fraction * data.n_items), replace=False))
-    cs = cold_start_split(data, exp.data.max_history, held)
-    by_new_id = np.empty_like(vectors)
-    by_new_id[cs.new_id[item_ids] - 1] = vectors  # row r = item r + 1 in the new numbering
+    data, held, cs, by_new_id = hold_out(ns.data, ns.embed, ns.fraction, ns.seed, exp.data.max_history)
     warm_vectors, cold_vectors = by_new_id[:cs.n_warm], by_new_id[cs.n_warm:]
-    print(f"held out {len(held)} of {data.n_items} items; cold test users {len(cs.cold_test)}, "
-          f"warm {len(cs.warm_test)}", flush=True)
     parent = new_run_dir(exp.run.root, "train", "eager-cold-start")
     write_json(parent / "config.json", {**exp.to_dict(), "data_dir": str(Path(ns.data).resolve()),
                                         "embed_dir": str(Path(ns.embed).resolve()), "held_out": held.tolist(),

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.record import dataset_name, protocol, write_record  # noqa: E402
 from pipelines.cli import split_config_args  # noqa: E402
 from recsys.data.schema import InteractionData  # noqa: E402
-from recsys.data.split import EvalSet, cold_start_split  # noqa: E402
+from recsys.data.split import ColdStartSplit, EvalSet, cold_start_split  # noqa: E402
 from recsys.experiment import load_experiment  # noqa: E402
 from recsys.metrics import DEFAULT_KS, RankingMetrics  # noqa: E402
 from recsys.models import IdTable  # noqa: E402
@@ -66,6 +66,25 @@ def content_knn(vectors: np.ndarray, eval_set: EvalSet, ks=DEFAULT_KS) -> dict[s
     return metrics.summary()
 
 
+def hold_out(data_dir: Path, embed_dir: Path, fraction: float, seed: int,
+             max_history: int) -> tuple[InteractionData, np.ndarray, ColdStartSplit, np.ndarray]:
+    """A seeded ``fraction`` of the items held out: the data, the held-out (original) item ids, the
+    split without them, and the embed run's vectors renumbered (row r = item r + 1 in the split's
+    numbering: warm items first, then the held-out ones)."""
+    data = InteractionData.load(data_dir)
+    item_ids, vectors = load_embeddings(embed_dir)  # ids 1..N in order
+    if len(item_ids) != data.n_items:
+        raise ValueError(f"{embed_dir} has {len(item_ids)} items, {data_dir} has {data.n_items}")
+    rng = np.random.default_rng(seed)
+    held = np.sort(rng.choice(np.arange(1, data.n_items + 1), round(fraction * data.n_items), replace=False))
+    cs = cold_start_split(data, max_history, held)
+    by_new_id = np.empty_like(vectors)
+    by_new_id[cs.new_id[item_ids] - 1] = vectors
+    print(f"held out {len(held)} of {data.n_items} items; cold test users {len(cs.cold_test)}, "
+          f"warm {len(cs.warm_test)}", flush=True)
+    return data, held, cs, by_new_id
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, required=True, help="a `recsys data` run")
@@ -78,18 +97,8 @@ def main(argv: list[str]) -> None:
     exp = load_experiment(*split_config_args([*rest, "trainer.resources.use_ray=false"]))
     start = time.perf_counter()
 
-    data = InteractionData.load(ns.data)
-    item_ids, vectors = load_embeddings(ns.embed)  # ids 1..N in order
-    if len(item_ids) != data.n_items:
-        raise ValueError(f"{ns.embed} has {len(item_ids)} items, {ns.data} has {data.n_items}")
-    rng = np.random.default_rng(ns.seed)
-    held = np.sort(rng.choice(np.arange(1, data.n_items + 1), round(ns.fraction * data.n_items), replace=False))
-    cs = cold_start_split(data, exp.data.max_history, held)
-    by_new_id = np.empty_like(vectors)
-    by_new_id[cs.new_id[item_ids] - 1] = vectors  # row r = item r + 1 in the new numbering
+    data, held, cs, by_new_id = hold_out(ns.data, ns.embed, ns.fraction, ns.seed, exp.data.max_history)
     warm_vectors, cold_vectors = by_new_id[:cs.n_warm], by_new_id[cs.n_warm:]
-    print(f"held out {len(held)} of {data.n_items} items; cold test users {len(cs.cold_test)}, "
-          f"warm {len(cs.warm_test)}", flush=True)
 
     tokenizer = fit_in_process(exp.ids, warm_vectors)
     index = build_index(np.arange(1, cs.n_warm + 1), tokenizer, warm_vectors)
