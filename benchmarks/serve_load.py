@@ -39,7 +39,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.record import write_record  # noqa: E402
+from benchmarks.record import protocol, write_record  # noqa: E402
 from recsys.data.schema import InteractionData  # noqa: E402
 from recsys.data.split import leave_one_out  # noqa: E402
 from recsys.runs import CONFIG_FILE, read_json  # noqa: E402
@@ -361,8 +361,9 @@ def main(argv: list[str]) -> dict:
     serve.shutdown()
     table = markdown(results, list(systems))
     print("\n" + table)
-    write_record(ns.record, model="serve", dataset=ns.name, config={"args": {k: str(v) for k, v in vars(ns).items()},
-                                                    "systems": systems},
+    # the requests ask for no exclusion: the served answers keep history items (the headline protocol)
+    write_record(ns.record, model="serve", dataset=ns.name, protocol=protocol(exclude_history=False),
+                 config={"args": {k: str(v) for k, v in vars(ns).items()}, "systems": systems},
                  wall_s=time.perf_counter() - start, metrics=results,
                  extra={"requests": {"k": ns.k, "histories": len(histories), "mean_history_len":
                                      round(float(np.mean([len(h) for h in histories])), 2)},
