@@ -34,6 +34,7 @@ class RandomModel:
             logits[..., -1] += bad
             self.logp.append(torch.log_softmax(logits, -1))  # (B, prefixes, V)
         self.calls = 0
+        self.rows: list[int] = []  # rows scored per call
 
     def key(self, prefix: torch.Tensor) -> torch.Tensor:
         """prefix (R, t) -> (R,) mixed-radix number of the prefix."""
@@ -45,6 +46,7 @@ class RandomModel:
     def __call__(self, prefix: torch.Tensor) -> torch.Tensor:
         self.calls += 1
         R, t = prefix.shape
+        self.rows.append(R)
         row = torch.arange(R) // (R // B)  # beams are batch-major
         return self.logp[t][row, self.key(prefix)]  # (R, V_t)
 
@@ -77,6 +79,9 @@ def test_beam_as_wide_as_the_catalogue_is_exhaustive(seed, k):
         torch.testing.assert_close(out.scores, ref_scores)
         assert torch.equal(out.codes, index.ids_for(out.items.reshape(-1)).reshape(B, k, -1))
     assert model.calls == 2 * len(index.level_sizes)  # one step_fn call per level
+    # the root is scored once per batch row, every later level once per beam (+ the excluded)
+    levels = len(index.level_sizes)
+    assert model.rows == [B] + [B * 30] * (levels - 1) + [B] + [B * 45] * (levels - 1)
 
 
 def test_small_beams_return_valid_distinct_items_scored_exactly():

@@ -18,7 +18,8 @@ import torch
 
 from recsys.semantic_ids.index import TrieTable
 
-# prefix tokens (R, t) -> log-probabilities over level t's vocabulary (R, V_t); R = B * width
+# prefix tokens (R, t) -> log-probabilities over level t's vocabulary (R, V_t); R = B * G batch-major,
+# G = 1 at t = 0 (each row's root is scored once) and G = width after
 StepFn = Callable[[torch.Tensor], torch.Tensor]
 
 NEG_INF = float("-inf")
@@ -91,9 +92,11 @@ def beam_search(step_fn: StepFn, trie: TrieTable | TrieEdges, batch_size: int, k
                 exclude: torch.Tensor | None = None) -> BeamResult:
     """Decode the k most likely existing IDs per batch row.
 
-    step_fn: prefix (B * width, t) -> log-probs (B * width, V_t), called for t = 0 .. L; the
-      sequence score is the sum of the chosen tokens' log-probs (disallowed tokens get -inf;
-      nothing is renormalised, so scores are the model's log-probabilities).
+    step_fn: prefix (B * G, t) -> log-probs (B * G, V_t), called for t = 0 .. L, with G = 1 at
+      t = 0 (every row has one live beam, at the root, so the root is scored once per row and
+      not once per beam) and G = width after; the sequence score is the sum of the chosen tokens'
+      log-probs (disallowed tokens get -inf; nothing is renormalised, so scores are the model's
+      log-probabilities).
     exclude: (B, H) item ids never to return (0 = padding). They are masked at the leaf: the
       last step takes ``width + H`` candidates, drops excluded items and keeps the best
       ``width``; and the width is ``beam + H`` throughout, so k items come out whenever the
@@ -115,7 +118,10 @@ def beam_search(step_fn: StepFn, trie: TrieTable | TrieEdges, batch_size: int, k
     prefix = torch.zeros(R, 0, dtype=torch.long, device=device)  # (R, t)
     offset = (torch.arange(B, device=device) * width)[:, None]  # (B, 1)
     for t in range(edges.n_levels):
-        logp = step_fn(prefix).float()  # (R, V)
+        if t == 0:  # one live beam per row, at the root: score it once, copy it to the dead beams
+            logp = step_fn(prefix[::width]).float().repeat_interleave(width, dim=0)  # (R, V)
+        else:
+            logp = step_fn(prefix).float()  # (R, V)
         V = logp.shape[1]
         mask = allowed_tokens(edges, nodes, V)  # (R, V)
         cand = (scores.reshape(R, 1) + logp).masked_fill(~mask, NEG_INF).reshape(B, width * V)  # (B, W * V)

@@ -26,7 +26,8 @@ in a summary token that reads the whole target ID (causally, so decoding never s
   paper): the top k of each stream, 2k predictions ranked by their mean code log-probability (a
   perplexity-like confidence: the streams' IDs may differ in length); an item both streams found
   keeps its higher confidence. ``sum`` (the released code): the union of both top-k lists re-scored
-  by the sum of both streams' teacher-forced log-probabilities. ``behavior`` / ``semantic``: one
+  by the sum of both streams' log-probabilities (a candidate's score in the stream whose beam found
+  it is its beam score; the other stream scores it teacher-forced). ``behavior`` / ``semantic``: one
   stream alone (an ablation of inference; both still train). ``recommend_streams`` says which
   stream produced each item.
 - ``streams: behavior`` or ``semantic`` builds and trains that stream's decoder alone (the
@@ -493,16 +494,21 @@ class Eager(GenerativeRetriever):
         if self.config.fusion == "confidence":
             scores = torch.cat([found[s].scores / self.scored_codes(s) for s in SPACES], 1)
         else:
-            scores = self.summed_log_prob(memory, mask, starts, items)
+            scores = self.summed_log_prob(memory, mask, starts, found)
         return merge_streams(items, scores, streams, k)
 
     def summed_log_prob(self, memory: torch.Tensor, mask: torch.Tensor, starts: dict[str, DecoderStart],
-                        items: torch.Tensor) -> torch.Tensor:
-        """The released code's fusion score of items (B, G): the sum of both streams' log-probabilities;
-        an item without behaviour codes counts its semantic mean code log-probability for each of the
-        behaviour stream's codes."""
-        semantic = self.sequence_log_prob("semantic", memory, mask, starts["semantic"], items)
-        behavior = self.sequence_log_prob("behavior", memory, mask, starts["behavior"], items)
+                        found: dict[str, BeamResult]) -> torch.Tensor:
+        """The released code's fusion score of both streams' candidates (B, 2k: behaviour's k, then
+        semantic's): the sum of both streams' log-probabilities. A candidate's log-probability in the
+        stream that found it is its beam score (the same sum of code log-probabilities), so each
+        stream decodes only the other stream's k. An item without behaviour codes counts its
+        semantic mean code log-probability for each of the behaviour stream's codes."""
+        items = torch.cat([found[s].items for s in SPACES], 1)  # (B, 2k)
+        semantic = torch.cat([self.sequence_log_prob("semantic", memory, mask, starts["semantic"],
+                                                     found["behavior"].items), found["semantic"].scores], 1)
+        behavior = torch.cat([found["behavior"].scores, self.sequence_log_prob(
+            "behavior", memory, mask, starts["behavior"], found["semantic"].items)], 1)
         lacking = (items >= 1) & ~self.vocabs["behavior"].has_id(items.clamp(min=0))
         stand_in = semantic / self.scored_codes("semantic") * self.scored_codes("behavior")
         return semantic + torch.where(lacking, stand_in, behavior)
