@@ -47,11 +47,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top-n", type=int, default=100)
     parser.add_argument("--folds", type=int, default=0, help="K >= 2: ranker examples from K fold retrievers")
     parser.add_argument("--fold-examples", type=int, default=5, help="with --folds: last M training transitions per user")
+    parser.add_argument("--vectors-from", type=Path, help="a retriever run trained with "
+                        "trainer.data.drop_last_transitions: the rankers' frozen item vectors (pipelines.rank_stage)")
     parser.add_argument("--note", default="", help="said in every record (e.g. pilot, one seed, machine shared)")
     ns, overrides = parser.parse_known_args(argv)
     retriever_config = read_json(ns.retriever / "config.json")
     dataset = run_dataset(Path(retriever_config["data_dir"]))
     candidates_dir = None
+    if ns.vectors_from is not None:  # before the fold retrievers train
+        from pipelines.rank_stage import require_vectors_run
+
+        require_vectors_run(ns.vectors_from, ns.retriever, ns.fold_examples if ns.folds else 1)
     if ns.folds:  # the fold retrievers and their candidates, once for every variant
         from pipelines.rank_stage import run_fold_candidates, run_fold_retrievers
 
@@ -64,7 +70,8 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"--variants: {variant!r} is not one of {list(VARIANTS)}")
         exp = load_experiment(ns.config, [*overrides, *VARIANTS[variant], f"run.name={ns.name}-{variant}"])
         start = time.perf_counter()
-        run_dir, metrics = run_rank(exp, ns.retriever, ns.top_n, candidates_dir=candidates_dir)
+        run_dir, metrics = run_rank(exp, ns.retriever, ns.top_n, candidates_dir=candidates_dir,
+                                    vectors_from=ns.vectors_from)
         history_none = exp.model.history == "none"
         path = write_record(
             f"{ns.name}-history-none" if history_none else ns.name, model=exp.model_name, dataset=dataset,
@@ -78,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
                      "test_ndcg@10_gain": metrics["test_ndcg@10_gain"]},
             extra={"variant": variant, "retriever_run": str(ns.retriever), "retriever_config": retriever_config,
                    "ranker_examples": read_json(run_dir / "config.json")["ranker_examples"],
+                   "item_vectors_run": str(ns.vectors_from or ns.retriever),
                    "rank_run": str(run_dir), "top_n": ns.top_n, "note": ns.note})
         print(f"{variant}: test ndcg@10 {metrics['test']['ndcg@10']:.4f} (retriever {metrics['retriever']['test']['ndcg@10']:.4f}), "
               f"auc {metrics['test']['auc']:.4f}, gauc {metrics['test']['gauc']:.4f} -> {path}", flush=True)

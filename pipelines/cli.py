@@ -129,7 +129,8 @@ def cmd_rank(ns: argparse.Namespace) -> None:
     from pipelines.rank_stage import run_rank
 
     exp = load_experiment(*split_config_args(ns.config))
-    run_dir, _ = run_rank(exp, Path(ns.retriever), ns.top_n, folds=ns.folds, fold_examples=ns.fold_examples)
+    run_dir, _ = run_rank(exp, Path(ns.retriever), ns.top_n, folds=ns.folds, fold_examples=ns.fold_examples,
+                          vectors_from=ns.vectors_from)
     print(Path(run_dir / SUMMARY_FILE).read_text())
     print(f"rank run: {run_dir}")
 
@@ -328,6 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "examples from them (RUN keeps every transition); 0 (default): RUN's ranker holdout")
     rk.add_argument("--fold-examples", type=int, default=5,
                     help="with --folds: each user's last M training transitions are ranker examples (default 5)")
+    rk.add_argument("--vectors-from", type=Path, metavar="VRUN",
+                    help="take the ranker's frozen item vectors from this retriever run of the same data, trained with "
+                    "trainer.data.drop_last_transitions >= the examples per user, so they never saw the ranker's "
+                    "examples (default: RUN's item table)")
     rk.set_defaults(func=cmd_rank)
     sv = verbs.add_parser("serve", help="serve a retriever, or a retriever -> ranker cascade, over HTTP (Ray Serve) "
                           "until Ctrl-C")

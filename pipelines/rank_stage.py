@@ -11,9 +11,13 @@ sits on top, teaching it to trust the retriever blindly. Two ways:
   (``trainer.data.folds``); each fold's users' last ``--fold-examples`` training transitions are
   scored by the retriever that never saw those users. RUN itself (trained on every training
   transition) gives the validation and test candidates and is what the cascade serves, so nothing
-  is held out of it, and the ranker gets up to M examples per user instead of one. The ranker's
-  frozen item vectors still come from RUN, which trained on those transitions: a similarity
-  feature can look better on training examples than at test.
+  is held out of it, and the ranker gets up to M examples per user instead of one.
+
+The ranker's frozen item vectors come from RUN by default, which (with folds) trained on the
+examples' transitions: a similarity feature can then look better on training examples than at
+test. ``--vectors-from VRUN`` takes them from another retriever run of the same data instead, one
+trained with ``trainer.data.drop_last_transitions`` >= the examples per user (1 for the holdout),
+whose table never saw any example's target; one table serves training, validation and test.
 
 Figures: the re-ranked Recall/NDCG@K, AUC and GAUC of the ranker beside the same retriever alone
 on the same candidates (its own order and scores), on every test user and on users with more than
@@ -68,6 +72,26 @@ def require_holdout(retriever_dir: Path) -> None:
                          "trainer.data.ranker_holdout=true")
 
 
+def require_vectors_run(vectors_dir: Path, retriever_dir: Path, examples_last: int) -> None:
+    """``vectors_dir`` may give the item vectors of a ranker trained on each user's last
+    ``examples_last`` training transitions: a retriever run of the same data whose training left
+    those transitions out, with an item table."""
+    vexp, saved = retriever_experiment(vectors_dir)
+    rsaved = read_json(Path(retriever_dir) / CONFIG_FILE)
+    if Path(saved["data_dir"]).resolve() != Path(rsaved["data_dir"]).resolve():
+        raise ValueError(f"--vectors-from {vectors_dir} was trained on {saved['data_dir']}, the retriever "
+                         f"{retriever_dir} on {rsaved['data_dir']}: the item vectors must be of the same catalogue")
+    if get_spec(vexp.model_name).model_cls.role != "retriever" or \
+            not get_spec(vexp.model_name).model_cls.capabilities.item_vectors:
+        raise ValueError(f"--vectors-from {vectors_dir} is a {vexp.model_name} run, which has no item table; give a "
+                         "retriever with item vectors (e.g. sasrec, two_tower)")
+    dropped = vexp.trainer.data.drop_last_transitions
+    if dropped < examples_last:
+        raise ValueError(f"--vectors-from {vectors_dir} left each user's last {dropped} training transitions out, "
+                         f"but the ranker trains on the last {examples_last}: retrain it with "
+                         f"trainer.data.drop_last_transitions={examples_last} (or more)")
+
+
 def ranker_context(retriever_dir: Path) -> dict:
     """The retriever's item embeddings (row 0: padding) as the ranker's frozen item vectors, when
     it declares item vectors; else none (the ranker reads item IDs only)."""
@@ -79,8 +103,11 @@ def ranker_context(retriever_dir: Path) -> dict:
     return {"item_vectors": torch.cat([torch.zeros(1, table.shape[1]), table])}
 
 
-def run_train_ranker(exp: ExperimentConfig, candidates_dir: Path, parent: Path | None = None) -> Path:
-    """Train ``exp``'s ranker on a candidates run; select on validation (no test figure here)."""
+def run_train_ranker(exp: ExperimentConfig, candidates_dir: Path, parent: Path | None = None,
+                     vectors_dir: Path | None = None) -> Path:
+    """Train ``exp``'s ranker on a candidates run; select on validation (no test figure here).
+    ``vectors_dir``: the retriever run whose item table gives the frozen item vectors (default: the
+    candidates' retriever)."""
     require_ranker(exp)
     candidates_dir = require_complete(candidates_dir, "candidates")
     cand_config = read_json(candidates_dir / CONFIG_FILE)
@@ -91,17 +118,21 @@ def run_train_ranker(exp: ExperimentConfig, candidates_dir: Path, parent: Path |
     examples = cand_config.get("train_examples")  # None: each user's last training transition (holdout)
     if examples is None:
         require_holdout(retriever_dir)
+    if vectors_dir is not None:
+        require_vectors_run(Path(vectors_dir), retriever_dir, 1 if examples is None else examples["last"])
+    vectors_dir = Path(vectors_dir or retriever_dir)
     split = leave_one_out(InteractionData.load(cand_config["data_dir"]), cand_config["max_history"])
     train_histories = split.full_histories("train") if examples is None else \
         split.training_transitions(examples["last"])
     run_dir = stage_run_dir(exp.run.root, "train", exp.run.name or exp.model_name, parent)
     write_json(run_dir / CONFIG_FILE, {**exp.to_dict(), "data_dir": cand_config["data_dir"],
-                                       "candidates_dir": str(candidates_dir), "retriever_dir": str(retriever_dir)})
+                                       "candidates_dir": str(candidates_dir), "retriever_dir": str(retriever_dir),
+                                       "item_vectors_dir": str(vectors_dir)})
     if exp.trainer.resources.threads:
         torch.set_num_threads(exp.trainer.resources.threads)
     torch.manual_seed(exp.trainer.data.seed)
     model = build_model(exp.model_name, exp.model, n_items=split.n_items, max_len=cand_config["max_history"],
-                        **ranker_context(retriever_dir))
+                        **ranker_context(vectors_dir))
     load = lambda name: CandidateSet.load(candidates_dir / candidates_file(name))  # noqa: E731
     start = time.perf_counter()
     fit = train_ranker(model, load("train"), train_histories, load("valid"),
@@ -189,11 +220,13 @@ def run_fold_candidates(retriever_dir: Path, fold_dirs: list[Path], last: int, t
 
 def run_rank(exp: ExperimentConfig, retriever_dir: Path, top_n: int = 100,
              parent: Path | None = None, folds: int = 0, fold_examples: int = 5,
-             candidates_dir: Path | None = None) -> tuple[Path, dict]:
+             candidates_dir: Path | None = None, vectors_from: Path | None = None) -> tuple[Path, dict]:
     """The cascade: the retriever's candidates, the ranker trained on them, test scored once.
     ``folds`` >= 2: the ranker's examples come from fold retrievers (see the module docstring).
     ``candidates_dir``: a candidates run of this retriever made before (e.g. by
-    ``run_fold_candidates``), shared by several rankers; its own train examples then apply."""
+    ``run_fold_candidates``), shared by several rankers; its own train examples then apply.
+    ``vectors_from``: a retriever run trained without the examples' transitions, whose item table
+    gives the ranker's frozen item vectors (``require_vectors_run``)."""
     from pipelines.stages import run_candidates
 
     require_ranker(exp)
@@ -210,6 +243,8 @@ def run_rank(exp: ExperimentConfig, retriever_dir: Path, top_n: int = 100,
         folds, fold_examples = (examples["folds"], examples["last"]) if examples else (0, fold_examples)
     if not folds:
         require_holdout(Path(retriever_dir))
+    if vectors_from is not None:  # before any training: a wrong run fails in seconds, not after the folds
+        require_vectors_run(Path(vectors_from), Path(retriever_dir), fold_examples if folds else 1)
     start = time.perf_counter()
     run_dir = stage_run_dir(exp.run.root, "rank", exp.run.name or exp.model_name, parent)
     if candidates_dir is not None:
@@ -220,7 +255,7 @@ def run_rank(exp: ExperimentConfig, retriever_dir: Path, top_n: int = 100,
                                                      parent=run_dir)
     else:
         cand_dir, cand_metrics = run_candidates(Path(retriever_dir), top_n, parent=run_dir)
-    train_dir = run_train_ranker(exp, cand_dir, parent=run_dir)
+    train_dir = run_train_ranker(exp, cand_dir, parent=run_dir, vectors_dir=vectors_from)
     cand_config = read_json(cand_dir / CONFIG_FILE)
     split = leave_one_out(InteractionData.load(cand_config["data_dir"]), cand_config["max_history"])
     model = load_model(train_dir / "checkpoints" / "best")
@@ -244,7 +279,7 @@ def run_rank(exp: ExperimentConfig, retriever_dir: Path, top_n: int = 100,
     write_json(run_dir / CONFIG_FILE, {**exp.to_dict(), "retriever_dir": str(retriever_dir), "top_n": top_n,
                                        "candidates_dir": str(cand_dir), "train_dir": str(train_dir),
                                        "ranker_examples": {"folds": folds, "last": fold_examples} if folds
-                                       else "holdout"})
+                                       else "holdout", "item_vectors_dir": str(vectors_from or retriever_dir)})
     write_json(run_dir / METRICS_FILE, metrics)
     write_text(run_dir / SUMMARY_FILE, "\n".join([
         f"# rank: {exp.model_name} over the top {top_n} of {Path(retriever_dir).name}", "",

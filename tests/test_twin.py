@@ -3,6 +3,7 @@ lists, the retriever holdout, and `recsys rank` end to end on a tiny synthetic r
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -387,3 +388,65 @@ def test_rank_with_folds_scores_each_users_examples_by_the_retriever_that_never_
     again = retrieve(load_model(plain / "checkpoints" / "best"), split.eval_set("test"), 20)
     np.testing.assert_array_equal(test.candidates, again.candidates)  # test lists: the retriever served
     assert metrics["candidates"]["train"]["users"] == len(train) and "ndcg@10" in metrics["test"]
+
+
+def test_drop_last_transitions_leaves_each_users_last_ones_out_of_training():
+    from recsys.experiment import load_experiment
+    from recsys.training.loop import Trainer
+
+    data = generate_synthetic(SyntheticConfig(n_users=40, n_items=N_ITEMS, min_length=6, max_length=12, seed=3))
+    split = leave_one_out(data, max_history=20)
+    exp = load_experiment(None, ["trainer.data.drop_last_transitions=3", "trainer.data.samples=sliding"])
+    trainer = Trainer(build_model("sasrec", exp.model, n_items=N_ITEMS, max_len=20), split, exp.trainer, exp.eval)
+    for row, seq in enumerate(split.train):
+        targets = trainer.targets[trainer.users == split.train_users[row]]
+        assert sorted(targets[targets > 0].tolist()) == sorted(seq[1:-3].tolist())  # the last 3 never targets
+    for bad, message in ((["trainer.data.drop_last_transitions=-1"], "drop_last_transitions=-1 is out of range"),
+                         (["trainer.data.drop_last_transitions=2", "trainer.data.folds=2"], "excludes"),
+                         (["trainer.data.drop_last_transitions=2", "trainer.data.ranker_holdout=true"], "excludes"),
+                         (["trainer.data.drop_last_transitions=2", "trainer.selection.refit=true"], "exclude each other")):
+        with pytest.raises(ValueError, match=message):
+            load_experiment(None, bad)
+
+
+def test_rank_takes_item_vectors_from_a_run_that_never_saw_the_rankers_examples(retriever_run):
+    from pipelines.rank_stage import run_rank
+    from pipelines.stages import run_train
+    from recsys.experiment import experiment_dict_from_run, experiment_from_dict
+    from recsys.training.checkpoint import load_model
+
+    root, held, plain = retriever_run
+    saved = json.loads((held / "config.json").read_text())
+    vexp = experiment_from_dict(experiment_dict_from_run(saved))  # the served retriever's settings, 3 dropped
+    data = replace(vexp.trainer.data, ranker_holdout=False, drop_last_transitions=3)
+    vexp = replace(vexp, trainer=replace(vexp.trainer, data=data), run=replace(vexp.run, name="vectors"))
+    vectors = run_train(vexp, data_dir=Path(saved["data_dir"]))
+    exp = load_experiment_for_rank(root, "vectors-from")
+    with pytest.raises(ValueError, match="left each user's last 0 training transitions out"):
+        run_rank(exp, held, 20, vectors_from=held)
+    with pytest.raises(ValueError, match="left each user's last 3 .* the last 5"):
+        run_rank(exp, plain, 20, folds=2, fold_examples=5, vectors_from=vectors)
+    elsewhere = root / "vectors-elsewhere"
+    shutil.copytree(vectors, elsewhere)
+    config = json.loads((elsewhere / "config.json").read_text())
+    (elsewhere / "config.json").write_text(json.dumps({**config, "data_dir": str(root / "another-data-run")}))
+    with pytest.raises(ValueError, match="same catalogue"):
+        run_rank(exp, held, 20, vectors_from=elsewhere)
+    assert not any(p.name.endswith("vectors-from") for p in root.glob("rank/*"))  # refused before any training
+    run_dir, metrics = run_rank(exp, held, 20, vectors_from=vectors)
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["item_vectors_dir"] == str(vectors) and "ndcg@10" in metrics["test"]
+    ranker = load_model(Path(config["train_dir"]) / "checkpoints" / "best")
+    with torch.no_grad():
+        table = load_model(vectors / "checkpoints" / "best").item_embeddings().float()
+        served = load_model(held / "checkpoints" / "best").item_embeddings().float()
+    torch.testing.assert_close(ranker.item_vectors[1:], table)
+    assert not torch.allclose(ranker.item_vectors[1:], served)
+
+
+def load_experiment_for_rank(root: Path, name: str):
+    from recsys.experiment import load_experiment
+
+    return load_experiment(None, [f"run.root={root}", "trainer.resources.use_ray=false", "model.name=twin_v2",
+                                  "model.gamma=3", "model.d_model=16", "model.random_negatives=3",
+                                  "trainer.optim.epochs=1", "trainer.optim.batch_size=32", f"run.name={name}"])

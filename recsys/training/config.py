@@ -60,6 +60,10 @@ class TrainDataConfig:
     # transitions become ranker examples scored by the retriever that never saw those users
     folds: int = 0
     fold: int = 0
+    # m > 0: leave each user's last m training transitions out of training (for a history s of n items,
+    # none of s[n-2-m] .. s[n-3] is a target), so the run's item table never saw a ranker's examples:
+    # `recsys rank --vectors-from` takes the ranker's frozen item vectors from such a run
+    drop_last_transitions: int = 0
 
     def __post_init__(self):
         require_choice("trainer.data.samples", self.samples, SAMPLE_MODES)
@@ -72,6 +76,10 @@ class TrainDataConfig:
         require(not (self.folds and self.ranker_holdout),
                 "trainer.data.folds and trainer.data.ranker_holdout exclude each other: folds leave users out, "
                 "the holdout leaves each user's last training transition out")
+        require_range("trainer.data.drop_last_transitions", self.drop_last_transitions, 0, 1 << 20)
+        require(not (self.drop_last_transitions and (self.folds or self.ranker_holdout)),
+                "trainer.data.drop_last_transitions excludes trainer.data.folds and trainer.data.ranker_holdout: it "
+                "is for a run that gives a ranker item vectors, not candidates")
         require_range("trainer.data.bucket", self.bucket, 0, 1 << 20)
         require_choice("trainer.data.precision", self.precision, ("auto", "fp32", "bf16"))
 
@@ -131,6 +139,9 @@ class TrainerConfig:
         require(not (self.data.folds and self.selection.refit),
                 "trainer.data.folds and trainer.selection.refit exclude each other: a fold retriever trains on "
                 "training transitions only")
+        require(not (self.data.drop_last_transitions and self.selection.refit),
+                "trainer.data.drop_last_transitions and trainer.selection.refit exclude each other: a refit trains "
+                "on every transition up to validation")
 
 
 # The one table of renamed keys: the flat trainer keys (before the sections) -> where they live

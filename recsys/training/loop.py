@@ -151,6 +151,10 @@ class Trainer:
         if cfg.data.ranker_holdout:  # s[n-3], the ranker's training target, is never a target here
             train = [s[:-1] for s in train]
             times = None if times is None else [t[:-1] for t in times]
+        if cfg.data.drop_last_transitions:  # a ranker's examples: never targets of this run's item table
+            cut = cfg.data.drop_last_transitions
+            train = [s[:max(0, len(s) - cut)] for s in train]
+            times = None if times is None else [t[:max(0, len(t) - cut)] for t in times]
         if cfg.data.folds:  # one fold's users are left out: their transitions are a ranker's examples
             kept = np.flatnonzero(user_folds(train_users, cfg.data.folds) != cfg.data.fold)
             train, train_users = [train[i] for i in kept], train_users[kept]
