@@ -7,7 +7,9 @@ attention, beside the retriever alone ("no ranker").
 RETRIEVER_RUN: a retriever train run trained with ``trainer.data.ranker_holdout=true``; or, with
 ``--folds K [--fold-examples M]``, one trained on every training transition, and the ranker's
 examples come from K fold retrievers trained once and shared by all variants
-(``pipelines.rank_stage``). Each variant
+(``pipelines.rank_stage``); ``--candidates DIR`` reuses such lists from an earlier run.
+``--vectors-from VRUN`` gives every ranker the item table of a run that never trained on the
+examples (``trainer.data.drop_last_transitions``). Each variant
 runs ``recsys rank`` (candidates, ranker training selected on validation, test once) and writes
 ``benchmarks/results/<ranker>/<dataset>/<NAME>[-history-none].json``: the cascade's re-ranked
 figures at ``metrics.test`` / ``metrics.valid`` (Recall/NDCG@5/10/20, AUC, GAUC), the retriever alone
@@ -47,17 +49,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top-n", type=int, default=100)
     parser.add_argument("--folds", type=int, default=0, help="K >= 2: ranker examples from K fold retrievers")
     parser.add_argument("--fold-examples", type=int, default=5, help="with --folds: last M training transitions per user")
+    parser.add_argument("--candidates", type=Path, help="a candidates run of RETRIEVER_RUN made before (e.g. the "
+                        "<rank run>/candidates of an earlier --folds cascade): reused, so its fold retrievers are not "
+                        "trained again and rankers compare on the same lists")
     parser.add_argument("--vectors-from", type=Path, help="a retriever run trained with "
                         "trainer.data.drop_last_transitions: the rankers' frozen item vectors (pipelines.rank_stage)")
     parser.add_argument("--note", default="", help="said in every record (e.g. pilot, one seed, machine shared)")
     ns, overrides = parser.parse_known_args(argv)
     retriever_config = read_json(ns.retriever / "config.json")
     dataset = run_dataset(Path(retriever_config["data_dir"]))
-    candidates_dir = None
+    if ns.candidates is not None and ns.folds:
+        raise SystemExit("--candidates reuses an earlier run's lists (and its folds); give it without --folds")
+    candidates_dir = ns.candidates
+    examples_last = ns.fold_examples if ns.folds else 1  # the training transitions per user the ranker reads
+    if ns.candidates is not None:  # its own examples apply (the holdout's one, or the M it was made with)
+        examples = read_json(ns.candidates / "config.json").get("train_examples")
+        examples_last = 1 if examples is None else examples["last"]
     if ns.vectors_from is not None:  # before the fold retrievers train
         from pipelines.rank_stage import require_vectors_run
 
-        require_vectors_run(ns.vectors_from, ns.retriever, ns.fold_examples if ns.folds else 1)
+        require_vectors_run(ns.vectors_from, ns.retriever, examples_last)
     if ns.folds:  # the fold retrievers and their candidates, once for every variant
         from pipelines.rank_stage import run_fold_candidates, run_fold_retrievers
 
