@@ -450,3 +450,29 @@ def load_experiment_for_rank(root: Path, name: str):
     return load_experiment(None, [f"run.root={root}", "trainer.resources.use_ray=false", "model.name=twin_v2",
                                   "model.gamma=3", "model.d_model=16", "model.random_negatives=3",
                                   "trainer.optim.epochs=1", "trainer.optim.batch_size=32", f"run.name={name}"])
+
+
+def test_compare_rankers_pairs_rankers_on_the_same_lists_and_refuses_other_lists(retriever_run, capsys):
+    from benchmarks.compare_rankers import main as compare
+    from pipelines.rank_stage import run_rank
+    from recsys.candidates import candidates_file
+
+    root, held, plain = retriever_run
+    first, metrics = run_rank(load_experiment_for_rank(root, "pair-a"), held, 20)
+    second, _ = run_rank(load_experiment_for_rank(root, "pair-b"), held, 20)  # the same lists, made again
+    compare([f"a={first}", f"b={second}", "alone=retriever"])
+    table = capsys.readouterr().out
+    row = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
+    assert f"{metrics['test']['ndcg@10']:.4f}" in row["a"]
+    assert f"{metrics['retriever']['test']['ndcg@10']:.4f}" in row["alone"]
+    assert "(+0.0000 ± 0.0000)" in row["b"]  # the same settings and seed: the same ranker
+    other = root / "pair-other-lists"  # the second run, its test lists in another order
+    shutil.copytree(second, other)
+    config = json.loads((second / "config.json").read_text())
+    lists = CandidateSet.load(Path(config["candidates_dir"]) / candidates_file("test"))
+    shutil.copytree(config["candidates_dir"], other / "other-candidates")
+    CandidateSet(lists.user_index, lists.candidates[:, ::-1].copy(), lists.scores, lists.targets).save(
+        other / "other-candidates" / candidates_file("test"))
+    (other / "config.json").write_text(json.dumps({**config, "candidates_dir": str(other / "other-candidates")}))
+    with pytest.raises(ValueError, match="re-ranks other test lists"):
+        compare([f"a={first}", f"c={other}"])

@@ -1,0 +1,122 @@
+"""Paired per-user comparison of rankers re-ranking the same candidate lists: each `recsys rank` run's
+Recall/NDCG@K after re-ranking, and each against the first as the mean of the per-user differences
+with its standard error.
+
+    python benchmarks/compare_rankers.py LABEL=RANK_RUN LABEL=RANK_RUN ... [--split test] [--name NAME]
+
+Every RANK_RUN must hold the same lists of the split (the same candidates run, or one made again
+from it, e.g. by ``twin_cascade.py --candidates``): rankers differ, lists do not. ``LABEL=retriever``
+in place of a run scores the lists in the retriever's own order. With ``--name`` it writes
+``benchmarks/results/<model>/<dataset>/paired-<NAME>.json``, ``model`` being the last run's ranker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.paired import paired_difference  # noqa: E402
+from benchmarks.record import protocol, run_dataset, write_record  # noqa: E402
+from recsys.candidates import CandidateSet, candidates_file  # noqa: E402
+from recsys.data import InteractionData  # noqa: E402
+from recsys.data.split import leave_one_out  # noqa: E402
+from recsys.metrics import metric_names, per_user_metrics, reranked_ranks  # noqa: E402
+from recsys.runs import read_json, require_complete  # noqa: E402
+from recsys.training.checkpoint import load_model  # noqa: E402
+from recsys.training.evaluate import ranker_scores  # noqa: E402
+
+RETRIEVER = "retriever"
+
+
+def parse_runs(words: list[str]) -> list[tuple[str, str]]:
+    specs = []
+    for word in words:
+        label, sep, spec = word.partition("=")
+        if not sep or not label or not spec:
+            raise ValueError(f"expected LABEL=RANK_RUN (or LABEL=retriever), got {word!r}")
+        if spec != RETRIEVER:
+            require_complete(Path(spec), "rank")
+        specs.append((label, spec))
+    if all(spec == RETRIEVER for _, spec in specs):
+        raise ValueError("give at least one rank run: 'retriever' alone names no lists")
+    return specs
+
+
+def same_lists(runs: list[Path], split: str) -> tuple[CandidateSet, dict]:
+    """The split's candidate lists, which every run must share (item for item)."""
+    first = None
+    for run in runs:
+        config = read_json(run / "config.json")
+        cand_dir = Path(config["candidates_dir"])
+        lists = CandidateSet.load(cand_dir / candidates_file(split))
+        if first is None:
+            first, first_run, cand_config = lists, run, read_json(cand_dir / "config.json")
+        elif not (np.array_equal(lists.candidates, first.candidates) and np.array_equal(lists.targets, first.targets)):
+            raise ValueError(f"{run} re-ranks other {split} lists than {first_run}: compare rankers on the same "
+                             "candidates (twin_cascade.py --candidates)")
+    return first, cand_config
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", help="LABEL=RANK_RUN or LABEL=retriever; the first is the reference")
+    parser.add_argument("--split", default="test", choices=("valid", "test"))
+    parser.add_argument("--name", help="write a record paired-<NAME>.json")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args(argv)
+    if len(args.runs) < 2:
+        parser.error("give at least two: a reference and one to compare with it")
+    try:
+        specs = parse_runs(args.runs)
+    except ValueError as exc:
+        parser.error(str(exc))
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    runs = [Path(spec) for _, spec in specs if spec != RETRIEVER]
+    lists, cand_config = same_lists(runs, args.split)
+    histories = leave_one_out(InteractionData.load(cand_config["data_dir"]),
+                              cand_config["max_history"]).full_histories(args.split)
+    per_user = {}
+    for label, spec in specs:
+        if spec == RETRIEVER:
+            scores = lists.scores.astype(np.float64)
+        else:
+            model = load_model(Path(read_json(Path(spec) / "config.json")["train_dir"]) / "checkpoints" / "best")
+            scores = ranker_scores(model, lists, histories)
+        ranks = reranked_ranks(torch.from_numpy(scores), torch.from_numpy(lists.candidates),
+                               torch.from_numpy(lists.targets)).numpy()
+        per_user[label] = per_user_metrics(ranks)
+    names, reference = metric_names(), specs[0][0]
+    means = {label: {n: round(float(v.mean()), 4) for n, v in pu.items()} for label, pu in per_user.items()}
+    paired = {label: {n: {k: round(d[k], 5) for k in ("diff", "se", "z")}
+                      for n, d in paired_difference(per_user[reference], per_user[label]).items()}
+              for label, _ in specs[1:]}
+    print(f"{args.split}, {len(lists)} lists re-ranked; differences against {reference!r} (mean of per-user "
+          "differences ± its standard error)\n")
+    print("| ranker | " + " | ".join(names) + " |")
+    print("|---" * (len(names) + 1) + "|")
+    for label, _ in specs:
+        cells = [f"{means[label][n]:.4f}" + ("" if label == reference else
+                 f" ({paired[label][n]['diff']:+.4f} ± {paired[label][n]['se']:.4f})") for n in names]
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    if args.name:
+        model = read_json(runs[-1] / "config.json")["model"]["name"]
+        path = write_record(
+            f"paired-{args.name}", model=model, dataset=run_dataset(Path(cand_config["data_dir"])),
+            config={"runs": dict(specs), "split": args.split, "candidates": cand_config.get("train_dir")},
+            wall_s=time.perf_counter() - start, metrics={},
+            protocol=protocol(exclude_history=bool(cand_config["exclude_history"])),
+            extra={"lists": len(lists), "split": args.split, "reference": reference, "means": means,
+                   "paired_against_reference": paired})
+        print(f"\nrecord: {path}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
