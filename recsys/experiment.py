@@ -155,7 +155,8 @@ def behavior_experiment(exp: ExperimentConfig) -> ExperimentConfig:
 
 
 # stored beside the config in a train run's config.json ("ids_dir": one semantic space, before 2026-12-03)
-RUN_WIRING = ("data_dir", "ids_dirs", "ids_dir", "candidates_dir", "retriever_dir", "embed_dir")  # a ranker names its candidates and retriever
+RUN_WIRING = ("data_dir", "ids_dirs", "ids_dir", "candidates_dir", "retriever_dir", "embed_dir",
+              "item_vectors_dir")  # a ranker names its candidates, retriever and item vectors
 
 
 def ids_runs_of(saved: dict) -> dict[str, str]:
