@@ -31,7 +31,7 @@ from benchmarks.split_baselines import (drop_history, popular_items, popularity_
                                         transition_counts)
 from recsys.data.schema import InteractionData  # noqa: E402
 from recsys.data.split import EvalSet, LeaveOneOutSplit, leave_one_out  # noqa: E402
-from benchmarks.paired import paired_difference  # noqa: E402
+from benchmarks.paired import paired_difference, paired_table  # noqa: E402
 from recsys.metrics import DEFAULT_KS, metric_names, per_user_metrics, target_ranks  # noqa: E402
 from recsys.training.checkpoint import load_model  # noqa: E402
 from recsys.training.evaluate import target_ranks_of  # noqa: E402
@@ -111,12 +111,7 @@ def main(argv: list[str]) -> None:
               for label, _ in specs[1:]}
     print(f"{args.split}, history {args.history}, {len(es)} users; differences against {reference!r} "
           "(mean of per-user differences ± its standard error)\n")
-    print("| model | " + " | ".join(names) + " |")
-    print("|---" * (len(names) + 1) + "|")
-    for label, _ in specs:
-        cells = [f"{means[label][n]:.4f}" + ("" if label == reference else
-                 f" ({paired[label][n]['diff']:+.4f} ± {paired[label][n]['se']:.4f})") for n in names]
-        print(f"| {label} | " + " | ".join(cells) + " |")
+    print(paired_table("model", names, means, paired, reference))
     if args.name:
         last = specs[-1][1]
         last = last.split(",")[0]

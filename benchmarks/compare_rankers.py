@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.paired import paired_difference  # noqa: E402
+from benchmarks.paired import paired_difference, paired_table  # noqa: E402
 from benchmarks.record import protocol, run_dataset, write_record  # noqa: E402
 from recsys.candidates import CandidateSet, candidates_file  # noqa: E402
 from recsys.data import InteractionData  # noqa: E402
@@ -100,12 +100,7 @@ def main(argv: list[str]) -> None:
               for label, _ in specs[1:]}
     print(f"{args.split}, {len(lists)} lists re-ranked; differences against {reference!r} (mean of per-user "
           "differences ± its standard error)\n")
-    print("| ranker | " + " | ".join(names) + " |")
-    print("|---" * (len(names) + 1) + "|")
-    for label, _ in specs:
-        cells = [f"{means[label][n]:.4f}" + ("" if label == reference else
-                 f" ({paired[label][n]['diff']:+.4f} ± {paired[label][n]['se']:.4f})") for n in names]
-        print(f"| {label} | " + " | ".join(cells) + " |")
+    print(paired_table("ranker", names, means, paired, reference))
     if args.name:
         model = read_json(runs[-1] / "config.json")["model"]["name"]
         path = write_record(

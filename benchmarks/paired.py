@@ -33,3 +33,15 @@ def paired_difference(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dic
         out[name] = {"diff": diff, "se": se, "z": diff / se if se > 0 else 0.0,
                      "seed_differences": [float(x) for x in (vb - va).mean(1)]}
     return out
+
+
+def paired_table(column: str, names: list[str], means: dict[str, dict[str, float]],
+                 paired: dict[str, dict[str, dict]], reference: str) -> str:
+    """A markdown table: one row per label (``means``' order), each metric's mean, and for every
+    label but the reference its paired difference ``(+d ± se)`` against the reference."""
+    lines = [f"| {column} | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for label in means:
+        cells = [f"{means[label][n]:.4f}" + ("" if label == reference else
+                 f" ({paired[label][n]['diff']:+.4f} ± {paired[label][n]['se']:.4f})") for n in names]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
