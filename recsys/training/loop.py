@@ -148,11 +148,10 @@ class Trainer:
         if model.capabilities.reads_timestamps:
             times = split.training_with_validation_times() if cfg.selection.refit else split.train_times
         train_users = split.train_users
-        if cfg.data.ranker_holdout:  # s[n-3], the ranker's training target, is never a target here
-            train = [s[:-1] for s in train]
-            times = None if times is None else [t[:-1] for t in times]
-        if cfg.data.drop_last_transitions:  # a ranker's examples: never targets of this run's item table
-            cut = cfg.data.drop_last_transitions
+        # each user's last training transitions that a ranker trains on are never targets here: the
+        # holdout's one (s[n-3]), or drop_last_transitions of them (the two exclude each other)
+        cut = 1 if cfg.data.ranker_holdout else cfg.data.drop_last_transitions
+        if cut:
             train = [s[:max(0, len(s) - cut)] for s in train]
             times = None if times is None else [t[:max(0, len(t) - cut)] for t in times]
         if cfg.data.folds:  # one fold's users are left out: their transitions are a ranker's examples
