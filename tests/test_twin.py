@@ -409,18 +409,26 @@ def test_drop_last_transitions_leaves_each_users_last_ones_out_of_training():
             load_experiment(None, bad)
 
 
-def test_rank_takes_item_vectors_from_a_run_that_never_saw_the_rankers_examples(retriever_run):
-    from pipelines.rank_stage import run_rank
+@pytest.fixture(scope="module")
+def vectors_run(retriever_run):
+    """The held retriever's settings and data, trained without each user's last 3 transitions."""
     from pipelines.stages import run_train
     from recsys.experiment import experiment_dict_from_run, experiment_from_dict
+
+    _, held, _ = retriever_run
+    saved = json.loads((held / "config.json").read_text())
+    vexp = experiment_from_dict(experiment_dict_from_run(saved))
+    data = replace(vexp.trainer.data, ranker_holdout=False, drop_last_transitions=3)
+    vexp = replace(vexp, trainer=replace(vexp.trainer, data=data), run=replace(vexp.run, name="vectors"))
+    return run_train(vexp, data_dir=Path(saved["data_dir"]))
+
+
+def test_rank_takes_item_vectors_from_a_run_that_never_saw_the_rankers_examples(retriever_run, vectors_run):
+    from pipelines.rank_stage import run_rank
     from recsys.training.checkpoint import load_model
 
     root, held, plain = retriever_run
-    saved = json.loads((held / "config.json").read_text())
-    vexp = experiment_from_dict(experiment_dict_from_run(saved))  # the served retriever's settings, 3 dropped
-    data = replace(vexp.trainer.data, ranker_holdout=False, drop_last_transitions=3)
-    vexp = replace(vexp, trainer=replace(vexp.trainer, data=data), run=replace(vexp.run, name="vectors"))
-    vectors = run_train(vexp, data_dir=Path(saved["data_dir"]))
+    vectors = vectors_run
     exp = load_experiment_for_rank(root, "vectors-from")
     with pytest.raises(ValueError, match="left each user's last 0 training transitions out"):
         run_rank(exp, held, 20, vectors_from=held)
@@ -476,3 +484,28 @@ def test_compare_rankers_pairs_rankers_on_the_same_lists_and_refuses_other_lists
     (other / "config.json").write_text(json.dumps({**config, "candidates_dir": str(other / "other-candidates")}))
     with pytest.raises(ValueError, match="re-ranks other test lists"):
         compare([f"a={first}", f"c={other}"])
+
+
+def test_twin_cascade_reuses_a_candidates_run_and_takes_vectors_from_another_run(retriever_run, vectors_run,
+                                                                                 tmp_path, monkeypatch):
+    import benchmarks.record
+    from benchmarks.twin_cascade import main as cascade
+    from pipelines.stages import run_candidates
+
+    monkeypatch.setattr(benchmarks.record, "RESULTS", tmp_path / "results")
+    root, held, _ = retriever_run
+    cand_dir, _ = run_candidates(held, 20)
+    args = [str(held), "--config", str(Path(__file__).parent.parent / "configs" / "lastfm-twin_v2.yaml"),
+            "--name", "reuse", "--variants", "twin_v2", "--top-n", "20", "--candidates", str(cand_dir),
+            f"run.root={root}", "model.gamma=3", "model.d_model=16", "model.random_negatives=3",
+            "trainer.optim.epochs=1", "trainer.optim.batch_size=32"]
+    with pytest.raises(SystemExit, match="without --folds"):
+        cascade([*args, "--folds", "2"])
+    with pytest.raises(ValueError, match="left each user's last 0 training transitions out"):
+        cascade([*args, "--vectors-from", str(held)])  # refused before any ranker trains
+    assert not (tmp_path / "results").exists()
+    cascade([*args, "--vectors-from", str(vectors_run)])
+    record = json.loads((tmp_path / "results" / "twin_v2" / "synthetic" / "reuse.json").read_text())
+    rank_config = json.loads((Path(record["rank_run"]) / "config.json").read_text())
+    assert rank_config["candidates_dir"] == str(cand_dir) and rank_config["item_vectors_dir"] == str(vectors_run)
+    assert record["item_vectors_run"] == str(vectors_run) and record["ranker_examples"] == "holdout"
