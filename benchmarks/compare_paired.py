@@ -2,7 +2,7 @@
 each model against the first as the mean of the per-user differences with its standard error.
 
     python benchmarks/compare_paired.py LABEL=SPEC LABEL=SPEC ... --data DATA_RUN [--split test] \
-        [--history kept|excluded] [--name NAME] [--threads 2]
+        [--history kept|excluded] [--inference KEY=VALUE ...] [--name NAME] [--threads 2]
 
 SPEC is a checkpoint directory (``runs/train/<id>/checkpoints/best``), several separated by commas (the
 same config's training seeds: each user's figure is averaged over them, ``benchmarks.paired``), or
@@ -12,6 +12,9 @@ is the reference. A difference is a finding only when it is larger than its stan
 (``std(d) / sqrt(users)``, d the per-user differences). With ``--name`` it writes
 ``benchmarks/results/<model>/<dataset>/paired-<NAME>-history-<kept|excluded>.json``, ``model`` being the
 last SPEC's model; the figures are those of the checkpoints as given (select them on validation).
+``--inference fusion=sum`` scores every checkpoint under that inference setting (``recsys serve
+--inference``: only the keys a model's class names as inference settings, e.g. EAGER's fusion, so two
+runs selected under different fusions compare under the one that ships); the record holds it.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from benchmarks.split_baselines import (drop_history, popular_items, popularity_
 from recsys.data.schema import InteractionData  # noqa: E402
 from recsys.data.split import EvalSet, LeaveOneOutSplit, leave_one_out  # noqa: E402
 from benchmarks.paired import paired_difference, paired_table  # noqa: E402
+from pipelines.cli import inference_settings  # noqa: E402
 from recsys.metrics import DEFAULT_KS, metric_names, per_user_metrics, target_ranks  # noqa: E402
 from recsys.training.checkpoint import load_model  # noqa: E402
 from recsys.training.evaluate import target_ranks_of  # noqa: E402
@@ -77,6 +81,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--split", default="test", choices=("valid", "test"))
     parser.add_argument("--history", default="kept", choices=("kept", "excluded"))
     parser.add_argument("--max-history", type=int, default=20)
+    parser.add_argument("--inference", action="append", default=[], metavar="KEY=VALUE",
+                        help="an inference setting every checkpoint is scored under, e.g. fusion=sum")
     parser.add_argument("--name", help="write a record paired-<NAME>-history-<kept|excluded>.json")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args(argv)
@@ -84,6 +90,7 @@ def main(argv: list[str]) -> None:
         parser.error("give at least two models: a reference and one to compare with it")
     try:
         specs = [parse_spec(m) for m in args.models]
+        inference = inference_settings(args.inference)
     except ValueError as exc:
         parser.error(str(exc))
     torch.set_num_threads(args.threads)
@@ -95,7 +102,8 @@ def main(argv: list[str]) -> None:
     per_user: dict[str, dict[str, np.ndarray]] = {}  # label -> metric -> (seeds, U)
     for label, spec in specs:
         runs = [counts_ranks(split, es, exclude) if part == "counts"
-                else target_ranks_of(load_model(Path(part)), es, exclude_history=exclude) for part in spec.split(",")]
+                else target_ranks_of(load_model(Path(part), inference=inference), es, exclude_history=exclude)
+                for part in spec.split(",")]
         metrics = [per_user_metrics(r) for r in runs]
         per_user[label] = {n: np.stack([m[n] for m in metrics]) for n in names}
     means = {label: {n: round(float(v.mean()), 4) for n, v in pu.items()} for label, pu in per_user.items()}
@@ -119,7 +127,7 @@ def main(argv: list[str]) -> None:
         path = write_record(
             f"paired-{args.name}-history-{args.history}", model=model, dataset=run_dataset(args.data),
             config={"models": dict(specs), "data_run": str(args.data), "split": args.split,
-                    "max_history": args.max_history, "threads": args.threads},
+                    "max_history": args.max_history, "threads": args.threads, "inference": inference},
             wall_s=time.perf_counter() - start, metrics={},
             protocol=protocol(exclude_history=exclude),
             extra={"users": len(es), "split": args.split, "reference": reference, "means": means,

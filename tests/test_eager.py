@@ -431,6 +431,15 @@ def test_recsys_pipeline_trains_eager_on_behaviour_ids_from_a_two_tower_and_cont
     assert records["behavior"]["stream_share"]["valid"]["behavior"] == 1.0
     assert records["semantic"]["stream_share"]["valid"]["semantic"] == 1.0
     assert records["sum"]["metrics"]["test"] == {k: round(v, 4) for k, v in test.items()}  # as shipped
+    from benchmarks.compare_paired import main as compare_paired  # every checkpoint under one inference setting
+    best = str(train_dir / "checkpoints" / "best")
+    compare_paired([f"a={best}", f"b={best}", "--data", str(data_dir), "--max-history", "6", "--threads", "1",
+                    "--inference", "fusion=behavior", "--name", "tiny-behavior"])
+    paired = read_json(tmp_path / "results" / "eager" / "synthetic" / "paired-tiny-behavior-history-kept.json")
+    assert paired["config"]["inference"] == {"fusion": "behavior"}
+    assert paired["means"]["a"] == paired["means"]["b"] == records["behavior"]["metrics"]["test"]
+    with pytest.raises(SystemExit):
+        compare_paired([f"a={best}", f"b={best}", "--data", str(data_dir), "--inference", "fusion"])
     from benchmarks.newest_item_gain import main as newest
     newest([str(train_dir / "checkpoints" / "best"), "--data", str(data_dir), "--users", "40", "--max-history", "6",
             "--threads", "1", "--names", "tiny"])
