@@ -140,6 +140,10 @@ CASES = [
     ModelCase("eager", {"name": "eager", "d_model": 32, "n_heads": 2, "n_decoder_layers": 1, "d_ff": 64,
                         "dropout": 0.1, "beam_size": 10, "gct_weight_semantic": 1.0},
               eager_probe, two_stream_context),
+    ModelCase("eager-last-item", {"name": "eager", "d_model": 32, "n_heads": 2, "n_decoder_layers": 1, "d_ff": 64,
+                                  "dropout": 0.1, "beam_size": 10, "gct_weight_semantic": 1.0,
+                                  "last_item_start": True, "last_item_output": True},
+              eager_probe, two_stream_context),
     ModelCase("two-tower-counts", {"name": "two_tower", "d_model": 32, "n_layers": 1, "d_ff": 64, "log_q": "counts"},
               history_probe(lambda m, h: m.encode(h))),
 ]
