@@ -83,6 +83,9 @@ def two_stream_context() -> dict:
                     "semantic": semantic._replace(vectors=vectors(20))}}
 
 
+TINY_EAGER = {"name": "eager", "d_model": 32, "n_heads": 2, "n_decoder_layers": 1, "d_ff": 64, "dropout": 0.1,
+              "beam_size": 10, "gct_weight_semantic": 1.0}
+
 CASES = [
     ModelCase("sasrec-ce", {"name": "sasrec", "d_model": 32, "n_heads": 2, "dropout": 0.1, "loss": "ce"},
               history_probe(lambda m, h: m.encode(h))),
@@ -137,12 +140,8 @@ CASES = [
     ModelCase("two-tower", {"name": "two_tower", "d_model": 32, "n_layers": 1, "n_heads": 2, "d_ff": 64,
                             "dropout": 0.1, "log_q": "streaming"},
               history_probe(lambda m, h: m.encode(h))),
-    ModelCase("eager", {"name": "eager", "d_model": 32, "n_heads": 2, "n_decoder_layers": 1, "d_ff": 64,
-                        "dropout": 0.1, "beam_size": 10, "gct_weight_semantic": 1.0},
-              eager_probe, two_stream_context),
-    ModelCase("eager-last-item", {"name": "eager", "d_model": 32, "n_heads": 2, "n_decoder_layers": 1, "d_ff": 64,
-                                  "dropout": 0.1, "beam_size": 10, "gct_weight_semantic": 1.0,
-                                  "last_item_start": True, "last_item_output": True},
+    ModelCase("eager", TINY_EAGER, eager_probe, two_stream_context),
+    ModelCase("eager-last-item", {**TINY_EAGER, "last_item_start": True, "last_item_output": True},
               eager_probe, two_stream_context),
     ModelCase("two-tower-counts", {"name": "two_tower", "d_model": 32, "n_layers": 1, "d_ff": 64, "log_q": "counts"},
               history_probe(lambda m, h: m.encode(h))),
