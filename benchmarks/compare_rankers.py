@@ -3,11 +3,14 @@ Recall/NDCG@K after re-ranking, and each against the first as the mean of the pe
 with its standard error.
 
     python benchmarks/compare_rankers.py LABEL=RANK_RUN LABEL=RANK_RUN ... [--split test] [--name NAME]
+        [--longer-than N]
 
 Every RANK_RUN must hold the same lists of the split (the same candidates run, or one made again
 from it, e.g. by ``twin_cascade.py --candidates``): rankers differ, lists do not. ``LABEL=retriever``
 in place of a run scores the lists in the retriever's own order. With ``--name`` it writes
 ``benchmarks/results/<model>/<dataset>/paired-<NAME>.json``, ``model`` being the last run's ranker.
+``--longer-than N`` pairs only the users whose whole history before the split's target holds more
+than N items (issue 22's slice: N = the retrievers' 20, where the lifelong history has more to give).
 """
 
 from __future__ import annotations
@@ -64,15 +67,28 @@ def same_lists(runs: list[Path], split: str) -> tuple[CandidateSet, dict]:
     return first, cand_config
 
 
+def slice_rows(lists: CandidateSet, histories, longer_than: int | None) -> np.ndarray:
+    """Rows of ``lists`` whose user has more than ``longer_than`` items before the target (every row
+    when None)."""
+    if longer_than is None:
+        return np.arange(len(lists))
+    length = {int(u): len(h) for u, h in zip(histories.user_index, histories.items)}
+    return np.flatnonzero([length[int(u)] > longer_than for u in lists.user_index])
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="LABEL=RANK_RUN or LABEL=retriever; the first is the reference")
     parser.add_argument("--split", default="test", choices=("valid", "test"))
     parser.add_argument("--name", help="write a record paired-<NAME>.json")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--longer-than", type=int, metavar="N",
+                        help="only users with more than N items before the split's target")
     args = parser.parse_args(argv)
     if len(args.runs) < 2:
         parser.error("give at least two: a reference and one to compare with it")
+    if args.longer_than is not None and args.longer_than < 0:
+        parser.error(f"--longer-than must be >= 0, got {args.longer_than}")
     try:
         specs = parse_runs(args.runs)
     except ValueError as exc:
@@ -93,23 +109,30 @@ def main(argv: list[str]) -> None:
         ranks = reranked_ranks(torch.from_numpy(scores), torch.from_numpy(lists.candidates),
                                torch.from_numpy(lists.targets)).numpy()
         per_user[label] = per_user_metrics(ranks)
+    rows = slice_rows(lists, histories, args.longer_than)
+    per_user = {label: {n: v[rows] for n, v in pu.items()} for label, pu in per_user.items()}
+    if len(rows) < 2:
+        raise SystemExit(f"only {len(rows)} {args.split} users have more than {args.longer_than} prior items: "
+                         "too few to pair")
     names, reference = metric_names(), specs[0][0]
     means = {label: {n: round(float(v.mean()), 4) for n, v in pu.items()} for label, pu in per_user.items()}
     paired = {label: {n: {k: round(d[k], 5) for k in ("diff", "se", "z")}
                       for n, d in paired_difference(per_user[reference], per_user[label]).items()}
               for label, _ in specs[1:]}
-    print(f"{args.split}, {len(lists)} lists re-ranked; differences against {reference!r} (mean of per-user "
+    who = "" if args.longer_than is None else f", the {len(rows)} users with more than {args.longer_than} prior items"
+    print(f"{args.split}, {len(lists)} lists re-ranked{who}; differences against {reference!r} (mean of per-user "
           "differences ± its standard error)\n")
     print(paired_table("ranker", names, means, paired, reference))
     if args.name:
         model = read_json(runs[-1] / "config.json")["model"]["name"]
         path = write_record(
             f"paired-{args.name}", model=model, dataset=run_dataset(Path(cand_config["data_dir"])),
-            config={"runs": dict(specs), "split": args.split, "candidates": cand_config.get("train_dir")},
+            config={"runs": dict(specs), "split": args.split, "candidates": cand_config.get("train_dir"),
+                    "longer_than": args.longer_than},
             wall_s=time.perf_counter() - start, metrics={},
             protocol=protocol(exclude_history=bool(cand_config["exclude_history"])),
-            extra={"lists": len(lists), "split": args.split, "reference": reference, "means": means,
-                   "paired_against_reference": paired})
+            extra={"lists": len(lists), "users": int(len(rows)), "split": args.split, "reference": reference,
+                   "means": means, "paired_against_reference": paired})
         print(f"\nrecord: {path}")
 
 

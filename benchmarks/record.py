@@ -75,6 +75,13 @@ def machine_note(threads: int) -> dict:
     return note
 
 
+def torch_threads() -> int:
+    """The torch threads of this process: what a record's figures ran with unless its script says."""
+    import torch
+
+    return torch.get_num_threads()
+
+
 def training_time(run_dir: Path) -> dict | None:
     """What a train run took to its selected epoch, from its ``epochs.jsonl`` and ``metrics.json``
     (None without ``epochs.jsonl``; a run stopped by hand has no ``metrics.json``): the seconds of training steps to that epoch, and an estimate of
@@ -180,7 +187,9 @@ def find_record(spec: str) -> Path:
 def write_record(name: str, *, model: str, dataset: str, config: dict, wall_s: float, metrics: dict,
                  protocol: dict | None = None, extra: dict | None = None) -> Path:
     """Write ``benchmarks/results/<model>/<dataset>/<name>.json``. metrics: {"test": {...},
-    "valid": {...}} and/or speed keys (items_per_s, p50_ms, ...); quality figures need ``protocol``."""
+    "valid": {...}} and/or speed keys (items_per_s, p50_ms, ...); quality figures need ``protocol``.
+    Every record names the CPU it ran on, its ISA flags and whether it runs bf16 natively
+    (``machine_note``): the script's own note in ``extra``, else this process's."""
     for split in ("test", "valid"):
         if split in metrics and set(metrics[split]) - set(RANKER_KEYS) != set(QUALITY_KEYS):
             raise ValueError(f"{split} metrics must have exactly the keys {QUALITY_KEYS} (a ranker's also "
@@ -188,6 +197,8 @@ def write_record(name: str, *, model: str, dataset: str, config: dict, wall_s: f
     if protocol is not None or "test" in metrics or "valid" in metrics:
         check_protocol(protocol)
     path = record_path(model, dataset, name)
+    extra = dict(extra or {})
+    note = extra.pop("machine_note", None) or machine_note(torch_threads())
     record = {
         "name": name,
         "model": model,
@@ -197,10 +208,11 @@ def write_record(name: str, *, model: str, dataset: str, config: dict, wall_s: f
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": git_commit(),
         "machine": machine_description(),
+        "machine_note": note,
         "config": config,
         "wall_s": round(wall_s, 1),
         "metrics": metrics,
-        **(extra or {}),
+        **extra,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n")

@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.record import write_record  # noqa: E402
+from benchmarks.record import protocol, write_record  # noqa: E402
 from benchmarks.serve_load import load_systems, start_serve  # noqa: E402
 from recsys.data.schema import InteractionData  # noqa: E402
 from recsys.data.split import leave_one_out  # noqa: E402
@@ -96,7 +96,8 @@ def main(argv: list[str]) -> dict:
     table = markdown(results)
     print("\n" + table)
     lengths = [len(h) for h in whole]
-    write_record("cascade-load", model="serve", dataset=ns.name,
+    # the requests ask for no exclusion: the served answers keep history items (the headline protocol)
+    write_record("cascade-load", model="serve", dataset=ns.name, protocol=protocol(exclude_history=False),
                  config={"args": {k: str(v) for k, v in vars(ns).items()},
                          "systems": {name: args for name, (args, _) in systems.items()},
                          "ranker_dir": str(cascade.ranker_dir), "top_n": cascade.top_n},

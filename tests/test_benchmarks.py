@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 import benchmarks.record
 from recsys.data import SyntheticConfig, generate_synthetic
@@ -223,6 +224,18 @@ def test_cpu_fields_read_the_first_processor_and_the_note_says_shared_only_under
     assert "shared" not in benchmarks.record.machine_note(1)
     monkeypatch.setattr(os, "getloadavg", lambda: (cpus + 1.0, 0.0, 0.0))
     assert str(cpus + 1.0) in benchmarks.record.machine_note(1)["shared"]
+
+
+def test_every_record_names_its_cpu_and_native_bf16_unless_the_script_gave_its_own_note(tmp_path, monkeypatch):
+    monkeypatch.setattr(benchmarks.record, "RESULTS", tmp_path)
+    plain = benchmarks.record.write_record("speed", model="m", dataset="d", config={}, wall_s=1.0,
+                                           metrics={"items_per_s": 1.0})
+    note = json.loads(plain.read_text())["machine_note"]
+    assert {"cpu", "cpu_flags", "native_bf16", "torch_threads"} <= set(note)
+    assert note["torch_threads"] == torch.get_num_threads()
+    given = benchmarks.record.write_record("given", model="m", dataset="d", config={}, wall_s=1.0,
+                                           metrics={"items_per_s": 1.0}, extra={"machine_note": {"cpu": "x"}})
+    assert json.loads(given.read_text())["machine_note"] == {"cpu": "x"}
 
 
 def test_validation_curves_compare_runs_on_validation_only(tmp_path, monkeypatch):

@@ -464,6 +464,7 @@ def test_compare_rankers_pairs_rankers_on_the_same_lists_and_refuses_other_lists
     from benchmarks.compare_rankers import main as compare
     from pipelines.rank_stage import run_rank
     from recsys.candidates import candidates_file
+    from recsys.data import InteractionData
 
     root, held, plain = retriever_run
     first, metrics = run_rank(load_experiment_for_rank(root, "pair-a"), held, 20)
@@ -474,6 +475,22 @@ def test_compare_rankers_pairs_rankers_on_the_same_lists_and_refuses_other_lists
     assert f"{metrics['test']['ndcg@10']:.4f}" in row["a"]
     assert f"{metrics['retriever']['test']['ndcg@10']:.4f}" in row["alone"]
     assert "(+0.0000 ± 0.0000)" in row["b"]  # the same settings and seed: the same ranker
+    config = json.loads((first / "config.json").read_text())
+    test_lists = CandidateSet.load(Path(config["candidates_dir"]) / candidates_file("test"))
+    cand_config = json.loads((Path(config["candidates_dir"]) / "config.json").read_text())
+    histories = leave_one_out(InteractionData.load(cand_config["data_dir"]),
+                              cand_config["max_history"]).full_histories("test")
+    length = dict(zip(histories.user_index.tolist(), map(len, histories.items)))
+    lengths = np.array([length[int(u)] for u in test_lists.user_index])
+    cut = int(np.median(lengths))
+    longer = int((lengths > cut).sum())
+    assert 2 <= longer < len(test_lists)  # a real slice of this data
+    compare([f"a={first}", "alone=retriever", "--longer-than", str(cut)])
+    sliced = capsys.readouterr().out
+    assert f"the {longer} users with more than {cut} prior items" in sliced
+    assert sliced != table
+    with pytest.raises(SystemExit, match="too few to pair"):
+        compare([f"a={first}", "alone=retriever", "--longer-than", str(int(lengths.max()))])
     other = root / "pair-other-lists"  # the second run, its test lists in another order
     shutil.copytree(second, other)
     config = json.loads((second / "config.json").read_text())
