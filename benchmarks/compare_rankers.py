@@ -67,15 +67,6 @@ def same_lists(runs: list[Path], split: str) -> tuple[CandidateSet, dict]:
     return first, cand_config
 
 
-def slice_rows(lists: CandidateSet, histories, longer_than: int | None) -> np.ndarray:
-    """Rows of ``lists`` whose user has more than ``longer_than`` items before the target (every row
-    when None)."""
-    if longer_than is None:
-        return np.arange(len(lists))
-    length = {int(u): len(h) for u, h in zip(histories.user_index, histories.items)}
-    return np.flatnonzero([length[int(u)] > longer_than for u in lists.user_index])
-
-
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="LABEL=RANK_RUN or LABEL=retriever; the first is the reference")
@@ -109,7 +100,7 @@ def main(argv: list[str]) -> None:
         ranks = reranked_ranks(torch.from_numpy(scores), torch.from_numpy(lists.candidates),
                                torch.from_numpy(lists.targets)).numpy()
         per_user[label] = per_user_metrics(ranks)
-    rows = slice_rows(lists, histories, args.longer_than)
+    rows = np.arange(len(lists)) if args.longer_than is None else lists.rows_longer_than(histories, args.longer_than)
     per_user = {label: {n: v[rows] for n, v in pu.items()} for label, pu in per_user.items()}
     if len(rows) < 2:
         raise SystemExit(f"only {len(rows)} {args.split} users have more than {args.longer_than} prior items: "

@@ -51,6 +51,12 @@ class CandidateSet:
     def subset(self, rows: np.ndarray) -> "CandidateSet":
         return CandidateSet(self.user_index[rows], self.candidates[rows], self.scores[rows], self.targets[rows])
 
+    def rows_longer_than(self, histories: Histories, n: int) -> np.ndarray:
+        """Rows whose user has more than ``n`` items before the target in ``histories`` (the split's
+        ``full_histories``): the users a ranker's whole history gives more than the last ``n``."""
+        length = {int(u): len(h) for u, h in zip(histories.user_index, histories.items)}
+        return np.flatnonzero([length[int(u)] > n for u in self.user_index])
+
     def save(self, path: str | Path) -> None:
         pd.DataFrame({"user_index": self.user_index, "candidates": list(self.candidates),
                       "scores": list(self.scores.astype(np.float32)), "target": self.targets,
