@@ -8,8 +8,9 @@ RETRIEVER_RUN: a retriever train run trained with ``trainer.data.ranker_holdout=
 ``--folds K [--fold-examples M]``, one trained on every training transition, and the ranker's
 examples come from K fold retrievers trained once and shared by all variants
 (``pipelines.rank_stage``); ``--candidates DIR`` reuses such lists from an earlier run.
-``--vectors-from VRUN`` gives every ranker the item table of a run that never trained on the
-examples (``trainer.data.drop_last_transitions``). Each variant
+``--vectors-from VRUN`` gives every ranker the content vectors of a ``recsys embed`` run, or the item
+table of a run that never trained on the examples (``trainer.data.drop_last_transitions``); by
+default a retriever's own table, or for TIGER and EAGER the embed run behind their IDs. Each variant
 runs ``recsys rank`` (candidates, ranker training selected on validation, test once) and writes
 ``benchmarks/results/<ranker>/<dataset>/<NAME>[-history-none].json``: the cascade's re-ranked
 figures at ``metrics.test`` / ``metrics.valid`` (Recall/NDCG@5/10/20, AUC, GAUC), the retriever alone
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--candidates", type=Path, help="a candidates run of RETRIEVER_RUN made before (e.g. the "
                         "<rank run>/candidates of an earlier --folds cascade): reused, so its fold retrievers are not "
                         "trained again and rankers compare on the same lists")
-    parser.add_argument("--vectors-from", type=Path, help="a retriever run trained with "
+    parser.add_argument("--vectors-from", type=Path, help="a `recsys embed` run, or a retriever run trained with "
                         "trainer.data.drop_last_transitions: the rankers' frozen item vectors (pipelines.rank_stage)")
     parser.add_argument("--note", default="", help="said in every record (e.g. pilot, one seed, machine shared)")
     ns, overrides = parser.parse_known_args(argv)
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
                      "test_ndcg@10_gain": metrics["test_ndcg@10_gain"]},
             extra={"variant": variant, "retriever_run": str(ns.retriever), "retriever_config": retriever_config,
                    "ranker_examples": read_json(run_dir / "config.json")["ranker_examples"],
-                   "item_vectors_run": str(ns.vectors_from or ns.retriever),
+                   "item_vectors_run": read_json(run_dir / "config.json")["item_vectors_dir"],
                    "rank_run": str(run_dir), "top_n": ns.top_n, "note": ns.note})
         print(f"{variant}: test ndcg@10 {metrics['test']['ndcg@10']:.4f} (retriever {metrics['retriever']['test']['ndcg@10']:.4f}), "
               f"auc {metrics['test']['auc']:.4f}, gauc {metrics['test']['gauc']:.4f} -> {path}", flush=True)

@@ -330,9 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
     rk.add_argument("--fold-examples", type=int, default=5,
                     help="with --folds: each user's last M training transitions are ranker examples (default 5)")
     rk.add_argument("--vectors-from", type=Path, metavar="VRUN",
-                    help="take the ranker's frozen item vectors from this retriever run of the same data, trained with "
-                    "trainer.data.drop_last_transitions >= the examples per user, so they never saw the ranker's "
-                    "examples (default: RUN's item table)")
+                    help="take the ranker's frozen item vectors from this run of the same data: a `recsys embed` run "
+                    "(content vectors), or a retriever run trained with trainer.data.drop_last_transitions >= the "
+                    "examples per user, so they never saw the ranker's examples (default: RUN's item table; for a "
+                    "retriever without one, such as TIGER or EAGER, the embed run its semantic IDs were built from)")
     rk.set_defaults(func=cmd_rank)
     sv = verbs.add_parser("serve", help="serve a retriever, or a retriever -> ranker cascade, over HTTP (Ray Serve) "
                           "until Ctrl-C")

@@ -13,11 +13,14 @@ sits on top, teaching it to trust the retriever blindly. Two ways:
   transition) gives the validation and test candidates and is what the cascade serves, so nothing
   is held out of it, and the ranker gets up to M examples per user instead of one.
 
-The ranker's frozen item vectors come from RUN by default, which (with folds) trained on the
-examples' transitions: a similarity feature can then look better on training examples than at
-test. ``--vectors-from VRUN`` takes them from another retriever run of the same data instead, one
-trained with ``trainer.data.drop_last_transitions`` >= the examples per user (1 for the holdout),
-whose table never saw any example's target; one table serves training, validation and test.
+The ranker's frozen item vectors come from RUN's item table by default, which (with folds) trained
+on the examples' transitions: a similarity feature can then look better on training examples than
+at test. A retriever without an item table (TIGER, EAGER) gives the content vectors its semantic
+IDs were built from (the ``recsys embed`` run behind its IDs run), which trained on no transition.
+``--vectors-from VRUN`` takes them from another run of the same data instead: a ``recsys embed``
+run (content vectors), or a retriever run trained with ``trainer.data.drop_last_transitions`` >=
+the examples per user (1 for the holdout), whose table never saw any example's target. One table
+serves training, validation and test.
 
 Figures: the re-ranked Recall/NDCG@K, AUC and GAUC of the ranker beside the same retriever alone
 on the same candidates (its own order and scores), on every test user and on users with more than
@@ -36,17 +39,20 @@ import torch
 from recsys.candidates import CandidateSet, candidate_metrics, candidates_file, histories_inputs, retrieve
 from recsys.data import InteractionData
 from recsys.data.split import leave_one_out, user_folds
-from recsys.experiment import ExperimentConfig, experiment_dict_from_run, experiment_from_dict
+from recsys.experiment import ExperimentConfig, experiment_dict_from_run, experiment_from_dict, ids_runs_of
 from recsys.metrics import reranked_ranks
 from recsys.models import build_model, get_spec
 from recsys.reporting import results_table
 from recsys.runs import (
-    CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, mark_complete, read_json, require_complete, stage_run_dir, write_json,
-    write_text,
+    CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, finished_stage, mark_complete, read_json, require_complete,
+    stage_run_dir, write_json, write_text,
 )
+from recsys.text.store import load_embeddings
 from recsys.training.checkpoint import load_model, save_checkpoint
 from recsys.training.evaluate import ranker_figures, ranker_scores
 from recsys.training.ranker import train_ranker
+
+VECTOR_STAGES = ("train", "embed")  # the runs that can give a ranker its item vectors
 
 
 def require_ranker(exp: ExperimentConfig) -> None:
@@ -74,17 +80,23 @@ def require_holdout(retriever_dir: Path) -> None:
 
 def require_vectors_run(vectors_dir: Path, retriever_dir: Path, examples_last: int) -> None:
     """``vectors_dir`` may give the item vectors of a ranker trained on each user's last
-    ``examples_last`` training transitions: a retriever run of the same data whose training left
-    those transitions out, with an item table."""
-    vexp, saved = retriever_experiment(vectors_dir)
+    ``examples_last`` training transitions: a ``recsys embed`` run of the same data (content vectors
+    train on no transition), or a retriever run of the same data with an item table whose training
+    left those transitions out."""
+    stage = finished_stage(vectors_dir, VECTOR_STAGES)
+    saved = read_json(Path(vectors_dir) / CONFIG_FILE)
     rsaved = read_json(Path(retriever_dir) / CONFIG_FILE)
     if Path(saved["data_dir"]).resolve() != Path(rsaved["data_dir"]).resolve():
-        raise ValueError(f"--vectors-from {vectors_dir} was trained on {saved['data_dir']}, the retriever "
-                         f"{retriever_dir} on {rsaved['data_dir']}: the item vectors must be of the same catalogue")
+        raise ValueError(f"--vectors-from {vectors_dir} was made from {saved['data_dir']}, the retriever "
+                         f"{retriever_dir} was trained on {rsaved['data_dir']}: the item vectors must be of the same "
+                         "catalogue")
+    if stage == "embed":
+        return
+    vexp, _ = retriever_experiment(vectors_dir)
     if get_spec(vexp.model_name).model_cls.role != "retriever" or \
             not get_spec(vexp.model_name).model_cls.capabilities.item_vectors:
         raise ValueError(f"--vectors-from {vectors_dir} is a {vexp.model_name} run, which has no item table; give a "
-                         "retriever with item vectors (e.g. sasrec, two_tower)")
+                         "retriever with item vectors (e.g. sasrec, two_tower) or a `recsys embed` run")
     dropped = vexp.trainer.data.drop_last_transitions
     if dropped < examples_last:
         raise ValueError(f"--vectors-from {vectors_dir} left each user's last {dropped} training transitions out, "
@@ -92,22 +104,42 @@ def require_vectors_run(vectors_dir: Path, retriever_dir: Path, examples_last: i
                          f"trainer.data.drop_last_transitions={examples_last} (or more)")
 
 
-def ranker_context(retriever_dir: Path) -> dict:
-    """The retriever's item embeddings (row 0: padding) as the ranker's frozen item vectors, when
-    it declares item vectors; else none (the ranker reads item IDs only)."""
-    retriever = load_model(Path(retriever_dir) / "checkpoints" / "best")
-    if not retriever.capabilities.item_vectors:
+def item_vectors_run(retriever_dir: Path, vectors_from: Path | None = None) -> Path | None:
+    """The run whose vectors the ranker freezes as its item vectors: ``vectors_from`` when given;
+    else the retriever's own item table; else, for a retriever without one (TIGER, EAGER), the
+    ``recsys embed`` run its semantic IDs were built from; None when there is none of these."""
+    if vectors_from is not None:
+        return Path(vectors_from)
+    rexp, saved = retriever_experiment(retriever_dir)
+    if get_spec(rexp.model_name).model_cls.capabilities.item_vectors:
+        return Path(retriever_dir)
+    ids_dir = ids_runs_of(saved).get("semantic")
+    embed_dir = None if ids_dir is None else read_json(Path(ids_dir) / CONFIG_FILE).get("embed_dir")
+    return None if embed_dir is None else Path(embed_dir)
+
+
+def ranker_context(vectors_dir: Path | None) -> dict:
+    """The item vectors of ``vectors_dir`` (row 0: padding) as the ranker's frozen item vectors: an
+    embed run's content vectors, or a retriever's item embeddings when it declares them; else none
+    (the ranker reads item IDs only)."""
+    if vectors_dir is None:
         return {}
-    with torch.no_grad():
-        table = retriever.item_embeddings().float().cpu()  # (N, D)
+    if finished_stage(vectors_dir, VECTOR_STAGES) == "embed":
+        table = torch.from_numpy(load_embeddings(vectors_dir)[1])
+    else:
+        retriever = load_model(Path(vectors_dir) / "checkpoints" / "best")
+        if not retriever.capabilities.item_vectors:
+            return {}
+        with torch.no_grad():
+            table = retriever.item_embeddings().float().cpu()  # (N, D)
     return {"item_vectors": torch.cat([torch.zeros(1, table.shape[1]), table])}
 
 
 def run_train_ranker(exp: ExperimentConfig, candidates_dir: Path, parent: Path | None = None,
                      vectors_dir: Path | None = None) -> Path:
     """Train ``exp``'s ranker on a candidates run; select on validation (no test figure here).
-    ``vectors_dir``: the retriever run whose item table gives the frozen item vectors (default: the
-    candidates' retriever)."""
+    ``vectors_dir``: the run whose vectors the ranker freezes as its item vectors (default: see
+    ``item_vectors_run``)."""
     require_ranker(exp)
     candidates_dir = require_complete(candidates_dir, "candidates")
     cand_config = read_json(candidates_dir / CONFIG_FILE)
@@ -120,14 +152,14 @@ def run_train_ranker(exp: ExperimentConfig, candidates_dir: Path, parent: Path |
         require_holdout(retriever_dir)
     if vectors_dir is not None:
         require_vectors_run(Path(vectors_dir), retriever_dir, 1 if examples is None else examples["last"])
-    vectors_dir = Path(vectors_dir or retriever_dir)
+    vectors_dir = item_vectors_run(retriever_dir, vectors_dir)
     split = leave_one_out(InteractionData.load(cand_config["data_dir"]), cand_config["max_history"])
     train_histories = split.full_histories("train") if examples is None else \
         split.training_transitions(examples["last"])
     run_dir = stage_run_dir(exp.run.root, "train", exp.run.name or exp.model_name, parent)
     write_json(run_dir / CONFIG_FILE, {**exp.to_dict(), "data_dir": cand_config["data_dir"],
                                        "candidates_dir": str(candidates_dir), "retriever_dir": str(retriever_dir),
-                                       "item_vectors_dir": str(vectors_dir)})
+                                       "item_vectors_dir": None if vectors_dir is None else str(vectors_dir)})
     if exp.trainer.resources.threads:
         torch.set_num_threads(exp.trainer.resources.threads)
     torch.manual_seed(exp.trainer.data.seed)
@@ -278,7 +310,7 @@ def run_rank(exp: ExperimentConfig, retriever_dir: Path, top_n: int = 100,
     write_json(run_dir / CONFIG_FILE, {**exp.to_dict(), "retriever_dir": str(retriever_dir), "top_n": top_n,
                                        "candidates_dir": str(cand_dir), "train_dir": str(train_dir),
                                        "ranker_examples": {"folds": folds, "last": fold_examples} if folds
-                                       else "holdout", "item_vectors_dir": str(vectors_from or retriever_dir)})
+                                       else "holdout", "item_vectors_dir": read_json(train_dir / CONFIG_FILE)["item_vectors_dir"]})
     write_json(run_dir / METRICS_FILE, metrics)
     write_text(run_dir / SUMMARY_FILE, "\n".join([
         f"# rank: {exp.model_name} over the top {top_n} of {Path(retriever_dir).name}", "",

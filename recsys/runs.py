@@ -85,19 +85,27 @@ def clear_complete(run_dir: str | Path) -> None:
 def require_complete(run_dir: str | Path, stage: str) -> Path:
     """Return ``run_dir`` resolved if it is a finished ``stage`` run; else IncompleteRunError saying
     what it is and what to do."""
+    finished_stage(run_dir, (stage,))
+    return Path(run_dir).resolve()
+
+
+def finished_stage(run_dir: str | Path, stages: tuple[str, ...]) -> str:
+    """Which of ``stages`` the finished run ``run_dir`` holds (its COMPLETE marker names it); else
+    FileNotFoundError or IncompleteRunError saying what it is and what to do."""
     run_dir = Path(run_dir).resolve()
+    wanted = " or ".join(stages)
     if not run_dir.is_dir():
-        raise FileNotFoundError(f"{run_dir} does not exist; expected a `recsys {stage}` run directory")
+        raise FileNotFoundError(f"{run_dir} does not exist; expected a `recsys {wanted}` run directory")
     marker = run_dir / COMPLETE_FILE
     if not marker.is_file():
-        again = (f"continue it with `recsys train --resume {run_dir}`" if stage == "train"
-                 else f"run `recsys {stage}` again")
-        raise IncompleteRunError(f"{run_dir} is not a complete {stage} run (no {COMPLETE_FILE} marker): it crashed "
+        again = (f"continue it with `recsys train --resume {run_dir}`" if stages == ("train",)
+                 else f"run `recsys {wanted}` again")
+        raise IncompleteRunError(f"{run_dir} is not a complete {wanted} run (no {COMPLETE_FILE} marker): it crashed "
                                  f"or is still running; {again}")
     found = read_json(marker).get("stage")
-    if found != stage:
-        raise IncompleteRunError(f"{run_dir} is a {found} run, not a {stage} run")
-    return run_dir
+    if found not in stages:
+        raise IncompleteRunError(f"{run_dir} is a {found} run, not a {wanted} run")
+    return found
 
 
 @contextmanager

@@ -58,3 +58,25 @@ def one_thread():
     yield
     torch.set_num_threads(saved[0])
     faiss.omp_set_num_threads(saved[1])
+
+
+TIGER_PIPELINE_ITEMS = 60
+
+
+@pytest.fixture(scope="session")
+def tiger_pipeline(tmp_path_factory) -> dict:
+    """A tiny TIGER pipeline, in-process (data, a real sentence-transformers embed, hierarchical
+    k-means IDs, 2 epochs), shared by the Serve tests and the cascade over TIGER: its root, and its
+    data, embed and train run directories. Tests read these runs; they write only new runs."""
+    from pipelines.cli import main
+
+    root = tmp_path_factory.mktemp("tiger-pipeline") / "runs"
+    overrides = [f"run.root={root}", "data.synthetic.n_users=200", f"data.synthetic.n_items={TIGER_PIPELINE_ITEMS}",
+                 "data.synthetic.n_topics=4", "ids.method=hkmeans", "ids.hkmeans.branching=6", "ids.use_ray=false",
+                 "model.name=tiger", "model.d_model=32", "model.n_encoder_layers=1", "model.n_decoder_layers=1",
+                 "model.n_heads=2", "model.head_dim=16", "model.d_ff=64", "model.beam_size=10",
+                 "model.collision_scoring=content", "trainer.data.samples=prefixes", "trainer.optim.epochs=2",
+                 "trainer.optim.batch_size=128", "trainer.selection.patience=0", "trainer.resources.use_ray=false"]
+    assert main(["pipeline", *overrides]) == 0
+    (pipeline,) = (root / "pipeline").iterdir()
+    return {"root": root, "data": pipeline / "data", "embed": pipeline / "embed", "tiger": pipeline / "train"}

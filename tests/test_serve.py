@@ -25,6 +25,7 @@ import torch
 import yaml
 from ray import serve
 
+from conftest import TIGER_PIPELINE_ITEMS as N_ITEMS
 from pipelines.cli import main
 from recsys.models import Batch
 from recsys.runs import read_json
@@ -32,7 +33,7 @@ from recsys.runs import read_json
 pytestmark = pytest.mark.ray
 
 KEY_ENV, KEY = "RECSYS_TEST_SERVE_KEY", "test-key-7f3a"
-MAX_HISTORY, MAX_BODY, N_ITEMS, GAMMA = 8, 4096, 60, 3
+MAX_HISTORY, MAX_BODY, GAMMA = 8, 4096, 3
 
 
 def free_port() -> int:
@@ -42,25 +43,16 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def runs(ray_session, tmp_path_factory) -> dict[str, Path]:
-    """A tiny TIGER pipeline (data, embed, hkmeans ids, 2 epochs in-process) and a SASRec trained
-    on its data run -> their train directories. TIGER scores the collision token by content, so an
-    item registered with the content of an existing one ties with it (see the twin test)."""
-    root = tmp_path_factory.mktemp("serve") / "runs"
-    overrides = [f"run.root={root}", "data.synthetic.n_users=200", f"data.synthetic.n_items={N_ITEMS}",
-                 "data.synthetic.n_topics=4", "ids.method=hkmeans", "ids.hkmeans.branching=6", "ids.use_ray=false",
-                 "model.name=tiger", "model.d_model=32", "model.n_encoder_layers=1", "model.n_decoder_layers=1",
-                 "model.n_heads=2", "model.head_dim=16", "model.d_ff=64", "model.beam_size=10",
-                 "model.collision_scoring=content", "trainer.data.samples=prefixes", "trainer.optim.epochs=2",
-                 "trainer.optim.batch_size=128", "trainer.selection.patience=0", "trainer.resources.use_ray=false"]
-    assert main(["pipeline", *overrides]) == 0
-    (pipeline,) = (root / "pipeline").iterdir()
-    tiger = pipeline / "train"
+def runs(ray_session, tiger_pipeline) -> dict[str, Path]:
+    """The session's tiny TIGER pipeline (conftest.tiger_pipeline) and a SASRec trained on its data
+    run -> their train directories. TIGER scores the collision token by content, so an item
+    registered with the content of an existing one ties with it (see the twin test)."""
+    root = tiger_pipeline["root"]
     assert main(["train", f"run.root={root}", "model.name=sasrec", "model.d_model=16", "model.n_layers=1",
                  "model.d_ff=32", "trainer.optim.epochs=1", "trainer.optim.batch_size=128", "trainer.resources.use_ray=false",
-                 "--data", read_json(tiger / "config.json")["data_dir"]]) == 0
+                 "--data", read_json(tiger_pipeline["tiger"] / "config.json")["data_dir"]]) == 0
     (sasrec,) = (root / "train").iterdir()
-    return {"tiger": tiger, "sasrec": sasrec, "data": pipeline / "data", "embed": pipeline / "embed"}
+    return {**tiger_pipeline, "sasrec": sasrec}
 
 
 def lan_address() -> str | None:

@@ -526,3 +526,37 @@ def test_twin_cascade_reuses_a_candidates_run_and_takes_vectors_from_another_run
     rank_config = json.loads((Path(record["rank_run"]) / "config.json").read_text())
     assert rank_config["candidates_dir"] == str(cand_dir) and rank_config["item_vectors_dir"] == str(vectors_run)
     assert record["item_vectors_run"] == str(vectors_run) and record["ranker_examples"] == "holdout"
+
+
+def test_a_cascade_over_tiger_ranks_with_the_content_vectors_behind_its_ids(tiger_pipeline, tmp_path):
+    """TIGER has no item table: its ranker takes the embed run its semantic IDs were built from, the
+    fold retrievers are TIGERs on the same IDs, and their lists come from constrained beam search."""
+    from pipelines.rank_stage import run_rank
+    from recsys.text.store import load_embeddings
+    from recsys.training.checkpoint import load_model
+
+    tiger, embed = tiger_pipeline["tiger"], tiger_pipeline["embed"]
+    exp = load_experiment_for_rank(tmp_path, "over-tiger")
+    with pytest.raises(ValueError, match="is a tiger run, which has no item table"):
+        run_rank(exp, tiger, 20, folds=2, fold_examples=2, vectors_from=tiger)
+    elsewhere = tmp_path / "embed-elsewhere"
+    shutil.copytree(embed, elsewhere)
+    config = json.loads((elsewhere / "config.json").read_text())
+    (elsewhere / "config.json").write_text(json.dumps({**config, "data_dir": str(tmp_path / "another-data-run")}))
+    with pytest.raises(ValueError, match="same catalogue"):
+        run_rank(exp, tiger, 20, folds=2, fold_examples=2, vectors_from=elsewhere)
+    assert not (tmp_path / "rank").exists()  # refused before any fold retriever trains
+
+    run_dir, metrics = run_rank(exp, tiger, 20, folds=2, fold_examples=2)
+    config = json.loads((run_dir / "config.json").read_text())
+    assert Path(config["item_vectors_dir"]).resolve() == embed.resolve()
+    ranker = load_model(Path(config["train_dir"]) / "checkpoints" / "best")
+    torch.testing.assert_close(ranker.item_vectors[1:], torch.from_numpy(load_embeddings(embed)[1]))
+    served = json.loads((tiger / "config.json").read_text())
+    cand_config = json.loads((run_dir / "candidates" / "config.json").read_text())
+    for fold_dir in cand_config["train_examples"]["fold_train_dirs"]:
+        fold = json.loads((Path(fold_dir) / "config.json").read_text())
+        assert (fold["model"]["name"], fold["ids_dirs"]) == ("tiger", served["ids_dirs"])
+    train = CandidateSet.load(run_dir / "candidates" / "candidates-train.parquet")
+    assert (train.candidates > 0).all() and all(len(set(row)) == 20 for row in train.candidates)  # existing IDs
+    assert metrics["candidates"]["train"]["users"] == len(train) and "ndcg@10" in metrics["test"]
