@@ -434,12 +434,8 @@ def test_rank_takes_item_vectors_from_a_run_that_never_saw_the_rankers_examples(
         run_rank(exp, held, 20, vectors_from=held)
     with pytest.raises(ValueError, match="left each user's last 3 .* the last 5"):
         run_rank(exp, plain, 20, folds=2, fold_examples=5, vectors_from=vectors)
-    elsewhere = root / "vectors-elsewhere"
-    shutil.copytree(vectors, elsewhere)
-    config = json.loads((elsewhere / "config.json").read_text())
-    (elsewhere / "config.json").write_text(json.dumps({**config, "data_dir": str(root / "another-data-run")}))
     with pytest.raises(ValueError, match="same catalogue"):
-        run_rank(exp, held, 20, vectors_from=elsewhere)
+        run_rank(exp, held, 20, vectors_from=copy_naming_another_data_run(vectors, root / "vectors-elsewhere"))
     assert not any(p.name.endswith("vectors-from") for p in root.glob("rank/*"))  # refused before any training
     run_dir, metrics = run_rank(exp, held, 20, vectors_from=vectors)
     config = json.loads((run_dir / "config.json").read_text())
@@ -450,6 +446,14 @@ def test_rank_takes_item_vectors_from_a_run_that_never_saw_the_rankers_examples(
         served = load_model(held / "checkpoints" / "best").item_embeddings().float()
     torch.testing.assert_close(ranker.item_vectors[1:], table)
     assert not torch.allclose(ranker.item_vectors[1:], served)
+
+
+def copy_naming_another_data_run(run_dir: Path, to: Path) -> Path:
+    """A copy of ``run_dir`` whose config.json names a data run of another catalogue."""
+    shutil.copytree(run_dir, to)
+    config = json.loads((to / "config.json").read_text())
+    (to / "config.json").write_text(json.dumps({**config, "data_dir": str(to.parent / "another-data-run")}))
+    return to
 
 
 def load_experiment_for_rank(root: Path, name: str):
@@ -539,12 +543,9 @@ def test_a_cascade_over_tiger_ranks_with_the_content_vectors_behind_its_ids(tige
     exp = load_experiment_for_rank(tmp_path, "over-tiger")
     with pytest.raises(ValueError, match="is a tiger run, which has no item table"):
         run_rank(exp, tiger, 20, folds=2, fold_examples=2, vectors_from=tiger)
-    elsewhere = tmp_path / "embed-elsewhere"
-    shutil.copytree(embed, elsewhere)
-    config = json.loads((elsewhere / "config.json").read_text())
-    (elsewhere / "config.json").write_text(json.dumps({**config, "data_dir": str(tmp_path / "another-data-run")}))
     with pytest.raises(ValueError, match="same catalogue"):
-        run_rank(exp, tiger, 20, folds=2, fold_examples=2, vectors_from=elsewhere)
+        run_rank(exp, tiger, 20, folds=2, fold_examples=2,
+                 vectors_from=copy_naming_another_data_run(embed, tmp_path / "embed-elsewhere"))
     assert not (tmp_path / "rank").exists()  # refused before any fold retriever trains
 
     run_dir, metrics = run_rank(exp, tiger, 20, folds=2, fold_examples=2)
