@@ -22,8 +22,9 @@ Departures from the papers and why:
   for TWIN-V2's engagement grouping (``model.bands``; 1 = none, see ``recsys.history.clustering``).
 - GSU ranks by α averaged over heads (the papers' GSU uses the same parameters as ESU; they
   do not say how heads combine for selection).
-- Clustering needs item vectors; without content vectors we use the retriever's frozen item
-  embeddings (``recsys rank`` passes them), so clusters group behaviourally similar items.
+- Clustering needs item vectors. ``recsys rank`` passes the retriever's frozen item embeddings
+  where it has a table (SASRec, two-tower: clusters group behaviourally similar items), else the
+  content vectors its semantic IDs were built from (TIGER, EAGER), or those of ``--vectors-from``.
 - Besides the long-term and short-term interests, the MLP reads the retriever's rank (log2
   bucket) and per-list standardised score of the candidate and log(1 + history length); the same
   two retriever features also reach the logit directly (a learned bias per rank bucket plus a
