@@ -119,19 +119,16 @@ def item_vectors_run(retriever_dir: Path, vectors_from: Path | None = None) -> P
 
 
 def ranker_context(vectors_dir: Path | None) -> dict:
-    """The item vectors of ``vectors_dir`` (row 0: padding) as the ranker's frozen item vectors: an
-    embed run's content vectors, or a retriever's item embeddings when it declares them; else none
-    (the ranker reads item IDs only)."""
+    """The item vectors of ``vectors_dir`` (``item_vectors_run``; row 0: padding) as the ranker's
+    frozen item vectors: an embed run's content vectors, or a retriever's item table; None: no
+    vectors (the ranker reads item IDs only)."""
     if vectors_dir is None:
         return {}
     if finished_stage(vectors_dir, VECTOR_STAGES) == "embed":
         table = torch.from_numpy(load_embeddings(vectors_dir)[1])
     else:
-        retriever = load_model(Path(vectors_dir) / "checkpoints" / "best")
-        if not retriever.capabilities.item_vectors:
-            return {}
         with torch.no_grad():
-            table = retriever.item_embeddings().float().cpu()  # (N, D)
+            table = load_model(Path(vectors_dir) / "checkpoints" / "best").item_embeddings().float().cpu()  # (N, D)
     return {"item_vectors": torch.cat([torch.zeros(1, table.shape[1]), table])}
 
 
