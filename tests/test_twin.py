@@ -495,6 +495,18 @@ def test_compare_rankers_pairs_rankers_on_the_same_lists_and_refuses_other_lists
     assert sliced != table
     with pytest.raises(SystemExit, match="too few to pair"):
         compare([f"a={first}", "alone=retriever", "--longer-than", str(int(lengths.max()))])
+    # retriever seeds: LABEL=RUN,RUN pairs each user's figures averaged over the seeds
+    compare([f"a={first},{second}", f"b={second},{first}", "alone=retriever"])
+    seeds = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): line for line in seeds.splitlines() if line.startswith("| ")}
+    assert "averaged over 2 retriever seeds" in seeds and rows["alone"] == row["alone"]
+    assert "(+0.0000 ± 0.0000)" in rows["b"] and "b: NDCG@10 difference per seed +0.0000, +0.0000" in seeds
+    with pytest.raises(SystemExit):
+        compare([f"a={first},{second}", f"b={second}"])
+    assert "the same number of runs" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        compare([f"a={first}", f"b=retriever,{second}"])
+    assert "'retriever' stands alone" in capsys.readouterr().err
     other = root / "pair-other-lists"  # the second run, its test lists in another order
     shutil.copytree(second, other)
     config = json.loads((second / "config.json").read_text())
