@@ -138,8 +138,8 @@ def main(argv: list[str]) -> None:
                          "too few to pair")
     names, reference = metric_names(), specs[0][0]
     means = {label: {n: round(float(v.mean()), 4) for n, v in pu.items()} for label, pu in per_user.items()}
-    paired = {label: {n: {k: round(d[k], 5) if k != "seed_differences" else [round(x, 5) for x in d[k]]
-                          for k in ("diff", "se", "z", "seed_differences")}
+    paired = {label: {n: {**{k: round(d[k], 5) for k in ("diff", "se", "z")},
+                          "seed_differences": [round(x, 5) for x in d["seed_differences"]]}
                       for n, d in paired_difference(per_user[reference], per_user[label]).items()}
               for label, _ in specs[1:]}
     who = "" if args.longer_than is None else f", the {len(rows)} users with more than {args.longer_than} prior items"
