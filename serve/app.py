@@ -33,8 +33,12 @@ ranker, which reads the user's whole history (the stored events, then the reques
 most ``ranker_max_history``), and returns the best k with each item's rank in the retriever's
 list. The ranker recomputes what it derives from the history (TWIN-V2's clusters, over its own
 item vectors, exactly as in training) for each request; the store's ``serve`` clusters are over
-content vectors and are not read. A cascade registers no new items: its ranker has no features
-for an item it never saw (422), and a store that already holds registrations fails the start.
+content vectors and are not read. A cascade registers new items when its ranker can score them:
+a ranker whose item vectors are the content vectors behind the retriever's semantic IDs (a TIGER
+or EAGER cascade by default) takes each registered item's content vector, which the Registry's
+log carries, and the mean of its trained ID rows (``recsys.models.twin``). Any other cascade
+refuses ``POST /items`` (422, saying why), and a store that already holds registrations fails its
+start.
 ``exclude_history`` excludes the retriever's window of the history, as without a ranker.
 
 ``retrieval="ann"`` serves the ANN baseline instead (``recsys.ann``: a SASRec user embedding
@@ -68,7 +72,8 @@ from serve.run import Cascade, open_run, open_serving, user_rows
 from serve.schemas import (EventsRequest, EventsResponse, ItemInfo, NewItem, RecommendRequest, RecommendResponse,
                            ServeArgs, UserHistory)
 from serve.state import (ItemIds, Query, Registration, Request, RequestError, answer, apply_registrations,
-                         check_history, check_k, check_required_inputs, check_times, join_history, user_index)
+                         check_history, check_k, check_required_inputs, check_times, join_history, user_index,
+                         vector_tuple)
 
 log = logging.getLogger("ray.serve")
 HEALTH_TIMEOUT_S = 2.0
@@ -82,9 +87,11 @@ SHUTDOWN_POLL_S = 0.2
 class Registry:
     """The single writer: new items get their semantic ID and internal id here, in log order."""
 
-    def __init__(self, run_dir: str, store: dict | None = None, cascade: bool = False, inference: dict | None = None):
+    def __init__(self, run_dir: str, store: dict | None = None, cascade_refusal: str | None = None,
+                 inference: dict | None = None):
         run = open_run(run_dir, inference)
-        self.run, self.cascade = run, cascade
+        # a cascade whose ranker cannot score new items: why (``Cascade.registration_refusal``)
+        self.run, self.cascade_refusal = run, cascade_refusal
         self.ids = ItemIds(run.items["raw_id"].astype(str).tolist())
         self.log: list[Registration] = []
         self.store = None if store is None else open_store(StoreConfig(**store), run.items["raw_id"].astype(str).tolist())
@@ -121,7 +128,7 @@ class Registry:
                                    f"{list(record.semantic_id)}, but this run's index gives {list(full)}")
             self.ids.add(record.raw_id)
             self.log.append(Registration(record.version, record.internal_id, record.raw_id, record.semantic_id,
-                                         record.fields))
+                                         record.fields, vector_tuple(record.vector)))
 
     def ready(self) -> int:
         return len(self.log)
@@ -143,14 +150,13 @@ class Registry:
         from recsys.text import build_texts
         from recsys.text.encoder import encode
 
-        if self.cascade:
-            raise RequestError(422, "this application serves a cascade, whose ranker has no features for an item it "
-                               "was not trained on; register new items on an application that serves the retriever "
-                               "alone")
         if self.index is None:
             raise RequestError(422, f"this application serves a {self.run.exp.model_name} model, which cannot register "
                                "new items from their content alone (a generative retriever that registers them with "
                                "semantic IDs, such as tiger or eager, can)")
+        if self.cascade_refusal is not None:
+            raise RequestError(422, f"this application serves a cascade that cannot register new items: "
+                               f"{self.cascade_refusal}; register them on an application that serves the retriever alone")
         unknown = sorted(set(fields) - set(self.run.content_fields))
         if unknown:
             raise RequestError(422, f"unknown content field(s) {unknown}; allowed: {self.run.content_fields}")
@@ -181,7 +187,8 @@ class Registry:
                                f"{len(self.log)}: another process writes to it")
         self.index.add(internal, codes)
         self.ids.add(raw_id)
-        entry = Registration(record.version, internal, raw_id, record.semantic_id, dict(fields))
+        entry = Registration(record.version, internal, raw_id, record.semantic_id, dict(fields),
+                             vector_tuple(vector[0]))
         self.log.append(entry)
         return entry
 
@@ -258,11 +265,11 @@ class Retriever:
         torch.set_num_threads(torch_threads)
         self.run, self.registry, self.max_k = open_run(run_dir, inference), registry, max_k
         self.retrieval, self.ann = retrieval, (ann_index, ann_ef_search)
-        self._load()
         # cascade: {ranker_dir, top_n, max_history}; the ranker reads up to max_history events
-        self.ranker, self.top_n, self.window = None, None, self.model.max_len
+        self.cascade = None if cascade is None else Cascade(Path(cascade["ranker_dir"]), cascade["top_n"])
+        self._load()
+        self.top_n, self.window = None, self.model.max_len
         if cascade is not None:
-            self.ranker = Cascade(Path(cascade["ranker_dir"]), cascade["top_n"]).load_ranker(self.run)
             self.top_n = min(cascade["top_n"], self.model.n_items)
             self.window = max(cascade["max_history"], self.model.max_len)
         self.max_history = min(max_history or self.window, self.window)
@@ -274,7 +281,8 @@ class Retriever:
         self._batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
     def _load(self) -> None:
-        """The trained state: the checkpoint's model and the data run's ids, registration log version 0."""
+        """The trained state: the checkpoint's model (and a cascade's ranker) and the data run's ids,
+        registration log version 0."""
         model = self.run.load_model()
         if self.retrieval == "ann":
             from recsys.faiss_lib import faiss
@@ -284,6 +292,7 @@ class Retriever:
             faiss.omp_set_num_threads(torch.get_num_threads())
             model = AnnRetriever(model, *self.ann)
         self.model = model
+        self.ranker = None if self.cascade is None else self.cascade.load_ranker(self.run)
         self.ids = ItemIds(self.run.items["raw_id"].astype(str).tolist())
         self.version, self.epoch = 0, None
 
@@ -294,7 +303,7 @@ class Retriever:
                         "trained model", self.epoch, epoch, self.version)
             self._load()
         self.epoch = epoch
-        self.version = apply_registrations(self.model, self.ids, self.version, entries)
+        self.version = apply_registrations(self.model, self.ids, self.version, entries, self.ranker)
 
     async def ready(self) -> int:
         return self.model.n_items
@@ -447,6 +456,7 @@ def build_app(args: dict) -> serve.Application:
         key_hash = key_digest(key)  # only the hash reaches the replicas
     # fail here, with a clear message, rather than in every replica
     run, cascade = open_serving(cfg.run_dir, cfg.ranker_dir, cfg.cascade_top_n, cfg.inference)
+    refusal = None if cascade is None else cascade.registration_refusal(run)
     role = get_spec(run.exp.model_name).model_cls.role
     if role != "retriever":
         raise ValueError(f"{run.run_dir} holds a {role} ({run.exp.model_name}); this application serves a "
@@ -463,12 +473,12 @@ def build_app(args: dict) -> serve.Application:
         opened = open_store(store_cfg, run.items["raw_id"].astype(str).tolist())
         registered = len(opened.registered_items())
         opened.close()
-        if cascade is not None and registered:
-            raise ValueError(f"store {store_cfg.path} holds {registered} registered item(s), which the cascade's ranker "
-                             f"({cascade.ranker_dir}) has no features for; serve it without the ranker, or give the "
-                             "cascade a store without registrations")
+        if refusal is not None and registered:
+            raise ValueError(f"store {store_cfg.path} holds {registered} registered item(s), which this cascade cannot "
+                             f"score: {refusal}; serve it without the ranker, or give the cascade a store without "
+                             "registrations")
         store = {**store_cfg.__dict__, "create": False}
-    registry = Registry.bind(str(run.run_dir), store, cascade is not None, cfg.inference)
+    registry = Registry.bind(str(run.run_dir), store, refusal, cfg.inference)
     cascade_args = None if cascade is None else {"ranker_dir": str(cascade.ranker_dir), "top_n": cascade.top_n,
                                                  "max_history": cfg.ranker_max_history}
     scale = ({"autoscaling_config": cfg.autoscaling_config} if cfg.autoscaling_config is not None

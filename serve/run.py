@@ -18,7 +18,7 @@ from recsys.data import InteractionData
 from recsys.data.schema import SEQUENCES_FILE
 from recsys.experiment import ExperimentConfig, experiment_dict_from_run, experiment_from_dict, ids_runs_of
 from recsys.config import to_dict
-from recsys.models import with_inference_settings
+from recsys.models import get_spec, with_inference_settings
 from recsys.models.base import Ranker, SequenceModel
 from recsys.runs import COMPLETE_FILE, CONFIG_FILE, read_json, require_complete
 from recsys.training.checkpoint import load_model
@@ -96,6 +96,27 @@ class Cascade:
                              f"retriever {retriever.run_dir} on one of {len(retriever.items)}; train the ranker on "
                              "this retriever's candidates (`recsys rank --retriever`)")
         return model
+
+    def registration_refusal(self, retriever: ServingRun) -> str | None:
+        """Why this cascade cannot take items registered after training, or None when it can. The
+        Registry gives a new item a content vector from the encoder behind the retriever's semantic
+        IDs; the ranker scores it by that vector, so its item vectors must be that same embed run's
+        (a TIGER or EAGER cascade by default, ``recsys rank``'s ``item_vectors_run``)."""
+        saved = read_json(self.ranker_dir / CONFIG_FILE)
+        name = saved.get("model", {}).get("name", "?")
+        if not get_spec(name).model_cls.capabilities.registers_items:
+            return f"its ranker ({name}, {self.ranker_dir}) cannot score an item it was not trained on"
+        vectors_dir = saved.get("item_vectors_dir")
+        if vectors_dir is None:
+            return (f"its ranker ({self.ranker_dir}) was trained without item vectors, so it has no features for an item "
+                    "it was not trained on")
+        ids_dir = retriever.ids_dirs.get("semantic")
+        embed_dir = None if ids_dir is None else read_json(ids_dir / CONFIG_FILE).get("embed_dir")
+        if embed_dir is None or Path(vectors_dir).resolve() != Path(embed_dir).resolve():
+            return (f"its ranker's item vectors come from {vectors_dir}, not from the content vectors a registered item "
+                    f"gets (the embed run behind the retriever's semantic IDs: {embed_dir}); train the ranker with "
+                    "`recsys rank --vectors-from` that embed run")
+        return None
 
 
 def ranker_catalogue_check(ranker_dir: Path, retriever: ServingRun) -> None:

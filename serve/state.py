@@ -69,17 +69,26 @@ class ItemIds:
 
 @dataclass(frozen=True)
 class Registration:
-    """One registered item, as the registry's log holds it. ``version`` counts registrations from 1."""
+    """One registered item, as the registry's log holds it. ``version`` counts registrations from 1;
+    ``vector`` is its content vector (what a cascade's ranker scores it by)."""
 
     version: int
     internal_id: int
     raw_id: str
     semantic_id: tuple[int, ...]
     fields: dict = field(default_factory=dict)
+    vector: tuple[float, ...] | None = None
 
 
-def apply_registrations(model: Retriever, ids: ItemIds, version: int, entries: Sequence[Registration]) -> int:
-    """Bring a replica's model and id map up to the registry's log; returns the new version.
+def vector_tuple(vector) -> tuple[float, ...] | None:
+    """A content vector (array-like or None) as the log carries it: plain floats."""
+    return None if vector is None else tuple(float(x) for x in vector)
+
+
+def apply_registrations(model: Retriever, ids: ItemIds, version: int, entries: Sequence[Registration],
+                        ranker: Ranker | None = None) -> int:
+    """Bring a replica's model (and a cascade's ranker) and id map up to the registry's log;
+    returns the new version.
 
     Entries at or below ``version`` are skipped (a sync may return what another already applied).
     Everything is checked before anything changes, and ``register_items`` swaps the table and
@@ -98,7 +107,17 @@ def apply_registrations(model: Retriever, ids: ItemIds, version: int, entries: S
                            f"{model.n_items} items (id map: {len(ids)})")
     if not model.capabilities.registers_items:
         raise RuntimeError(f"{type(model).__name__} cannot register items after training")
+    vectors = None
+    if ranker is not None:
+        if not ranker.capabilities.registers_items or ranker.n_items != model.n_items:
+            raise RuntimeError(f"the cascade's ranker ({type(ranker).__name__}, {ranker.n_items} items) cannot follow "
+                               f"the retriever's registrations ({model.n_items} items)")
+        if any(e.vector is None for e in todo):
+            raise RuntimeError(f"registry entries {internal} carry no content vector for the cascade's ranker")
+        vectors = torch.tensor([e.vector for e in todo], dtype=torch.float32)
     model.register_items(torch.tensor(internal), {"semantic": torch.tensor([e.semantic_id for e in todo])})
+    if ranker is not None:
+        ranker.register_items(torch.tensor(internal), vectors)
     for e in todo:
         ids.add(e.raw_id)
     return todo[-1].version

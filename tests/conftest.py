@@ -80,3 +80,19 @@ def tiger_pipeline(tmp_path_factory) -> dict:
     assert main(["pipeline", *overrides]) == 0
     (pipeline,) = (root / "pipeline").iterdir()
     return {"root": root, "data": pipeline / "data", "embed": pipeline / "embed", "tiger": pipeline / "train"}
+
+
+@pytest.fixture(scope="session")
+def tiger_cascade(tiger_pipeline, tmp_path_factory) -> dict:
+    """A cascade over the tiny TIGER: TWIN-V2 trained by `recsys rank` on 2 user folds (fold TIGERs
+    on the same IDs), its item vectors the embed run behind the IDs. Shared by the rank test over
+    TIGER and the Serve test that registers items through a cascade: its rank run and metrics."""
+    from pipelines.rank_stage import run_rank
+    from recsys.experiment import load_experiment
+
+    root = tmp_path_factory.mktemp("tiger-cascade")
+    exp = load_experiment(None, [f"run.root={root}", "trainer.resources.use_ray=false", "model.name=twin_v2",
+                                 "model.gamma=3", "model.d_model=16", "model.random_negatives=3",
+                                 "trainer.optim.epochs=1", "trainer.optim.batch_size=32", "run.name=over-tiger"])
+    run_dir, metrics = run_rank(exp, tiger_pipeline["tiger"], 20, folds=2, fold_examples=2)
+    return {"rank": run_dir, "metrics": metrics}

@@ -631,7 +631,7 @@ def test_a_cascade_reranks_the_retrievers_top_n_over_the_users_whole_history(ser
         r = post(url, "/recommend", {"history": [raw_ids[3]], "k": 21}, key=None)
         assert r.status_code == 422 and "cascade_top_n" in r.json()["error"], r.text
         r = post(url, "/items", {"fields": {"title": "x"}}, key=None)
-        assert r.status_code == 422 and "serves a cascade" in r.json()["error"]
+        assert r.status_code == 422 and "serves a sasrec model, which cannot register" in r.json()["error"]
     finally:
         serve.delete("cascade")
 
@@ -655,7 +655,7 @@ def test_a_cascade_that_cannot_work_fails_the_start(cascade_runs, tmp_path):
     store = open_store(StoreConfig(path=str(registered)))
     store.register_item(ItemRecord(N_ITEMS + 1, "REGISTERED-1", semantic_id=(0, 0), fields={"title": "x"}))
     store.close()
-    with pytest.raises(ValueError, match=r"holds 1 registered item\(s\), which the cascade's ranker"):
+    with pytest.raises(ValueError, match=r"holds 1 registered item\(s\), which this cascade cannot score"):
         build_app({"run_dir": str(cascade_runs["rank"]), "store": {"path": str(registered)}})
     # a ranker trained on another catalogue
     assert main(["data", f"run.root={tmp_path}", "data.synthetic.n_users=50", "data.synthetic.n_items=30"]) == 0
@@ -786,6 +786,84 @@ def test_an_eager_run_serves_one_stream_alone_when_its_inference_settings_say_so
         assert not torch.allclose(both.scores, expected.scores)
     finally:
         serve.delete("eager-behaviour")
+
+
+def test_a_tiger_cascade_registers_items_its_ranker_scores_by_their_content_vectors(serve_urls, runs, tiger_cascade,
+                                                                                    raw_ids, tmp_path):
+    """A cascade whose ranker's item vectors are the content vectors behind the retriever's semantic
+    IDs takes POST /items: the Registry's log carries the item's content vector, the replica's
+    ranker scores the item by it (and reads it in a history), the answers are the in-process
+    retriever and ranker's after the same registration, and a restart over the same store replays
+    it. A cascade whose ranker has other vectors refuses, and cannot start on that store."""
+    import shutil
+
+    import numpy as np
+
+    from recsys.cascade import rerank
+    from recsys.history.store import StoreConfig, open_store
+    from recsys.text.store import load_embeddings
+    from recsys.training.checkpoint import load_model
+    from serve.app import build_app
+    from serve.run import Cascade, open_run
+
+    rank = tiger_cascade["rank"]
+    config = read_json(rank / "config.json")
+    store = tmp_path / "cascade.sqlite"
+    args = {"run_dir": str(rank), "num_replicas": 1, "replica_cpus": 0.25, "store": {"path": str(store), "create": True}}
+    url = serve_urls["tiger"].removesuffix("/") + "/tiger-cascade"
+
+    def answer(names: list[str], k: int) -> list[tuple[int, float]]:
+        r = post(url, "/recommend", {"history": names, "k": k}, key=None)
+        assert r.status_code == 200, r.text
+        return [(it["internal_id"], it["score"]) for it in r.json()["items"]]
+
+    serve.run(build_app(args), name="tiger-cascade", route_prefix="/tiger-cascade", blocking=False)
+    try:
+        wait_ready(url)
+        history = [raw_ids[i] for i in (2, 5, 11)]
+        top = post(url, "/recommend", {"history": history, "k": 1}, key=None).json()["items"][0]
+        fields = get(url, f"/items/{top['id']}", key=None).json()["fields"]
+        r = post(url, "/items", {"id": "CASCADE-NEW", "fields": fields}, key=None)
+        assert r.status_code == 201, r.text
+        new = r.json()
+        assert new["internal_id"] == N_ITEMS + 1
+        opened = open_store(StoreConfig(path=str(store)), readonly=True)
+        vector = opened.item_vectors([N_ITEMS + 1])
+        opened.close()
+        # the same encoder as the ranker's vectors: the item with the same content has the same vector
+        embedded = load_embeddings(runs["embed"])[1][top["internal_id"] - 1]
+        assert float(vector[0] @ embedded / np.linalg.norm(vector[0]) / np.linalg.norm(embedded)) > 0.999
+        retriever = load_model(Path(config["retriever_dir"]) / "checkpoints" / "best")
+        retriever.register_items([N_ITEMS + 1], {"semantic": [new["semantic_id"]]})
+        ranker = load_model(Path(config["train_dir"]) / "checkpoints" / "best")
+        ranker.register_items(torch.tensor([N_ITEMS + 1]), torch.from_numpy(vector))
+        asked = {}
+        for ids, names in (([2, 5, 11], history), ([2, 5, 11, N_ITEMS + 1], [*history, "CASCADE-NEW"])):
+            listed = retriever.recommend(Batch(history=torch.tensor([ids])), config["top_n"])
+            want = rerank(ranker, [ids], [listed.items[0].tolist()], [listed.scores[0].tolist()], [config["top_n"]])[0]
+            asked[tuple(names)] = answer(names, config["top_n"])
+            assert [i for i, _ in asked[tuple(names)]] == want.items
+            assert [s for _, s in asked[tuple(names)]] == pytest.approx(want.scores, abs=1e-4)
+        assert N_ITEMS + 1 in [i for i, _ in asked[tuple(history)]]  # the ranker scored the new item
+        serve.delete("tiger-cascade")  # a restart over the same store replays the registration
+        serve.run(build_app({**args, "store": {"path": str(store)}}), name="tiger-cascade", route_prefix="/tiger-cascade",
+                  blocking=False)
+        wait_ready(url)
+        for names, before in asked.items():
+            after = answer(list(names), config["top_n"])
+            assert [i for i, _ in after] == [i for i, _ in before]
+            assert [s for _, s in after] == pytest.approx([s for _, s in before], abs=1e-5)
+    finally:
+        serve.delete("tiger-cascade")
+    # a ranker whose vectors are not the content vectors a registered item gets
+    other = tmp_path / "ranker-other-vectors"
+    shutil.copytree(config["train_dir"], other)
+    saved = read_json(other / "config.json")
+    (other / "config.json").write_text(json.dumps({**saved, "item_vectors_dir": str(config["retriever_dir"])}))
+    refusal = Cascade(other, 20).registration_refusal(open_run(runs["tiger"]))
+    assert refusal is not None and "--vectors-from" in refusal
+    with pytest.raises(ValueError, match=r"holds 1 registered item\(s\), which this cascade cannot score: its ranker's"):
+        build_app({"run_dir": str(runs["tiger"]), "ranker_dir": str(other), "store": {"path": str(store)}})
 
 
 def test_sigkill_of_the_store_writer_during_a_stream_of_events_loses_and_duplicates_nothing(server, raw_ids):

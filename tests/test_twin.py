@@ -138,6 +138,40 @@ def test_prepared_batches_score_like_raw_ones_and_padding_is_minus_inf():
     assert torch.isinf(raw[1, -2:]).all() and torch.isfinite(raw[0]).all()
 
 
+def test_a_registered_item_is_scored_by_its_content_vector_and_the_mean_id_row():
+    """Cold start in a cascade: new items take their content vectors and the trained rows' mean ID
+    embedding; every trained item scores exactly as before, in candidates and in histories."""
+    model = make({"name": "twin_v2", "gamma": 3}).eval()
+    torch.nn.init.normal_(model.mlp[-1].weight)  # as if trained: an untrained ranker keeps the retriever's order
+    b = batch()
+    with torch.no_grad():
+        before = model.score(b)
+        trained_mean = model.item_emb.weight[1:].mean(dim=0)
+    new_vectors = torch.randn(2, 6, generator=torch.Generator().manual_seed(7))
+    model.register_items(torch.tensor([N_ITEMS + 1, N_ITEMS + 2]), new_vectors)
+    assert model.n_items == N_ITEMS + 2
+    torch.testing.assert_close(model.item_vectors[N_ITEMS + 1:], new_vectors)
+    torch.testing.assert_close(model.item_emb.weight[N_ITEMS + 1:], trained_mean.expand(2, -1))
+    model.register_items(torch.tensor([N_ITEMS + 3]), new_vectors[:1])  # a later one: still the trained mean
+    torch.testing.assert_close(model.item_emb.weight[N_ITEMS + 3], trained_mean, atol=1e-6, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(model.score(b), before)
+        # the new items in a history and among the candidates
+        b.history[1, -1], b.candidates[2, 0] = N_ITEMS + 1, N_ITEMS + 2
+        scores = model.score(b)
+    assert torch.isfinite(scores).all() and not torch.equal(scores[2], before[2])
+    with torch.no_grad():  # the new item's score is its vector's: another vector, another score
+        model.item_vectors[N_ITEMS + 2] += 1.0
+        assert model.score(b)[2, 0] != scores[2, 0]
+    with pytest.raises(ValueError, match=f"exactly {N_ITEMS + 4}..{N_ITEMS + 4}"):
+        model.register_items(torch.tensor([N_ITEMS + 5]), new_vectors[:1])
+    with pytest.raises(ValueError, match=r"must be \(1, 6\) like the ranker's item vectors, got \(1, 5\)"):
+        model.register_items(torch.tensor([N_ITEMS + 4]), torch.zeros(1, 5))
+    assert model.n_items == N_ITEMS + 3  # refused calls changed nothing
+    with pytest.raises(ValueError, match="trained without item vectors"):
+        make({"name": "twin"}, vectors=False).register_items(torch.tensor([N_ITEMS + 1]), torch.zeros(1, 6))
+
+
 @pytest.mark.parametrize("config,match", [
     ({"name": "twin_v2", "gamma": 1}, "model.gamma"),
     ({"name": "twin", "history": "all"}, "model.history"),
@@ -544,7 +578,7 @@ def test_twin_cascade_reuses_a_candidates_run_and_takes_vectors_from_another_run
     assert record["item_vectors_run"] == str(vectors_run) and record["ranker_examples"] == "holdout"
 
 
-def test_a_cascade_over_tiger_ranks_with_the_content_vectors_behind_its_ids(tiger_pipeline, tmp_path):
+def test_a_cascade_over_tiger_ranks_with_the_content_vectors_behind_its_ids(tiger_pipeline, tiger_cascade, tmp_path):
     """TIGER has no item table: its ranker takes the embed run its semantic IDs were built from, the
     fold retrievers are TIGERs on the same IDs, and their lists come from constrained beam search."""
     from pipelines.rank_stage import run_rank
@@ -560,7 +594,7 @@ def test_a_cascade_over_tiger_ranks_with_the_content_vectors_behind_its_ids(tige
                  vectors_from=copy_naming_another_data_run(embed, tmp_path / "embed-elsewhere"))
     assert not (tmp_path / "rank").exists()  # refused before any fold retriever trains
 
-    run_dir, metrics = run_rank(exp, tiger, 20, folds=2, fold_examples=2)
+    run_dir, metrics = tiger_cascade["rank"], tiger_cascade["metrics"]  # the same run_rank, shared with test_serve
     config = json.loads((run_dir / "config.json").read_text())
     assert Path(config["item_vectors_dir"]).resolve() == embed.resolve()
     ranker = load_model(Path(config["train_dir"]) / "checkpoints" / "best")

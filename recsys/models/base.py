@@ -88,7 +88,8 @@ class Capabilities:
     """What a model class needs and offers, read by training, evaluation, Tune and Serve.
 
     id_spaces: the named ID spaces it is built with, e.g. ("semantic",); each needs an ids run.
-    registers_items: new items can be added after training from their IDs (cold start).
+    registers_items: new items can be added after training (cold start): a retriever's from their
+        IDs, a ranker's from their content vectors (``register_items`` of each role).
     reads_users: it may condition on ``Batch.users`` (whether a given model requires them is
         its ``users_required``).
     reads_timestamps: it reads ``Batch.timestamps`` when the dataset has them.
@@ -268,6 +269,13 @@ class Ranker(SequenceModel):
         the clusters), outside autograd. Training calls it once per fixed batch and caches the
         result; ``score`` and ``loss`` call it too, and it returns a prepared batch unchanged."""
         return batch
+
+    def register_items(self, item_ids: torch.Tensor, vectors: torch.Tensor) -> None:
+        """Cold start in a cascade: add items ``n_items + 1 ..`` with their content vectors (n, D),
+        in the space of the vectors the ranker was trained with. Only rankers that declare
+        ``registers_items``."""
+        raise NotImplementedError(f"{type(self).__name__} cannot score items it was not trained on "
+                                  "(capabilities.registers_items is false)")
 
 
 class AtomicIdModel(Retriever):

@@ -31,6 +31,12 @@ Departures from the papers and why:
   weight on the score), so the ranker learns a correction to the retriever's order.
 - ``model.id_embeddings=false`` drops the learned ID embedding (items are their item vectors):
   with one example per user, ID embeddings memorise the training targets.
+
+Items registered after training (``register_items``, a served cascade's ``POST /items``): a ranker
+whose item vectors are content vectors scores a new item from its content vector, given in the
+same space (the embed run's encoder). It has no learned ID row; it takes the mean of the trained
+items' rows, the ID embedding an item is expected to have before any behaviour says otherwise.
+Nothing trained changes, so the ranker scores every trained item exactly as before.
 """
 
 from __future__ import annotations
@@ -104,7 +110,7 @@ class TwinV2Config(TwinConfig):
 
 
 class Twin(Ranker):
-    capabilities = Capabilities()
+    capabilities = Capabilities(registers_items=True)
 
     def __init__(self, config: TwinConfig, n_items: int, max_len: int, item_vectors: torch.Tensor | None = None):
         super().__init__(n_items, max_len)
@@ -154,6 +160,34 @@ class Twin(Ranker):
     @classmethod
     def context_from_checkpoint(cls, context: dict[str, Any], weights: dict[str, torch.Tensor]) -> dict[str, Any]:
         return {"item_vectors": weights["item_vectors"]} if "item_vectors" in weights else {}
+
+    @torch.no_grad()
+    def register_items(self, item_ids: torch.Tensor, vectors: torch.Tensor) -> None:
+        if self.item_vectors is None:
+            raise ValueError(f"{type(self).__name__} was trained without item vectors, so it has no features for "
+                             "an item it was not trained on")
+        new = torch.as_tensor(item_ids, dtype=torch.long).reshape(-1).cpu()
+        expected = torch.arange(self.n_items + 1, self.n_items + len(new) + 1)
+        if not torch.equal(new, expected):
+            raise ValueError(f"new item ids must be exactly {self.n_items + 1}..{self.n_items + len(new)} in order, "
+                             f"got {new.tolist()[:10]}")
+        vectors = torch.as_tensor(vectors, dtype=self.item_vectors.dtype, device=self.item_vectors.device)
+        if vectors.shape != (len(new), self.item_vectors.shape[1]):
+            raise ValueError(f"new items' vectors must be ({len(new)}, {self.item_vectors.shape[1]}) like the ranker's "
+                             f"item vectors, got {tuple(vectors.shape)}")
+        # Build both tables first, then swap each in one assignment: nothing trained changes.
+        table = torch.cat([self.item_vectors, vectors])
+        emb = None
+        if self.item_emb is not None:
+            weight = self.item_emb.weight
+            # rows 1.. hold the trained items and any registered earlier, each of which is already
+            # their mean, so this is the trained items' mean however many were registered
+            rows = weight[1:].mean(dim=0, keepdim=True).expand(len(new), -1)
+            emb = nn.Embedding.from_pretrained(torch.cat([weight, rows]), freeze=True, padding_idx=0)
+        self.item_vectors = table
+        if emb is not None:
+            self.item_emb = emb
+        self.n_items += len(new)
 
     # --- the long history: raw behaviours or virtual items -------------------------------
     def long_rows(self, histories: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
