@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
 
         first = load_experiment(ns.config, overrides)
         parent = new_run_dir(first.run.root, "rank", f"{ns.name}-folds")
-        fold_dirs = run_fold_retrievers(ns.retriever, ns.folds, parent=parent)
+        fold_dirs = run_fold_retrievers(ns.retriever, ns.folds, parent=parent, examples_last=ns.fold_examples)
         candidates_dir, _ = run_fold_candidates(ns.retriever, fold_dirs, ns.fold_examples, ns.top_n, parent=parent)
     for variant in ns.variants.split(","):
         if variant not in VARIANTS:

@@ -13,6 +13,12 @@ sits on top, teaching it to trust the retriever blindly. Two ways:
   transition) gives the validation and test candidates and is what the cascade serves, so nothing
   is held out of it, and the ranker gets up to M examples per user instead of one.
 
+Behaviour IDs (EAGER's, clustered from a two-tower's or SASRec's item vectors) learned from the
+transitions their source trained on, so they follow the same rule: with the holdout their source
+must have held the ranker's transition out too (checked); with folds each fold retriever decodes
+IDs clustered from its source retrained without the fold's users (``fold_behaviour_ids``), unless
+that source left the last M transitions out. Content IDs never saw a transition and are shared.
+
 The ranker's frozen item vectors come from RUN's item table by default, which (with folds) trained
 on the examples' transitions: a similarity feature can then look better on training examples than
 at test. A retriever without an item table (TIGER, EAGER) gives the content vectors its semantic
@@ -70,12 +76,30 @@ def retriever_experiment(retriever_dir: Path) -> tuple[ExperimentConfig, dict]:
     return experiment_from_dict(experiment_dict_from_run(saved)), saved
 
 
+def behaviour_sources(saved: dict) -> dict[str, Path]:
+    """The ID spaces of a train run (its config.json) whose ids run clusters a train run's item
+    vectors (``recsys ids --from-train``: behaviour IDs, e.g. EAGER's) -> that train run. Such IDs
+    learned from the transitions their source trained on, unlike content IDs."""
+    sources = {}
+    for space, ids_dir in ids_runs_of(saved).items():
+        source = read_json(Path(ids_dir) / CONFIG_FILE).get("train_dir")
+        if source:
+            sources[space] = Path(source)
+    return sources
+
+
 def require_holdout(retriever_dir: Path) -> None:
-    rexp, _ = retriever_experiment(retriever_dir)
+    rexp, saved = retriever_experiment(retriever_dir)
     if not rexp.trainer.data.ranker_holdout:
         raise ValueError(f"the retriever {retriever_dir} trained on every training transition, including the one a "
                          "ranker trains on (each user's last, s[n-3]); retrain it with "
                          "trainer.data.ranker_holdout=true")
+    for space, source in behaviour_sources(saved).items():
+        data = retriever_experiment(source)[0].trainer.data
+        if not (data.ranker_holdout or data.drop_last_transitions >= 1):
+            raise ValueError(f"the retriever {retriever_dir} decodes {space} IDs clustered from {source}, which trained "
+                             "on every training transition, including the one the ranker trains on; rebuild those IDs "
+                             "(`recsys ids --from-train`) from a run trained with trainer.data.ranker_holdout=true")
 
 
 def require_vectors_run(vectors_dir: Path, retriever_dir: Path, examples_last: int) -> None:
@@ -190,26 +214,59 @@ def per_user_ndcg10(scores: np.ndarray, candidates: CandidateSet) -> np.ndarray:
     return np.where((ranks >= 0) & (ranks < 10), 1.0 / np.log2(np.maximum(ranks, 0) + 2.0), 0.0)
 
 
-def run_fold_retrievers(retriever_dir: Path, folds: int, parent: Path | None = None) -> list[Path]:
-    """One retriever per user fold, each trained as ``retriever_dir`` was (its saved config, data
-    and ID runs) without that fold's users."""
+def without_fold(exp: ExperimentConfig, folds: int, fold: int) -> ExperimentConfig:
+    """``exp`` trained without user fold ``fold`` of ``folds`` (and nothing else held out)."""
+    data = replace(exp.trainer.data, folds=folds, fold=fold, ranker_holdout=False, drop_last_transitions=0)
+    return replace(exp, trainer=replace(exp.trainer, data=data),
+                   run=replace(exp.run, name=f"{exp.run.name or exp.model_name}-fold{fold}of{folds}"))
+
+
+def fold_behaviour_ids(source: Path, ids_dir: Path, folds: int, fold: int, root: Path, home: Path | None) -> Path:
+    """Behaviour IDs for a fold retriever: the IDs' source train run retrained without the fold's
+    users, then clustered with the ids run's own settings (``home``: a stage directory for both)."""
+    from pipelines.ids_stage import run_ids
     from pipelines.stages import run_train
-    from recsys.experiment import ids_runs_of
+
+    sexp, ssaved = retriever_experiment(source)
+    train_dir = run_train(without_fold(sexp, folds, fold), data_dir=Path(ssaved["data_dir"]),
+                          ids_dirs=ids_runs_of(ssaved) or None, parent=home)
+    ids_exp = experiment_from_dict({"ids": read_json(Path(ids_dir) / CONFIG_FILE)["ids"], "run": {"root": str(root)}})
+    return run_ids(ids_exp, parent=home, train_dir=train_dir)
+
+
+def fold_refit_sources(saved: dict, examples_last: int) -> dict[str, Path]:
+    """The behaviour ID spaces of a retriever (its config.json) whose source trained on the last
+    ``examples_last`` transitions of some user, so each fold needs its own -> their source runs."""
+    return {space: source for space, source in behaviour_sources(saved).items()
+            if retriever_experiment(source)[0].trainer.data.drop_last_transitions < examples_last}
+
+
+def run_fold_retrievers(retriever_dir: Path, folds: int, parent: Path | None = None, examples_last: int = 1,
+                        ) -> list[Path]:
+    """One retriever per user fold, each trained as ``retriever_dir`` was (its saved config, data
+    and ID runs) without that fold's users. Content IDs are shared. Behaviour IDs (clustered from a
+    train run's item vectors, ``behaviour_sources``) learned from the fold's users too, unless their
+    source left each user's last ``examples_last`` transitions out: each fold then gets its own,
+    from the source retrained without the fold (``fold_behaviour_ids``)."""
+    from pipelines.stages import run_train
 
     rexp, saved = retriever_experiment(retriever_dir)
     if rexp.trainer.selection.refit:
         raise ValueError(f"the retriever {retriever_dir} is a refit (trained on validation targets too); fold "
                          "retrievers train on training transitions only: give a retriever selected on validation")
+    shared, refit = ids_runs_of(saved), fold_refit_sources(saved, examples_last)
     dirs = []
     for fold in range(folds):
-        data = replace(rexp.trainer.data, folds=folds, fold=fold, ranker_holdout=False)
-        fexp = replace(rexp, trainer=replace(rexp.trainer, data=data),
-                       run=replace(rexp.run, name=f"{rexp.run.name or rexp.model_name}-fold{fold}of{folds}"))
         home = None
         if parent is not None:  # a stage directory per fold: each holds its own train/
             home = Path(parent) / f"fold{fold}"
             home.mkdir()
-        dirs.append(run_train(fexp, data_dir=Path(saved["data_dir"]), ids_dirs=ids_runs_of(saved), parent=home))
+        ids_dirs = dict(shared)
+        for space, source in refit.items():
+            where = None if home is None else home / f"behavior-{space}"
+            ids_dirs[space] = fold_behaviour_ids(source, Path(shared[space]), folds, fold, rexp.run.root, where)
+        dirs.append(run_train(without_fold(rexp, folds, fold), data_dir=Path(saved["data_dir"]), ids_dirs=ids_dirs,
+                              parent=home))
     return dirs
 
 
@@ -279,7 +336,7 @@ def run_rank(exp: ExperimentConfig, retriever_dir: Path, top_n: int = 100,
     if candidates_dir is not None:
         cand_dir, cand_metrics = Path(candidates_dir), read_json(Path(candidates_dir) / METRICS_FILE)
     elif folds:
-        fold_dirs = run_fold_retrievers(Path(retriever_dir), folds, parent=run_dir)
+        fold_dirs = run_fold_retrievers(Path(retriever_dir), folds, parent=run_dir, examples_last=fold_examples)
         cand_dir, cand_metrics = run_fold_candidates(Path(retriever_dir), fold_dirs, fold_examples, top_n,
                                                      parent=run_dir)
     else:

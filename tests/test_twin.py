@@ -607,3 +607,66 @@ def test_a_cascade_over_tiger_ranks_with_the_content_vectors_behind_its_ids(tige
     train = CandidateSet.load(run_dir / "candidates" / "candidates-train.parquet")
     assert (train.candidates > 0).all() and all(len(set(row)) == 20 for row in train.candidates)  # existing IDs
     assert metrics["candidates"]["train"]["users"] == len(train) and "ndcg@10" in metrics["test"]
+
+
+def test_fold_retrievers_decode_behaviour_ids_whose_source_never_saw_the_fold(tiger_pipeline, tmp_path):
+    """EAGER's behaviour IDs cluster a SASRec's item vectors, which trained on the fold's users: each
+    fold retriever gets IDs from that SASRec retrained without the fold, while content IDs are
+    shared. A source that left the examples out is shared; with the holdout, a source that trained
+    on the ranker's transition is refused."""
+    from pipelines.rank_stage import fold_refit_sources, require_holdout, run_fold_retrievers
+    from pipelines.stages import run_ids_stage, run_train
+    from recsys.experiment import load_experiment
+
+    data, semantic = tiger_pipeline["data"], tiger_pipeline["tiger"].parent / "ids"
+    root = tmp_path / "runs"
+    tiny = [f"run.root={root}", "trainer.optim.epochs=1", "trainer.optim.batch_size=128",
+            "trainer.selection.patience=0", "trainer.resources.use_ray=false"]
+    sasrec = run_train(load_experiment(None, [*tiny, "model.name=sasrec", "model.d_model=16", "model.n_layers=1",
+                                              "model.d_ff=32"]), data_dir=data)
+    ids_exp = load_experiment(None, [f"run.root={root}", "ids.method=hkmeans", "ids.use_ray=false",
+                                     "ids.hkmeans.branching=6"])
+    behavior = run_ids_stage(ids_exp, train_dir=sasrec)
+    eager = run_train(load_experiment(None, [*tiny, "model.name=eager", "model.d_model=16", "model.n_heads=2",
+                                             "model.n_decoder_layers=1", "model.d_ff=32", "model.beam_size=10",
+                                             "trainer.data.samples=prefixes"]),
+                      data_dir=data, ids_dirs={"behavior": behavior, "semantic": semantic})
+    saved = json.loads((eager / "config.json").read_text())
+    assert fold_refit_sources(saved, 2) == {"behavior": sasrec}
+
+    (tmp_path / "folds").mkdir()
+    fold_dirs = run_fold_retrievers(eager, 2, parent=tmp_path / "folds", examples_last=2)
+    for f, fold_dir in enumerate(fold_dirs):
+        fold = json.loads((fold_dir / "config.json").read_text())
+        assert (fold["trainer"]["data"]["folds"], fold["trainer"]["data"]["fold"]) == (2, f)
+        assert fold["ids_dirs"]["semantic"] == saved["ids_dirs"]["semantic"]
+        assert fold["ids_dirs"]["behavior"] != saved["ids_dirs"]["behavior"]
+        source = Path(json.loads((Path(fold["ids_dirs"]["behavior"]) / "config.json").read_text())["train_dir"])
+        trained = json.loads((source / "config.json").read_text())
+        assert trained["model"]["name"] == "sasrec"
+        assert (trained["trainer"]["data"]["folds"], trained["trainer"]["data"]["fold"]) == (2, f)
+        assert source.is_relative_to(tmp_path / "folds" / f"fold{f}")
+
+    # a source that never saw the last 2 transitions of any user: its IDs are shared
+    dropped = tmp_path / "sasrec-dropped"
+    shutil.copytree(sasrec, dropped)
+    config = json.loads((dropped / "config.json").read_text())
+    config["trainer"]["data"]["drop_last_transitions"] = 2
+    (dropped / "config.json").write_text(json.dumps(config))
+    ids_dropped = tmp_path / "ids-dropped"
+    shutil.copytree(behavior, ids_dropped)
+    ids_config = json.loads((ids_dropped / "config.json").read_text())
+    (ids_dropped / "config.json").write_text(json.dumps({**ids_config, "train_dir": str(dropped)}))
+    shared = {**saved, "ids_dirs": {**saved["ids_dirs"], "behavior": str(ids_dropped)}}
+    assert fold_refit_sources(shared, 2) == {} and fold_refit_sources(shared, 3) == {"behavior": dropped}
+
+    # the holdout: the EAGER held the ranker's transition out, its behaviour source did not
+    held = tmp_path / "eager-held"
+    shutil.copytree(eager, held)
+    held_config = json.loads((held / "config.json").read_text())
+    held_config["trainer"]["data"]["ranker_holdout"] = True
+    (held / "config.json").write_text(json.dumps(held_config))
+    with pytest.raises(ValueError, match="decodes behavior IDs clustered from .*ranker_holdout=true"):
+        require_holdout(held)
+    (held / "config.json").write_text(json.dumps({**held_config, "ids_dirs": shared["ids_dirs"]}))
+    require_holdout(held)  # its source left the last 2 transitions out
