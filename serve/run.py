@@ -108,8 +108,8 @@ class Cascade:
             return f"its ranker ({name}, {self.ranker_dir}) cannot score an item it was not trained on"
         vectors_dir = saved.get("item_vectors_dir")
         if vectors_dir is None:
-            return (f"its ranker ({self.ranker_dir}) was trained without item vectors, so it has no features for an item "
-                    "it was not trained on")
+            return (f"its ranker ({self.ranker_dir}) records no item vectors (item_vectors_dir), so it has no features "
+                    "for an item it was not trained on")
         ids_dir = retriever.ids_dirs.get("semantic")
         embed_dir = None if ids_dir is None else read_json(ids_dir / CONFIG_FILE).get("embed_dir")
         if embed_dir is None or Path(vectors_dir).resolve() != Path(embed_dir).resolve():
