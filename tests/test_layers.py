@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from recsys.models.layers import Attention, Block, RelativeBias, attend, causal_mask, time_bucket
+from recsys.models.layers import Attention, Block, Dropout, RelativeBias, attend, causal_mask, inverted_dropout, time_bucket
 
 
 def reference(q, k, v, score, allowed, bias, norm=None):
@@ -88,3 +88,32 @@ def test_causal_mask_lets_padding_rows_see_themselves():
     mask = causal_mask(torch.tensor([[False, True, True]]))
     assert mask.shape == (1, 1, 3, 3)
     assert mask[0, 0].tolist() == [[True, False, False], [False, True, False], [False, True, True]]
+
+
+def test_dropout_keeps_the_expectation_and_its_gradient_is_the_mask():
+    torch.manual_seed(0)
+    x = torch.ones(400_000, requires_grad=True)
+    y = inverted_dropout(x, 0.1)
+    kept = y.detach() > 0
+    assert abs(kept.float().mean().item() - 0.9) < 0.003  # 4.7e-4 is one standard deviation
+    assert torch.all(y.detach()[kept] == 65536 / round(0.9 * 65536))  # 1 / the quantised keep rate
+    assert abs(y.detach().mean().item() - 1.0) < 0.005
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())
+
+
+def test_dropout_is_fixed_by_the_seed_shapes_any_tensor_and_is_identity_when_off():
+    x = torch.randn(6, 5, 7, dtype=torch.bfloat16).transpose(0, 2)  # not contiguous
+    torch.manual_seed(3)
+    a = inverted_dropout(x, 0.5)
+    torch.manual_seed(3)
+    b = inverted_dropout(x, 0.5)
+    assert torch.equal(a, b) and a.shape == x.shape and a.dtype == x.dtype
+    assert torch.equal(a[a != 0], (x * 2)[a != 0])
+    assert inverted_dropout(x, 0.5, training=False) is x and inverted_dropout(x, 0.0) is x
+    assert torch.count_nonzero(inverted_dropout(x, 1.0)) == 0
+    drop = Dropout(0.5).eval()
+    assert drop(x) is x
+    for p in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="dropout probability must be in"):
+            Dropout(p)

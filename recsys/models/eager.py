@@ -76,7 +76,7 @@ from torch import nn
 from recsys.config import require, require_choice, require_range
 from recsys.generation.beam import BeamResult, beam_search
 from recsys.models.base import Batch, Capabilities, GenerativeRetriever, LossOutput, Recommendation
-from recsys.models.layers import Block, DecoderStart, decoder_start, last_item_linears
+from recsys.models.layers import Block, DecoderStart, Dropout, decoder_start, last_item_linears
 from recsys.models.vocabulary import ABSENT, IdTable, SemanticVocabulary
 
 SPACES = ("behavior", "semantic")  # stream ids 0 and 1 in FusedRecommendation.streams; 2 = both
@@ -180,7 +180,7 @@ class StreamDecoder(nn.Module):
         self.bos, self.summary = nn.Parameter(torch.zeros(D)), nn.Parameter(torch.zeros(D))
         self.blocks = nn.ModuleList(Block(D, config.n_heads, config.d_ff, config.dropout, cross=True)
                                     for _ in range(config.n_decoder_layers))
-        self.ln, self.drop = nn.LayerNorm(D), nn.Dropout(config.dropout)
+        self.ln, self.drop = nn.LayerNorm(D), Dropout(config.dropout)
         self.heads = nn.ModuleList(nn.Linear(D, v) for v in vocab.level_sizes)
         self.project = nn.Linear(D, vector_dim) if vector_dim else None
         self.last_start, self.last_output = last_item_linears(D, config.last_item_start, config.last_item_output)
@@ -310,7 +310,7 @@ class Eager(GenerativeRetriever):
         self.enc_pos = nn.Embedding(max_len, D)
         self.encoder = nn.ModuleList(Block(D, config.n_heads, config.d_ff, config.dropout)
                                      for _ in range(config.n_encoder_layers))
-        self.enc_ln, self.drop = nn.LayerNorm(D), nn.Dropout(config.dropout)
+        self.enc_ln, self.drop = nn.LayerNorm(D), Dropout(config.dropout)
         self.decoders = nn.ModuleDict({space: StreamDecoder(vocabs[space], config, dims[space]) for space in streams})
         self.stt = SemanticGuidedTransfer(config, vocabs["behavior"].n_tokens) if config.stt else None
         for emb in (self.item_emb, self.enc_pos):

@@ -40,7 +40,7 @@ from torch import nn
 
 from recsys.config import require, require_choice, require_range
 from recsys.models.base import AtomicIdModel, Batch, Capabilities, LossOutput
-from recsys.models.layers import RelativeBias, attend, causal_mask
+from recsys.models.layers import Dropout, RelativeBias, attend, causal_mask
 from recsys.models.losses import FullSoftmaxLoss, SampledSoftmaxLoss
 
 LOSSES = ("sampled_softmax", "ce")
@@ -103,7 +103,7 @@ class HSTUBlock(nn.Module):
         self.uvqk = nn.Linear(d_model, 4 * n_heads * head_dim, bias=False)
         self.out = nn.Linear(n_heads * head_dim, d_model)
         self.rab = RelativeBias(max_len, time_buckets, positions=position_bias)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         nn.init.normal_(self.uvqk.weight, std=0.02)  # the official initialisation
         nn.init.xavier_uniform_(self.out.weight)
 
@@ -140,7 +140,7 @@ class HSTU(AtomicIdModel):
         time_buckets = 0 if config.time_bias == "off" else config.time_buckets
         self.item_emb = nn.Embedding(n_items + 1, d, padding_idx=0)
         self.pos_emb = nn.Embedding(max_len, d)
-        self.emb_drop = nn.Dropout(config.emb_dropout)
+        self.emb_drop = Dropout(config.emb_dropout)
         self.blocks = nn.ModuleList(HSTUBlock(d, config.n_heads, head_dim, config.dropout, max_len, time_buckets,
                                               config.position_bias) for _ in range(config.n_layers))
         self.loss_fn = (SampledSoftmaxLoss(config.n_negatives, config.temperature) if config.loss == "sampled_softmax"

@@ -9,7 +9,8 @@ Masks are boolean, True = may attend, broadcast to (B, H, T, S): causal, padding
 (queries over an encoder's memory). ``Attention`` projects queries, keys and values around it;
 ``Block`` is the pre-norm transformer block SASRec and TIGER's encoder and decoder are built of.
 ``last_item_linears`` and ``decoder_start`` are the generative decoders' first-order path from the
-newest history item (TIGER and EAGER).
+newest history item (TIGER and EAGER). ``Dropout`` (``inverted_dropout``) is every model's
+dropout: torch's, with a mask that is cheaper to draw on a CPU.
 """
 
 from __future__ import annotations
@@ -21,6 +22,49 @@ import torch.nn.functional as F
 from torch import nn
 
 SCORES = ("softmax", "pointwise")
+
+
+def inverted_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """Inverted dropout, as ``F.dropout``, with its mask drawn four elements per random 64-bit word.
+
+    On a CPU torch draws one Bernoulli number per element (``bernoulli_``). That was ~40 % of a bf16
+    EAGER training step on a 2-core CPU, and on a 5.6M-element bf16 tensor this function takes
+    11.7 ms against ``F.dropout``'s 35.0 ms (2 threads). Each 16-bit quarter of a uniform random
+    word is compared with a threshold, so the keep probability is ``1 - p`` rounded to a multiple of
+    1/65536 and the scale is its exact inverse: the expectation is unchanged. The random numbers
+    come from torch's generator, so ``torch.manual_seed`` fixes the mask. Elsewhere (CUDA) torch's
+    fused kernel is faster and is used."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1], got {p}")
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu":
+        return F.dropout(x, p, training=True)
+    levels = round((1.0 - p) * 65536)  # kept 16-bit values out of 65,536
+    if levels == 0:
+        return torch.zeros_like(x)
+    if levels == 65536:
+        return x
+    n = x.numel()
+    words = torch.randint(-(2 ** 63), 2 ** 63 - 1, ((n + 3) // 4,), device=x.device)  # 4 x 16 random bits
+    keep = words.view(torch.int16)[:n].view(x.shape) < levels - 32768
+    return x * keep.to(x.dtype).mul_(65536 / levels)
+
+
+class Dropout(nn.Module):
+    """``nn.Dropout`` with ``inverted_dropout``'s mask."""
+
+    def __init__(self, p: float = 0.5):
+        super().__init__()
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"dropout probability must be in [0, 1], got {p}")
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return inverted_dropout(x, self.p, self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
 
 
 def causal_mask(valid: torch.Tensor) -> torch.Tensor:
@@ -67,7 +111,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, score: str = "s
     if allowed is not None:
         weights.mul_(allowed)  # 0 where not allowed (SiLU of finite scores is finite)
     if dropout:
-        weights = F.dropout(weights, dropout)
+        weights = inverted_dropout(weights, dropout)
     return (weights @ v) / norm  # (B, H, T, d)
 
 
@@ -139,9 +183,9 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(d_model)
         self.attn = Attention(d_model, n_heads, head_dim, dropout)
         self.cross = Attention(d_model, n_heads, head_dim, dropout) if cross else None
-        self.mlp = nn.Sequential(nn.Linear(d_model, d_ff), ACTIVATIONS[activation](), nn.Dropout(dropout),
+        self.mlp = nn.Sequential(nn.Linear(d_model, d_ff), ACTIVATIONS[activation](), Dropout(dropout),
                                  nn.Linear(d_ff, d_model))
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, causal: bool = False,
                 bias: torch.Tensor | None = None, memory_kv: tuple[torch.Tensor, torch.Tensor] | None = None,

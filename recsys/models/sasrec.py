@@ -20,7 +20,7 @@ from torch import nn
 
 from recsys.config import require, require_choice, require_range
 from recsys.models.base import AtomicIdModel, Batch, Capabilities, LossOutput
-from recsys.models.layers import CausalEncoder
+from recsys.models.layers import CausalEncoder, Dropout
 from recsys.models.losses import FullSoftmaxLoss, SampledBCELoss, SampledSoftmaxLoss
 
 LOSSES = ("ce", "bce", "sampled_softmax")
@@ -73,7 +73,7 @@ class SelfAttentiveModel(AtomicIdModel):
         self.d_model = d_model
         self.item_emb = nn.Embedding(n_items + 1, d_model, padding_idx=0)
         self.pos_emb = nn.Embedding(max_len, d_model)
-        self.emb_drop = nn.Dropout(emb_dropout)
+        self.emb_drop = Dropout(emb_dropout)
         self.encoder = CausalEncoder(d_model, n_heads, d_ff, n_layers, dropout)
         nn.init.normal_(self.item_emb.weight, std=d_model**-0.5)
         nn.init.normal_(self.pos_emb.weight, std=0.02)

@@ -62,7 +62,7 @@ from torch import nn
 from recsys.config import require, require_choice, require_range
 from recsys.generation.beam import beam_search
 from recsys.models.base import Batch, Capabilities, GenerativeRetriever, LossOutput, Recommendation
-from recsys.models.layers import Block, DecoderStart, decoder_start, last_item_linears
+from recsys.models.layers import Block, DecoderStart, Dropout, decoder_start, last_item_linears
 from recsys.models.vocabulary import IdTable, SemanticVocabulary
 
 
@@ -151,7 +151,7 @@ class Tiger(GenerativeRetriever):
             if config.prefix_output_table == "separate" else None
         self.bos = nn.Parameter(torch.zeros(D))
         self.last_item_proj, self.last_item_out = last_item_linears(D, config.last_item_start, config.last_item_output)
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = Dropout(config.dropout)
         block = dict(d_model=D, n_heads=config.n_heads, d_ff=config.d_ff, dropout=config.dropout,
                      head_dim=config.head_dim, activation="relu")
         self.encoder = nn.ModuleList(Block(**block) for _ in range(config.n_encoder_layers))

@@ -53,7 +53,7 @@ from torch import nn
 from recsys.config import require, require_choice, require_range
 from recsys.history import cluster_history
 from recsys.models.base import Batch, Capabilities, LossOutput, Ranker, item_vector_table
-from recsys.models.layers import TargetAttention
+from recsys.models.layers import Dropout, TargetAttention
 
 HISTORIES = ("behaviours", "clusters", "none")
 MISSED_TARGETS = ("insert", "skip")
@@ -149,7 +149,7 @@ class Twin(Ranker):
         self.score_weight = nn.Parameter(torch.ones(1))
         nn.init.zeros_(self.rank_prior.weight)
         self.mlp = nn.Sequential(nn.Linear(3 * d + long_out + 8 + 2, config.mlp_dim), nn.ReLU(),
-                                 nn.Dropout(config.dropout), nn.Linear(config.mlp_dim, 1))
+                                 Dropout(config.dropout), nn.Linear(config.mlp_dim, 1))
         nn.init.zeros_(self.mlp[-1].weight)
         nn.init.zeros_(self.mlp[-1].bias)
         if self.item_emb is not None:
