@@ -544,3 +544,23 @@ def test_two_tower_log_q_buckets_targets_by_training_counts_and_pairs_with_and_w
         popularity_buckets(split, 1.0)
     with pytest.raises(SystemExit):  # a checkpoint of another model is refused
         logq(["--with", str(runs["streaming"]), "--without", str(data_dir), "--data", str(data_dir)])
+
+
+def test_dropout_step_times_both_masks_on_the_same_batches(data_and_embed, tmp_path, monkeypatch):
+    from benchmarks.dropout_step import main as dropout_step
+
+    monkeypatch.setattr(benchmarks.record, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr("benchmarks.dropout_step.MASK_ELEMENTS", 10_000)
+    data_dir, _ = data_and_embed
+    dropout_step(["--data", str(data_dir), "--steps", "2", "--warmup", "1", "--threads", "1", "--name", "tiny",
+                  "model.name=sasrec", "model.d_model=32", "model.n_layers=1", "model.d_ff=64",
+                  "trainer.optim.batch_size=64", "data.max_history=10"])
+    record = json.loads((tmp_path / "results" / "sasrec" / "synthetic" / "dropout-step-tiny.json").read_text())
+    metrics = record["metrics"]
+    assert set(metrics["s_per_step"]) == set(metrics["mask_ms_5_6M_bf16"]) == {"torch", "inverted"}
+    assert all(len(times) == 2 and min(times) == pytest.approx(metrics["s_per_step"][name], abs=1e-4)
+               for name, times in record["rounds_s_per_step"].items())
+    assert metrics["step_time_saved"] == pytest.approx(
+        1 - metrics["s_per_step"]["inverted"] / metrics["s_per_step"]["torch"], abs=0.002)
+    with pytest.raises(SystemExit, match="leaves none to time"):
+        dropout_step(["--data", str(data_dir), "--warmup", "50", "model.name=sasrec", "trainer.optim.batch_size=256"])
