@@ -7,7 +7,8 @@ attention, beside the retriever alone ("no ranker").
 RETRIEVER_RUN: a retriever train run trained with ``trainer.data.ranker_holdout=true``; or, with
 ``--folds K [--fold-examples M]``, one trained on every training transition, and the ranker's
 examples come from K fold retrievers trained once and shared by all variants
-(``pipelines.rank_stage``); ``--candidates DIR`` reuses such lists from an earlier run.
+(``pipelines.rank_stage``); ``--candidates DIR`` reuses such lists from an earlier run, and
+``--resume-folds DIR`` continues an interrupted one (its ``<NAME>-folds`` directory).
 ``--vectors-from VRUN`` gives every ranker the content vectors of a ``recsys embed`` run, or the item
 table of a run that never trained on the examples (``trainer.data.drop_last_transitions``); by
 default a retriever's own table, or for TIGER and EAGER the embed run behind their IDs. Each variant
@@ -53,6 +54,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--candidates", type=Path, help="a candidates run of RETRIEVER_RUN made before (e.g. the "
                         "<rank run>/candidates of an earlier --folds cascade): reused, so its fold retrievers are not "
                         "trained again and rankers compare on the same lists")
+    parser.add_argument("--resume-folds", type=Path, help="the <NAME>-folds directory of a --folds run that was "
+                        "interrupted: its finished fold retrievers are reused, an unfinished one continues from its "
+                        "last checkpoint, and the candidates are made once all are done")
     parser.add_argument("--vectors-from", type=Path, help="a `recsys embed` run, or a retriever run trained with "
                         "trainer.data.drop_last_transitions: the rankers' frozen item vectors (pipelines.rank_stage)")
     parser.add_argument("--note", default="", help="said in every record (e.g. pilot, one seed, machine shared)")
@@ -70,13 +74,19 @@ def main(argv: list[str] | None = None) -> None:
         from pipelines.rank_stage import require_vectors_run
 
         require_vectors_run(ns.vectors_from, ns.retriever, examples_last)
+    if ns.resume_folds is not None and not ns.folds:
+        raise SystemExit("--resume-folds continues the fold retrievers of an earlier --folds run; give --folds too")
     if ns.folds:  # the fold retrievers and their candidates, once for every variant
-        from pipelines.rank_stage import run_fold_candidates, run_fold_retrievers
+        from pipelines.rank_stage import finished_or_cleared, run_fold_candidates, run_fold_retrievers
 
         first = load_experiment(ns.config, overrides)
-        parent = new_run_dir(first.run.root, "rank", f"{ns.name}-folds")
-        fold_dirs = run_fold_retrievers(ns.retriever, ns.folds, parent=parent, examples_last=ns.fold_examples)
-        candidates_dir, _ = run_fold_candidates(ns.retriever, fold_dirs, ns.fold_examples, ns.top_n, parent=parent)
+        resume = ns.resume_folds is not None
+        parent = ns.resume_folds if resume else new_run_dir(first.run.root, "rank", f"{ns.name}-folds")
+        fold_dirs = run_fold_retrievers(ns.retriever, ns.folds, parent=parent, examples_last=ns.fold_examples,
+                                        resume=resume)
+        candidates_dir = finished_or_cleared(parent / "candidates", "candidates") if resume else None
+        if candidates_dir is None:
+            candidates_dir, _ = run_fold_candidates(ns.retriever, fold_dirs, ns.fold_examples, ns.top_n, parent=parent)
     for variant in ns.variants.split(","):
         if variant not in VARIANTS:
             raise SystemExit(f"--variants: {variant!r} is not one of {list(VARIANTS)}")

@@ -9,6 +9,7 @@
     recsys evaluate  TRAIN_RUN [--split test|valid]
     recsys candidates TRAIN_RUN --top-n N [--splits train,valid,test]
     recsys rank      [CONFIG] [key=value ...] --retriever TRAIN_RUN [--top-n 100] [--folds K]   (the cascade)
+    recsys rank      --resume RANK_RUN                                     (an interrupted cascade)
     recsys history   [CONFIG] [key=value ...] [--data DATA_RUN] [--embed EMBED_RUN]   (a new store: store.path)
     recsys pipeline  [CONFIG] [key=value ...]
     recsys demo      [CONFIG] --baseline BASELINE_CONFIG [key=value ...] [baseline.key=value ...]
@@ -126,11 +127,19 @@ def cmd_candidates(ns: argparse.Namespace) -> None:
 
 def cmd_rank(ns: argparse.Namespace) -> None:
     """The cascade: a retriever's candidates, a ranker trained on them, test figures of both."""
-    from pipelines.rank_stage import run_rank
+    from pipelines.rank_stage import resume_rank, run_rank
 
-    exp = load_experiment(*split_config_args(ns.config))
-    run_dir, _ = run_rank(exp, Path(ns.retriever), ns.top_n, folds=ns.folds, fold_examples=ns.fold_examples,
-                          vectors_from=ns.vectors_from)
+    if ns.resume is not None:
+        if ns.config or ns.retriever or ns.folds or ns.vectors_from:
+            raise ValueError("--resume continues a rank run with the inputs it was started with; give it alone")
+        run_dir, _ = resume_rank(ns.resume)
+    elif ns.retriever is None:
+        raise ValueError("give the retriever's train run, e.g. recsys rank --retriever runs/train/<run> (or --resume "
+                         "RANK_RUN)")
+    else:
+        exp = load_experiment(*split_config_args(ns.config))
+        run_dir, _ = run_rank(exp, Path(ns.retriever), ns.top_n, folds=ns.folds, fold_examples=ns.fold_examples,
+                              vectors_from=ns.vectors_from)
     print(Path(run_dir / SUMMARY_FILE).read_text())
     print(f"rank run: {run_dir}")
 
@@ -320,7 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
     cd.set_defaults(func=cmd_candidates)
     rk = verbs.add_parser("rank", help="the cascade: a retriever's top-N re-ranked by a ranker (e.g. twin_v2)")
     rk.add_argument("config", nargs="*", help="[CONFIG.yaml] [key.subkey=value ...] (model.name: a ranker)")
-    rk.add_argument("--retriever", type=Path, required=True,
+    rk.add_argument("--resume", type=Path, metavar="RANK_RUN",
+                    help="continue an interrupted rank run: finished fold retrievers are reused, an unfinished one "
+                    "continues from its last checkpoint")
+    rk.add_argument("--retriever", type=Path,
                     help="a complete retriever train run: trained with trainer.data.ranker_holdout=true, or on every "
                     "training transition with --folds")
     rk.add_argument("--top-n", type=int, default=100, help="candidates per user (default 100)")

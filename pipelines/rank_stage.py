@@ -28,6 +28,11 @@ run (content vectors), or a retriever run trained with ``trainer.data.drop_last_
 the examples per user (1 for the holdout), whose table never saw any example's target. One table
 serves training, validation and test.
 
+A rank run writes its inputs first (``request.json``), so ``recsys rank --resume RUN``
+(``resume_rank``) continues an interrupted one: finished fold retrievers, behaviour IDs and
+candidates are reused, an unfinished fold retriever continues from its last checkpoint, and an
+unfinished stage without checkpoints starts over.
+
 Figures: the re-ranked Recall/NDCG@K, AUC and GAUC of the ranker beside the same retriever alone
 on the same candidates (its own order and scores), on every test user and on users with more than
 ``max_history`` prior items; the paired standard error of the per-user NDCG@10 difference.
@@ -35,6 +40,7 @@ on the same candidates (its own order and scores), on every test user and on use
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -45,13 +51,15 @@ import torch
 from recsys.candidates import CandidateSet, candidate_metrics, candidates_file, histories_inputs, retrieve
 from recsys.data import InteractionData
 from recsys.data.split import leave_one_out, user_folds
-from recsys.experiment import ExperimentConfig, experiment_dict_from_run, experiment_from_dict, ids_runs_of
+from recsys.experiment import (
+    ExperimentConfig, experiment_dict_from_run, experiment_from_dict, ids_runs_of, resumed_experiment,
+)
 from recsys.metrics import reranked_ranks
 from recsys.models import build_model, get_spec
 from recsys.reporting import results_table
 from recsys.runs import (
-    CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, finished_stage, mark_complete, read_json, require_complete,
-    stage_run_dir, write_json, write_text,
+    COMPLETE_FILE, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, clear_complete, finished_stage, mark_complete,
+    read_json, require_complete, stage_run_dir, write_json, write_text,
 )
 from recsys.text.store import load_embeddings
 from recsys.training.checkpoint import load_model, save_checkpoint
@@ -59,6 +67,8 @@ from recsys.training.evaluate import ranker_figures, ranker_scores
 from recsys.training.ranker import train_ranker
 
 VECTOR_STAGES = ("train", "embed")  # the runs that can give a ranker its item vectors
+FOLDS_FILE = "folds.json"  # what a directory of fold retrievers was made for (run_fold_retrievers)
+RANK_REQUEST = "request.json"  # a rank run's inputs, written first, so that an interrupted run can resume
 
 
 def require_ranker(exp: ExperimentConfig) -> None:
@@ -221,15 +231,56 @@ def without_fold(exp: ExperimentConfig, folds: int, fold: int) -> ExperimentConf
                    run=replace(exp.run, name=f"{exp.run.name or exp.model_name}-fold{fold}of{folds}"))
 
 
-def fold_behaviour_ids(source: Path, ids_dir: Path, folds: int, fold: int, root: Path, home: Path | None) -> Path:
-    """Behaviour IDs for a fold retriever: the IDs' source train run retrained without the fold's
-    users, then clustered with the ids run's own settings (``home``: a stage directory for both)."""
-    from pipelines.ids_stage import run_ids
+def finished_or_cleared(run_dir: Path, stage: str) -> Path | None:
+    """An earlier attempt's ``stage`` run at ``run_dir`` (a fixed place inside a stage directory):
+    returned when it finished; removed when it did not, so the stage starts over there."""
+    if not run_dir.exists():
+        return None
+    if (run_dir / COMPLETE_FILE).is_file():
+        finished_stage(run_dir, (stage,))
+        return run_dir.resolve()
+    print(f"{run_dir}: an unfinished {stage} run from an earlier attempt; starting it over", flush=True)
+    shutil.rmtree(run_dir)
+    return None
+
+
+def train_or_resume(exp: ExperimentConfig, home: Path | None, **inputs) -> Path:
+    """``run_train(exp, parent=home, **inputs)``. When ``home`` holds an earlier attempt's train run
+    (an interrupted cascade), a finished one is reused and an unfinished one continues from its
+    last checkpoint (``recsys train --resume``); one stopped before its first checkpoint starts
+    over. The earlier run must be the same fold of the same model, else ValueError."""
     from pipelines.stages import run_train
 
+    existing = None if home is None else home / "train"
+    if existing is None or not existing.exists():
+        return run_train(exp, parent=home, **inputs)
+    saved = read_json(existing / CONFIG_FILE)
+    want = (exp.model_name, exp.trainer.data.folds, exp.trainer.data.fold)
+    found = (saved["model"]["name"], saved["trainer"]["data"]["folds"], saved["trainer"]["data"]["fold"])
+    if found != want:
+        raise ValueError(f"{existing} trained {found[0]} without fold {found[2]} of {found[1]}, not {want[0]} without "
+                         f"fold {want[2]} of {want[1]}: it belongs to another cascade")
+    if (existing / COMPLETE_FILE).is_file():
+        return require_complete(existing, "train")
+    if (existing / "checkpoints" / "last").exists():
+        print(f"{existing}: resuming from its last checkpoint", flush=True)
+        return run_train(resumed_experiment(saved), resume_dir=existing)
+    finished_or_cleared(existing, "train")
+    return run_train(exp, parent=home, **inputs)
+
+
+def fold_behaviour_ids(source: Path, ids_dir: Path, folds: int, fold: int, root: Path, home: Path | None) -> Path:
+    """Behaviour IDs for a fold retriever: the IDs' source train run retrained without the fold's
+    users, then clustered with the ids run's own settings (``home``: a stage directory for both;
+    an earlier attempt's runs there are reused or continued, ``train_or_resume``)."""
+    from pipelines.ids_stage import run_ids
+
     sexp, ssaved = retriever_experiment(source)
-    train_dir = run_train(without_fold(sexp, folds, fold), data_dir=Path(ssaved["data_dir"]),
-                          ids_dirs=ids_runs_of(ssaved) or None, parent=home)
+    train_dir = train_or_resume(without_fold(sexp, folds, fold), home, data_dir=Path(ssaved["data_dir"]),
+                                ids_dirs=ids_runs_of(ssaved) or None)
+    done = None if home is None else finished_or_cleared(home / "ids", "ids")
+    if done is not None:
+        return done
     ids_exp = experiment_from_dict({"ids": read_json(Path(ids_dir) / CONFIG_FILE)["ids"], "run": {"root": str(root)}})
     return run_ids(ids_exp, parent=home, train_dir=train_dir)
 
@@ -242,31 +293,43 @@ def fold_refit_sources(saved: dict, examples_last: int) -> dict[str, Path]:
 
 
 def run_fold_retrievers(retriever_dir: Path, folds: int, parent: Path | None = None, examples_last: int = 1,
-                        ) -> list[Path]:
+                        resume: bool = False) -> list[Path]:
     """One retriever per user fold, each trained as ``retriever_dir`` was (its saved config, data
     and ID runs) without that fold's users. Content IDs are shared. Behaviour IDs (clustered from a
     train run's item vectors, ``behaviour_sources``) learned from the fold's users too, unless their
     source left each user's last ``examples_last`` transitions out: each fold then gets its own,
-    from the source retrained without the fold (``fold_behaviour_ids``)."""
-    from pipelines.stages import run_train
+    from the source retrained without the fold (``fold_behaviour_ids``).
 
+    ``parent`` gets a directory per fold and ``FOLDS_FILE``. ``resume``: ``parent`` is such a
+    directory from an interrupted attempt, made for the same retriever, folds and examples; its
+    finished runs are reused and its unfinished ones continued (``train_or_resume``)."""
     rexp, saved = retriever_experiment(retriever_dir)
     if rexp.trainer.selection.refit:
         raise ValueError(f"the retriever {retriever_dir} is a refit (trained on validation targets too); fold "
                          "retrievers train on training transitions only: give a retriever selected on validation")
+    if resume and parent is None:
+        raise ValueError("resuming fold retrievers needs the directory of the interrupted attempt")
+    made_for = {"retriever": str(Path(retriever_dir).resolve()), "folds": folds, "examples_last": examples_last}
+    if parent is not None:
+        if resume:
+            found = read_json(Path(parent) / FOLDS_FILE)
+            if found != made_for:
+                raise ValueError(f"{parent} holds fold retrievers made for {found}, not {made_for}")
+        else:
+            write_json(Path(parent) / FOLDS_FILE, made_for)
     shared, refit = ids_runs_of(saved), fold_refit_sources(saved, examples_last)
     dirs = []
     for fold in range(folds):
         home = None
         if parent is not None:  # a stage directory per fold: each holds its own train/
             home = Path(parent) / f"fold{fold}"
-            home.mkdir()
+            home.mkdir(exist_ok=resume)
         ids_dirs = dict(shared)
         for space, source in refit.items():
             where = None if home is None else home / f"behavior-{space}"
             ids_dirs[space] = fold_behaviour_ids(source, Path(shared[space]), folds, fold, rexp.run.root, where)
-        dirs.append(run_train(without_fold(rexp, folds, fold), data_dir=Path(saved["data_dir"]), ids_dirs=ids_dirs,
-                              parent=home))
+        dirs.append(train_or_resume(without_fold(rexp, folds, fold), home, data_dir=Path(saved["data_dir"]),
+                                    ids_dirs=ids_dirs))
     return dirs
 
 
@@ -278,6 +341,7 @@ def run_fold_candidates(retriever_dir: Path, fold_dirs: list[Path], last: int, t
     from pipelines.stages import run_candidates
 
     cand_dir, metrics = run_candidates(Path(retriever_dir), top_n, splits=("valid", "test"), parent=parent)
+    clear_complete(cand_dir)  # finished once the fold retrievers' train split is in
     config = read_json(cand_dir / CONFIG_FILE)
     split = leave_one_out(InteractionData.load(config["data_dir"]), config["max_history"])
     examples = split.training_transitions(last)
@@ -301,18 +365,21 @@ def run_fold_candidates(retriever_dir: Path, fold_dirs: list[Path], last: int, t
                                         "train_examples": {"folds": len(fold_dirs), "last": last,
                                                            "fold_train_dirs": [str(d) for d in fold_dirs]}})
     write_json(cand_dir / METRICS_FILE, {**read_json(cand_dir / METRICS_FILE), "train": metrics["train"]})
+    mark_complete(cand_dir, "candidates")
     return cand_dir, metrics
 
 
 def run_rank(exp: ExperimentConfig, retriever_dir: Path, top_n: int = 100,
              parent: Path | None = None, folds: int = 0, fold_examples: int = 5,
-             candidates_dir: Path | None = None, vectors_from: Path | None = None) -> tuple[Path, dict]:
+             candidates_dir: Path | None = None, vectors_from: Path | None = None,
+             resume_dir: Path | None = None) -> tuple[Path, dict]:
     """The cascade: the retriever's candidates, the ranker trained on them, test scored once.
     ``folds`` >= 2: the ranker's examples come from fold retrievers (see the module docstring).
     ``candidates_dir``: a candidates run of this retriever made before (e.g. by
     ``run_fold_candidates``), shared by several rankers; its own train examples then apply.
     ``vectors_from``: a retriever run trained without the examples' transitions, whose item table
-    gives the ranker's frozen item vectors (``require_vectors_run``)."""
+    gives the ranker's frozen item vectors (``require_vectors_run``). ``resume_dir``: used by
+    ``resume_rank`` only."""
     from pipelines.stages import run_candidates
 
     require_ranker(exp)
@@ -332,16 +399,31 @@ def run_rank(exp: ExperimentConfig, retriever_dir: Path, top_n: int = 100,
     if vectors_from is not None:  # before any training: a wrong run fails in seconds, not after the folds
         require_vectors_run(Path(vectors_from), Path(retriever_dir), fold_examples if folds else 1)
     start = time.perf_counter()
-    run_dir = stage_run_dir(exp.run.root, "rank", exp.run.name or exp.model_name, parent)
+    resume = resume_dir is not None
+    if resume:
+        run_dir = Path(resume_dir).resolve()
+    else:
+        run_dir = stage_run_dir(exp.run.root, "rank", exp.run.name or exp.model_name, parent)
+        write_json(run_dir / RANK_REQUEST, {
+            "ranker": exp.to_dict(), "retriever_dir": str(Path(retriever_dir).resolve()), "top_n": top_n,
+            "folds": folds, "fold_examples": fold_examples,
+            "candidates_dir": None if candidates_dir is None else str(Path(candidates_dir).resolve()),
+            "vectors_from": None if vectors_from is None else str(Path(vectors_from).resolve())})
+    made = finished_or_cleared(run_dir / "candidates", "candidates") if resume else None
     if candidates_dir is not None:
         cand_dir, cand_metrics = Path(candidates_dir), read_json(Path(candidates_dir) / METRICS_FILE)
+    elif made is not None:
+        cand_dir, cand_metrics = made, read_json(made / METRICS_FILE)
     elif folds:
-        fold_dirs = run_fold_retrievers(Path(retriever_dir), folds, parent=run_dir, examples_last=fold_examples)
+        fold_dirs = run_fold_retrievers(Path(retriever_dir), folds, parent=run_dir, examples_last=fold_examples,
+                                        resume=resume)
         cand_dir, cand_metrics = run_fold_candidates(Path(retriever_dir), fold_dirs, fold_examples, top_n,
                                                      parent=run_dir)
     else:
         cand_dir, cand_metrics = run_candidates(Path(retriever_dir), top_n, parent=run_dir)
-    train_dir = run_train_ranker(exp, cand_dir, parent=run_dir, vectors_dir=vectors_from)
+    train_dir = finished_or_cleared(run_dir / "train", "train") if resume else None
+    if train_dir is None:
+        train_dir = run_train_ranker(exp, cand_dir, parent=run_dir, vectors_dir=vectors_from)
     cand_config = read_json(cand_dir / CONFIG_FILE)
     split = leave_one_out(InteractionData.load(cand_config["data_dir"]), cand_config["max_history"])
     model = load_model(train_dir / "checkpoints" / "best")
@@ -376,3 +458,20 @@ def run_rank(exp: ExperimentConfig, retriever_dir: Path, top_n: int = 100,
         f"- users with more than {cand_config['max_history']} prior items: {len(long_rows)}", ""]))
     mark_complete(run_dir, "rank")
     return run_dir, metrics
+
+
+def resume_rank(run_dir: Path) -> tuple[Path, dict]:
+    """Continue a ``recsys rank`` run that was interrupted, with the inputs it was started with: its
+    finished stages are reused, an unfinished fold retriever continues from its last checkpoint,
+    and unfinished candidates or ranker training start over (``recsys rank --resume RUN``)."""
+    run_dir = Path(run_dir).resolve()
+    if (run_dir / COMPLETE_FILE).is_file():
+        raise ValueError(f"{run_dir} is a finished rank run; nothing to resume")
+    if not (run_dir / RANK_REQUEST).is_file():
+        raise FileNotFoundError(f"{run_dir} holds no {RANK_REQUEST}: it is not a `recsys rank` run started by this "
+                                "version, so its inputs are unknown; start the cascade again")
+    asked = read_json(run_dir / RANK_REQUEST)
+    optional = lambda key: None if asked[key] is None else Path(asked[key])  # noqa: E731
+    return run_rank(experiment_from_dict(asked["ranker"]), Path(asked["retriever_dir"]), asked["top_n"],
+                    folds=asked["folds"], fold_examples=asked["fold_examples"],
+                    candidates_dir=optional("candidates_dir"), vectors_from=optional("vectors_from"), resume_dir=run_dir)

@@ -308,6 +308,23 @@ def test_rank_verb_trains_the_cascade_and_reports_it_beside_the_retriever(retrie
     assert alone["recall@10"] == pytest.approx(full["recall@10"]) and alone["ndcg@10"] == pytest.approx(full["ndcg@10"])
     assert (run_dir / "COMPLETE").is_file() and "retriever + ranker" in (run_dir / "summary.md").read_text()
 
+    # an interrupted cascade continues with the inputs it was started with: the finished candidates
+    # are reused, the ranker that did not finish trains again (the same seed gives the same figures)
+    (run_dir / "COMPLETE").unlink()
+    (run_dir / "train" / "COMPLETE").unlink()
+    made = (run_dir / "candidates" / "COMPLETE").read_text()
+    capsys.readouterr()
+    assert main(["rank", "--resume", str(run_dir), "model.d_model=8"]) == 2
+    assert "give it alone" in capsys.readouterr().err
+    assert main(["rank", "--resume", str(run_dir)]) == 0
+    assert "train: an unfinished train run from an earlier attempt; starting it over" in capsys.readouterr().out
+    assert (run_dir / "candidates" / "COMPLETE").read_text() == made and (run_dir / "COMPLETE").is_file()
+    assert json.loads((run_dir / "metrics.json").read_text())["test"] == pytest.approx(test)
+    assert main(["rank", "--resume", str(run_dir)]) == 2
+    assert "is a finished rank run; nothing to resume" in capsys.readouterr().err
+    assert main(args) == 2
+    assert "give the retriever's train run" in capsys.readouterr().err
+
 
 def test_a_validation_cache_prepares_each_batch_once_and_scores_the_same():
     data = generate_synthetic(SyntheticConfig(n_users=20, n_items=N_ITEMS, min_length=10, max_length=30, seed=5))
@@ -568,6 +585,8 @@ def test_twin_cascade_reuses_a_candidates_run_and_takes_vectors_from_another_run
             "trainer.optim.epochs=1", "trainer.optim.batch_size=32"]
     with pytest.raises(SystemExit, match="without --folds"):
         cascade([*args, "--folds", "2"])
+    with pytest.raises(SystemExit, match="give --folds too"):
+        cascade([*args, "--resume-folds", str(tmp_path)])
     with pytest.raises(ValueError, match="left each user's last 0 training transitions out"):
         cascade([*args, "--vectors-from", str(held)])  # refused before any ranker trains
     assert not (tmp_path / "results").exists()
@@ -609,7 +628,7 @@ def test_a_cascade_over_tiger_ranks_with_the_content_vectors_behind_its_ids(tige
     assert metrics["candidates"]["train"]["users"] == len(train) and "ndcg@10" in metrics["test"]
 
 
-def test_fold_retrievers_decode_behaviour_ids_whose_source_never_saw_the_fold(tiger_pipeline, tmp_path):
+def test_fold_retrievers_decode_behaviour_ids_whose_source_never_saw_the_fold(tiger_pipeline, tmp_path, capsys):
     """EAGER's behaviour IDs cluster a SASRec's item vectors, which trained on the fold's users: each
     fold retriever gets IDs from that SASRec retrained without the fold, while content IDs are
     shared. A source that left the examples out is shared; with the holdout, a source that trained
@@ -646,6 +665,23 @@ def test_fold_retrievers_decode_behaviour_ids_whose_source_never_saw_the_fold(ti
         assert trained["model"]["name"] == "sasrec"
         assert (trained["trainer"]["data"]["folds"], trained["trainer"]["data"]["fold"]) == (2, f)
         assert source.is_relative_to(tmp_path / "folds" / f"fold{f}")
+
+    # an interrupted attempt continues: fold 0's behaviour IDs and fold 1's retriever were cut short
+    folds = tmp_path / "folds"
+    (folds / "fold0" / "behavior-behavior" / "ids" / "COMPLETE").unlink()
+    (folds / "fold1" / "train" / "COMPLETE").unlink()
+    kept = (folds / "fold0" / "train" / "COMPLETE").read_text()
+    epochs = (folds / "fold1" / "train" / "epochs.jsonl").read_text()
+    with pytest.raises(ValueError, match="made for .*'examples_last': 3"):
+        run_fold_retrievers(eager, 2, parent=folds, examples_last=3, resume=True)
+    again = run_fold_retrievers(eager, 2, parent=folds, examples_last=2, resume=True)
+    assert again == fold_dirs and (folds / "fold0" / "train" / "COMPLETE").read_text() == kept  # reused, not retrained
+    assert (folds / "fold0" / "behavior-behavior" / "ids" / "COMPLETE").is_file()  # made again
+    # fold 1 continued from its checkpoint (its one epoch was already done), and finished again
+    assert (fold_dirs[1] / "COMPLETE").is_file() and (fold_dirs[1] / "epochs.jsonl").read_text() == epochs
+    assert "fold1/train: resuming from its last checkpoint" in capsys.readouterr().out
+    with pytest.raises(FileExistsError):  # a new attempt never writes into an old one
+        run_fold_retrievers(eager, 2, parent=folds, examples_last=2)
 
     # a source that never saw the last 2 transitions of any user: its IDs are shared
     dropped = tmp_path / "sasrec-dropped"
