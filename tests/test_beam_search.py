@@ -43,9 +43,14 @@ class RandomModel:
             key = key * self.vocab[level] + prefix[:, level]
         return key
 
-    def __call__(self, prefix: torch.Tensor) -> torch.Tensor:
+    def __call__(self, prefix: torch.Tensor, parents: torch.Tensor | None) -> torch.Tensor:
         self.calls += 1
         R, t = prefix.shape
+        # each row extends the previous call's row ``parents[r]``: what a decoder's cache follows
+        assert (parents is None) == (t == 0)
+        if parents is not None:
+            assert torch.equal(prefix[:, :-1], self.previous[parents])
+        self.previous = prefix
         self.rows.append(R)
         row = torch.arange(R) // (R // B)  # beams are batch-major
         return self.logp[t][row, self.key(prefix)]  # (R, V_t)

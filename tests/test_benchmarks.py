@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import benchmarks.record
-from recsys.data import SyntheticConfig, generate_synthetic
+from recsys.data import InteractionData, SyntheticConfig, generate_synthetic
+from recsys.data.split import leave_one_out
 from recsys.text.store import EMBEDDINGS_FILE, write_embeddings
 
 
@@ -560,7 +561,27 @@ def test_dropout_step_times_both_masks_on_the_same_batches(data_and_embed, tmp_p
     assert set(metrics["s_per_step"]) == set(metrics["mask_ms_5_6M_bf16"]) == {"torch", "inverted"}
     assert all(len(times) == 2 and min(times) == pytest.approx(metrics["s_per_step"][name], abs=1e-4)
                for name, times in record["rounds_s_per_step"].items())
-    assert metrics["step_time_saved"] == pytest.approx(
-        1 - metrics["s_per_step"]["inverted"] / metrics["s_per_step"]["torch"], abs=0.002)
+    best = {name: min(times) for name, times in record["rounds_s_per_step"].items()}
+    assert metrics["step_time_saved"] == pytest.approx(1 - best["inverted"] / best["torch"], abs=0.001)
     with pytest.raises(SystemExit, match="leaves none to time"):
         dropout_step(["--data", str(data_dir), "--warmup", "50", "model.name=sasrec", "trainer.optim.batch_size=256"])
+
+
+def test_score_time_scores_the_first_users_and_saves_their_target_ranks(tmp_path):
+    from benchmarks.score_time import main as score_time
+    from pipelines.stages import run_train
+    from recsys.experiment import load_experiment
+    from recsys.training.checkpoint import load_model
+    from recsys.training.evaluate import target_ranks_of
+
+    run = run_train(load_experiment(None, [f"run.root={tmp_path / 'runs'}", "data.synthetic.n_users=120",
+                                           "data.synthetic.n_items=40", "model.name=sasrec", "model.d_model=16",
+                                           "model.n_layers=1", "model.d_ff=32", "trainer.optim.epochs=1",
+                                           "trainer.resources.use_ray=false", "data.max_history=10"]))
+    data_dir = json.loads((run / "config.json").read_text())["data_dir"]
+    out = score_time([str(run / "checkpoints" / "best"), "--data", data_dir, "--users", "40", "--threads", "1",
+                      "--max-history", "10", "--ranks", str(tmp_path / "ranks.npy")])
+    split = leave_one_out(InteractionData.load(data_dir), 10)
+    want = target_ranks_of(load_model(run / "checkpoints" / "best"), split.valid.subset(np.arange(40)))
+    assert out["users"] == 40 and out["seconds"] > 0
+    np.testing.assert_array_equal(np.load(tmp_path / "ranks.npy"), want)

@@ -6,7 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from recsys.models.layers import Attention, Block, Dropout, RelativeBias, attend, causal_mask, inverted_dropout, time_bucket
+from recsys.models.layers import (
+    Attention, Block, Dropout, RelativeBias, attend, causal_mask, decode_step, inverted_dropout, reorder_cache, time_bucket,
+)
 
 
 def reference(q, k, v, score, allowed, bias, norm=None):
@@ -117,3 +119,32 @@ def test_dropout_is_fixed_by_the_seed_shapes_any_tensor_and_is_identity_when_off
     for p in (-0.1, 1.5):
         with pytest.raises(ValueError, match="dropout probability must be in"):
             Dropout(p)
+
+
+def test_a_block_decodes_position_by_position_as_it_does_the_whole_causal_sequence():
+    """Block.step over positions 0..t with its keys and values cached equals forward(causal=True)
+    at each position; decoder rows fold onto their memory row (R = B * G), and reorder_cache makes
+    a row continue another row's prefix."""
+    torch.manual_seed(0)
+    B, G, T, S, D = 2, 3, 4, 5, 16
+    blocks = torch.nn.ModuleList(Block(D, 2, 32, 0.1, cross=True) for _ in range(2)).eval()
+    memory = torch.randn(B, S, D)
+    memory_mask = torch.ones(B, 1, 1, S, dtype=torch.bool)
+    memory_mask[1, ..., -2:] = False
+    kv = [block.cross.keys_values(memory) for block in blocks]
+    x = torch.randn(B * G, T, D)
+    full = x
+    for block, m in zip(blocks, kv):
+        full = block(full, causal=True, memory_kv=m, memory_mask=memory_mask)
+    cache = None
+    for t in range(T):
+        out, cache = decode_step(blocks, x[:, t:t + 1], cache, kv, memory_mask)
+        torch.testing.assert_close(out[:, 0], full[:, t], atol=1e-5, rtol=1e-5)
+    # rows that swap prefixes within each memory row continue from each other's caches
+    parents = torch.tensor([2, 0, 1, 4, 5, 3])
+    swapped = torch.cat([x[parents, :T], x[:, :1]], 1)  # each row's past is its parent's; a new last position
+    ref = swapped
+    for block, m in zip(blocks, kv):
+        ref = block(ref, causal=True, memory_kv=m, memory_mask=memory_mask)
+    out, _ = decode_step(blocks, x[:, :1], reorder_cache(cache, parents), kv, memory_mask)
+    torch.testing.assert_close(out[:, 0], ref[:, T], atol=1e-5, rtol=1e-5)

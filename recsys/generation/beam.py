@@ -1,7 +1,8 @@
 """Batched beam search constrained by the semantic-ID prefix trie; model-agnostic.
 
-A model supplies ``step_fn(prefix) -> log-probs`` for the next level (it keeps its encoder
-output cached); this module walks the trie so that only existing IDs can be produced. All of
+A model supplies ``step_fn(prefix, parents) -> log-probs`` for the next level (it keeps its
+encoder output cached, and may keep its decoder's per-position keys and values, reordered by
+``parents``); this module walks the trie so that only existing IDs can be produced. All of
 it runs on the trie's device with tensor ops (no per-row Python): the trie's CSR edges are
 expanded per beam with ``repeat_interleave`` and children are found by ``searchsorted`` over
 sorted ``(node, token)`` keys.
@@ -18,9 +19,11 @@ import torch
 
 from recsys.semantic_ids.index import TrieTable
 
-# prefix tokens (R, t) -> log-probabilities over level t's vocabulary (R, V_t); R = B * G batch-major,
-# G = 1 at t = 0 (each row's root is scored once) and G = width after
-StepFn = Callable[[torch.Tensor], torch.Tensor]
+# prefix tokens (R, t), parents -> log-probabilities over level t's vocabulary (R, V_t); R = B * G
+# batch-major, G = 1 at t = 0 (each row's root is scored once) and G = width after. parents (R,): the
+# row of the previous call's prefix that each row extends (None at t = 0), so that prefix[r, :-1] is
+# that call's prefix[parents[r]]: a decoder's cache of earlier positions follows its beams by it.
+StepFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 NEG_INF = float("-inf")
 
@@ -92,7 +95,7 @@ def beam_search(step_fn: StepFn, trie: TrieTable | TrieEdges, batch_size: int, k
                 exclude: torch.Tensor | None = None) -> BeamResult:
     """Decode the k most likely existing IDs per batch row.
 
-    step_fn: prefix (B * G, t) -> log-probs (B * G, V_t), called for t = 0 .. L, with G = 1 at
+    step_fn: prefix (B * G, t), parents -> log-probs (B * G, V_t), called for t = 0 .. L, with G = 1 at
       t = 0 (every row has one live beam, at the root, so the root is scored once per row and
       not once per beam) and G = width after; the sequence score is the sum of the chosen tokens'
       log-probs (disallowed tokens get -inf; nothing is renormalised, so scores are the model's
@@ -117,11 +120,12 @@ def beam_search(step_fn: StepFn, trie: TrieTable | TrieEdges, batch_size: int, k
     nodes = torch.zeros(R, dtype=torch.long, device=device)  # (R,) all at the root
     prefix = torch.zeros(R, 0, dtype=torch.long, device=device)  # (R, t)
     offset = (torch.arange(B, device=device) * width)[:, None]  # (B, 1)
+    parents = None
     for t in range(edges.n_levels):
         if t == 0:  # one live beam per row, at the root: score it once, copy it to the dead beams
-            logp = step_fn(prefix[::width]).float().repeat_interleave(width, dim=0)  # (R, V)
+            logp = step_fn(prefix[::width], None).float().repeat_interleave(width, dim=0)  # (R, V)
         else:
-            logp = step_fn(prefix).float()  # (R, V)
+            logp = step_fn(prefix, parents).float()  # (R, V)
         V = logp.shape[1]
         mask = allowed_tokens(edges, nodes, V)  # (R, V)
         cand = (scores.reshape(R, 1) + logp).masked_fill(~mask, NEG_INF).reshape(B, width * V)  # (B, W * V)
@@ -142,6 +146,7 @@ def beam_search(step_fn: StepFn, trie: TrieTable | TrieEdges, batch_size: int, k
             child = torch.where(top > NEG_INF, child, torch.full_like(child, -1))
         scores, nodes = top, child.reshape(-1)  # (B, W), (R,)
         prefix = torch.cat([prefix[rows], tokens[:, None]], 1)  # (R, t + 1)
+        parents = rows // width if t == 0 else rows  # rows of this call's prefix (B of them at t = 0)
     return _finish(edges, scores, nodes, prefix, k)
 
 

@@ -76,7 +76,9 @@ from torch import nn
 from recsys.config import require, require_choice, require_range
 from recsys.generation.beam import BeamResult, beam_search
 from recsys.models.base import Batch, Capabilities, GenerativeRetriever, LossOutput, Recommendation
-from recsys.models.layers import Block, DecoderStart, Dropout, decoder_start, last_item_linears
+from recsys.models.layers import (
+    Block, DecoderStart, Dropout, SelfKV, decode_step, decoder_start, last_item_linears, reorder_cache,
+)
 from recsys.models.vocabulary import ABSENT, IdTable, SemanticVocabulary
 
 SPACES = ("behavior", "semantic")  # stream ids 0 and 1 in FusedRecommendation.streams; 2 = both
@@ -214,6 +216,24 @@ class StreamDecoder(nn.Module):
             return x
         codes = x[:, :t + 1] + start.output.repeat_interleave(G, dim=0)[:, None].to(x.dtype)
         return torch.cat([codes, x[:, t + 1:]], 1)
+
+    def step(self, vocab: SemanticVocabulary, prefix: torch.Tensor, cache: list[SelfKV] | None, memory_kv: list,
+             memory_mask: torch.Tensor, start: DecoderStart) -> tuple[torch.Tensor, list[SelfKV]]:
+        """The state that predicts level t = prefix.shape[1], (R, D), computed for that position alone
+        from ``cache``, the keys and values of positions < t (None at t = 0; rows already following
+        their beams) -> the state and the cache with position t. Equals ``forward(...)[:, -1]``."""
+        R, t = prefix.shape
+        G = R // len(start.token)
+        if t == 0:
+            x = start.token.repeat_interleave(G, dim=0)[:, None]
+        else:
+            x = self.token_emb(vocab.tokens(prefix)[:, -1:])
+        x = self.drop(x.to(self.pos.weight.dtype) + self.pos.weight[t])  # (R, 1, D)
+        x, cache = decode_step(self.blocks, x, cache, memory_kv, memory_mask)
+        x = self.ln(x)[:, 0]
+        if start.output is not None:
+            x = x + start.output.repeat_interleave(G, dim=0).to(x.dtype)
+        return x, cache
 
     def code_log_probs(self, states: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """states (R, >= L + 1, D) from a prefix of the full ``codes`` (R, L + 1) -> log p of each
@@ -449,11 +469,15 @@ class Eager(GenerativeRetriever):
         decoder, vocab = self.decoders[space], self.vocabs[space]
         kv = decoder.memory_kv(memory)
         last = vocab.n_tokens - 1
+        cache: list[SelfKV] | None = None  # the decoder's keys and values of the positions so far
 
-        def step(prefix: torch.Tensor) -> torch.Tensor:  # (R, t) -> (R, V_t)
+        def step(prefix: torch.Tensor, parents: torch.Tensor | None) -> torch.Tensor:  # (R, t) -> (R, V_t)
+            nonlocal cache
             if prefix.shape[1] == last and self.config.collision_scoring == "content":
                 return torch.zeros(len(prefix), vocab.level_sizes[last], device=prefix.device)
-            h = decoder(vocab, prefix, kv, mask, start)[:, -1]
+            if parents is not None:
+                cache = reorder_cache(cache, parents)
+            h, cache = decoder.step(vocab, prefix, cache, kv, mask, start)
             return F.log_softmax(decoder.heads[prefix.shape[1]](h).float(), -1)
 
         return beam_search(step, vocab.trie, len(memory), k, self.beam_width(k), exclude=exclude)

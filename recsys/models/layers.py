@@ -191,12 +191,52 @@ class Block(nn.Module):
                 bias: torch.Tensor | None = None, memory_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
                 memory_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.drop(self.attn(self.ln1(x), mask=mask, causal=causal, bias=bias))
+        return self._cross_and_mlp(x, memory_kv, memory_mask)
+
+    def step(self, x: torch.Tensor, past: SelfKV | None, *, memory_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+             memory_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, SelfKV]:
+        """Incremental causal decoding: x (R, 1, D) the newest position, ``past`` the self-attention
+        keys and values of the earlier positions ((R, H, t, hd) each; None at the first) -> its
+        output (R, 1, D) and the keys and values with it appended. The same as ``forward`` with
+        ``causal=True`` over all t + 1 positions, read at the last one, in O(t) instead of O(t^2)."""
+        h = self.ln1(x)
+        k, v = self.attn.keys_values(h)
+        if past is not None:
+            k, v = torch.cat([past.keys, k], 2), torch.cat([past.values, v], 2)
+        x = x + self.drop(self.attn(h, (k, v)))  # the newest query may see every position: causal by construction
+        return self._cross_and_mlp(x, memory_kv, memory_mask), SelfKV(k, v)
+
+    def _cross_and_mlp(self, x: torch.Tensor, memory_kv: tuple[torch.Tensor, torch.Tensor] | None,
+                       memory_mask: torch.Tensor | None) -> torch.Tensor:
         if self.cross is not None:
             R, t, D = x.shape
             B = memory_kv[0].shape[0]
             h = self.ln_cross(x).reshape(B, R // B * t, D)
             x = x + self.drop(self.cross(h, memory_kv, mask=memory_mask).reshape(R, t, D))
         return x + self.drop(self.mlp(self.ln2(x)))
+
+
+class SelfKV(NamedTuple):
+    """One decoder block's self-attention keys and values of the positions decoded so far."""
+    keys: torch.Tensor  # (R, H, t, hd)
+    values: torch.Tensor
+
+
+def decode_step(blocks: nn.ModuleList, x: torch.Tensor, cache: list[SelfKV] | None, memory_kv: list,
+                memory_mask: torch.Tensor) -> tuple[torch.Tensor, list[SelfKV]]:
+    """One position (R, 1, D) through a stack of decoder blocks with their caches (None at the
+    first position) -> its output (R, 1, D) and the caches with it. A beam search reorders the
+    caches' rows to the surviving beams' parents (``reorder_cache``) before the next call."""
+    out = []
+    for i, (block, kv) in enumerate(zip(blocks, memory_kv)):
+        x, past = block.step(x, None if cache is None else cache[i], memory_kv=kv, memory_mask=memory_mask)
+        out.append(past)
+    return x, out
+
+
+def reorder_cache(cache: list[SelfKV], parents: torch.Tensor) -> list[SelfKV]:
+    """Each new beam row takes its parent row's keys and values; parents (R,) index the old rows."""
+    return [SelfKV(past.keys[parents], past.values[parents]) for past in cache]
 
 
 class CausalEncoder(nn.Module):

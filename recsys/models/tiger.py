@@ -62,7 +62,9 @@ from torch import nn
 from recsys.config import require, require_choice, require_range
 from recsys.generation.beam import beam_search
 from recsys.models.base import Batch, Capabilities, GenerativeRetriever, LossOutput, Recommendation
-from recsys.models.layers import Block, DecoderStart, Dropout, decoder_start, last_item_linears
+from recsys.models.layers import (
+    Block, DecoderStart, Dropout, SelfKV, decode_step, decoder_start, last_item_linears, reorder_cache,
+)
 from recsys.models.vocabulary import IdTable, SemanticVocabulary
 
 
@@ -289,6 +291,24 @@ class Tiger(GenerativeRetriever):
             return x
         return x + start.output.repeat_interleave(G, dim=0)[:, None].to(x.dtype)
 
+    def decode_step(self, prefix: torch.Tensor, cache: list[SelfKV] | None, memory_kv: list,
+                    memory_mask: torch.Tensor, start: DecoderStart) -> tuple[torch.Tensor, list[SelfKV]]:
+        """The state that predicts level t = prefix.shape[1], (R, D), computed for that position alone
+        from ``cache``, the keys and values of positions < t (None at t = 0; rows already following
+        their beams) -> the state and the cache with position t. Equals ``decode(...)[:, -1]``."""
+        R, t = prefix.shape
+        G = R // len(start.token)
+        if t == 0:
+            x = start.token.repeat_interleave(G, dim=0)[:, None]
+        else:
+            x = self.token_emb(self.vocab.tokens(prefix)[:, -1:])
+        x = self.drop(x.to(self.dec_pos.weight.dtype) + self.dec_pos.weight[t])  # (R, 1, D)
+        x, cache = decode_step(self.decoder, x, cache, memory_kv, memory_mask)
+        x = self.dec_ln(x)[:, 0]
+        if start.output is not None:
+            x = x + start.output.repeat_interleave(G, dim=0).to(x.dtype)
+        return x, cache
+
     def decoder_states(self, history: torch.Tensor, codes: torch.Tensor, users: torch.Tensor | None = None
                        ) -> torch.Tensor:
         """Teacher forcing: history (B, T), target IDs (B, L + 1) -> hidden states (B, L + 1, D)."""
@@ -345,12 +365,16 @@ class Tiger(GenerativeRetriever):
         kv, start = self.memory_kv(memory), self.start(batch.history)
 
         last = self.n_tokens - 1
+        cache: list[SelfKV] | None = None  # the decoder's keys and values of the positions so far
 
-        def step(prefix: torch.Tensor) -> torch.Tensor:  # (R, t) -> (R, V_t)
+        def step(prefix: torch.Tensor, parents: torch.Tensor | None) -> torch.Tensor:  # (R, t) -> (R, V_t)
+            nonlocal cache
             level = prefix.shape[1]
             if level == last and self.config.collision_scoring == "content":
                 return torch.zeros(len(prefix), self.level_sizes[last], device=prefix.device)
-            h = self.decode(prefix, kv, mask, start)[:, -1]
+            if parents is not None:
+                cache = reorder_cache(cache, parents)
+            h, cache = self.decode_step(prefix, cache, kv, mask, start)
             return F.log_softmax(self.logits(h, prefix).float(), dim=-1)
 
         out = beam_search(step, self.vocab.trie, len(batch.history), k, self.beam_width(k),
