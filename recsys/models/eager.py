@@ -77,7 +77,7 @@ from recsys.config import require, require_choice, require_range
 from recsys.generation.beam import BeamResult, beam_search
 from recsys.models.base import Batch, Capabilities, GenerativeRetriever, LossOutput, Recommendation
 from recsys.models.layers import (
-    Block, DecoderStart, Dropout, SelfKV, decode_step, decoder_start, last_item_linears, reorder_cache,
+    Block, DecoderParts, DecoderStart, Dropout, SelfKV, decoder_start, last_item_linears, next_state, reorder_cache,
 )
 from recsys.models.vocabulary import ABSENT, IdTable, SemanticVocabulary
 
@@ -219,21 +219,10 @@ class StreamDecoder(nn.Module):
 
     def step(self, vocab: SemanticVocabulary, prefix: torch.Tensor, cache: list[SelfKV] | None, memory_kv: list,
              memory_mask: torch.Tensor, start: DecoderStart) -> tuple[torch.Tensor, list[SelfKV]]:
-        """The state that predicts level t = prefix.shape[1], (R, D), computed for that position alone
-        from ``cache``, the keys and values of positions < t (None at t = 0; rows already following
-        their beams) -> the state and the cache with position t. Equals ``forward(...)[:, -1]``."""
-        R, t = prefix.shape
-        G = R // len(start.token)
-        if t == 0:
-            x = start.token.repeat_interleave(G, dim=0)[:, None]
-        else:
-            x = self.token_emb(vocab.tokens(prefix)[:, -1:])
-        x = self.drop(x.to(self.pos.weight.dtype) + self.pos.weight[t])  # (R, 1, D)
-        x, cache = decode_step(self.blocks, x, cache, memory_kv, memory_mask)
-        x = self.ln(x)[:, 0]
-        if start.output is not None:
-            x = x + start.output.repeat_interleave(G, dim=0).to(x.dtype)
-        return x, cache
+        """Incremental decoding (``next_state``): the state that predicts level prefix.shape[1], (R, D),
+        and the cache with its position. Equals ``forward(...)[:, -1]``."""
+        parts = DecoderParts(self.token_emb, self.pos.weight, self.drop, self.blocks, self.ln)
+        return next_state(parts, vocab.tokens(prefix), cache, memory_kv, memory_mask, start)
 
     def code_log_probs(self, states: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """states (R, >= L + 1, D) from a prefix of the full ``codes`` (R, L + 1) -> log p of each

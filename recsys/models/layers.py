@@ -234,6 +234,32 @@ def decode_step(blocks: nn.ModuleList, x: torch.Tensor, cache: list[SelfKV] | No
     return x, out
 
 
+class DecoderParts(NamedTuple):
+    """What incremental decoding reads of a generative decoder (TIGER's, each EAGER stream's)."""
+    token_emb: nn.Embedding
+    pos: torch.Tensor  # (positions, D) position embeddings
+    drop: nn.Module
+    blocks: nn.ModuleList
+    ln: nn.LayerNorm
+
+
+def next_state(parts: DecoderParts, tokens: torch.Tensor, cache: list[SelfKV] | None, memory_kv: list,
+               memory_mask: torch.Tensor, start: DecoderStart) -> tuple[torch.Tensor, list[SelfKV]]:
+    """tokens (R, t): the prefix's token rows, R = B * G batch-major -> the state that predicts level
+    t, (R, D), computed for that position alone (the start token at t = 0, else the newest token)
+    from ``cache``, the keys and values of positions < t (None at t = 0; rows already following
+    their beams), and the cache with position t. Equals the decoder's full causal pass at position t."""
+    R, t = tokens.shape
+    G = R // len(start.token)
+    x = start.token.repeat_interleave(G, dim=0)[:, None] if t == 0 else parts.token_emb(tokens[:, -1:])
+    x = parts.drop(x.to(parts.pos.dtype) + parts.pos[t])  # (R, 1, D)
+    x, cache = decode_step(parts.blocks, x, cache, memory_kv, memory_mask)
+    x = parts.ln(x)[:, 0]
+    if start.output is not None:
+        x = x + start.output.repeat_interleave(G, dim=0).to(x.dtype)
+    return x, cache
+
+
 def reorder_cache(cache: list[SelfKV], parents: torch.Tensor) -> list[SelfKV]:
     """Each new beam row takes its parent row's keys and values; parents (R,) index the old rows."""
     return [SelfKV(past.keys[parents], past.values[parents]) for past in cache]

@@ -63,7 +63,7 @@ from recsys.config import require, require_choice, require_range
 from recsys.generation.beam import beam_search
 from recsys.models.base import Batch, Capabilities, GenerativeRetriever, LossOutput, Recommendation
 from recsys.models.layers import (
-    Block, DecoderStart, Dropout, SelfKV, decode_step, decoder_start, last_item_linears, reorder_cache,
+    Block, DecoderParts, DecoderStart, Dropout, SelfKV, decoder_start, last_item_linears, next_state, reorder_cache,
 )
 from recsys.models.vocabulary import IdTable, SemanticVocabulary
 
@@ -293,21 +293,10 @@ class Tiger(GenerativeRetriever):
 
     def decode_step(self, prefix: torch.Tensor, cache: list[SelfKV] | None, memory_kv: list,
                     memory_mask: torch.Tensor, start: DecoderStart) -> tuple[torch.Tensor, list[SelfKV]]:
-        """The state that predicts level t = prefix.shape[1], (R, D), computed for that position alone
-        from ``cache``, the keys and values of positions < t (None at t = 0; rows already following
-        their beams) -> the state and the cache with position t. Equals ``decode(...)[:, -1]``."""
-        R, t = prefix.shape
-        G = R // len(start.token)
-        if t == 0:
-            x = start.token.repeat_interleave(G, dim=0)[:, None]
-        else:
-            x = self.token_emb(self.vocab.tokens(prefix)[:, -1:])
-        x = self.drop(x.to(self.dec_pos.weight.dtype) + self.dec_pos.weight[t])  # (R, 1, D)
-        x, cache = decode_step(self.decoder, x, cache, memory_kv, memory_mask)
-        x = self.dec_ln(x)[:, 0]
-        if start.output is not None:
-            x = x + start.output.repeat_interleave(G, dim=0).to(x.dtype)
-        return x, cache
+        """Incremental decoding (``next_state``): the state that predicts level prefix.shape[1], (R, D),
+        and the cache with its position. Equals ``decode(...)[:, -1]``."""
+        parts = DecoderParts(self.token_emb, self.dec_pos.weight, self.drop, self.decoder, self.dec_ln)
+        return next_state(parts, self.vocab.tokens(prefix), cache, memory_kv, memory_mask, start)
 
     def decoder_states(self, history: torch.Tensor, codes: torch.Tensor, users: torch.Tensor | None = None
                        ) -> torch.Tensor:
