@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.record import dataset_name, machine_note, run_dataset, write_record  # noqa: E402
+from benchmarks.record import dataset_name, machine_note, protocol, run_dataset, write_record  # noqa: E402
 from pipelines.cli import ids_runs_by_space, split_config_args  # noqa: E402
 from recsys.data.schema import InteractionData  # noqa: E402
 from recsys.data.split import leave_one_out  # noqa: E402
@@ -108,6 +108,7 @@ def main(argv: list[str]) -> None:
     dataset = dataset_name(exp.to_dict()["data"]) if dataset == "unknown" else dataset
     path = write_record(f"dropout-step-{args.name}" if args.name else "dropout-step", model=exp.model_name,
                         dataset=dataset, config=exp.to_dict(), wall_s=time.perf_counter() - start, metrics=metrics,
+                        protocol=protocol(exclude_history=False, selected_on="none"),  # training steps only: nothing ranked or selected
                         extra={"rounds_s_per_step": rounds, "steps": args.steps, "warmup": args.warmup,
                                "batch_size": cfg.optim.batch_size, "precision": trainer.precision,
                                "data_run": str(args.data), "ids_runs": args.ids or [],
