@@ -108,7 +108,8 @@ def main(argv: list[str]) -> None:
     dataset = dataset_name(exp.to_dict()["data"]) if dataset == "unknown" else dataset
     path = write_record(f"dropout-step-{args.name}" if args.name else "dropout-step", model=exp.model_name,
                         dataset=dataset, config=exp.to_dict(), wall_s=time.perf_counter() - start, metrics=metrics,
-                        protocol=protocol(exclude_history=False, selected_on="none"),  # training steps only: nothing ranked or selected
+                        # timed training steps only: nothing is ranked or selected
+                        protocol=protocol(exclude_history=False, selected_on="none"),
                         extra={"rounds_s_per_step": rounds, "steps": args.steps, "warmup": args.warmup,
                                "batch_size": cfg.optim.batch_size, "precision": trainer.precision,
                                "data_run": str(args.data), "ids_runs": args.ids or [],
