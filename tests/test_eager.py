@@ -36,6 +36,8 @@ def two_spaces() -> dict[str, IdTable]:
 
 
 LAST_ITEM = dict(last_item_start=True, last_item_output=True)
+PREFIX_OUTPUTS = dict(prefix_outputs=True)
+VARIANTS = {"plain": {}, "last-item": LAST_ITEM, "prefix-outputs": PREFIX_OUTPUTS}
 
 
 def make_model(seed: int = 0, **overrides) -> Eager:
@@ -46,6 +48,8 @@ def make_model(seed: int = 0, **overrides) -> Eager:
     for decoder in model.decoders.values():
         if decoder.last_output is not None:
             torch.nn.init.normal_(decoder.last_output.weight, std=0.5)
+        if decoder.out_nodes is not None:  # node 0 (no node) stays the zero row
+            torch.nn.init.normal_(decoder.out_nodes.weight[1:], std=0.5)
     return model
 
 
@@ -105,10 +109,10 @@ def test_shapes_and_loss_parts():
     assert not any(n.startswith("stt") for n in make_model(stt=False).loss(batch).parts)
 
 
-@pytest.mark.parametrize("last_item", [False, True])
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("space", ["behavior", "semantic"])
-def test_each_stream_decodes_only_existing_ids_and_its_beam_equals_exhaustive_scoring(space, last_item):
-    model = make_model(beam_size=N_ITEMS, **(LAST_ITEM if last_item else {}))
+def test_each_stream_decodes_only_existing_ids_and_its_beam_equals_exhaustive_scoring(space, variant):
+    model = make_model(beam_size=N_ITEMS, **VARIANTS[variant])
     model.eval()
     history = make_batch().history
     vocab = model.vocabulary(space)
@@ -308,9 +312,9 @@ def test_the_last_item_path_starts_each_decoder_from_the_newest_item_and_is_off_
         assert decoder.last_start.weight.grad.abs().sum() > 0 and decoder.last_output.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("last_item", [False, True])
-def test_a_checkpoint_recommends_the_same_and_refuses_to_train_without_its_vectors(tmp_path, last_item):
-    model = make_model(**(LAST_ITEM if last_item else {}))
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_checkpoint_recommends_the_same_and_refuses_to_train_without_its_vectors(tmp_path, variant):
+    model = make_model(**VARIANTS[variant])
     model.eval()
     save_checkpoint(tmp_path / "ckpt", model, "eager")
     meta = json.loads((tmp_path / "ckpt" / "model.json").read_text())
@@ -572,3 +576,42 @@ def test_content_collision_scoring_ranks_a_registered_item_beside_the_item_whose
     torch.testing.assert_close(rec.scores[rec.items == new_id], content[:, 1] + content[:, 1] / 3 * 2)
     with pytest.raises(ValueError, match="model.collision_scoring"):
         EagerConfig(**{**TINY, "collision_scoring": "uniform"})
+
+
+def test_prefix_outputs_score_each_child_by_its_own_node_and_a_registered_item_by_its_codes(tmp_path):
+    """With ``prefix_outputs`` a level's logit adds h . e(node the token leads to from the prefix):
+    one code under two parents scores by two vectors. An item registered later has no node of its
+    own (its collision token leads to node 0, the zero row) and scores by its code head alone; a
+    checkpoint carries the nodes as trained, so it reloads with the registration and decodes the same."""
+    model = make_model(**PREFIX_OUTPUTS)
+    model.eval()
+    vocab, decoder = model.vocabulary("semantic"), model.decoders["semantic"]
+    codes = vocab.item_codes[1:]
+    parents = codes[:, 0].unique()
+    assert len(parents) >= 2
+    prefix = parents[:2, None]  # (2, 1): level 1 under two parents
+    h = torch.randn(1, 32).expand(2, -1)
+    logits = decoder.logits(vocab, h, prefix)
+    child = vocab.child_nodes(prefix)  # (2, V)
+    torch.testing.assert_close(logits[:, :child.shape[1]], decoder.heads[1](h)[:, :child.shape[1]]
+                               + (decoder.out_nodes(child) * h[:, None]).sum(-1))
+    known = (child[0] > 0) & (child[1] > 0)
+    assert known.any() and not torch.allclose(logits[0, known], logits[1, known])  # same codes, own nodes
+    plain = make_model()
+    plain.eval()
+    assert plain.decoders["semantic"].out_nodes is None
+    new = torch.tensor([[3, 3, 3, 15]])  # collision code 15 was never a target: a new node, 0
+    model.register_items(torch.tensor([N_ITEMS + 1]), {"semantic": new})
+    assert vocab.item_nodes[N_ITEMS + 1, -1] == 0 and vocab.item_nodes[N_ITEMS + 1, 0] > 0
+    h = torch.randn(1, 32)
+    last = decoder.logits(vocab, h, new[:, :3])
+    torch.testing.assert_close(last[0, 15], decoder.heads[3](h)[0, 15])
+    history = make_batch().history
+    history[0, -1] = N_ITEMS + 1
+    save_checkpoint(tmp_path / "ckpt", model, "eager")
+    loaded = load_model(tmp_path / "ckpt")
+    for space in ("behavior", "semantic"):
+        assert torch.equal(loaded.vocabulary(space).item_nodes, model.vocabulary(space).item_nodes)
+    assert loaded.vocabulary("behavior").item_nodes[N_ITEMS + 1].tolist() == [0, 0, 0]  # no behaviour ID, no node
+    batch = Batch(history=history)
+    assert torch.equal(loaded.recommend(batch, N_ITEMS + 1).items, model.recommend(batch, N_ITEMS + 1).items)

@@ -40,7 +40,10 @@ Departures from the paper and the official code:
   own item rows and runs the shared encoder once per stream. ``encoder_input: codes`` reads each
   item as the sum of its code tokens in both spaces (the decoders' token tables) instead.
 - Decoders have a linear head per level over that level's codes (as our TIGER), where the
-  official code ties outputs to input embeddings and numbers level-2 tokens per parent.
+  official code ties outputs to input embeddings and numbers level-2 tokens per parent. With
+  ``prefix_outputs`` each child of the decoded prefix also scores by its own trie node's embedding
+  (a table per decoder, not tied to the inputs), the per-parent freedom of the official numbering;
+  an item registered after training has no node of its own and scores by its codes alone.
 - IDs carry our collision level (L codes + 1), so each stream decodes L + 1 tokens.
 - Optional last-item path (``last_item_start``, ``last_item_output``; neither paper nor code has
   it): each decoder's start token adds a projection of the newest history item as the encoder
@@ -78,6 +81,7 @@ from recsys.generation.beam import BeamResult, beam_search
 from recsys.models.base import Batch, Capabilities, GenerativeRetriever, LossOutput, Recommendation
 from recsys.models.layers import (
     Block, DecoderParts, DecoderStart, Dropout, SelfKV, decoder_start, last_item_linears, next_state, reorder_cache,
+    with_child_scores,
 )
 from recsys.models.vocabulary import ABSENT, IdTable, SemanticVocabulary
 
@@ -124,6 +128,11 @@ class EagerConfig:
     # each decoder's output states add a second projection of it (zero at init): a bilinear last
     # item x next code term in every level's logits, past the decoder
     last_item_output: bool = False
+    # each decoder scores every child of the decoded prefix by an embedding of that child's trie node
+    # too (TIGER's prefix outputs, with a node table of the decoder's own): a level's code no longer
+    # shares one output vector across all parents, and the last level scores each item by its own
+    # vector. The official code numbers level-2 tokens per parent, which gives the same freedom.
+    prefix_outputs: bool = False
 
     def __post_init__(self):
         require_range("model.d_model", self.d_model, 1, 4096)
@@ -147,7 +156,7 @@ class EagerConfig:
         require(0.0 < self.stt_mask_ratio <= 1.0,
                 f"model.stt_mask_ratio={self.stt_mask_ratio} is out of range; allowed: 0 < ratio <= 1")
         require_choice("model.fusion", self.fusion, FUSIONS)
-        for flag in ("last_item_start", "last_item_output"):
+        for flag in ("last_item_start", "last_item_output", "prefix_outputs"):
             value = getattr(self, flag)
             require(isinstance(value, bool), f"model.{flag} must be true or false, got {value!r}")
         require_choice("model.streams", self.streams, TRAINED_STREAMS)
@@ -184,10 +193,15 @@ class StreamDecoder(nn.Module):
                                     for _ in range(config.n_decoder_layers))
         self.ln, self.drop = nn.LayerNorm(D), Dropout(config.dropout)
         self.heads = nn.ModuleList(nn.Linear(D, v) for v in vocab.level_sizes)
+        # prefix_outputs: node 0 (no node: a prefix first seen after training) is the zero padding row
+        self.out_nodes = nn.Embedding(vocab.n_nodes, D, padding_idx=0) if config.prefix_outputs else None
         self.project = nn.Linear(D, vector_dim) if vector_dim else None
         self.last_start, self.last_output = last_item_linears(D, config.last_item_start, config.last_item_output)
         for p in (self.token_emb.weight, self.pos.weight, self.bos, self.summary):
             nn.init.normal_(p, std=0.02)
+        if self.out_nodes is not None:
+            nn.init.normal_(self.out_nodes.weight, std=0.02)
+            self.out_nodes.weight.data[0] = 0
 
     def memory_kv(self, memory: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [block.cross.keys_values(memory) for block in self.blocks]
@@ -224,11 +238,19 @@ class StreamDecoder(nn.Module):
         parts = DecoderParts(self.token_emb, self.pos.weight, self.drop, self.blocks, self.ln)
         return next_state(parts, vocab.tokens(prefix), cache, memory_kv, memory_mask, start)
 
-    def code_log_probs(self, states: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    def logits(self, vocab: SemanticVocabulary, h: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+        """h (R, D) states for level t = prefix.shape[1], prefix (R, t) -> logits (R, V_t): the level's
+        code head, plus with ``prefix_outputs`` h . e(child node) for every child of the prefix."""
+        out = self.heads[prefix.shape[1]](h)
+        if self.out_nodes is None:
+            return out
+        return with_child_scores(out, h, vocab.child_nodes(prefix), self.out_nodes)
+
+    def code_log_probs(self, vocab: SemanticVocabulary, states: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """states (R, >= L + 1, D) from a prefix of the full ``codes`` (R, L + 1) -> log p of each
         code given the ones before it, (R, L + 1)."""
-        return torch.cat([F.log_softmax(head(states[:, l]).float(), -1).gather(1, codes[:, l:l + 1])
-                          for l, head in enumerate(self.heads)], 1)
+        return torch.cat([F.log_softmax(self.logits(vocab, states[:, l], codes[:, :l]).float(), -1)
+                          .gather(1, codes[:, l:l + 1]) for l in range(len(self.heads))], 1)
 
 
 class SemanticGuidedTransfer(nn.Module):
@@ -301,7 +323,8 @@ class Eager(GenerativeRetriever):
     def __init__(self, config: EagerConfig, n_items: int, max_len: int, *, ids: dict[str, IdTable] | None = None,
                  vector_dims: dict[str, int] | None = None, trained_items: int | None = None):
         self.require_ids(ids)
-        vocabs = {space: SemanticVocabulary(ids[space], n_items, collision_vocab=config.collision_vocab, space=space)
+        vocabs = {space: SemanticVocabulary(ids[space], n_items, collision_vocab=config.collision_vocab, space=space,
+                                            prefix_nodes=config.prefix_outputs, child_tables=config.prefix_outputs)
                   for space in SPACES}
         super().__init__(n_items, max_len, vocabs)
         self.config, D = config, config.d_model
@@ -347,7 +370,7 @@ class Eager(GenerativeRetriever):
             if list(table.shape) != list(recorded[space]["shape"]):
                 raise ValueError(f"the {space} ID table has shape {list(table.shape)}, model.json says "
                                  f"{recorded[space]['shape']}")
-            ids[space] = IdTable(table, recorded[space]["level_sizes"])
+            ids[space] = IdTable(table, recorded[space]["level_sizes"], weights.get(f"vocabs.{space}.item_nodes"))
         return {"ids": ids, "vector_dims": context["vector_dims"], "trained_items": context["trained_items"]}
 
     # --- encoder and decoders -----------------------------------------------------------
@@ -419,7 +442,7 @@ class Eager(GenerativeRetriever):
             vocab = self.vocabs[space]
             codes = vocab.item_codes[target]  # (B, L + 1)
             states = decoder(vocab, codes, decoder.memory_kv(memory), mask, starts[space], summary=True)  # (B, L+3, D)
-            gen = (-decoder.code_log_probs(states, codes).mean(1) * keep).sum() / count
+            gen = (-decoder.code_log_probs(vocab, states, codes).mean(1) * keep).sum() / count
             parts[f"gen_{space}"], total = gen, total + gen
             summaries[space] = states[:, -1]
             if self.config.gct != "off":
@@ -467,7 +490,7 @@ class Eager(GenerativeRetriever):
             if parents is not None:
                 cache = reorder_cache(cache, parents)
             h, cache = decoder.step(vocab, prefix, cache, kv, mask, start)
-            return F.log_softmax(decoder.heads[prefix.shape[1]](h).float(), -1)
+            return F.log_softmax(decoder.logits(vocab, h, prefix).float(), -1)
 
         return beam_search(step, vocab.trie, len(memory), k, self.beam_width(k), exclude=exclude)
 
@@ -484,7 +507,7 @@ class Eager(GenerativeRetriever):
         found = (items >= 1) & vocab.has_id(items.clamp(min=0))
         codes = vocab.item_codes[items.clamp(min=0)].clamp(min=0).reshape(-1, vocab.n_tokens)  # (B * G, L + 1)
         states = decoder(vocab, codes[:, :-1], decoder.memory_kv(memory), mask, start)
-        per_code = decoder.code_log_probs(states, codes)  # (B * G, L + 1)
+        per_code = decoder.code_log_probs(vocab, states, codes)  # (B * G, L + 1)
         if self.config.collision_scoring == "content":
             per_code = per_code[:, :-1]
         out = per_code.sum(1).reshape(items.shape)

@@ -408,3 +408,14 @@ def decoder_start(bos: torch.Tensor, item: torch.Tensor, present: torch.Tensor,
     (a bilinear last item x scored code term in every logit). Either projection may be None (off)."""
     token = bos + start(item) * present if start is not None else bos.expand(len(item), -1)
     return DecoderStart(token, output(item) * present if output is not None else None)
+
+
+def with_child_scores(logits: torch.Tensor, h: torch.Tensor, child: torch.Tensor, nodes: nn.Embedding) -> torch.Tensor:
+    """Prefix outputs: logits (R, V_t) of a level's code head, decoder states h (R, D), child (R, V_known)
+    the trie node each known token leads to from each row's prefix (0: none, a zero row of ``nodes``) ->
+    the logits plus h . e(child node), so every child of a prefix scores by a vector of its own, not
+    only by a code vector shared by all parents. Gathered in chunks of at most 2^23 floats."""
+    step = max(1, (1 << 23) // (child.shape[1] * h.shape[1]))
+    bias = torch.cat([torch.einsum("rvd,rd->rv", nodes(child[i:i + step]).to(h.dtype), h[i:i + step])
+                      for i in range(0, len(h), step)])
+    return torch.cat([logits[:, :bias.shape[1]] + bias, logits[:, bias.shape[1]:]], 1)

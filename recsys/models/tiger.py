@@ -64,6 +64,7 @@ from recsys.generation.beam import beam_search
 from recsys.models.base import Batch, Capabilities, GenerativeRetriever, LossOutput, Recommendation
 from recsys.models.layers import (
     Block, DecoderParts, DecoderStart, Dropout, SelfKV, decoder_start, last_item_linears, next_state, reorder_cache,
+    with_child_scores,
 )
 from recsys.models.vocabulary import IdTable, SemanticVocabulary
 
@@ -315,10 +316,7 @@ class Tiger(GenerativeRetriever):
         child = self.vocab.child_nodes(prefix)  # (R, V_known)
         if drop_nodes is not None:
             child = child * ~drop_nodes[:, None]
-        step = max(1, (1 << 23) // (child.shape[1] * h.shape[1]))  # bound the (rows, V, D) gather
-        bias = torch.cat([torch.einsum("rvd,rd->rv", self.output_nodes(child[i:i + step]).to(h.dtype), h[i:i + step])
-                          for i in range(0, len(h), step)])
-        return torch.cat([out[:, :bias.shape[1]] + bias, out[:, bias.shape[1]:]], 1)
+        return with_child_scores(out, h, child, self.output_nodes)
 
     def token_log_probs(self, history: torch.Tensor, items: torch.Tensor, users: torch.Tensor | None = None
                         ) -> torch.Tensor:

@@ -37,12 +37,14 @@ def semantic_id_table(index: SemanticIdIndex, n_items: int) -> torch.Tensor:
 
 def prefix_node_table(table: torch.Tensor) -> torch.Tensor:
     """(n_items + 1, L + 1) full IDs -> (n_items + 1, L + 1) prefix-node ids: entry (i, l) numbers
-    the distinct prefix ``table[i, :l + 1]``, from 1 over all levels; row 0 (padding) is 0."""
+    the distinct prefix ``table[i, :l + 1]``, from 1 over all levels; row 0 (padding) and the rows of
+    items with no ID in the space (``ABSENT``) are 0."""
     nodes = torch.zeros_like(table)
+    present = torch.cat([torch.zeros(1, dtype=torch.bool), (table[1:] >= 0).all(1)])  # an ABSENT row has no node
     start = 1
     for level in range(table.shape[1]):
-        _, inverse = torch.unique(table[1:, :level + 1], dim=0, return_inverse=True)
-        nodes[1:, level] = inverse + start
+        _, inverse = torch.unique(table[present, :level + 1], dim=0, return_inverse=True)
+        nodes[present, level] = inverse + start
         start += int(inverse.max()) + 1
     return nodes
 
@@ -63,7 +65,8 @@ def child_node_tables(table: torch.Tensor, nodes: torch.Tensor) -> tuple[list[to
     none (no learned embedding). Level 0 has one row, the root; the row of a level-l node n is
     ``n - starts[l] + 1``, and row 0 (an unknown parent: a prefix first seen after training)
     holds zeros. ``table`` and ``nodes`` are (n_items + 1, L + 1) with row 0 padding."""
-    codes, ids = table[1:], nodes[1:]
+    present = (table[1:] >= 0).all(1)  # an item with no ID in this space (ABSENT) leads nowhere
+    codes, ids = table[1:][present], nodes[1:][present]
     starts = [int(ids[:, l][ids[:, l] > 0].min()) if (ids[:, l] > 0).any() else 1 for l in range(table.shape[1])]
     tables, rows = [], torch.zeros(len(codes), dtype=torch.long)
     for level in range(table.shape[1]):
