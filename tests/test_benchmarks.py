@@ -247,7 +247,7 @@ def test_validation_curves_compare_runs_on_validation_only(tmp_path, monkeypatch
         run = tmp_path / name
         run.mkdir()
         # the ids runs were computed differently (Ray or not): not a setting of the runs
-        config = {"model": {"name": "tiger", "dropout": dropout}, "trainer": {"epochs": 3}, "run": {"name": name},
+        config = {"model": {"name": "tiger", "dropout": dropout}, "trainer": {"optim": {"epochs": 3}}, "run": {"name": name},
                   "ids": {"method": "hkmeans", "use_ray": name == "a"}, "data": {"format": "synthetic"},
                   "eval": {"exclude_history": True}}
         (run / "config.json").write_text(json.dumps(config))
