@@ -141,7 +141,8 @@ CASES = [
                             "dropout": 0.1, "log_q": "streaming"},
               history_probe(lambda m, h: m.encode(h))),
     ModelCase("eager", TINY_EAGER, eager_probe, two_stream_context),
-    ModelCase("eager-last-item", {**TINY_EAGER, "last_item_start": True, "last_item_output": True},
+    ModelCase("eager-last-item-prefix-outputs",  # configs/beauty-eager.yaml's variant
+              {**TINY_EAGER, "last_item_start": True, "last_item_output": True, "prefix_outputs": True},
               eager_probe, two_stream_context),
     ModelCase("two-tower-counts", {"name": "two_tower", "d_model": 32, "n_layers": 1, "d_ff": 64, "log_q": "counts"},
               history_probe(lambda m, h: m.encode(h))),
