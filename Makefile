@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(BIN)/recsys demo configs/demo.yaml --baseline configs/demo-sasrec.yaml $(ARGS)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python tests/suite.py
 
 clean:
 	rm -rf runs .pytest_cache

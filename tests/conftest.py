@@ -3,8 +3,11 @@
 
 import os
 import socket
+import sys
 
 import pytest
+
+pytest_plugins = ["pytester"]
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
@@ -14,6 +17,35 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 # (a one-worker RQ-VAE fit: 31.6 s -> 21.3 s at 0.2 s). Read by the controller actor, which
 # inherits this environment from the Ray the session starts (or the `ray start` of test_cluster).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+# Ray starts its workers at nice 15 (RAY_worker_niceness), barely above the nice 19 at which
+# `make test` runs the tests not marked `ray` beside the Ray ones (tests/suite.py): at 15 against
+# 19 the CPU is shared about 70/30 and the Ray tests, the critical path, slow down. At 0 the other
+# tests take only the cycles the Ray tests leave idle.
+os.environ.setdefault("RAY_worker_niceness", "0")
+
+
+def ray_running() -> bool:
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
+def pytest_collection_modifyitems(config, items):
+    """`make test` runs the tests not marked ``ray`` beside the Ray ones (tests/suite.py): none of
+    them may use the shared Ray instance."""
+    unmarked = [item.nodeid for item in items
+                if "ray_session" in getattr(item, "fixturenames", ()) and item.get_closest_marker("ray") is None]
+    if unmarked:
+        raise pytest.UsageError(f"these tests use ray_session but are not marked `ray`: {unmarked}")
+
+
+@pytest.fixture(autouse=True)
+def ray_only_where_marked(request):
+    """Fails a test not marked ``ray`` that leaves Ray started in this process: such a test would
+    start a second Ray instance beside the Ray tests' under `make test` (tests/suite.py)."""
+    before = ray_running()
+    yield
+    if not before and ray_running() and request.node.get_closest_marker("ray") is None:
+        pytest.fail(f"{request.node.nodeid} started Ray but is not marked `ray` (pytestmark = pytest.mark.ray)")
 
 
 def free_port() -> int:

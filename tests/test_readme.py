@@ -46,4 +46,4 @@ def test_demo_runs_the_demo_on_configs_that_load_offline():
     assert exp.data.format == "synthetic" and exp.data.path is None  # embedded, needs no download
     assert base.data == exp.data  # the baseline trains on the demo's data run
     assert (exp.model_name, base.model_name) == ("tiger", "sasrec")
-    assert "python -m pytest" in make_dry_run("test")
+    assert "python tests/suite.py" in make_dry_run("test")

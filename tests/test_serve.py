@@ -159,7 +159,7 @@ def wait_ready(url: str, timeout_s: float = 120) -> None:
         except requests.ConnectionError:
             pass
         assert time.time() < deadline, f"the Serve app at {url} did not come up in {timeout_s} s"
-        time.sleep(0.5)
+        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
@@ -193,8 +193,9 @@ def serve_urls(runs, store_path):
     tiger = build_app(tiger_args(runs, store_path))
     ann = build_app({"run_dir": str(runs["sasrec"]), "num_replicas": 1, "replica_cpus": 0.25,
                      "retrieval": "ann", "ann_index": "Flat"})
-    serve.run(tiger, name="retriever", route_prefix="/", blocking=False)
-    serve.run(ann, name="ann", route_prefix="/ann", blocking=False)
+    # both at once: their replicas start side by side instead of one app after the other
+    serve.run_many([serve.RunTarget(tiger, name="retriever", route_prefix="/"),
+                    serve.RunTarget(ann, name="ann", route_prefix="/ann")])
     wait_ready(url)
     wait_ready(f"{url}/ann")
     yield {"tiger": url, "ann": f"{url}/ann"}

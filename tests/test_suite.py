@@ -1,0 +1,47 @@
+"""`make test` (tests/suite.py) runs the tests marked ``ray`` and the rest side by side; conftest
+keeps the partition honest: a test that is not marked ``ray`` may neither use the shared Ray
+instance nor start Ray."""
+
+from pathlib import Path
+
+import pytest
+
+from suite import NO_TESTS_COLLECTED, combined_status
+
+CONFTEST = (Path(__file__).parent / "conftest.py").read_text()
+
+
+@pytest.mark.parametrize("ray, rest, expected", [(0, 0, 0), (1, 0, 1), (0, 1, 1), (2, 1, 2),
+                                                  (NO_TESTS_COLLECTED, 0, 0), (0, NO_TESTS_COLLECTED, 0),
+                                                  (NO_TESTS_COLLECTED, 1, 1),
+                                                  (NO_TESTS_COLLECTED, NO_TESTS_COLLECTED, NO_TESTS_COLLECTED)])
+def test_the_suite_fails_when_either_part_fails_and_an_empty_part_is_not_a_failure(ray, rest, expected):
+    assert combined_status(ray, rest) == expected
+
+
+def test_a_test_that_uses_the_shared_ray_but_is_not_marked_ray_is_refused_at_collection(pytester):
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(test_unmarked="def test_uses_ray(ray_session):\n    pass\n")
+    result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "use ray_session but are not marked `ray`: ['test_unmarked.py::test_uses_ray']" in result.stderr.str()
+
+
+def test_a_test_that_starts_ray_but_is_not_marked_ray_fails(pytester):
+    # a stand-in for `ray` in a fresh interpreter: the check reads only ray.is_initialized()
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(test_starts="""
+import sys, types
+
+import pytest
+
+def test_starts_ray():
+    sys.modules["ray"] = types.SimpleNamespace(is_initialized=lambda: True)
+
+@pytest.mark.ray
+def test_marked_may():
+    sys.modules["ray"] = types.SimpleNamespace(is_initialized=lambda: True)
+""")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-o", "markers=ray: r")
+    result.assert_outcomes(passed=2, errors=1)
+    result.stdout.fnmatch_lines(["*test_starts.py::test_starts_ray started Ray but is not marked `ray`*"])
