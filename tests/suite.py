@@ -45,13 +45,16 @@ def main(args: list[str]) -> int:
         # its own cache dir, so the two processes never write the same lastfailed file
         rest = subprocess.Popen([*PYTEST, "-m", "not ray", "-o", "cache_dir=.pytest_cache/not-ray", *args],
                                 stdout=log, stderr=subprocess.STDOUT, preexec_fn=low_priority)
+        ray = subprocess.Popen([*PYTEST, "-m", "ray", *args])
         try:
-            ray_status = subprocess.call([*PYTEST, "-m", "ray", *args])
-            ray_done = time.monotonic() - started
+            ray_status = ray.wait()
+        except KeyboardInterrupt:  # Ctrl-C reached both children too (one process group): each stops
+            ray_status = ray.wait()  # and prints its summary, and the exit status says interrupted
+        ray_done = time.monotonic() - started
+        try:
             rest_status = rest.wait()
-        except KeyboardInterrupt:  # Ctrl-C reached both children (one process group); let them finish
-            rest.wait()
-            raise
+        except KeyboardInterrupt:
+            rest_status = rest.wait()
         log.seek(0)
         print("\n---- tests not marked `ray` (run beside the Ray tests at nice 19) ----", flush=True)
         sys.stdout.write(log.read())
