@@ -390,6 +390,10 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
     return ns
 
 
+INTERRUPTED_HINTS = {"train": "; the run keeps its checkpoints: `recsys train --resume RUN_DIR` goes on from the "
+                              "last one (RUN_DIR is under run.root/train/)"}
+
+
 def main(argv: list[str] | None = None) -> int:
     ns = parse_args(build_parser(), argv)
     try:
@@ -397,6 +401,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"recsys {ns.verb}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; 130 as a shell reports SIGINT
+        print(f"recsys {ns.verb}: interrupted{INTERRUPTED_HINTS.get(ns.verb, '')}", file=sys.stderr)
+        return 130
     return code or 0
 
 

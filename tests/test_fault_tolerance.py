@@ -240,3 +240,16 @@ def test_finished_stages_are_marked_and_a_crashed_pipeline_is_not(tiny_overrides
     (crashed_data / COMPLETE_FILE).unlink()
     assert main(["train", *in_process(tiny_overrides), "--data", str(crashed_data)]) == 2
     assert not (tmp_path / "runs" / "train").exists()  # refused before a train run was made
+
+
+def test_ctrl_c_ends_a_command_with_one_line_and_status_130(monkeypatch, capsys):
+    import pipelines.stages
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipelines.stages, "run_train", interrupted)
+    assert main(["train", "model.name=sasrec"]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("recsys train: interrupted; the run keeps its checkpoints: `recsys train --resume RUN_DIR`")
+    assert "Traceback" not in err and err.count("\n") == 1
