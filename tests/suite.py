@@ -31,8 +31,19 @@ def low_priority() -> None:
     os.nice(19)
 
 
+def wait(proc: subprocess.Popen) -> int:
+    """Its exit status. Ctrl-C reaches the children too (one process group): each stops and prints
+    its summary, and its status says it was interrupted, so wait for it rather than leave it."""
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        return proc.wait()
+
+
 def combined_status(ray: int, rest: int) -> int:
-    """The worse status; a part that a filter left empty does not fail the run, both empty do."""
+    """The worse status; a part that a filter left empty does not fail the run, both empty do. A part
+    killed by a signal (Popen's -N) counts as a shell reports it, 128 + N."""
+    ray, rest = (128 - code if code < 0 else code for code in (ray, rest))
     if ray == rest == NO_TESTS_COLLECTED:
         return NO_TESTS_COLLECTED
     codes = [code for code in (ray, rest) if code != NO_TESTS_COLLECTED]
@@ -45,16 +56,9 @@ def main(args: list[str]) -> int:
         # its own cache dir, so the two processes never write the same lastfailed file
         rest = subprocess.Popen([*PYTEST, "-m", "not ray", "-o", "cache_dir=.pytest_cache/not-ray", *args],
                                 stdout=log, stderr=subprocess.STDOUT, preexec_fn=low_priority)
-        ray = subprocess.Popen([*PYTEST, "-m", "ray", *args])
-        try:
-            ray_status = ray.wait()
-        except KeyboardInterrupt:  # Ctrl-C reached both children too (one process group): each stops
-            ray_status = ray.wait()  # and prints its summary, and the exit status says interrupted
+        ray_status = wait(subprocess.Popen([*PYTEST, "-m", "ray", *args]))
         ray_done = time.monotonic() - started
-        try:
-            rest_status = rest.wait()
-        except KeyboardInterrupt:
-            rest_status = rest.wait()
+        rest_status = wait(rest)
         log.seek(0)
         print("\n---- tests not marked `ray` (run beside the Ray tests at nice 19) ----", flush=True)
         sys.stdout.write(log.read())

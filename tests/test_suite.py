@@ -13,7 +13,7 @@ CONFTEST = (Path(__file__).parent / "conftest.py").read_text()
 
 @pytest.mark.parametrize("ray, rest, expected", [(0, 0, 0), (1, 0, 1), (0, 1, 1), (2, 1, 2),
                                                   (NO_TESTS_COLLECTED, 0, 0), (0, NO_TESTS_COLLECTED, 0),
-                                                  (NO_TESTS_COLLECTED, 1, 1),
+                                                  (NO_TESTS_COLLECTED, 1, 1), (0, -9, 137), (-2, 5, 130),
                                                   (NO_TESTS_COLLECTED, NO_TESTS_COLLECTED, NO_TESTS_COLLECTED)])
 def test_the_suite_fails_when_either_part_fails_and_an_empty_part_is_not_a_failure(ray, rest, expected):
     assert combined_status(ray, rest) == expected
