@@ -29,13 +29,23 @@ def ray_running() -> bool:
     return ray is not None and ray.is_initialized()
 
 
+# The Ray tests of these modules form tests/suite.py's second lane: they run, in a Ray instance of
+# their own, once the tests not marked ``ray`` are done, beside the first lane's Ray tests. Chosen so
+# that both lanes end together (2026-12-06: about 100 s of the 465 s of Ray tests; docs/experiments/ci.md).
+SECOND_LANE_MODULES = {"test_tune.py", "test_ids_stage.py", "test_embed_ray.py"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by mark
 def pytest_collection_modifyitems(config, items):
     """`make test` runs the tests not marked ``ray`` beside the Ray ones (tests/suite.py): none of
-    them may use the shared Ray instance."""
+    them may use the shared Ray instance. The Ray tests of SECOND_LANE_MODULES get ``second_lane``."""
     unmarked = [item.nodeid for item in items
                 if "ray_session" in getattr(item, "fixturenames", ()) and item.get_closest_marker("ray") is None]
     if unmarked:
         raise pytest.UsageError(f"these tests use ray_session but are not marked `ray`: {unmarked}")
+    for item in items:
+        if item.get_closest_marker("ray") is not None and item.path.name in SECOND_LANE_MODULES:
+            item.add_marker(pytest.mark.second_lane)
 
 
 @pytest.fixture(autouse=True)
@@ -60,7 +70,9 @@ def ray_session():
 
     # Dashboard on, as in pipelines.ray_env: Ray Train's placement-group cleaner needs its State API.
     # A free port, so a benchmark running beside the tests does not collide with them.
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_port(),
+    # address="local": a new instance even where `ray start` left one (test_cluster's nodes run beside
+    # the second lane's instance under `make test`).
+    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_port(),
              object_store_memory=1 << 30, log_to_driver=False)
     yield ray
     ray.shutdown()

@@ -1,16 +1,19 @@
-"""The whole suite as ``make test`` runs it: two pytest processes side by side.
+"""The whole suite as ``make test`` runs it: three pytest processes in two lanes.
 
-The tests marked ``ray`` share one local Ray instance; they spend about a third of their time
-waiting (process start-ups, Serve replicas coming up, polls, HTTP), and they are the critical
-path. The other tests are CPU-bound and need no Ray. So the Ray tests run in the foreground, and
-the rest run beside them at the lowest CPU priority (nice 19), taking only the cycles the Ray
-tests leave idle: on a 2-core machine the whole suite takes about as long as the Ray tests alone.
-A second Ray instance on the same cores would defeat this, so ``conftest.py`` fails any test that
-is not marked ``ray`` and starts Ray.
+The tests marked ``ray`` spend about a third of their time waiting (process start-ups, Serve
+replicas coming up, polls, HTTP), and they are the critical path. The other tests are CPU-bound
+and need no Ray. So:
 
-Every test runs, in exactly one of the two processes (``-m ray`` and ``-m "not ray"``). The Ray
-part prints as it goes; the other part's output follows it. The exit status is the worse of the
-two. Arguments are passed to both, e.g. ``python tests/suite.py -x -k serve``.
+- the first lane runs most Ray tests (``-m "ray and not second_lane"``) in the foreground;
+- the second lane runs the rest beside it at the lowest CPU priority (nice 19), taking only the
+  cycles the Ray tests leave idle, and once they are done, the Ray tests marked ``second_lane``
+  (conftest.py's SECOND_LANE_MODULES) at normal priority, in a Ray instance of their own: two Ray
+  lanes fill each other's waits.
+
+conftest.py fails any test that is not marked ``ray`` and starts Ray, so no Ray instance appears at
+nice 19. Every test runs, in exactly one process. The first lane prints as it goes; the others'
+output follows. The exit status is the worst of the three. Arguments are passed to all three, e.g.
+``python tests/suite.py -x -k serve``.
 
     python tests/suite.py [PYTEST_ARGS ...]
 """
@@ -18,54 +21,97 @@ two. Arguments are passed to both, e.g. ``python tests/suite.py -x -k serve``.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 PYTEST = [sys.executable, "-m", "pytest", "-q"]
 NO_TESTS_COLLECTED = 5  # pytest's exit status when a filter leaves a part empty
+INTERRUPTED = 2  # pytest's exit status after Ctrl-C (or a collection error)
 
 
 def low_priority() -> None:
     os.nice(19)
 
 
-def wait(proc: subprocess.Popen) -> int:
-    """Its exit status. Ctrl-C reaches the children too (one process group): each stops and prints
-    its summary, and its status says it was interrupted, so wait for it rather than leave it."""
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        return proc.wait()
-
-
-def combined_status(ray: int, rest: int) -> int:
-    """The worse status; a part that a filter left empty does not fail the run, both empty do. A part
+def combined_status(*statuses: int) -> int:
+    """The worst status; a part that a filter left empty does not fail the run, all empty do. A part
     killed by a signal (Popen's -N) counts as a shell reports it, 128 + N."""
-    ray, rest = (128 - code if code < 0 else code for code in (ray, rest))
-    if ray == rest == NO_TESTS_COLLECTED:
+    codes = [128 - code if code < 0 else code for code in statuses]
+    if all(code == NO_TESTS_COLLECTED for code in codes):
         return NO_TESTS_COLLECTED
-    codes = [code for code in (ray, rest) if code != NO_TESTS_COLLECTED]
-    return max(codes)
+    return max(code for code in codes if code != NO_TESTS_COLLECTED)
+
+
+class SecondLane(threading.Thread):
+    """The tests without Ray at nice 19, then (unless they were interrupted) the second lane's Ray
+    tests at normal priority; each part's output goes to its own log."""
+
+    def __init__(self, args: list[str], rest_log, ray_log):
+        super().__init__(daemon=True)
+        self.args, self.rest_log, self.ray_log = args, rest_log, ray_log
+        self.interrupted, self.lock = threading.Event(), threading.Lock()
+        self.ray = self.rest_status = self.ray_status = None
+        self.ray_started = self.ray_ended = None
+        # started here, not in run(), so that Ctrl-C can never find it not yet started
+        self.rest = subprocess.Popen([*PYTEST, "-m", "not ray", "-o", "cache_dir=.pytest_cache/not-ray", *args],
+                                     stdout=rest_log, stderr=subprocess.STDOUT, preexec_fn=low_priority)
+
+    def run(self) -> None:
+        self.rest_status = self.rest.wait()
+        with self.lock:
+            if self.interrupted.is_set() or self.rest_status == INTERRUPTED:
+                return
+            self.ray_started = time.monotonic()
+            self.ray = subprocess.Popen([*PYTEST, "-m", "ray and second_lane", "-o",
+                                         "cache_dir=.pytest_cache/second-lane", *self.args],
+                                        stdout=self.ray_log, stderr=subprocess.STDOUT)
+        self.ray_status = self.ray.wait()
+        self.ray_ended = time.monotonic()
+
+    def interrupt(self) -> None:
+        """After Ctrl-C: the second lane's Ray tests do not start, or, if they started just after the
+        signal reached the process group, they are interrupted too."""
+        with self.lock:
+            self.interrupted.set()
+            if self.ray is not None:
+                self.ray.send_signal(signal.SIGINT)
 
 
 def main(args: list[str]) -> int:
     started = time.monotonic()
-    with tempfile.TemporaryFile("w+") as log:
-        # its own cache dir, so the two processes never write the same lastfailed file
-        rest = subprocess.Popen([*PYTEST, "-m", "not ray", "-o", "cache_dir=.pytest_cache/not-ray", *args],
-                                stdout=log, stderr=subprocess.STDOUT, preexec_fn=low_priority)
-        ray_status = wait(subprocess.Popen([*PYTEST, "-m", "ray", *args]))
-        ray_done = time.monotonic() - started
-        rest_status = wait(rest)
-        log.seek(0)
-        print("\n---- tests not marked `ray` (run beside the Ray tests at nice 19) ----", flush=True)
-        sys.stdout.write(log.read())
+    with tempfile.TemporaryFile("w+") as rest_log, tempfile.TemporaryFile("w+") as ray_log:
+        lane = SecondLane(args, rest_log, ray_log)
+        lane.start()
+        first = subprocess.Popen([*PYTEST, "-m", "ray and not second_lane", *args])
+        try:
+            first_status = first.wait()
+        except KeyboardInterrupt:
+            lane.interrupt()
+            first_status = first.wait()
+        first_done = time.monotonic() - started
+        while lane.is_alive():  # join() with a timeout, so that Ctrl-C is seen here too
+            try:
+                lane.join(0.5)
+            except KeyboardInterrupt:
+                lane.interrupt()
+        for title, log in (("tests not marked `ray` (second lane, nice 19)", rest_log),
+                           ("Ray tests marked `second_lane` (second lane, after the tests without Ray)", ray_log)):
+            log.seek(0)
+            print(f"\n---- {title} ----", flush=True)
+            sys.stdout.write(log.read())
     total = time.monotonic() - started
-    print(f"---- suite: Ray tests exit {ray_status} after {ray_done:.0f} s; the rest exit {rest_status}; "
-          f"wall {total:.0f} s ----", flush=True)
-    return combined_status(ray_status, rest_status)
+    if lane.ray_status is None:
+        second = "did not start (interrupted)"
+        lane.ray_status = INTERRUPTED
+    else:
+        second = (f"exit {lane.ray_status} ({lane.ray_started - started:.0f}-{lane.ray_ended - started:.0f} s)")
+    print(f"---- suite: first lane's Ray tests exit {first_status} after {first_done:.0f} s; the tests without "
+          f"Ray exit {lane.rest_status}; the second lane's Ray tests {second}; wall {total:.0f} s ----", flush=True)
+    return combined_status(first_status, lane.rest_status, lane.ray_status)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import SECOND_LANE_MODULES
 from suite import NO_TESTS_COLLECTED, combined_status
 
 CONFTEST = (Path(__file__).parent / "conftest.py").read_text()
@@ -17,6 +18,39 @@ CONFTEST = (Path(__file__).parent / "conftest.py").read_text()
                                                   (NO_TESTS_COLLECTED, NO_TESTS_COLLECTED, NO_TESTS_COLLECTED)])
 def test_the_suite_fails_when_either_part_fails_and_an_empty_part_is_not_a_failure(ray, rest, expected):
     assert combined_status(ray, rest) == expected
+
+
+@pytest.mark.parametrize("statuses, expected", [((0, 0, 0), 0), ((0, 0, 1), 1), ((NO_TESTS_COLLECTED, 0, NO_TESTS_COLLECTED), 0),
+                                                ((NO_TESTS_COLLECTED,) * 3, NO_TESTS_COLLECTED), ((0, 1, -15), 143)])
+def test_the_second_lanes_ray_tests_count_like_the_others(statuses, expected):
+    assert combined_status(*statuses) == expected
+
+
+def test_the_second_lane_holds_the_ray_tests_of_its_modules_and_nothing_else(pytester):
+    second_lane_module = sorted(SECOND_LANE_MODULES)[0].removesuffix(".py")
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(**{second_lane_module: """
+import pytest
+
+@pytest.mark.ray
+def test_on_ray():
+    pass
+
+def test_without_ray():
+    pass
+""", "test_other": """
+import pytest
+
+@pytest.mark.ray
+def test_on_ray():
+    pass
+"""})
+    markers = ["-o", "markers=ray: r\nsecond_lane: s", "-p", "no:cacheprovider"]
+    # in a subprocess: the module names are this suite's own, already imported here
+    second = pytester.runpytest_subprocess("-m", "ray and second_lane", "--collect-only", "-q", *markers)
+    assert [line for line in second.outlines if "::" in line] == [f"{second_lane_module}.py::test_on_ray"]
+    first = pytester.runpytest_subprocess("-m", "ray and not second_lane", "--collect-only", "-q", *markers)
+    assert [line for line in first.outlines if "::" in line] == ["test_other.py::test_on_ray"]
 
 
 def test_a_test_that_uses_the_shared_ray_but_is_not_marked_ray_is_refused_at_collection(pytester):
