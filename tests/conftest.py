@@ -72,7 +72,8 @@ def ray_session():
     # A free port, so a benchmark running beside the tests does not collide with them.
     # address="local": a new instance even where `ray start` left one (test_cluster's nodes run beside
     # the second lane's instance under `make test`).
-    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_port(),
+    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=free_port(),
              object_store_memory=1 << 30, log_to_driver=False)
     yield ray
     ray.shutdown()

@@ -20,8 +20,9 @@ def test_the_suite_fails_when_either_part_fails_and_an_empty_part_is_not_a_failu
     assert combined_status(ray, rest) == expected
 
 
-@pytest.mark.parametrize("statuses, expected", [((0, 0, 0), 0), ((0, 0, 1), 1), ((NO_TESTS_COLLECTED, 0, NO_TESTS_COLLECTED), 0),
-                                                ((NO_TESTS_COLLECTED,) * 3, NO_TESTS_COLLECTED), ((0, 1, -15), 143)])
+@pytest.mark.parametrize("statuses, expected", [
+    ((0, 0, 0), 0), ((0, 0, 1), 1), ((NO_TESTS_COLLECTED, 0, NO_TESTS_COLLECTED), 0),
+    ((NO_TESTS_COLLECTED,) * 3, NO_TESTS_COLLECTED), ((0, 1, -15), 143)])
 def test_the_second_lanes_ray_tests_count_like_the_others(statuses, expected):
     assert combined_status(*statuses) == expected
 
