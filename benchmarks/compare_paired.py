@@ -14,7 +14,9 @@ is the reference. A difference is a finding only when it is larger than its stan
 last SPEC's model; the figures are those of the checkpoints as given (select them on validation).
 ``--inference fusion=sum`` scores every checkpoint under that inference setting (``recsys serve
 --inference``: only the keys a model's class names as inference settings, e.g. EAGER's fusion, so two
-runs selected under different fusions compare under the one that ships); the record holds it.
+runs selected under different fusions compare under the one that ships); the record holds it. A SPEC
+may end with its own settings, ``@KEY=VALUE`` each, over ``--inference``'s: ``beam20=RUN/checkpoints/best
+beam40=RUN/checkpoints/best@beam_size=40`` pairs one checkpoint under two beams.
 """
 
 from __future__ import annotations
@@ -54,14 +56,18 @@ def counts_ranks(split: LeaveOneOutSplit, es: EvalSet, exclude_history: bool) ->
     return target_ranks(torch.from_numpy(top), torch.from_numpy(es.targets)).numpy()
 
 
-def parse_spec(text: str) -> tuple[str, str]:
-    label, sep, spec = text.partition("=")
+def parse_spec(text: str) -> tuple[str, str, dict[str, str]]:
+    """``LABEL=SPEC[@KEY=VALUE...]`` -> (label, spec, this model's inference settings)."""
+    label, sep, rest = text.partition("=")
+    spec, *settings = rest.split("@")
     if not sep or not label or not spec:
         raise ValueError(f"expected LABEL=SPEC (SPEC a checkpoint directory or 'counts'), got {text!r}")
     for part in spec.split(","):
         if part != "counts" and not (Path(part) / "model.json").is_file():
             raise ValueError(f"{label}: {part} is not a checkpoint directory (no model.json) and not 'counts'")
-    return label, spec
+    if settings and "counts" in spec.split(","):
+        raise ValueError(f"{label}: 'counts' takes no inference settings, got {text!r}")
+    return label, spec, inference_settings(settings)
 
 
 def seed_rows(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -76,7 +82,7 @@ def seed_rows(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("models", nargs="+", help="LABEL=SPEC; the first is the reference")
+    parser.add_argument("models", nargs="+", help="LABEL=SPEC[@KEY=VALUE...]; the first is the reference")
     parser.add_argument("--data", type=Path, required=True, help="the `recsys data` run the models were trained on")
     parser.add_argument("--split", default="test", choices=("valid", "test"))
     parser.add_argument("--history", default="kept", choices=("kept", "excluded"))
@@ -100,9 +106,10 @@ def main(argv: list[str]) -> None:
     es = split.eval_set(args.split)
     names = metric_names()
     per_user: dict[str, dict[str, np.ndarray]] = {}  # label -> metric -> (seeds, U)
-    for label, spec in specs:
+    for label, spec, own in specs:
         runs = [counts_ranks(split, es, exclude) if part == "counts"
-                else target_ranks_of(load_model(Path(part), inference=inference), es, exclude_history=exclude)
+                else target_ranks_of(load_model(Path(part), inference={**inference, **own}), es,
+                                     exclude_history=exclude)
                 for part in spec.split(",")]
         metrics = [per_user_metrics(r) for r in runs]
         per_user[label] = {n: np.stack([m[n] for m in metrics]) for n in names}
@@ -116,7 +123,7 @@ def main(argv: list[str]) -> None:
     paired = {label: {n: {k: (round(d[k], 5) if k != "seed_differences" else [round(x, 5) for x in d[k]])
                           for k in ("diff", "se", "z", "seed_differences")}
                       for n, d in against_reference(label).items()}
-              for label, _ in specs[1:]}
+              for label, _, _ in specs[1:]}
     print(f"{args.split}, history {args.history}, {len(es)} users; differences against {reference!r} "
           "(mean of per-user differences ± its standard error)\n")
     print(paired_table("model", names, means, paired, reference))
@@ -126,12 +133,14 @@ def main(argv: list[str]) -> None:
         model = "baselines" if last == "counts" else checkpoint_model(Path(last))
         path = write_record(
             f"paired-{args.name}-history-{args.history}", model=model, dataset=run_dataset(args.data),
-            config={"models": dict(specs), "data_run": str(args.data), "split": args.split,
-                    "max_history": args.max_history, "threads": args.threads, "inference": inference},
+            config={"models": {label: spec for label, spec, _ in specs}, "data_run": str(args.data),
+                    "split": args.split,
+                    "max_history": args.max_history, "threads": args.threads, "inference": inference,
+                    "inference_per_model": {label: own for label, _, own in specs if own}},
             wall_s=time.perf_counter() - start, metrics={},
             protocol=protocol(exclude_history=exclude),
             extra={"users": len(es), "split": args.split, "reference": reference, "means": means,
-                   "seeds": {label: len(spec.split(",")) for label, spec in specs},
+                   "seeds": {label: len(spec.split(",")) for label, spec, _ in specs},
                    "paired_against_reference": paired})
         print(f"\nrecord: {path}")
 

@@ -444,6 +444,16 @@ def test_recsys_pipeline_trains_eager_on_behaviour_ids_from_a_two_tower_and_cont
     assert paired["means"]["a"] == paired["means"]["b"] == records["behavior"]["metrics"]["test"]
     with pytest.raises(SystemExit):
         compare_paired([f"a={best}", f"b={best}", "--data", str(data_dir), "--inference", "fusion"])
+    compare_paired([f"shipped={best}", f"behavior={best}@fusion=behavior", "--data", str(data_dir), "--max-history", "6",
+                    "--threads", "1", "--name", "tiny-per-model"])  # one checkpoint under two settings
+    paired = read_json(tmp_path / "results" / "eager" / "synthetic" / "paired-tiny-per-model-history-kept.json")
+    assert paired["config"]["inference"] == {}
+    assert paired["config"]["inference_per_model"] == {"behavior": {"fusion": "behavior"}}
+    assert paired["means"]["shipped"] == records["sum"]["metrics"]["test"]
+    assert paired["means"]["behavior"] == records["behavior"]["metrics"]["test"]
+    for bad in (f"c={best}@fusion", "c=counts@fusion=sum"):
+        with pytest.raises(SystemExit):
+            compare_paired([f"a={best}", bad, "--data", str(data_dir)])
     from benchmarks.newest_item_gain import main as newest
     newest([str(train_dir / "checkpoints" / "best"), "--data", str(data_dir), "--users", "40", "--max-history", "6",
             "--threads", "1", "--names", "tiny"])
