@@ -62,15 +62,20 @@ def step_seconds(trainer, batches: list, warmup: int) -> float:
     return (time.perf_counter() - start) / (len(batches) - warmup)
 
 
-def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def step_arguments(description: str) -> argparse.ArgumentParser:
+    """The arguments every step-timing script takes (this one and optimizer_step.py)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--data", type=Path, required=True, help="a `recsys data` run")
     parser.add_argument("--ids", action="append", help="an ids run, or SPACE=RUN (models that read semantic IDs)")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--name", default="", help="record name suffix (dropout-step-<NAME>.json)")
+    return parser
+
+
+def trainer_and_batches(parser: argparse.ArgumentParser, argv: list[str]):
+    """(args, experiment, trainer, its first warmup + steps batches), the trainer in training mode."""
     args, rest = parser.parse_known_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.rounds < 1:
         parser.error("--steps and --rounds take at least 1, --warmup at least 0")
@@ -78,7 +83,6 @@ def main(argv: list[str]) -> None:
     exp = load_experiment(config, [*overrides, "trainer.resources.use_ray=false",
                                    f"trainer.resources.threads={args.threads}"])
     torch.set_num_threads(args.threads)
-    start = time.perf_counter()
     split = leave_one_out(InteractionData.load(args.data), exp.data.max_history)
     context = model_context(exp, split.n_items, ids_runs_by_space(exp.model_name, args.ids))
     trainer = build_trainer(exp, split, context=context)
@@ -91,6 +95,15 @@ def main(argv: list[str]) -> None:
         raise SystemExit(f"the data gives {len(batches)} batches of {cfg.optim.batch_size}; "
                          f"--warmup {args.warmup} leaves none to time")
     trainer.train_model.train()
+    return args, exp, trainer, batches
+
+
+def main(argv: list[str]) -> None:
+    parser = step_arguments(__doc__.splitlines()[0])
+    parser.add_argument("--name", default="", help="record name suffix (dropout-step-<NAME>.json)")
+    start = time.perf_counter()
+    args, exp, trainer, batches = trainer_and_batches(parser, argv)
+    cfg = trainer.cfg
     rounds: dict[str, list[float]] = {name: [] for name in MASKS}
     for _ in range(args.rounds):
         for name, fn in MASKS.items():

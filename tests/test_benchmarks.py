@@ -567,6 +567,31 @@ def test_dropout_step_times_both_masks_on_the_same_batches(data_and_embed, tmp_p
         dropout_step(["--data", str(data_dir), "--warmup", "50", "model.name=sasrec", "trainer.optim.batch_size=256"])
 
 
+def test_optimizer_step_times_per_tensor_and_fused_adamw_with_the_same_hyperparameters(data_and_embed, tmp_path,
+                                                                                       monkeypatch):
+    from benchmarks.optimizer_step import OPTIMIZERS
+    from benchmarks.optimizer_step import main as optimizer_step
+    from recsys.training.loop import build_optimizer
+
+    monkeypatch.setattr(benchmarks.record, "RESULTS", tmp_path / "results")
+    data_dir, _ = data_and_embed
+    optimizer_step(["--data", str(data_dir), "--steps", "2", "--warmup", "1", "--threads", "1", "--name", "tiny",
+                    "model.name=sasrec", "model.d_model=32", "model.n_layers=1", "model.d_ff=64",
+                    "trainer.optim.batch_size=64", "trainer.optim.weight_decay=0.1", "data.max_history=10"])
+    record = json.loads((tmp_path / "results" / "sasrec" / "synthetic" / "optimizer-step-tiny.json").read_text())
+    best = {name: min(times) for name, times in record["rounds_s_per_step"].items()}
+    assert set(best) == {"per_tensor", "fused"} and all(len(t) == 2 for t in record["rounds_s_per_step"].values())
+    assert record["metrics"]["step_time_saved"] == pytest.approx(1 - best["fused"] / best["per_tensor"], abs=0.001)
+    from recsys.experiment import load_experiment
+
+    model = torch.nn.Linear(3, 2)
+    cfg = load_experiment(None, ["trainer.optim.weight_decay=0.1"]).trainer
+    fused, per_tensor = build_optimizer(model, cfg), OPTIMIZERS["per_tensor"](model, cfg)
+    assert fused.defaults["fused"] and not per_tensor.defaults["fused"] and not per_tensor.defaults["foreach"]
+    same = ("lr", "betas", "eps", "weight_decay")
+    assert {k: fused.defaults[k] for k in same} == {k: per_tensor.defaults[k] for k in same}
+
+
 def test_score_time_scores_the_first_users_and_saves_their_target_ranks(tmp_path):
     from benchmarks.score_time import main as score_time
     from pipelines.stages import run_train
