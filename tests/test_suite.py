@@ -2,11 +2,11 @@
 keeps the partition honest: a test that is not marked ``ray`` may neither use the shared Ray
 instance nor start Ray."""
 
+import re
 from pathlib import Path
 
 import pytest
 
-from conftest import SECOND_LANE_MODULES
 from suite import NO_TESTS_COLLECTED, combined_status
 
 CONFTEST = (Path(__file__).parent / "conftest.py").read_text()
@@ -28,9 +28,13 @@ def test_the_second_lanes_ray_tests_count_like_the_others(statuses, expected):
 
 
 def test_the_second_lane_holds_the_ray_tests_of_its_modules_and_nothing_else(pytester):
-    second_lane_module = sorted(SECOND_LANE_MODULES)[0].removesuffix(".py")
-    pytester.makeconftest(CONFTEST)
-    pytester.makepyfile(**{second_lane_module: """
+    # the conftest as shipped, its module list pointed at a module of this temporary suite (in process:
+    # the shipped list names this suite's own modules, already imported here)
+    conftest, found = re.subn(r"^SECOND_LANE_MODULES = \{.*\}$", 'SECOND_LANE_MODULES = {"test_lane_two.py"}', CONFTEST,
+                              flags=re.M)
+    assert found == 1
+    pytester.makeconftest(conftest)
+    pytester.makepyfile(test_lane_two="""
 import pytest
 
 @pytest.mark.ray
@@ -39,19 +43,18 @@ def test_on_ray():
 
 def test_without_ray():
     pass
-""", "test_other": """
+""", test_lane_one="""
 import pytest
 
 @pytest.mark.ray
 def test_on_ray():
     pass
-"""})
+""")
     markers = ["-o", "markers=ray: r\nsecond_lane: s", "-p", "no:cacheprovider"]
-    # in a subprocess: the module names are this suite's own, already imported here
-    second = pytester.runpytest_subprocess("-m", "ray and second_lane", "--collect-only", "-q", *markers)
-    assert [line for line in second.outlines if "::" in line] == [f"{second_lane_module}.py::test_on_ray"]
-    first = pytester.runpytest_subprocess("-m", "ray and not second_lane", "--collect-only", "-q", *markers)
-    assert [line for line in first.outlines if "::" in line] == ["test_other.py::test_on_ray"]
+    second = pytester.runpytest_inprocess("-m", "ray and second_lane", "--collect-only", "-q", *markers)
+    assert [line for line in second.outlines if "::" in line] == ["test_lane_two.py::test_on_ray"]
+    first = pytester.runpytest_inprocess("-m", "ray and not second_lane", "--collect-only", "-q", *markers)
+    assert [line for line in first.outlines if "::" in line] == ["test_lane_one.py::test_on_ray"]
 
 
 def test_a_test_that_uses_the_shared_ray_but_is_not_marked_ray_is_refused_at_collection(pytester):
