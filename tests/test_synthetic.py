@@ -65,17 +65,20 @@ def test_load_dataset_default_is_synthetic():
 
 
 def test_generation_cost_grows_linearly_with_users():
-    """A complexity guard, not a speed target (those are benchmarks): twice the users cost about
-    twice the CPU time, not four times. CPU time of this process, so a busy machine (`make test` runs
-    this at nice 19 beside the Ray tests) does not move it."""
+    """A complexity guard, not a speed target (those are benchmarks): four times the users cost about
+    four times the CPU time, not sixteen. CPU time of this process, the least of two interleaved
+    tries, with the threshold halfway (8x) on a log scale: `make test` runs this at nice 19 beside the
+    Ray tests, where preemption inflated one try's CPU time by 1.6x (2026-12-06: 2,000 users 0.385 s,
+    4,000 users 1.26 s)."""
     def cpu_seconds(n_users: int) -> float:
         start = time.process_time()
         generate_synthetic(SyntheticConfig(n_users=n_users, seed=1))
         return time.process_time() - start
 
     cpu_seconds(500)  # warm-up: first-call imports and allocations
-    small, large = cpu_seconds(2000), cpu_seconds(4000)
-    assert large < 3 * small, f"2,000 users: {small:.3f} s of CPU; 4,000 users: {large:.3f} s"
+    tries = [(cpu_seconds(1000), cpu_seconds(4000)) for _ in range(2)]
+    small, large = min(t[0] for t in tries), min(t[1] for t in tries)
+    assert large < 8 * small, f"1,000 users: {small:.3f} s of CPU; 4,000 users: {large:.3f} s"
 
 
 def test_sequences_follow_topics(default_data):
