@@ -45,8 +45,8 @@ EpochHook = Callable[[dict, bool, "Trainer"], None]
 
 def build_optimizer(model: nn.Module, cfg: TrainerConfig) -> torch.optim.Optimizer:
     """AdamW, fused: one kernel per parameter instead of about ten ops. On a CPU torch's default is the
-    per-tensor Python loop, which was ~7 % of a bf16 EAGER step on 2 cores; fused takes about a third
-    of its time (docs/experiments/precision.md)."""
+    per-tensor Python loop, which was ~7 % of a bf16 EAGER step on 2 cores; fused takes a third
+    to a tenth of its time (docs/experiments/precision.md)."""
     return torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                              betas=(0.9, 0.98), fused=True)
 
