@@ -15,8 +15,11 @@ Writes ``benchmarks/results/<model>/<dataset>/dropout-step[-NAME].json``.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager as ContextManager
 from pathlib import Path
 from unittest import mock
 
@@ -98,36 +101,52 @@ def trainer_and_batches(parser: argparse.ArgumentParser, argv: list[str]):
     return args, exp, trainer, batches
 
 
+def time_variants(trainer, batches: list, args: argparse.Namespace,
+                  variants: dict[str, Callable[[], ContextManager]]) -> dict[str, list[float]]:
+    """Seconds per step of each variant (a context the steps run in), alternating over the rounds."""
+    rounds: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(args.rounds):
+        for name, variant in variants.items():
+            with variant():
+                rounds[name].append(step_seconds(trainer, batches, args.warmup))
+            print(f"{name}: {rounds[name][-1]:.4f} s/step", flush=True)
+    return rounds
+
+
+def write_step_record(kind: str, args: argparse.Namespace, exp, trainer, rounds: dict[str, list[float]],
+                      baseline: str, start: float, metrics: dict | None = None, extra: dict | None = None) -> None:
+    """``<kind>[-NAME].json``: each variant's best round, and the step time the other saves against
+    ``baseline``."""
+    best = {name: min(times) for name, times in rounds.items()}
+    (other,) = set(best) - {baseline}
+    batch_size = trainer.cfg.optim.batch_size
+    metrics = {"s_per_step": {name: round(t, 4) for name, t in best.items()},
+               "samples_per_s": {name: round(batch_size / t, 1) for name, t in best.items()},
+               "step_time_saved": round(1 - best[other] / best[baseline], 3), **(metrics or {})}
+    print(metrics, flush=True)
+    dataset = run_dataset(args.data)
+    dataset = dataset_name(exp.to_dict()["data"]) if dataset == "unknown" else dataset
+    path = write_record(f"{kind}-{args.name}" if args.name else kind, model=exp.model_name,
+                        dataset=dataset, config=exp.to_dict(), wall_s=time.perf_counter() - start, metrics=metrics,
+                        # timed training steps only: nothing is ranked or selected
+                        protocol=protocol(exclude_history=False, selected_on="none"),
+                        extra={"rounds_s_per_step": rounds, "steps": args.steps, "warmup": args.warmup,
+                               "batch_size": batch_size, "precision": trainer.precision,
+                               "data_run": str(args.data), "ids_runs": args.ids or [],
+                               "machine_note": machine_note(args.threads), **(extra or {})})
+    print(f"record: {path}")
+
+
 def main(argv: list[str]) -> None:
     parser = step_arguments(__doc__.splitlines()[0])
     parser.add_argument("--name", default="", help="record name suffix (dropout-step-<NAME>.json)")
     start = time.perf_counter()
     args, exp, trainer, batches = trainer_and_batches(parser, argv)
-    cfg = trainer.cfg
-    rounds: dict[str, list[float]] = {name: [] for name in MASKS}
-    for _ in range(args.rounds):
-        for name, fn in MASKS.items():
-            with mock.patch.object(layers, "inverted_dropout", fn):
-                rounds[name].append(step_seconds(trainer, batches, args.warmup))
-            print(f"{name}: {rounds[name][-1]:.4f} s/step", flush=True)
-    best = {name: min(times) for name, times in rounds.items()}
+    rounds = time_variants(trainer, batches, args, {name: functools.partial(mock.patch.object, layers,
+                                                                            "inverted_dropout", fn)
+                                                    for name, fn in MASKS.items()})
     mask = {name: round(mask_ms(fn), 2) for name, fn in MASKS.items()}
-    metrics = {"s_per_step": {name: round(t, 4) for name, t in best.items()},
-               "samples_per_s": {name: round(cfg.optim.batch_size / t, 1) for name, t in best.items()},
-               "step_time_saved": round(1 - best["inverted"] / best["torch"], 3),
-               "mask_ms_5_6M_bf16": mask}
-    print(metrics, flush=True)
-    dataset = run_dataset(args.data)
-    dataset = dataset_name(exp.to_dict()["data"]) if dataset == "unknown" else dataset
-    path = write_record(f"dropout-step-{args.name}" if args.name else "dropout-step", model=exp.model_name,
-                        dataset=dataset, config=exp.to_dict(), wall_s=time.perf_counter() - start, metrics=metrics,
-                        # timed training steps only: nothing is ranked or selected
-                        protocol=protocol(exclude_history=False, selected_on="none"),
-                        extra={"rounds_s_per_step": rounds, "steps": args.steps, "warmup": args.warmup,
-                               "batch_size": cfg.optim.batch_size, "precision": trainer.precision,
-                               "data_run": str(args.data), "ids_runs": args.ids or [],
-                               "machine_note": machine_note(args.threads)})
-    print(f"record: {path}")
+    write_step_record("dropout-step", args, exp, trainer, rounds, "torch", start, {"mask_ms_5_6M_bf16": mask})
 
 
 if __name__ == "__main__":
