@@ -1,5 +1,6 @@
-"""Shared fixtures. One local Ray instance serves the whole test session (starting Ray costs
-~3 s and each Ray Train fit ~12 s here, so tests share it and keep fits few)."""
+"""Shared fixtures. One local Ray instance serves each pytest process's Ray tests (starting Ray costs
+~3 s and each Ray Train fit ~12 s here, so tests share it and keep fits few); under `make test` the
+two Ray lanes of tests/suite.py have one each."""
 
 import os
 import socket
