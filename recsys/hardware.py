@@ -7,13 +7,30 @@ from __future__ import annotations
 
 
 def cpu_supports_bf16() -> bool | None:
-    """Whether this CPU runs bf16 natively (AVX-512 BF16 or AMX, as oneDNN sees it); None if this
-    torch cannot tell. Without it, bf16 is emulated: on an AVX2-only EPYC a TIGER training step's
-    backward took 10.3 s under bf16 autocast against 0.6 s in fp32 (docs/BENCHMARKS.md)."""
+    """Whether this CPU runs bf16 natively; None if this torch cannot tell. Without it, bf16 is
+    emulated: on an AVX2-only EPYC a TIGER training step's backward took 10.3 s under bf16 autocast
+    against 0.6 s in fp32 (docs/BENCHMARKS.md).
+
+    On x86 that means AVX-512 BF16 or AMX, read from the CPU's feature flags. oneDNN's own probe
+    (``torch.ops.mkldnn._is_mkldnn_bf16_supported``) is not asked there: it says yes on any
+    AVX-512 core, where bf16 matmuls are converted to fp32 and back (an Ice Lake Xeon: bf16 60
+    GFLOP/s against fp32 185, docs/experiments/precision.md). On other CPUs (Arm) that probe checks
+    the bf16 instructions themselves."""
+    import platform
+
     import torch
 
+    if platform.machine().lower() in _X86:
+        avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+        amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+        if avx512_bf16 is None or amx is None:
+            return None
+        return bool(avx512_bf16() or amx())
     probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
     return None if probe is None else bool(probe())
+
+
+_X86 = {"x86_64", "amd64", "i386", "i686", "x86"}
 
 
 def emulated_bf16_warning(setting: str) -> str:
