@@ -592,6 +592,36 @@ def test_optimizer_step_times_per_tensor_and_fused_adamw_with_the_same_hyperpara
     assert {k: fused.defaults[k] for k in same} == {k: per_tensor.defaults[k] for k in same}
 
 
+def test_precision_step_times_fp32_and_bf16_autocast_on_the_same_batches(data_and_embed, tmp_path, monkeypatch):
+    from benchmarks import precision_step
+    from recsys import hardware
+    from recsys.training import loop
+
+    monkeypatch.setattr(benchmarks.record, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(precision_step, "MATMUL_SIZE", 64)
+    monkeypatch.setattr(hardware, "cpu_supports_bf16", lambda: False)
+    seen = []
+    real = torch.autocast
+
+    def autocast(device_type, dtype=None, enabled=True, **kwargs):
+        seen.append(enabled)
+        return real(device_type, dtype=dtype, enabled=enabled, **kwargs)
+
+    monkeypatch.setattr(loop.torch, "autocast", autocast)
+    data_dir, _ = data_and_embed
+    precision_step.main(["--data", str(data_dir), "--steps", "2", "--warmup", "1", "--threads", "1", "--name", "tiny",
+                         "model.name=sasrec", "model.d_model=32", "model.n_layers=1", "model.d_ff=64",
+                         "trainer.optim.batch_size=64", "data.max_history=10"])
+    record = json.loads((tmp_path / "results" / "sasrec" / "synthetic" / "precision-step-tiny.json").read_text())
+    best = {name: min(times) for name, times in record["rounds_s_per_step"].items()}
+    assert set(best) == {"fp32", "bf16"} and all(len(t) == 2 for t in record["rounds_s_per_step"].values())
+    assert record["metrics"]["step_time_saved"] == pytest.approx(1 - best["bf16"] / best["fp32"], abs=0.001)
+    assert set(record["metrics"]["matmul_gflops"]) == {"fp32", "bf16"}
+    assert record["metrics"]["auto_resolves_to"] == "fp32"
+    # each round of 3 steps per precision: fp32 without autocast, bf16 with it, alternating
+    assert seen == ([False] * 3 + [True] * 3) * 2
+
+
 def test_score_time_scores_the_first_users_and_saves_their_target_ranks(tmp_path):
     from benchmarks.score_time import main as score_time
     from pipelines.stages import run_train

@@ -4,8 +4,12 @@ checkpoint. A refactor that changes a result fails here.
 
 The fixtures were written by ``python benchmarks/refactor_parity.py --write-fixtures tests/fixtures``
 at commit 39ef4af. Tolerances: losses differed by at most 5e-6 (relative) and test NDCG@10 by
-7.6e-5 between 1 and 2 torch threads on one machine (a near-tie flips); the bounds below are 40x
-and ~100x wider, so a change of CPU (AVX2 against AVX-512) passes and a changed computation does not.
+7.6e-5 between 1 and 2 torch threads on one machine (a near-tie flips); the loss bound below is 40x
+wider, so a change of CPU passes and a changed computation does not. Across CPUs the figures of an
+early TIGER move more than its loss: on an Ice Lake Xeon (AVX-512 without BF16, 2026-12-06) tiger-pout's
+losses agreed to 5e-5 (relative) while its epoch-2 validation Recall@5 differed by 4 of the 300 users
+(beam near-ties flip), against 0 for both SASRec cases and 2 for tiger. The figures' bound is 6 users,
+1.5x that; the loss is the sharp check.
 
 Re-pinned on 2026-12-06 for one intended change, the dropout mask (``recsys.models.layers.Dropout``
 draws it from 16-bit quarters of random words instead of ``bernoulli_``): with torch's dropout put
@@ -27,7 +31,7 @@ from recsys.training.evaluate import evaluate
 FIXTURES = Path(__file__).parent / "fixtures"
 PINNED = json.loads((FIXTURES / "pinned-results.json").read_text())
 LOSS_RTOL = 2e-4
-METRIC_ATOL = 0.01  # 3 of the 300 users
+METRIC_ATOL = 0.02  # 6 of the 300 users: early beam near-ties flip across CPUs
 
 
 def assert_figures_close(got: dict, want: dict) -> None:
