@@ -91,6 +91,28 @@ def tiny_overrides(tmp_path):
     ]
 
 
+@pytest.fixture
+def forced_bf16():
+    """A context for code that trains in bf16 by request: on a CPU without native bf16 the trainer
+    must warn that it is emulated (the test then checks the warning), elsewhere it must not."""
+    import contextlib
+    import warnings
+
+    from recsys import hardware
+
+    @contextlib.contextmanager
+    def expect():
+        if hardware.cpu_supports_bf16() is False:
+            with pytest.warns(RuntimeWarning, match="emulated"):
+                yield
+        else:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("error", message=".*emulated", category=RuntimeWarning)
+                yield
+
+    return expect
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One torch and one faiss thread for a module's small problems: on a busy 2-core machine

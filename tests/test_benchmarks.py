@@ -447,14 +447,16 @@ def test_a_deterministic_reference_pairs_with_every_seed_of_the_other_model():
     assert [x.shape for x in seed_rows(seeds, counts)] == [(2, 4), (2, 4)]
 
 
-def test_training_precision_pairs_fp32_and_bf16_on_the_selected_weights(data_and_embed, tmp_path, monkeypatch):
+def test_training_precision_pairs_fp32_and_bf16_on_the_selected_weights(data_and_embed, tmp_path, monkeypatch,
+                                                                        forced_bf16):
     from benchmarks.training_precision import main as training_precision
 
     monkeypatch.setattr(benchmarks.record, "RESULTS", tmp_path / "results")
     data_dir, _ = data_and_embed
-    training_precision(["--data", str(data_dir), "--epochs", "2", "--threads", "1", "--matmul-size", "256",
-                        "--name", "tiny", "model.name=sasrec", "model.d_model=32", "model.n_layers=1",
-                        "model.d_ff=64", "trainer.optim.batch_size=64", "data.max_history=10"])
+    with forced_bf16():
+        training_precision(["--data", str(data_dir), "--epochs", "2", "--threads", "1", "--matmul-size", "256",
+                            "--name", "tiny", "model.name=sasrec", "model.d_model=32", "model.n_layers=1",
+                            "model.d_ff=64", "trainer.optim.batch_size=64", "data.max_history=10"])
     record = json.loads((tmp_path / "results" / "sasrec" / "synthetic" / "precision-tiny.json").read_text())
     assert record["protocol"] == {"history": "kept", "refit": False, "selected_on": "valid"}
     metrics, details = record["metrics"], record["details"]

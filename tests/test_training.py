@@ -126,8 +126,9 @@ def test_resume_continues_to_the_same_epoch_count(split, tmp_path):
         train_in_process(exp_for(), split, tmp_path / "empty", resume=True)
 
 
-def test_bf16_autocast_trains(split):
-    trainer = build_trainer(exp_for("trainer.data.precision=bf16", "trainer.optim.epochs=1"), split)
+def test_bf16_autocast_trains(split, forced_bf16):
+    with forced_bf16():
+        trainer = build_trainer(exp_for("trainer.data.precision=bf16", "trainer.optim.epochs=1"), split)
     loss = trainer.train_epoch(0)["train_loss"]
     assert np.isfinite(loss)
 
