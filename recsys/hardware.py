@@ -13,8 +13,8 @@ def cpu_supports_bf16() -> bool | None:
 
     On x86 that means AVX-512 BF16 or AMX, read from the CPU's feature flags. oneDNN's own probe
     (``torch.ops.mkldnn._is_mkldnn_bf16_supported``) is not asked there: it says yes on any
-    AVX-512 core, where bf16 matmuls are converted to fp32 and back (an Ice Lake Xeon: bf16 60
-    GFLOP/s against fp32 185, docs/experiments/precision.md). On other CPUs (Arm) that probe checks
+    AVX-512 core, where bf16 matmuls are converted to fp32 and back (an Ice Lake Xeon: bf16 62
+    GFLOP/s against fp32 292, docs/experiments/precision.md). On other CPUs (Arm) that probe checks
     the bf16 instructions themselves."""
     import platform
 
