@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.record import dataset_name, protocol, write_record  # noqa: E402
+from benchmarks.record import dataset_name, machine_note, protocol, write_record  # noqa: E402
 from benchmarks.tiger_cold_start import content_knn, hold_out  # noqa: E402
 from pipelines.cli import split_config_args  # noqa: E402
 from recsys.data.split import EvalSet  # noqa: E402
@@ -140,7 +140,8 @@ def main(argv: list[str]) -> None:
                         "warm_users_scored": len(slices["warm"]),
                         "cold_items_on_a_new_content_tuple": round(new_tuple, 4),
                         "behaviour_model_s": round(behaviour_s, 1), "eager_s": round(eager_s, 1),
-                        "best_epoch": state.best_epoch, "epochs_run": state.epoch, "train_run": str(parent)})
+                        "best_epoch": state.best_epoch, "epochs_run": state.epoch, "train_run": str(parent),
+                        "machine_note": machine_note(exp.trainer.resources.threads or torch.get_num_threads())})
 
 
 if __name__ == "__main__":
