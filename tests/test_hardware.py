@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.record import cpu_fields
 from recsys import hardware
 
 
@@ -13,10 +14,8 @@ def _cpuinfo_flags() -> set[str] | None:
     cpuinfo = Path("/proc/cpuinfo")
     if platform.machine().lower() not in hardware._X86 or not cpuinfo.is_file():
         return None
-    for line in cpuinfo.read_text().splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return None
+    flags = cpu_fields(cpuinfo.read_text()).get("flags")
+    return None if flags is None else set(flags.split())
 
 
 def test_native_bf16_on_this_machine_matches_its_cpu_flags():
