@@ -1,5 +1,7 @@
 """Tiny training windows shared by the generative retrievers' tests (TIGER, EAGER)."""
 
+from typing import Callable
+
 import torch
 
 from recsys.models import Batch
@@ -24,3 +26,23 @@ def fit(model: torch.nn.Module, batch: Batch, steps: int, lr: float) -> torch.Te
         loss.backward()
         opt.step()
     return loss.detach()
+
+
+def fit_until(model: torch.nn.Module, batch: Batch, lr: float, done: Callable[[torch.Tensor], bool],
+              max_steps: int, every: int = 20) -> int | None:
+    """Adam steps of ``model.loss(batch)`` until ``done(loss)`` holds, asked every ``every`` steps
+    with the model in eval mode (train mode restored after); the step count at which it held, or
+    None after ``max_steps`` steps without. ``loss`` is the last step's, before its update."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for step in range(1, max_steps + 1):
+        loss = model.loss(batch).total
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % every == 0:
+            model.eval()
+            held = done(loss.detach())
+            model.train()
+            if held:
+                return step
+    return None
