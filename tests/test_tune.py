@@ -428,7 +428,10 @@ def test_a_partial_sweep_is_not_ranked(tmp_path):
 @pytest.mark.ray
 def test_ctrl_c_stops_the_sweep_with_status_130_and_the_resume_command(ray_session, embed_run, tmp_path):
     path = write_sweep(tmp_path, {"trainer.optim.lr": {"grid": [3.0e-3, 1.0e-3]}}, max_concurrent_trials=1)
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
+    # PYTHONFAULTHANDLER: should it outlive the 60 s, SIGABRT makes it print every thread's stack
+    # (a fresh clone on 2026-12-07 printed the resume line, then did not exit within 60 s, once)
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1",
+           "PYTHONFAULTHANDLER": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "tune", str(path), "trainer.optim.epochs=50",
                              "--embed", str(embed_run)], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -437,7 +440,12 @@ def test_ctrl_c_stops_the_sweep_with_status_130_and_the_resume_command(ray_sessi
             if "epoch 1/50" in line:
                 break
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)
+            _, err = proc.communicate(timeout=30)
+            pytest.fail(f"`recsys tune` still ran 60 s after Ctrl-C; its threads when stopped:\n{err[-8000:]}")
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
