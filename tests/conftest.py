@@ -5,8 +5,10 @@ two Ray lanes of tests/suite.py have one each."""
 import os
 import socket
 import sys
+from pathlib import Path
 
 import pytest
+
 
 pytest_plugins = ["pytester"]
 
@@ -137,32 +139,41 @@ TIGER_PIPELINE_ITEMS = 60
 def tiger_pipeline(tmp_path_factory) -> dict:
     """A tiny TIGER pipeline, in-process (data, a real sentence-transformers embed, hierarchical
     k-means IDs, 2 epochs), shared by the Serve tests and the cascade over TIGER: its root, and its
-    data, embed and train run directories. Tests read these runs; they write only new runs."""
+    data, embed and train run directories. Tests read these runs; they write only new runs. Built
+    once per `make test` for all its processes (tests/shared_builds.py)."""
     from pipelines.cli import main
+    from shared_builds import built_once
 
-    root = tmp_path_factory.mktemp("tiger-pipeline") / "runs"
-    overrides = [f"run.root={root}", "data.synthetic.n_users=200", f"data.synthetic.n_items={TIGER_PIPELINE_ITEMS}",
-                 "data.synthetic.n_topics=4", "ids.method=hkmeans", "ids.hkmeans.branching=6", "ids.use_ray=false",
-                 "model.name=tiger", "model.d_model=32", "model.n_encoder_layers=1", "model.n_decoder_layers=1",
-                 "model.n_heads=2", "model.head_dim=16", "model.d_ff=64", "model.beam_size=10",
-                 "model.collision_scoring=content", "trainer.data.samples=prefixes", "trainer.optim.epochs=2",
-                 "trainer.optim.batch_size=128", "trainer.selection.patience=0", "trainer.resources.use_ray=false"]
-    assert main(["pipeline", *overrides]) == 0
-    (pipeline,) = (root / "pipeline").iterdir()
-    return {"root": root, "data": pipeline / "data", "embed": pipeline / "embed", "tiger": pipeline / "train"}
+    def build(directory: Path) -> dict:
+        root = directory / "runs"
+        overrides = [f"run.root={root}", "data.synthetic.n_users=200", f"data.synthetic.n_items={TIGER_PIPELINE_ITEMS}",
+                     "data.synthetic.n_topics=4", "ids.method=hkmeans", "ids.hkmeans.branching=6", "ids.use_ray=false",
+                     "model.name=tiger", "model.d_model=32", "model.n_encoder_layers=1", "model.n_decoder_layers=1",
+                     "model.n_heads=2", "model.head_dim=16", "model.d_ff=64", "model.beam_size=10",
+                     "model.collision_scoring=content", "trainer.data.samples=prefixes", "trainer.optim.epochs=2",
+                     "trainer.optim.batch_size=128", "trainer.selection.patience=0", "trainer.resources.use_ray=false"]
+        assert main(["pipeline", *overrides]) == 0
+        (pipeline,) = (root / "pipeline").iterdir()
+        return {"root": root, "data": pipeline / "data", "embed": pipeline / "embed", "tiger": pipeline / "train"}
+
+    return built_once("tiger-pipeline", tmp_path_factory.mktemp, build)
 
 
 @pytest.fixture(scope="session")
 def tiger_cascade(tiger_pipeline, tmp_path_factory) -> dict:
     """A cascade over the tiny TIGER: TWIN-V2 trained by `recsys rank` on 2 user folds (fold TIGERs
     on the same IDs), its item vectors the embed run behind the IDs. Shared by the rank test over
-    TIGER and the Serve test that registers items through a cascade: its rank run and metrics."""
+    TIGER and the Serve test that registers items through a cascade: its rank run and metrics. Built
+    once per `make test` for all its processes (tests/shared_builds.py)."""
     from pipelines.rank_stage import run_rank
     from recsys.experiment import load_experiment
+    from shared_builds import built_once
 
-    root = tmp_path_factory.mktemp("tiger-cascade")
-    exp = load_experiment(None, [f"run.root={root}", "trainer.resources.use_ray=false", "model.name=twin_v2",
-                                 "model.gamma=3", "model.d_model=16", "model.random_negatives=3",
-                                 "trainer.optim.epochs=1", "trainer.optim.batch_size=32", "run.name=over-tiger"])
-    run_dir, metrics = run_rank(exp, tiger_pipeline["tiger"], 20, folds=2, fold_examples=2)
-    return {"rank": run_dir, "metrics": metrics}
+    def build(root: Path) -> dict:
+        exp = load_experiment(None, [f"run.root={root}", "trainer.resources.use_ray=false", "model.name=twin_v2",
+                                     "model.gamma=3", "model.d_model=16", "model.random_negatives=3",
+                                     "trainer.optim.epochs=1", "trainer.optim.batch_size=32", "run.name=over-tiger"])
+        run_dir, metrics = run_rank(exp, tiger_pipeline["tiger"], 20, folds=2, fold_examples=2)
+        return {"rank": run_dir, "metrics": metrics}
+
+    return built_once("tiger-cascade", tmp_path_factory.mktemp, build)

@@ -13,7 +13,8 @@ and need no Ray. So:
 conftest.py fails any test that is not marked ``ray`` and starts Ray, so no Ray instance appears at
 nice 19. Every test runs, in exactly one process. The first lane prints as it goes; the others'
 output follows. The exit status is the worst of the three. Arguments are passed to all three, e.g.
-``python tests/suite.py -x -k serve``.
+``python tests/suite.py -x -k serve``. The three share a directory in which the first to need one of
+the costly session fixtures builds it for all (tests/shared_builds.py).
 
     python tests/suite.py [PYTEST_ARGS ...]
 """
@@ -27,6 +28,8 @@ import sys
 import tempfile
 import threading
 import time
+
+from shared_builds import SHARED_DIR_ENV
 
 PYTEST = [sys.executable, "-m", "pytest", "-q"]
 NO_TESTS_COLLECTED = 5  # pytest's exit status when a filter leaves a part empty
@@ -83,7 +86,9 @@ class SecondLane(threading.Thread):
 
 def main(args: list[str]) -> int:
     started = time.monotonic()
-    with tempfile.TemporaryFile("w+") as rest_log, tempfile.TemporaryFile("w+") as ray_log:
+    with tempfile.TemporaryFile("w+") as rest_log, tempfile.TemporaryFile("w+") as ray_log, \
+            tempfile.TemporaryDirectory(prefix="recsys-tests-") as shared:
+        os.environ[SHARED_DIR_ENV] = shared  # the three processes build the costly session fixtures once
         lane = SecondLane(args, rest_log, ray_log)
         lane.start()
         first = subprocess.Popen([*PYTEST, "-m", "ray and not second_lane", *args])

@@ -2,6 +2,7 @@
 keeps the partition honest: a test that is not marked ``ray`` may neither use the shared Ray
 instance nor start Ray."""
 
+import os
 import re
 from pathlib import Path
 
@@ -83,3 +84,58 @@ def test_marked_may():
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-o", "markers=ray: r")
     result.assert_outcomes(passed=2, errors=1)
     result.stdout.fnmatch_lines(["*test_starts.py::test_starts_ray started Ray but is not marked `ray`*"])
+
+
+def test_a_shared_build_is_made_once_for_every_process_and_a_failed_one_is_made_again(tmp_path, monkeypatch):
+    import json
+    import subprocess
+    import sys
+
+    from shared_builds import SHARED_DIR_ENV, built_once
+
+    calls = []
+
+    def build(directory: Path) -> dict:
+        calls.append(directory)
+        (directory / "run").mkdir()
+        return {"run": directory / "run", "metrics": {"ndcg@10": 0.5, "path": "not a Path"}, "dirs": [directory]}
+
+    # without the suite's directory: every call builds, into the directory it is given
+    made = iter([tmp_path / "a", tmp_path / "b"])
+    for _ in range(2):
+        built_once("x", lambda name: _mkdir(next(made)), build)
+    assert calls == [tmp_path / "a", tmp_path / "b"]
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    monkeypatch.setenv(SHARED_DIR_ENV, str(shared))
+
+    def fails(directory: Path) -> dict:
+        (directory / "half").mkdir()
+        raise RuntimeError("build failed")
+
+    with pytest.raises(RuntimeError, match="build failed"):
+        built_once("x", _unused, fails)
+    calls.clear()
+    first = built_once("x", _unused, build)  # the failed build's leftovers are gone; built once
+    assert calls == [shared / "x"] and not (shared / "x" / "half").exists()
+    assert first == {"run": shared / "x" / "run", "metrics": {"ndcg@10": 0.5, "path": "not a Path"},
+                     "dirs": [shared / "x"]}
+    assert built_once("x", _unused, build) == first and len(calls) == 1
+    # another process reads it, with Paths restored, and never calls its own build
+    code = ("import json, sys; sys.path.insert(0, 'tests'); from shared_builds import built_once; "
+            "r = built_once('x', None, lambda d: 1 / 0); "
+            "print(json.dumps({'run_is_path': type(r['run']).__name__, 'run': str(r['run'])}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
+                         capture_output=True, text=True, env={**os.environ, SHARED_DIR_ENV: str(shared)})
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"run_is_path": "PosixPath", "run": str(shared / "x" / "run")}
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
+def _unused(name: str) -> Path:
+    raise AssertionError("with the shared directory set, no per-process directory is made")
