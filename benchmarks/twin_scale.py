@@ -56,12 +56,22 @@ def allocator_returns_memory() -> None:
     freed (its default threshold grows after a free, and freed tensors then stay resident): the
     resident set before a request then holds none of an earlier request's tensors, so its peak
     above that set is the request's own memory."""
+    if glibc().mallopt(-3, 1 << 16) != 1:  # M_MMAP_THRESHOLD
+        raise RuntimeError("mallopt(M_MMAP_THRESHOLD) failed: peak memory per request cannot be measured")
+    release_free_memory()
+
+
+def release_free_memory() -> None:
+    """Return the heap's free pages to the OS (glibc's malloc_trim). A free chunk that an earlier
+    allocation left in the heap stays resident, and a request served from it would add nothing to
+    the resident set: in a long-lived process (a test suite's) every peak then read 0.0 MiB."""
+    glibc().malloc_trim(0)
+
+
+def glibc():
     import ctypes
 
-    libc = ctypes.CDLL("libc.so.6")
-    if libc.mallopt(-3, 1 << 16) != 1:  # M_MMAP_THRESHOLD
-        raise RuntimeError("mallopt(M_MMAP_THRESHOLD) failed: peak memory per request cannot be measured")
-    libc.malloc_trim(0)
+    return ctypes.CDLL("libc.so.6")
 
 
 def reset_peak() -> None:
@@ -120,8 +130,10 @@ def time_request(model, batch: Batch, min_s: float, max_reps: int) -> dict:
         spent += t4 - t0
     del keys, alpha, top, query
     # no garbage collection inside the measured request: a collection there frees earlier objects'
-    # memory (in a long-lived process, a test suite's) and the peak above the set before hides under it
+    # memory (in a long-lived process, a test suite's) and the peak above the set before hides under it;
+    # and the warm-up's and timing loop's freed tensors go back to the OS first (release_free_memory)
     gc.collect()
+    release_free_memory()
     gc.disable()
     try:
         reset_peak()

@@ -101,6 +101,7 @@ def test_a_shared_build_is_made_once_for_every_process_and_a_failed_one_is_made_
         return {"run": directory / "run", "metrics": {"ndcg@10": 0.5, "path": "not a Path"}, "dirs": [directory]}
 
     # without the suite's directory: every call builds, into the directory it is given
+    monkeypatch.delenv(SHARED_DIR_ENV, raising=False)  # tests/suite.py sets it for the suite itself
     made = iter([tmp_path / "a", tmp_path / "b"])
     for _ in range(2):
         built_once("x", lambda name: _mkdir(next(made)), build)

@@ -382,9 +382,13 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(ray_session, e
     assert set(rows) == {first.name, second.name, third.name} and (sweep_dir / "COMPLETE").is_file()
     assert all((r["status"], r["epochs_run"]) == (COMPLETED, "2") for r in rows.values())
     assert_wall_covers_epochs(list(rows.values()))
-    # finished: not trained again (same epoch log, same Tune results); interrupted: continued
+    # finished: not trained again (same epoch log, Tune's results hold each epoch once); interrupted:
+    # continued. Tune's result file can lag its snapshot: a fresh clone under load found it empty at
+    # the kill (2026-12-07), so it is compared only when it held something then.
     assert epoch_lines(first) == before[first]
-    assert (sweep_dir / "tune" / first.name / "result.json").read_text() == results_before
+    results_after = (sweep_dir / "tune" / first.name / "result.json").read_text()
+    assert [json.loads(x)["training_iteration"] for x in results_after.splitlines()] == [1, 2], results_after
+    assert results_after == results_before or not results_before
     after = epoch_lines(second)
     assert [json.loads(x)["epoch"] for x in after] == [1, 2] and after[0] == before[second][0]
     assert [json.loads(x)["epoch"] for x in epoch_lines(third)] == [1, 2]
