@@ -293,8 +293,24 @@ def test_a_tiny_asha_sweep_ranks_tests_the_winner_and_writes_its_config(ray_sess
     else:
         assert test["base_point"] is None and "no gain over it is measured" in summary
 
-    # a search state torn by a kill mid-save: the resume refuses, naming the file, and loses nothing
+    # a search state older than the trials' state (a kill between Tune's copies of the two, seen once
+    # under load: the resume then waited 600 s for a trial that had ended): refused, nothing lost
+    import ray.cloudpickle as cloudpickle
+
     state_file = only_file(sweep_dir / "tune", "basic-variant-state-*.json")
+    original = state_file.read_bytes()
+    stale = cloudpickle.loads(original)
+    assert stale["_live_trials"] == set()  # every trial ended
+    stale["_live_trials"] = {winner["trial_id"]}
+    state_file.write_bytes(cloudpickle.dumps(stale))
+    capsys.readouterr()
+    assert main(["tune", "--resume", str(sweep_dir)]) == 2
+    err = capsys.readouterr().err
+    assert str(state_file) in err and "older than" in err and "nothing was resumed" in err
+    assert (sweep_dir / "COMPLETE").is_file() and read_rows(sweep_dir) == rows
+    state_file.write_bytes(original)
+
+    # a search state torn by a kill mid-save: the resume refuses, naming the file, and loses nothing
     state_file.write_bytes(state_file.read_bytes()[:20])
     capsys.readouterr()
     assert main(["tune", "--resume", str(sweep_dir)]) == 2
@@ -326,8 +342,9 @@ def snapshot_has_one_done_one_checkpointed(experiment: Path) -> bool:
     statuses = [(t["status"], (m.get("last_result") or {}).get("training_iteration", 0)) for t, m in trials]
     if not (("TERMINATED", 2) in statuses and any(s == "RUNNING" and i >= 1 for s, i in statuses)):
         return False
-    # Tune copies its search-algorithm state to the storage path non-atomically: a kill mid-copy
-    # leaves it empty, and the resume then refuses (seen once under load).
+    # Tune copies its search-algorithm state to the storage path non-atomically, after the trials'
+    # state: a kill mid-copy leaves it empty, or older than the trials' state, and the resume then
+    # refuses (each seen once under load). Kill once both agree.
     from tune.driver import require_search_state
 
     try:

@@ -172,21 +172,44 @@ def resume_sweep(sweep_dir: Path) -> Path:
     return finish_sweep(sweep, sweep_dir, fit(tuner, sweep_dir))
 
 
+LIVE_STATUSES = {"PENDING", "RUNNING", "PAUSED"}  # a trial the search algorithm still counts as live
+
+
 def require_search_state(experiment: Path) -> None:
-    """Refuse to resume from a torn search-algorithm state. Tune copies it into the experiment
-    non-atomically; a driver killed mid-copy leaves it empty, and Tune's restore then logs an
-    error and restarts the experiment, training the finished trials again."""
+    """Refuse to resume from a torn or stale search-algorithm state. Tune writes the trials' state
+    and the search algorithm's state together, then copies both files into the experiment one after
+    the other, non-atomically. A driver killed mid-copy leaves the search state empty (Tune's restore
+    then logs an error and restarts the experiment, training the finished trials again), or older
+    than the trials' state: it still counts a finished trial as running, and with
+    ``max_concurrent_trials`` the resumed sweep then waits for it forever (Tune gives up after
+    600 s), or it generates again a trial that the trials' state already holds."""
     import ray.cloudpickle as cloudpickle
 
+    newest = None
     for path in sorted(experiment.glob("basic-variant-state-*.json")):
         try:
-            cloudpickle.loads(path.read_bytes())
+            newest = path, cloudpickle.loads(path.read_bytes())
         except (EOFError, ValueError, cloudpickle.pickle.UnpicklingError) as err:
             raise ValueError(
                 f"{path} (the sweep's search state) is unreadable ({type(err).__name__}): the sweep was "
                 "probably killed while Ray Tune saved it. Resuming would restart the sweep and train its "
                 "finished trials again, so nothing was resumed; the trials' own runs under "
                 f"{experiment.parent / TRIALS_DIR} are intact. Start the sweep again as a new run.") from None
+    trials = sorted(experiment.glob("experiment_state-*.json"))
+    if newest is None or not trials:
+        return
+    path, search = newest
+    live = {json.loads(trial)["trial_id"]: json.loads(trial)["status"]
+            for trial, _ in json.loads(trials[-1].read_text())["trial_data"]}
+    expected = {trial_id for trial_id, status in live.items() if status in LIVE_STATUSES}
+    counted = set(search.get("_live_trials", ()))
+    if counted != expected:
+        raise ValueError(
+            f"{path} (the sweep's search state) is older than {trials[-1].name} (its trials' state): it counts "
+            f"{sorted(counted)} as running, the trials' state {sorted(expected)}. The sweep was probably killed "
+            "while Ray Tune copied the two; resuming would wait for a trial that has ended, or run one twice, "
+            f"so nothing was resumed; the trials' own runs under {experiment.parent / TRIALS_DIR} are intact. "
+            "Start the sweep again as a new run.")
 
 
 def trial_record(sweep: Sweep, sweep_dir: Path, result) -> TrialRecord:
