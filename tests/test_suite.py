@@ -116,13 +116,13 @@ def test_a_shared_build_is_made_once_for_every_process_and_a_failed_one_is_made_
         raise RuntimeError("build failed")
 
     with pytest.raises(RuntimeError, match="build failed"):
-        built_once("x", _unused, fails)
+        built_once("x", _unused, fails, low_priority=False)
     calls.clear()
-    first = built_once("x", _unused, build)  # the failed build's leftovers are gone; built once
+    first = built_once("x", _unused, build, low_priority=False)  # the failed build's leftovers are gone
     assert calls == [shared / "x"] and not (shared / "x" / "half").exists()
     assert first == {"run": shared / "x" / "run", "metrics": {"ndcg@10": 0.5, "path": "not a Path"},
                      "dirs": [shared / "x"]}
-    assert built_once("x", _unused, build) == first and len(calls) == 1
+    assert built_once("x", _unused, build, low_priority=False) == first and len(calls) == 1
     # another process reads it, with Paths restored, and never calls its own build
     code = ("import json, sys; sys.path.insert(0, 'tests'); from shared_builds import built_once; "
             "r = built_once('x', None, lambda d: 1 / 0); "
@@ -131,6 +131,15 @@ def test_a_shared_build_is_made_once_for_every_process_and_a_failed_one_is_made_
                          capture_output=True, text=True, env={**os.environ, SHARED_DIR_ENV: str(shared)})
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == {"run_is_path": "PosixPath", "run": str(shared / "x" / "run")}
+    # a process at lower priority (the suite's nice-19 lane) never waits on the lock, which one at
+    # normal priority may hold for a whole build: with it held and nothing finished, it builds its own
+    import fcntl
+
+    with open(shared / "y.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another open file: built_once's flock here would block
+        own = built_once("y", lambda name: _mkdir(tmp_path / "private"), lambda d: {"dir": d}, low_priority=True)
+    assert own == {"dir": tmp_path / "private"} and not (shared / "y.json").exists()
+    assert built_once("x", _unused, fails, low_priority=True) == first  # ... and reads a finished one
 
 
 def _mkdir(path: Path) -> Path:
