@@ -309,6 +309,13 @@ def test_a_tiny_asha_sweep_ranks_tests_the_winner_and_writes_its_config(ray_sess
     assert str(state_file) in err and "older than" in err and "nothing was resumed" in err
     assert (sweep_dir / "COMPLETE").is_file() and read_rows(sweep_dir) == rows
     state_file.write_bytes(original)
+    trials_file = sorted((sweep_dir / "tune").glob("experiment_state-*.json"))[-1]
+    trials_state = trials_file.read_bytes()
+    trials_file.write_bytes(trials_state[:30])  # torn too: refused, naming it
+    assert main(["tune", "--resume", str(sweep_dir)]) == 2
+    err = capsys.readouterr().err
+    assert str(trials_file) in err and "unreadable" in err and "nothing was resumed" in err
+    trials_file.write_bytes(trials_state)
 
     # a search state torn by a kill mid-save: the resume refuses, naming the file, and loses nothing
     state_file.write_bytes(state_file.read_bytes()[:20])

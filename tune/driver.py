@@ -199,9 +199,13 @@ def require_search_state(experiment: Path) -> None:
     if newest is None or not trials:
         return
     path, search = newest
-    live = {json.loads(trial)["trial_id"]: json.loads(trial)["status"]
-            for trial, _ in json.loads(trials[-1].read_text())["trial_data"]}
-    expected = {trial_id for trial_id, status in live.items() if status in LIVE_STATUSES}
+    try:
+        states = [json.loads(trial) for trial, _ in json.loads(trials[-1].read_text())["trial_data"]]
+    except (ValueError, KeyError) as err:
+        raise ValueError(f"{trials[-1]} (the sweep's trials' state) is unreadable ({type(err).__name__}): the "
+                         "sweep was probably killed while Ray Tune saved it; nothing was resumed. Start the sweep "
+                         "again as a new run.") from None
+    expected = {state["trial_id"] for state in states if state["status"] in LIVE_STATUSES}
     counted = set(search.get("_live_trials", ()))
     if counted != expected:
         raise ValueError(
