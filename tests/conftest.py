@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-
 pytest_plugins = ["pytester"]
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

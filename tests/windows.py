@@ -1,6 +1,6 @@
 """Tiny training windows shared by the generative retrievers' tests (TIGER, EAGER)."""
 
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -17,15 +17,22 @@ def tiny_windows(n_items: int, max_len: int, rows: int, seed: int = 0) -> Batch:
     return Batch(history=seq[:, :-1], targets=targets, target=seq[:, -1])
 
 
-def fit(model: torch.nn.Module, batch: Batch, steps: int, lr: float) -> torch.Tensor:
-    """``steps`` Adam steps of ``model.loss(batch)``; returns the last step's loss (before its update)."""
+def adam_steps(model: torch.nn.Module, batch: Batch, steps: int, lr: float) -> Iterator[tuple[int, torch.Tensor]]:
+    """``steps`` Adam steps of ``model.loss(batch)``; yields (step, that step's loss, before its update)."""
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         loss = model.loss(batch).total
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return loss.detach()
+        yield step, loss.detach()
+
+
+def fit(model: torch.nn.Module, batch: Batch, steps: int, lr: float) -> torch.Tensor:
+    """``steps`` Adam steps of ``model.loss(batch)``; returns the last step's loss (before its update)."""
+    for _, loss in adam_steps(model, batch, steps, lr):
+        pass
+    return loss
 
 
 def fit_until(model: torch.nn.Module, batch: Batch, lr: float, done: Callable[[torch.Tensor], bool],
@@ -33,15 +40,10 @@ def fit_until(model: torch.nn.Module, batch: Batch, lr: float, done: Callable[[t
     """Adam steps of ``model.loss(batch)`` until ``done(loss)`` holds, asked every ``every`` steps
     with the model in eval mode (train mode restored after); the step count at which it held, or
     None after ``max_steps`` steps without. ``loss`` is the last step's, before its update."""
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    for step in range(1, max_steps + 1):
-        loss = model.loss(batch).total
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    for step, loss in adam_steps(model, batch, max_steps, lr):
         if step % every == 0:
             model.eval()
-            held = done(loss.detach())
+            held = done(loss)
             model.train()
             if held:
                 return step
