@@ -86,6 +86,24 @@ def test_a_users_setting_wins_over_the_quiet_defaults(monkeypatch):
     assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "1"
 
 
+def test_a_local_start_caps_the_object_store_and_binds_the_dashboard_to_localhost(monkeypatch):
+    """The branch of ``init_ray`` that starts Ray on this machine (`recsys serve`, `recsys pipeline` on
+    a laptop), checked by its arguments: the Ray tests start their instance with the same ones
+    (conftest.ray_session), and `recsys serve`'s own test joins that instance through RAY_ADDRESS."""
+    import ray
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    calls = []
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    ray_env.init_ray(num_cpus=2)
+    assert calls == [{"num_cpus": 2, "object_store_memory": 1 << 30, "include_dashboard": True,
+                      "dashboard_host": "127.0.0.1", "log_to_driver": True, "logging_level": "warning"}]
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # a cluster: no local settings, its own resources
+    ray_env.init_ray(num_cpus=2)
+    assert calls[1] == {"log_to_driver": True}
+
+
 def test_only_rays_auth_default_notice_is_dropped(caplog):
     ray_env.quiet_auth_notice()
     ray_env.quiet_auth_notice()  # idempotent

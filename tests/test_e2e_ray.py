@@ -1,6 +1,9 @@
 """End to end under one real local Ray instance: the `recsys` CLI, Ray Train with DDP, resume."""
 
+import contextlib
+import io
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -19,11 +22,24 @@ def only_dir(path: Path) -> Path:
     return found
 
 
-def test_pipeline_with_two_ddp_workers(ray_session, tiny_overrides, tmp_path, capsys):
-    assert main(["pipeline", *tiny_overrides, "trainer.resources.num_workers=2"]) == 0
-    out = capsys.readouterr().out
+@pytest.fixture(scope="module")
+def ddp_pipeline(ray_session, tmp_path_factory) -> tuple[Path, str]:
+    """A tiny pipeline whose training runs on two DDP workers: its runs directory and its console. The
+    resume test continues a copy of its train run (a Ray Train fit costs ~12 s here, so they share one)."""
+    root = tmp_path_factory.mktemp("ddp")
+    overrides = [f"run.root={root / 'runs'}", "data.synthetic.n_users=300", "data.synthetic.n_items=80",
+                 "data.synthetic.n_topics=4", "model.d_model=32", "model.n_layers=1", "model.d_ff=64",
+                 "trainer.optim.epochs=3", "trainer.optim.batch_size=64", "trainer.selection.patience=0",
+                 "trainer.resources.num_workers=2"]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["pipeline", *overrides]) == 0
+    return root / "runs", out.getvalue()
+
+
+def test_pipeline_with_two_ddp_workers(ddp_pipeline):
+    runs, out = ddp_pipeline
     assert "| test |" in out and "recall@10" in out
-    runs = tmp_path / "runs"
     pipeline_dir = only_dir(runs / "pipeline")
     result = read_json(pipeline_dir / "metrics.json")
     for stage, path in [("pipeline", pipeline_dir), *result["stages"].items()]:  # every stage finished
@@ -64,22 +80,26 @@ def test_a_refit_under_ray_train_keeps_its_last_epoch_and_reports_no_validation(
         (train_dir / "summary.md").read_text()
 
 
-def test_train_resumes_from_the_last_ray_checkpoint(ray_session, tiny_overrides, tmp_path):
-    assert main(["train", *tiny_overrides, "trainer.optim.epochs=2"]) == 0
-    train_dir = only_dir(tmp_path / "runs" / "train")
+def test_train_resumes_from_the_last_ray_checkpoint(ddp_pipeline, tmp_path):
+    """A copy of the DDP pipeline's 3-epoch train run, moved to another directory (Ray Train's
+    checkpoint names are relative to the run), continues to 5 epochs on its two workers."""
+    runs, _ = ddp_pipeline
+    train_dir = tmp_path / "moved"
+    shutil.copytree(Path(read_json(only_dir(runs / "pipeline") / "metrics.json")["stages"]["train"]), train_dir)
     first = [json.loads(x) for x in (train_dir / "epochs.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in first] == [1, 2, 3]
     resumed_at = time.time()
-    assert main(["train", "--resume", str(train_dir), "trainer.optim.epochs=4"]) == 0
+    assert main(["train", "--resume", str(train_dir), "trainer.optim.epochs=5"]) == 0
     epochs = [json.loads(x) for x in (train_dir / "epochs.jsonl").read_text().splitlines()]
-    assert [e["epoch"] for e in epochs] == [1, 2, 3, 4]
-    # epochs 1-2 come from the first run's checkpoint, not from training again
-    assert epochs[:2] == first
-    assert all(e["finished_at"] > resumed_at for e in epochs[2:])
-    # Ray Train restored the epoch-2 checkpoint once: a user resume, not a worker restart
-    assert epochs[2]["resumed_from_epoch"] == 2
+    assert [e["epoch"] for e in epochs] == [1, 2, 3, 4, 5]
+    # epochs 1-3 come from the first run's checkpoint, not from training again
+    assert epochs[:3] == first
+    assert all(e["finished_at"] > resumed_at for e in epochs[3:])
+    # Ray Train restored the epoch-3 checkpoint once: a user resume, not a worker restart
+    assert epochs[3]["resumed_from_epoch"] == 3
     metrics = read_json(train_dir / "metrics.json")
-    assert metrics["resumed_from_epochs"] == [2] and metrics["worker_restarts"] == 0
-    assert read_json(train_dir / "config.json")["trainer"]["optim"]["epochs"] == 4
+    assert metrics["resumed_from_epochs"] == [3] and metrics["worker_restarts"] == 0 and metrics["workers"] == 2
+    assert read_json(train_dir / "config.json")["trainer"]["optim"]["epochs"] == 5
 
 
 def test_console_script_reports_bad_config_clearly(tmp_path):
