@@ -266,8 +266,8 @@ def two_node_cluster(tmp_path):
                RAY_TRAIN_V2_ENABLED="1", RAY_DATA_LOG_LEVEL="WARNING", PATH=bin_dir + os.pathsep + env["PATH"],
                # On SIGTERM a node drains before it stops, by default for up to 30 s; after the job a detached
                # Ray Data actor (its autoscaling coordinator) keeps the head busy for all of it. A test cluster
-               # has nothing to migrate.
-               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="5")
+               # has nothing to migrate: at 5 s the teardown took 8.1 s, at 1 s 4.4 s.
+               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="1")
     ports = iter(free_ports(11))
     gcs, dash = next(ports), next(ports)
     per_node = {"head": ["--head", f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
