@@ -2,7 +2,7 @@
 each model against the first as the mean of the per-user differences with its standard error.
 
     python benchmarks/compare_paired.py LABEL=SPEC LABEL=SPEC ... --data DATA_RUN [--split test] \
-        [--history kept|excluded] [--inference KEY=VALUE ...] [--name NAME] [--threads 2]
+        [--history kept|excluded] [--inference KEY=VALUE ...] [--users N] [--name NAME] [--threads 2]
 
 SPEC is a checkpoint directory (``runs/train/<id>/checkpoints/best``), several separated by commas (the
 same config's training seeds: each user's figure is averaged over them, ``benchmarks.paired``), or
@@ -16,7 +16,9 @@ last SPEC's model; the figures are those of the checkpoints as given (select the
 --inference``: only the keys a model's class names as inference settings, e.g. EAGER's fusion, so two
 runs selected under different fusions compare under the one that ships); the record holds it. A SPEC
 may end with its own settings, ``@KEY=VALUE`` each, over ``--inference``'s: ``beam20=RUN/checkpoints/best
-beam40=RUN/checkpoints/best@beam_size=40`` pairs one checkpoint under two beams.
+beam40=RUN/checkpoints/best@beam_size=40`` pairs one checkpoint under two beams. ``--users N`` pairs on a
+fixed random sample of N users of the split (``--users-seed``, recorded), for models whose scoring of every
+user takes too long; the standard error then grows as 1/sqrt(N).
 """
 
 from __future__ import annotations
@@ -89,6 +91,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--max-history", type=int, default=20)
     parser.add_argument("--inference", action="append", default=[], metavar="KEY=VALUE",
                         help="an inference setting every checkpoint is scored under, e.g. fusion=sum")
+    parser.add_argument("--users", type=int, default=0, help="> 0: a fixed random sample of this many users")
+    parser.add_argument("--users-seed", type=int, default=0, help="the sample's seed (default 0)")
     parser.add_argument("--name", help="write a record paired-<NAME>-history-<kept|excluded>.json")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args(argv)
@@ -104,6 +108,10 @@ def main(argv: list[str]) -> None:
     exclude = args.history == "excluded"
     split = leave_one_out(InteractionData.load(args.data), args.max_history)
     es = split.eval_set(args.split)
+    if args.users < 0 or args.users > len(es):
+        parser.error(f"--users {args.users}: give 1..{len(es)} (the {args.split} split's users), or 0 for all")
+    if args.users:
+        es = es.subset(np.sort(np.random.default_rng(args.users_seed).choice(len(es), args.users, replace=False)))
     names = metric_names()
     per_user: dict[str, dict[str, np.ndarray]] = {}  # label -> metric -> (seeds, U)
     for label, spec, own in specs:
@@ -134,7 +142,8 @@ def main(argv: list[str]) -> None:
         path = write_record(
             f"paired-{args.name}-history-{args.history}", model=model, dataset=run_dataset(args.data),
             config={"models": {label: spec for label, spec, _ in specs}, "data_run": str(args.data),
-                    "split": args.split,
+                    "split": args.split, "users_sample": args.users or None,
+                    "users_seed": args.users_seed if args.users else None,
                     "max_history": args.max_history, "threads": args.threads, "inference": inference,
                     "inference_per_model": {label: own for label, _, own in specs if own}},
             wall_s=time.perf_counter() - start, metrics={},

@@ -454,6 +454,13 @@ def test_recsys_pipeline_trains_eager_on_behaviour_ids_from_a_two_tower_and_cont
     for bad in (f"c={best}@fusion", "c=counts@fusion=sum"):
         with pytest.raises(SystemExit):
             compare_paired([f"a={best}", bad, "--data", str(data_dir)])
+    compare_paired([f"shipped={best}", f"behavior={best}@fusion=behavior", "--data", str(data_dir), "--max-history", "6",
+                    "--threads", "1", "--users", "10", "--users-seed", "3", "--name", "tiny-sample"])  # a user sample
+    sample = read_json(tmp_path / "results" / "eager" / "synthetic" / "paired-tiny-sample-history-kept.json")
+    assert sample["users"] == 10 and (sample["config"]["users_sample"], sample["config"]["users_seed"]) == (10, 3)
+    assert paired["config"]["users_sample"] is None and paired["users"] > 10
+    with pytest.raises(SystemExit):
+        compare_paired([f"a={best}", f"b={best}", "--data", str(data_dir), "--users", str(paired["users"] + 1)])
     from benchmarks.newest_item_gain import main as newest
     newest([str(train_dir / "checkpoints" / "best"), "--data", str(data_dir), "--users", "40", "--max-history", "6",
             "--threads", "1", "--names", "tiny"])

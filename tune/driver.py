@@ -33,7 +33,7 @@ from recsys.sweep_report import (
     write_results, write_winner_config,
 )
 from recsys.training.session import EPOCH_LOG
-from tune.progress import ProgressLines
+from tune.progress import CtrlC, ProgressLines, ctrl_c_stops_the_sweep
 from tune.trainable import TRIALS_DIR, run_trial, trial_dir_name
 
 TUNE_DIR = "tune"  # Ray Tune's experiment directory inside the sweep run
@@ -140,14 +140,15 @@ def run_sweep(sweep: Sweep, embed_dir: Path | None = None, data_dir: Path | None
             trial_dirname_creator=trial_dir_name, reuse_actors=True),  # no process start per trial
         run_config=ray.tune.RunConfig(
             name=TUNE_DIR, storage_path=str(sweep_dir), verbose=0,
-            callbacks=[ProgressLines(cfg.metric, epochs, cfg.n_trials, [s.key for s in cfg.specs])],
+            callbacks=[ProgressLines(cfg.metric, epochs, cfg.n_trials, [s.key for s in cfg.specs]), CtrlC()],
             checkpoint_config=ray.tune.CheckpointConfig(num_to_keep=1)))
     return finish_sweep(sweep, sweep_dir, fit(tuner, sweep_dir))
 
 
 def fit(tuner: ray.tune.Tuner, sweep_dir: Path):
     try:
-        return tuner.fit()
+        with ctrl_c_stops_the_sweep():
+            return tuner.fit()
     except KeyboardInterrupt:
         raise SweepInterrupted(f"interrupted; continue the sweep with: recsys tune --resume {sweep_dir}") from None
 
