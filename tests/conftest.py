@@ -83,15 +83,20 @@ def ray_session():
     ray.shutdown()
 
 
-@pytest.fixture
-def tiny_overrides(tmp_path):
-    """Overrides for a seconds-long run on a small synthetic dataset, into tmp_path/runs."""
+def tiny_run(root: Path) -> list[str]:
+    """Overrides for a seconds-long run on a small synthetic dataset, into ``root``."""
     return [
-        f"run.root={tmp_path / 'runs'}",
+        f"run.root={root}",
         "data.synthetic.n_users=300", "data.synthetic.n_items=80", "data.synthetic.n_topics=4",
         "model.d_model=32", "model.n_layers=1", "model.d_ff=64",
         "trainer.optim.epochs=3", "trainer.optim.batch_size=64", "trainer.selection.patience=0",
     ]
+
+
+@pytest.fixture
+def tiny_overrides(tmp_path):
+    """``tiny_run`` into tmp_path/runs."""
+    return tiny_run(tmp_path / "runs")
 
 
 @pytest.fixture

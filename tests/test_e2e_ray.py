@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import tiny_run
 
 from pipelines.cli import main
 from recsys.runs import read_json
@@ -27,13 +28,9 @@ def ddp_pipeline(ray_session, tmp_path_factory) -> tuple[Path, str]:
     """A tiny pipeline whose training runs on two DDP workers: its runs directory and its console. The
     resume test continues a copy of its train run (a Ray Train fit costs ~12 s here, so they share one)."""
     root = tmp_path_factory.mktemp("ddp")
-    overrides = [f"run.root={root / 'runs'}", "data.synthetic.n_users=300", "data.synthetic.n_items=80",
-                 "data.synthetic.n_topics=4", "model.d_model=32", "model.n_layers=1", "model.d_ff=64",
-                 "trainer.optim.epochs=3", "trainer.optim.batch_size=64", "trainer.selection.patience=0",
-                 "trainer.resources.num_workers=2"]
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        assert main(["pipeline", *overrides]) == 0
+        assert main(["pipeline", *tiny_run(root / "runs"), "trainer.resources.num_workers=2"]) == 0
     return root / "runs", out.getvalue()
 
 
