@@ -9,7 +9,7 @@ from contextlib import contextmanager
 
 from ray.tune import Callback
 
-CTRL_C = threading.Event()  # set by the sweep's SIGINT handler; read by CtrlC at every step of Tune's loop
+CTRL_C = threading.Event()  # set by the sweep's SIGINT handler; CtrlC raises at Tune's next step
 
 
 def _short(value) -> str:
@@ -44,24 +44,32 @@ class ProgressLines(Callback):
 
 @contextmanager
 def ctrl_c_stops_the_sweep():
-    """While a sweep runs: SIGINT raises KeyboardInterrupt, as Python's default handler does, and is
-    remembered. Ray's ``wait``, where Tune's loop spends its time, runs signal handlers itself and turns
-    a KeyboardInterrupt into a status that can be lost: the sweep then trained on after Ctrl-C
-    (2026-12-07, a fresh clone's test_tune: trials reported epochs 2-7 after the signal, the driver's main
-    thread in ``ray.wait``). ``CtrlC`` raises it again at Tune's next step. Outside the main thread (no
-    signal handler can be set there) this changes nothing."""
+    """While a sweep runs, the first Ctrl-C only sets ``CTRL_C``; ``CtrlC`` raises KeyboardInterrupt at the
+    start or end of Tune's next step (steps are at most ~0.1 s apart), and leaving this block raises it if
+    no step did. A second Ctrl-C raises at once, for a sweep that no longer steps.
+
+    Why not raise from the handler, as Python's own does: the exception then lands at whatever bytecode
+    the main thread is on. Ray's ``wait``, where Tune's loop spends its time, runs signal handlers itself
+    and can lose it (2026-12-07: trials reported epochs 2-7 after the signal); and raised between a
+    lock's acquire and the ``with`` block that releases it (Tune's tensorboardX logger putting to its
+    queue), it leaks the lock, and the tensorboardX clean-up at exit then waits for it forever
+    (2026-12-07, the fault handler's stacks: the resume line printed, the process never ended).
+    Outside the main thread (no signal handler can be set there) this changes nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def interrupted(signum, frame):
+        if CTRL_C.is_set():
+            raise KeyboardInterrupt
         CTRL_C.set()
-        raise KeyboardInterrupt
 
     CTRL_C.clear()
     previous = signal.signal(signal.SIGINT, interrupted)
     try:
         yield
+        if CTRL_C.is_set():  # Ctrl-C after Tune's last step
+            raise KeyboardInterrupt
     finally:
         signal.signal(signal.SIGINT, previous)
         CTRL_C.clear()
@@ -69,7 +77,8 @@ def ctrl_c_stops_the_sweep():
 
 class CtrlC(Callback):
     """Raises KeyboardInterrupt at the start and end of every step of Tune's loop (in the driver's
-    main thread) once the sweep's SIGINT handler has seen Ctrl-C (``ctrl_c_stops_the_sweep``)."""
+    main thread, where no lock is held) once the sweep's SIGINT handler has seen Ctrl-C
+    (``ctrl_c_stops_the_sweep``)."""
 
     def on_step_begin(self, iteration, trials, **info):
         if CTRL_C.is_set():
