@@ -5,17 +5,17 @@ replicas coming up, polls, HTTP), and they are the critical path. The other test
 and need no Ray. So:
 
 - the first lane runs most Ray tests (``-m "ray and not second_lane"``) in the foreground;
-- the second lane runs the rest beside it at the lowest CPU priority (nice 19) and one OpenMP
-  thread (``ONE_THREAD``), taking only the cycles the Ray tests leave idle, and once they are done,
-  the Ray tests marked ``second_lane``
+- the second lane runs the rest beside it at the lowest CPU priority (nice 19), taking only the
+  cycles the Ray tests leave idle, and once they are done, the Ray tests marked ``second_lane``
   (conftest.py's SECOND_LANE_MODULES) at normal priority, in a Ray instance of their own: two Ray
   lanes fill each other's waits.
 
-conftest.py fails any test that is not marked ``ray`` and starts Ray, so no Ray instance appears at
-nice 19. Every test runs, in exactly one process. The first lane prints as it goes; the others'
-output follows. The exit status is the worst of the three. Arguments are passed to all three, e.g.
-``python tests/suite.py -x -k serve``. The three share a directory in which the first to need one of
-the costly session fixtures builds it for all (tests/shared_builds.py).
+The three have one OpenMP thread each (``ONE_THREAD``). conftest.py fails any test that is not
+marked ``ray`` and starts Ray, so no Ray instance appears at nice 19. Every test runs, in exactly one
+process. The first lane prints as it goes; the others' output follows. The exit status is the worst
+of the three. Arguments are passed to all three, e.g. ``python tests/suite.py -x -k serve``. The three
+share a directory in which the first to need one of the costly session fixtures builds it for all
+(tests/shared_builds.py).
 
     python tests/suite.py [PYTEST_ARGS ...]
 """
@@ -35,10 +35,10 @@ from shared_builds import SHARED_DIR_ENV
 PYTEST = [sys.executable, "-m", "pytest", "-q"]
 NO_TESTS_COLLECTED = 5  # pytest's exit status when a filter leaves a part empty
 INTERRUPTED = 2  # pytest's exit status after Ctrl-C (or a collection error)
-# The tests without Ray run at nice 19 beside the Ray lane: with two OpenMP threads, one of them waits
-# for a core the Ray lane holds and the other spins at every barrier. Measured 2026-12-07 (Ice Lake,
-# beside a one-core busy loop): the two cold-start benchmark tests took 402 s with 2 threads, 18 s with 1.
-# A test that sets its own thread count (trainer.resources.threads) still gets it.
+# Three pytest processes share 2 cores: with two OpenMP threads, one of them waits for a core another
+# lane holds and the other spins at every barrier. Measured 2026-12-07 (Ice Lake, beside a one-core busy
+# loop): the two cold-start benchmark tests took 402 s at nice 19 with 2 threads, 18 s with 1. A test
+# that sets its own thread count (trainer.resources.threads) still gets it.
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
@@ -67,8 +67,7 @@ class SecondLane(threading.Thread):
         self.ray_started = self.ray_ended = None
         # started here, not in run(), so that Ctrl-C can never find it not yet started
         self.rest = subprocess.Popen([*PYTEST, "-m", "not ray", "-o", "cache_dir=.pytest_cache/not-ray", *args],
-                                     stdout=rest_log, stderr=subprocess.STDOUT, preexec_fn=low_priority,
-                                     env={**os.environ, **ONE_THREAD})
+                                     stdout=rest_log, stderr=subprocess.STDOUT, preexec_fn=low_priority)
 
     def run(self) -> None:
         self.rest_status = self.rest.wait()
@@ -96,6 +95,7 @@ def main(args: list[str]) -> int:
     with tempfile.TemporaryFile("w+") as rest_log, tempfile.TemporaryFile("w+") as ray_log, \
             tempfile.TemporaryDirectory(prefix="recsys-tests-") as shared:
         os.environ[SHARED_DIR_ENV] = shared  # the three processes build the costly session fixtures once
+        os.environ.update(ONE_THREAD)
         lane = SecondLane(args, rest_log, ray_log)
         lane.start()
         first = subprocess.Popen([*PYTEST, "-m", "ray and not second_lane", *args])
