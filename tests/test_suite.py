@@ -28,6 +28,23 @@ def test_the_second_lanes_ray_tests_count_like_the_others(statuses, expected):
     assert combined_status(*statuses) == expected
 
 
+def test_all_three_processes_run_with_one_openmp_thread(monkeypatch, capfd):
+    """Two OpenMP threads per process stall on 2 shared cores (tests/suite.py's ONE_THREAD: 402 s
+    against 18 s for two tests at nice 19 beside a busy core)."""
+    import sys
+
+    import suite
+    from shared_builds import SHARED_DIR_ENV
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.setenv(SHARED_DIR_ENV, "")  # main() sets both; monkeypatch restores them
+    report = "import os, sys; print('lane', sys.argv[2], 'threads', os.environ['OMP_NUM_THREADS']); sys.exit(5)"
+    monkeypatch.setattr(suite, "PYTEST", [sys.executable, "-c", report])
+    assert suite.main([]) == NO_TESTS_COLLECTED
+    lanes = re.findall(r"^lane (.+) threads (\d+)$", capfd.readouterr().out, re.M)
+    assert sorted(lanes) == [("not ray", "1"), ("ray and not second_lane", "1"), ("ray and second_lane", "1")]
+
+
 def test_the_second_lane_holds_the_ray_tests_of_its_modules_and_nothing_else(pytester):
     # the conftest as shipped, its module list pointed at a module of this temporary suite (in process:
     # the shipped list names this suite's own modules, already imported here)
