@@ -1,9 +1,9 @@
 """Item-embedding throughput on Amazon Beauty, side by side in one process: the fastest plain
 ``SentenceTransformer.encode`` of the titles against the embed stage on Ray Data (forced by
 ``embed.encoder.use_ray=true``) and in-process (what ``auto`` takes on one node). Writes
-benchmarks/results/embed/beauty/throughput.json.
+benchmarks/results/embed/beauty/<--name>.json (default throughput.json).
 
-    python benchmarks/embed_beauty.py --path /path/to/amazon-beauty [--limit 1000]
+    python benchmarks/embed_beauty.py --path /path/to/amazon-beauty [--limit 1000] [--name throughput-icelake]
 
 - plain: encode only (model loaded and warmed up first), tried at each ``--batch-sizes`` in the
   precision ``auto`` resolves to here (bf16 on a CPU with native bf16); the fastest counts.
@@ -50,6 +50,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--keep-run", type=Path, help="keep the in-process embed run under this run root "
                         "(e.g. for benchmarks/hkmeans_scaling.py --embed); its data run is kept beside it")
     parser.add_argument("--note", default="", help="stored in the record, e.g. what else ran on the machine")
+    parser.add_argument("--name", default="throughput",
+                        help="the record's name: another machine's figures go beside, not over, this one's")
     return parser.parse_args(argv)
 
 
@@ -161,7 +163,7 @@ def main(argv: list[str]) -> None:
     if args.limit:
         print("--limit given: no record written")
         return
-    path = write_record("throughput", model="embed", dataset="beauty",
+    path = write_record(args.name, model="embed", dataset="beauty",
                         config={"text": asdict(text_cfg), "encoder": asdict(base), "precision": precision,
                                 "ray": {"batch_size": args.ray_batch_size, "num_actors": args.num_actors,
                                         "cpus_per_actor": args.cpus_per_actor}, "n_items": len(texts)},

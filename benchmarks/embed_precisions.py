@@ -1,9 +1,13 @@
 """The item encoder in fp32, bf16 and int8 (torch's dynamic quantization of the Linear layers) on
 Amazon Beauty's texts: items/s of a plain ``encode``, cosine to the fp32 vectors, and how many items
 keep their hierarchical k-means IDs (Beauty's 256 x 3). Writes
-benchmarks/results/embed/beauty/precisions.json.
+benchmarks/results/embed/beauty/<--name>.json (default precisions.json).
 
-    python benchmarks/embed_precisions.py --path /path/to/amazon-beauty [--threads 2] [--limit N]
+    python benchmarks/embed_precisions.py --path /path/to/amazon-beauty [--threads 2] [--limit N] \
+        [--precisions fp32,int8] [--name precisions-icelake]
+
+fp32 is always encoded: it is the reference of every cosine and ID agreement. On a CPU without native
+bf16, bf16 is emulated (several times slower than fp32) and can be left out with ``--precisions``.
 
 int8 is measured, not offered by the embed stage: see docs/experiments/ray-paths.md.
 """
@@ -40,13 +44,18 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--path", required=True, help="the amazon-beauty directory")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--limit", type=int, default=0, help="only the first N items; no record is written")
+    parser.add_argument("--precisions", default="fp32,bf16,int8", help="which encoders to time (fp32 always)")
+    parser.add_argument("--name", default="precisions", help="the record's name")
     args = parser.parse_args(argv)
+    names = ["fp32", *[p for p in args.precisions.split(",") if p != "fp32"]]
+    if unknown := set(names) - {"fp32", "bf16", "int8"}:
+        parser.error(f"--precisions: unknown {sorted(unknown)}; choose from fp32, bf16, int8")
     start = time.perf_counter()
     torch.set_num_threads(args.threads)
     texts = build_texts(load_items(args.path, args.limit).items, ItemTextConfig())
     base = EncoderConfig()
     vectors, speed = {}, {}
-    for name in ("fp32", "bf16", "int8"):
+    for name in names:
         cfg = replace(base, precision="fp32" if name == "int8" else name)
         model = load_encoder(cfg)
         model = int8(model) if name == "int8" else model
@@ -56,7 +65,7 @@ def main(argv: list[str]) -> None:
         speed[name] = round(len(texts) / (time.perf_counter() - begin), 1)
         print(name, speed[name], "items/s", flush=True)
     metrics = {"items_per_s": speed}
-    for name in ("bf16", "int8"):
+    for name in names[1:]:
         cosine = (vectors[name] * vectors["fp32"]).sum(axis=1)
         metrics[f"{name}_cosine_to_fp32"] = {"min": round(float(cosine.min()), 5), "mean": round(float(cosine.mean()), 5)}
         metrics[f"{name}_fp32_id_agreement"] = id_agreement(vectors["fp32"], vectors[name])
@@ -64,8 +73,8 @@ def main(argv: list[str]) -> None:
     if args.limit:
         print("--limit given: no record written")
         return
-    path = write_record("precisions", model="embed", dataset="beauty",
-                        config={"encoder": asdict(base), "n_items": len(texts), "threads": args.threads,
+    path = write_record(args.name, model="embed", dataset="beauty",
+                        config={"encoder": asdict(base), "n_items": len(texts), "threads": args.threads, "precisions": names,
                                 "int8": "torch.ao.quantization.quantize_dynamic, Linear layers, qint8"},
                         wall_s=time.perf_counter() - start, metrics=metrics,
                         extra={"machine_note": machine_note(args.threads)})
