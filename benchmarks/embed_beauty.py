@@ -10,7 +10,8 @@ benchmarks/results/embed/beauty/<--name>.json (default throughput.json).
 - ray: ``run_embed`` with use_ray=true on a machine where Ray is not running yet, so ray.init, the
   actor pool's start-up and each actor's model load are all inside its time; ``--ray-warm`` runs it
   again with Ray up (a new actor pool and model loads, no ray.init).
-- in_process: ``run_embed`` with use_ray=false, model load included.
+- in_process: ``run_embed`` with use_ray=false, model load included, timed before Ray starts (as a
+  user's one-node run with ``auto`` never starts it).
 - ``--fp32`` also encodes in fp32 and builds hierarchical k-means IDs (Beauty's config: 256 x 3)
   from both vector sets: how many items get the same ID.
 ``--limit N`` embeds only the first N items, prints the figures and writes no record.
@@ -88,7 +89,7 @@ def time_stage(data_dir: Path, text_cfg: ItemTextConfig, cfg: EncoderConfig,
         raise ValueError(f"--keep-run {keep} already holds embed runs, whose vectors would be reused")
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        run_dir = run_embed(data_dir, text_cfg, cfg, keep or tmp, name="beauty", progress=False)
+        run_dir = run_embed(data_dir, text_cfg, cfg, keep or tmp, name="beauty")  # bars only on a terminal
         wall = time.perf_counter() - start
         metrics = read_json(run_dir / "metrics.json")
         vectors = load_embeddings(run_dir)[1]
@@ -133,6 +134,12 @@ def main(argv: list[str]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = (args.keep_run or Path(tmp)) / "data" / "beauty"
         data.save(data_dir)
+        # in-process before Ray starts: on one node `auto` never starts Ray, and Ray's idle processes
+        # (raylet, GCS, dashboard) would take CPU from it on a 2-core machine
+        results["in_process"], _ = time_stage(data_dir, text_cfg,
+                                              replace(base, use_ray=False, batch_size=fastest["batch_size"]),
+                                              keep=args.keep_run)
+        print("in_process", results["in_process"], flush=True)
         ray_cfg = replace(base, use_ray=True, batch_size=args.ray_batch_size, num_actors=args.num_actors,
                           cpus_per_actor=args.cpus_per_actor)
         results["ray"], vectors = time_stage(data_dir, text_cfg, ray_cfg)
@@ -141,10 +148,6 @@ def main(argv: list[str]) -> None:
         if args.ray_warm:  # Ray now running: what a pipeline's later stage pays (actors and model loads)
             results["ray_warm"], _ = time_stage(data_dir, text_cfg, ray_cfg)
             print("ray_warm", results["ray_warm"], flush=True)
-        results["in_process"], _ = time_stage(data_dir, text_cfg,
-                                              replace(base, use_ray=False, batch_size=fastest["batch_size"]),
-                                              keep=args.keep_run)
-        print("in_process", results["in_process"], flush=True)
     extra = {"route": route, "note": args.note, "load_average_at_start": [round(x, 1) for x in load],
              "load_average_at_end": [round(x, 1) for x in os.getloadavg()]}
     if args.fp32:
