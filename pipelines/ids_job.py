@@ -28,6 +28,7 @@ from ray.train.torch import TorchTrainer
 from ray.train.v2.api.config import LoggingConfig
 from tqdm.auto import tqdm
 
+from pipelines.interrupts import ctrl_c_ends_ray_training
 from recsys.config import from_dict
 from recsys.semantic_ids import (
     RQVAEConfig, RQVAETokenizer, load_tokenizer, reseed_dead_codes_synced, rqvae_epoch, shuffled_batches,
@@ -141,7 +142,8 @@ def fit_rqvae_with_ray(cfg: IdsConfig, embeddings_path: Path, embeddings: np.nda
         # ``exclude_resources`` into new ExecutionOptions, and Ray Data warns about it in every fit.
         dataset_config=DataConfig(execution_options=ExecutionOptions(verbose_progress=False)),
     )
-    result = trainer.fit()
+    with ctrl_c_ends_ray_training():  # Ctrl-C: `recsys ids: interrupted`, status 130
+        result = trainer.fit()
     if result.error:
         raise RuntimeError(f"RQ-VAE training failed: {result.error}") from result.error
     with result.checkpoint.as_directory() as directory:

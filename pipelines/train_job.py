@@ -22,6 +22,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 from ray.train.v2.api.config import LoggingConfig
 
+from pipelines.interrupts import ctrl_c_ends_ray_training
 from recsys.experiment import ExperimentConfig, experiment_from_dict
 from recsys.runs import atomic_directory
 from recsys.training.checkpoint import load_train_state
@@ -114,7 +115,8 @@ def fit_with_ray(exp: ExperimentConfig, split, run_dir: Path, context: dict | No
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
-    result = trainer.fit()
+    with ctrl_c_ends_ray_training():  # Ctrl-C: `recsys train: interrupted` and the resume hint, status 130
+        result = trainer.fit()
     if result.error:
         raise RuntimeError(f"training failed: {result.error}") from result.error
     best = result.checkpoint if cfg.selection.refit else result.get_best_checkpoint(metric=score, mode="max")
