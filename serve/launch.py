@@ -6,8 +6,10 @@ machines, so it is said out loud (and an API key is advised).
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
+from contextlib import contextmanager
 from typing import Callable
 
 from ray import serve
@@ -48,13 +50,37 @@ def start(app: serve.Application, host: str = "127.0.0.1", port: int = 8000, nam
     return f"http://{shown}:{port}"
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C; `kill`, `docker stop`, a Kubernetes pod's end
+
+
+@contextmanager
+def stop_signals_interrupt():
+    """While serving, SIGINT and SIGTERM raise KeyboardInterrupt, whatever this process inherited: a
+    command started in the background by a non-interactive shell (`recsys serve ... &` in a script)
+    ignores SIGINT, and Python then installs no Ctrl-C handler at all (2026-12-07: such a `recsys
+    serve` never stopped on SIGINT); SIGTERM would otherwise end the process without shutting Serve
+    down, which leaves the app deployed on a cluster that RAY_ADDRESS named. The previous handlers
+    come back after."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = {signum: signal.signal(signum, interrupt) for signum in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def serve_until_interrupted(app: serve.Application, host: str, port: int, on_ready: Callable[[str], None]) -> None:
     """``start`` the app, call ``on_ready(url)``, and keep the process (and with it a local Ray
-    instance) alive until Ctrl-C, which shuts Serve down, also while the app is still starting."""
-    try:
-        on_ready(start(app, host, port))
-        while True:
-            time.sleep(1.0)
-    except KeyboardInterrupt:
-        print("interrupted: shutting Serve down", file=sys.stderr, flush=True)
-        serve.shutdown()
+    instance) alive until Ctrl-C or SIGTERM, which shut Serve down, also while the app is still
+    starting."""
+    with stop_signals_interrupt():
+        try:
+            on_ready(start(app, host, port))
+            while True:
+                time.sleep(1.0)
+        except KeyboardInterrupt:
+            print("interrupted: shutting Serve down", file=sys.stderr, flush=True)
+            serve.shutdown()

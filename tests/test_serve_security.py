@@ -2,8 +2,11 @@
 weights-only (a pickle placed where weights belong is refused and never runs), the endpoint binds
 to localhost unless told otherwise, and the app's arguments are checked before anything starts."""
 
+import os
 import pathlib
 import pickle
+import signal
+import time
 
 import numpy as np
 import pytest
@@ -13,7 +16,7 @@ from pipelines.cli import build_parser
 from recsys.models import build_model, get_spec
 from recsys.semantic_ids import SemanticIdIndex
 from recsys.training.checkpoint import WEIGHTS, load_model, save_checkpoint
-from serve.launch import exposure_warning
+from serve.launch import STOP_SIGNALS, exposure_warning, stop_signals_interrupt
 from serve.schemas import ServeArgs
 
 
@@ -73,6 +76,29 @@ def test_recsys_serve_binds_localhost_by_default_and_warns_otherwise():
     warning = exposure_warning("0.0.0.0", None)
     assert "reachable from other machines" in warning and "--api-key-env" in warning
     assert "--api-key-env" not in exposure_warning("10.0.0.5", "MY_KEY")
+
+
+def test_recsys_serve_stops_on_sigint_and_sigterm_even_when_it_inherited_an_ignored_sigint():
+    """A command started in the background by a non-interactive shell inherits SIGINT ignored, and
+    Python then installs no Ctrl-C handler (2026-12-07: `recsys serve` started so never stopped)."""
+    before = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # what `bash -c 'recsys serve ... &'` hands down
+
+    def not_replaced(signum, frame):  # rather than SIGTERM's default, which would end pytest
+        raise AssertionError("SIGTERM reached the handler from before serving")
+
+    signal.signal(signal.SIGTERM, not_replaced)
+    try:
+        for signum in STOP_SIGNALS:
+            with pytest.raises(KeyboardInterrupt):
+                with stop_signals_interrupt():
+                    os.kill(os.getpid(), signum)
+                    time.sleep(5)  # the handler raises here at once
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # the inherited handlers come back
+        assert signal.getsignal(signal.SIGTERM) is not_replaced
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
 
 
 def test_serve_args_are_checked_with_messages_that_name_the_field():
