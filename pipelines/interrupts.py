@@ -37,7 +37,8 @@ def ctrl_c_ends_ray_training():
     """Around ``trainer.fit()``: if SIGINT arrived while the block ran, leave it with KeyboardInterrupt
     (from the SystemExit that Ray Train ended ``fit()`` with, or after a ``fit()`` that returned from an
     aborted run); any other SystemExit passes unchanged. The SIGINT handler in force before the block is
-    put back after it.
+    put back after it (unless it was installed outside Python, which ``signal.getsignal`` reports as
+    None and no Python call can reinstate: then whatever the block left stays).
 
     Whether SIGINT arrived is read from Python's wakeup fd: the interpreter writes each signal's number
     to it whatever Python-level handler is installed, so Ray Train replacing the handler inside
@@ -62,6 +63,7 @@ def ctrl_c_ends_ray_training():
             raise KeyboardInterrupt
     finally:
         signal.set_wakeup_fd(old_fd)
-        signal.signal(signal.SIGINT, previous)
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
         read.close()
         write.close()

@@ -270,6 +270,25 @@ def test_ctrl_c_during_ray_trains_fit_ends_as_keyboard_interrupt_and_its_handler
     assert signal.set_wakeup_fd(-1) == -1  # the wakeup fd it borrowed is given back
 
 
+def test_ctrl_c_during_ray_training_keeps_a_sigint_handler_installed_outside_python(monkeypatch):
+    """signal.getsignal answers None for a handler installed from C (an embedding application, an
+    extension); no Python call can reinstate it, and trying to (signal.signal(SIGINT, None)) is a
+    TypeError that would replace the KeyboardInterrupt the user should see."""
+    from pipelines.interrupts import ctrl_c_ends_ray_training
+
+    before = signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(signal, "getsignal", lambda signum: None)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with ctrl_c_ends_ray_training():
+                signal.signal(signal.SIGINT, lambda signum, frame: None)
+                os.kill(os.getpid(), signal.SIGINT)
+                raise SystemExit(1)
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert signal.set_wakeup_fd(-1) == -1
+
+
 def test_ctrl_c_ends_a_command_with_one_line_and_status_130(monkeypatch, capsys):
     import pipelines.stages
 
