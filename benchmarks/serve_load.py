@@ -1,10 +1,10 @@
 """Load on the Serve application over real HTTP: the generative retriever (TIGER, beam search)
-and the ANN baseline (SASRec user embedding + a faiss index over its item embeddings), served
-the same way, and EAGER once per fusion (each stream alone, then both fused; Serve's ``inference``
+and ANN baselines (an embedding model's user vector, SASRec's or the two-tower's, searched in a faiss
+index over its item vectors), served the same way, and EAGER once per fusion (each stream alone, then both fused; Serve's ``inference``
 setting), then a fault run that kills a model replica's process under load.
 
-    python benchmarks/serve_load.py --tiger TRAIN_RUN [--sasrec TRAIN_RUN] [--name beauty]
-        [--concurrency 1,8,32] [--duration 15] [--replicas 2] [--fault-retries 0,2]
+    python benchmarks/serve_load.py --tiger TRAIN_RUN [--sasrec TRAIN_RUN] [--ann LABEL=TRAIN_RUN ...]
+        [--name beauty] [--concurrency 1,8,32] [--duration 15] [--replicas 2] [--fault-retries 0,2]
     python benchmarks/serve_load.py --eager TRAIN_RUN --name beauty --record load-eager --fault-retries ''
 
 Each system is deployed alone (same replicas, CPUs and batching), warmed up, then driven by
@@ -271,8 +271,8 @@ def markdown(results: dict, systems: list[str]) -> str:
         for level, s in results.get(system, {}).items():
             lines.append(f"| {system} | {level[1:]} | {s['p50_ms']} | {s['p95_ms']} | {s['p99_ms']} | "
                          f"{s['throughput_rps']} | {s['errors']} |")
-    if "ann_recall_at_k" in results:
-        lines += ["", f"ANN baseline: the faiss index returns {results['ann_recall_at_k']:.1%} of the exact top-k."]
+    for system, recall in results.get("ann_recall_at_k", {}).items():
+        lines += ["", f"{system}: the faiss index returns {recall:.1%} of the exact top-k."]
     for f in results.get("fault", []):
         lines += ["", f"Fault run, ingress retries on replica death = {f['retries_on_replica_death']}, concurrency "
                   f"{f['concurrency']}: a Retriever replica SIGKILLed at {f['killed_at_s']} s; replica count "
@@ -291,7 +291,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ints = lambda s: [int(x) for x in s.split(",") if x != ""]  # noqa: E731
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiger", type=Path, help="TIGER train run (or pipeline run); the fault runs need it")
-    p.add_argument("--sasrec", type=Path, help="SASRec train run for the ANN baseline (same dataset)")
+    p.add_argument("--sasrec", type=Path, help="SASRec train run for the ANN baseline (same dataset): the system "
+                   "named `ann`, as --ann ann=RUN")
+    p.add_argument("--ann", action="append", default=[], metavar="LABEL=RUN",
+                   help="an embedding model's train run served through its ANN index as system LABEL (repeatable; "
+                        "e.g. two-tower=runs/train/<two-tower>)")
     p.add_argument("--eager", type=Path, help="EAGER train run: served once per --eager-fusions (Serve's inference "
                    "setting), i.e. each stream alone and fused")
     p.add_argument("--eager-fusions", default="behavior,semantic,sum,confidence",
@@ -317,16 +321,30 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def ann_systems(ns: argparse.Namespace) -> dict[str, Path]:
+    """The ANN systems to serve, by label: ``--sasrec`` as ``ann``, then each ``--ann LABEL=RUN``."""
+    systems = {} if ns.sasrec is None else {"ann": ns.sasrec}
+    for spec in ns.ann:
+        label, sep, path = spec.partition("=")
+        if not sep or not label or not path:
+            raise SystemExit(f"serve_load.py: --ann {spec!r}: give LABEL=TRAIN_RUN, e.g. two-tower=runs/train/<run>")
+        if label in systems or label == "tiger" or label.startswith("eager-"):
+            raise SystemExit(f"serve_load.py: --ann {spec!r}: the label {label!r} is taken; give each system its own")
+        systems[label] = Path(path)
+    return systems
+
+
 def main(argv: list[str]) -> dict:
     from ray import serve
 
     from serve.run import open_run
 
     ns = parse(argv)
-    runs = {name: open_run(path) for name, path in (("tiger", ns.tiger), ("ann", ns.sasrec), ("eager", ns.eager))
+    anns = ann_systems(ns)
+    runs = {name: open_run(path) for name, path in (("tiger", ns.tiger), *anns.items(), ("eager", ns.eager))
             if path is not None}
     if not runs:
-        raise SystemExit("serve_load.py: give at least one of --tiger, --sasrec, --eager")
+        raise SystemExit("serve_load.py: give at least one of --tiger, --sasrec, --ann, --eager")
     (first, first_run), *others = runs.items()
     histories = test_histories(first_run, ns.histories, ns.seed)
     for name, run in others:
@@ -339,17 +357,17 @@ def main(argv: list[str]) -> dict:
     systems = {}
     if ns.tiger is not None:
         systems["tiger"] = {"run_dir": str(runs["tiger"].run_dir), **common}
-    if ns.sasrec is not None:
-        systems["ann"] = {"run_dir": str(runs["ann"].run_dir), "retrieval": "ann", "ann_index": ns.ann_index, **common}
+    for name in anns:
+        systems[name] = {"run_dir": str(runs[name].run_dir), "retrieval": "ann", "ann_index": ns.ann_index, **common}
     for fusion in [f for f in ns.eager_fusions.split(",") if f] if ns.eager is not None else []:
         systems[f"eager-{fusion}"] = {"run_dir": str(runs["eager"].run_dir), "inference": {"fusion": fusion}, **common}
-    sasrec = runs.get("ann")
     if ns.fault_retries and ns.tiger is None:
         raise SystemExit("serve_load.py: the fault runs kill a TIGER replica: give --tiger, or --fault-retries ''")
-    results: dict = {"fault": []}
-    if sasrec is not None:
-        results["ann_recall_at_k"] = ann_recall(sasrec, histories, ns.k, ns.ann_index)
-        print(f"ANN index {ns.ann_index}: recall@{ns.k} of the exact ranking {results['ann_recall_at_k']}")
+    results: dict = {"fault": [], "ann_recall_at_k": {}}
+    for name in anns:
+        results["ann_recall_at_k"][name] = ann_recall(runs[name], histories, ns.k, ns.ann_index)
+        print(f"{name}: ANN index {ns.ann_index}, recall@{ns.k} of the exact ranking "
+              f"{results['ann_recall_at_k'][name]}")
     url = start_serve(ns.port)
     start = time.perf_counter()
     results.update(load_systems({name: (args, histories) for name, args in systems.items()}, url, ns))

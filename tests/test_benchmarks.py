@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -102,9 +103,27 @@ def test_serve_load_summary_counts_errors_by_kind_and_times_only_answers():
     assert s["throughput_rps"] == 10.0
     assert s["p50_ms"] == 50.5 and s["p99_ms"] == 99.0 and s["max_ms"] == 100.0  # failures are not timed
     assert summarise([], 1.0)["p50_ms"] is None
-    table = markdown({"tiger": {"c8": s}, "ann": {"c8": s}, "eager-behavior": {"c8": s}, "fault": []},
-                     ["tiger", "ann", "eager-behavior"])
+    table = markdown({"tiger": {"c8": s}, "ann": {"c8": s}, "two-tower": {"c8": s}, "eager-behavior": {"c8": s},
+                      "fault": [], "ann_recall_at_k": {"ann": 0.99, "two-tower": 0.998}},
+                     ["tiger", "ann", "two-tower", "eager-behavior"])
     assert "| tiger | 8 | 50.5 |" in table and "| ann | 8 |" in table and "| eager-behavior | 8 |" in table
+    assert "| two-tower | 8 |" in table
+    assert "ann: the faiss index returns 99.0%" in table
+    assert "two-tower: the faiss index returns 99.8%" in table
+
+
+def test_serve_load_names_each_ann_system_and_refuses_a_label_it_cannot_tell_apart():
+    from benchmarks.serve_load import ann_systems, parse
+
+    ns = parse(["--sasrec", "runs/train/s", "--ann", "two-tower=runs/train/t"])
+    assert ann_systems(ns) == {"ann": Path("runs/train/s"), "two-tower": Path("runs/train/t")}
+    for bad, says in ((["--ann", "runs/train/t"], "give LABEL=TRAIN_RUN"),
+                      (["--ann", "=runs/train/t"], "give LABEL=TRAIN_RUN"),
+                      (["--sasrec", "a", "--ann", "ann=b"], "is taken"),
+                      (["--ann", "tiger=b"], "is taken"),
+                      (["--ann", "x=a", "--ann", "x=b"], "is taken")):
+        with pytest.raises(SystemExit, match=says):
+            ann_systems(parse(bad))
 
 
 def test_split_baselines_rank_training_successors_of_the_last_item_then_popular_items():
