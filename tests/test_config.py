@@ -45,6 +45,17 @@ def test_out_of_range_values_raise_with_what_is_allowed(override, message):
         load_experiment(None, [override])
 
 
+@pytest.mark.parametrize("override, message", [
+    ("model.n_heads=3", r"model.d_model=64 must be divisible by model.n_heads=3"),
+    ("model.emb_dropout=0.99", r"model.emb_dropout=0.99 is out of range"),
+    ("model.n_layers=0", r"model.n_layers=0 is out of range"),
+])
+def test_the_two_towers_user_encoder_is_checked_as_sasrecs(override, message):
+    for name in ("sasrec", "two_tower"):
+        with pytest.raises(ValueError, match=message):
+            load_experiment(None, [f"model.name={name}", override])
+
+
 def test_bad_override_syntax_and_bad_yaml(tmp_path):
     with pytest.raises(ValueError, match="must look like key.subkey=value"):
         parse_overrides(["trainer.optim.epochs"])

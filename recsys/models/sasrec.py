@@ -41,18 +41,23 @@ class SASRecConfig:
     output_embeddings: str = "shared"  # separate: a second item table scores the next item
 
     def __post_init__(self):
-        require_range("model.d_model", self.d_model, 1, 4096)
-        require_range("model.n_layers", self.n_layers, 1, 48)
-        require_range("model.n_heads", self.n_heads, 1, self.d_model)
-        if self.d_model % self.n_heads:
-            raise ValueError(f"model.d_model={self.d_model} must be divisible by model.n_heads={self.n_heads}")
-        require_range("model.d_ff", self.d_ff, 1, 65536)
-        require_range("model.dropout", self.dropout, 0.0, 0.95)
-        require_range("model.emb_dropout", self.emb_dropout, 0.0, 0.95)
+        require_self_attentive(self)
         require_choice("model.loss", self.loss, LOSSES)
         require_range("model.n_negatives", self.n_negatives, 1, 10000)
         require(self.temperature > 0, f"model.temperature={self.temperature} is out of range; allowed: > 0")
         require_choice("model.output_embeddings", self.output_embeddings, OUTPUT_EMBEDDINGS)
+
+
+def require_self_attentive(cfg) -> None:
+    """The shape of ``SelfAttentiveModel``'s encoder, as SASRec's and the two-tower's configs name it."""
+    require_range("model.d_model", cfg.d_model, 1, 4096)
+    require_range("model.n_layers", cfg.n_layers, 1, 48)
+    require_range("model.n_heads", cfg.n_heads, 1, cfg.d_model)
+    if cfg.d_model % cfg.n_heads:
+        raise ValueError(f"model.d_model={cfg.d_model} must be divisible by model.n_heads={cfg.n_heads}")
+    require_range("model.d_ff", cfg.d_ff, 1, 65536)
+    require_range("model.dropout", cfg.dropout, 0.0, 0.95)
+    require_range("model.emb_dropout", cfg.emb_dropout, 0.0, 0.95)
 
 
 def build_loss(cfg: SASRecConfig) -> nn.Module:

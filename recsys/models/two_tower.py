@@ -36,7 +36,7 @@ from torch import nn
 from recsys.config import require, require_choice, require_range
 from recsys.models.base import Batch, Capabilities, LossOutput, item_vector_table
 from recsys.models.losses import InBatchSoftmaxLoss, ItemFrequency, seen_in_history
-from recsys.models.sasrec import SelfAttentiveModel
+from recsys.models.sasrec import SelfAttentiveModel, require_self_attentive
 
 LOG_Q = ("streaming", "counts", "off")
 
@@ -55,14 +55,7 @@ class TwoTowerConfig:
     content: bool = False  # item tower + W c_i, c_i the item's content vector (train with --embed)
 
     def __post_init__(self):
-        require_range("model.d_model", self.d_model, 1, 4096)
-        require_range("model.n_layers", self.n_layers, 1, 48)
-        require_range("model.n_heads", self.n_heads, 1, self.d_model)
-        if self.d_model % self.n_heads:
-            raise ValueError(f"model.d_model={self.d_model} must be divisible by model.n_heads={self.n_heads}")
-        require_range("model.d_ff", self.d_ff, 1, 65536)
-        require_range("model.dropout", self.dropout, 0.0, 0.95)
-        require_range("model.emb_dropout", self.emb_dropout, 0.0, 0.95)
+        require_self_attentive(self)
         require(self.temperature > 0, f"model.temperature={self.temperature} is out of range; allowed: > 0")
         require_choice("model.log_q", self.log_q, LOG_Q)
         require(0 < self.alpha <= 1, f"model.alpha={self.alpha} is out of range; allowed: 0 < model.alpha <= 1")
