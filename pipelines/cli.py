@@ -13,7 +13,7 @@
     recsys history   [CONFIG] [key=value ...] [--data DATA_RUN] [--embed EMBED_RUN]   (a new store: store.path)
     recsys pipeline  [CONFIG] [key=value ...]
     recsys demo      [CONFIG] --baseline BASELINE_CONFIG [key=value ...] [baseline.key=value ...]
-    recsys tune      SWEEP_CONFIG [key=value ...] [--embed EMBED_RUN] [--data DATA_RUN]
+    recsys tune      SWEEP_CONFIG [key=value ...] [--embed EMBED_RUN] [--data DATA_RUN] [--behavior TRAIN_RUN]
     recsys tune      --resume SWEEP_RUN
     recsys serve     RUN [--host 127.0.0.1] [--port 8000] [--replicas N] [--api-key-env VAR] [--ann] [--top-n N]
                      [--store STORE [--create-store]]
@@ -222,7 +222,7 @@ def cmd_tune(ns: argparse.Namespace) -> int:
     from recsys.sweep import load_sweep
 
     path, overrides = split_config_args(ns.config)
-    if ns.resume and (path is not None or overrides or ns.embed or ns.data):
+    if ns.resume and (path is not None or overrides or ns.embed or ns.data or ns.behavior):
         raise ValueError("--resume continues a sweep with its saved config and inputs; give only the sweep "
                          "run directory")
     if not ns.resume and path is None:
@@ -231,7 +231,8 @@ def cmd_tune(ns: argparse.Namespace) -> int:
     from tune.driver import SweepInterrupted, resume_sweep, run_sweep
 
     try:
-        resume_sweep(ns.resume) if ns.resume else run_sweep(sweep, embed_dir=ns.embed, data_dir=ns.data)
+        resume_sweep(ns.resume) if ns.resume else run_sweep(sweep, embed_dir=ns.embed, data_dir=ns.data,
+                                                              behavior_dir=ns.behavior)
     except SweepInterrupted as err:
         print(f"recsys tune: {err}", file=sys.stderr)
         return 130
@@ -317,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     tn.add_argument("--resume", type=Path, help="a `recsys tune` run directory to continue")
     tn.add_argument("--embed", type=Path, help="a `recsys embed` run to use (default: embed first)")
     tn.add_argument("--data", type=Path, help="a `recsys data` run directory (default: prepare it)")
+    tn.add_argument("--behavior", type=Path, help="a train run whose item vectors every trial's behavior IDs are "
+                    "clustered from (e.g. a two_tower on the same data run; default: train behavior.config once)")
     tn.set_defaults(func=cmd_tune)
     ev = verbs.add_parser("evaluate", help="evaluate a train run's selected checkpoint")
     ev.add_argument("train_run", type=Path)

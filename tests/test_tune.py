@@ -4,6 +4,7 @@ shared Ray instance, and a sweep killed mid-way and resumed from its Ray Tune ex
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -173,6 +174,23 @@ def test_an_eager_sweep_trains_one_behaviour_model_and_each_trial_clusters_its_v
     stamp = (behavior / "index").stat().st_mtime_ns
     assert ensure_ids(exp, tmp_path / "trial" / "behavior", train_dir=Path(inputs["behavior_train_dir"])) == behavior
     assert (behavior / "index").stat().st_mtime_ns == stamp  # a resumed trial keeps its IDs
+
+    # --behavior: a behaviour model trained before (the two-tower of a day's training) is used as it is
+    trained = Path(inputs["behavior_train_dir"])
+    again = tmp_path / "sweep-again"
+    again.mkdir()
+    assert prepare_inputs(sweep, again, embed_run, None, trained)["behavior_train_dir"] == str(trained.resolve())
+    assert not (again / "behavior").exists()  # nothing trained
+    elsewhere = tmp_path / "elsewhere-train"
+    shutil.copytree(trained, elsewhere)
+    saved = json.loads((elsewhere / "config.json").read_text())
+    (elsewhere / "config.json").write_text(json.dumps({**saved, "data_dir": str(tmp_path / "another-data")}))
+    with pytest.raises(ValueError, match="was trained on the data run .*another-data.*another catalogue"):
+        prepare_inputs(sweep, again, embed_run, None, elsewhere)
+    with pytest.raises(ValueError, match="--behavior is for models with a behavior ID space, not model.name='tiger'"):
+        tiger = tmp_path / "tiger-sweep.yaml"
+        tiger.write_text(yaml.safe_dump({"base": TINY_BASE, "sweep": {"params": {"trainer.optim.lr": {"grid": [1e-3]}}}}))
+        prepare_inputs(load_sweep(tiger), again, embed_run, None, trained)
 
 
 def test_the_shipped_sweep_configs_load():

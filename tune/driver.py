@@ -20,6 +20,7 @@ import ray.tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import BasicVariantGenerator
 
+from pipelines.ids_stage import trained_item_vectors
 from pipelines.stages import finish_train, run_data, run_embed_stage, run_evaluate, run_train
 from recsys.experiment import ExperimentConfig, behavior_experiment
 from recsys.models import get_spec
@@ -76,9 +77,11 @@ def trainable(state: dict):
                                    {"cpu": resources["cpu"], "gpu": resources["gpu"]})
 
 
-def prepare_inputs(sweep: Sweep, sweep_dir: Path, embed_dir: Path | None, data_dir: Path | None) -> dict:
+def prepare_inputs(sweep: Sweep, sweep_dir: Path, embed_dir: Path | None, data_dir: Path | None,
+                   behavior_dir: Path | None = None) -> dict:
     """The data (and, for semantic-ID models, the embeddings; for a behavior space, the behaviour
-    model of ``behavior.config``) every trial shares, made once."""
+    model of ``behavior.config``, or the train run ``behavior_dir`` of such a model on the same data
+    run) every trial shares, made once."""
     exp = sweep.base_experiment()
     if get_spec(exp.model_name).model_cls.role != "retriever":
         raise ValueError(f"model.name={exp.model_name!r} is a {get_spec(exp.model_name).model_cls.role}; a sweep "
@@ -87,10 +90,21 @@ def prepare_inputs(sweep: Sweep, sweep_dir: Path, embed_dir: Path | None, data_d
     if set(spaces) - {"semantic", "behavior"}:
         raise ValueError(f"model.name={exp.model_name!r} decodes the ID spaces {list(spaces)}; a sweep fits the semantic "
                          "and behavior spaces only, so it cannot tune this model yet")
-    if "behavior" in spaces:
+    if behavior_dir is not None and "behavior" not in spaces:
+        raise ValueError(f"--behavior is for models with a behavior ID space, not model.name={exp.model_name!r}")
+    if behavior_dir is not None:
+        behavior_dir = Path(behavior_dir).resolve()
+        trained_item_vectors(behavior_dir)  # checked before any work: complete, not a refit, has item vectors
+    elif "behavior" in spaces:
         behavior_experiment(exp)  # checked before any work
     inputs = shared_data_and_embeddings(exp, spaces, sweep_dir, embed_dir, data_dir)
-    if "behavior" in spaces:  # one behaviour model for every trial; each trial clusters its vectors
+    if behavior_dir is not None:
+        trained_on = Path(read_json(behavior_dir / CONFIG_FILE)["data_dir"]).resolve()
+        if trained_on != Path(inputs["data_dir"]).resolve():
+            raise ValueError(f"--behavior {behavior_dir} was trained on the data run {trained_on}, not on the sweep's "
+                             f"{inputs['data_dir']}: its item vectors belong to another catalogue")
+        inputs["behavior_train_dir"] = str(behavior_dir)
+    elif "behavior" in spaces:  # one behaviour model for every trial; each trial clusters its vectors
         home = sweep_dir / "behavior"
         home.mkdir()
         inputs["behavior_train_dir"] = str(run_train(behavior_experiment(exp), data_dir=Path(inputs["data_dir"]),
@@ -115,13 +129,14 @@ def shared_data_and_embeddings(exp: ExperimentConfig, spaces: tuple[str, ...], s
     return {"data_dir": read_json(embed_dir / CONFIG_FILE)["data_dir"], "embed_dir": str(embed_dir)}
 
 
-def run_sweep(sweep: Sweep, embed_dir: Path | None = None, data_dir: Path | None = None) -> Path:
+def run_sweep(sweep: Sweep, embed_dir: Path | None = None, data_dir: Path | None = None,
+              behavior_dir: Path | None = None) -> Path:
     """Run a new sweep into ``<run.root>/tune/<run-id>/`` and return that directory."""
     from pipelines.ray_env import init_ray
 
     sweep_dir = new_run_dir(sweep.base_experiment().run.root, "tune", sweep.config.name)
     print(f"sweep run: {sweep_dir} ({sweep.config.n_trials} trials)", flush=True)
-    state = {**sweep.to_dict(), "sweep_dir": str(sweep_dir), **prepare_inputs(sweep, sweep_dir, embed_dir, data_dir)}
+    state = {**sweep.to_dict(), "sweep_dir": str(sweep_dir), **prepare_inputs(sweep, sweep_dir, embed_dir, data_dir, behavior_dir)}
     write_json(sweep_dir / CONFIG_FILE, state)
     set_tune_env()
     init_ray()
