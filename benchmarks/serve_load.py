@@ -1,7 +1,8 @@
 """Load on the Serve application over real HTTP: the generative retriever (TIGER, beam search)
 and ANN baselines (an embedding model's user vector, SASRec's or the two-tower's, searched in a faiss
-index over its item vectors), served the same way, and EAGER once per fusion (each stream alone, then both fused; Serve's ``inference``
-setting), then a fault run that kills a model replica's process under load.
+index over its item vectors), served the same way, and EAGER once per fusion (each stream alone, then
+both fused; Serve's ``inference`` setting), then a fault run that kills a model replica's process
+under load.
 
     python benchmarks/serve_load.py --tiger TRAIN_RUN [--sasrec TRAIN_RUN] [--ann LABEL=TRAIN_RUN ...]
         [--name beauty] [--concurrency 1,8,32] [--duration 15] [--replicas 2] [--fault-retries 0,2]
