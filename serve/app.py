@@ -99,11 +99,15 @@ class Registry:
         self.epoch = uuid.uuid4().hex if self.store is None else self.store.store_id
         # Serve runs sync methods in a thread pool: registrations and reads take turns here.
         self.lock = threading.Lock()
-        self.index, self.model = None, run.load_model()
+        self.model, self.index, self.encoder = run.load_model(), None, None
         # New items get IDs from their content alone: only the semantic space, for models that
         # register items with semantic IDs only (a behaviour ID needs interactions; EAGER's new
         # items have none until a later behaviour run).
-        if self.model.capabilities.registers_items and self.model.capabilities.registration_spaces == ("semantic",):
+        capabilities = self.model.capabilities
+        self.registers = capabilities.registers_items and capabilities.registration_spaces == ("semantic",)
+        # The encoder (a sentence-transformers model: seconds to import and load, hundreds of MB held)
+        # only where a registration can be kept: without a store the application registers nothing.
+        if self.registers and self.store is not None:
             from recsys.semantic_ids import SemanticIdIndex, load_tokenizer
             from recsys.text.encoder import load_encoder
 
@@ -150,7 +154,7 @@ class Registry:
         from recsys.text import build_texts
         from recsys.text.encoder import encode
 
-        if self.index is None:
+        if not self.registers:
             raise RequestError(422, f"this application serves a {self.run.exp.model_name} model, which cannot register "
                                "new items from their content alone (a generative retriever that registers them with "
                                "semantic IDs, such as tiger or eager, can)")

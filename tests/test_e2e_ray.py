@@ -59,24 +59,6 @@ def test_pipeline_with_two_ddp_workers(ddp_pipeline):
     assert read_json(only_dir(runs / "evaluate") / "metrics.json")["test"] == pytest.approx(result["test"])
 
 
-def test_a_refit_under_ray_train_keeps_its_last_epoch_and_reports_no_validation(ray_session, tiny_overrides,
-                                                                                tmp_path, capsys):
-    assert main(["pipeline", *tiny_overrides, "trainer.optim.epochs=4", "trainer.optim.stop_epoch=2", "trainer.selection.refit=true"]) == 0
-    out = capsys.readouterr().out
-    assert "| test (refit on training + validation) |" in out and "| valid (selected" not in out
-    result = read_json(only_dir(tmp_path / "runs" / "pipeline") / "metrics.json")
-    train_dir = Path(result["stages"]["train"])
-    train = read_json(train_dir / "metrics.json")
-    assert train["refit"] and train["valid"] == {} and train["epochs_run"] == 2 and train["best_epoch"] == 2
-    epochs = [json.loads(x) for x in (train_dir / "epochs.jsonl").read_text().splitlines()]
-    assert [e["epoch"] for e in epochs] == [1, 2] and not any(k.startswith("valid_") for e in epochs for k in e)
-    from recsys.training.checkpoint import load_train_state
-
-    assert load_train_state(train_dir / "checkpoints" / "best")["loop"]["epoch"] == 2
-    assert "refit on training + validation transitions: 2 epochs of a 4-epoch schedule" in \
-        (train_dir / "summary.md").read_text()
-
-
 def test_train_resumes_from_the_last_ray_checkpoint(ddp_pipeline, tmp_path):
     """A copy of the DDP pipeline's 3-epoch train run, moved to another directory (Ray Train's
     checkpoint names are relative to the run), continues to 5 epochs on its two workers."""
@@ -113,14 +95,21 @@ def test_resume_refuses_a_config_file(tmp_path, capsys):
     assert "give only overrides" in capsys.readouterr().err
 
 
-def test_tiger_pipeline_runs_data_embed_ids_train_evaluate(ray_session, tmp_path, capsys):
+def test_tiger_pipeline_runs_data_embed_ids_train_evaluate_and_refits_under_ray_train(ray_session, tmp_path,
+                                                                                      capsys):
+    """Every stage of a TIGER pipeline, its training on Ray Train, as a refit (training + validation
+    transitions, stopped at epoch 2 of a 4-epoch schedule): one Ray Train fit (~12 s here) checks both
+    that a generative model trains there and that a refit under Ray Train keeps its last epoch and
+    reports no validation (the DDP pipeline above selects on validation)."""
     overrides = [f"run.root={tmp_path / 'runs'}", "data.synthetic.n_users=200", "data.synthetic.n_items=60",
                  "data.synthetic.n_topics=4", "ids.method=hkmeans", "ids.hkmeans.branching=6", "ids.use_ray=false",
                  "model.name=tiger", "model.d_model=32", "model.n_encoder_layers=1", "model.n_decoder_layers=1",
                  "model.n_heads=2", "model.head_dim=16", "model.d_ff=64", "trainer.data.samples=prefixes",
-                 "trainer.optim.epochs=2", "trainer.optim.batch_size=128", "trainer.selection.patience=0"]
+                 "trainer.optim.epochs=4", "trainer.optim.stop_epoch=2", "trainer.selection.refit=true",
+                 "trainer.optim.batch_size=128"]
     assert main(["pipeline", *overrides]) == 0
-    assert "| test |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| test (refit on training + validation) |" in out and "| valid (selected" not in out
     pipeline_dir = only_dir(tmp_path / "runs" / "pipeline")
     assert [p.name for p in (tmp_path / "runs").iterdir()] == ["pipeline"]  # one run directory holds it all
     result = read_json(pipeline_dir / "metrics.json")
@@ -130,6 +119,16 @@ def test_tiger_pipeline_runs_data_embed_ids_train_evaluate(ray_session, tmp_path
     assert read_json(train_dir / "config.json")["ids_dirs"] == {"semantic": str(ids_dir)}
     assert read_json(train_dir / "config.json")["ids"] == read_json(ids_dir / "config.json")["ids"]
     assert 0.0 <= result["test"]["recall@20"] <= 1.0
+    train = read_json(train_dir / "metrics.json")
+    assert train["workers"] == 1 and train["refit"] and train["valid"] == {}
+    assert train["epochs_run"] == 2 and train["best_epoch"] == 2
+    epochs = [json.loads(x) for x in (train_dir / "epochs.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in epochs] == [1, 2] and not any(k.startswith("valid_") for e in epochs for k in e)
+    from recsys.training.checkpoint import load_train_state
+
+    assert load_train_state(train_dir / "checkpoints" / "best")["loop"]["epoch"] == 2
+    assert "refit on training + validation transitions: 2 epochs of a 4-epoch schedule" in \
+        (train_dir / "summary.md").read_text()
     # the checkpoint carries the semantic-ID table: it rebuilds and decodes only real items
     from recsys.models import Batch
     from recsys.training.checkpoint import load_model
