@@ -93,13 +93,19 @@ def test_reuse_matches_encoder_identity_and_skips_bad_rows(tmp_path):
 
 
 @pytest.mark.timeout(180)
-def test_two_one_cpu_actors_on_two_cpus_finish(ray_session, data_dir, encoder_cfg, tmp_path, monkeypatch):
+def test_two_one_cpu_actors_on_two_cpus_finish_with_the_in_process_vectors_and_ids(ray_session, data_dir, encoder_cfg,
+                                                                                   tmp_path, monkeypatch, capsys):
     """Regression for the RAY-NOTES hang: a fixed pool of two 1-CPU actors on a 2-CPU Ray holds both
     CPUs, so an upstream task (e.g. a read_parquet read) is never scheduled and the job never ends.
     run_embed starts the pool at one actor (min_size=1) and grows to num_actors, leaving a CPU for
     such tasks. Today's input (from_pandas blocks) has no upstream task, so the pool's shape is also
-    asserted: it must stay elastic if the stage ever reads its input with a Ray Data reader."""
+    asserted: it must stay elastic if the stage ever reads its input with a Ray Data reader.
+
+    The same texts in-process (auto on this one node) and on that pool (forced): the same fp32
+    vectors up to padding round-off, and the same hierarchical k-means IDs built from them."""
     import ray.data
+
+    from recsys.semantic_ids import HierarchicalKMeans
 
     pools = []
     real = ray.data.ActorPoolStrategy
@@ -109,26 +115,18 @@ def test_two_one_cpu_actors_on_two_cpus_finish(ray_session, data_dir, encoder_cf
         return real(**kwargs)
     monkeypatch.setattr(ray.data, "ActorPoolStrategy", spy)
     assert ray_session.cluster_resources()["CPU"] == 2
-    cfg = replace(encoder_cfg, num_actors=2, cpus_per_actor=1.0, use_ray=True)
-    run_dir = run_embed(data_dir, ItemTextConfig(), cfg, tmp_path / "runs")
-    assert pools == [{"min_size": 1, "max_size": 2}]
-    metrics = read_json(run_dir / "metrics.json")
-    assert metrics["encoded"] == N_ITEMS and metrics["num_actors"] == 2
-    assert load_embeddings(run_dir)[1].shape == (N_ITEMS, 384)
-
-
-def test_both_paths_give_the_same_vectors_and_ids(ray_session, data_dir, encoder_cfg, tmp_path, capsys):
-    """In-process (auto on this one node) and a Ray Data pool (forced): the same fp32 vectors up to
-    padding round-off, and the same hierarchical k-means IDs built from them."""
-    from recsys.semantic_ids import HierarchicalKMeans
-
     cfg = replace(encoder_cfg, precision="fp32")
     local = run_embed(data_dir, ItemTextConfig(), cfg, tmp_path / "a")
     assert "embed: in-process (auto: one node, 40 texts;" in capsys.readouterr().out
-    on_ray = run_embed(data_dir, ItemTextConfig(), replace(cfg, use_ray=True, num_actors=1), tmp_path / "b")
+    on_ray = run_embed(data_dir, ItemTextConfig(), replace(cfg, num_actors=2, cpus_per_actor=1.0, use_ray=True),
+                       tmp_path / "b")
     assert capsys.readouterr().out.startswith("embed: on Ray (embed.encoder.use_ray=true)")
-    assert (read_json(local / "metrics.json")["use_ray"], read_json(on_ray / "metrics.json")["use_ray"]) == (False, True)
+    assert pools == [{"min_size": 1, "max_size": 2}]
+    metrics = read_json(on_ray / "metrics.json")
+    assert metrics["encoded"] == N_ITEMS and metrics["num_actors"] == 2
+    assert (read_json(local / "metrics.json")["use_ray"], metrics["use_ray"]) == (False, True)
     x, y = load_embeddings(local)[1], load_embeddings(on_ray)[1]
+    assert y.shape == (N_ITEMS, 384)
     np.testing.assert_allclose(x, y, atol=2e-6)
     codes = [HierarchicalKMeans(branching=4, max_levels=3).fit(v).fit_codes for v in (x, y)]
     assert np.array_equal(codes[0].numpy(), codes[1].numpy())
