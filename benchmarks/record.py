@@ -16,6 +16,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from collections import defaultdict
 from pathlib import Path
 
 from recsys.runs import machine_description
@@ -52,26 +54,86 @@ def cpu_fields(cpuinfo: str) -> dict[str, str]:
     return field
 
 
+# Other processes using more than this many cores on average while a benchmark ran make it "shared".
+SHARED_CORES = 0.25
+
+
+def process_ticks(proc: Path = Path("/proc")) -> dict[int, tuple[int, int]]:
+    """Every process now: pid -> (parent pid, user + system CPU time in clock ticks), from Linux's
+    ``/proc/<pid>/stat`` ({} where there is no /proc)."""
+    procs = {}
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # it ended meanwhile
+            continue
+        fields = text[text.rindex(")") + 2:].split()  # after the command name, which may hold spaces
+        procs[int(stat.parent.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
+    return procs
+
+
+def tree(procs: dict[int, tuple[int, int]], root: int) -> set[int]:
+    """``root`` and its descendants among ``procs``."""
+    children = defaultdict(list)
+    for pid, (parent, _) in procs.items():
+        children[parent].append(pid)
+    found, stack = set(), [root]
+    while stack:
+        pid = stack.pop()
+        found.add(pid)
+        stack.extend(children[pid])
+    return found
+
+
+def others_cpu_ticks(before: dict[int, tuple[int, int]], now: dict[int, tuple[int, int]], me: int) -> int:
+    """CPU ticks that processes outside ``me``'s tree used between the two snapshots (a process that
+    started since counts whole; one that ended meanwhile is missed, so this is a lower bound)."""
+    ours = tree(now, me)
+    return sum(max(0, ticks - before.get(pid, (0, 0))[1]) for pid, (_, ticks) in now.items() if pid not in ours)
+
+
+class OtherProcesses:
+    """What the rest of the machine did while this benchmark ran: the CPU that processes outside this
+    process's tree (its Ray workers and Serve replicas are inside it) used since this module was
+    imported. The load average cannot tell: it counts the benchmark's own threads too."""
+
+    def __init__(self):
+        self.started, self.before = time.monotonic(), process_ticks()
+
+    def cores(self) -> float | None:
+        """Their mean number of busy cores so far; None without /proc."""
+        now = process_ticks()
+        if not now:
+            return None
+        ticks = others_cpu_ticks(self.before, now, os.getpid())
+        return ticks / os.sysconf("SC_CLK_TCK") / max(time.monotonic() - self.started, 1e-3)
+
+
+OTHERS = OtherProcesses()  # from the import: every benchmark script imports this module first
+
+
 def machine_note(threads: int) -> dict:
     """What a speed or wall-time figure was measured on, beyond ``machine_description``: the CPU's
     model name, family and model number (a virtual machine may name only "AMD EPYC", and two of its
     generations differ ~1.5x in speed here), its ISA flags among ``ISA_FLAGS``, whether it runs
-    bf16 natively, the torch threads used and the load average. When the 1-minute load is above the
-    CPU count, other jobs shared the machine, and the note says so: the figure is an upper bound on
-    a quiet machine's."""
+    bf16 natively, the torch threads used, the load average, and the cores that other processes kept
+    busy while the benchmark ran (``OtherProcesses``). Above ``SHARED_CORES`` the note says the
+    machine was shared: the figure is an upper bound on a quiet machine's."""
     from recsys.hardware import cpu_supports_bf16
 
     cpuinfo = Path("/proc/cpuinfo")
     field = cpu_fields(cpuinfo.read_text() if cpuinfo.is_file() else "")
     flags = set(field.get("flags", "").split())
-    load = [round(x, 2) for x in os.getloadavg()]
     cpus = os.cpu_count() or 1
+    others = OTHERS.cores()
     note = {"cpu": field.get("model name", "unknown"),
             "cpu_family_model": f"{field.get('cpu family', '?')}/{field.get('model', '?')}",
             "cpu_flags": [f for f in ISA_FLAGS if f in flags], "native_bf16": cpu_supports_bf16(),
-            "cpus": cpus, "torch_threads": threads, "load_average_1_5_15": load}
-    if load[0] > cpus:
-        note["shared"] = f"1-minute load {load[0]} on {cpus} CPUs when written: other jobs shared the machine"
+            "cpus": cpus, "torch_threads": threads, "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
+            "other_processes_cores": None if others is None else round(others, 2)}
+    if others is not None and others > SHARED_CORES:
+        note["shared"] = (f"other processes kept {others:.2f} of {cpus} CPUs busy on average while this ran: "
+                          "the machine was shared")
     return note
 
 

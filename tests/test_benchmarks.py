@@ -239,11 +239,37 @@ def test_cpu_fields_read_the_first_processor_and_the_note_says_shared_only_under
     field = benchmarks.record.cpu_fields(text)
     assert (field["model name"], field["cpu family"], field["model"]) == ("AMD EPYC", "26", "2")
     assert field["flags"].split() == ["fpu", "avx2", "avx512f", "avx512_bf16"]
-    cpus = os.cpu_count() or 1
-    monkeypatch.setattr(os, "getloadavg", lambda: (cpus - 0.5, 0.0, 0.0))
+    # shared: by what other processes used while the benchmark ran, not by the load, which counts its own
+    monkeypatch.setattr(os, "getloadavg", lambda: (99.0, 0.0, 0.0))
+    monkeypatch.setattr(benchmarks.record.OTHERS, "cores", lambda: 0.1)
     assert "shared" not in benchmarks.record.machine_note(1)
-    monkeypatch.setattr(os, "getloadavg", lambda: (cpus + 1.0, 0.0, 0.0))
-    assert str(cpus + 1.0) in benchmarks.record.machine_note(1)["shared"]
+    monkeypatch.setattr(benchmarks.record.OTHERS, "cores", lambda: 1.5)
+    note = benchmarks.record.machine_note(1)
+    assert note["other_processes_cores"] == 1.5 and "kept 1.50 of" in note["shared"]
+
+
+def test_other_processes_are_those_outside_this_ones_tree():
+    # pid -> (parent, ticks): 10 is the benchmark, 11 its Ray worker, 12 the worker's child; 20 another job
+    # and 21 its child; 30 started since; 40 ended meanwhile
+    before = {10: (1, 100), 11: (10, 50), 20: (1, 1000), 21: (20, 5), 40: (1, 70)}
+    now = {10: (1, 400), 11: (10, 350), 12: (11, 30), 20: (1, 1150), 21: (20, 25), 30: (1, 8)}
+    assert benchmarks.record.tree(now, 10) == {10, 11, 12}
+    assert benchmarks.record.others_cpu_ticks(before, now, 10) == 150 + 20 + 8
+
+
+def test_a_busy_process_outside_this_tree_is_counted():
+    """A process that is not this one's descendant (a double fork leaves it to init), busy for a
+    second, shows as at least half a core of other work over that second (the rest of the machine
+    can only add to it)."""
+    import subprocess
+    import sys
+    import time
+
+    others = benchmarks.record.OtherProcesses()
+    busy = "import os, time\nif os.fork() == 0:\n    end = time.time() + 1.2\n    while time.time() < end: pass\nos._exit(0)"
+    subprocess.run([sys.executable, "-c", busy], check=True)  # returns at once; the grandchild spins
+    time.sleep(1.3)
+    assert others.cores() >= 0.5
 
 
 def test_every_record_names_its_cpu_and_native_bf16_unless_the_script_gave_its_own_note(tmp_path, monkeypatch):
