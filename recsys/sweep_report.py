@@ -1,6 +1,7 @@
 """What a sweep leaves for a person, without Ray: trials ranked on validation, the results table
-(CSV and markdown), one plot of the metric against each swept parameter, and the winner's
-config as a YAML file that ``recsys pipeline`` loads directly."""
+(CSV and markdown), one plot of the metric against each swept parameter (and, for a sweep over
+two grids, one map of the metric over the grid), and the winner's config as a YAML file that
+``recsys pipeline`` loads directly."""
 
 from __future__ import annotations
 
@@ -180,6 +181,49 @@ def plot_metric_vs_params(ranked: list[TrialRecord], config: SweepConfig, out_di
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def plot_metric_grid(ranked: list[TrialRecord], config: SweepConfig, out_dir: str | Path) -> Path | None:
+    """For a sweep over exactly two grids (e.g. EAGER's lambda_1 x lambda_2): ``metric_grid.png``, one
+    cell per pair of values with its best trial's validation score, the epochs it ran where ASHA
+    stopped it, the winner outlined; an empty cell had no scored trial. None for any other sweep."""
+    grids = [s for s in config.specs if s.kind == "grid"]
+    if len(grids) != 2 or len(config.specs) != 2:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    metric, (rows, cols) = config.metric, grids
+    cell: dict[tuple[int, int], TrialRecord] = {}
+    for record in ranked:  # best first: a cell keeps its first scored trial
+        if math.isnan(record.score(metric)):
+            continue
+        at = (rows.values.index(record.params[rows.key]), cols.values.index(record.params[cols.key]))
+        cell.setdefault(at, record)
+    scores = np.full((len(rows.values), len(cols.values)), np.nan)
+    for (i, j), record in cell.items():
+        scores[i, j] = record.score(metric)
+    fig, ax = plt.subplots(figsize=(1.4 * len(cols.values) + 2.2, 1.1 * len(rows.values) + 1.6))
+    image = ax.imshow(np.ma.masked_invalid(scores), cmap="viridis", origin="lower", aspect="auto")
+    fig.colorbar(image, ax=ax, label=f"validation {metric}")
+    for (i, j), record in cell.items():
+        text = f"{record.score(metric):.4f}" + (f"\nASHA@{record.epochs_run}" if record.status == ASHA else "")
+        bright = image.norm(scores[i, j]) > 0.6  # viridis is light at its top
+        ax.text(j, i, text, ha="center", va="center", fontsize=8, color="black" if bright else "white")
+    if cell:
+        i, j = min(cell, key=lambda at: ranked.index(cell[at]))
+        ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=3))
+    ax.set_xticks(range(len(cols.values)), [str(v) for v in cols.values])
+    ax.set_yticks(range(len(rows.values)), [str(v) for v in rows.values])
+    ax.set(xlabel=cols.key, ylabel=rows.key, title=f"validation {metric} (winner outlined)")
+    fig.tight_layout()
+    path = Path(out_dir) / "metric_grid.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def write_winner_config(path: str | Path, exp: ExperimentConfig, header: list[str]) -> Path:

@@ -243,6 +243,23 @@ def test_the_gain_is_measured_against_the_trial_that_ran_the_base_config(tmp_pat
     assert record is None and "not among the scored trials" in line
 
 
+def test_a_sweep_over_two_grids_maps_the_metric_over_the_grid(tmp_path):
+    """EAGER's lambda_1 x lambda_2 sweep is such a sweep; any two grids are mapped the same way."""
+    from recsys.sweep_report import plot_metric_grid
+
+    lrs, branchings = [1.0e-3, 3.0e-3, 1.0e-2], [4, 6]
+    sweep = load_sweep(write_sweep(tmp_path, {"trainer.optim.lr": {"grid": lrs},
+                                              "ids.hkmeans.branching": {"grid": branchings}}))
+    records = [TrialRecord(f"t{i}", {"trainer.optim.lr": lr, "ids.hkmeans.branching": b}, {"recall@10": 0.1 + 0.01 * i},
+                           epochs_run=1 if i % 2 else 2, status=ASHA if i % 2 else COMPLETED)
+               for i, (lr, b) in enumerate([(lr, b) for lr in lrs for b in branchings][:5])]
+    records.append(TrialRecord("failed", {"trainer.optim.lr": 1.0e-2, "ids.hkmeans.branching": 6}, {}))  # empty cell
+    path = plot_metric_grid(rank_trials(records, "recall@10"), sweep.config, tmp_path)
+    assert path == tmp_path / "metric_grid.png" and path.stat().st_size > 5_000
+    one = load_sweep(write_sweep(tmp_path, {"trainer.optim.lr": {"grid": lrs}}))
+    assert plot_metric_grid(records, one.config, tmp_path) is None  # one grid: metric_vs_<param>.png is its map
+
+
 def test_winner_config_round_trips_through_load_experiment(tmp_path):
     from recsys.sweep_report import write_winner_config
 

@@ -4,8 +4,9 @@
                    each trial: semantic IDs + train, in-process (tune/trainable.py)
 
 Writes ``<run.root>/tune/<run-id>/``: config.json (the resolved sweep), results.csv / results.md,
-metric_vs_<param>.png, winner.yaml, winner_test.json, summary.md, trials/<trial id>/ (ids,
-train, and the winner's evaluate), and tune/ (Ray Tune's experiment, for --resume).
+metric_vs_<param>.png (and metric_grid.png for a sweep over two grids), winner.yaml, winner_test.json,
+summary.md, trials/<trial id>/ (ids, train, and the winner's evaluate), and tune/ (Ray Tune's
+experiment, for --resume).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from recsys.runs import (
 )
 from recsys.sweep import ParamSpec, Sweep
 from recsys.sweep_report import (
-    ASHA, TrialRecord, base_point, gain_over_base, plot_metric_vs_params, rank_trials, trial_status,
+    ASHA, TrialRecord, base_point, gain_over_base, plot_metric_grid, plot_metric_vs_params, rank_trials, trial_status,
     write_results, write_winner_config,
 )
 from recsys.training.session import EPOCH_LOG
@@ -278,7 +279,8 @@ def finish_sweep(sweep: Sweep, sweep_dir: Path, grid) -> Path:
                                                  "best_epoch": winner.best_epoch, "valid": winner.valid, "test": test,
                                                  "train_dir": str(winner_dir / "train"), "base_point": base_record})
     _, _, table = write_results(ranked, cfg, sweep_dir, test)
-    plots = plot_metric_vs_params(ranked, cfg, sweep_dir)
+    grid_plot = plot_metric_grid(ranked, cfg, sweep_dir)
+    plots = plot_metric_vs_params(ranked, cfg, sweep_dir) + ([grid_plot] if grid_plot is not None else [])
     winner_yaml = sweep_dir / "winner.yaml"
     shown = ", ".join(f"{k}={v!r}" for k, v in winner.params.items())
     write_winner_config(winner_yaml, sweep.winner_experiment(winner.params), [
