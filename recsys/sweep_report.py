@@ -214,7 +214,7 @@ def plot_metric_grid(ranked: list[TrialRecord], config: SweepConfig, out_dir: st
         bright = image.norm(scores[i, j]) > 0.6  # viridis is light at its top
         ax.text(j, i, text, ha="center", va="center", fontsize=8, color="black" if bright else "white")
     if cell:
-        i, j = min(cell, key=lambda at: ranked.index(cell[at]))
+        i, j = next(iter(cell))  # the first cell filled holds the best trial: the winner
         ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=3))
     ax.set_xticks(range(len(cols.values)), [str(v) for v in cols.values])
     ax.set_yticks(range(len(rows.values)), [str(v) for v in rows.values])
