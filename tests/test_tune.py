@@ -202,6 +202,9 @@ def test_the_shipped_sweep_configs_load():
     assert {s.key for s in beauty.config.specs} >= {"ids.rqvae.codebook_size", "ids.rqvae.n_levels", "ids.rqvae.beta"}
     small = load_sweep(REPO / "configs" / "tune-beauty-small.yaml", ["data.path=/data/beauty"])
     assert small.config.n_trials == 6 and small.base_experiment().ids.rqvae.codebook_size == 256  # default in grid
+    eager = load_sweep(REPO / "configs" / "tune-beauty-eager.yaml", ["data.path=/data/beauty"])
+    assert eager.config.n_trials == 9 and [s.kind for s in eager.config.specs] == ["grid", "grid"]  # metric_grid.png
+    assert (eager.base_experiment().model.lambda_gct, eager.base_experiment().model.lambda_stt) == (1.0, 1.0)
     hstu = load_sweep(REPO / "configs" / "tune-beauty-hstu.yaml", ["data.path=/data/beauty"])
     assert hstu.config.n_trials == 8 and hstu.base_experiment().model_name == "hstu"
     trial = hstu.trial_experiment({"model.loss": "ce", "model.dropout": 0.2, "trainer.optim.lr": 2e-3})
