@@ -66,6 +66,9 @@ def test_config_is_validated():
                          (dict(last_item_output=1), "model.last_item_output must be true or false"),
                          (dict(stt_mask_ratio=0.0), "model.stt_mask_ratio=0.0 is out of range"),
                          (dict(gct_temperature=0.0), "model.gct_temperature=0.0 is out of range"),
+                         (dict(fusion_weight=1.5), "model.fusion_weight=1.5 is out of range"),
+                         (dict(fusion="confidence", fusion_weight=0.7),
+                          "model.fusion_weight=0.7 weighs the streams of the sum fusion, and model.fusion=confidence"),
                          (dict(d_model=30, n_heads=4), "divisible")]:
         with pytest.raises(ValueError, match=message):
             EagerConfig(**bad)
@@ -233,6 +236,25 @@ def test_fusions_rank_by_their_scores(fusion, last_item):
     assert (rec.scores[:, :-1] >= rec.scores[:, 1:]).all()
 
 
+@pytest.mark.parametrize("weight", [0.0, 0.3, 0.5, 1.0])
+def test_a_fusion_weight_reranks_the_same_candidates_by_the_weighted_sum(weight):
+    """fusion_weight w: the same 2k candidates, scored 2 (w log p_b + (1 - w) log p_s); at 0.5
+    exactly the plain sum, and stream_candidates is what each fusion ranks."""
+    model, rec, memory, mask, starts = fused("sum", fusion_weight=weight)
+    with torch.no_grad():
+        logp = {s: model.sequence_log_prob(s, memory, mask, starts[s], rec.items) for s in ("behavior", "semantic")}
+        found = model.stream_candidates(Batch(history=make_batch().history), 5)
+    torch.testing.assert_close(rec.scores, 2 * (weight * logp["behavior"] + (1 - weight) * logp["semantic"]),
+                               atol=1e-5, rtol=1e-5)
+    assert set(rec.items.flatten().tolist()) <= set(found.items.flatten().tolist())
+    plain = found.log_probs["behavior"] + found.log_probs["semantic"]
+    if weight == 0.5:
+        assert torch.equal(found.summed(weight), plain)
+    for space in ("behavior", "semantic"):  # the stream that found a candidate scores it by its beam score
+        mine = found.streams == ("behavior", "semantic").index(space)
+        torch.testing.assert_close(found.log_probs[space][mine], found.found_by[space].flatten())
+
+
 @pytest.mark.parametrize("space", ["behavior", "semantic"])
 def test_one_stream_fusion_is_that_streams_beam(space):
     model, rec, memory, mask, starts = fused(space)
@@ -338,8 +360,13 @@ def test_a_checkpoint_loads_with_another_fusion_or_beam_and_refuses_any_other_ch
         assert loaded.config.fusion == fusion and loaded.config.beam_size == 12
         model.config = dataclasses.replace(model.config, fusion=fusion, beam_size=12)
         assert torch.equal(model.recommend(batch, 10).items, loaded.recommend(batch, 10).items)
+    loaded = load_model(tmp_path / "ckpt", inference={"fusion_weight": "0.8"})
+    model.config = dataclasses.replace(model.config, fusion="sum", beam_size=10, fusion_weight=0.8)
+    assert loaded.config.fusion_weight == 0.8 and torch.equal(model.recommend(batch, 10).scores,
+                                                             loaded.recommend(batch, 10).scores)
     with pytest.raises(ValueError, match=r"\['d_model'\] cannot change once model.name='eager' is trained; its "
-                                         r"inference settings are \['beam_size', 'fusion', 'collision_scoring'\]"):
+                                         r"inference settings are \['beam_size', 'fusion', 'fusion_weight', "
+                                         r"'collision_scoring'\]"):
         load_model(tmp_path / "ckpt", inference={"d_model": 8})
     with pytest.raises(ValueError, match="model.fusion"):
         load_model(tmp_path / "ckpt", inference={"fusion": "both"})
@@ -444,6 +471,28 @@ def test_recsys_pipeline_trains_eager_on_behaviour_ids_from_a_two_tower_and_cont
     assert paired["means"]["a"] == paired["means"]["b"] == records["behavior"]["metrics"]["test"]
     with pytest.raises(SystemExit):
         compare_paired([f"a={best}", f"b={best}", "--data", str(data_dir), "--inference", "fusion"])
+    from benchmarks.eager_fusion_weight import main as fusion_weight  # the sum's weight, chosen on validation
+    fusion_weight([best, "--data", str(data_dir), "--max-history", "6", "--threads", "1", "--name", "tiny-weight",
+                   "--weights", "0,0.25,1", "--plot", str(tmp_path / "weight.png")])
+    weighed = read_json(tmp_path / "results" / "eager" / "synthetic" / "tiny-weight.json")
+    table = {float(w): figures for w, figures in weighed["weights"].items()}
+    assert sorted(table) == [0.0, 0.25, 0.5, 1.0] and (tmp_path / "weight.png").is_file()
+    chosen = weighed["config"]["fusion_weight"]
+    assert table[chosen]["recall@10"] == max(f["recall@10"] for f in table.values())
+    assert weighed["metrics"]["valid"] == table[chosen]
+    plain_test = {k: round(v, 4) for k, v in weighed["plain_sum_test"].items()}
+    assert plain_test == records["sum"]["metrics"]["test"]  # w = 0.5 is the shipped sum, decoded once
+    from recsys.data.schema import InteractionData
+    from recsys.data.split import leave_one_out
+    from recsys.metrics import per_user_metrics
+    from recsys.training.evaluate import target_ranks_of
+    valid_set = leave_one_out(InteractionData.load(data_dir), 6).eval_set("valid")
+    plain_valid = per_user_metrics(target_ranks_of(load_model(best), valid_set))
+    assert table[0.5] == {k: round(float(v.mean()), 5) for k, v in plain_valid.items()}  # recommend() agrees
+    if chosen == 0.5:
+        assert weighed["paired"]["test"]["recall@10"] == {"mean": 0.0, "se": 0.0}
+    with pytest.raises(SystemExit):
+        fusion_weight([best, "--data", str(data_dir), "--name", "x", "--weights", "0,2"])
     compare_paired([f"shipped={best}", f"behavior={best}@fusion=behavior", "--data", str(data_dir), "--max-history", "6",
                     "--threads", "1", "--name", "tiny-per-model"])  # one checkpoint under two settings
     paired = read_json(tmp_path / "results" / "eager" / "synthetic" / "paired-tiny-per-model-history-kept.json")

@@ -27,9 +27,10 @@ in a summary token that reads the whole target ID (causally, so decoding never s
   perplexity-like confidence: the streams' IDs may differ in length); an item both streams found
   keeps its higher confidence. ``sum`` (the released code): the union of both top-k lists re-scored
   by the sum of both streams' log-probabilities (a candidate's score in the stream whose beam found
-  it is its beam score; the other stream scores it teacher-forced). ``behavior`` / ``semantic``: one
-  stream alone (an ablation of inference; both still train). ``recommend_streams`` says which
-  stream produced each item.
+  it is its beam score; the other stream scores it teacher-forced); ``fusion_weight`` w weighs the
+  two log-probabilities 2w : 2(1 - w), chosen on validation over a trained model (0.5: the plain
+  sum). ``behavior`` / ``semantic``: one stream alone (an ablation of inference; both still train).
+  ``recommend_streams`` says which stream produced each item.
 - ``streams: behavior`` or ``semantic`` builds and trains that stream's decoder alone (the
   training side of the ablation; STT off and the fusion that stream, both required). A
   behaviour-only model refuses to register items (they would have semantic codes only).
@@ -119,6 +120,10 @@ class EagerConfig:
     # sum (released code; the default: better on validation, docs/experiments/eager.md) | confidence
     # (paper) | behavior | semantic
     fusion: str = "sum"
+    # ``sum`` only: the behaviour stream's weight w; a candidate scores 2 (w log p_behavior +
+    # (1 - w) log p_semantic), so 0.5 is the released code's plain sum. An inference setting, chosen
+    # on validation over a trained model (benchmarks/eager_fusion_weight.py).
+    fusion_weight: float = 0.5
     # the decoders built and trained: both (EAGER), or one stream alone (the training-side ablation;
     # needs stt=false and fusion=that stream)
     streams: str = "both"
@@ -156,6 +161,10 @@ class EagerConfig:
         require(0.0 < self.stt_mask_ratio <= 1.0,
                 f"model.stt_mask_ratio={self.stt_mask_ratio} is out of range; allowed: 0 < ratio <= 1")
         require_choice("model.fusion", self.fusion, FUSIONS)
+        require_range("model.fusion_weight", self.fusion_weight, 0.0, 1.0)
+        require(self.fusion == "sum" or self.fusion_weight == 0.5,
+                f"model.fusion_weight={self.fusion_weight} weighs the streams of the sum fusion, and model.fusion="
+                f"{self.fusion} does not sum them: set model.fusion=sum, or leave model.fusion_weight at 0.5")
         for flag in ("last_item_start", "last_item_output", "prefix_outputs"):
             value = getattr(self, flag)
             require(isinstance(value, bool), f"model.{flag} must be true or false, got {value!r}")
@@ -175,6 +184,22 @@ class FusedRecommendation(NamedTuple):
     items: torch.Tensor  # (B, k) item ids, best first
     scores: torch.Tensor  # (B, k) fused scores, descending
     streams: torch.Tensor  # (B, k) 0: behaviour stream, 1: semantic, 2: both found it
+
+
+class StreamCandidates(NamedTuple):
+    """Both streams' top k for each row: items (B, 2k), behaviour's k then semantic's (-1: none);
+    streams (B, 2k) which stream found each (0, 1); found_by: each stream's beam scores of its own
+    k (B, k); log_probs: each stream's log-probability of all 2k (B, 2k)."""
+
+    items: torch.Tensor
+    streams: torch.Tensor
+    found_by: dict[str, torch.Tensor]
+    log_probs: dict[str, torch.Tensor]
+
+    def summed(self, weight: float) -> torch.Tensor:
+        """The ``sum`` fusion's scores (B, 2k) at behaviour weight ``weight``: 2 (w log p_b + (1 - w)
+        log p_s), the released code's plain sum at 0.5."""
+        return 2 * (weight * self.log_probs["behavior"] + (1 - weight) * self.log_probs["semantic"])
 
 
 class StreamDecoder(nn.Module):
@@ -318,7 +343,7 @@ class Eager(GenerativeRetriever):
     the items that have learned ID rows when some were registered after training (default all)."""
 
     capabilities = Capabilities(id_spaces=SPACES, id_vectors=True, registers_items=True, new_item_spaces=("semantic",),
-                                inference_settings=("beam_size", "fusion", "collision_scoring"))
+                                inference_settings=("beam_size", "fusion", "fusion_weight", "collision_scoring"))
 
     def __init__(self, config: EagerConfig, n_items: int, max_len: int, *, ids: dict[str, IdTable] | None = None,
                  vector_dims: dict[str, int] | None = None, trained_items: int | None = None):
@@ -517,26 +542,38 @@ class Eager(GenerativeRetriever):
     def recommend_streams(self, batch: Batch, k: int, exclude_history: bool = False) -> FusedRecommendation:
         """The fused top k with the stream that produced each item (``model.fusion``)."""
         self.check_k(k)
+        if self.config.fusion in SPACES:
+            memory, mask = self.encode(batch.history)
+            space = self.config.fusion
+            out = self.search(space, memory, mask, self.starts(batch.history)[space], k,
+                              batch.history if exclude_history else None)
+            return FusedRecommendation(out.items, out.scores, torch.full_like(out.items, SPACES.index(space)))
+        found = self.stream_candidates(batch, k, exclude_history)
+        if self.config.fusion == "confidence":
+            scores = torch.cat([found.found_by[s] / self.scored_codes(s) for s in SPACES], 1)
+        else:
+            scores = found.summed(self.config.fusion_weight)
+        return merge_streams(found.items, scores, found.streams, k)
+
+    @torch.no_grad()
+    def stream_candidates(self, batch: Batch, k: int, exclude_history: bool = False) -> "StreamCandidates":
+        """Both streams' top k (2k candidates: behaviour's, then semantic's), each scored in both
+        streams: what the ``confidence`` and ``sum`` fusions rank, and what a fusion weight is
+        chosen over without decoding again."""
+        self.check_k(k)
         memory, mask = self.encode(batch.history)
         starts = self.starts(batch.history)
         exclude = batch.history if exclude_history else None
-        spaces = [self.config.fusion] if self.config.fusion in SPACES else list(SPACES)
-        found = {s: self.search(s, memory, mask, starts[s], k, exclude) for s in spaces}
-        if len(spaces) == 1:
-            out = found[spaces[0]]
-            return FusedRecommendation(out.items, out.scores, torch.full_like(out.items, SPACES.index(spaces[0])))
+        found = {s: self.search(s, memory, mask, starts[s], k, exclude) for s in SPACES}
         items = torch.cat([found[s].items for s in SPACES], 1)  # (B, 2k)
         streams = torch.arange(2, device=items.device).repeat_interleave(k).expand_as(items)
-        if self.config.fusion == "confidence":
-            scores = torch.cat([found[s].scores / self.scored_codes(s) for s in SPACES], 1)
-        else:
-            scores = self.summed_log_prob(memory, mask, starts, found)
-        return merge_streams(items, scores, streams, k)
+        found_by = {s: found[s].scores for s in SPACES}
+        return StreamCandidates(items, streams, found_by, self.summed_log_probs(memory, mask, starts, found))
 
-    def summed_log_prob(self, memory: torch.Tensor, mask: torch.Tensor, starts: dict[str, DecoderStart],
-                        found: dict[str, BeamResult]) -> torch.Tensor:
-        """The released code's fusion score of both streams' candidates (B, 2k: behaviour's k, then
-        semantic's): the sum of both streams' log-probabilities. A candidate's log-probability in the
+    def summed_log_probs(self, memory: torch.Tensor, mask: torch.Tensor, starts: dict[str, DecoderStart],
+                         found: dict[str, BeamResult]) -> dict[str, torch.Tensor]:
+        """Each stream's log-probability of both streams' candidates (B, 2k: behaviour's k, then
+        semantic's), which the released code's fusion sums. A candidate's log-probability in the
         stream that found it is its beam score (the same sum of code log-probabilities), so each
         stream decodes only the other stream's k. An item without behaviour codes counts its
         semantic mean code log-probability for each of the behaviour stream's codes."""
@@ -547,7 +584,7 @@ class Eager(GenerativeRetriever):
             "behavior", memory, mask, starts["behavior"], found["semantic"].items)], 1)
         lacking = (items >= 1) & ~self.vocabs["behavior"].has_id(items.clamp(min=0))
         stand_in = semantic / self.scored_codes("semantic") * self.scored_codes("behavior")
-        return semantic + torch.where(lacking, stand_in, behavior)
+        return {"behavior": torch.where(lacking, stand_in, behavior), "semantic": semantic}
 
     @torch.no_grad()
     def recommend(self, batch: Batch, k: int, exclude_history: bool = False) -> Recommendation:
