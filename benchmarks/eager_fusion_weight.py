@@ -8,12 +8,15 @@ The ``sum`` fusion ranks the union of both streams' top k by 2 (w log p_behavior
 log p_semantic); the released code's plain sum is w = 0.5 (``model.fusion_weight``, an inference
 setting). The fusion only re-orders the candidates both beams found, so each split is decoded once
 (``Eager.stream_candidates``, both streams' log-probabilities of all 2k candidates) and every weight
-is scored from that. Validation picks the weight with the best ``--select-metric`` (the nearest to
-0.5 among equals); test is then scored at that weight and at 0.5, paired per user.
+is scored from that. Validation finds the weight with the best ``--select-metric`` (the nearest to
+0.5 among equals); it is **selected** only when it beats 0.5 there by more than two paired standard
+errors, else the plain sum stays (a grid's best on noise is not a finding). Test is scored at the
+best weight and at 0.5, paired per user.
 
 Writes ``benchmarks/results/eager/<dataset>/<NAME>.json``: ``metrics.valid`` and ``metrics.test`` at
-the chosen weight, ``weights`` (each weight's validation figures), and ``paired`` (chosen minus 0.5,
-per split, with standard errors). With ``--plot``, validation Recall@10 and NDCG@10 against w.
+the selected weight (``config.fusion_weight``; ``config.best_weight`` the grid's best), ``weights``
+(each weight's validation figures), and ``paired`` (best minus 0.5, per split, with standard
+errors). With ``--plot``, validation Recall@10 and NDCG@10 against w.
 Serve the chosen weight with ``inference: {fusion_weight: W}`` (or ``load_model(..., inference=)``).
 """
 
@@ -74,18 +77,22 @@ def per_user_at(found: StreamCandidates, targets: torch.Tensor, weight: float, k
     return per_user_metrics(torch.cat(ranks).numpy())
 
 
-def chosen_weight(table: dict[float, dict[str, float]], metric: str) -> float:
+def best_weight(table: dict[float, dict[str, float]], metric: str) -> float:
     """The weight with the best ``metric``; among equals, the one nearest the plain sum."""
     return max(table, key=lambda w: (table[w][metric], -abs(w - PLAIN)))
 
 
+def selected_weight(best: float, against_plain: dict[str, dict[str, float]], metric: str) -> float:
+    """``best`` when it beats the plain sum on ``metric`` by more than two paired standard errors."""
+    diff = against_plain[metric]
+    return best if diff["mean"] > 2 * diff["se"] else PLAIN
+
+
 def paired(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
-    keys = ("recall@10", "ndcg@10", "recall@20", "ndcg@20")
-    return {k: {"mean": round(d["diff"], 5), "se": round(d["se"], 5)}
-            for k, d in paired_difference({k: a[k] for k in keys}, {k: b[k] for k in keys}).items()}
+    return {k: {"mean": round(d["diff"], 5), "se": round(d["se"], 5)} for k, d in paired_difference(a, b).items()}
 
 
-def plot(table: dict[float, dict[str, float]], chosen: float, title: str, path: Path) -> Path:
+def plot(table: dict[float, dict[str, float]], best: float, chosen: float, title: str, path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -95,8 +102,10 @@ def plot(table: dict[float, dict[str, float]], chosen: float, title: str, path: 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     for ax, metric in zip(axes, ("recall@10", "ndcg@10")):
         ax.plot(weights, [table[w][metric] for w in weights], marker="o")
-        ax.axvline(chosen, color="tab:red", linestyle="--", label=f"chosen w = {chosen:g}")
+        ax.axvline(best, color="tab:red", linestyle="--", label=f"best w = {best:g}")
         ax.axvline(PLAIN, color="grey", linestyle=":", label="plain sum (0.5)")
+        ax.plot([chosen], [table[chosen][metric]], marker="*", markersize=14, color="tab:green", linestyle="none",
+                label=f"selected w = {chosen:g}")
         ax.set_xlabel("behaviour stream's weight w")
         ax.set_ylabel(f"validation {metric}")
         ax.legend(fontsize=8)
@@ -149,34 +158,38 @@ def main(argv: list[str]) -> None:
     found, targets = decode(model, valid, k, args.exclude_history)
     per_weight = {w: per_user_at(found, targets, w, k) for w in weights}
     table = {w: {m: round(float(v.mean()), 5) for m, v in per_weight[w].items()} for w in weights}
-    best = chosen_weight(table, args.select_metric)
-    for w in weights:
-        mark = "  <- chosen" if w == best else "  (plain sum)" if w == PLAIN else ""
-        print(f"valid w={w:<5g} " + "  ".join(f"{m} {v:.4f}" for m, v in table[w].items()) + mark, flush=True)
+    best = best_weight(table, args.select_metric)
     compared = {"valid": paired(per_weight[PLAIN], per_weight[best])}
+    chosen = selected_weight(best, compared["valid"], args.select_metric)
+    for w in weights:
+        mark = "  <- best" if w == best else ""
+        mark += "  (plain sum)" if w == PLAIN else ""
+        print(f"valid w={w:<5g} " + "  ".join(f"{m} {v:.4f}" for m, v in table[w].items()) + mark, flush=True)
 
     found, targets = decode(model, split.eval_set("test"), k, args.exclude_history)
-    test_best, test_plain = per_user_at(found, targets, best, k), per_user_at(found, targets, PLAIN, k)
-    compared["test"] = paired(test_plain, test_best)
+    test_at = {w: per_user_at(found, targets, w, k) for w in {best, PLAIN}}
+    compared["test"] = paired(test_at[PLAIN], test_at[best])
     for name, diff in compared.items():
         print(f"{name}: w={best:g} minus 0.5: " + "  ".join(f"{m} {d['mean']:+.4f} ± {d['se']:.4f}"
                                                             for m, d in diff.items()), flush=True)
-    metrics = {"valid": table[best], "test": {m: round(float(v.mean()), 5) for m, v in test_best.items()}}
+    print(f"selected: w={chosen:g} ({'beats' if chosen != PLAIN else 'the best does not beat'} the plain sum on "
+          f"validation {args.select_metric} by more than 2 standard errors)", flush=True)
+    metrics = {"valid": table[chosen], "test": {m: round(float(v.mean()), 5) for m, v in test_at[chosen].items()}}
     history = "excluded" if args.exclude_history else "kept"
     path = write_record(args.name, model="eager", dataset=run_dataset(args.data),
                         config={"checkpoint": str(args.checkpoint), "data_run": str(args.data), "fusion": "sum",
-                                "fusion_weight": best, "weights_tried": weights, "select_metric": args.select_metric,
+                                "fusion_weight": chosen, "best_weight": best, "weights_tried": weights, "select_metric": args.select_metric,
                                 "max_history": args.max_history, "threads": args.threads,
                                 "valid_users": args.valid_users or "all"},
                         wall_s=time.perf_counter() - start, metrics=metrics,
                         protocol=protocol(exclude_history=args.exclude_history,
                                           refit=trained_with_refit(args.checkpoint)),
                         extra={"weights": {str(w): table[w] for w in weights},
-                               "plain_sum_test": {m: round(float(v.mean()), 5) for m, v in test_plain.items()},
-                               "paired": {"against": "fusion_weight 0.5", **compared}})
+                               "plain_sum_test": {m: round(float(v.mean()), 5) for m, v in test_at[PLAIN].items()},
+                               "paired": {"best": best, "against": "fusion_weight 0.5", **compared}})
     print(f"record: {path}")
     if args.plot:
-        print(f"plot: {plot(table, best, f'{args.name} (history {history})', args.plot)}")
+        print(f"plot: {plot(table, best, chosen, f'{args.name} (history {history})', args.plot)}")
 
 
 if __name__ == "__main__":

@@ -255,6 +255,19 @@ def test_a_fusion_weight_reranks_the_same_candidates_by_the_weighted_sum(weight)
         torch.testing.assert_close(found.log_probs[space][mine], found.found_by[space].flatten())
 
 
+def test_a_fusion_weight_is_selected_only_past_two_standard_errors_over_the_plain_sum():
+    from benchmarks.eager_fusion_weight import best_weight, parse_weights, selected_weight
+    table = {0.3: {"recall@10": 0.101}, 0.5: {"recall@10": 0.100}, 0.7: {"recall@10": 0.101}}
+    assert best_weight(table, "recall@10") in (0.3, 0.7)
+    assert best_weight({0.4: {"r": 1.0}, 0.9: {"r": 1.0}}, "r") == 0.4  # among equals, the nearest to 0.5
+    assert selected_weight(0.3, {"recall@10": {"mean": 0.0021, "se": 0.001}}, "recall@10") == 0.3
+    assert selected_weight(0.3, {"recall@10": {"mean": 0.0019, "se": 0.001}}, "recall@10") == 0.5
+    assert parse_weights("1,0") == [0.0, 0.5, 1.0]
+    for bad in ("0,1.5", "a", ""):
+        with pytest.raises(ValueError, match="--weights must be comma-separated numbers in"):
+            parse_weights(bad)
+
+
 @pytest.mark.parametrize("space", ["behavior", "semantic"])
 def test_one_stream_fusion_is_that_streams_beam(space):
     model, rec, memory, mask, starts = fused(space)
@@ -477,8 +490,10 @@ def test_recsys_pipeline_trains_eager_on_behaviour_ids_from_a_two_tower_and_cont
     weighed = read_json(tmp_path / "results" / "eager" / "synthetic" / "tiny-weight.json")
     table = {float(w): figures for w, figures in weighed["weights"].items()}
     assert sorted(table) == [0.0, 0.25, 0.5, 1.0] and (tmp_path / "weight.png").is_file()
-    chosen = weighed["config"]["fusion_weight"]
-    assert table[chosen]["recall@10"] == max(f["recall@10"] for f in table.values())
+    best_w, chosen = weighed["config"]["best_weight"], weighed["config"]["fusion_weight"]
+    assert table[best_w]["recall@10"] == max(f["recall@10"] for f in table.values())
+    gain = weighed["paired"]["valid"]["recall@10"]  # best minus the plain sum: selected only past 2 SE
+    assert chosen == (best_w if gain["mean"] > 2 * gain["se"] else 0.5)
     assert weighed["metrics"]["valid"] == table[chosen]
     plain_test = {k: round(v, 4) for k, v in weighed["plain_sum_test"].items()}
     assert plain_test == records["sum"]["metrics"]["test"]  # w = 0.5 is the shipped sum, decoded once
@@ -489,7 +504,7 @@ def test_recsys_pipeline_trains_eager_on_behaviour_ids_from_a_two_tower_and_cont
     valid_set = leave_one_out(InteractionData.load(data_dir), 6).eval_set("valid")
     plain_valid = per_user_metrics(target_ranks_of(load_model(best), valid_set))
     assert table[0.5] == {k: round(float(v.mean()), 5) for k, v in plain_valid.items()}  # recommend() agrees
-    if chosen == 0.5:
+    if best_w == 0.5:
         assert weighed["paired"]["test"]["recall@10"] == {"mean": 0.0, "se": 0.0}
     with pytest.raises(SystemExit):
         fusion_weight([best, "--data", str(data_dir), "--name", "x", "--weights", "0,2"])
