@@ -11,7 +11,7 @@ A sweep file has a base experiment and a ``sweep:`` section::
         trainer.optim.lr: {loguniform: [3.0e-4, 3.0e-3]}
       num_samples: 2                    # samples of the random domains per grid point
       metric: recall@10                 # validation metric, higher is better
-      scheduler: {name: asha, grace_period: 2, reduction_factor: 2}   # max_t = trainer.optim.epochs
+      scheduler: {name: asha, grace_period: 2, reduction_factor: 2}   # max_t = the trials' last epoch
       resources: {cpu: 1, gpu: 0}       # per trial
       max_concurrent_trials: 2
 
@@ -304,13 +304,10 @@ def check_points(sweep: Sweep) -> None:
     first_random = {s.key: s.probes()[0] for s in specs if s.kind != "grid"}
     probes = [{**first_random, s.key: v} for s in specs if s.kind != "grid" for v in s.probes()] or [{}]
     base_trainer = sweep.base_experiment().trainer
-    epochs = base_trainer.optim.epochs
+    last = base_trainer.optim.last_epoch  # ASHA's max_t: a base stop_epoch stops every trial there
     require(not base_trainer.selection.refit, "base trainer.selection.refit=true: a refit trains on the "
             "validation targets and "
             "never validates, so a sweep has nothing to rank trials on; sweep without it, then refit the winner")
-    require(not base_trainer.optim.stop_epoch, f"base trainer.optim.stop_epoch={base_trainer.optim.stop_epoch}: "
-            "a sweep runs "
-            "trainer.optim.epochs (ASHA stops trials early itself); set trainer.optim.epochs instead")
     for point in points:
         for probe in probes:
             values = {**point, **probe}
@@ -320,6 +317,6 @@ def check_points(sweep: Sweep) -> None:
                 shown = ", ".join(f"{k}={v!r}" for k, v in values.items())
                 raise ValueError(f"sweep point {{{shown}}} is not a valid experiment: {err}") from None
     if sweep.config.scheduler.name == "asha":
-        require(sweep.config.scheduler.grace_period <= epochs,
-                f"sweep.scheduler.grace_period={sweep.config.scheduler.grace_period} exceeds "
-                f"trainer.optim.epochs={epochs}")
+        require(sweep.config.scheduler.grace_period <= last,
+                f"sweep.scheduler.grace_period={sweep.config.scheduler.grace_period} exceeds the trials' last epoch "
+                f"{last} (trainer.optim.stop_epoch, else trainer.optim.epochs)")

@@ -142,7 +142,7 @@ def run_sweep(sweep: Sweep, embed_dir: Path | None = None, data_dir: Path | None
     set_tune_env()
     init_ray()
     cfg = sweep.config
-    epochs = sweep.base_experiment().trainer.optim.epochs
+    epochs = sweep.base_experiment().trainer.optim.last_epoch  # a base stop_epoch ends every trial there
     scheduler = (ASHAScheduler(time_attr="epoch", max_t=epochs, grace_period=cfg.scheduler.grace_period,
                                reduction_factor=cfg.scheduler.reduction_factor)
                  if cfg.scheduler.name == "asha" else FIFOScheduler())
@@ -251,7 +251,7 @@ def trial_record(sweep: Sweep, sweep_dir: Path, result) -> TrialRecord:
         metrics = read_json(finish_train(exp, trial_dir / "train", history, wall) / "metrics.json")
         record.valid, record.best_epoch = metrics["valid"], metrics["best_epoch"]
         record.epochs_run = metrics["epochs_run"]
-    record.status = trial_status(record.epochs_run, exp.trainer.optim.epochs, record.best_epoch,
+    record.status = trial_status(record.epochs_run, exp.trainer.optim.last_epoch, record.best_epoch,
                                  exp.trainer.selection.patience, error)
     return record
 

@@ -42,6 +42,11 @@ class OptimConfig:
         require_range("trainer.optim.grad_clip", self.grad_clip, 0.0)
         require(0.0 <= self.ema < 1.0, f"trainer.optim.ema={self.ema} is out of range; allowed: 0 (off) <= ema < 1")
 
+    @property
+    def last_epoch(self) -> int:
+        """The epoch training stops after: ``stop_epoch``, or the schedule's end."""
+        return self.stop_epoch or self.epochs
+
 
 @dataclass
 class TrainDataConfig:

@@ -224,7 +224,7 @@ class Trainer:
 
     @property
     def last_epoch(self) -> int:
-        return self.cfg.optim.stop_epoch or self.cfg.optim.epochs
+        return self.cfg.optim.last_epoch
 
     def fit(self, on_epoch_end: EpochHook) -> LoopState:
         """Train from ``state.epoch`` until ``cfg.optim.stop_epoch`` (or ``cfg.optim.epochs``) or early stopping

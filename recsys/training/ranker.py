@@ -130,7 +130,7 @@ def train_ranker(model: Ranker, train: CandidateSet, train_histories: Histories,
     metric = cfg.selection.select_metric
     best: RankerFit | None = None
     history: list[dict] = []
-    last = cfg.optim.stop_epoch or cfg.optim.epochs
+    last = cfg.optim.last_epoch
     valid_cache: dict = {}  # the validation batches, prepared once
     for epoch in range(last):
         start = time.perf_counter()
