@@ -253,6 +253,10 @@ def test_a_fusion_weight_reranks_the_same_candidates_by_the_weighted_sum(weight)
     for space in ("behavior", "semantic"):  # the stream that found a candidate scores it by its beam score
         mine = found.streams == ("behavior", "semantic").index(space)
         torch.testing.assert_close(found.log_probs[space][mine], found.found_by[space].flatten())
+    beams_only = model.stream_candidates(Batch(history=make_batch().history), 5, score_both=False)  # confidence's
+    assert torch.equal(beams_only.items, found.items) and beams_only.log_probs is None
+    with pytest.raises(ValueError, match="not scored in both streams"):
+        beams_only.summed(weight)
 
 
 def test_a_fusion_weight_is_selected_only_past_two_standard_errors_over_the_plain_sum():

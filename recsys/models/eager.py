@@ -189,16 +189,18 @@ class FusedRecommendation(NamedTuple):
 class StreamCandidates(NamedTuple):
     """Both streams' top k for each row: items (B, 2k), behaviour's k then semantic's (-1: none);
     streams (B, 2k) which stream found each (0, 1); found_by: each stream's beam scores of its own
-    k (B, k); log_probs: each stream's log-probability of all 2k (B, 2k)."""
+    k (B, k); log_probs: each stream's log-probability of all 2k (B, 2k), None when not scored."""
 
     items: torch.Tensor
     streams: torch.Tensor
     found_by: dict[str, torch.Tensor]
-    log_probs: dict[str, torch.Tensor]
+    log_probs: dict[str, torch.Tensor] | None
 
     def summed(self, weight: float) -> torch.Tensor:
         """The ``sum`` fusion's scores (B, 2k) at behaviour weight ``weight``: 2 (w log p_b + (1 - w)
         log p_s), the released code's plain sum at 0.5."""
+        if self.log_probs is None:
+            raise ValueError("these candidates were not scored in both streams: get them with score_both=True")
         return 2 * (weight * self.log_probs["behavior"] + (1 - weight) * self.log_probs["semantic"])
 
 
@@ -548,18 +550,21 @@ class Eager(GenerativeRetriever):
             out = self.search(space, memory, mask, self.starts(batch.history)[space], k,
                               batch.history if exclude_history else None)
             return FusedRecommendation(out.items, out.scores, torch.full_like(out.items, SPACES.index(space)))
-        found = self.stream_candidates(batch, k, exclude_history)
-        if self.config.fusion == "confidence":
+        confidence = self.config.fusion == "confidence"
+        found = self.stream_candidates(batch, k, exclude_history, score_both=not confidence)
+        if confidence:
             scores = torch.cat([found.found_by[s] / self.scored_codes(s) for s in SPACES], 1)
         else:
             scores = found.summed(self.config.fusion_weight)
         return merge_streams(found.items, scores, found.streams, k)
 
     @torch.no_grad()
-    def stream_candidates(self, batch: Batch, k: int, exclude_history: bool = False) -> "StreamCandidates":
-        """Both streams' top k (2k candidates: behaviour's, then semantic's), each scored in both
-        streams: what the ``confidence`` and ``sum`` fusions rank, and what a fusion weight is
-        chosen over without decoding again."""
+    def stream_candidates(self, batch: Batch, k: int, exclude_history: bool = False,
+                          score_both: bool = True) -> "StreamCandidates":
+        """Both streams' top k (2k candidates: behaviour's, then semantic's): what the ``confidence``
+        and ``sum`` fusions rank. With ``score_both`` each is also scored in both streams (the other
+        stream's k teacher-forced; ``confidence`` needs neither), what a fusion weight is chosen over
+        without decoding again."""
         self.check_k(k)
         memory, mask = self.encode(batch.history)
         starts = self.starts(batch.history)
@@ -568,7 +573,8 @@ class Eager(GenerativeRetriever):
         items = torch.cat([found[s].items for s in SPACES], 1)  # (B, 2k)
         streams = torch.arange(2, device=items.device).repeat_interleave(k).expand_as(items)
         found_by = {s: found[s].scores for s in SPACES}
-        return StreamCandidates(items, streams, found_by, self.summed_log_probs(memory, mask, starts, found))
+        return StreamCandidates(items, streams, found_by,
+                                self.summed_log_probs(memory, mask, starts, found) if score_both else None)
 
     def summed_log_probs(self, memory: torch.Tensor, mask: torch.Tensor, starts: dict[str, DecoderStart],
                          found: dict[str, BeamResult]) -> dict[str, torch.Tensor]:
