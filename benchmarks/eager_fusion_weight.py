@@ -152,9 +152,7 @@ def main(argv: list[str]) -> None:
     k = max(DEFAULT_KS)
     start = time.perf_counter()
 
-    valid = split.eval_set("valid")
-    if 0 < args.valid_users < len(valid):  # as recsys.training.loop draws it
-        valid = valid.subset(np.sort(np.random.default_rng([0, 1]).choice(len(valid), args.valid_users, replace=False)))
+    valid = split.eval_set("valid").sample(args.valid_users, seed=0)  # as training draws it at seed 0
     found, targets = decode(model, valid, k, args.exclude_history)
     per_weight = {w: per_user_at(found, targets, w, k) for w in weights}
     table = {w: {m: round(float(v.mean()), 5) for m, v in per_weight[w].items()} for w in weights}

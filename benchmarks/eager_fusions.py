@@ -110,9 +110,8 @@ def main(argv: list[str]) -> None:
         metrics, share, paired = {}, {}, {}
         for name in splits:
             eval_set = split.eval_set(name)
-            if name == "valid" and 0 < args.valid_users < len(eval_set):  # as recsys.training.loop draws it
-                rows = np.random.default_rng([0, 1]).choice(len(eval_set), args.valid_users, replace=False)
-                eval_set = eval_set.subset(np.sort(rows))
+            if name == "valid":  # as training draws it at seed 0
+                eval_set = eval_set.sample(args.valid_users, seed=0)
             per_user = per_user_metrics(target_ranks_of(model, eval_set, batch_size=512,
                                                         exclude_history=args.exclude_history))
             figures = {k: float(v.mean()) for k, v in per_user.items()}

@@ -27,6 +27,16 @@ def test_leave_one_out_targets_histories_and_cap():
     assert [t.tolist() for t in split.train] == [[1, 2, 3, 4], [2]]
 
 
+def test_a_validation_sample_is_fixed_by_its_seed_and_keeps_row_order():
+    valid = leave_one_out(make_data([[1, 2, 3, i] for i in range(4, 24)]), max_history=3).valid
+    a, b, c = valid.sample(7, seed=0), valid.sample(7, seed=0), valid.sample(7, seed=1)
+    assert len(a) == 7 and a.user_index.tolist() == b.user_index.tolist() != c.user_index.tolist()
+    assert a.user_index.tolist() == sorted(a.user_index.tolist())
+    rows = np.sort(np.random.default_rng([0, 1]).choice(len(valid), 7, replace=False))  # what training drew
+    assert a.user_index.tolist() == valid.user_index[rows].tolist()
+    assert valid.sample(0, seed=0) is valid and valid.sample(len(valid), seed=0) is valid
+
+
 def test_no_target_leaks_into_training():
     data = make_data([list(range(1, 30)), [30, 31, 32, 33]])
     split = leave_one_out(data, max_history=20)

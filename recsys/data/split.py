@@ -45,6 +45,14 @@ class EvalSet:
         return EvalSet(self.user_index[rows], self.histories[rows], self.targets[rows],
                        pick(self.timestamps), pick(self.target_times))
 
+    def sample(self, users: int, seed: int) -> "EvalSet":
+        """A fixed random sample of ``users`` rows in their order (all rows when ``users`` is 0 or
+        not smaller than the set): the same rows for the same seed, as training selects on
+        (``trainer.selection.valid_users``, drawn with ``trainer.data.seed`` by default)."""
+        if not 0 < users < len(self):
+            return self
+        return self.subset(np.sort(np.random.default_rng([seed, 1]).choice(len(self), users, replace=False)))
+
 
 class Histories(NamedTuple):
     """Whole (untruncated) histories of one split, ragged, for rankers.

@@ -177,11 +177,8 @@ class Trainer:
         self.state = LoopState()
         self.average = WeightAverage(model, cfg.optim.ema) if cfg.optim.ema > 0 else None
         self.resumed_from: int | None = None  # the checkpoint's epoch, set by load_state_dict
-        self.valid_set = split.valid
-        if 0 < cfg.selection.valid_users < len(split.valid):  # the same users every epoch, so scores compare
-            seed = cfg.data.seed if cfg.selection.valid_seed is None else cfg.selection.valid_seed
-            rows = np.random.default_rng([seed, 1]).choice(len(split.valid), cfg.selection.valid_users, replace=False)
-            self.valid_set = split.valid.subset(np.sort(rows))
+        seed = cfg.data.seed if cfg.selection.valid_seed is None else cfg.selection.valid_seed
+        self.valid_set = split.valid.sample(cfg.selection.valid_users, seed)  # the same users every epoch
 
     def train_step(self, batch: Batch) -> dict[str, float]:
         """One optimiser step; returns the loss and its named parts, e.g. {"loss": .., "ce": ..}."""
