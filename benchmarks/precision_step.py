@@ -4,11 +4,11 @@ BF16 or AMX), bf16 is converted through fp32 and is the slower one; ``trainer.da
 picks fp32 there (``recsys.hardware``).
 
     python benchmarks/precision_step.py CONFIG [key=value ...] --data DATA_RUN [--ids IDS_RUN | --ids SPACE=RUN] \
-        [--steps 25] [--warmup 3] [--rounds 2] [--threads 2] [--name NAME]
+        [--steps 25] [--warmup 3] [--rounds 2] [--threads 2] [--matmul-size 2048] [--name NAME]
 
 The two alternate over ``--rounds`` rounds as in ``dropout_step.py``; the figure per precision is its
-best round. The record also holds the best of five 2048 x 2048 matmuls per precision on the same
-threads (the machine's matmul limit), and what ``auto`` resolves to here. Writes
+best round. The record also holds the best of five ``--matmul-size`` square matmuls per precision on
+the same threads (the machine's matmul limit), and what ``auto`` resolves to here. Writes
 ``benchmarks/results/<model>/<dataset>/precision-step[-NAME].json``.
 """
 
@@ -28,10 +28,9 @@ from benchmarks.dropout_step import step_arguments, time_variants, trainer_and_b
 from recsys import hardware  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16")
-MATMUL_SIZE = 2048
 
 
-def matmul_gflops(dtype: torch.dtype, size: int = MATMUL_SIZE, reps: int = 5) -> float:
+def matmul_gflops(dtype: torch.dtype, size: int, reps: int = 5) -> float:
     """The best of ``reps`` ``size`` x ``size`` products, in GFLOP/s."""
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     a @ b
@@ -46,13 +45,16 @@ def matmul_gflops(dtype: torch.dtype, size: int = MATMUL_SIZE, reps: int = 5) ->
 def main(argv: list[str]) -> None:
     parser = step_arguments(__doc__.splitlines()[0])
     parser.add_argument("--name", default="", help="record name suffix (precision-step-<NAME>.json)")
+    parser.add_argument("--matmul-size", type=int, default=2048, help="side of the square matmuls timed per precision")
     start = time.perf_counter()
     args, exp, trainer, batches = trainer_and_batches(parser, argv)
     rounds = time_variants(trainer, batches, args, {p: functools.partial(mock.patch.object, trainer, "precision", p)
                                                     for p in PRECISIONS})
-    matmul = {"fp32": round(matmul_gflops(torch.float32), 1), "bf16": round(matmul_gflops(torch.bfloat16), 1)}
+    matmul = {"fp32": round(matmul_gflops(torch.float32, args.matmul_size), 1),
+              "bf16": round(matmul_gflops(torch.bfloat16, args.matmul_size), 1)}
     write_step_record("precision-step", args, exp, trainer, rounds, "fp32", start,
-                      {"matmul_gflops": matmul, "auto_resolves_to": hardware.resolve_precision("auto", "cpu")})
+                      {"matmul_gflops": matmul, "auto_resolves_to": hardware.resolve_precision("auto", "cpu")},
+                      extra={"matmul_size": args.matmul_size})
 
 
 if __name__ == "__main__":
