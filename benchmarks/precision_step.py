@@ -20,26 +20,14 @@ import time
 from pathlib import Path
 from unittest import mock
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.dropout_step import step_arguments, time_variants, trainer_and_batches, write_step_record  # noqa: E402
+from benchmarks.training_precision import matmul_limit  # noqa: E402
 from recsys import hardware  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16")
-
-
-def matmul_gflops(dtype: torch.dtype, size: int, reps: int = 5) -> float:
-    """The best of ``reps`` ``size`` x ``size`` products, in GFLOP/s."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * size ** 3 / best / 1e9
 
 
 def main(argv: list[str]) -> None:
@@ -50,8 +38,7 @@ def main(argv: list[str]) -> None:
     args, exp, trainer, batches = trainer_and_batches(parser, argv)
     rounds = time_variants(trainer, batches, args, {p: functools.partial(mock.patch.object, trainer, "precision", p)
                                                     for p in PRECISIONS})
-    matmul = {"fp32": round(matmul_gflops(torch.float32, args.matmul_size), 1),
-              "bf16": round(matmul_gflops(torch.bfloat16, args.matmul_size), 1)}
+    matmul = {name: round(gflop_s, 1) for name, gflop_s in matmul_limit(args.matmul_size, args.threads).items()}
     write_step_record("precision-step", args, exp, trainer, rounds, "fp32", start,
                       {"matmul_gflops": matmul, "auto_resolves_to": hardware.resolve_precision("auto", "cpu")},
                       extra={"matmul_size": args.matmul_size})
