@@ -83,6 +83,8 @@ def ids_runs_by_space(model_name: str, values: list[str] | None) -> dict[str, Pa
                 raise ValueError(f"--ids {value}: model.name={model_name!r} declares the ID spaces {list(spaces)}; "
                                  "name the space, --ids SPACE=RUN")
             space, run = spaces[0], value
+        if not run:  # Path("") is the working directory: say what was given instead
+            raise ValueError(f"--ids {value}: no run directory after {space!r}=")
         if space in out:
             raise ValueError(f"--ids names the space {space!r} twice")
         out[space] = Path(run)

@@ -13,7 +13,7 @@ import numpy as np
 from recsys.execution import ClusterView, Placement, choose_path
 from recsys.experiment import ExperimentConfig, experiment_dict_from_run, experiment_from_dict
 from recsys.runs import (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, mark_complete, read_json, require_complete,
-                         stage_run_dir, write_json, write_text)
+                         named, stage_run_dir, write_json, write_text)
 from recsys.semantic_ids.build import IdsConfig, build_index, fit_in_process, fitted_codes
 from recsys.semantic_ids.report import write_report
 from recsys.text import EMBEDDINGS_FILE, load_embeddings
@@ -76,7 +76,7 @@ def run_ids(exp: ExperimentConfig, embed_dir: Path | None = None, parent: Path |
             train_dir: Path | None = None) -> Path:
     """Fit the configured tokenizer on an embed run's vectors, or (``train_dir``) on a train run's
     item embeddings, which are first written into the ids run; write tokenizer, index, report."""
-    run_dir = stage_run_dir(exp.run.root, "ids", exp.ids.method, parent)
+    run_dir = stage_run_dir(exp.run.root, "ids", named(exp.ids.method, exp.run.name), parent)
     if train_dir is not None:
         train_dir = Path(train_dir).resolve()
         vectors = trained_item_vectors(train_dir)

@@ -18,7 +18,7 @@ from recsys.experiment import (
 from recsys.models import get_spec
 from recsys.reporting import plot_training_curve, results_table
 from recsys.runs import (
-    CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, clear_complete, machine_description, mark_complete, read_json,
+    CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, clear_complete, machine_description, mark_complete, named, read_json,
     require_complete, stage_run_dir, write_json, write_text,
 )
 from recsys.training.checkpoint import load_model
@@ -33,7 +33,7 @@ def run_data(exp: ExperimentConfig, parent: Path | None = None) -> Path:
     """Read the configured dataset into the canonical parquet form (into ``parent/data`` when given)."""
     start = time.perf_counter()
     data = load_dataset(exp.data)
-    run_dir = stage_run_dir(exp.run.root, "data", exp.data.format, parent)
+    run_dir = stage_run_dir(exp.run.root, "data", named(exp.data.format, exp.run.name), parent)
     data.save(run_dir)
     split = leave_one_out(data, exp.data.max_history)
     stats = {**data.stats_with_counts(), "users_too_short_for_split": split.dropped_users,

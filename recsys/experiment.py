@@ -32,7 +32,7 @@ RENAMED_KEYS = RENAMED_TRAINER_KEYS  # old dotted key -> new, over every section
 @dataclass
 class RunSection:
     root: str = "runs"  # where run directories go: runs/<stage>/<run-id>/
-    name: str = ""  # appended to the run id; empty = the model name
+    name: str = ""  # appended to the run id; empty = the model name (data and ids runs: after the format / method)
 
     def __post_init__(self):
         # Run directories are local paths (recsys.runs, Ray Train's storage_path = the run directory).

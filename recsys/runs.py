@@ -43,6 +43,12 @@ def new_run_dir(root: str | Path, stage: str, name: str = "") -> Path:
     raise RuntimeError(f"could not create a new run directory under {base}")
 
 
+def named(kind: str, run_name: str) -> str:
+    """A run's name where the stage names it by what it made (a data run by its format, an ids run by
+    its method): ``kind``, then ``run.name`` when one is given, so ``run.name`` tells two such runs apart."""
+    return f"{kind}-{run_name}" if run_name else kind
+
+
 def stage_run_dir(root: str | Path, stage: str, name: str = "", parent: str | Path | None = None) -> Path:
     """A stage's run directory: ``parent/stage`` inside a pipeline run (created, must not exist),
     else a new ``root/stage/<run-id>``."""

@@ -178,6 +178,7 @@ def test_evaluation_serving_and_sweeps_dispatch_on_the_role(tmp_path, monkeypatc
     from pipelines.stages import run_data
 
     data_dir = run_data(exp)
+    assert data_dir.name.endswith("-synthetic")  # no run.name: the format alone
     train_dir = tmp_path / "train" / "r"
     save_checkpoint(train_dir / "checkpoints" / "best", _TinyRanker(TinyRankerConfig(), 20, 5), "tiny_ranker")
     write_json(train_dir / "config.json", {**exp.to_dict(), "data_dir": str(data_dir), "ids_dirs": {}})

@@ -19,6 +19,9 @@ def test_ids_flags_name_spaces_and_a_bare_run_is_the_models_one_space():
         ids_runs_by_space("sasrec", ["runs/ids/a"])
     with pytest.raises(ValueError, match="names the space 'semantic' twice"):
         ids_runs_by_space("tiger", ["semantic=a", "b"])
+    # an unset shell variable (--ids behavior=$IB) is refused, not read as the working directory
+    with pytest.raises(ValueError, match="--ids behavior=: no run directory after 'behavior'="):
+        ids_runs_by_space("eager", ["behavior=", "semantic=runs/ids/b"])
 
 
 def test_a_model_gets_exactly_the_spaces_it_declares():

@@ -45,7 +45,8 @@ def check_run(run_dir, n_items=600):
 
 @pytest.mark.parametrize("method", ["hkmeans", "rqvae"])
 def test_ids_stage_in_process(embed_dir, tmp_path, method):
-    run_dir = run_ids(small(tmp_path, f"ids.method={method}", "ids.use_ray=false"), embed_dir)
+    run_dir = run_ids(small(tmp_path, f"ids.method={method}", "ids.use_ray=false", "run.name=semantic"), embed_dir)
+    assert run_dir.name.endswith(f"-{method}-semantic")  # run.name tells a behaviour fit from a content one
     _, metrics = check_run(run_dir)
     tokenizer = load_tokenizer(run_dir / TOKENIZER_DIR)
     assert tokenizer.n_levels == 3 and metrics["method"] == method
