@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 from unittest import mock
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.dropout_step import step_arguments, time_variants, trainer_and_batches, write_step_record  # noqa: E402

@@ -14,7 +14,8 @@ the same threads; the model's FLOPs per training sample (forward and backward) a
 ``torch.utils.flop_counter`` on one training step. ``achieved / limit`` says how much of the
 machine a training step uses. It can pass 1 in bf16 where the CPU has no native bf16: a bf16 autocast
 step keeps its elementwise work in fp32, and the emulated bf16 matmul is the slower part (an AVX2-only
-Zen 3 measured 1.3 GFLOP/s for a 256 x 256 bf16 product against 62.8 in fp32). Writes ``benchmarks/results/<model>/<dataset>/precision-<NAME>.json``.
+Zen 3 measured 1.3 GFLOP/s for a 256 x 256 bf16 product against 62.8 in fp32). Writes
+``benchmarks/results/<model>/<dataset>/precision-<NAME>.json``.
 """
 
 from __future__ import annotations
