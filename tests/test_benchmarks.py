@@ -510,9 +510,10 @@ def test_training_precision_pairs_fp32_and_bf16_on_the_selected_weights(data_and
         assert row["epochs"] == 2 and row["selected_epoch"] in (1, 2) and row["valid"]
         assert set(row["test"]) == {"kept", "excluded"} and 0 <= row["test"]["kept"]["recall@10"] <= 1
         assert row["gflop_per_sample"] > 0 and row["achieved_gflop_s"] > 0
-        # achieved / limit; no bound at 1: where bf16 is emulated a bf16 autocast step outruns a bf16 matmul
+        # achieved / limit (both rounded in the record); no bound at 1: where bf16 is emulated, a bf16
+        # autocast step outruns a bf16 matmul
         limit = metrics["matmul_limit_gflop_s"][precision]
-        assert row["fraction_of_matmul_limit"] == pytest.approx(row["achieved_gflop_s"] / limit, rel=0.1)  # both sides rounded
+        assert row["fraction_of_matmul_limit"] == pytest.approx(row["achieved_gflop_s"] / limit, rel=0.1)
         assert metrics["test_by_precision"][precision] == row["test"]["kept"]
     diff = metrics["bf16_minus_fp32_test"]["kept"]["recall@10"]
     assert diff["diff"] == pytest.approx(details["bf16"]["test"]["kept"]["recall@10"]
@@ -659,8 +660,8 @@ def test_precision_step_times_fp32_and_bf16_autocast_on_the_same_batches(data_an
     monkeypatch.setattr(loop.torch, "autocast", autocast)
     data_dir, _ = data_and_embed
     precision_step.main(["--data", str(data_dir), "--steps", "2", "--warmup", "1", "--threads", "1", "--name", "tiny",
-                         "--matmul-size", "64", "model.name=sasrec", "model.d_model=32", "model.n_layers=1", "model.d_ff=64",
-                         "trainer.optim.batch_size=64", "data.max_history=10"])
+                         "--matmul-size", "64", "model.name=sasrec", "model.d_model=32", "model.n_layers=1",
+                         "model.d_ff=64", "trainer.optim.batch_size=64", "data.max_history=10"])
     record = json.loads((tmp_path / "results" / "sasrec" / "synthetic" / "precision-step-tiny.json").read_text())
     best = {name: min(times) for name, times in record["rounds_s_per_step"].items()}
     assert set(best) == {"fp32", "bf16"} and all(len(t) == 2 for t in record["rounds_s_per_step"].values())
