@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.record import write_record  # noqa: E402
+from benchmarks.record import protocol, write_record  # noqa: E402
 from recsys.data import DataConfig, InteractionData, load_dataset  # noqa: E402
 from recsys.runs import read_json  # noqa: E402
 from recsys.text import EncoderConfig, ItemTextConfig, build_texts, load_embeddings  # noqa: E402
@@ -170,7 +170,9 @@ def main(argv: list[str]) -> None:
                         config={"text": asdict(text_cfg), "encoder": asdict(base), "precision": precision,
                                 "ray": {"batch_size": args.ray_batch_size, "num_actors": args.num_actors,
                                         "cpus_per_actor": args.cpus_per_actor}, "n_items": len(texts)},
-                        wall_s=time.perf_counter() - start, metrics=metrics, extra={"details": results, **extra})
+                        wall_s=time.perf_counter() - start, metrics=metrics, extra={"details": results, **extra},
+                        # throughput only: nothing is ranked or selected
+                        protocol=protocol(exclude_history=False, selected_on="none"))
     print(f"record: {path}")
 
 

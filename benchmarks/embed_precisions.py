@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.embed_beauty import id_agreement, load_items  # noqa: E402
-from benchmarks.record import machine_note, write_record  # noqa: E402
+from benchmarks.record import machine_note, protocol, write_record  # noqa: E402
 from recsys.text import EncoderConfig, ItemTextConfig, build_texts  # noqa: E402
 from recsys.text.encoder import encode, load_encoder  # noqa: E402
 
@@ -77,7 +77,9 @@ def main(argv: list[str]) -> None:
                         config={"encoder": asdict(base), "n_items": len(texts), "threads": args.threads, "precisions": names,
                                 "int8": "torch.ao.quantization.quantize_dynamic, Linear layers, qint8"},
                         wall_s=time.perf_counter() - start, metrics=metrics,
-                        extra={"machine_note": machine_note(args.threads)})
+                        extra={"machine_note": machine_note(args.threads)},
+                        # throughput and ID agreement: nothing is ranked or selected
+                        protocol=protocol(exclude_history=False, selected_on="none"))
     print(f"record: {path}")
 
 
