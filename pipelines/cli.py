@@ -15,8 +15,8 @@
     recsys demo      [CONFIG] --baseline BASELINE_CONFIG [key=value ...] [baseline.key=value ...]
     recsys tune      SWEEP_CONFIG [key=value ...] [--embed EMBED_RUN] [--data DATA_RUN] [--behavior TRAIN_RUN]
     recsys tune      --resume SWEEP_RUN
-    recsys serve     RUN [--host 127.0.0.1] [--port 8000] [--replicas N] [--api-key-env VAR] [--ann] [--top-n N]
-                     [--store STORE [--create-store]]
+    recsys serve     RUN [--host 127.0.0.1] [--port 8000] [--replicas N] [--api-key-env VAR] [--ann [--ann-index Flat]]
+                     [--top-n N] [--store STORE [--create-store]]
 
 CONFIG is a YAML file; without one the embedded defaults run (the synthetic dataset, offline).
 """
@@ -260,9 +260,12 @@ def cmd_serve(ns: argparse.Namespace) -> None:
 
     if ns.create_store and ns.store is None:
         raise ValueError("--create-store needs --store PATH: the file of the new store")
+    if ns.ann_index is not None and not ns.ann:
+        raise ValueError("--ann-index sets the faiss index of the ANN baseline: give --ann too")
     store = None if ns.store is None else {"kind": "sqlite", "path": str(ns.store), "create": ns.create_store}
     app = prepare({"run_dir": str(ns.train_run), "num_replicas": ns.replicas, "max_batch_size": ns.max_batch_size,
                    "api_key_env": ns.api_key_env, "retrieval": "ann" if ns.ann else "model", "store": store,
+                   **({} if ns.ann_index is None else {"ann_index": ns.ann_index}),
                    "ranker_dir": None if ns.ranker is None else str(ns.ranker), "cascade_top_n": ns.top_n,
                    "inference": inference_settings(ns.inference)},
                   host=ns.host)
@@ -368,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "must then send it in X-API-Key")
     sv.add_argument("--ann", action="store_true", help="serve the ANN baseline (user embedding + faiss index) "
                     "instead of the model's own recommend; for sasrec runs")
+    sv.add_argument("--ann-index", metavar="INDEX", help="with --ann: the faiss index, 'HNSW<M>' (default HNSW32) or "
+                    "'Flat' (exact: every item scored, for small catalogues)")
     sv.add_argument("--store", type=Path, help="the serving state (an SQLite store, e.g. made by `recsys history`): "
                     "registered items and events are written there before they are acknowledged; without it the "
                     "app registers no items and records no events")

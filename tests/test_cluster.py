@@ -303,9 +303,17 @@ TINY_PIPELINE = ["data.synthetic.n_users=300", "data.synthetic.n_items=80", "dat
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
+def epoch_log(train_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (train_dir / "epochs.jsonl").read_text().splitlines()]
+
+
 @pytest.mark.ray
-@pytest.mark.timeout(300)
-def test_pipeline_runs_as_a_ray_job_on_two_nodes(two_node_cluster, tmp_path):
+@pytest.mark.timeout(420)
+def test_pipeline_runs_as_a_ray_job_on_two_nodes_and_its_training_resumes_there(two_node_cluster, tmp_path):
+    """One job: a `recsys pipeline` whose training runs on two DDP workers, one per node; then a copy of
+    its 3-epoch train run, moved to another directory (Ray Train's checkpoint names are relative to the
+    run), continues to 5 epochs with `recsys train --resume`, on the same two nodes. (The only DDP
+    pipeline and the only Ray Train resume of the suite: a fit costs ~30 s of a 2-core machine.)"""
     from ray.job_submission import JobSubmissionClient
 
     cluster = two_node_cluster
@@ -321,8 +329,11 @@ def test_pipeline_runs_as_a_ray_job_on_two_nodes(two_node_cluster, tmp_path):
     where = shlex.join(["python", "-c", "import pipelines; print('code from', pipelines.__file__)"])
     # What a stage with use_ray=auto sees inside the job: both nodes, so it takes the Ray path.
     view = shlex.join(["python", "-c", "from pipelines.ray_env import cluster_view; print('cluster:', cluster_view())"])
+    moved = tmp_path / "moved"
+    resume = (f"cp -r {shlex.quote(str(run_root))}/pipeline/*/train {shlex.quote(str(moved))} && echo resuming at "
+              f"$(date +%s.%N) && " + shlex.join(["recsys", "train", "--resume", str(moved), "trainer.optim.epochs=5"]))
     entrypoint = (f"(cd / && {where}) && {view} && "
-                  + shlex.join(["recsys", "pipeline", f"run.root={run_root}", *TINY_PIPELINE]))
+                  + shlex.join(["recsys", "pipeline", f"run.root={run_root}", *TINY_PIPELINE]) + " && " + resume)
     job = client.submit_job(entrypoint=entrypoint, runtime_env={
         "working_dir": str(ROOT),
         "excludes": [".venv", "runs", ".git", ".pytest_cache", "**/__pycache__", "docs"],
@@ -337,9 +348,9 @@ def test_pipeline_runs_as_a_ray_job_on_two_nodes(two_node_cluster, tmp_path):
         return (f"{what}: job {job} is {info.status} ({info.message})\n--- job logs (tail)\n"
                 f"{client.get_job_logs(job)[-6000:]}\n{cluster.diagnostics()}")
 
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 330
     while (status := client.get_job_status(job)) not in TERMINAL:
-        assert time.monotonic() < deadline, failure("timed out after 240 s")
+        assert time.monotonic() < deadline, failure("timed out after 330 s")
         time.sleep(1)
     assert status == "SUCCEEDED", failure("the job did not succeed")
 
@@ -354,14 +365,39 @@ def test_pipeline_runs_as_a_ray_job_on_two_nodes(two_node_cluster, tmp_path):
     assert all(0.0 <= v <= 1.0 for v in result["test"].values())
     test_row = next(line for line in logs.splitlines() if line.startswith("| test |"))
     assert f"{result['test']['recall@10']:.4f}" in test_row  # the table printed is the one saved
+    for stage, path in [("pipeline", pipeline_dir), *result["stages"].items()]:  # every stage finished
+        assert read_json(Path(path) / "COMPLETE")["stage"] == stage
     train_dir = Path(result["stages"]["train"])
     assert (train_dir / "checkpoints" / "best" / "model.safetensors").is_file()
-    assert read_json(train_dir / "metrics.json")["workers"] == 2
+    assert (train_dir / "training_curve.png").stat().st_size > 10_000
+    train = read_json(train_dir / "metrics.json")
+    assert train["workers"] == 2 and train["epochs_run"] == 3
+    assert train["worker_restarts"] == 0 and train["resumed_from_epochs"] == []
+    epochs = epoch_log(train_dir)
+    assert [e["epoch"] for e in epochs] == [1, 2, 3] and all("valid_recall@10" in e for e in epochs)
+    assert train["best_epoch"] == max(epochs, key=lambda e: e["valid_ndcg@10"])["epoch"]
     assert "| test |" in (pipeline_dir / "summary.md").read_text()
+    # `recsys evaluate` of the train run, here, reproduces the job's test figures
+    from pipelines.cli import main
 
-    # Both nodes did the work: one Ray Train worker (DDP rank) on each, and both nodes are still alive.
+    assert main(["evaluate", str(train_dir), "--split", "test"]) == 0
+    (evaluated,) = (run_root / "evaluate").iterdir()  # beside the pipeline run, not inside it
+    assert read_json(evaluated / "metrics.json")["test"] == pytest.approx(result["test"])
+
+    # The resumed copy: epochs 1-3 are the checkpoint's, not trained again; Ray Train restored the
+    # epoch-3 checkpoint once (a user's resume, not a worker restart) and trained 4 and 5 after it.
+    resumed_at = float(re.search(r"resuming at (\d+\.\d+)", logs).group(1))
+    after = epoch_log(moved)
+    assert [e["epoch"] for e in after] == [1, 2, 3, 4, 5] and after[:3] == epochs
+    assert all(e["finished_at"] > resumed_at for e in after[3:]) and after[3]["resumed_from_epoch"] == 3
+    resumed = read_json(moved / "metrics.json")
+    assert resumed["resumed_from_epochs"] == [3] and resumed["worker_restarts"] == 0 and resumed["workers"] == 2
+    assert read_json(moved / "config.json")["trainer"]["optim"]["epochs"] == 5
+
+    # Both nodes did the work: one Ray Train worker (DDP rank) on each in both fits, and both nodes are
+    # still alive.
     actors = cluster.get("/api/v0/actors?detail=1&limit=1000")["data"]["result"]["result"]
     train_nodes = [a["node_id"] for a in actors if a["class_name"] == "RayTrainWorker"]
-    assert sorted(train_nodes) == sorted(nodes), failure(f"train workers ran on {train_nodes}")
+    assert sorted(train_nodes) == sorted([*nodes, *nodes]), failure(f"train workers ran on {train_nodes}")
     assert {n["node_id"] for n in cluster.alive_nodes()} == set(nodes)
     assert all(nodes[n]["resources_total"]["CPU"] == 1 for n in nodes)

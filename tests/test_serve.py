@@ -65,24 +65,48 @@ def lan_address() -> str | None:
             return None
 
 
+def check_ann_baseline(url: str, runs, raw_ids) -> None:
+    """The ANN baseline (SASRec + an exact faiss index, no store) answers as SASRec does in process,
+    and refuses what needs a store or a registering model."""
+    from recsys.training.checkpoint import load_model
+
+    sasrec = load_model(runs["sasrec"] / "checkpoints" / "best")
+    r = post(url, "/recommend", {"history": [raw_ids[i] for i in (4, 8)], "k": 7, "exclude_history": True}, key=None)
+    assert r.status_code == 200, r.text
+    expected = sasrec.recommend(Batch(history=torch.tensor([[4, 8]])), 7, exclude_history=True)
+    assert [it["internal_id"] for it in r.json()["items"]] == expected.items[0].tolist()  # Flat index: exact
+    assert [it["score"] for it in r.json()["items"]] == pytest.approx(expected.scores[0].tolist(), abs=1e-4)
+    assert all(it["semantic_id"] is None and it["ids"] == {} for it in r.json()["items"])
+    r = post(url, "/items", {"fields": {"title": "x"}}, key=None)
+    assert r.status_code == 422 and "cannot register new items" in r.json()["error"]
+    r = post(url, "/events", {"user_id": "u1", "events": [{"event_id": "a", "item": raw_ids[3]}]}, key=None)
+    assert r.status_code == 422 and "started without a store" in r.json()["error"]  # it could not keep them
+    r = post(url, "/recommend", {"history": [raw_ids[3]], "user_id": "u1"}, key=None)
+    assert r.status_code == 422 and "user_id needs a store" in r.json()["error"]
+    assert get(url, f"/items/{raw_ids[3]}", key=None).json()["semantic_id"] is None
+    r = post(url, "/recommend", {"history": ["NOPE"], "k": 3}, key=None)
+    assert r.status_code == 422 and "'NOPE'" in r.json()["error"]
+
+
 # Runs before any test that starts the module's app (fixtures start on first use): Serve is one per
 # Ray cluster, and the CLI's Ctrl-C shuts it down.
-def test_recsys_serve_answers_on_localhost_only_and_stops_on_ctrl_c(ray_session, runs):
+def test_recsys_serve_answers_on_localhost_only_and_stops_on_ctrl_c(ray_session, runs, raw_ids):
     """`recsys serve` joins the cluster that RAY_ADDRESS names, here the tests' own Ray instance, as it
     joins a cluster a user started. Starting its own instance instead cost 31 s against 14 s on a
-    2-core machine; that branch of ``init_ray`` is checked by its arguments in test_demo.py."""
-    # the ANN baseline starts fastest (no sentence encoder to load); the CLI is the same
+    2-core machine; that branch of ``init_ray`` is checked by its arguments in test_demo.py. It serves
+    the ANN baseline (no sentence encoder to load), whose answers are checked here too
+    (``check_ann_baseline``): one start of that app for both."""
     port = free_port()
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", str(runs["sasrec"]), "--ann",
-                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             "--ann-index", "Flat", "--port", str(port)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
                             env=env, start_new_session=True)  # its own process group, as a terminal's Ctrl-C reaches
     try:
         line = proc.stdout.readline()  # printed once the app is ready
         assert line.startswith(f"serving {runs['sasrec']} at http://127.0.0.1:{port} "), \
             line + proc.stderr.read() if proc.poll() is not None else line
-        r = requests.post(f"http://127.0.0.1:{port}/recommend", json={"history": ["SYN000001"], "k": 2}, timeout=30)
-        assert r.status_code == 200 and len(r.json()["items"]) == 2
+        check_ann_baseline(f"http://127.0.0.1:{port}", runs, raw_ids)
         lan = lan_address()
         if lan is not None and not lan.startswith("127."):
             with pytest.raises(requests.ConnectionError):
@@ -97,6 +121,13 @@ def test_recsys_serve_answers_on_localhost_only_and_stops_on_ctrl_c(ray_session,
             raise
     assert proc.returncode == 0, err[-2000:]
     assert "interrupted: shutting Serve down" in err
+
+
+def test_serve_refuses_options_that_need_another_option_before_any_work(tmp_path, capsys):
+    assert main(["serve", str(tmp_path), "--ann-index", "Flat"]) == 2
+    assert "--ann-index sets the faiss index of the ANN baseline: give --ann too" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path), "--create-store"]) == 2
+    assert "--create-store needs --store PATH" in capsys.readouterr().err
 
 
 def test_serve_config_yaml_is_valid_for_ray_serve_and_builds_the_app(runs, monkeypatch):
@@ -201,8 +232,8 @@ def tiger_args(runs, store_path) -> dict:
 
 @pytest.fixture(scope="module")
 def serve_urls(runs, store_path):
-    """Two apps on one Serve instance: the TIGER retriever at / (2 replicas, API key, the store) and
-    the ANN baseline (SASRec + exact faiss index, no store) at /ann."""
+    """The TIGER retriever at / (2 replicas, API key, the store); other tests add apps under other
+    prefixes. (The ANN baseline is checked on the app `recsys serve` starts, before this one.)"""
     from ray import serve
 
     from serve.app import build_app
@@ -211,15 +242,9 @@ def serve_urls(runs, store_path):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}"
-    tiger = build_app(tiger_args(runs, store_path))
-    ann = build_app({"run_dir": str(runs["sasrec"]), "num_replicas": 1, "replica_cpus": 0.25,
-                     "retrieval": "ann", "ann_index": "Flat"})
-    # both at once: their replicas start side by side instead of one app after the other
-    serve.run_many([serve.RunTarget(tiger, name="retriever", route_prefix="/"),
-                    serve.RunTarget(ann, name="ann", route_prefix="/ann")])
+    serve.run(build_app(tiger_args(runs, store_path)), name="retriever", route_prefix="/", blocking=False)
     wait_ready(url)
-    wait_ready(f"{url}/ann")
-    yield {"tiger": url, "ann": f"{url}/ann"}
+    yield {"tiger": url}
     serve.shutdown()
     os.environ.pop(KEY_ENV, None)
 
@@ -566,28 +591,6 @@ def test_bad_registrations_are_4xx_and_add_nothing(server, raw_ids):
     assert r.status_code == 201 and r.json()["id"] == f"new-{before + 1}"
 
 
-def test_ann_baseline_app_answers_with_sasrec_and_faiss(serve_urls, runs, raw_ids):
-    from recsys.training.checkpoint import load_model
-
-    sasrec = load_model(runs["sasrec"] / "checkpoints" / "best")
-    url = serve_urls["ann"]
-    r = post(url, "/recommend", {"history": [raw_ids[i] for i in (4, 8)], "k": 7, "exclude_history": True}, key=None)
-    assert r.status_code == 200, r.text
-    expected = sasrec.recommend(Batch(history=torch.tensor([[4, 8]])), 7, exclude_history=True)
-    assert [it["internal_id"] for it in r.json()["items"]] == expected.items[0].tolist()  # Flat index: exact
-    assert [it["score"] for it in r.json()["items"]] == pytest.approx(expected.scores[0].tolist(), abs=1e-4)
-    assert all(it["semantic_id"] is None and it["ids"] == {} for it in r.json()["items"])
-    r = post(url, "/items", {"fields": {"title": "x"}}, key=None)
-    assert r.status_code == 422 and "cannot register new items" in r.json()["error"]
-    r = post(url, "/events", {"user_id": "u1", "events": [{"event_id": "a", "item": raw_ids[3]}]}, key=None)
-    assert r.status_code == 422 and "started without a store" in r.json()["error"]  # it could not keep them
-    r = post(url, "/recommend", {"history": [raw_ids[3]], "user_id": "u1"}, key=None)
-    assert r.status_code == 422 and "user_id needs a store" in r.json()["error"]
-    assert get(url, f"/items/{raw_ids[3]}", key=None).json()["semantic_id"] is None
-    r = post(url, "/recommend", {"history": ["NOPE"], "k": 3}, key=None)
-    assert r.status_code == 422 and "'NOPE'" in r.json()["error"]
-
-
 @pytest.fixture(scope="module")
 def cascade_runs(runs, tmp_path_factory) -> dict[str, Path]:
     """A cascade on the TIGER pipeline's data: a SASRec trained with the ranker's transition held
@@ -623,8 +626,6 @@ def test_a_cascade_reranks_the_retrievers_top_n_over_the_users_whole_history(ser
         top = retriever.recommend(Batch(history=torch.tensor([whole[-retriever.max_len:]])), 20)
         return rerank(ranker, [whole], [top.items[0].tolist()], [top.scores[0].tolist()], [k])[0]
 
-    # The session's Ray has 2 CPUs, which the TIGER and ANN apps hold; the ANN app's tests are done.
-    serve.delete("ann")
     app = build_app({"run_dir": str(cascade_runs["rank"]), "num_replicas": 1, "replica_cpus": 0.25,
                      "store": {"path": str(cascade_runs["store"])}})
     serve.run(app, name="cascade", route_prefix="/cascade", blocking=False)
@@ -705,7 +706,7 @@ def test_a_time_aware_hstu_is_served_and_reads_the_requests_times(serve_urls, ru
                  "--data", data_dir]) == 0
     (run,) = (tmp_path / "train").iterdir()
     hstu = load_model(run / "checkpoints" / "best").eval()
-    # the cascade test freed the ANN app's CPUs; this app takes them
+    # the TIGER app holds 1 of the session's 2 CPUs; each app these tests add takes 0.75 and is deleted after
     serve.run(build_app({"run_dir": str(run), "num_replicas": 1, "replica_cpus": 0.25}), name="hstu",
               route_prefix="/hstu", blocking=False)
     url = f"{serve_urls['tiger']}/hstu"
@@ -755,7 +756,6 @@ def test_an_eager_run_registers_an_item_from_content_alone_and_reads_it_in_a_his
     from recsys.training.checkpoint import load_model
     from serve.app import build_app
 
-    # the CPUs the ANN app held (freed by the cascade test) and the HSTU app held, are free again
     url = serve_urls["tiger"].removesuffix("/") + "/eager"
     serve.run(build_app({"run_dir": str(eager_run), "num_replicas": 1, "replica_cpus": 0.25,
                          "store": {"path": str(tmp_path / "eager.sqlite"), "create": True}}), name="eager", route_prefix="/eager",
@@ -967,7 +967,9 @@ def test_a_restarted_application_keeps_everything_it_acknowledged(serve_urls, ru
 
     serve.delete("retriever")
     assert requests.get(f"{server}/healthz", timeout=10).status_code == 404  # gone
-    serve.run(build_app(tiger_args(runs, store_path)), name="retriever", route_prefix="/", blocking=False)
+    # one model replica: what survives is the store's, whatever the replica count (a start costs ~6 s of CPU each)
+    serve.run(build_app({**tiger_args(runs, store_path), "num_replicas": 1}), name="retriever", route_prefix="/",
+              blocking=False)
     wait_ready(server)
 
     assert {raw: get(server, f"/items/{raw}").json() for raw in registered} == items

@@ -432,7 +432,10 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(ray_session, e
         proc.wait(timeout=30)
     first, second = sorted((sweep_dir / "trials").iterdir())  # the third has not started
     before = {t: epoch_lines(t) for t in (first, second)}
-    assert len(before[first]) == 2 and len(before[second]) == 1, before
+    # The trial writes its epoch line before Tune's snapshot records the epoch: on a slow stretch
+    # (2026-12-08, Zen 3) the second trial's epoch 2 was on disk when the snapshot still said RUNNING
+    # at epoch 1. Either way it resumes from its checkpoint, so its first epoch is never trained again.
+    assert len(before[first]) == 2 and len(before[second]) in (1, 2), before
     assert not (sweep_dir / "results.csv").exists() and not (sweep_dir / "COMPLETE").exists()
     results_before = (sweep_dir / "tune" / first.name / "result.json").read_text()
     # the killed driver's trial actor goes with it; wait until its CPU is free again
