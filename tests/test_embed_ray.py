@@ -34,15 +34,41 @@ def data_dir(tmp_path) -> Path:
     return tmp_path / "data"
 
 
-def test_embed_writes_vectors_and_reuses_them(ray_session, data_dir, encoder_cfg, tmp_path):
-    runs, text_cfg = tmp_path / "runs", ItemTextConfig()
-    first = run_embed(data_dir, text_cfg, replace(encoder_cfg, use_ray=True), runs)
+@pytest.mark.timeout(240)
+def test_embed_on_two_one_cpu_actors_matches_in_process_and_later_runs_reuse_it(ray_session, data_dir, encoder_cfg,
+                                                                                 tmp_path, monkeypatch, capsys):
+    """The embed stage on Ray (forced), then in-process, then again with every vector reused, then with
+    one title changed. One Ray embed for all of it: its actors load the sentence encoder, ~10 s each here.
+
+    The pool: regression for the RAY-NOTES hang. A fixed pool of two 1-CPU actors on a 2-CPU Ray holds
+    both CPUs, so an upstream task (e.g. a read_parquet read) is never scheduled and the job never ends.
+    run_embed starts the pool at one actor (min_size=1) and grows to num_actors, leaving a CPU for such
+    tasks. Today's input (from_pandas blocks) has no upstream task, so the pool's shape is asserted: it
+    must stay elastic if the stage ever reads its input with a Ray Data reader.
+
+    The same texts in-process (auto on this one node) and on that pool: the same fp32 vectors up to
+    padding round-off, and the same hierarchical k-means IDs built from them."""
+    import ray.data
+
+    from recsys.semantic_ids import HierarchicalKMeans
+
+    pools = []
+    real = ray.data.ActorPoolStrategy
+
+    def spy(**kwargs):
+        pools.append(kwargs)
+        return real(**kwargs)
+    monkeypatch.setattr(ray.data, "ActorPoolStrategy", spy)
+    assert ray_session.cluster_resources()["CPU"] == 2
+    runs, text_cfg, cfg = tmp_path / "runs", ItemTextConfig(), replace(encoder_cfg, precision="fp32")
+    first = run_embed(data_dir, text_cfg, replace(cfg, num_actors=2, cpus_per_actor=1.0, use_ray=True), runs)
+    assert capsys.readouterr().out.startswith("embed: on Ray (embed.encoder.use_ray=true)")
+    assert pools == [{"min_size": 1, "max_size": 2}]
     assert first.parent == runs.resolve() / "embed"
     table = pq.read_table(first / EMBEDDINGS_FILE)
     assert table.schema.field("item_id").type == pa.int64()
     assert table.schema.field("vector").type == pa.list_(pa.float32())
-    resolved = local_encoder(encoder_cfg)  # the precision auto resolves to on this CPU
-    assert table.column("encoder").to_pylist() == [resolved.identity()] * N_ITEMS
+    assert table.column("encoder").to_pylist() == [local_encoder(cfg).identity()] * N_ITEMS
     texts = build_texts(InteractionData.load(data_dir).items, text_cfg)
     assert table.column("text_hash").to_pylist() == [text_hash(t) for t in texts]
     ids, vectors = load_embeddings(first)
@@ -52,12 +78,20 @@ def test_embed_writes_vectors_and_reuses_them(ray_session, data_dir, encoder_cfg
     metrics = read_json(first / "metrics.json")
     assert metrics["encoded"] == N_ITEMS and metrics["reused"] == 0 and metrics["dim"] == 384
     assert metrics["route"] in {"pypi-cache", "pypi-download", "hf-cache", "hf-hub"}
-    assert (metrics["use_ray"], metrics["precision"]) == (True, resolved.precision)
-    assert read_json(first / "config.json")["encoder"]["precision"] == resolved.precision  # never "auto"
+    assert (metrics["use_ray"], metrics["precision"], metrics["num_actors"]) == (True, "fp32", 2)
     assert "embed:" in (first / "summary.md").read_text()
 
-    # The same items again (auto on this one node: in-process): everything reused, nothing encoded.
-    second = run_embed(data_dir, text_cfg, encoder_cfg, runs)
+    # In-process (auto on this one node), into another root so that nothing is reused.
+    local = run_embed(data_dir, text_cfg, cfg, tmp_path / "local")
+    assert "embed: in-process (auto: one node, 40 texts;" in capsys.readouterr().out
+    assert read_json(local / "metrics.json")["use_ray"] is False
+    x = load_embeddings(local)[1]
+    np.testing.assert_allclose(x, vectors, atol=2e-6)
+    codes = [HierarchicalKMeans(branching=4, max_levels=3).fit(v).fit_codes for v in (x, vectors)]
+    assert np.array_equal(codes[0].numpy(), codes[1].numpy())
+
+    # The same items again: everything reused, nothing encoded.
+    second = run_embed(data_dir, text_cfg, cfg, runs)
     metrics = read_json(second / "metrics.json")
     assert (metrics["encoded"], metrics["reused"], metrics["route"]) == (0, N_ITEMS, "none (all reused)")
     np.testing.assert_array_equal(load_embeddings(second)[1], vectors)
@@ -66,7 +100,7 @@ def test_embed_writes_vectors_and_reuses_them(ray_session, data_dir, encoder_cfg
     data = InteractionData.load(data_dir)
     data.items.loc[data.items["item_id"] == 7, "title"] = "Heavy duty motor oil for diesel engines"
     data.save(data_dir)
-    third = run_embed(data_dir, text_cfg, encoder_cfg, runs)
+    third = run_embed(data_dir, text_cfg, cfg, runs)
     metrics = read_json(third / "metrics.json")
     assert (metrics["encoded"], metrics["reused"]) == (1, N_ITEMS - 1)
     changed = load_embeddings(third)[1]
@@ -74,6 +108,10 @@ def test_embed_writes_vectors_and_reuses_them(ray_session, data_dir, encoder_cfg
     same[6] = False
     np.testing.assert_allclose(changed[same], vectors[same], atol=1e-6)
     assert changed[6] @ vectors[6] < 0.9
+
+    # precision auto: the run records what it resolved to on this CPU, never "auto"
+    resolved = run_embed(data_dir, text_cfg, encoder_cfg, tmp_path / "auto")
+    assert read_json(resolved / "config.json")["encoder"]["precision"] == local_encoder(encoder_cfg).precision
 
 
 def test_reuse_matches_encoder_identity_and_skips_bad_rows(tmp_path):
@@ -90,43 +128,3 @@ def test_reuse_matches_encoder_identity_and_skips_bad_rows(tmp_path):
     write_embeddings(tmp_path / "pipeline" / "r2" / "embed" / EMBEDDINGS_FILE, np.array([1]),
                      np.array([[0, 1]], dtype=np.float32), a.identity(), ["h1"])
     np.testing.assert_array_equal(previous_vectors(tmp_path, a.identity())["h1"], [0, 1])
-
-
-@pytest.mark.timeout(180)
-def test_two_one_cpu_actors_on_two_cpus_finish_with_the_in_process_vectors_and_ids(ray_session, data_dir, encoder_cfg,
-                                                                                   tmp_path, monkeypatch, capsys):
-    """Regression for the RAY-NOTES hang: a fixed pool of two 1-CPU actors on a 2-CPU Ray holds both
-    CPUs, so an upstream task (e.g. a read_parquet read) is never scheduled and the job never ends.
-    run_embed starts the pool at one actor (min_size=1) and grows to num_actors, leaving a CPU for
-    such tasks. Today's input (from_pandas blocks) has no upstream task, so the pool's shape is also
-    asserted: it must stay elastic if the stage ever reads its input with a Ray Data reader.
-
-    The same texts in-process (auto on this one node) and on that pool (forced): the same fp32
-    vectors up to padding round-off, and the same hierarchical k-means IDs built from them."""
-    import ray.data
-
-    from recsys.semantic_ids import HierarchicalKMeans
-
-    pools = []
-    real = ray.data.ActorPoolStrategy
-
-    def spy(**kwargs):
-        pools.append(kwargs)
-        return real(**kwargs)
-    monkeypatch.setattr(ray.data, "ActorPoolStrategy", spy)
-    assert ray_session.cluster_resources()["CPU"] == 2
-    cfg = replace(encoder_cfg, precision="fp32")
-    local = run_embed(data_dir, ItemTextConfig(), cfg, tmp_path / "a")
-    assert "embed: in-process (auto: one node, 40 texts;" in capsys.readouterr().out
-    on_ray = run_embed(data_dir, ItemTextConfig(), replace(cfg, num_actors=2, cpus_per_actor=1.0, use_ray=True),
-                       tmp_path / "b")
-    assert capsys.readouterr().out.startswith("embed: on Ray (embed.encoder.use_ray=true)")
-    assert pools == [{"min_size": 1, "max_size": 2}]
-    metrics = read_json(on_ray / "metrics.json")
-    assert metrics["encoded"] == N_ITEMS and metrics["num_actors"] == 2
-    assert (read_json(local / "metrics.json")["use_ray"], metrics["use_ray"]) == (False, True)
-    x, y = load_embeddings(local)[1], load_embeddings(on_ray)[1]
-    assert y.shape == (N_ITEMS, 384)
-    np.testing.assert_allclose(x, y, atol=2e-6)
-    codes = [HierarchicalKMeans(branching=4, max_levels=3).fit(v).fit_codes for v in (x, y)]
-    assert np.array_equal(codes[0].numpy(), codes[1].numpy())
