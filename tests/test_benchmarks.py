@@ -691,3 +691,30 @@ def test_score_time_scores_the_first_users_and_saves_their_target_ranks(tmp_path
     want = target_ranks_of(load_model(run / "checkpoints" / "best"), split.valid.subset(np.arange(40)))
     assert out["users"] == 40 and out["seconds"] > 0
     np.testing.assert_array_equal(np.load(tmp_path / "ranks.npy"), want)
+
+
+def test_suite_cpu_classes_processes_by_what_they_ran_and_sums_from_the_first_sample():
+    """benchmarks/suite_cpu.py: a Ray worker counts under the actor it took (first seen unnamed), a
+    process already running at the first sample counts from there, and the table's shares add up."""
+    from benchmarks import suite_cpu
+
+    assert suite_cpu.classify("ray::SERVE_REPLICA::retriever#Registry#x:ServeReplica:retriever:Registry") == "ray serve"
+    assert suite_cpu.classify("ray::RayTrainWorker.init_train_context") == "ray train and tune"
+    assert suite_cpu.classify("/venv/bin/python -m pytest -q -m not ray -o cache_dir=x") == "pytest: tests without ray"
+    assert suite_cpu.classify("/venv/bin/python -m pytest -q -m ray and not second_lane") == "pytest: first ray lane"
+    assert suite_cpu.classify("/venv/bin/python -m pytest -q -m ray and second_lane") == "pytest: second ray lane"
+    assert suite_cpu.classify("python ray/_private/workers/default_worker.py --node-ip-address=x") == suite_cpu.UNNAMED
+    assert suite_cpu.classify("[kdamond.0]").startswith("other processes")
+
+    procs = {10: ("python busy-before.py", 100.0), 11: ("python default_worker.py", 1.0)}
+    sampler = suite_cpu.Sampler(me=1, read=procs.get)
+    sampler.sample(list(procs))  # both were running: each counts from here
+    procs.update({10: ("python busy-before.py", 130.0), 11: ("ray::MapWorker(MapBatches(ItemEncoder))", 9.0),
+                  12: ("ray::ServeController", 4.0)})  # 12 started since: counts whole
+    sampler.sample(list(procs))
+    totals = sampler.totals()
+    assert totals["ray data"] == {"core_s": 8.0, "processes": 1}
+    assert totals["ray serve"] == {"core_s": 4.0, "processes": 1}
+    assert totals["other processes (recsys subprocesses, the kernel, ...)"]["core_s"] == 30.0
+    text = suite_cpu.table(totals, wall_s=30.0, cores=2)
+    assert "| ray data | 1 | 8 | 19% |" in text and "42 core-s in 30 s on 2 cores: busy 70%" in text
