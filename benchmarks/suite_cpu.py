@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.record import write_record  # noqa: E402
+from benchmarks.record import process_ticks, write_record  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 UNNAMED = "ray: idle or unnamed workers"
@@ -58,43 +58,45 @@ def classify(title: str) -> str:
     return "other processes (recsys subprocesses, the kernel, ...)"
 
 
-def read_process(pid: int) -> tuple[str, float] | None:
-    """(title, CPU seconds) of a live process, or None if it ended."""
+def read_title(pid: int) -> str | None:
+    """A live process's command line (NULs as spaces; a kernel thread's ``[name]``), or None if it ended."""
     try:
         title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        return title or f"[{Path(f'/proc/{pid}/comm').read_text().strip()}]"
     except OSError:
         return None
-    fields = stat[stat.rindex(")") + 2:].split()
-    return title or f"[{stat[stat.index('(') + 1:stat.rindex(')')]}]", \
-        (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds() -> dict[int, float]:
+    """Every process's user + system CPU so far (``benchmarks.record.process_ticks``)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    return {pid: ticks / tick for pid, (_, ticks) in process_ticks().items()}
 
 
 class Sampler:
     """Every process's CPU since the first sample (a process already running then counts from there)."""
 
-    def __init__(self, me: int, read=read_process):
-        self.me, self.read = me, read
+    def __init__(self, me: int, title=read_title):
+        self.me, self.title = me, title
         self.seen, self.base = {}, {}  # pid -> [category, cpu]; pid -> cpu at the first sample
         self.first = True
 
-    def sample(self, pids: list[int] | None = None) -> None:
-        """Read ``pids`` (default: every process in /proc)."""
-        if pids is None:
-            pids = [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
-        for pid in pids:
+    def sample(self, cpu: dict[int, float] | None = None) -> None:
+        """Take ``cpu`` (pid -> CPU seconds; default ``cpu_seconds()``); a command line is read only for a
+        process not seen before or still unnamed."""
+        for pid, seconds in (cpu_seconds() if cpu is None else cpu).items():
             if pid == self.me:
                 continue
-            read = self.read(pid)
-            if read is None:
-                continue
-            title, cpu = read
-            if pid not in self.seen:
-                self.base[pid] = cpu if self.first else 0.0
-                self.seen[pid] = [classify(title), 0.0]
-            elif self.seen[pid][0] == UNNAMED:  # a worker that took an actor or a task since
-                self.seen[pid][0] = classify(title)
-            self.seen[pid][1] = cpu - self.base[pid]
+            if pid not in self.seen or self.seen[pid][0] == UNNAMED:  # new, or a worker not yet named
+                title = self.title(pid)
+                if title is None:  # it ended meanwhile
+                    continue
+                if pid not in self.seen:
+                    self.base[pid] = seconds if self.first else 0.0
+                    self.seen[pid] = [classify(title), 0.0]
+                else:  # a worker that took an actor or a task since
+                    self.seen[pid][0] = classify(title)
+            self.seen[pid][1] = seconds - self.base[pid]
         self.first = False
 
     def totals(self) -> dict[str, dict]:

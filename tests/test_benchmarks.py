@@ -707,11 +707,11 @@ def test_suite_cpu_classes_processes_by_what_they_ran_and_sums_from_the_first_sa
     assert suite_cpu.classify("[kdamond.0]").startswith("other processes")
 
     procs = {10: ("python busy-before.py", 100.0), 11: ("python default_worker.py", 1.0)}
-    sampler = suite_cpu.Sampler(me=1, read=procs.get)
-    sampler.sample(list(procs))  # both were running: each counts from here
+    sampler = suite_cpu.Sampler(me=1, title=lambda pid: procs[pid][0])
+    sampler.sample({pid: cpu for pid, (_, cpu) in procs.items()})  # both were running: each counts from here
     procs.update({10: ("python busy-before.py", 130.0), 11: ("ray::MapWorker(MapBatches(ItemEncoder))", 9.0),
                   12: ("ray::ServeController", 4.0)})  # 12 started since: counts whole
-    sampler.sample(list(procs))
+    sampler.sample({pid: cpu for pid, (_, cpu) in procs.items()})
     totals = sampler.totals()
     assert totals["ray data"] == {"core_s": 8.0, "processes": 1}
     assert totals["ray serve"] == {"core_s": 4.0, "processes": 1}
